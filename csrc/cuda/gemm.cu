@@ -1,0 +1,6 @@
+// PLACEHOLDER -- the CUDA kernel is not written yet.
+#include <stdexcept>
+#include "cuda/cuda.h"
+namespace pk::cuda {
+void gemm(const GemmParams& p, std::uintptr_t stream) { throw std::runtime_error("pykernels: the CUDA gemm kernel is not implemented yet"); }
+}  // namespace pk::cuda
