@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from pykernels.kernels import DecodeProblem
+
+from conftest import DEVICES, run_checked
+
+# (B, Hq, Hkv, context, D, paged, block_size, ragged)
+SHAPES = [
+    (1, 1, 1, 1, 64, False, 16, False),
+    (3, 8, 8, 100, 128, False, 16, True),
+    (4, 32, 8, 1000, 128, True, 16, True),
+    (2, 8, 1, 65, 64, True, 7, True),        # MQA, odd block size
+    (5, 16, 2, 513, 128, True, 32, True),
+    (1, 32, 4, 4096, 128, False, 16, False),  # one long sequence: the context is split across threads
+    (2, 4, 4, 3, 64, True, 1, True),         # block size 1
+    (8, 32, 32, 257, 128, True, 16, False),
+]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _id(s):
+    B, Hq, Hkv, L, D, paged, bs, ragged = s
+    return f"B{B}-Hq{Hq}-Hkv{Hkv}-L{L}-D{D}-" + (f"paged{bs}" if paged else "contig") + ("-ragged" if ragged else "")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+def test_decode_matches_reference(shape, backend, dtype, device):
+    run_checked(DecodeProblem(*shape), dtype, backend, device)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contig", "paged"])
+def test_decode_torch_compile(paged):
+    run_checked(DecodeProblem(3, 8, 2, 77, 64, paged=paged, block_size=16, ragged=True), torch.float32,
+                "torch_compile", "cpu")
+
+
+def test_decode_ignores_cache_rows_past_the_length():
+    """Rows beyond context_lens[b] (and unused blocks) must not change the answer."""
+    import pykernels as pk
+
+    p = DecodeProblem(3, 8, 2, 64, 64, paged=True, block_size=16, ragged=True)
+    x = p.make_inputs(torch.float32)
+    out1 = pk.decode(**x)
+    lens, table = x["context_lens"], x["block_table"]
+    used = set()
+    for b in range(3):
+        n = int(lens[b])
+        used.update(int(t) for t in table[b, : (n + 15) // 16])
+        last = int(table[b, (n - 1) // 16])
+        x["k_cache"][last, :, (n - 1) % 16 + 1:] = 1e4
+        x["v_cache"][last, :, (n - 1) % 16 + 1:] = float("nan")
+    for blk in range(x["k_cache"].shape[0]):
+        if blk not in used:
+            x["k_cache"][blk] = 1e4
+            x["v_cache"][blk] = float("nan")
+    out2 = pk.decode(**x)
+    assert torch.equal(out1, out2)
+
+
+def test_decode_paged_equals_contiguous():
+    import pykernels as pk
+    from pykernels.kernels.decode import gather_cache
+
+    x = DecodeProblem(4, 16, 4, 200, 128, paged=True, block_size=16, ragged=True).make_inputs(torch.float32)
+    k = gather_cache(x["k_cache"], x["block_table"]).contiguous()
+    v = gather_cache(x["v_cache"], x["block_table"]).contiguous()
+    a = pk.decode(x["q"], x["k_cache"], x["v_cache"], x["context_lens"], block_table=x["block_table"])
+    b = pk.decode(x["q"], k, v, x["context_lens"])
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+from pykernels.kernels import GemmProblem
+
+from conftest import CORE_BACKENDS, DEVICES, run_checked
+
+# Odd sizes around the block sizes of the kernels (1, 7, 63/64/65, 127, 1000, 1023/1025) and powers of two.
+SHAPES = [
+    (1, 1, 1),
+    (1, 1000, 65),
+    (1, 4096, 4096),       # GEMV path
+    (4, 1025, 1023),
+    (7, 63, 127),
+    (16, 256, 1000),
+    (64, 64, 64),
+    (65, 127, 63),
+    (127, 65, 1025),
+    (256, 512, 128),
+    (1000, 7, 64),
+    (200, 1023, 300),
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", CORE_BACKENDS)
+@pytest.mark.parametrize("mnk", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gemm_matches_reference(mnk, backend, dtype, device):
+    run_checked(GemmProblem(*mnk), dtype, backend, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gemm_torch_compile(dtype):
+    run_checked(GemmProblem(65, 127, 63), dtype, "torch_compile", "cpu")
+
+
+def test_gemm_is_deterministic():
+    import pykernels as pk
+
+    x = GemmProblem(129, 257, 513).make_inputs(torch.float32)
+    assert torch.equal(pk.gemm(**x), pk.gemm(**x))
