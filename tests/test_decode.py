@@ -38,13 +38,14 @@ def test_decode_torch_compile(paged):
                 "torch_compile", "cpu")
 
 
-def test_decode_ignores_cache_rows_past_the_length():
-    """Rows beyond context_lens[b] (and unused blocks) must not change the answer."""
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_decode_ignores_cache_rows_past_the_length(backend):
+    """Rows beyond context_lens[b] (and unused blocks) must not change the answer, even if they hold NaN."""
     import pykernels as pk
 
     p = DecodeProblem(3, 8, 2, 64, 64, paged=True, block_size=16, ragged=True)
     x = p.make_inputs(torch.float32)
-    out1 = pk.decode(**x)
+    out1 = pk.decode(**x, backend=backend)
     lens, table = x["context_lens"], x["block_table"]
     used = set()
     for b in range(3):
@@ -57,7 +58,7 @@ def test_decode_ignores_cache_rows_past_the_length():
         if blk not in used:
             x["k_cache"][blk] = 1e4
             x["v_cache"][blk] = float("nan")
-    out2 = pk.decode(**x)
+    out2 = pk.decode(**x, backend=backend)
     assert torch.equal(out1, out2)
 
 

@@ -78,7 +78,21 @@ def attention_math(q, k, v, *, causal: bool, scale: float | None, compute_dtype:
             s = (qc @ kc.transpose(-1, -2)) * scale
             if mask is not None:
                 s.masked_fill_(mask, float("-inf"))
-            out[b, h0:h1] = torch.softmax(s, dim=-1) @ vc
+            p = torch.softmax(s, dim=-1)
+            out[b, h0:h1] = _apply_values(p, vc, mask)
+    return out
+
+
+def _apply_values(p: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """p @ v, except that a non-finite value reaches only the queries that attend to it: a masked key
+    has weight exactly 0, and 0 * inf must not turn the rows that cannot see it into NaN."""
+    finite = torch.isfinite(v)
+    if mask is None or bool(finite.all()):
+        return p @ v
+    out = p @ torch.where(finite, v, torch.zeros((), dtype=v.dtype, device=v.device))
+    for h, j, d in (~finite).nonzero().tolist():  # rare: only the robustness probes put inf/NaN in V
+        rows = ~mask[:, j]
+        out[h, rows, d] = out[h, rows, d] + p[h, rows, j] * v[h, j, d]
     return out
 
 

@@ -114,6 +114,9 @@ def decode_math(q, k_cache, v_cache, context_lens, block_table=None, *, scale: f
     mask = pos[None, :] >= context_lens.to(q.device).long()[:, None]  # [B, cap]
     s = s.masked_fill(mask[:, None, None, :], float("-inf"))
     p = torch.softmax(s.to(softmax_dtype or dt), dim=-1).to(dt)
+    # Rows past a sequence's length (and blocks it does not own) may hold anything, NaN included:
+    # 0 * NaN would leak it into the output, so they are zeroed, not only weighted by zero.
+    v = v.masked_fill(mask[:, None, :, None], 0)
     return (p @ v).reshape(B, Hq, D)
 
 

@@ -1,0 +1,215 @@
+"""`pykernels validate`: the conformance run a hardware vendor publishes for a backend (a port).
+
+correctness (every family x supported dtype x an odd-shape matrix, against the float64 reference with
+the dtype-aware tolerance), robustness (crashes in a worker process fail one case; NaN/Inf propagate;
+determinism; bad input rejected; edge shapes called directly), performance (a fixed shape set against
+every other available backend on the device), and a JSON + Markdown report with an environment
+manifest, a SHA-256 of the result data and a verdict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from .cases import case_id, correctness_cases, perf_cases, robustness_cases
+from .runner import Worker
+from .worker import FAIL, PASS, UNSUPPORTED
+
+SCHEMA = "pykernels.validate/1"
+
+
+def _manifest(device: str, command: str) -> dict:
+    man = {"command": command, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "python": platform.python_version(), "platform": platform.platform()}
+    try:
+        from ..device import fingerprint
+
+        man["device"] = fingerprint(device)
+    except Exception as e:  # noqa: BLE001 - the report says what it could not read
+        man["device"] = {"error": f"fingerprint unavailable: {type(e).__name__}: {e}"}
+    return man
+
+
+def run_validation(backend: str, device: str = "cpu", *, plugins=(), perf: bool = True, quick: bool = False,
+                   case_timeout: float = 300.0, perf_budget_s: float = 1.0, command: str = "",
+                   progress=None) -> dict:
+    """Run the conformance matrix for `backend` on `device` and return the report as a dict."""
+    cases = correctness_cases() + robustness_cases()
+    if quick:  # a smaller matrix for tests: every family and kind, fewer shapes
+        seen, keep = set(), []
+        for c in cases:
+            key = (c["kind"], c["family"], c["dtype"])
+            if key not in seen or c["kind"] != "correctness":
+                seen.add(key)
+                keep.append(c)
+        cases = keep
+    for i, c in enumerate(cases):
+        c["id"] = i
+        c["seed"] = i
+    w = Worker(backend, device, plugins, case_timeout)
+    results = []
+    try:
+        for c in cases:
+            r = w.run(c)
+            row = {"case": case_id(c), "kind": c["kind"], "family": c["family"], "dtype": c["dtype"],
+                   "params": c["params"], **{k: v for k, v in r.items() if k not in ("id", "traceback")}}
+            results.append(row)
+            if progress:
+                progress(row)
+            if w.start_error and r.get("detail") == w.start_error:
+                break  # the backend cannot even be loaded: every case would fail the same way
+    finally:
+        restarts = w.restarts
+        w.close()
+
+    performance = _performance(backend, device, plugins, perf_budget_s, case_timeout) if perf else []
+
+    failed = [r for r in results if r["status"] == FAIL]
+    unsupported = sorted({(r["family"], r["dtype"]) for r in results if r["status"] == UNSUPPORTED})
+    nondet = [r["case"] for r in results if r.get("deterministic") is False]
+    data = {"cases": results, "performance": performance}
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+    order = {FAIL: 0, PASS: 1, UNSUPPORTED: 2}
+    results.sort(key=lambda r: order.get(r["status"], 3))
+    return {
+        "schema": SCHEMA,
+        "backend": backend,
+        "device": device,
+        "verdict": "conformant" if not failed and any(r["status"] == PASS for r in results) else "not conformant",
+        "summary": {"cases": len(results), "passed": sum(r["status"] == PASS for r in results),
+                    "failed": len(failed), "unsupported": sum(r["status"] == UNSUPPORTED for r in results),
+                    "worker_restarts": restarts, "deterministic": not nondet},
+        "failing_cases": [r["case"] for r in failed],
+        "unsupported": [f"{f} {d}" for f, d in unsupported],
+        "nondeterministic_cases": nondet,
+        "warnings": [f"{r['case']}: {r['warning']}" for r in results if r.get("warning")],
+        "manifest": _manifest(device, command),
+        "sha256": digest,
+        **data,
+    }
+
+
+def _performance(backend: str, device: str, plugins, budget_s: float, case_timeout: float) -> list[dict]:
+    """Throughput of `backend` and of every other available backend on `device` on the fixed shapes."""
+    from ..backends import registry
+
+    names = [backend] + [b.name for b in registry.backends()
+                         if b.available and b.name != backend and device in b.devices
+                         and b.name != "triton_interpret"]
+    rows: dict[str, dict[str, dict]] = {}
+    for name in names:
+        w = Worker(name, device, plugins, case_timeout)
+        try:
+            for i, c in enumerate(perf_cases()):
+                c = dict(c, id=i, seed=0, budget_s=budget_s)
+                r = w.run(c)
+                rows.setdefault(case_id(c), {})[name] = r
+        finally:
+            w.close()
+    out = []
+    for cid, per in rows.items():
+        mine = per.get(backend, {})
+        entry = {"case": cid, "backend": backend, "status": mine.get("status"), "detail": mine.get("detail", ""),
+                 "median_s": mine.get("median_s"), "tflops": mine.get("tflops"), "gbps": mine.get("gbps"),
+                 "pct_of_peak": mine.get("pct_of_peak"), "penalty_vs": {}}
+        for other, r in per.items():
+            if other == backend or r.get("status") != PASS or not r.get("median_s") or not mine.get("median_s"):
+                continue
+            # penalty(X vs Y) = 1 - throughput(X) / throughput(Y) = 1 - t(Y) / t(X)
+            entry["penalty_vs"][other] = 1.0 - r["median_s"] / mine["median_s"]
+        out.append(entry)
+    return out
+
+
+def to_markdown(rep: dict) -> str:
+    s = rep["summary"]
+    lines = [f"# Conformance: backend `{rep['backend']}` on {rep['device']}", "",
+             f"**Verdict: {rep['verdict'].upper()}** — {s['passed']} passed, {s['failed']} failed, "
+             f"{s['unsupported']} unsupported of {s['cases']} cases; worker restarts after crashes: "
+             f"{s['worker_restarts']}; deterministic: {'yes' if s['deterministic'] else 'no'}.", ""]
+    if rep["failing_cases"]:
+        lines += ["## Failing cases", "", "| case | detail |", "| --- | --- |"]
+        lines += [f"| `{r['case']}` | {r.get('detail', '')} |" for r in rep["cases"] if r["status"] == FAIL]
+        lines.append("")
+    if rep["warnings"]:
+        lines += ["## Warnings (not failures)", ""] + [f"- {w}" for w in rep["warnings"]] + [""]
+    if rep["unsupported"]:
+        lines += ["## Unsupported (not counted as failures)", "", ", ".join(rep["unsupported"]), ""]
+    if rep["performance"]:
+        others = sorted({o for p in rep["performance"] for o in p["penalty_vs"]})
+        lines += ["## Performance", "", "penalty(X vs Y) = 1 − throughput(X)/throughput(Y); negative: faster.", "",
+                  "| case | status | median | TFLOP/s | GB/s | % peak | " + " | ".join(f"vs {o}" for o in others) + " |",
+                  "| --- | --- | ---: | ---: | ---: | ---: |" + " ---: |" * len(others)]
+        for p in rep["performance"]:
+            def f(x, fmt):
+                return format(x, fmt) if isinstance(x, (int, float)) else "—"
+            pen = " | ".join(f(p["penalty_vs"].get(o), "+.1%") for o in others)
+            lines.append(f"| `{p['case']}` | {p['status'] or '—'} | {f(p['median_s'] and p['median_s'] * 1e3, '.3f')} ms | "
+                         f"{f(p['tflops'], '.3f')} | {f(p['gbps'], '.1f')} | {f(p['pct_of_peak'], '.1f')} | {pen} |")
+        lines.append("")
+    lines += ["## All cases", "", "| case | status | error | tolerance | detail |", "| --- | --- | ---: | ---: | --- |"]
+    for r in rep["cases"]:
+        e, t = r.get("error"), r.get("tolerance")
+        lines.append(f"| `{r['case']}` | {r['status']} | {'' if e is None else f'{e:.2e}'} | "
+                     f"{'' if t is None else f'{t:.2e}'} | {r.get('detail', '')} |")
+    m = rep["manifest"]
+    lines += ["", "## Environment", "", f"- command: `{m['command']}`", f"- time (UTC): {m['time_utc']}",
+              f"- python {m['python']} on {m['platform']}",
+              f"- device: `{json.dumps(m['device'], sort_keys=True, default=str)}`",
+              f"- SHA-256 of the result data (cases + performance): `{rep['sha256']}`", ""]
+    return "\n".join(lines)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("validate", help="conformance run of one backend: correctness, robustness, performance",
+                       description="Run the conformance suite for one backend and write a JSON + Markdown report. "
+                                   "Exit code 0 when conformant, 1 when not, 2 on a usage error.")
+    p.add_argument("--backend", required=True, help="backend name (built-in or plugin)")
+    p.add_argument("--device", default="cpu", help="device type: cpu (default) or cuda")
+    p.add_argument("--out", default=None, help="directory for validate-<backend>-<device>.json/.md")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE:ATTR",
+                   help="load an extra backend class for this run (repeatable)")
+    p.add_argument("--no-perf", action="store_true", help="skip the performance section")
+    p.add_argument("--quick", action="store_true", help="a reduced shape matrix (every family and kind)")
+    p.add_argument("--case-timeout", type=float, default=300.0, help="seconds before a case counts as a hang")
+    p.set_defaults(func=cmd_validate)
+
+
+def cmd_validate(args) -> int:
+    command = "pykernels " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
+
+    def progress(row):
+        if row["status"] == FAIL:
+            print(f"FAIL {row['case']}: {row.get('detail', '')}", file=sys.stderr)
+
+    rep = run_validation(args.backend, args.device, plugins=args.plugin, perf=not args.no_perf, quick=args.quick,
+                         case_timeout=args.case_timeout, command=command, progress=progress)
+    md = to_markdown(rep)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = out / f"validate-{args.backend}-{args.device}"
+        stem.with_suffix(".json").write_text(json.dumps(rep, indent=1, default=str) + "\n")
+        stem.with_suffix(".md").write_text(md)
+        print(f"wrote {stem}.json and {stem}.md")
+    s = rep["summary"]
+    print(f"{args.backend} on {args.device}: {rep['verdict'].upper()} ({s['passed']} passed, {s['failed']} failed, "
+          f"{s['unsupported']} unsupported, {s['worker_restarts']} worker restarts)")
+    for c in rep["failing_cases"][:20]:
+        print(f"  FAIL {c}")
+    return 0 if rep["verdict"] == "conformant" else 1
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pykernels.validate")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    add_parser(sub)
+    args = ap.parse_args(["validate", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)

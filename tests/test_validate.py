@@ -1,0 +1,84 @@
+"""The conformance run catches broken backends and passes good ones."""
+
+import json
+import os
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from pykernels.validate import run_validation, to_markdown
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture
+def broken_path(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+
+
+def test_wrong_numbers_on_odd_shapes_are_caught(broken_path):
+    rep = run_validation("wrong_odd", plugins=["broken_backends:WrongOnOddShapes"], perf=False, quick=True)
+    assert rep["verdict"] == "not conformant"
+    failing = rep["failing_cases"]
+    assert failing and all(":gemm:" in c for c in failing)
+    assert any(c.startswith("correctness:") for c in failing)
+    assert any("N1-" in c or "N127-" in c for c in failing)
+    assert rep["cases"][0]["status"] == "FAIL"  # failures are listed first
+    assert "## Failing cases" in to_markdown(rep)
+
+
+def test_a_crash_fails_one_case_and_the_run_goes_on(broken_path):
+    rep = run_validation("crash_edge", plugins=["broken_backends:CrashOnEdge"], perf=False, quick=True)
+    assert rep["verdict"] == "not conformant"
+    crashed = [r for r in rep["cases"] if r.get("crashed")]
+    assert crashed and all("SIGSEGV" in r["detail"] for r in crashed)
+    assert rep["summary"]["worker_restarts"] >= 1
+    # Cases after the crash still ran and passed.
+    assert sum(r["status"] == "PASS" for r in rep["cases"]) > 10
+
+
+def test_a_hang_is_a_failure_not_the_end(broken_path):
+    rep = run_validation("hang_tiny", plugins=["broken_backends:HangOnTinyAttention"], perf=False, quick=True,
+                         case_timeout=4)
+    hung = [r for r in rep["cases"] if "hang" in r.get("detail", "")]
+    assert hung and rep["verdict"] == "not conformant"
+
+
+def test_unknown_backend_is_not_conformant():
+    rep = run_validation("no_such_backend", perf=False, quick=True)
+    assert rep["verdict"] == "not conformant" and "unknown backend" in rep["cases"][0]["detail"]
+
+
+def test_native_is_conformant_on_cpu():
+    rep = run_validation("native", perf=False, quick=True)
+    assert rep["verdict"] == "conformant", rep["failing_cases"]
+    assert rep["summary"]["unsupported"] > 0  # float16 on CPU: listed, not failed
+    assert all(r["status"] != "FAIL" for r in rep["cases"])
+
+
+def _example_installed() -> bool:
+    return any(ep.name == "example_torch" for ep in metadata.entry_points(group="pykernels.backends"))
+
+
+@pytest.mark.skipif(not _example_installed(), reason="examples/example_plugin is not installed (README set-up does it)")
+def test_example_plugin_is_discovered_and_conformant(tmp_path):
+    import pykernels as pk
+
+    info = {b.name: b for b in pk.backends()}["example_torch"]
+    assert info.available and info.source.startswith("plugin:")
+    out = subprocess.run([sys.executable, "-m", "pykernels.validate", "--backend", "example_torch", "--no-perf",
+                          "--quick", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rep = json.loads((tmp_path / "validate-example_torch-cpu.json").read_text())
+    assert rep["verdict"] == "conformant" and len(rep["sha256"]) == 64
+    assert (tmp_path / "validate-example_torch-cpu.md").read_text().startswith("# Conformance")
+
+
+def test_exit_code_is_nonzero_when_not_conformant(tmp_path, broken_path):
+    out = subprocess.run([sys.executable, "-m", "pykernels.validate", "--backend", "wrong_odd", "--plugin",
+                          "broken_backends:WrongOnOddShapes", "--no-perf", "--quick"], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 1 and "NOT CONFORMANT" in out.stdout
