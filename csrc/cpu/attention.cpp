@@ -1,31 +1,528 @@
-// PLACEHOLDER (scalar) -- replaced by the flash-style AVX-512 kernel.
+// Flash-style attention forward on CPUs: O = softmax(scale * Q K^T (+ causal mask)) V, never
+// materializing the S x S score matrix.
+//
+// Work item = (batch, kv head, block of query positions); its rows are the g = Hq/Hkv query heads
+// that share the kv head times the positions, so every K/V tile is fetched once for the GQA group.
+// Per item, for each 64-key tile and each 4-row micro-block:
+//   S  = Q K^T      4 x 64 scores in 16 zmm (keys along lanes), fp32 accumulation
+//   online softmax  running max m, running sum l (base 2: Q is pre-scaled by scale*log2 e)
+//   O  = alpha O + P V   into fp32 accumulators (the rescale rides on the accumulator load)
+// Paths, chosen at run time from CPUID (cpu_features.cpp):
+//   fp32 (AVX-512F)       K pre-transposed per tile to [D][64]; V read in place.
+//   bf16 + AVX512_BF16    vdpbf16ps for both products: K packed to [D/2][64] bf16 pairs, V to
+//                          [32][D] row pairs, P rounded to bf16 (as FlashAttention-2 does on GPUs).
+//   bf16, AVX-512F only   K, V widened to fp32 in the packing pass, then the fp32 path.
+//   no AVX-512            portable scalar online softmax (correct, not fast).
+// Inputs were checked by csrc/bindings.cpp. All index arithmetic is 64-bit.
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
+
+#include "cpu/attn_common.h"
 #include "cpu/cpu.h"
 #include "cpu/scalar.h"
+#include "cpu/vec.h"
+
 namespace pk::cpu {
-template <typename T> static void attn_t(const AttentionParams& p) {
-  const T* Q = static_cast<const T*>(p.q); const T* K = static_cast<const T*>(p.k); const T* V = static_cast<const T*>(p.v); T* O = static_cast<T*>(p.o);
-  const int64_t S = p.S, D = p.D, g = p.Hq / p.Hkv;
-#pragma omp parallel for collapse(2)
-  for (int64_t bh = 0; bh < p.B * p.Hq; ++bh)
-    for (int64_t i = 0; i < S; ++i) {
-      const int64_t b = bh / p.Hq, h = bh % p.Hq, hk = h / g;
-      const int64_t qo = ((b * p.Hq + h) * S + i) * D, ko = (b * p.Hkv + hk) * S * D;
-      const int64_t n = p.causal ? i + 1 : S;
-      std::vector<float> s(n), acc(D, 0.f); float mx = -INFINITY;
-      for (int64_t j = 0; j < n; ++j) { float d = 0; for (int64_t x = 0; x < D; ++x) d += load_f(Q, qo + x) * load_f(K, ko + j * D + x); s[j] = d * p.scale; mx = std::fmax(mx, s[j]); }
-      float l = 0; for (int64_t j = 0; j < n; ++j) { s[j] = std::exp(s[j] - mx); l += s[j]; }
-      for (int64_t j = 0; j < n; ++j) for (int64_t x = 0; x < D; ++x) acc[x] += s[j] * load_f(V, ko + j * D + x);
-      for (int64_t x = 0; x < D; ++x) store_f(O, qo + x, acc[x] / l);
-    }
+namespace {
+
+using attn::AlignedBuf;
+using attn::round_up;
+
+// Keys per K/V tile. 64 keys = 4 zmm of scores per row; an fp32 K tile at D = 128 is 32 KB, the
+// V tile another 32 KB: both stay in the 1 MB L2 of a Zen 4 / Sapphire Rapids core while an item's
+// micro-blocks sweep over them.
+constexpr int64_t kBk = 64;
+// Query rows per micro-block: 4 rows x 4 zmm = 16 score accumulators (of 32 zmm registers); per
+// head-dim step 4 K loads + 4 broadcasts feed 16 FMAs, so the FMA pipe, not the loads, limits.
+constexpr int64_t kMr = 4;
+// Query rows (GQA heads x positions) per work item: 64 rows amortize the K/V tile fetch 64-fold,
+// and S = 2048, g = 1 gives 32 blocks per head (512 items for 16 heads: fine balance on 2-64 threads).
+constexpr int64_t kRows = 64;
+static_assert(kBk == 64, "the micro-kernels hold one tile row of scores in 4 zmm");
+static_assert(kMr == 4, "the micro-kernels are unrolled for 4 rows");
+static_assert(kRows % kMr == 0, "a work item is a whole number of micro-blocks");
+
+struct Ctx {
+  const void* q;
+  void* o;
+  const void* kp;  // packed K, [B*Hkv][ntiles][W][kBk] 32-bit words (W = D fp32, D/2 bf16 pairs)
+  const void* vp;  // fp32 path: V rows fp32 [B*Hkv][S][D]; bf16 path: [B*Hkv][ntiles][kBk/2][D][2]
+  int64_t B, Hq, Hkv, S, g, ntiles, npos;
+  float c;  // scale * log2(e)
+  bool causal;
+};
+
+// Per-thread scratch of one work item.
+struct Scratch {
+  float* q;  // [rows][D] fp32 pre-scaled, or [rows][D] bf16 bits (bf16 path)
+  float* o;  // [rows][D] fp32 accumulators
+  float* m;  // [rows] running max (base 2)
+  float* l;  // [rows] running sum
+  float* a;  // [rows] rescale factor of the accumulators for the current tile
+  float* p;  // [rows][kBk] probabilities (fp32, or bf16 bits in the first half of each row)
+};
+
+// ---- AVX-512 pieces ------------------------------------------------------------------------------
+#if defined(__x86_64__)
+
+// Masks the scores of keys outside [0, S) and, if causal, keys after each row's position.
+PK_AVX512 PK_ALWAYS_INLINE void mask_scores(__m512 (&s)[kMr][4], int64_t kt0, int64_t S, bool causal,
+                                            const int64_t (&pos)[kMr]) {
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+#pragma GCC unroll 4
+  for (int r = 0; r < kMr; ++r) {
+    const int64_t lim = (causal ? std::min(S, pos[r] + 1) : S) - kt0;
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) s[r][v] = _mm512_mask_mov_ps(ninf, vec::mask16(lim - 16 * v), s[r][v]);
+  }
 }
+
+// Online softmax over one 4 x 64 tile of base-2 scores: updates m and l, turns s into
+// probabilities, and returns in alpha the factor that rescales the old accumulators.
+PK_AVX512 PK_ALWAYS_INLINE void softmax_tile(__m512 (&s)[kMr][4], float* m, float* l, float* alpha) {
+#pragma GCC unroll 4
+  for (int r = 0; r < kMr; ++r) {
+    const __m512 mx = _mm512_max_ps(_mm512_max_ps(s[r][0], s[r][1]), _mm512_max_ps(s[r][2], s[r][3]));
+    const float m_new = std::max(m[r], _mm512_reduce_max_ps(mx));
+    // A row with every key masked so far keeps m = -inf; subtracting 0 then keeps p = 0, not NaN.
+    const float mu = m_new == -std::numeric_limits<float>::infinity() ? 0.f : m_new;
+    alpha[r] = attn::exp2_ss(m[r] - mu);
+    const __m512 vm = _mm512_set1_ps(mu);
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) s[r][v] = attn::exp2_ps(_mm512_sub_ps(s[r][v], vm));
+    const __m512 sum = _mm512_add_ps(_mm512_add_ps(s[r][0], s[r][1]), _mm512_add_ps(s[r][2], s[r][3]));
+    l[r] = l[r] * alpha[r] + _mm512_reduce_add_ps(sum);
+    m[r] = m_new;
+  }
+}
+
+// S[4][64] = Q[4][D] . Kt[D][64] (fp32; Q already multiplied by scale*log2 e).
+template <int D>
+PK_AVX512 PK_ALWAYS_INLINE void qk_f32(const float* q, const float* kt, __m512 (&s)[kMr][4]) {
+#pragma GCC unroll 4
+  for (int r = 0; r < kMr; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) s[r][v] = _mm512_setzero_ps();
+#pragma GCC unroll 2
+  for (int d = 0; d < D; ++d) {
+    // Named, pinned registers: an array here is kept in memory as well (4 dead stores per step).
+    __m512 k0 = _mm512_load_ps(kt + d * kBk), k1 = _mm512_load_ps(kt + d * kBk + 16),
+           k2 = _mm512_load_ps(kt + d * kBk + 32), k3 = _mm512_load_ps(kt + d * kBk + 48);
+    PK_PIN(k0);
+    PK_PIN(k1);
+    PK_PIN(k2);
+    PK_PIN(k3);
+    const __m512 k[4] = {k0, k1, k2, k3};
+#pragma GCC unroll 4
+    for (int r = 0; r < kMr; ++r) {
+      const __m512 qb = _mm512_set1_ps(q[r * D + d]);
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; ++v) s[r][v] = _mm512_fmadd_ps(qb, k[v], s[r][v]);
+    }
+  }
+}
+
+// O[4][D] = alpha * O + P[4][0:nj] . V[0:nj][D] (fp32; V rows of stride D).
+template <int D>
+PK_AVX512 PK_ALWAYS_INLINE void pv_f32(float* o, const float* p, const float* v, int64_t nj,
+                                       const float* alpha) {
+#pragma GCC unroll 2
+  for (int h = 0; h < D / 64; ++h) {
+    __m512 acc[kMr][4];
+#pragma GCC unroll 4
+    for (int r = 0; r < kMr; ++r) {
+      const __m512 a = _mm512_set1_ps(alpha[r]);
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_mul_ps(a, _mm512_load_ps(o + r * D + h * 64 + 16 * c));
+    }
+#pragma GCC unroll 2
+    for (int64_t j = 0; j < nj; ++j) {
+      const float* vr = v + j * D + h * 64;
+      __m512 v0 = _mm512_loadu_ps(vr), v1 = _mm512_loadu_ps(vr + 16), v2 = _mm512_loadu_ps(vr + 32),
+             v3 = _mm512_loadu_ps(vr + 48);
+      PK_PIN(v0);
+    PK_PIN(v1);
+    PK_PIN(v2);
+    PK_PIN(v3);
+      const __m512 vv[4] = {v0, v1, v2, v3};
+#pragma GCC unroll 4
+      for (int r = 0; r < kMr; ++r) {
+        const __m512 pb = _mm512_set1_ps(p[r * kBk + j]);
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_fmadd_ps(pb, vv[c], acc[r][c]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < kMr; ++r)
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) _mm512_store_ps(o + r * D + h * 64 + 16 * c, acc[r][c]);
+  }
+}
+
+// S[4][64] = Q[4][D] . K^T with bf16 pairs: q 4 rows of D bf16, kp [D/2][64] pairs; times c.
+template <int D>
+PK_AVX512BF16 PK_ALWAYS_INLINE void qk_bf16(const uint32_t* q, const uint32_t* kp, float c, __m512 (&s)[kMr][4]) {
+#pragma GCC unroll 4
+  for (int r = 0; r < kMr; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) s[r][v] = _mm512_setzero_ps();
+#pragma GCC unroll 2
+  for (int dp = 0; dp < D / 2; ++dp) {
+    __m512i k0 = _mm512_load_si512(kp + dp * kBk), k1 = _mm512_load_si512(kp + dp * kBk + 16),
+            k2 = _mm512_load_si512(kp + dp * kBk + 32), k3 = _mm512_load_si512(kp + dp * kBk + 48);
+    PK_PIN(k0);
+    PK_PIN(k1);
+    PK_PIN(k2);
+    PK_PIN(k3);
+    const __m512i k[4] = {k0, k1, k2, k3};
+#pragma GCC unroll 4
+    for (int r = 0; r < kMr; ++r) {
+      const __m512i qb = _mm512_set1_epi32(static_cast<int>(q[r * (D / 2) + dp]));
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; ++v) s[r][v] = _mm512_dpbf16_ps(s[r][v], (__m512bh)k[v], (__m512bh)qb);
+    }
+  }
+  const __m512 vc = _mm512_set1_ps(c);
+#pragma GCC unroll 4
+  for (int r = 0; r < kMr; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) s[r][v] = _mm512_mul_ps(s[r][v], vc);
+}
+
+// O[4][D] = alpha * O + P[4][0:nj] . V with bf16 pairs: p 4 rows of 64 bf16, vp [32][D][2].
+template <int D>
+PK_AVX512BF16 PK_ALWAYS_INLINE void pv_bf16(float* o, const uint32_t* p, const uint16_t* vp, int64_t nj,
+                                            const float* alpha) {
+  const int64_t njp = (nj + 1) / 2;
+#pragma GCC unroll 2
+  for (int h = 0; h < D / 64; ++h) {
+    __m512 acc[kMr][4];
+#pragma GCC unroll 4
+    for (int r = 0; r < kMr; ++r) {
+      const __m512 a = _mm512_set1_ps(alpha[r]);
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_mul_ps(a, _mm512_load_ps(o + r * D + h * 64 + 16 * c));
+    }
+#pragma GCC unroll 2
+    for (int64_t jp = 0; jp < njp; ++jp) {
+      const uint16_t* vr = vp + (jp * D + h * 64) * 2;
+      __m512i v0 = _mm512_load_si512(vr), v1 = _mm512_load_si512(vr + 32), v2 = _mm512_load_si512(vr + 64),
+              v3 = _mm512_load_si512(vr + 96);
+      PK_PIN(v0);
+    PK_PIN(v1);
+    PK_PIN(v2);
+    PK_PIN(v3);
+      const __m512i vv[4] = {v0, v1, v2, v3};
+#pragma GCC unroll 4
+      for (int r = 0; r < kMr; ++r) {
+        const __m512i pb = _mm512_set1_epi32(static_cast<int>(p[r * (kBk / 2) + jp]));
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)vv[c], (__m512bh)pb);
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < kMr; ++r)
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) _mm512_store_ps(o + r * D + h * 64 + 16 * c, acc[r][c]);
+  }
+}
+
+// Writes rows [0, nq) of head-row block `ob` (divided by l) to the output, as T.
+template <typename T, int D>
+PK_AVX512 PK_ALWAYS_INLINE void store_rows(T* dst, const float* ob, const float* l, int64_t nq) {
+  for (int64_t i = 0; i < nq; ++i) {
+    const __m512 inv = _mm512_set1_ps(1.f / l[i]);
+#pragma GCC unroll 8
+    for (int c = 0; c < D / 16; ++c) {
+      const __m512 x = _mm512_mul_ps(_mm512_load_ps(ob + i * D + 16 * c), inv);
+      if constexpr (std::is_same_v<T, float>)
+        _mm512_storeu_ps(dst + i * D + 16 * c, x);
+      else
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i * D + 16 * c), vec::narrow_bf16(x));
+    }
+  }
+}
+
+// Positions of the rows of a micro-block; rows past the block's last position (padding, never
+// stored) borrow that position so that they always have an unmasked key.
+inline void row_positions(int64_t q0, int64_t i0, int64_t nq, int64_t (&pos)[kMr]) {
+  for (int r = 0; r < kMr; ++r) pos[r] = q0 + std::min<int64_t>(i0 + r, nq - 1);
+}
+
+// One work item on the fp32 path (T = float, or bf16 widened by the packing pass).
+template <typename T, int D>
+PK_AVX512 void item_f32(const Ctx& x, int64_t bkv, int64_t q0, const Scratch& sc) {
+  const int64_t S = x.S, g = x.g, np = x.npos, nq = std::min(np, S - q0), nq4 = round_up(nq, kMr);
+  const int64_t b = bkv / x.Hkv, hkv = bkv % x.Hkv;
+  const T* Q = static_cast<const T*>(x.q);
+  const __m512 vc = _mm512_set1_ps(x.c);
+  for (int64_t hh = 0; hh < g; ++hh) {
+    const T* src = Q + ((b * x.Hq + hkv * g + hh) * S + q0) * D;
+    for (int64_t i = 0; i < nq4; ++i) {
+      float* dst = sc.q + (hh * np + i) * D;
+      for (int c = 0; c < D / 16; ++c) {
+        __m512 v = _mm512_setzero_ps();
+        if (i < nq) {
+          if constexpr (std::is_same_v<T, float>)
+            v = _mm512_loadu_ps(src + i * D + 16 * c);
+          else
+            v = vec::widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i * D + 16 * c)));
+        }
+        _mm512_store_ps(dst + 16 * c, _mm512_mul_ps(v, vc));
+        _mm512_store_ps(sc.o + (hh * np + i) * D + 16 * c, _mm512_setzero_ps());
+      }
+      sc.m[hh * np + i] = -std::numeric_limits<float>::infinity();
+      sc.l[hh * np + i] = 0.f;
+    }
+  }
+  const int64_t kend = x.causal ? q0 + nq : S;
+  const int64_t nt = (kend + kBk - 1) / kBk;
+  const float* kp = static_cast<const float*>(x.kp) + bkv * x.ntiles * D * kBk;
+  const float* vrows = static_cast<const float*>(x.vp) + bkv * S * D;
+  for (int64_t t = 0; t < nt; ++t) {
+    const int64_t kt0 = t * kBk, nk = std::min(kBk, S - kt0);
+    const float* kt = kp + t * D * kBk;
+    const float* vt = vrows + kt0 * D;
+    // Phase 1, scores and softmax of every micro-block; phase 2, P.V of every micro-block. Split so
+    // that a micro-block's softmax (a latency chain of reductions and the exp polynomial) overlaps
+    // the next micro-block's independent Q.K^T FMAs instead of stalling its own P.V (+4% at S=2048).
+    for (int64_t hh = 0; hh < g; ++hh) {
+      for (int64_t i0 = 0; i0 < nq; i0 += kMr) {
+        const int64_t r0 = hh * np + i0;
+        int64_t pos[kMr];
+        row_positions(q0, i0, nq, pos);
+        if (x.causal && kt0 > pos[kMr - 1]) continue;  // every key of the tile is in these rows' future
+        __m512 s[kMr][4];
+        qk_f32<D>(sc.q + r0 * D, kt, s);
+        if (kt0 + kBk > S || (x.causal && kt0 + kBk - 1 > pos[0])) mask_scores(s, kt0, S, x.causal, pos);
+        softmax_tile(s, sc.m + r0, sc.l + r0, sc.a + r0);
+#pragma GCC unroll 4
+        for (int r = 0; r < kMr; ++r)
+#pragma GCC unroll 4
+          for (int v = 0; v < 4; ++v) _mm512_store_ps(sc.p + (r0 + r) * kBk + 16 * v, s[r][v]);
+      }
+    }
+    for (int64_t hh = 0; hh < g; ++hh) {
+      for (int64_t i0 = 0; i0 < nq; i0 += kMr) {
+        const int64_t r0 = hh * np + i0, pos_hi = q0 + std::min(i0 + kMr, nq) - 1;
+        if (x.causal && kt0 > pos_hi) continue;
+        const int64_t nj = x.causal ? std::min(nk, pos_hi - kt0 + 1) : nk;
+        pv_f32<D>(sc.o + r0 * D, sc.p + r0 * kBk, vt, nj, sc.a + r0);
+      }
+    }
+  }
+  T* O = static_cast<T*>(x.o);
+  for (int64_t hh = 0; hh < g; ++hh)
+    store_rows<T, D>(O + ((b * x.Hq + hkv * g + hh) * S + q0) * D, sc.o + hh * np * D, sc.l + hh * np, nq);
+}
+
+// One work item on the bf16 path (vdpbf16ps).
+template <int D>
+PK_AVX512BF16 void item_bf16(const Ctx& x, int64_t bkv, int64_t q0, const Scratch& sc) {
+  const int64_t S = x.S, g = x.g, np = x.npos, nq = std::min(np, S - q0), nq4 = round_up(nq, kMr);
+  const int64_t b = bkv / x.Hkv, hkv = bkv % x.Hkv;
+  const uint16_t* Q = static_cast<const uint16_t*>(x.q);
+  uint16_t* qb = reinterpret_cast<uint16_t*>(sc.q);
+  for (int64_t hh = 0; hh < g; ++hh) {
+    const uint16_t* src = Q + ((b * x.Hq + hkv * g + hh) * S + q0) * D;
+    for (int64_t i = 0; i < nq4; ++i) {
+      uint16_t* dst = qb + (hh * np + i) * D;
+      for (int c = 0; c < D / 32; ++c) {
+        const __m512i v = i < nq ? _mm512_loadu_si512(src + i * D + 32 * c) : _mm512_setzero_si512();
+        _mm512_store_si512(dst + 32 * c, v);
+      }
+      for (int c = 0; c < D / 16; ++c) _mm512_store_ps(sc.o + (hh * np + i) * D + 16 * c, _mm512_setzero_ps());
+      sc.m[hh * np + i] = -std::numeric_limits<float>::infinity();
+      sc.l[hh * np + i] = 0.f;
+    }
+  }
+  const int64_t kend = x.causal ? q0 + nq : S;
+  const int64_t nt = (kend + kBk - 1) / kBk;
+  const uint32_t* kp = static_cast<const uint32_t*>(x.kp) + bkv * x.ntiles * (D / 2) * kBk;
+  const uint16_t* vp = static_cast<const uint16_t*>(x.vp) + bkv * x.ntiles * kBk * D;
+  uint32_t* p32 = reinterpret_cast<uint32_t*>(sc.p);
+  for (int64_t t = 0; t < nt; ++t) {
+    const int64_t kt0 = t * kBk, nk = std::min(kBk, S - kt0);
+    const uint32_t* kt = kp + t * (D / 2) * kBk;
+    const uint16_t* vt = vp + t * kBk * D;
+    for (int64_t hh = 0; hh < g; ++hh) {  // two phases, as in item_f32
+      for (int64_t i0 = 0; i0 < nq; i0 += kMr) {
+        const int64_t r0 = hh * np + i0;
+        int64_t pos[kMr];
+        row_positions(q0, i0, nq, pos);
+        if (x.causal && kt0 > pos[kMr - 1]) continue;
+        __m512 s[kMr][4];
+        qk_bf16<D>(reinterpret_cast<const uint32_t*>(qb + r0 * D), kt, x.c, s);
+        if (kt0 + kBk > S || (x.causal && kt0 + kBk - 1 > pos[0])) mask_scores(s, kt0, S, x.causal, pos);
+        softmax_tile(s, sc.m + r0, sc.l + r0, sc.a + r0);
+#pragma GCC unroll 4
+        for (int r = 0; r < kMr; ++r) {
+          _mm512_store_si512(p32 + (r0 + r) * (kBk / 2), (__m512i)_mm512_cvtne2ps_pbh(s[r][1], s[r][0]));
+          _mm512_store_si512(p32 + (r0 + r) * (kBk / 2) + 16, (__m512i)_mm512_cvtne2ps_pbh(s[r][3], s[r][2]));
+        }
+      }
+    }
+    for (int64_t hh = 0; hh < g; ++hh) {
+      for (int64_t i0 = 0; i0 < nq; i0 += kMr) {
+        const int64_t r0 = hh * np + i0, pos_hi = q0 + std::min(i0 + kMr, nq) - 1;
+        if (x.causal && kt0 > pos_hi) continue;
+        const int64_t nj = x.causal ? std::min(nk, pos_hi - kt0 + 1) : nk;
+        pv_bf16<D>(sc.o + r0 * D, p32 + r0 * (kBk / 2), vt, nj, sc.a + r0);
+      }
+    }
+  }
+  bf16* O = static_cast<bf16*>(x.o);
+  for (int64_t hh = 0; hh < g; ++hh)
+    store_rows<bf16, D>(O + ((b * x.Hq + hkv * g + hh) * S + q0) * D, sc.o + hh * np * D, sc.l + hh * np, nq);
+}
+
+#endif  // __x86_64__
+
+// ---- packing (plain C++: runs once per call, O(S*D) next to the O(S*S*D) products) ---------------
+
+// dst[w][j] = src row j, word w (j < nk), 0 for j in [nk, kBk): a 32-bit transpose of one K tile.
+template <typename W>
+void transpose_tile(const W* src, int64_t nw, int64_t nk, W* dst) {
+  for (int64_t j0 = 0; j0 < kBk; j0 += 16)
+    for (int64_t w = 0; w < nw; ++w)
+      for (int64_t j = j0; j < j0 + 16; ++j) dst[w * kBk + j] = j < nk ? src[j * nw + w] : W(0);
+}
+
+template <typename T, int D>
+void run_avx512(const AttentionParams& p, bool dp) {
+#if defined(__x86_64__)
+  const int64_t B = p.B, Hkv = p.Hkv, S = p.S, g = p.Hq / p.Hkv;
+  const int64_t ntiles = (S + kBk - 1) / kBk, nbkv = B * Hkv;
+  constexpr bool kIsBf16 = std::is_same_v<T, bf16>;
+  // Packed K: fp32 words (fp32 or widened bf16) or bf16 pairs.
+  const int64_t kwords = dp ? D / 2 : D;
+  AlignedBuf kbuf(static_cast<size_t>(nbkv * ntiles * kwords * kBk * 4));
+  AlignedBuf vbuf(dp ? static_cast<size_t>(nbkv * ntiles * kBk * D * 2)
+                     : kIsBf16 ? static_cast<size_t>(nbkv * S * D * 4) : 0);
+#pragma omp parallel for schedule(static)
+  for (int64_t it = 0; it < nbkv * ntiles; ++it) {
+    const int64_t bkv = it / ntiles, t = it % ntiles, kt0 = t * kBk, nk = std::min(kBk, S - kt0);
+    const int64_t row0 = bkv * S + kt0;  // first row of the tile in k, v
+    if (dp) {
+      transpose_tile(static_cast<const uint32_t*>(p.k) + row0 * (D / 2), D / 2, nk,
+                     kbuf.as<uint32_t>() + it * (D / 2) * kBk);
+      const uint16_t* v = static_cast<const uint16_t*>(p.v) + row0 * D;
+      uint16_t* dst = vbuf.as<uint16_t>() + it * kBk * D;
+      for (int64_t jp = 0; jp < kBk / 2; ++jp)
+        for (int64_t d = 0; d < D; ++d) {
+          dst[(jp * D + d) * 2] = 2 * jp < nk ? v[2 * jp * D + d] : uint16_t(0);
+          dst[(jp * D + d) * 2 + 1] = 2 * jp + 1 < nk ? v[(2 * jp + 1) * D + d] : uint16_t(0);
+        }
+    } else if constexpr (kIsBf16) {
+      const bf16* k = static_cast<const bf16*>(p.k) + row0 * D;
+      float* dst = kbuf.as<float>() + it * D * kBk;
+      for (int64_t d = 0; d < D; ++d)
+        for (int64_t j = 0; j < kBk; ++j) dst[d * kBk + j] = j < nk ? bf16_to_float(k[j * D + d].bits) : 0.f;
+      const bf16* v = static_cast<const bf16*>(p.v) + row0 * D;
+      float* vdst = vbuf.as<float>() + row0 * D;
+      for (int64_t e = 0; e < nk * D; ++e) vdst[e] = bf16_to_float(v[e].bits);
+    } else {
+      transpose_tile(static_cast<const uint32_t*>(p.k) + row0 * D, D, nk, kbuf.as<uint32_t>() + it * D * kBk);
+    }
+  }
+
+  Ctx x{p.q, p.o, kbuf.as<void>(), dp || kIsBf16 ? vbuf.as<void>() : p.v, B, p.Hq, Hkv, S, g, ntiles, 0,
+        p.scale * attn::kLog2e, p.causal};
+  x.npos = std::max<int64_t>(kMr, kRows / g / kMr * kMr);
+  const int64_t nqb = (S + x.npos - 1) / x.npos, nitems = nbkv * nqb;
+  const int64_t rows = round_up(g * x.npos, kMr);
+#pragma omp parallel
+  {
+    AlignedBuf qb(static_cast<size_t>(rows * D * 4)), ob(static_cast<size_t>(rows * D * 4)),
+        ml(static_cast<size_t>(3 * rows * 4)), pb(static_cast<size_t>(rows * kBk * 4));
+    const Scratch sc{qb.as<float>(), ob.as<float>(), ml.as<float>(), ml.as<float>() + rows, ml.as<float>() + 2 * rows,
+                     pb.as<float>()};
+    // Items of one kv head are consecutive, so the threads share that head's K/V in L2/L3 (16 heads
+    // x 2 MB of packed K/V at S = 2048 fp32 would overflow a 32 MB L3 if interleaved: -8% on 2
+    // threads); within a head the heaviest (last, under a causal mask) query block goes first.
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < nitems; ++it) {
+      const int64_t bkv = it / nqb, qblk = nqb - 1 - it % nqb;
+      if (dp) {
+        if constexpr (kIsBf16) item_bf16<D>(x, bkv, qblk * x.npos, sc);
+      } else {
+        item_f32<T, D>(x, bkv, qblk * x.npos, sc);
+      }
+    }
+  }
+#else
+  (void)p;
+  (void)dp;
+#endif
+}
+
+// ---- portable path: one query row at a time, online softmax, scalar ------------------------------
+template <typename T>
+void run_scalar(const AttentionParams& p) {
+  const T* Q = static_cast<const T*>(p.q);
+  const T* K = static_cast<const T*>(p.k);
+  const T* V = static_cast<const T*>(p.v);
+  T* O = static_cast<T*>(p.o);
+  const int64_t S = p.S, D = p.D, g = p.Hq / p.Hkv;
+  const float c = p.scale * attn::kLog2e;
+#pragma omp parallel
+  {
+    std::vector<float> q(D), acc(D), s(kBk);
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t row = 0; row < p.B * p.Hq * S; ++row) {
+      const int64_t bh = row / S, i = row % S, b = bh / p.Hq, hk = (bh % p.Hq) / g;
+      const T* kb = K + (b * p.Hkv + hk) * S * D;
+      const T* vb = V + (b * p.Hkv + hk) * S * D;
+      for (int64_t d = 0; d < D; ++d) q[d] = load_f(Q, row * D + d) * c;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      float m = -std::numeric_limits<float>::infinity(), l = 0.f;
+      const int64_t n = p.causal ? i + 1 : S;
+      for (int64_t j0 = 0; j0 < n; j0 += kBk) {
+        const int64_t nj = std::min(kBk, n - j0);
+        float mx = m;
+        for (int64_t j = 0; j < nj; ++j) {
+          float dot = 0.f;
+          for (int64_t d = 0; d < D; ++d) dot += q[d] * load_f(kb, (j0 + j) * D + d);
+          s[j] = dot;
+          mx = std::max(mx, dot);
+        }
+        const float alpha = std::exp2(m - mx);
+        l *= alpha;
+        for (int64_t d = 0; d < D; ++d) acc[d] *= alpha;
+        for (int64_t j = 0; j < nj; ++j) {
+          const float e = std::exp2(s[j] - mx);
+          l += e;
+          for (int64_t d = 0; d < D; ++d) acc[d] += e * load_f(vb, (j0 + j) * D + d);
+        }
+        m = mx;
+      }
+      for (int64_t d = 0; d < D; ++d) store_f(O, row * D + d, acc[d] / l);
+    }
+  }
+}
+
+template <typename T>
+void dispatch(const AttentionParams& p) {
+  const Features& f = features();
+  if (!f.avx512f) return run_scalar<T>(p);
+  const bool dp = std::is_same_v<T, bf16> && f.avx512_bf16;
+  if (p.D == 64) return run_avx512<T, 64>(p, dp);
+  return run_avx512<T, 128>(p, dp);
+}
+
+}  // namespace
+
 void attention(const AttentionParams& p) {
-  if (p.D != 64 && p.D != 128) throw std::invalid_argument("native cpu attention supports head dims 64 and 128, got " + std::to_string(p.D));
-  if (p.dtype == DType::f32) return attn_t<float>(p);
-  if (p.dtype == DType::bf16) return attn_t<bf16>(p);
+  if (p.D != 64 && p.D != 128)
+    throw std::invalid_argument("native cpu attention supports head dims 64 and 128, got " + std::to_string(p.D));
+  if (p.dtype == DType::f32) return dispatch<float>(p);
+  if (p.dtype == DType::bf16) return dispatch<bf16>(p);
   throw std::invalid_argument(std::string("native cpu attention does not support dtype ") + dtype_name(p.dtype));
 }
+
 }  // namespace pk::cpu

@@ -19,8 +19,16 @@ interpreter patches ``triton.language`` builtins and restores them when the laun
 ``_LangPatchScope``); launches of interpreted kernels are serialized by ``INTERPRETER_LOCK``.
 
 Rules for the family modules that make this work:
-* no ``@triton.jit`` helper is shared between modules: a kernel calls only helpers defined in its own
-  module, so the interpreted instance calls interpreted helpers (globals resolve in its own namespace);
+* family modules never import each other (an import inside the interpreted block would decorate the other
+  module's kernels in interpreter mode), and no ``@triton.jit`` helper is shared between them: a kernel
+  calls only helpers defined in its own module, so the interpreted instance calls interpreted helpers
+  (globals resolve in its own namespace);
+* the kernels call Triton builtins only, never Triton's standard library functions written in Triton
+  (``tl.zeros``, ``tl.cdiv``, ``tl.max``, ``tl.sum``, ...): those are ``@jit`` functions decorated once,
+  when ``triton.language`` is imported, so in a process that is not interpreting they are compiled
+  ``JITFunction``s, and an interpreted kernel cannot call them ("Cannot call @triton.jit'd outside of the
+  scope of a kernel"). Hence ``tl.full`` for zeros, integer arithmetic for ceil-division, and
+  ``tl.reduce`` with Triton's own combine functions for max and sum;
 * anything that depends on the mode (autotune configuration lists, the bf16 upcast flag) is decided from
   ``interpreting()`` at import time, i.e. from the mode the module was imported in.
 
@@ -37,6 +45,10 @@ import sys
 import threading
 
 FAMILIES = ("gemm", "attention", "decode")
+# Passed as `enable_fp_fusion` at every launch: FMA contraction on, as Triton's default has always been.
+# Said explicitly because Triton 3.9 warns (an error under pytest's -W error) when it is left to the
+# default, which changes in 3.10.
+FP_FUSION = True
 _ENV = "TRITON_INTERPRET"
 
 _lock = threading.RLock()
@@ -49,7 +61,11 @@ INTERPRETER_LOCK = threading.Lock()
 def _mode(interpret: bool):
     """Make ``triton.jit`` decorations inside this block compiled (False) or interpreted (True), and put
     the environment variable and Triton's knob back exactly as they were afterwards."""
-    import triton  # noqa: PLC0415 - lazily: a missing triton must not break `import pykernels`
+    # Lazily (a missing triton must not break `import pykernels`), and before the variable changes: the
+    # first import of triton.language decorates Triton's own @jit library functions, in the mode of the
+    # moment, for the whole process.
+    import triton
+    import triton.language
 
     runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
     # An explicit `triton.knobs.runtime.interpret = ...` lives in the instance __dict__ and wins over the
@@ -71,7 +87,7 @@ def _mode(interpret: bool):
 
 def interpreting() -> bool:
     """True while a family module is being imported as the interpreted instance (called at module level)."""
-    import triton  # noqa: PLC0415
+    import triton
 
     knobs = getattr(triton, "knobs", None)
     if knobs is not None:

@@ -1,0 +1,108 @@
+// Helpers shared by the CPU attention and decode kernels (csrc/cpu/attention.cpp, decode.cpp):
+// a vectorized exp2, an aligned scratch buffer, and a 16-way transposed horizontal sum.
+// Header-only, no pybind11. AVX-512 helpers carry their own target attribute (see vec.h), so this
+// header is safe in a portable build; call them only after checking features().avx512f.
+#pragma once
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+#include "cpu/vec.h"
+
+namespace pk::cpu::attn {
+
+// log2(e): both kernels work in base 2 (scores pre-multiplied by scale*log2(e)), so the softmax
+// needs exp2, whose range reduction is a plain round (no multiply by 1/ln2).
+constexpr float kLog2e = 1.4426950408889634f;
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// 64-byte aligned scratch memory (one zmm per cache line); zero-filled when asked.
+class AlignedBuf {
+ public:
+  AlignedBuf() = default;
+  explicit AlignedBuf(size_t bytes, bool zero = false) {
+    const size_t n = (bytes + 63) / 64 * 64;
+    p_ = n ? std::aligned_alloc(64, n) : nullptr;
+    if (n && !p_) throw std::bad_alloc();
+    if (zero && p_) std::memset(p_, 0, n);
+  }
+  AlignedBuf(const AlignedBuf&) = delete;
+  AlignedBuf& operator=(const AlignedBuf&) = delete;
+  ~AlignedBuf() { std::free(p_); }
+  template <typename T> T* as() const { return static_cast<T*>(p_); }
+
+ private:
+  void* p_ = nullptr;
+};
+
+#if defined(__x86_64__) || defined(_M_X64)
+
+#define PK_ALWAYS_INLINE inline __attribute__((always_inline))
+
+// 2^x for 16 lanes. Range reduction x = n + f, f in [-0.5, 0.5]; 2^f by its degree-6 Taylor
+// polynomial (truncation error (ln2/2)^7/7! = 1.2e-7, i.e. ~1 ulp of fp32); 2^n applied with
+// vscalefps, which handles the exponent without integer tricks. x <= -150 gives exactly 0
+// (so -inf, the masked score, gives 0); NaN stays NaN (vmaxps returns its second operand on NaN).
+PK_AVX512 PK_ALWAYS_INLINE __m512 exp2_ps(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-150.f), x);
+  x = _mm512_min_ps(_mm512_set1_ps(128.f), x);
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Scalar 2^x through the vector code: no libm call, so the 16-32 live zmm accumulators around it
+// are not spilled (a call clobbers every vector register).
+PK_AVX512 PK_ALWAYS_INLINE float exp2_ss(float x) { return _mm512_cvtss_f32(exp2_ps(_mm512_set1_ps(x))); }
+
+// Keeps v in a register: GCC otherwise folds a load that feeds several FMAs into each of them as a
+// memory operand (4x the loads; the PV loop then runs at the load ports' pace, not the FMA pipe's).
+#define PK_PIN(v) __asm__("" : "+v"(v))
+
+// Returns the vector whose lane i is the sum of the 16 lanes of a[i] (a transposed reduction:
+// 15 combine steps of 2 permutes + 1 add, i.e. ~3 ops per sum instead of ~8 for a separate
+// horizontal reduction per vector).
+// Lane tables of the combine step: x holds m vectors with c = 16/m partial sums each (lane v*c + k),
+// y the next m; the result holds 2m vectors with c/2 partial sums each.
+struct HsumPerm { int32_t a[16], b[16]; };
+constexpr HsumPerm make_hsum_perm(int m) {
+  HsumPerm p{};
+  const int c = 16 / m, h = c / 2;
+  for (int L = 0; L < 16; ++L) {
+    const int v = L / h, k = L % h;
+    const int src = v < m ? v * c + k : 16 + (v - m) * c + k;
+    p.a[L] = src;
+    p.b[L] = src + h;
+  }
+  return p;
+}
+alignas(64) inline constexpr HsumPerm kHsumPerm[4] = {make_hsum_perm(1), make_hsum_perm(2), make_hsum_perm(4),
+                                                      make_hsum_perm(8)};
+template <int I>
+PK_AVX512 PK_ALWAYS_INLINE __m512 combine_(__m512 x, __m512 y) {
+  return _mm512_add_ps(_mm512_permutex2var_ps(x, _mm512_load_si512(kHsumPerm[I].a), y),
+                       _mm512_permutex2var_ps(x, _mm512_load_si512(kHsumPerm[I].b), y));
+}
+PK_AVX512 PK_ALWAYS_INLINE __m512 hsum16(const __m512* a) {
+  __m512 l1[8], l2[4], l3[2];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) l1[i] = combine_<0>(a[2 * i], a[2 * i + 1]);
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) l2[i] = combine_<1>(l1[2 * i], l1[2 * i + 1]);
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i) l3[i] = combine_<2>(l2[2 * i], l2[2 * i + 1]);
+  return combine_<3>(l3[0], l3[1]);
+}
+
+#endif
+
+}  // namespace pk::cpu::attn

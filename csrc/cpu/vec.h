@@ -1,0 +1,57 @@
+// Small AVX-512 helpers for the CPU kernels: tail masks and bf16 <-> fp32 in registers.
+// Every function carries its own target attribute, so this header is safe in a file built without
+// -mavx512f; call the helpers only from functions with the same (or a wider) target attribute, and
+// only after checking pk::cpu::features().avx512f at run time.
+#pragma once
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+#include <cstdint>
+
+// GCC 12's AVX-512 headers build _mm512_undefined_*() from a self-initialized variable, which trips
+// -W(maybe-)uninitialized in shift/convert intrinsics once inlined: false positives.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+
+#define PK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#define PK_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+
+namespace pk::cpu::vec {
+
+// The first min(max(n, 0), 16) lanes.
+PK_AVX512 inline __mmask16 mask16(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+// The first min(max(n, 0), 32) lanes.
+PK_AVX512 inline __mmask32 mask32(int64_t n) {
+  return n >= 32 ? __mmask32(0xFFFFFFFFu) : n <= 0 ? __mmask32(0) : __mmask32((1u << n) - 1);
+}
+
+// fp32 -> bf16 bits rounded to nearest even, NaN kept quiet (bit-identical to float_to_bf16 in
+// scalar.h); the bf16 is in the HIGH 16 bits of each 32-bit lane.
+PK_AVX512 inline __m512i bf16_rne_hi(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  return _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x00400000));
+}
+// 16 floats -> 16 bf16 (round to nearest even).
+PK_AVX512 inline __m256i narrow_bf16(__m512 x) {
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_rne_hi(x), 16));
+}
+// 16 bf16 -> 16 floats (exact).
+PK_AVX512 inline __m512 widen_bf16(__m256i h) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+// n (<= 16, the rest zero) bf16 at p -> floats; never reads past p[n-1].
+PK_AVX512 inline __m512 load_bf16(const uint16_t* p, int64_t n) {
+  return widen_bf16(_mm256_maskz_loadu_epi16(mask16(n), p));
+}
+// Stores the first n (<= 16) lanes of x to p as bf16; never writes past p[n-1].
+PK_AVX512 inline void store_bf16(uint16_t* p, __m512 x, int64_t n) {
+  _mm256_mask_storeu_epi16(p, mask16(n), narrow_bf16(x));
+}
+
+}  // namespace pk::cpu::vec
+#endif

@@ -1,0 +1,247 @@
+"""The `pykernels` command.
+
+    pykernels info [--device cpu|cuda] [--peaks] [--json]
+    pykernels report RESULTS... [--format terminal|md|csv] [--md FILE] [--csv FILE]
+    pykernels compare RESULTS... [--label NAME]... [--format terminal|md|csv]
+    pykernels plot RESULTS... [--out DIR]
+
+Subcommands are registered in SUBCOMMANDS: a name and either a function here or "module:attr" of an
+`add_parser(subparsers)` that sets `func(args) -> int` (validate and tokens live in their own modules).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# info
+
+
+def _add_info(sub):
+    p = sub.add_parser("info", help="the device fingerprint, measured peaks and every backend's availability",
+                       description="Print the device fingerprint, the measured peaks (cached per machine) and every "
+                                   "backend with whether it is available here and, if not, why.")
+    p.add_argument("--device", default=None, help="device to describe (default: cuda when available, else cpu)")
+    p.add_argument("--peaks", action="store_true",
+                   help="measure the peaks now if the cache lacks them (a few seconds per dtype)")
+    p.add_argument("--refresh-peaks", action="store_true", help="measure the peaks again, ignoring the cache")
+    p.add_argument("--dtype", action="append", default=[], help="dtypes for the compute probe (default float32, bfloat16)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_info)
+
+
+def cmd_info(args) -> int:
+    import torch  # noqa: PLC0415
+
+    from . import device, report  # noqa: PLC0415
+    from .backends import registry  # noqa: PLC0415
+
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    fp = device.fingerprint(dev)
+    dtypes = args.dtype or ["float32", "bfloat16"]
+    measure = args.peaks or args.refresh_peaks
+    pk = device.peaks(dev, dtypes, refresh=args.refresh_peaks, measure=measure, fp=fp)
+    backs = [registry.info(b) for b in registry.all_backends().values()]
+    if args.json:
+        print(json.dumps({"device": fp, "peaks": pk, "backends": [b.__dict__ for b in backs]}, indent=1,
+                         default=str))
+        return 0
+    print(device.device_label(fp))
+    for k in ("vendor", "family_model", "arch", "cores", "threads", "mhz", "llc_bytes", "isa", "capability",
+              "sm_count", "l2_bytes", "memory_bytes", "driver", "clocks_mhz", "cuda_runtime", "host", "os"):
+        if fp.get(k) not in (None, [], ""):
+            print(f"  {k:14s} {' '.join(fp[k]) if isinstance(fp[k], list) else fp[k]}")
+    print(f"  {'versions':14s} " + ", ".join(f"{k} {v}" for k, v in fp["versions"].items() if v))
+    print(f"  {'build':14s} " + ", ".join(f"{k}={v}" for k, v in fp.get("build", {}).items()))
+    print("peaks (measured on this machine):")
+    bw = device.peak_bandwidth(pk)
+    print(f"  copy bandwidth  {report.fmt_rate(bw, 'B/s') if bw else 'not measured (run with --peaks)'}")
+    for dt in dtypes:
+        f = device.peak_flops(pk, dt)
+        n = ((pk.get("flops") or {}).get(dt) or {}).get("n")
+        print(f"  {dt:15s} {report.fmt_rate(f, 'FLOP/s') + f' (torch.matmul n={n})' if f else 'not measured'}")
+    spec = pk.get("spec") or {}
+    if spec:
+        figs = ", ".join(f"{dt} {report.fmt_rate(v, 'FLOP/s')}" for dt, v in (spec.get("flops") or {}).items())
+        if spec.get("bandwidth"):
+            figs += f", memory {report.fmt_rate(spec['bandwidth'], 'B/s')}"
+        print(f"  spec sheet      {figs}  [{spec.get('source')}]")
+    print(f"  cache           {pk.get('cache')}")
+    print("backends:")
+    for b in backs:
+        state = "available" if b.available else f"unavailable: {b.reason}"
+        fams = ",".join(b.families) if b.available else ""
+        print(f"  {b.name:18s} {b.tier:12s} {','.join(b.devices):10s} {fams:24s} {state}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# report / compare / plot
+
+
+def _results_arg(p):
+    p.add_argument("results", nargs="+", type=Path,
+                   help="result files: pytest-benchmark JSON (--benchmark-json / autosave) or a journal (.jsonl)")
+
+
+def _load(paths):
+    from .results import ResultFileError, load_many  # noqa: PLC0415
+
+    try:
+        return load_many(paths)
+    except ResultFileError as e:
+        raise CliError(str(e)) from None
+
+
+def _add_report(sub):
+    p = sub.add_parser("report", help="penalty tables: against native and the best vendor backend",
+                       description="Penalty tables of result files: per device, family, dtype and shape, each "
+                                   "backend's throughput, %% of peak and penalty against native and against the "
+                                   "best vendor backend; differences inside the noise are marked (~).")
+    _results_arg(p)
+    p.add_argument("--format", choices=("terminal", "md", "csv"), default="terminal", help="what to print")
+    p.add_argument("--md", type=Path, help="also write the Markdown table here")
+    p.add_argument("--csv", type=Path, help="also write the CSV table here")
+    p.set_defaults(func=cmd_report)
+
+
+def _write(path: Path | None, text: str):
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as e:
+        raise CliError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def cmd_report(args) -> int:
+    from . import report  # noqa: PLC0415
+
+    recs = _load(args.results)
+    sys.stdout.write(report.render(recs, args.format))
+    _write(args.md, report.render(recs, "md"))
+    _write(args.csv, report.render(recs, "csv"))
+    return 0
+
+
+def _add_compare(sub):
+    p = sub.add_parser("compare", help="several runs or machines side by side with FASTER/SLOWER/SAME verdicts",
+                       description="One column per result file (a run, or a machine); each column after the first "
+                                   "gets a verdict against the first: FASTER/SLOWER when the p20-p80 ranges of the "
+                                   "two medians are disjoint, SAME when they overlap.")
+    _results_arg(p)
+    p.add_argument("--label", action="append", default=[], help="column label per file (default: the device name)")
+    p.add_argument("--format", choices=("terminal", "md", "csv"), default="terminal")
+    p.add_argument("--out", type=Path, help="also write the output here")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args) -> int:
+    from . import report  # noqa: PLC0415
+    from .results import ResultFileError, load  # noqa: PLC0415
+
+    if len(args.results) < 2:
+        raise CliError("compare needs at least two result files")
+    if args.label and len(args.label) != len(args.results):
+        raise CliError(f"--label given {len(args.label)} times for {len(args.results)} files")
+    runs = []
+    for i, path in enumerate(args.results):
+        try:
+            recs = load(path)
+        except ResultFileError as e:
+            raise CliError(str(e)) from None
+        label = args.label[i] if args.label else f"{recs[0].machine} [{path.name}]"
+        runs.append((label, recs))
+    text = report.compare_text(runs, args.format)
+    sys.stdout.write(text)
+    _write(args.out, text)
+    return 0
+
+
+def _add_plot(sub):
+    p = sub.add_parser("plot", help="PNG charts: a roofline per device and penalty bars per family",
+                       description="Write PNGs: a roofline per device (each backend's points against the measured "
+                                   "peaks) and penalty bars per family against native and the best vendor backend.")
+    _results_arg(p)
+    p.add_argument("--out", type=Path, default=Path("plots"), help="output directory (default ./plots)")
+    p.set_defaults(func=cmd_plot)
+
+
+def cmd_plot(args) -> int:
+    from . import report  # noqa: PLC0415
+
+    recs = _load(args.results)
+    try:
+        paths = report.plot_all(recs, args.out)
+    except RuntimeError as e:
+        raise CliError(str(e)) from None
+    except OSError as e:
+        raise CliError(f"cannot write plots to {args.out}: {e.strerror or e}") from None
+    for p in paths:
+        print(p)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# registration
+
+
+# name -> a function here that adds the subparser, or "module:attr" of one (imported when the CLI starts;
+# a module that fails to import leaves its subcommand out with a note in --help).
+SUBCOMMANDS: dict[str, object] = {
+    "info": _add_info,
+    "report": _add_report,
+    "compare": _add_compare,
+    "plot": _add_plot,
+    "validate": "pykernels.validate:add_parser",
+    "tokens": "pykernels.tokens:add_parser",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pykernels", description="pykernels: the abstraction penalty of kernel "
+                                 "backends. Benchmarks run with `pytest --benchmark` (see docs/harness.md).")
+    from . import __version__  # noqa: PLC0415
+
+    ap.add_argument("--version", action="version", version=f"pykernels {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    broken = []
+    for name, adder in SUBCOMMANDS.items():
+        if isinstance(adder, str):
+            mod, _, attr = adder.partition(":")
+            try:
+                adder = getattr(importlib.import_module(mod), attr)
+            except (ImportError, AttributeError) as e:
+                broken.append(f"{name} ({type(e).__name__}: {e})")
+                continue
+        adder(sub)
+    if broken:
+        ap.epilog = "unavailable subcommands: " + "; ".join(broken)
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CliError as e:
+        print(f"pykernels {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pykernels {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,333 @@
+"""The device a run measures: a fingerprint (what it is, which software) and its measured peaks.
+
+Peaks are measured, never typed (DESIGN.md "% of peak"): a bandwidth probe (a large tensor copy, bytes
+read + written) and a compute probe (the largest vendor GEMM, torch.matmul, that fits a time budget) per
+device and dtype. They are cached per machine in ~/.cache/pykernels (PYKERNELS_CACHE_DIR overrides) so
+a sweep pays for them once. Spec-sheet figures sit beside them where this file knows the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+PEAKS_VERSION = 1
+
+# Spec-sheet figures (dense, no sparsity) per GPU name pattern: FLOP/s per dtype and bytes/s of memory.
+# float32 is the non-tensor-core FMA rate (what an fp32 GEMM without TF32 can reach).
+GPU_SPECS: list[tuple[str, dict]] = [
+    (r"H200", {"flops": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12}, "bandwidth": 4.8e12,
+               "source": "NVIDIA H200 SXM datasheet"}),
+    (r"H100.*(PCIe|PCIE)", {"flops": {"bfloat16": 756e12, "float16": 756e12, "float32": 51e12},
+                            "bandwidth": 2.0e12, "source": "NVIDIA H100 PCIe datasheet"}),
+    (r"H100", {"flops": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12}, "bandwidth": 3.35e12,
+               "source": "NVIDIA H100 SXM datasheet"}),
+    (r"A100.*80GB", {"flops": {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12}, "bandwidth": 2.039e12,
+                     "source": "NVIDIA A100 80GB SXM datasheet"}),
+    (r"A100", {"flops": {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12}, "bandwidth": 1.555e12,
+               "source": "NVIDIA A100 40GB datasheet"}),
+]
+
+# CPU FLOP per cycle per core by micro-architecture family (vector FMA throughput).
+# Zen 4: AVX-512 on 2 x 256-bit FMA pipes = 32 fp32 FLOP/cycle; VDPBF16PS doubles it for bf16 (64).
+# Sapphire Rapids: 2 x 512-bit FMA = 64 fp32; AMX-BF16 1024 (Intel).
+CPU_FLOP_PER_CYCLE = {
+    "zen4": {"float32": 32, "bfloat16": 64},
+    "sapphire_rapids": {"float32": 64, "bfloat16": 1024},
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# fingerprint
+
+
+def _cpuinfo() -> dict:
+    info: dict = {}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        if not line.strip():
+            break  # first processor only
+        k, _, v = line.partition(":")
+        info[k.strip()] = v.strip()
+    return info
+
+
+_ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+              "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16", "asimd", "sve", "sve2")
+
+
+def cpu_arch(info: dict, flags: set[str]) -> str | None:
+    """A micro-architecture name for the FLOP/cycle table, or None when unknown."""
+    vendor = info.get("vendor_id", "")
+    fam = info.get("cpu family", "")
+    if vendor == "AuthenticAMD" and fam == "25" and "avx512f" in flags:
+        return "zen4"
+    if vendor == "GenuineIntel" and "amx_bf16" in flags:
+        return "sapphire_rapids"
+    return None
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "triton", "numpy", "pykernels", "pytest-benchmark"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def cpu_fingerprint() -> dict:
+    import torch  # noqa: PLC0415
+
+    info = _cpuinfo()
+    flags = set(info.get("flags", "").split())
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    fp = {
+        "type": "cpu",
+        "name": info.get("model name") or platform.processor() or platform.machine(),
+        "vendor": info.get("vendor_id"),
+        "family_model": f"{info.get('cpu family', '?')}/{info.get('model', '?')}",
+        "arch": cpu_arch(info, flags),
+        "cores": cores,
+        "threads": torch.get_num_threads(),
+        "mhz": float(info["cpu MHz"]) if "cpu MHz" in info else None,
+        "isa": sorted(f for f in _ISA_FLAGS if f in flags),
+        "torch_cpu_capability": getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: None)(),
+    }
+    from .timing import cpu_llc_bytes  # noqa: PLC0415
+
+    fp["llc_bytes"] = cpu_llc_bytes()
+    return fp
+
+
+def cuda_fingerprint(index: int = 0) -> dict:
+    import torch  # noqa: PLC0415
+
+    p = torch.cuda.get_device_properties(index)
+    fp = {
+        "type": "cuda",
+        "index": index,
+        "name": p.name,
+        "capability": f"{p.major}.{p.minor}",
+        "sm_count": p.multi_processor_count,
+        "memory_bytes": p.total_memory,
+        "l2_bytes": getattr(p, "L2_cache_size", None),
+        "cuda_runtime": torch.version.cuda,
+        "driver": None,
+        "clocks_mhz": None,
+    }
+    try:  # optional: nvidia-ml-py
+        import pynvml  # noqa: PLC0415
+
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(index)
+        fp["driver"] = pynvml.nvmlSystemGetDriverVersion()
+        fp["clocks_mhz"] = {"sm_max": pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM),
+                            "mem_max": pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_MEM)}
+    except Exception as e:  # noqa: BLE001 - absent or failing NVML only loses two fields
+        fp["nvml"] = f"unavailable: {type(e).__name__}"
+    return fp
+
+
+def fingerprint(device: str = "cpu") -> dict:
+    """What the device is and which software drives it (JSON-serialisable)."""
+    dev = str(device)
+    fp = cuda_fingerprint(int(dev.split(":")[1]) if ":" in dev else 0) if dev.startswith("cuda") else cpu_fingerprint()
+    fp["host"] = platform.node()
+    fp["os"] = f"{platform.system()} {platform.release()}"
+    fp["versions"] = _versions()
+    try:
+        from . import _C  # noqa: PLC0415
+
+        fp["build"] = dict(_C.build_info())
+        fp["cpu_features"] = dict(_C.cpu_features())
+    except Exception as e:  # noqa: BLE001 - the extension may not be built; that is a fact worth recording
+        fp["build"] = {"error": f"{type(e).__name__}: {e}"}
+    fp["id"] = machine_id(fp)
+    return fp
+
+
+def machine_id(fp: dict) -> str:
+    """Short stable id of (host, device name, cores/threads or SM count): the key of the peaks cache."""
+    key = json.dumps([fp.get("host"), fp.get("type"), fp.get("name"), fp.get("cores"), fp.get("threads"),
+                      fp.get("sm_count"), fp.get("index")], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def device_label(fp: dict) -> str:
+    """'cpu: AMD EPYC (2 threads)' / 'cuda: NVIDIA H100 80GB HBM3'."""
+    if fp.get("type") == "cpu":
+        return f"cpu: {fp.get('name')} ({fp.get('threads')} threads)"
+    return f"{fp.get('type')}: {fp.get('name')}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# spec-sheet figures
+
+
+def spec_peaks(fp: dict) -> dict:
+    """{'flops': {dtype: FLOP/s}, 'bandwidth': bytes/s or None, 'source': str} where known, else {}."""
+    if fp.get("type") == "cuda":
+        for pat, spec in GPU_SPECS:
+            if re.search(pat, str(fp.get("name", ""))):
+                return json.loads(json.dumps(spec))
+        return {}
+    arch = fp.get("arch")
+    if fp.get("type") == "cpu" and arch in CPU_FLOP_PER_CYCLE and fp.get("mhz"):
+        per = CPU_FLOP_PER_CYCLE[arch]
+        hz = fp["mhz"] * 1e6
+        n = fp.get("threads") or fp.get("cores") or 1
+        return {"flops": {dt: n * hz * f for dt, f in per.items()}, "bandwidth": None,
+                "source": f"estimate: {n} cores x {fp['mhz']:.0f} MHz (cpuinfo) x FLOP/cycle of {arch} {per}"}
+    return {}
+
+
+# ---------------------------------------------------------------------------------------------------
+# measured peaks
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PYKERNELS_CACHE_DIR") or Path.home() / ".cache" / "pykernels")
+
+
+def bandwidth_probe(device: str = "cpu", budget_s: float = 1.5) -> dict:
+    """Memory bandwidth of a buffer >= 4x the last-level cache (CPU: >= 256 MiB; GPU: >= 1 GiB), two ways:
+    copy (dst.copy_(src), bytes read + written; write-allocate traffic is not counted) and read (src.sum(),
+    bytes read). bytes_per_s, the peak used for % of peak, is the larger: read-dominated kernels (GEMV,
+    decode) can beat a copy. Both are timed in turns so that a busy spell hits them alike."""
+    import torch  # noqa: PLC0415
+
+    from . import timing  # noqa: PLC0415
+
+    if str(device).startswith("cuda"):
+        nbytes = max(1 << 30, 4 * timing.cuda_l2_bytes(device))
+    else:
+        nbytes = max(256 << 20, 4 * timing.cpu_llc_bytes())
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    opts = timing.TimingOptions(budget_s=budget_s, rse_target=0.005, min_rounds=5, warmup_s=0.1)
+    if str(device).startswith("cuda"):
+        copy = timing.time_callable(lambda: dst.copy_(src), device, opts)
+        read = timing.time_callable(lambda: src.sum(), device, opts)
+    else:
+        copy, read = timing.time_round_robin_cpu([lambda: dst.copy_(src), lambda: src.sum()], opts)
+    copy_bps, read_bps = 2 * nbytes / copy.median_s, nbytes / read.median_s
+    return {"bytes_per_s": max(copy_bps, read_bps), "copy_bytes_per_s": copy_bps, "read_bytes_per_s": read_bps,
+            "nbytes": nbytes, "copy_median_s": copy.median_s, "read_median_s": read.median_s,
+            "probe": "max of copy (read + write bytes) and sum (read bytes)"}
+
+
+def compute_probe(device: str, dtype_name: str, budget_s: float = 2.0, max_n: int | None = None) -> dict:
+    """The largest square torch.matmul (vendor GEMM) that fits the budget: n doubles from 256 while one call
+    stays under ~budget/20; the best FLOP/s seen is the peak. Returns {'flops_per_s', 'n', 'median_s'}."""
+    import torch  # noqa: PLC0415
+
+    from . import timing  # noqa: PLC0415
+    from .kernels._common import dtype_of  # noqa: PLC0415
+
+    dt = dtype_of(dtype_name)
+    cuda = str(device).startswith("cuda")
+    max_n = max_n or (16384 if cuda else 4096)
+    best = None
+    n = 256
+    t_end = time.perf_counter() + budget_s
+    while n <= max_n:
+        a = torch.randn(n, n, device=device).to(dt)
+        b = torch.randn(n, n, device=device).to(dt)
+        per = max(0.05, (t_end - time.perf_counter()) / 4)
+        st = timing.time_callable(lambda a=a, b=b: torch.matmul(a, b), device,
+                                  timing.TimingOptions(budget_s=per, rse_target=0.02, min_rounds=3, warmup_s=0.02,
+                                                       warmup_calls=1))
+        f = 2 * n**3 / st.median_s
+        if best is None or f > best["flops_per_s"]:
+            best = {"flops_per_s": f, "n": n, "median_s": st.median_s, "probe": "square torch.matmul"}
+        if st.median_s * 20 > budget_s or time.perf_counter() > t_end:
+            break
+        n *= 2
+    return best
+
+
+def _cache_path(fp: dict) -> Path:
+    return cache_dir() / f"peaks-{fp.get('type')}-{fp['id']}.json"
+
+
+def load_cached_peaks(fp: dict) -> dict:
+    path = _cache_path(fp)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    if not isinstance(data, dict) or data.get("version") != PEAKS_VERSION:
+        return {}
+    return data
+
+
+def peaks(device: str = "cpu", dtypes=("float32",), *, refresh: bool = False, measure: bool = True,
+          fp: dict | None = None, budget_s: float = 1.5) -> dict:
+    """Measured peaks of `device` for `dtypes`, from the per-machine cache or measured now (and cached):
+    {'bandwidth': {...} , 'flops': {dtype: {...}}, 'spec': {...}, 'measured_at': ...}. With measure=False
+    only what the cache holds is returned."""
+    fp = fp or fingerprint(device)
+    data = {} if refresh else load_cached_peaks(fp)
+    data.setdefault("version", PEAKS_VERSION)
+    data.setdefault("flops", {})
+    changed = False
+    if measure and not data.get("bandwidth"):
+        data["bandwidth"] = bandwidth_probe(device, budget_s)
+        changed = True
+    for dt in dtypes:
+        if measure and dt not in data["flops"]:
+            data["flops"][dt] = compute_probe(device, dt, budget_s)
+            changed = True
+    data["spec"] = spec_peaks(fp)
+    if changed:
+        data["measured_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        _save(fp, data)
+    data["cache"] = str(_cache_path(fp))
+    return data
+
+
+def _save(fp: dict, data: dict) -> None:
+    path = _cache_path(fp)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({k: v for k, v in data.items() if k != "cache"}, indent=1) + "\n")
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only home loses only the cache
+
+
+def raise_bandwidth_peak(pk: dict, fp: dict, probe: dict) -> bool:
+    """Keep the best bandwidth seen on this machine: a probe above the cached peak replaces it (in `pk` and in
+    the cache file). A probe taken while other jobs load the machine never lowers the peak."""
+    old = peak_bandwidth(pk) or 0.0
+    if probe.get("bytes_per_s", 0.0) <= old:
+        return False
+    pk["bandwidth"] = probe
+    pk["measured_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    _save(fp, pk)
+    return True
+
+
+def peak_flops(pk: dict, dtype: str) -> float | None:
+    f = (pk.get("flops") or {}).get(dtype) or {}
+    return f.get("flops_per_s")
+
+
+def peak_bandwidth(pk: dict) -> float | None:
+    return (pk.get("bandwidth") or {}).get("bytes_per_s")

@@ -1,0 +1,458 @@
+"""pytest plugin (entry point pytest11 `pykernels`): the benchmark sweeps of bench/.
+
+    pytest --benchmark [--sweep quick|full|issue6] [--backend NAME]... [--kernel FAMILY]... [--dtype DT]...
+           [--benchmark-json out.json | --benchmark-autosave] [--resume]
+
+- `pytest --benchmark`: only the benchmark cases run, timed by pykernels.timing on the detected device (the
+  GPU when there is one); default sweep `quick`. Each case's output after timing is checked against the
+  float64 reference: a wrong answer fails the case and is recorded with ok=false, never ranked.
+- plain `pytest`: every bench case of the `smoke` sweep (tiny shapes) runs once, untimed, output checked.
+- pytest-benchmark stores and compares: our timer's per-call samples are handed to its `benchmark`
+  fixture, our fields go to `extra_info`, the device fingerprint and measured peaks to `machine_info`.
+- a journal (JSON lines) gets each case the moment it finishes; `--resume` replays the cases already in it.
+
+A bench function is marked `@pytest.mark.pykernels_bench("gemm")` and takes the fixtures `kernel_case`
+(parametrized here from the sweep) and `kernel_bench` (runs it): see bench/bench_gemm.py.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+
+import pytest
+
+FAMILIES = ("gemm", "attention", "decode")
+NEVER_TIMED = {"triton_interpret": "correctness only (Triton's interpreter): never timed, never in penalty tables"}
+SWEEP_BUDGET_S = {"smoke": 0.2, "issue6": 0.5, "quick": 0.5, "full": 1.5}
+# Checking an output needs its float64 reference: ~FLOPs / 30 GFLOP/s on the 2-core CPU. Above this many
+# FLOPs (or bytes) the check runs on a slice (64 rows of a GEMM, one KV-head group of attention, 2 sequences of a
+# decode), which still catches a wrong kernel; the record says checked="slice".
+FULL_CHECK_MAX_FLOPS = 2e10
+FULL_CHECK_MAX_BYTES = 256 << 20  # and above this many bytes of inputs (the reference holds them in float64)
+
+_STATE = pytest.StashKey[dict]()
+
+
+# ---------------------------------------------------------------------------------------------------
+# options and configuration
+
+
+def pytest_addoption(parser):
+    g = parser.getgroup("pykernels", "pykernels benchmark sweeps")
+    g.addoption("--benchmark", action="store_true", default=False,
+                help="run only the bench/ sweeps, timed (default sweep: quick); without it every bench case runs "
+                     "once untimed (smoke sweep) with its output checked")
+    g.addoption("--sweep", default=None, choices=("smoke", "issue6", "quick", "full"),
+                help="shape sweep: smoke (tiny; default without --benchmark), quick (default with --benchmark, "
+                     "< 5 min on a 2-core CPU), issue6, full (LLM shapes of ref-7b-2k)")
+    g.addoption("--backend", action="append", default=[], metavar="NAME",
+                help="benchmark only this backend (repeatable); default: all registered except triton_interpret")
+    g.addoption("--kernel", action="append", default=[], choices=FAMILIES, help="only this family (repeatable)")
+    g.addoption("--dtype", action="append", default=[], metavar="DTYPE",
+                help="only this dtype (repeatable): float32, bfloat16, float16")
+    g.addoption("--device", default=None, help="device type to run on (default: cuda when available, else cpu)")
+    g.addoption("--resume", action="store_true", default=False,
+                help="replay the cases already in the journal instead of measuring them again")
+    g.addoption("--journal", default=None, metavar="PATH",
+                help="journal file (JSON lines; default ~/.cache/pykernels/journal-<machine>-<sweep>.jsonl)")
+    g.addoption("--time-budget", type=float, default=None, metavar="S",
+                help="seconds of timing per case (default by sweep: quick 0.5, full 1.5)")
+    g.addoption("--cold-cache", action="store_true", default=False,
+                help="flush the caches between timed calls (CPU: a buffer of 2x the LLC; CUDA always flushes L2)")
+    g.addoption("--refresh-peaks", action="store_true", default=False,
+                help="measure the device's peaks again instead of using the per-machine cache")
+
+
+def _timing(config) -> bool:
+    return bool(config.getoption("benchmark") or config.getoption("benchmark_enable", False))
+
+
+@pytest.hookimpl(trylast=True)  # after the conftests' pytest_configure (which may register backends)
+def pytest_configure(config):
+    config.addinivalue_line("markers", "pykernels_bench(family): a pykernels benchmark function of that family "
+                                       "(parametrized by the pykernels plugin)")
+    timing = _timing(config)
+    sweep = config.getoption("sweep") or ("quick" if timing else "smoke")
+    if config.getoption("backend"):
+        _backend_names(config)  # an unknown name is a usage error now, not a collection error later
+    _state(config)
+
+
+def _state(config) -> dict:
+    st = config.stash.get(_STATE, None)
+    if st is None:  # created on first use: pytest-benchmark may ask for machine_info before our configure
+        timing = _timing(config)
+        st = config.stash[_STATE] = {
+            "timing": timing, "sweep": config.getoption("sweep") or ("quick" if timing else "smoke"), "records": [],
+            "journal": None, "peaks": None, "fingerprint": None, "cases": {}, "expected": None,
+            "started": time.time()}
+    return st
+
+
+def _device(config) -> str:
+    dev = config.getoption("device")
+    if dev:
+        return dev
+    import torch  # noqa: PLC0415
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _backend_names(config) -> list[str]:
+    from .backends import registry  # noqa: PLC0415
+
+    known = registry.all_backends()
+    asked = config.getoption("backend")
+    if asked:
+        unknown = [n for n in asked if n not in known]
+        if unknown:
+            raise pytest.UsageError(f"--backend: unknown backend(s) {', '.join(unknown)}; known: "
+                                    f"{', '.join(sorted(known))}")
+        return list(dict.fromkeys(asked))
+    return [n for n in known if n not in NEVER_TIMED]
+
+
+def _dtypes(config) -> list[str]:
+    from .kernels import dtype_name, dtype_of  # noqa: PLC0415
+
+    out = []
+    for d in config.getoption("dtype"):
+        try:
+            out.append(dtype_name(dtype_of(d)))
+        except ValueError as e:
+            raise pytest.UsageError(f"--dtype: {e}") from None
+    return out
+
+
+def pytest_generate_tests(metafunc):
+    if "kernel_case" not in metafunc.fixturenames:
+        return
+    mark = metafunc.definition.get_closest_marker("pykernels_bench")
+    if mark is None or not mark.args or mark.args[0] not in FAMILIES:
+        raise pytest.UsageError(f"{metafunc.definition.nodeid}: a function using 'kernel_case' needs "
+                                f"@pytest.mark.pykernels_bench(<one of {', '.join(FAMILIES)}>)")
+    family = mark.args[0]
+    from . import sweeps  # noqa: PLC0415
+
+    config = metafunc.config
+    st = _state(config)
+    kernels = config.getoption("kernel")
+    cases = [] if kernels and family not in kernels else sweeps.sweep(st["sweep"], family=family,
+                                                                      dtypes=_dtypes(config))
+    names = _backend_names(config)
+    if st["sweep"] == "smoke" and not st["timing"]:
+        pairs = _smoke_trim(cases, names)
+    else:
+        pairs = [(c, b) for c in cases for b in names]  # shape-major: one reference serves all backends
+    ids = []
+    for case, b in pairs:
+        cid = f"{b}-{case.id()}"
+        st["cases"][(family, cid)] = (case, b)
+        ids.append(cid)
+    if not ids:
+        metafunc.parametrize("kernel_case", [pytest.param(None, marks=pytest.mark.skip(
+            reason=f"no {family} cases selected (sweep {st['sweep']}, --kernel/--dtype filters)"))], ids=["none"])
+        return
+    metafunc.parametrize("kernel_case", ids, ids=ids)
+
+
+def _smoke_trim(cases, names):
+    """Plain pytest: torch.compile costs seconds per shape, so it gets one shape per family and dtype; the
+    other backends get every smoke shape. Returns (case, backend) pairs."""
+    out = []
+    seen_compile = set()
+    for c in cases:
+        for b in names:
+            if b == "torch_compile":
+                if (c.family, c.dtype) in seen_compile:
+                    continue
+                seen_compile.add((c.family, c.dtype))
+            out.append((c, b))
+    return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """With --benchmark only the benchmark cases run (the tests have their own plain `pytest` run)."""
+    if not _state(config)["timing"]:
+        return
+    keep, drop = [], []
+    for it in items:
+        (keep if it.get_closest_marker("pykernels_bench") else drop).append(it)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+# ---------------------------------------------------------------------------------------------------
+# running one case
+
+
+def _journal(config):
+    st = _state(config)
+    if st["journal"] is None:
+        from . import results  # noqa: PLC0415
+
+        fp = _fingerprint(config)
+        path = config.getoption("journal")
+        if path is None:
+            from .device import cache_dir  # noqa: PLC0415
+
+            path = cache_dir() / f"journal-{fp['type']}-{fp['id']}-{st['sweep']}.jsonl"
+        st["journal"] = results.Journal(path, resume=config.getoption("resume"))
+    return st["journal"]
+
+
+def _fingerprint(config) -> dict:
+    st = _state(config)
+    if st["fingerprint"] is None:
+        from . import device  # noqa: PLC0415
+
+        st["fingerprint"] = device.fingerprint(_device(config))
+    return st["fingerprint"]
+
+
+def _peaks(config) -> dict:
+    """The device's peaks (cached per machine; measured when missing) and, once per run, the bandwidth probe
+    measured afresh: its figure goes into every record, and raises the cached peak when higher."""
+    st = _state(config)
+    if st["peaks"] is None:
+        from . import device, sweeps  # noqa: PLC0415
+
+        dtypes = sorted({c.dtype for c in sweeps.sweep(st["sweep"], dtypes=_dtypes(config))})
+        fp = _fingerprint(config)
+        pk = device.peaks(_device(config), dtypes, refresh=config.getoption("refresh_peaks"), fp=fp)
+        st["copy"] = device.bandwidth_probe(_device(config), budget_s=1.0)
+        device.raise_bandwidth_peak(pk, fp, st["copy"])
+        st["peaks"] = pk
+    return st["peaks"]
+
+
+def _slice_inputs(problem, inputs: dict) -> tuple[dict, callable]:
+    """A cheap-to-check part of a large problem: (inputs of the part, out -> the matching part of out)."""
+    import torch  # noqa: PLC0415
+
+    if problem.family == "gemm":
+        idx = torch.linspace(0, problem.M - 1, steps=min(64, problem.M)).round().long().unique()
+        return {"a": inputs["a"][idx.to(inputs["a"].device)].contiguous(), "b": inputs["b"]}, \
+            (lambda out: out[idx.to(out.device)])
+    if problem.family == "attention":
+        g = problem.Hq // problem.Hkv
+        sub = {"q": inputs["q"][:, :g].contiguous(), "k": inputs["k"][:, :1].contiguous(),
+               "v": inputs["v"][:, :1].contiguous()}
+        return sub, (lambda out: out[:, :g])
+    nb = min(2, problem.B)
+    sub = {"q": inputs["q"][:nb].contiguous(), "context_lens": inputs["context_lens"][:nb].contiguous()}
+    if inputs.get("block_table") is None:
+        sub.update(k_cache=inputs["k_cache"][:nb].contiguous(), v_cache=inputs["v_cache"][:nb].contiguous(),
+                   block_table=None)
+    else:
+        sub.update(k_cache=inputs["k_cache"], v_cache=inputs["v_cache"],
+                   block_table=inputs["block_table"][:nb].contiguous())
+    return sub, (lambda out: out[:nb])
+
+
+def _inputs_and_check(config, case, device: str):
+    """Inputs and a checker for (problem, dtype, device), cached for the next backend of the same shape."""
+    from . import verify  # noqa: PLC0415
+    from .kernels import dtype_of  # noqa: PLC0415
+
+    st = _state(config)
+    key = (case.problem, case.dtype, device)
+    if st["expected"] is not None and st["expected"][0] == key:
+        return st["expected"][1:]
+    st["expected"] = None
+    gc.collect()
+    inputs = case.problem.make_inputs(dtype_of(case.dtype), device=device, seed=0)
+    big = (case.problem.flops() > FULL_CHECK_MAX_FLOPS
+           or case.problem.bytes(dtype_of(case.dtype)) > FULL_CHECK_MAX_BYTES)
+    if big:
+        sub, part = _slice_inputs(case.problem, inputs)
+        exp = verify.expected(case.problem, sub)
+        checker = (lambda out: exp.check(part(out))), exp, "slice"
+    else:
+        exp = verify.expected(case.problem, inputs)
+        checker = exp.check, exp, "full"
+    st["expected"] = (key, inputs, checker)
+    return inputs, checker
+
+
+def _benchmark_fixture(request):
+    try:
+        return request.getfixturevalue("benchmark")
+    except pytest.FixtureLookupError:  # pytest-benchmark not installed: the journal still has everything
+        return None
+
+
+def _feed_benchmark(bm, samples: list[float], group: str, extra: dict) -> None:
+    """Hand our timer's per-call samples to pytest-benchmark, which then owns storage, JSON and compare.
+    (It has no public API for external samples; _make_stats + update is what benchmark.pedantic does.)"""
+    if bm is None:
+        return
+    bm.group = group
+    bm.extra_info.update(extra)
+    bm._mode = "pykernels timer"  # marks the fixture as used (else pytest-benchmark warns at teardown)
+    if bm.disabled:
+        return
+    stats = bm._make_stats(1)
+    for s in samples:
+        stats.update(s)
+
+
+@pytest.fixture
+def kernel_bench(request):
+    """Callable(kernel_case): runs one case (timed with --benchmark, once untimed otherwise)."""
+
+    def run(case_id: str):
+        _run_case(request, case_id)
+
+    return run
+
+
+def _skip_reason(name: str, case, device: str, timing: bool) -> str | None:
+    from .backends import registry  # noqa: PLC0415
+    from .kernels import dtype_of  # noqa: PLC0415
+
+    b = registry.all_backends().get(name)
+    if b is None:
+        return f"backend {name!r} is not registered"
+    if timing and name in NEVER_TIMED:
+        return f"{name}: {NEVER_TIMED[name]}"
+    info = registry.info(b)
+    if not info.available:
+        return f"backend {name!r} unavailable: {info.reason}"
+    return b.supports(case.family, device.split(":")[0], dtype_of(case.dtype), **case.problem.params())
+
+
+def _run_case(request, case_id: str) -> None:
+    import pykernels as pk  # noqa: PLC0415
+
+    from . import results, timing  # noqa: PLC0415
+    from .backends import registry  # noqa: PLC0415
+
+    config = request.config
+    st = _state(config)
+    family = request.node.get_closest_marker("pykernels_bench").args[0]
+    case, name = st["cases"][(family, case_id)]
+    device = _device(config)
+    reason = _skip_reason(name, case, device, st["timing"])
+    if reason:
+        pytest.skip(reason)
+    key = f"{family}/{case_id}"
+    group = f"{family} {case.dtype} {case.problem.label()}"
+
+    if st["timing"]:
+        journal = _journal(config)
+        prev = journal.get(key) if config.getoption("resume") else None
+        if prev is not None and prev.get("status") == "measured":
+            ex = dict(prev["extra_info"], resumed=True)
+            st["records"].append(ex)
+            _feed_benchmark(_benchmark_fixture(request), prev.get("samples") or [ex["median_s"]], group, ex)
+            if ex.get("ok") is False:
+                pytest.fail(f"(from the journal) {name} gave a wrong answer: {ex.get('max_error')}")
+            return
+
+    inputs, (check, exp, checked) = _inputs_and_check(config, case, device)
+    fn = pk.prepare(family, backend=name, **inputs, **case.problem.call_kwargs())
+    backend = registry.get(name)
+    out = fn()  # first call: compilation / autotuning / lazy init, never timed
+    if not st["timing"]:
+        err, ok = check(out)
+        assert ok, (f"{name} {family} {case.dtype} {case.problem.label()}: relative error {err:.3g} > tolerance "
+                    f"{exp.tolerance:.3g}")
+        return
+
+    budget = config.getoption("time_budget") or SWEEP_BUDGET_S.get(st["sweep"], 1.0)
+    # --cold-cache flushes on every device; without it the device default applies (CPU warm, CUDA L2 flushed)
+    opts = timing.TimingOptions(budget_s=budget, flush=True if config.getoption("cold_cache") else None)
+    last = [out]
+    del out
+
+    def timed():  # keeps the last timed call's output for the check (costs ~50 ns a call)
+        last[0] = fn()
+
+    t_case = time.perf_counter()
+    stats = timing.time_callable(timed, device, opts)
+    out = last.pop()  # the output of the last timed call: a fast wrong answer fails
+    if device.startswith("cuda"):
+        import torch  # noqa: PLC0415
+
+        torch.cuda.synchronize()
+    err, ok = check(out)
+    del out
+    from . import device as devmod  # noqa: PLC0415
+
+    fp, pk_ = _fingerprint(config), _peaks(config)
+    try:
+        describe = backend.describe_call(family, inputs)
+    except Exception as e:  # noqa: BLE001 - a describe failure must not lose the measurement
+        describe = {"error": f"{type(e).__name__}: {e}"}
+    ex = results.make_record(
+        problem=case.problem, backend_name=name, tier=backend.tier, device=device, device_name=devmod.device_label(fp),
+        machine_id=fp["id"], dtype=case.dtype, stats=stats.as_dict(), max_error=err, tolerance=exp.tolerance, ok=ok,
+        peak_flops=devmod.peak_flops(pk_, case.dtype), peak_bw=devmod.peak_bandwidth(pk_), sweep=st["sweep"],
+        describe=describe, checked=checked)
+    ex["copy_bytes_per_s_this_run"] = st["copy"]["copy_bytes_per_s"]
+    ex["read_bytes_per_s_this_run"] = st["copy"]["read_bytes_per_s"]
+    _journal(config).append(key, {"status": "measured", "extra_info": ex, "samples": stats.samples,
+                                  "timing_wall_s": round(time.perf_counter() - t_case, 3),
+                                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    st["records"].append(ex)
+    _feed_benchmark(_benchmark_fixture(request), stats.samples, group, ex)
+    if not ok:
+        pytest.fail(f"{name} {family} {case.dtype} {case.problem.label()}: wrong answer after timing: relative error "
+                    f"{err:.3g} > tolerance {exp.tolerance:.3g} (recorded with ok=false, not ranked)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# pytest-benchmark hooks and the terminal summary
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """The device fingerprint and measured peaks. Only what is stable between runs on one machine goes here:
+    pytest-benchmark's --benchmark-compare warns when machine_info differs (the sweep is in extra_info)."""
+    if not _timing(config):
+        return
+    from .device import device_label  # noqa: PLC0415
+
+    fp = _fingerprint(config)
+    machine_info["pykernels"] = {"device": {**fp, "label": device_label(fp)}, "peaks": _peaks(config)}
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    st = config.stash.get(_STATE, None)
+    if not st or not st["timing"]:
+        return
+    if st["journal"] is not None:
+        st["journal"].close()
+        terminalreporter.write_line(f"pykernels journal: {st['journal'].path}")
+    if not st["records"]:
+        return
+    from . import report, results  # noqa: PLC0415
+
+    recs = []
+    for ex in st["records"]:
+        try:
+            recs.append(results.record_from(ex, None, ex.get("shape", "?")))
+        except results.ResultFileError as e:
+            terminalreporter.write_line(f"pykernels: cannot summarise a case: {e}")
+    terminalreporter.write_sep("=", f"pykernels penalty table (sweep {st['sweep']}, "
+                                    f"{math.ceil(time.time() - st['started'])} s)")
+    terminalreporter.write(report.table_terminal(report.penalty_rows(recs)))
+    pk_ = st["peaks"] or {}
+    bw = (pk_.get("bandwidth") or {}).get("bytes_per_s")
+    if bw:
+        flops = ", ".join(f"{dt} {report.fmt_rate(v['flops_per_s'], 'FLOP/s')} (n={v['n']})"
+                          for dt, v in sorted((pk_.get("flops") or {}).items()) if v)
+        terminalreporter.write_line(f"measured peaks: bandwidth {report.fmt_rate(bw, 'B/s')}; vendor GEMM {flops}"
+                                    f"  [cache {pk_.get('cache')}]")
+    if st.get("copy"):
+        terminalreporter.write_line(f"bandwidth probe of this run: copy {report.fmt_rate(st['copy']['copy_bytes_per_s'], 'B/s')}"
+                                    f", read {report.fmt_rate(st['copy']['read_bytes_per_s'], 'B/s')}")
+
+
+def pytest_unconfigure(config):
+    st = config.stash.get(_STATE, None)
+    if st and st["journal"] is not None:
+        st["journal"].close()

@@ -1,0 +1,626 @@
+"""Token metering: kernel results -> TTFT, TPOT, tokens/s, share of time per family, penalty in tokens/s,
+joules and cost per token, for a reference model (pykernels/models/).
+
+TTFT = sum over the prefill's kernels of count x median time; TPOT likewise over one decode step;
+tokens/s = batch / TPOT. Only measured kernel times enter: a backend (on a device, at a dtype) that lacks
+a kernel of a phase is "incomplete" for that phase and never filled from another backend. The small ops
+between kernels (norms, rotary embedding, activation, residuals) are not metered; pykernels/layer.py
+measures what share of a real layer's time the kernels cover.
+
+    pykernels tokens RESULTS.json... --model ref-7b-2k [--batch B] [--prompt P] [--context L]
+                     [--price-per-hour X] [--csv out.csv] [--md out.md]
+    pykernels tokens --measure --model tiny --backend native --backend torch --out results/x.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from . import models as _models
+from .kernels import PROBLEMS
+
+# ---------------------------------------------------------------------------------------------------
+# reading results
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One kernel result, normalised from a result file."""
+
+    device: str
+    backend: str
+    tier: str
+    dtype: str
+    problem: object
+    median_s: float
+    spread: float = 0.0  # relative noise of the median: (p80 - p20) / (2 median), else cv
+    power_w: float | None = None  # average power while it was timed
+    energy_j: float | None = None  # energy per call, where measured directly
+    power_note: str = ""  # the meter, or why there is no power figure
+
+
+_SHAPE_KEYS = {f: {x.name for x in fields(cls)} for f, cls in PROBLEMS.items()}
+
+
+def _problem_from(family: str, params: dict):
+    keys = _SHAPE_KEYS[family]
+    kw = {k: v for k, v in params.items() if k in keys and v is not None}
+    try:
+        return PROBLEMS[family](**kw)
+    except TypeError:  # a record without the full shape cannot be matched to a model's problem
+        return None
+
+
+def _first(d: dict, *names):
+    for n in names:
+        if d.get(n) is not None:
+            return d[n]
+    return None
+
+
+def _device_label(ex: dict, machine: dict) -> str:
+    """'cpu (AMD EPYC ...)' / 'cuda (NVIDIA H100 ...)': the device type plus the most specific name known."""
+    if ex.get("device_name"):  # the harness's label, e.g. "cpu: AMD EPYC (2 threads)" (device.device_label)
+        return str(ex["device_name"])
+    name = None
+    dev = machine.get("device") if isinstance(machine.get("device"), dict) else {}
+    name = name or _first(dev, "name", "model")
+    kind = str(_first(ex, "device") or dev.get("type") or "cpu").split(":")[0]
+    if not name and kind == "cpu":
+        name = (machine.get("cpu") or {}).get("brand_raw")
+    return f"{kind} ({name})" if name else kind
+
+
+def measurements_from(doc: dict, where: str = "<results>") -> list[Measurement]:
+    """Measurements of one pytest-benchmark JSON document (our fields in `extra_info`)."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("benchmarks"), list):
+        raise ValueError(f"{where}: not a pytest-benchmark result file (no 'benchmarks' list)")
+    machine = doc.get("machine_info") or {}
+    out = []
+    for b in doc["benchmarks"]:
+        ex = b.get("extra_info") or {}
+        fam = ex.get("family")
+        if fam not in PROBLEMS or ex.get("error") or ex.get("ok") is False:
+            continue  # another kind of benchmark, or a failed case: it does not rank
+        params = {**(b.get("params") or {}), **(ex.get("params") or {}), **ex}
+        prob = _problem_from(fam, params)
+        stats = b.get("stats") or {}
+        med = _first(ex, "median_s", "median", "time_s")
+        med = med if med is not None else stats.get("median")
+        if prob is None or not med or med <= 0:
+            continue
+        p20, p80 = _first(ex, "p20_s", "p20"), _first(ex, "p80_s", "p80")
+        if p20 is not None and p80 is not None:
+            spread = (p80 - p20) / (2 * med)
+        else:
+            spread = float(_first(ex, "cv") or 0.0)
+        out.append(
+            Measurement(
+                device=_device_label(ex, machine),
+                backend=str(ex.get("backend", "?")),
+                tier=str(ex.get("tier", "?")),
+                dtype=str(ex.get("dtype", "?")).replace("torch.", ""),
+                problem=prob,
+                median_s=float(med),
+                spread=abs(spread),
+                power_w=ex.get("power_w"),
+                energy_j=ex.get("energy_j_per_call"),
+                power_note=str(
+                    ex.get("power_source") or ex.get("power_reason") or "no power figure in the results"
+                ),
+            )
+        )
+    return out
+
+
+def load_measurements(paths) -> list[Measurement]:
+    """All measurements of the given files; a later file's result for a case replaces an earlier one."""
+    out = []
+    for p in paths:
+        if str(p).endswith(".jsonl"):  # a harness journal (results.py): one case per line
+            from . import results  # noqa: PLC0415
+
+            entries = results.read_journal(p)
+            doc = {"benchmarks": [{"extra_info": e["extra_info"]} for e in entries
+                                  if e.get("status") == "measured" and isinstance(e.get("extra_info"), dict)]}
+        else:
+            try:
+                doc = json.loads(Path(p).read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise ValueError(f"cannot read result file {p}: {e}") from None
+        out += measurements_from(doc, str(p))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# the arithmetic
+
+
+@dataclass
+class PhaseResult:
+    name: str
+    tokens: int
+    time_s: float | None = None  # None: incomplete
+    missing: list[str] = field(default_factory=list)
+    share: dict[str, float] = field(default_factory=dict)  # family -> fraction of the phase's kernel time
+    noise: float = 0.0  # relative, time-weighted
+    joules: float | None = None
+    energy_note: str = ""
+
+    @property
+    def complete(self) -> bool:
+        return self.time_s is not None
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.tokens / self.time_s if self.complete else None
+
+    @property
+    def joules_per_token(self) -> float | None:
+        return None if self.joules is None else self.joules / self.tokens
+
+
+@dataclass
+class StackResult:
+    device: str
+    dtype: str
+    backend: str
+    tier: str
+    prefill: PhaseResult
+    decode: PhaseResult
+    # penalty in tokens/s: 1 - tps(this) / tps(reference); per phase; None where not computable
+    vs_native: dict[str, float | None] = field(default_factory=dict)
+    vs_vendor: dict[str, float | None] = field(default_factory=dict)
+    vendor_name: dict[str, str | None] = field(default_factory=dict)
+    native_name: dict[str, str | None] = field(default_factory=dict)
+    within_noise: dict[str, bool] = field(default_factory=dict)
+
+    @property
+    def ttft_s(self):
+        return self.prefill.time_s
+
+    @property
+    def tpot_s(self):
+        return self.decode.time_s
+
+    @property
+    def tokens_per_s(self):
+        return self.decode.tokens_per_s
+
+    def phase(self, name: str) -> PhaseResult:
+        return self.prefill if name == "prefill" else self.decode
+
+
+def _phase_result(phase: _models.Phase, found: dict) -> PhaseResult:
+    r = PhaseResult(phase.name, phase.tokens)
+    total, by_fam, noise, joules, notes = 0.0, {}, 0.0, 0.0, set()
+    for c in phase.calls:
+        m = found.get(c.problem)
+        if m is None:
+            r.missing.append(f"{c.family} {c.problem.label()}")
+            continue
+        t = c.count * m.median_s
+        total += t
+        by_fam[c.family] = by_fam.get(c.family, 0.0) + t
+        noise += t * m.spread
+        if m.power_w is None or joules is None:
+            joules = None
+            notes.add(m.power_note)
+        else:
+            joules += c.count * m.energy_j if m.energy_j is not None else t * m.power_w
+            notes.add(m.power_note)
+    if r.missing:
+        r.missing = sorted(set(r.missing))
+        return r
+    r.time_s = total
+    r.share = {f: v / total for f, v in by_fam.items()}
+    r.noise = noise / total
+    r.joules = joules
+    r.energy_note = "; ".join(sorted(notes))
+    return r
+
+
+def penalty(tps: float, ref_tps: float) -> float:
+    """1 - throughput / reference throughput (DESIGN.md): positive = slower than the reference."""
+    return 1.0 - tps / ref_tps
+
+
+def compute(workload: _models.Workload, measurements: list[Measurement]) -> list[StackResult]:
+    """One StackResult per (device, dtype, backend) seen in the measurements."""
+    groups: dict[tuple, dict] = {}
+    tiers: dict[tuple, str] = {}
+    wanted = set(workload.problems())
+    for m in measurements:
+        key = (m.device, m.dtype, m.backend)
+        groups.setdefault(key, {})
+        tiers[key] = m.tier
+        if m.problem in wanted:
+            groups[key][m.problem] = m  # later files win
+    stacks = [
+        StackResult(
+            d,
+            dt,
+            b,
+            tiers[(d, dt, b)],
+            _phase_result(workload.prefill, found),
+            _phase_result(workload.decode, found),
+        )
+        for (d, dt, b), found in sorted(groups.items())
+    ]
+    for s in stacks:
+        peers = [p for p in stacks if (p.device, p.dtype) == (s.device, s.dtype)]
+        for ph in ("prefill", "decode"):
+            mine = s.phase(ph)
+            native = next((p for p in peers if p.tier == "native" and p.phase(ph).complete), None)
+            vendors = [p for p in peers if p.tier == "vendor" and p.phase(ph).complete]
+            best = max(vendors, key=lambda p: p.phase(ph).tokens_per_s, default=None)
+            s.vendor_name[ph] = best.backend if best else None
+            s.native_name[ph] = native.backend if native else None
+            for ref, dst in ((native, s.vs_native), (best, s.vs_vendor)):
+                if ref is None or not mine.complete:
+                    dst[ph] = None
+                    continue
+                dst[ph] = penalty(mine.tokens_per_s, ref.phase(ph).tokens_per_s)
+                if ref is native:
+                    s.within_noise[ph] = abs(dst[ph]) <= mine.noise + ref.phase(ph).noise
+    return stacks
+
+
+# ---------------------------------------------------------------------------------------------------
+# formatting
+
+
+def _ms(s):
+    if s is None:
+        return "incomplete"
+    return f"{s * 1e3:,.0f}" if s >= 10 else f"{s * 1e3:.4g}"  # 12,345 ms rather than 1.234e+04
+
+
+def _pct(x, noise=None, is_ref=False):
+    if is_ref:
+        return "ref"
+    if x is None:
+        return "–"
+    txt = f"{x * 100:+.1f}%"
+    return f"{txt} (noise)" if noise else txt
+
+
+def _energy(ph: PhaseResult, per: str):
+    if not ph.complete:
+        return "incomplete"
+    if ph.joules is None:
+        return "not available"
+    return f"{ph.joules_per_token:.4g} J/{per}"
+
+
+def load_coverage(path, model_name: str) -> dict:
+    """{(backend, dtype, phase): coverage} of a pykernels.layer result file for `model_name`."""
+    try:
+        doc = json.loads(Path(path).read_text())
+        name, results = doc["model"]["name"], doc["results"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot read layer result file {path}: {e}") from None
+    if name != model_name:
+        raise ValueError(f"layer result file {path} is for model {name!r}, not {model_name!r}")
+    return {(r["backend"], r["dtype"], r["phase"]): r["coverage"] for r in results}
+
+
+def cost_per_million(tokens_per_s: float | None, price_per_hour: float) -> float | None:
+    return None if not tokens_per_s else price_per_hour / 3600.0 / tokens_per_s * 1e6
+
+
+def rows(stacks: list[StackResult], price_per_hour: float | None = None) -> list[dict]:
+    """Flat numbers, one dict per stack (the CSV)."""
+    out = []
+    for s in stacks:
+        pre, dec = s.prefill, s.decode
+        r = {
+            "device": s.device,
+            "dtype": s.dtype,
+            "backend": s.backend,
+            "tier": s.tier,
+            "ttft_s": pre.time_s,
+            "prefill_tokens_per_s": pre.tokens_per_s,
+            "tpot_s": dec.time_s,
+            "tokens_per_s": dec.tokens_per_s,
+            "prefill_gemm_share": pre.share.get("gemm"),
+            "prefill_attention_share": pre.share.get("attention"),
+            "decode_gemm_share": dec.share.get("gemm"),
+            "decode_attention_share": dec.share.get("decode"),
+            "penalty_vs_native_decode": s.vs_native.get("decode"),
+            "penalty_vs_native_prefill": s.vs_native.get("prefill"),
+            "best_vendor_decode": s.vendor_name.get("decode"),
+            "penalty_vs_vendor_decode": s.vs_vendor.get("decode"),
+            "best_vendor_prefill": s.vendor_name.get("prefill"),
+            "penalty_vs_vendor_prefill": s.vs_vendor.get("prefill"),
+            "noise_prefill": pre.noise if pre.complete else None,
+            "noise_decode": dec.noise if dec.complete else None,
+            "joules_per_prompt_token": pre.joules_per_token,
+            "joules_per_output_token": dec.joules_per_token,
+            "missing": "; ".join(pre.missing + dec.missing),
+        }
+        if price_per_hour is not None:
+            r["usd_per_million_output_tokens"] = cost_per_million(dec.tokens_per_s, price_per_hour)
+            r["usd_per_million_prompt_tokens"] = cost_per_million(pre.tokens_per_s, price_per_hour)
+        out.append(r)
+    return out
+
+
+def to_csv(stacks: list[StackResult], price_per_hour: float | None = None) -> str:
+    rs = rows(stacks, price_per_hour)
+    buf = io.StringIO()
+    if rs:
+        w = csv.DictWriter(buf, fieldnames=list(rs[0]), lineterminator="\n")
+        w.writeheader()
+        for r in rs:
+            w.writerow(
+                {k: ("" if v is None else f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()}
+            )
+    return buf.getvalue()
+
+
+def to_markdown(
+    workload: _models.Workload,
+    stacks: list[StackResult],
+    price_per_hour: float | None = None,
+    sources: list[str] | None = None,
+    coverage: dict | None = None,
+) -> str:
+    """`coverage`: {(backend, dtype, phase): kernels / layer} from pykernels.layer results (load_coverage)."""
+    m, w = workload.model, workload
+    lines = [
+        f"# Tokens: {m.name} — prompt {w.prompt}, decode at context {w.context}, batch {w.batch}",
+        "",
+        (
+            f"{m.layers} layers, hidden {m.hidden}, {m.heads} query / {m.kv_heads} KV heads × {m.head_dim}, "
+            f"FFN {m.ffn}, vocabulary {m.vocab}; {m.parameters() / 1e9:.3f} B parameters. "
+            f"Prefill {w.prefill.flops() / 1e12:.4g} TFLOP, decode step {w.decode.flops() / 1e9:.4g} GFLOP, "
+            f"{len(w.problems())} distinct kernel problems."
+        ),
+        "",
+        (
+            "TTFT and TPOT are sums of measured kernel medians × counts (small ops between kernels not "
+            "included: see docs/tokens.md for the measured coverage). Penalty = 1 − tokens/s ÷ reference "
+            'tokens/s; "(noise)" = inside the measured spread.'
+        ),
+        "",
+    ]
+    if sources:
+        lines += ["Results: " + ", ".join(f"`{s}`" for s in sources), ""]
+    for dev, dt in sorted({(s.device, s.dtype) for s in stacks}):
+        group = [s for s in stacks if (s.device, s.dtype) == (dev, dt)]
+        lines += [f"## {dev}, {dt}", ""]
+        head = [
+            "backend",
+            "tier",
+            "TTFT ms",
+            "prefill tok/s",
+            "TPOT ms",
+            "tok/s",
+            "prefill gemm/attn",
+            "decode gemm/attn",
+            "tok/s penalty vs native (decode / prefill)",
+            "vs best vendor (decode / prefill)",
+            "energy (decode)",
+        ]
+        if price_per_hour is not None:
+            head.append(f"$/M output tok @ ${price_per_hour:g}/h")
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for s in group:
+            pre, dec = s.prefill, s.decode
+
+            def share(ph, att):
+                return (
+                    "–"
+                    if not ph.complete
+                    else f"{ph.share.get('gemm', 0) * 100:.0f}/{ph.share.get(att, 0) * 100:.0f}%"
+                )
+
+            vend = " / ".join(
+                _pct(s.vs_vendor.get(p), is_ref=s.vendor_name.get(p) == s.backend)
+                + (f" ({s.vendor_name[p]})" if s.vendor_name.get(p) not in (None, s.backend) else "")
+                for p in ("decode", "prefill")
+            )
+            cells = [
+                s.backend,
+                s.tier,
+                _ms(pre.time_s),
+                "–" if not pre.complete else f"{pre.tokens_per_s:.4g}",
+                _ms(dec.time_s),
+                "–" if not dec.complete else f"{dec.tokens_per_s:.4g}",
+                share(pre, "attention"),
+                share(dec, "decode"),
+                " / ".join(
+                    _pct(s.vs_native.get(p), s.within_noise.get(p), s.native_name.get(p) == s.backend)
+                    for p in ("decode", "prefill")
+                ),
+                vend,
+                _energy(dec, "token"),
+            ]
+            if price_per_hour is not None:
+                c = cost_per_million(dec.tokens_per_s, price_per_hour)
+                cells.append("–" if c is None else f"{c:.4g}")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        for s in group:
+            miss = s.prefill.missing + s.decode.missing
+            if miss:
+                lines.append(f"- **{s.backend} incomplete**: no result for {'; '.join(miss)}")
+        done = [s.decode for s in group if s.decode.complete]
+        notes = sorted({ph.energy_note for ph in done if ph.energy_note})
+        if done and all(ph.joules is None for ph in done):
+            lines.append("- energy: not available: " + " / ".join(notes))
+        elif notes:
+            lines.append("- energy: " + " / ".join(notes))
+        lines.append("")
+    if coverage:
+        lines += [
+            "## With the small ops",
+            "",
+            (
+                "Kernel sums divided by the share of a decoder layer's time the kernels cover (measured by "
+                "pykernels.layer on the same model's layer): an estimate of TTFT / TPOT including norms, "
+                "rotary embedding, activation and residuals."
+            ),
+            "",
+            (
+                "| device | dtype | backend | prefill coverage | TTFT ms incl. small ops | decode coverage | "
+                "TPOT ms incl. small ops |"
+            ),
+            "|---|---|---|---|---|---|---|",
+        ]
+        for s in stacks:
+            cp, cd = (
+                coverage.get((s.backend, s.dtype, "prefill")),
+                coverage.get((s.backend, s.dtype, "decode")),
+            )
+            if cp is None and cd is None:
+                continue
+            lines.append(
+                f"| {s.device} | {s.dtype} | {s.backend} | {'–' if cp is None else f'{cp * 100:.1f}%'} | "
+                f"{'–' if cp is None or s.ttft_s is None else _ms(s.ttft_s / cp)} | "
+                f"{'–' if cd is None else f'{cd * 100:.1f}%'} | "
+                f"{'–' if cd is None or s.tpot_s is None else _ms(s.tpot_s / cd)} |"
+            )
+        lines.append("")
+    if not stacks:
+        lines.append("No results for this model's kernel problems in the given files.")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------
+# command line (the `tokens` subcommand of pykernels.cli)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "tokens",
+        help="tokens/s, TTFT, TPOT, energy and cost per token for a reference model",
+        description=__doc__.split("\n\n")[0],
+    )
+    configure_parser(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("results", nargs="*", help="result files (pytest-benchmark JSON)")
+    p.add_argument(
+        "--model",
+        default="ref-7b-2k",
+        help=f"built-in model ({', '.join(_models.builtin_names())}) or a .json model file",
+    )
+    p.add_argument(
+        "--prompt", type=int, default=None, help="prompt tokens for TTFT (default: the model's context)"
+    )
+    p.add_argument(
+        "--context", type=int, default=None, help="context of the decode step (default: the model's)"
+    )
+    p.add_argument("--batch", type=int, default=1, help="sequences per decode step (default 1)")
+    p.add_argument(
+        "--price-per-hour", type=float, default=None, help="price of the device per hour -> $/M tokens"
+    )
+    p.add_argument("--csv", type=Path, default=None, help="also write the CSV here")
+    p.add_argument("--md", type=Path, default=None, help="also write the Markdown here")
+    p.add_argument(
+        "--list-problems", action="store_true", help="print the model's kernel problems and counts"
+    )
+    p.add_argument(
+        "--layer-results",
+        type=Path,
+        default=None,
+        help="a pykernels.layer result (JSON) of the same model: adds TTFT/TPOT including the small ops",
+    )
+    g = p.add_argument_group("measuring the model's shapes directly (without the pytest sweep)")
+    g.add_argument(
+        "--measure", action="store_true", help="time each distinct problem of the model and write --out"
+    )
+    g.add_argument("--backend", action="append", default=None, help="backend to measure (repeatable)")
+    g.add_argument(
+        "--dtype", action="append", default=None, help="dtype to measure (repeatable; default float32)"
+    )
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--out", type=Path, default=None, help="result file the measurement writes")
+    g.add_argument("--budget", type=float, default=1.0, help="seconds of timing per case at most (default 1)")
+    g.add_argument(
+        "--no-check", action="store_true", help="do not check outputs against the float64 reference"
+    )
+
+
+def run(args) -> int:
+    try:
+        model = _models.load(args.model)
+        wl = _models.derive(model, prompt=args.prompt, context=args.context, batch=args.batch)
+    except ValueError as e:
+        print(f"pykernels tokens: {e}", file=sys.stderr)
+        return 2
+    if args.list_problems:
+        for ph in wl.phases:
+            print(f"{ph.name} ({ph.tokens} tokens, {ph.flops() / 1e9:.4g} GFLOP):")
+            for c in ph.calls:
+                print(f"  {c.count:4d} x {c.role:10s} {c.family:9s} {c.problem.label()}")
+        return 0
+    sources = [str(p) for p in args.results]
+    if args.measure:
+        from .tokens_measure import measure  # noqa: PLC0415 - torch-heavy, only when measuring
+
+        if args.out is None:
+            print("pykernels tokens: --measure needs --out FILE", file=sys.stderr)
+            return 2
+        measure(
+            wl,
+            backends=args.backend or ["native", "torch"],
+            dtypes=args.dtype or ["float32"],
+            device=args.device,
+            out=args.out,
+            budget_s=args.budget,
+            check=not args.no_check,
+            command=_command_line(),
+        )
+        sources.append(str(args.out))
+    if not sources:
+        print("pykernels tokens: give result files, or --measure", file=sys.stderr)
+        return 2
+    try:
+        stacks = compute(wl, load_measurements(sources))
+    except ValueError as e:
+        print(f"pykernels tokens: {e}", file=sys.stderr)
+        return 2
+    coverage = None
+    if args.layer_results:
+        try:
+            coverage = load_coverage(args.layer_results, model.name)
+        except ValueError as e:
+            print(f"pykernels tokens: {e}", file=sys.stderr)
+            return 2
+    md = to_markdown(wl, stacks, args.price_per_hour, sources, coverage)
+    print(md)
+    if args.md:
+        args.md.parent.mkdir(parents=True, exist_ok=True)
+        args.md.write_text(md)
+    if args.csv:
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        args.csv.write_text(to_csv(stacks, args.price_per_hour))
+    return 0 if stacks else 1
+
+
+def _command_line() -> str:
+    prog = Path(sys.argv[0]).name
+    prog = "python -m pykernels.tokens" if prog in ("tokens.py", "__main__.py") else prog
+    return " ".join([prog, *sys.argv[1:]])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="pykernels tokens", description=__doc__.split("\n\n")[0])
+    configure_parser(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

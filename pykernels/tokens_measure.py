@@ -1,0 +1,206 @@
+"""Measure exactly a model's kernel problems, without the pytest sweep: each distinct problem once per
+(backend, dtype), on the CPU the backends timed in turns (one call of each per round) so that the ratios
+between them come from the same seconds of a shared machine; then, where a meter exists, energy per call.
+Writes a pytest-benchmark-shaped JSON file that `pykernels tokens` (and the other reports) read.
+
+Timing is the harness's (pykernels/timing.py); the device fingerprint is pykernels/device.py's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from . import device as _device
+from . import energy, ops, results, timing
+from .backends import registry
+from .kernels import dtype_of
+from .kernels._common import dtype_name
+
+# The float64 reference of a problem costs ~FLOPs / 20 GFLOP/s on this 2-core CPU: checking every output
+# of ref-7b-2k's prefill GEMMs (up to 370 GFLOP) would take minutes. Above this many FLOPs the output is
+# not checked (recorded as checked: false) unless the caller insists.
+CHECK_MAX_FLOPS = 2e10
+
+
+def time_cases(fns: list, *, budget_s: float, device: str) -> list[dict]:
+    """Stats (timing.Stats as dicts) of each zero-argument callable with the harness's timer. On the CPU the
+    backends are timed in turns (timing.time_round_robin_cpu: one call of each per round) so that a busy
+    spell on a shared machine slows every backend's samples alike and the ratios hold; on a GPU each is
+    timed alone with CUDA events, L2 flush and graph batching (timing.time_callable)."""
+    opts = timing.TimingOptions(budget_s=budget_s, min_rounds=3)
+    if device.startswith("cuda"):
+        return [timing.time_callable(f, device, opts).as_dict() for f in fns]
+    return [st.as_dict() for st in timing.time_round_robin_cpu(fns, opts)]
+
+
+def _energy_per_call(fn, meter, *, seconds: float, device: str) -> dict:
+    """Average power and energy per call while `fn` runs back to back for about `seconds`."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    calls = 0
+    meter.start()
+    t_end = time.perf_counter() + seconds
+    while calls < 3 or time.perf_counter() < t_end:
+        fn()
+        calls += 1
+    sync()
+    j, s = meter.stop()
+    return {"power_w": j / s, "energy_j_per_call": j / calls, "power_source": meter.source}
+
+
+def _record(problem, backend, dtype, device, fp: dict, stats: dict, extra: dict) -> dict:
+    """One pytest-benchmark entry whose extra_info is the harness's record (results.make_record), so that
+    `pykernels report` reads these files too, plus the energy fields of this module."""
+    extra = dict(extra)
+    checked = extra.pop("checked")
+    ex = results.make_record(
+        problem=problem,
+        backend_name=backend.name,
+        tier=backend.tier,
+        device=device,
+        device_name=_device.device_label(fp),
+        machine_id=fp.get("id", ""),
+        dtype=dtype_name(dtype),
+        stats=stats,
+        max_error=extra.pop("rel_error", None),
+        tolerance=extra.pop("tolerance", None),
+        ok=extra.pop("ok", None),
+        sweep="tokens",
+        checked="full" if checked else "none (float64 reference too costly at this size)",
+    )
+    ex.update(extra)
+    med = stats["median_s"]
+    case = f"{backend.name}-{dtype_name(dtype)}-{problem.label()}"
+    return {
+        "group": problem.family,
+        "name": f"tokens[{problem.family}-{case}]",
+        "fullname": f"pykernels.tokens_measure::{problem.family}[{case}]",
+        "params": {"backend": backend.name, "dtype": dtype_name(dtype), "shape": problem.label()},
+        "stats": {
+            "min": stats.get("min_s", med),
+            "max": stats.get("max_s", med),
+            "mean": stats.get("mean_s", med),
+            "stddev": stats.get("stddev_s", 0.0),
+            "median": med,
+            "q1": stats["p20_s"],
+            "q3": stats["p80_s"],
+            "iqr": stats["p80_s"] - stats["p20_s"],
+            "rounds": stats["rounds"],
+            "iterations": 1,
+            "ops": 1.0 / med,
+            "outliers": "",
+            "ld15iqr": stats.get("min_s", med),
+            "hd15iqr": stats.get("max_s", med),
+            "iqr_outliers": 0,
+            "stddev_outliers": 0,
+            "total": med,
+        },
+        "options": {},
+        "extra_info": ex,
+    }
+
+
+def measure(
+    workload,
+    *,
+    backends: list[str],
+    dtypes: list[str],
+    device: str = "cpu",
+    out: Path,
+    budget_s: float = 1.0,
+    check: bool = True,
+    command: str = "",
+    log=print,
+) -> dict:
+    """Time every distinct problem of `workload` on each backend and dtype; write and return the document.
+
+    A backend that does not support a case gets no record (the report shows it incomplete) and the reason
+    is printed and kept in the file's `skipped` list. A wrong output is recorded ok: false (never ranked)."""
+    bes = [registry.get(b) for b in backends]
+    meter, meter_reason = energy.meter_for(device)
+    benches, skipped = [], []
+    t_start = time.perf_counter()
+    load_before = os.getloadavg()  # the machine may be shared: say how busy it was
+    fp = _device.fingerprint(device)
+    for dt_name in dtypes:
+        dtype = dtype_of(dt_name)
+        for prob in workload.problems():
+            inputs = prob.make_inputs(dtype, device=device, seed=0)
+            exp = None
+            if check and prob.flops() <= CHECK_MAX_FLOPS:
+                from . import verify  # noqa: PLC0415
+
+                exp = verify.expected(prob, inputs)
+            cases = []  # (backend, callable, extra)
+            for be in bes:
+                reason = be.supports(prob.family, device.split(":")[0], dtype, **prob.params())
+                if reason:
+                    skipped.append(
+                        {"backend": be.name, "dtype": dt_name, "problem": prob.label(), "reason": reason}
+                    )
+                    log(f"  skip {be.name:14s} {prob.family:9s} {prob.label()}: {reason}")
+                    continue
+                fn = ops.prepare(prob.family, backend=be, **inputs, **prob.call_kwargs())
+                out_t = fn()  # first call: compilation / autotuning happen here, outside the timing
+                extra = {"checked": exp is not None}
+                if exp is not None:
+                    err, ok = exp.check(out_t)
+                    extra.update(rel_error=err, tolerance=exp.tolerance, ok=ok)
+                cases.append((be, fn, extra))
+            if not cases:
+                continue
+            all_stats = time_cases([c[1] for c in cases], budget_s=budget_s * len(cases), device=device)
+            for (be, fn, extra), stats in zip(cases, all_stats):
+                if meter is not None:
+                    extra.update(_energy_per_call(fn, meter, seconds=min(budget_s, 1.0), device=device))
+                else:
+                    extra["power_reason"] = meter_reason
+                if exp is not None and extra["ok"]:
+                    err, ok = exp.check(fn())  # the timed callable still gives the right answer
+                    extra.update(rel_error=max(err, extra["rel_error"]), ok=ok)
+                benches.append(_record(prob, be, dtype, device, fp, stats, extra))
+                flag = "" if extra.get("ok", True) else "  WRONG OUTPUT"
+                log(
+                    f"  {be.name:14s} {dt_name:8s} {prob.family:9s} {prob.label():34s} "
+                    f"{stats['median_s'] * 1e3:10.4g} ms  ({stats['rounds']} rounds, "
+                    f"cv {stats['cv']:.2f}){flag}"
+                )
+            del inputs, exp, cases
+    doc = {
+        "machine_info": {
+            "node": platform.node(),
+            "processor": platform.processor(),
+            "machine": platform.machine(),
+            "python_version": platform.python_version(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "device": fp,
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "load_avg_before": load_before,
+            "load_avg_after": os.getloadavg(),
+            "energy": meter.source if meter else f"not available: {meter_reason}",
+        },
+        "commit_info": {},
+        "benchmarks": benches,
+        "datetime": datetime.now(timezone.utc).isoformat(),
+        "version": "pykernels.tokens_measure",
+        "pykernels_tokens": {
+            "model": workload.model.to_dict(),
+            "prompt": workload.prompt,
+            "context": workload.context,
+            "batch": workload.batch,
+            "command": command,
+            "skipped": skipped,
+            "wall_s": time.perf_counter() - t_start,
+        },
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    return doc

@@ -1,0 +1,156 @@
+"""The pytest plugin, run in a subprocess on a throwaway project (pytester): smoke vs --benchmark, what
+lands in the JSON and the journal, --resume after a killed run, autosave + compare, wrong answers,
+skips with reasons, option errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pykernels import device
+
+pytest_plugins = ["pytester"]
+
+BENCH = '''
+import pytest
+
+@pytest.mark.pykernels_bench("gemm")
+def test_gemm(kernel_case, kernel_bench):
+    kernel_bench(kernel_case)
+
+def test_plain():
+    pass
+'''
+
+CONFTEST = '''
+import torch
+from pykernels.backends import Backend, register
+
+class FastWrong(Backend):
+    """Fast and wrong: zeros."""
+    name = "fast_wrong"
+    tier = "abstraction"
+    devices = ("cpu",)
+    dtypes = {("cpu", "gemm"): (torch.float32,)}
+
+    def gemm(self, a, b):
+        return torch.zeros(a.shape[0], b.shape[1], dtype=a.dtype)
+
+
+def pytest_configure(config):
+    register(FastWrong(), replace=True)
+
+
+def pytest_unconfigure(config):
+    from pykernels.backends import registry
+    registry.unregister("fast_wrong")
+'''
+
+# The smoke sweep's float32 gemm shapes; each backend gets one case per shape.
+SMOKE_GEMM_F32 = 2
+
+
+@pytest.fixture
+def project(pytester, monkeypatch):
+    """A project with one gemm bench function, a fake-wrong backend and a pre-filled peaks cache (so no probe runs)."""
+    cache = pytester.path / "cache"
+    monkeypatch.setenv("PYKERNELS_CACHE_DIR", str(cache))
+    fp = device.fingerprint("cpu")
+    cache.mkdir()
+    (cache / f"peaks-cpu-{fp['id']}.json").write_text(json.dumps({
+        "version": device.PEAKS_VERSION, "bandwidth": {"bytes_per_s": 1e12},
+        "flops": {dt: {"flops_per_s": 4e11, "n": 2048} for dt in ("float32", "bfloat16", "float16")}}))
+    pytester.makepyfile(test_bench=BENCH)
+    pytester.makeconftest(CONFTEST)
+    return pytester
+
+
+def run(p, *args):
+    # in-process: torch is imported once (a subprocess costs seconds per run on a busy 2-core machine)
+    # (--benchmark-json is not used in-process: it is an argparse.FileType, and pytest parses the command line
+    # more than once, leaving unclosed file objects behind; the JSON is read from --benchmark-storage instead.)
+    return p.runpytest_inprocess("-p", "no:cacheprovider", *args)
+
+
+def saved(p, name: str) -> dict:
+    """The JSON pytest-benchmark saved in the project's storage under a name ending in `name`."""
+    (path,) = p.path.glob(f"store/*/*{name}.json")
+    return json.loads(path.read_text())
+
+
+TIMED = ("--benchmark", "--sweep", "smoke", "--kernel", "gemm", "--dtype", "float32", "--time-budget", "0.02")
+
+
+def test_plain_pytest_runs_each_case_once_untimed(project):
+    r = run(project, "--backend", "native", "--backend", "torch", "--kernel", "gemm", "--dtype", "fp32")
+    r.assert_outcomes(passed=2 * SMOKE_GEMM_F32 + 1)
+    assert "pykernels penalty table" not in r.stdout.str()
+    assert not list(project.path.glob("cache/journal-*"))  # nothing timed, nothing journaled
+
+
+def test_benchmark_json_extra_info_machine_info_and_journal(project):
+    r = run(project, *TIMED, "--backend", "torch", "--backend", "numpy", "--benchmark-storage", "file://store",
+            "--benchmark-save", "out", "--journal", "j.jsonl")
+    r.assert_outcomes(passed=2 * SMOKE_GEMM_F32, deselected=1)  # --benchmark runs only the bench cases
+    out = r.stdout.str()
+    assert "pykernels penalty table" in out and "vs best vendor" not in out  # terminal block format
+    assert "measured peaks: bandwidth 1 TB/s" in out and "bandwidth probe of this run: copy" in out
+    doc = saved(project, "out")
+    assert len(doc["benchmarks"]) == 2 * SMOKE_GEMM_F32
+    b = doc["benchmarks"][0]
+    ex = b["extra_info"]
+    for k in ("family", "backend", "tier", "device", "dtype", "params", "flops", "bytes", "median_s", "p20_s", "p80_s",
+              "cv", "rounds", "tflops", "gbps", "pct_roofline", "max_error", "ok"):
+        assert k in ex, k
+    assert ex["ok"] is True and ex["peak_bw"] == 1e12 and ex["checked"] == "full"
+    assert ex["copy_bytes_per_s_this_run"] > 1e8 and ex["read_bytes_per_s_this_run"] > 1e8
+    assert b["stats"]["rounds"] == ex["rounds"]  # pytest-benchmark got our timer's samples
+    assert b["stats"]["median"] == pytest.approx(ex["median_s"])
+    assert b["group"].startswith("gemm float32 ")
+    mi = doc["machine_info"]["pykernels"]
+    assert mi["device"]["type"] == "cpu" and mi["peaks"]["bandwidth"]["bytes_per_s"] == 1e12
+    assert ex["sweep"] == "smoke"
+    lines = (project.path / "j.jsonl").read_text().splitlines()
+    assert len(lines) == 2 * SMOKE_GEMM_F32
+    assert all(json.loads(x)["status"] == "measured" for x in lines)
+
+
+def test_resume_after_a_killed_run_and_compare(project):
+    args = (*TIMED, "--backend", "torch", "--journal", "j.jsonl", "--benchmark-storage", "file://store")
+    run(project, *args, "--benchmark-autosave").assert_outcomes(passed=SMOKE_GEMM_F32, deselected=1)
+    j = project.path / "j.jsonl"
+    first = j.read_text().splitlines()
+    # as if killed during the second case: one complete line, then a torn one
+    j.write_text(first[0] + "\n" + first[1][: len(first[1]) // 2])
+    r = run(project, *args, "--resume", "--benchmark-save", "resumed", "--benchmark-compare")
+    r.assert_outcomes(passed=SMOKE_GEMM_F32, deselected=1)
+    doc = saved(project, "resumed")
+    resumed = [b for b in doc["benchmarks"] if b["extra_info"].get("resumed")]
+    assert len(resumed) == 1
+    assert resumed[0]["extra_info"]["median_s"] == json.loads(first[0])["extra_info"]["median_s"]
+    assert len(j.read_text().splitlines()) == 2  # the torn case was measured again and appended
+    assert "0001" in r.stdout.str()  # pytest-benchmark's compare against the autosaved run
+
+
+def test_fast_wrong_answer_fails_and_is_recorded(project):
+    r = run(project, *TIMED, "--backend", "fast_wrong", "--journal", "j.jsonl")
+    r.assert_outcomes(failed=SMOKE_GEMM_F32, deselected=1)
+    assert "wrong answer after timing" in r.stdout.str()
+    entries = [json.loads(x) for x in (project.path / "j.jsonl").read_text().splitlines()]
+    assert all(e["extra_info"]["ok"] is False for e in entries)
+    smoke = run(project, "--backend", "fast_wrong", "--kernel", "gemm", "--dtype", "float32")
+    smoke.assert_outcomes(failed=SMOKE_GEMM_F32, passed=1)
+
+
+def test_skips_carry_reasons(project):
+    r = run(project, *TIMED, "--backend", "triton_interpret", "--backend", "numpy", "--dtype", "bfloat16", "-rs")
+    out = r.stdout.str()
+    assert "never timed" in out  # triton_interpret is correctness only
+    assert "does not support dtype bfloat16" in out  # numpy has float32 only
+
+
+def test_unknown_backend_is_a_usage_error(project):
+    r = run(project, "--backend", "nope")
+    assert r.ret == pytest.ExitCode.USAGE_ERROR
+    assert "unknown backend(s) nope" in r.stderr.str() + r.stdout.str()

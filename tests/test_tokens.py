@@ -1,0 +1,447 @@
+"""Token metering: models as data, the kernel problems of a prefill and a decode step (FLOPs against the
+closed form 2 x parameters x tokens + attention), the report's arithmetic, energy meters, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pykernels import energy, models, tokens
+from pykernels.kernels import AttentionProblem, DecodeProblem, GemmProblem
+
+# Published parameter counts: Llama-2-7B 6,738,415,616; Llama-3-8B 8,030,261,248.
+KNOWN_PARAMETERS = {"ref-7b-2k": 6_738_415_616, "ref-8b-gqa": 8_030_261_248}
+
+
+def closed_form_prefill(m: models.ModelConfig, P: int) -> int:
+    # 2 FLOPs per weight per token through the layers; the LM head for the last prompt token only;
+    # causal attention: 4*D FLOPs per (query, key) pair and query head, P(P+1)/2 pairs.
+    return (
+        2 * m.layers * m.layer_matmul_parameters() * P
+        + 2 * m.lm_head_parameters()
+        + m.layers * 4 * m.heads * m.head_dim * P * (P + 1) // 2
+    )
+
+
+def closed_form_decode(m: models.ModelConfig, L: int, B: int) -> int:
+    return (
+        2 * (m.layers * m.layer_matmul_parameters() + m.lm_head_parameters()) * B
+        + m.layers * 4 * m.heads * m.head_dim * L * B
+    )
+
+
+@pytest.mark.parametrize("name", ["ref-7b-2k", "ref-8b-gqa", "tiny"])
+def test_builtin_models_load(name):
+    m = models.load(name)
+    assert m.name == name and name in models.builtin_names()
+    # the projections + LM head are all parameters but the embedding table and the norm weights
+    assert (
+        m.layers * m.layer_matmul_parameters() + m.lm_head_parameters()
+        == m.parameters() - m.vocab * m.hidden - (2 * m.layers + 1) * m.hidden
+    )
+    if name in KNOWN_PARAMETERS:
+        assert m.parameters() == KNOWN_PARAMETERS[name]
+
+
+@pytest.mark.parametrize("name", ["ref-7b-2k", "ref-8b-gqa", "tiny"])
+@pytest.mark.parametrize("P,L,B", [(None, None, 1), (1, 1, 1), (1000, 1023, 7), (65, 4096, 64)])
+def test_flops_match_closed_form(name, P, L, B):
+    m = models.load(name)
+    wl = models.derive(m, prompt=P, context=L, batch=B)
+    P, L = P or m.context, L or m.context
+    assert (wl.prompt, wl.context, wl.batch) == (P, L, B)
+    assert wl.prefill.flops() == closed_form_prefill(m, P)
+    assert wl.decode.flops() == closed_form_decode(m, L, B)
+    assert (wl.prefill.tokens, wl.decode.tokens) == (P, B)
+
+
+def test_ref_7b_2k_problems_exactly():
+    wl = models.derive("ref-7b-2k")
+    got = {(ph.name, c.role): (c.problem, c.count) for ph in wl.phases for c in ph.calls}
+    assert got == {
+        ("prefill", "qkv"): (GemmProblem(2048, 3 * 4096, 4096), 32),
+        ("prefill", "attention"): (AttentionProblem(1, 32, 32, 2048, 128, causal=True), 32),
+        ("prefill", "o"): (GemmProblem(2048, 4096, 4096), 32),
+        ("prefill", "gate_up"): (GemmProblem(2048, 2 * 11008, 4096), 32),
+        ("prefill", "down"): (GemmProblem(2048, 4096, 11008), 32),
+        ("prefill", "lm_head"): (GemmProblem(1, 32000, 4096), 1),
+        ("decode", "qkv"): (GemmProblem(1, 3 * 4096, 4096), 32),
+        ("decode", "decode"): (DecodeProblem(1, 32, 32, 2048, 128), 32),
+        ("decode", "o"): (GemmProblem(1, 4096, 4096), 32),
+        ("decode", "gate_up"): (GemmProblem(1, 2 * 11008, 4096), 32),
+        ("decode", "down"): (GemmProblem(1, 4096, 11008), 32),
+        ("decode", "lm_head"): (GemmProblem(1, 32000, 4096), 1),
+    }
+    # the decode LM head and the prefill's share a shape at batch 1: timed once
+    assert len(wl.problems()) == 11
+
+
+def test_gqa_model_problems():
+    wl = models.derive("ref-8b-gqa", prompt=100, context=300, batch=4)
+    by_role = {(ph.name, c.role): c.problem for ph in wl.phases for c in ph.calls}
+    assert by_role[("prefill", "qkv")] == GemmProblem(100, (32 + 2 * 8) * 128, 4096)
+    assert by_role[("prefill", "attention")] == AttentionProblem(1, 32, 8, 100, 128, causal=True)
+    assert by_role[("decode", "decode")] == DecodeProblem(4, 32, 8, 300, 128)
+    assert by_role[("decode", "lm_head")] == GemmProblem(4, 128256, 4096)
+    assert models.model_problems("ref-8b-gqa", prompt=100, context=300, batch=4) == wl.problems()
+
+
+@pytest.mark.parametrize(
+    "kw", [{"prompt": 0}, {"context": -1}, {"batch": 0}, {"batch": True}, {"prompt": 1.5}]
+)
+def test_derive_rejects_bad_sizes(kw):
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        models.derive("tiny", **kw)
+
+
+# ---------------------------------------------------------------------------------------------------
+# model files
+
+GOOD = {"name": "mine", "layers": 2, "hidden": 256, "heads": 4, "ffn": 512, "vocab": 1000, "context": 64}
+
+
+def _write(tmp_path, obj, name="m.json"):
+    p = tmp_path / name
+    p.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+    return p
+
+
+def test_user_model_file_and_defaults(tmp_path):
+    m = models.load(_write(tmp_path, GOOD))
+    assert (m.kv_heads, m.head_dim, m.tied_embeddings) == (4, 64, False)  # MHA, hidden / heads
+    tied = models.load(_write(tmp_path, {**GOOD, "tied_embeddings": True}, "t.json"))
+    assert m.parameters() - tied.parameters() == 1000 * 256
+    assert models.load(str(_write(tmp_path, m.to_dict(), "round.json"))) == m
+
+
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        ({"layers": None}, "'layers'"),  # missing
+        ({"hidden": "4096"}, "'hidden'"),  # wrong type
+        ({"layers": True}, "'layers'"),  # a bool is not a count
+        ({"heads": 0}, "'heads'"),  # not positive
+        ({"ffn": 2.5}, "'ffn'"),
+        ({"kv_heads": 3}, "'kv_heads'"),  # does not divide heads
+        ({"heads": 3}, "'head_dim'"),  # 256 / 3: head_dim must be given
+        ({"hidden_size": 4096}, "'hidden_size'"),  # unknown field (a typo must not pass silently)
+        ({"name": " "}, "'name'"),
+    ],
+)
+def test_bad_model_file_names_the_field(tmp_path, change, field):
+    raw = {**GOOD, **change}
+    raw = {k: v for k, v in raw.items() if v is not None}
+    p = _write(tmp_path, raw)
+    with pytest.raises(models.ModelError, match=field) as e:
+        models.load(p)
+    assert str(p) in str(e.value)
+
+
+def test_bad_model_sources(tmp_path):
+    with pytest.raises(models.ModelError, match="not valid JSON"):
+        models.load(_write(tmp_path, "{layers: 2"))
+    with pytest.raises(models.ModelError, match="JSON object"):
+        models.load(_write(tmp_path, "[1, 2]"))
+    with pytest.raises(models.ModelError, match="does not exist"):
+        models.load(tmp_path / "nope.json")
+    with pytest.raises(models.ModelError, match="ref-7b-2k"):  # lists the built-in names
+        models.load("ref-70b")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the report's arithmetic on synthetic results
+
+MODEL = models.from_dict({**GOOD, "kv_heads": 2})
+
+
+def _doc(entries, device="cpu", power=None):
+    """A pytest-benchmark document; entries: (backend, tier, problem, median_s)."""
+    benches = []
+    for backend, tier, prob, t in entries:
+        ex = {
+            "family": prob.family,
+            "backend": backend,
+            "tier": tier,
+            "device": device,
+            "dtype": "float32",
+            **prob.params(),
+            "median_s": t,
+            "p20_s": t * 0.99,
+            "p80_s": t * 1.01,
+        }
+        if power is not None:
+            ex.update(power_w=power, power_source="test meter")
+        benches.append({"name": prob.label(), "stats": {"median": t}, "extra_info": ex})
+    return {"machine_info": {"cpu": {"brand_raw": "Test CPU"}}, "benchmarks": benches}
+
+
+def _times(wl, factor, skip=()):
+    """A time per distinct problem: gemm 1 ms x factor, attention 3 ms x factor, decode 0.5 ms x factor."""
+    base = {"gemm": 1e-3, "attention": 3e-3, "decode": 0.5e-3}
+    return {p: base[p.family] * factor for p in wl.problems() if p.family not in skip}
+
+
+@pytest.fixture
+def wl():
+    return models.derive(MODEL, prompt=16, context=32, batch=4)
+
+
+def _stacks(wl, *specs, power=None):
+    entries = [(b, tier, p, t) for b, tier, times in specs for p, t in times.items()]
+    return {s.backend: s for s in tokens.compute(wl, tokens.measurements_from(_doc(entries, power=power)))}
+
+
+def test_report_arithmetic(wl):
+    s = _stacks(
+        wl,
+        ("native", "native", _times(wl, 1.0)),
+        ("torch", "vendor", _times(wl, 2.0)),
+        ("numpy", "vendor", _times(wl, 1.6)),
+        ("triton", "abstraction", _times(wl, 1.25)),
+    )
+    L = MODEL.layers
+    # prefill: 4 GEMMs + attention per layer, + the LM head once
+    ttft = L * (4 * 1e-3 + 3e-3) + 1e-3
+    tpot = L * (4 * 1e-3 + 0.5e-3) + 1e-3
+    nat = s["native"]
+    assert nat.ttft_s == pytest.approx(ttft) and nat.tpot_s == pytest.approx(tpot)
+    assert nat.tokens_per_s == pytest.approx(4 / tpot)
+    assert nat.prefill.tokens_per_s == pytest.approx(16 / ttft)
+    assert nat.prefill.share["attention"] == pytest.approx(L * 3e-3 / ttft)
+    assert nat.decode.share["gemm"] + nat.decode.share["decode"] == pytest.approx(1.0)
+    # penalties: 1 - tps / tps_ref; the best vendor is numpy (1.6x), not torch (2x)
+    tri = s["triton"]
+    assert tri.vs_native["decode"] == pytest.approx(1 - 1 / 1.25)
+    assert tri.vs_native["prefill"] == pytest.approx(1 - 1 / 1.25)
+    assert tri.vendor_name["decode"] == "numpy"
+    assert tri.vs_vendor["decode"] == pytest.approx(1 - 1.6 / 1.25)  # negative: faster than the vendor
+    assert s["torch"].vs_vendor["decode"] == pytest.approx(1 - 1.6 / 2.0)
+    assert nat.vs_native["decode"] == pytest.approx(0.0)
+    assert not tri.within_noise["decode"]  # 20% >> the 1% spread
+
+
+def test_incomplete_backend_is_not_filled(wl):
+    s = _stacks(
+        wl,
+        ("native", "native", _times(wl, 1.0)),
+        ("numpy", "vendor", _times(wl, 1.0, skip=("attention",))),
+        ("torch", "vendor", _times(wl, 1.0, skip=("decode",))),
+    )
+    np_, tor = s["numpy"], s["torch"]
+    assert np_.ttft_s is None and not np_.prefill.complete and np_.decode.complete
+    assert np_.prefill.missing == [f"attention {AttentionProblem(1, 4, 2, 16, 64, causal=True).label()}"]
+    assert tor.tpot_s is None and tor.tokens_per_s is None and tor.ttft_s is not None
+    assert tor.vs_native["decode"] is None and np_.vs_native["prefill"] is None
+    # the best vendor of a phase is chosen among the vendors complete in that phase only
+    assert s["native"].vendor_name == {"prefill": "torch", "decode": "numpy"}
+    md = tokens.to_markdown(wl, list(s.values()))
+    assert "numpy incomplete" in md and "torch incomplete" in md
+    csv_text = tokens.to_csv(list(s.values()))
+    row = next(r for r in csv_text.splitlines() if r.startswith("cpu (Test CPU),float32,numpy"))
+    assert "attention B1-Hq4-Hkv2-S16-D64-causal" in row
+
+
+def test_a_shape_missing_makes_the_phase_incomplete(wl):
+    t = _times(wl, 1.0)
+    del t[GemmProblem(16, 256, 256)]  # the prefill O projection only
+    s = _stacks(wl, ("native", "native", t))["native"]
+    assert not s.prefill.complete and s.decode.complete
+
+
+def test_energy_and_cost(wl):
+    s = _stacks(wl, ("native", "native", _times(wl, 1.0)), power=100.0)["native"]
+    assert s.decode.joules_per_token == pytest.approx(100.0 * s.tpot_s / 4)
+    assert s.prefill.joules_per_token == pytest.approx(100.0 * s.ttft_s / 16)
+    assert tokens.cost_per_million(s.tokens_per_s, 3.6) == pytest.approx(1e-3 / s.tokens_per_s * 1e6)
+    r = tokens.rows([s], price_per_hour=3.6)[0]
+    assert r["usd_per_million_output_tokens"] == pytest.approx(1e3 / s.tokens_per_s)
+    no_power = _stacks(wl, ("native", "native", _times(wl, 1.0)))["native"]
+    assert no_power.decode.joules_per_token is None
+    assert "not available" in tokens.to_markdown(wl, [no_power])
+
+
+def test_results_reading_rules(wl):
+    good = _doc([("native", "native", p, t) for p, t in _times(wl, 1.0).items()])
+    later = _doc([("native", "native", p, t) for p, t in _times(wl, 2.0).items()])
+    failed = _doc([("native", "native", p, t) for p, t in _times(wl, 0.1).items()])
+    for b in failed["benchmarks"]:
+        b["extra_info"]["ok"] = False  # a fast wrong answer does not rank
+    ms = tokens.measurements_from(good) + tokens.measurements_from(later) + tokens.measurements_from(failed)
+    (s,) = tokens.compute(wl, ms)
+    assert s.tpot_s == pytest.approx(2.0 * (MODEL.layers * 4.5e-3 + 1e-3))
+    assert s.device == "cpu (Test CPU)"
+    # stats.median is used when extra_info has no median; devices are kept apart
+    d = _doc([("native", "native", p, t) for p, t in _times(wl, 1.0).items()], device="cuda")
+    for b in d["benchmarks"]:
+        del b["extra_info"]["median_s"]
+        b["extra_info"]["device_name"] = "GPU X"
+    stacks = tokens.compute(wl, tokens.measurements_from(good) + tokens.measurements_from(d))
+    # the harness's device_name is the label as it is; without it, the type and the CPU's name
+    assert sorted(x.device for x in stacks) == ["GPU X", "cpu (Test CPU)"]
+    with pytest.raises(ValueError, match="benchmarks"):
+        tokens.measurements_from({"foo": 1})
+
+
+def test_cli_report_and_errors(tmp_path, wl, capsys):
+    model_file = _write(tmp_path, {**GOOD, "kv_heads": 2}, "model.json")
+    res = _write(
+        tmp_path,
+        _doc(
+            [
+                (b, tier, p, t)
+                for b, tier, f in (("native", "native", 1.0), ("torch", "vendor", 2.0))
+                for p, t in _times(wl, f).items()
+            ]
+        ),
+        "res.json",
+    )
+    rc = tokens.main(
+        [
+            str(res),
+            "--model",
+            str(model_file),
+            "--prompt",
+            "16",
+            "--context",
+            "32",
+            "--batch",
+            "4",
+            "--price-per-hour",
+            "2",
+            "--csv",
+            str(tmp_path / "o.csv"),
+            "--md",
+            str(tmp_path / "o.md"),
+        ]
+    )
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| torch | vendor |" in out and "+50.0%" in out  # torch at half native's tokens/s
+    assert (tmp_path / "o.csv").read_text().count("\n") == 3
+    assert tokens.main(["--model", str(tmp_path / "missing.json"), str(res)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert tokens.main(["--model", "tiny", "--list-problems"]) == 0
+    assert "lm_head" in capsys.readouterr().out
+
+
+def test_measure_writes_a_readable_result(tmp_path):
+    from pykernels import tokens_measure
+
+    m = models.from_dict(
+        {
+            "name": "micro",
+            "layers": 2,
+            "hidden": 128,
+            "heads": 2,
+            "kv_heads": 1,
+            "ffn": 192,
+            "vocab": 300,
+            "context": 24,
+        }
+    )
+    wl = models.derive(m, batch=3)
+    out = tmp_path / "m.json"
+    doc = tokens_measure.measure(
+        wl, backends=["torch", "numpy"], dtypes=["float32"], out=out, budget_s=0.002, log=lambda *a: None
+    )
+    assert all(b["extra_info"]["ok"] for b in doc["benchmarks"])
+    assert {s["backend"] for s in doc["pykernels_tokens"]["skipped"]} == {"numpy"}  # numpy has gemm only
+    s = {x.backend: x for x in tokens.compute(wl, tokens.load_measurements([out]))}
+    assert s["torch"].prefill.complete and s["torch"].decode.complete
+    assert not s["numpy"].prefill.complete and not s["numpy"].decode.complete
+    # the harness's loader (pykernels report) reads the same file
+    from pykernels import results
+
+    assert len(results.load(out)) == len(doc["benchmarks"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# energy
+
+
+def _fake_rapl(root, uj, rng=1000):
+    d = root / "intel-rapl:0"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "name").write_text("package-0\n")
+    (d / "energy_uj").write_text(f"{uj}\n")
+    (d / "max_energy_range_uj").write_text(f"{rng}\n")
+    sub = root / "intel-rapl:0:0"  # a sub-domain (core): not counted twice
+    sub.mkdir(exist_ok=True)
+    (sub / "name").write_text("core\n")
+    return d
+
+
+def test_rapl_meter_handles_wraparound(tmp_path):
+    d = _fake_rapl(tmp_path, 900)
+    doms, reason = energy.rapl_domains(tmp_path)
+    assert reason is None and doms == [d]
+    meter = energy.RaplMeter(doms)
+    meter.start()
+    (d / "energy_uj").write_text("100\n")  # wrapped past 1000
+    j, s = meter.stop()
+    assert j == pytest.approx(200e-6) and s >= 0
+
+
+def test_energy_not_available_says_why(tmp_path):
+    assert "does not exist" in energy.rapl_domains(tmp_path / "none")[1]
+    assert "no RAPL package domain" in energy.rapl_domains(tmp_path)[1]
+    meter, reason = energy.meter_for("tpu")
+    assert meter is None and "tpu" in reason
+
+
+class _FakeMeter(energy.Meter):
+    source = "fake meter, 50 W"
+
+    def start(self):
+        import time
+
+        self.t0 = time.perf_counter()
+
+    def stop(self):
+        import time
+
+        s = time.perf_counter() - self.t0
+        return 50.0 * s, s
+
+
+def test_measure_records_energy_where_a_meter_exists(tmp_path, monkeypatch):
+    from pykernels import tokens_measure
+
+    monkeypatch.setattr(energy, "meter_for", lambda device: (_FakeMeter(), None))
+    m = models.from_dict(
+        {"name": "micro", "layers": 1, "hidden": 64, "heads": 1, "ffn": 64, "vocab": 100, "context": 8}
+    )
+    wl = models.derive(m)
+    doc = tokens_measure.measure(
+        wl,
+        backends=["torch"],
+        dtypes=["float32"],
+        out=tmp_path / "e.json",
+        budget_s=0.002,
+        log=lambda *a: None,
+    )
+    ex = doc["benchmarks"][0]["extra_info"]
+    assert ex["power_w"] == pytest.approx(50.0) and ex["power_source"] == "fake meter, 50 W"
+    (s,) = tokens.compute(wl, tokens.load_measurements([tmp_path / "e.json"]))
+    # energy per call measured directly: J/token = sum(count x J/call) / tokens
+    per_call = {b["extra_info"]["shape"]: b["extra_info"]["energy_j_per_call"] for b in doc["benchmarks"]}
+    want = sum(c.count * per_call[c.problem.label()] for c in wl.decode.calls) / wl.batch
+    assert s.decode.joules_per_token == pytest.approx(want)
+
+
+def test_layer_coverage_in_the_report(tmp_path, wl):
+    s = _stacks(wl, ("native", "native", _times(wl, 1.0)))["native"]
+    layer = {
+        "model": {"name": "mine"},
+        "results": [
+            {"backend": "native", "dtype": "float32", "phase": "prefill", "coverage": 0.8},
+            {"backend": "native", "dtype": "float32", "phase": "decode", "coverage": 0.5},
+        ],
+    }
+    p = _write(tmp_path, layer, "layer.json")
+    cov = tokens.load_coverage(p, "mine")
+    md = tokens.to_markdown(wl, [s], coverage=cov)
+    assert f"| {s.ttft_s / 0.8 * 1e3:.4g} |" in md and f"| {s.tpot_s / 0.5 * 1e3:.4g} |" in md
+    with pytest.raises(ValueError, match="not 'tiny'"):
+        tokens.load_coverage(p, "tiny")
