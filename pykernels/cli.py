@@ -205,6 +205,7 @@ SUBCOMMANDS: dict[str, object] = {
     "plot": _add_plot,
     "validate": "pykernels.validate:add_parser",
     "tokens": "pykernels.tokens:add_parser",
+    "layer": "pykernels.layer:add_parser",
 }
 
 

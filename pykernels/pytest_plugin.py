@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import math
+import re
 import time
 
 import pytest
@@ -47,6 +48,12 @@ def pytest_addoption(parser):
     g.addoption("--sweep", default=None, choices=("smoke", "issue6", "quick", "full"),
                 help="shape sweep: smoke (tiny; default without --benchmark), quick (default with --benchmark, "
                      "< 5 min on a 2-core CPU), issue6, full (LLM shapes of ref-7b-2k)")
+    g.addoption("--model", default=None, metavar="NAME",
+                help="instead of --sweep: exactly the kernel shapes one prefill and one decode step of this model "
+                     "run (built-in: ref-7b-2k, ref-8b-gqa, tiny; or a model JSON file); see `pykernels tokens`")
+    g.addoption("--model-prompt", type=int, default=None, metavar="P", help="with --model: prompt tokens")
+    g.addoption("--model-context", type=int, default=None, metavar="L", help="with --model: decode context")
+    g.addoption("--model-batch", type=int, default=1, metavar="B", help="with --model: decode batch (default 1)")
     g.addoption("--backend", action="append", default=[], metavar="NAME",
                 help="benchmark only this backend (repeatable); default: all registered except triton_interpret")
     g.addoption("--kernel", action="append", default=[], choices=FAMILIES, help="only this family (repeatable)")
@@ -74,7 +81,16 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "pykernels_bench(family): a pykernels benchmark function of that family "
                                        "(parametrized by the pykernels plugin)")
     timing = _timing(config)
-    sweep = config.getoption("sweep") or ("quick" if timing else "smoke")
+    if config.getoption("model"):
+        if config.getoption("sweep"):
+            raise pytest.UsageError("--model and --sweep are exclusive: --model is a sweep of its own")
+        from . import models  # noqa: PLC0415
+
+        try:
+            models.derive(config.getoption("model"), prompt=config.getoption("model_prompt"),
+                          context=config.getoption("model_context"), batch=config.getoption("model_batch"))
+        except (models.ModelError, ValueError) as e:
+            raise pytest.UsageError(f"--model: {e}") from None
     if config.getoption("backend"):
         _backend_names(config)  # an unknown name is a usage error now, not a collection error later
     _state(config)
@@ -84,8 +100,14 @@ def _state(config) -> dict:
     st = config.stash.get(_STATE, None)
     if st is None:  # created on first use: pytest-benchmark may ask for machine_info before our configure
         timing = _timing(config)
+        sweep = config.getoption("sweep") or ("quick" if timing else "smoke")
+        if config.getoption("model"):
+            from .sweeps import model_sweep_name  # noqa: PLC0415
+
+            sweep = model_sweep_name(config.getoption("model"), prompt=config.getoption("model_prompt"),
+                                     context=config.getoption("model_context"), batch=config.getoption("model_batch"))
         st = config.stash[_STATE] = {
-            "timing": timing, "sweep": config.getoption("sweep") or ("quick" if timing else "smoke"), "records": [],
+            "timing": timing, "sweep": sweep, "records": [],
             "journal": None, "peaks": None, "fingerprint": None, "cases": {}, "expected": None,
             "started": time.time()}
     return st
@@ -199,7 +221,8 @@ def _journal(config):
         if path is None:
             from .device import cache_dir  # noqa: PLC0415
 
-            path = cache_dir() / f"journal-{fp['type']}-{fp['id']}-{st['sweep']}.jsonl"
+            safe = re.sub(r"[^A-Za-z0-9._-]+", "_", st["sweep"])  # a model sweep may name a file path
+            path = cache_dir() / f"journal-{fp['type']}-{fp['id']}-{safe}.jsonl"
         st["journal"] = results.Journal(path, resume=config.getoption("resume"))
     return st["journal"]
 

@@ -101,11 +101,32 @@ def _full() -> list[SweepCase]:
 SWEEPS = {"smoke": _smoke, "issue6": _issue6, "quick": _quick, "full": _full}
 
 
+def model_sweep_name(model: str, *, prompt: int | None = None, context: int | None = None, batch: int = 1) -> str:
+    """The sweep name of a model's shapes: `model:NAME:PROMPT:CONTEXT:BATCH` (empty = the model's default)."""
+    return f"model:{model}:{prompt or ''}:{context or ''}:{batch}"
+
+
+def _model(name: str) -> list[SweepCase]:
+    from .models import model_problems  # noqa: PLC0415
+
+    parts = name.split(":")
+    if len(parts) != 5:
+        raise ValueError(f"malformed model sweep {name!r}; expected model:NAME:PROMPT:CONTEXT:BATCH")
+    _, model, prompt, context, batch = parts
+    probs = model_problems(model, prompt=int(prompt) if prompt else None,
+                           context=int(context) if context else None, batch=int(batch))
+    return _cases(probs, (FP32, BF16))
+
+
 def sweep(name: str, *, family: str | None = None, dtypes=None) -> list[SweepCase]:
-    """The cases of sweep `name`, optionally only one family and some dtypes."""
-    if name not in SWEEPS:
+    """The cases of sweep `name` (or of a model, see `model_sweep_name`), optionally only one family and
+    some dtypes."""
+    if name.startswith("model:"):
+        cases = _model(name)
+    elif name not in SWEEPS:
         raise ValueError(f"unknown sweep {name!r}; known: {', '.join(SWEEPS)}")
-    cases = SWEEPS[name]()
+    else:
+        cases = SWEEPS[name]()
     if family is not None:
         cases = [c for c in cases if c.family == family]
     if dtypes:

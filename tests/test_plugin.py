@@ -154,3 +154,22 @@ def test_unknown_backend_is_a_usage_error(project):
     r = run(project, "--backend", "nope")
     assert r.ret == pytest.ExitCode.USAGE_ERROR
     assert "unknown backend(s) nope" in r.stderr.str() + r.stdout.str()
+
+
+def test_model_sweep_runs_exactly_the_models_shapes(project):
+    from pykernels.models import model_problems
+
+    gemms = [p for p in model_problems("tiny", batch=2) if p.family == "gemm"]
+    r = run(project, "--benchmark", "--model", "tiny", "--model-batch", "2", "--kernel", "gemm", "--dtype",
+            "float32", "--backend", "numpy", "--time-budget", "0.01", "--journal", "j.jsonl")
+    r.assert_outcomes(passed=len(gemms), deselected=1)
+    ids = {json.loads(x)["extra_info"]["params"]["M"] for x in (project.path / "j.jsonl").read_text().splitlines()}
+    assert ids == {p.M for p in gemms}
+
+
+def test_model_sweep_bad_model_is_a_usage_error(project):
+    r = run(project, "--benchmark", "--model", "no-such-model")
+    assert r.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--model" in r.stderr.str() + r.stdout.str()
+    r = run(project, "--benchmark", "--model", "tiny", "--sweep", "quick")
+    assert r.ret == pytest.ExitCode.USAGE_ERROR
