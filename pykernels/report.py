@@ -157,13 +157,14 @@ def table_terminal(rows: list[Row]) -> str:
     """Plain text: a block per (device, family, dtype, shape), one line per backend."""
     out = []
     last = None
-    widths = [8, 10, 10, 26, 14, 12, 10, 22, 16, 9, 12, 22]
+    widths = [8, 10, 10, 26, 14, 12, 10, 22, 16, 11, 12, 22]
     for row in rows:
         c = _cells(row)
         head = tuple(c[:4])
         if head != last:
             out.append("")
             out.append(f"{c[1]} {c[2]} {c[3]}   [{c[0]}]")
+            out.append("  " + "".join(x.ljust(w) for x, w in zip(COLUMNS[4:], widths[4:])).rstrip())
             last = head
         out.append("  " + "".join(x.ljust(w) for x, w in zip(c[4:], widths[4:])).rstrip())
     legend = ("penalty = 1 - thr(X)/thr(ref); negative = faster; (~x%) = within noise (p20-p80 ranges overlap); "
