@@ -377,3 +377,27 @@ def time_callable(fn: Callable[[], object], device: str = "cpu", opts: TimingOpt
     if str(device).startswith("cuda"):
         return time_cuda(fn, opts, device=device)
     return time_cpu(fn, opts)
+
+
+def measure_case(problem, dtype: str, backend: str, device: str = "cpu", *, inputs: dict,
+                 budget_s: float = 2.0) -> dict:
+    """Time one kernel problem on one backend with the harness's timer (what `pykernels validate` uses for
+    its performance section): prepared through the public API (validation, compilation and the first call
+    happen before timing), then throughput and % of the roofline bound from the device's measured peaks
+    (cached per machine; measured once when missing)."""
+    from . import device as devmod  # noqa: PLC0415
+    from . import ops, results  # noqa: PLC0415
+    from .kernels import dtype_name, dtype_of  # noqa: PLC0415
+
+    dtype = dtype_name(dtype_of(dtype))  # a name or a torch.dtype
+    fn = ops.prepare(problem.family, backend=backend, **inputs, **problem.call_kwargs())
+    fn()  # compilation / autotuning / lazy initialisation: never timed
+    stats = time_callable(fn, device, TimingOptions(budget_s=budget_s))
+    flops, nbytes = problem.flops(), problem.bytes(dtype_of(dtype))
+    pk = devmod.peaks(device, [dtype])
+    rates = results.throughput(flops, nbytes, stats.median_s)
+    frac = results.roofline_fraction(flops, nbytes, stats.median_s, devmod.peak_flops(pk, dtype),
+                                     devmod.peak_bandwidth(pk))
+    return {"median_s": stats.median_s, "p20_s": stats.p20_s, "p80_s": stats.p80_s, "cv": stats.cv,
+            "rounds": stats.rounds, "tflops": rates["tflops"], "gbps": rates["gbps"],
+            "pct_of_peak": frac["pct_roofline"], "bound": frac["bound"]}

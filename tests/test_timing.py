@@ -242,3 +242,23 @@ def test_peaks_cache_roundtrip_and_raise(tmp_path, monkeypatch):
     assert device.raise_bandwidth_peak(pk, fp, {"bytes_per_s": 30e9})
     again = device.peaks("cpu", ["float32"], measure=False, fp=fp)
     assert device.peak_bandwidth(again) == 30e9 and again["cache"].startswith(str(tmp_path))
+
+
+def test_measure_case_gives_throughput_and_peak_fraction(tmp_path, monkeypatch):
+    """The performance section of `pykernels validate` times through this (peaks from a seeded cache)."""
+    import json
+
+    from pykernels import device
+    from pykernels.kernels import GemmProblem
+
+    monkeypatch.setenv("PYKERNELS_CACHE_DIR", str(tmp_path))
+    fp = device.fingerprint("cpu")
+    (tmp_path / f"peaks-cpu-{fp['id']}.json").write_text(json.dumps({
+        "version": device.PEAKS_VERSION, "bandwidth": {"bytes_per_s": 1e10},
+        "flops": {"float32": {"flops_per_s": 1e11}}}))
+    prob = GemmProblem(M=33, N=64, K=127)
+    inputs = prob.make_inputs(torch.float32, "cpu", seed=0)
+    r = timing.measure_case(prob, torch.float32, "torch", "cpu", inputs=inputs, budget_s=0.05)
+    assert r["median_s"] > 0 and r["p20_s"] <= r["median_s"] <= r["p80_s"]
+    assert r["tflops"] == pytest.approx(prob.flops() / r["median_s"] / 1e12)
+    assert r["pct_of_peak"] is not None and r["pct_of_peak"] > 0

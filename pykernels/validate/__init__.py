@@ -179,6 +179,8 @@ def add_parser(sub) -> None:
     p.add_argument("--no-perf", action="store_true", help="skip the performance section")
     p.add_argument("--quick", action="store_true", help="a reduced shape matrix (every family and kind)")
     p.add_argument("--case-timeout", type=float, default=300.0, help="seconds before a case counts as a hang")
+    p.add_argument("--perf-budget", type=float, default=1.0, metavar="S",
+                   help="seconds of timing per backend and performance case (default 1)")
     p.set_defaults(func=cmd_validate)
 
 
@@ -190,7 +192,8 @@ def cmd_validate(args) -> int:
             print(f"FAIL {row['case']}: {row.get('detail', '')}", file=sys.stderr)
 
     rep = run_validation(args.backend, args.device, plugins=args.plugin, perf=not args.no_perf, quick=args.quick,
-                         case_timeout=args.case_timeout, command=command, progress=progress)
+                         case_timeout=args.case_timeout, perf_budget_s=args.perf_budget, command=command,
+                         progress=progress)
     md = to_markdown(rep)
     if args.out:
         out = Path(args.out)
