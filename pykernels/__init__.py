@@ -14,6 +14,15 @@ def backends() -> list[BackendInfo]:
 
 
 __all__ = [
-    "gemm", "attention", "decode", "backends", "prepare", "register", "Backend", "BackendInfo",
-    "BackendUnavailableError", "UnsupportedError", "__version__",
+    "Backend",
+    "BackendInfo",
+    "BackendUnavailableError",
+    "UnsupportedError",
+    "__version__",
+    "attention",
+    "backends",
+    "decode",
+    "gemm",
+    "prepare",
+    "register",
 ]

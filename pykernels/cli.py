@@ -40,10 +40,10 @@ def _add_info(sub):
 
 
 def cmd_info(args) -> int:
-    import torch  # noqa: PLC0415
+    import torch
 
-    from . import device, report  # noqa: PLC0415
-    from .backends import registry  # noqa: PLC0415
+    from . import device, report
+    from .backends import registry
 
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     fp = device.fingerprint(dev)
@@ -94,7 +94,7 @@ def _results_arg(p):
 
 
 def _load(paths):
-    from .results import ResultFileError, load_many  # noqa: PLC0415
+    from .results import ResultFileError, load_many
 
     try:
         return load_many(paths)
@@ -125,7 +125,7 @@ def _write(path: Path | None, text: str):
 
 
 def cmd_report(args) -> int:
-    from . import report  # noqa: PLC0415
+    from . import report
 
     recs = _load(args.results)
     sys.stdout.write(report.render(recs, args.format))
@@ -147,8 +147,8 @@ def _add_compare(sub):
 
 
 def cmd_compare(args) -> int:
-    from . import report  # noqa: PLC0415
-    from .results import ResultFileError, load  # noqa: PLC0415
+    from . import report
+    from .results import ResultFileError, load
 
     if len(args.results) < 2:
         raise CliError("compare needs at least two result files")
@@ -178,7 +178,7 @@ def _add_plot(sub):
 
 
 def cmd_plot(args) -> int:
-    from . import report  # noqa: PLC0415
+    from . import report
 
     recs = _load(args.results)
     try:
@@ -212,7 +212,7 @@ SUBCOMMANDS: dict[str, object] = {
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pykernels", description="pykernels: the abstraction penalty of kernel "
                                  "backends. Benchmarks run with `pytest --benchmark` (see docs/harness.md).")
-    from . import __version__  # noqa: PLC0415
+    from . import __version__
 
     ap.add_argument("--version", action="version", version=f"pykernels {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -88,7 +88,7 @@ def _versions() -> dict:
 
 
 def cpu_fingerprint() -> dict:
-    import torch  # noqa: PLC0415
+    import torch
 
     info = _cpuinfo()
     flags = set(info.get("flags", "").split())
@@ -108,14 +108,14 @@ def cpu_fingerprint() -> dict:
         "isa": sorted(f for f in _ISA_FLAGS if f in flags),
         "torch_cpu_capability": getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: None)(),
     }
-    from .timing import cpu_llc_bytes  # noqa: PLC0415
+    from .timing import cpu_llc_bytes
 
     fp["llc_bytes"] = cpu_llc_bytes()
     return fp
 
 
 def cuda_fingerprint(index: int = 0) -> dict:
-    import torch  # noqa: PLC0415
+    import torch
 
     p = torch.cuda.get_device_properties(index)
     fp = {
@@ -131,7 +131,7 @@ def cuda_fingerprint(index: int = 0) -> dict:
         "clocks_mhz": None,
     }
     try:  # optional: nvidia-ml-py
-        import pynvml  # noqa: PLC0415
+        import pynvml
 
         pynvml.nvmlInit()
         h = pynvml.nvmlDeviceGetHandleByIndex(index)
@@ -151,7 +151,7 @@ def fingerprint(device: str = "cpu") -> dict:
     fp["os"] = f"{platform.system()} {platform.release()}"
     fp["versions"] = _versions()
     try:
-        from . import _C  # noqa: PLC0415
+        from . import _C
 
         fp["build"] = dict(_C.build_info())
         fp["cpu_features"] = dict(_C.cpu_features())
@@ -209,9 +209,9 @@ def bandwidth_probe(device: str = "cpu", budget_s: float = 1.5) -> dict:
     copy (dst.copy_(src), bytes read + written; write-allocate traffic is not counted) and read (src.sum(),
     bytes read). bytes_per_s, the peak used for % of peak, is the larger: read-dominated kernels (GEMV,
     decode) can beat a copy. Both are timed in turns so that a busy spell hits them alike."""
-    import torch  # noqa: PLC0415
+    import torch
 
-    from . import timing  # noqa: PLC0415
+    from . import timing
 
     if str(device).startswith("cuda"):
         nbytes = max(1 << 30, 4 * timing.cuda_l2_bytes(device))
@@ -234,10 +234,10 @@ def bandwidth_probe(device: str = "cpu", budget_s: float = 1.5) -> dict:
 def compute_probe(device: str, dtype_name: str, budget_s: float = 2.0, max_n: int | None = None) -> dict:
     """The largest square torch.matmul (vendor GEMM) that fits the budget: n doubles from 256 while one call
     stays under ~budget/20; the best FLOP/s seen is the peak. Returns {'flops_per_s', 'n', 'median_s'}."""
-    import torch  # noqa: PLC0415
+    import torch
 
-    from . import timing  # noqa: PLC0415
-    from .kernels._common import dtype_of  # noqa: PLC0415
+    from . import timing
+    from .kernels._common import dtype_of
 
     dt = dtype_of(dtype_name)
     cuda = str(device).startswith("cuda")

@@ -139,7 +139,7 @@ def rapl_domains(root: Path = POWERCAP) -> tuple[list[Path], str | None]:
 
 def _nvml_meter(index: int) -> tuple[Meter | None, str | None]:
     try:
-        import pynvml  # noqa: PLC0415 - optional dependency (pip install nvidia-ml-py)
+        import pynvml
     except ImportError:
         return None, "nvidia-ml-py is not installed (pip install nvidia-ml-py)"
     try:
@@ -176,4 +176,4 @@ def meter_for(device: str) -> tuple[Meter | None, str | None]:
     return None, f"no energy meter for device type {kind!r}"
 
 
-__all__ = ["Meter", "RaplMeter", "NvmlEnergyMeter", "NvmlPowerMeter", "meter_for", "rapl_domains"]
+__all__ = ["Meter", "NvmlEnergyMeter", "NvmlPowerMeter", "RaplMeter", "meter_for", "rapl_domains"]

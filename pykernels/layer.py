@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import models as _models
 from . import device as _device
+from . import models as _models
 from . import ops, timing
 from .backends import registry
 from .kernels import AttentionProblem, DecodeProblem, GemmProblem, dtype_of
@@ -190,10 +190,10 @@ def accuracy(
     rounds. On a GPU each is timed alone (CUDA events) and coverage is the ratio of the medians."""
     if phase == "prefill":
         x = layer.prefill_input(prompt)
-        fwd = lambda: layer.prefill(x)  # noqa: E731
+        fwd = lambda: layer.prefill(x)
     else:
         x, kc, vc, lens = layer.decode_inputs(batch, context)
-        fwd = lambda: layer.decode_step(x, kc, vc, lens)  # noqa: E731
+        fwd = lambda: layer.decode_step(x, kc, vc, lens)
     calls = layer.record(fwd)
     fns = [ops.prepare(fam, backend=layer.backend, **inp) for _, fam, inp in calls]
     opts = timing.TimingOptions(budget_s=budget_s, min_rounds=5, rse_target=0.005)

@@ -84,7 +84,7 @@ def pytest_configure(config):
     if config.getoption("model"):
         if config.getoption("sweep"):
             raise pytest.UsageError("--model and --sweep are exclusive: --model is a sweep of its own")
-        from . import models  # noqa: PLC0415
+        from . import models
 
         try:
             models.derive(config.getoption("model"), prompt=config.getoption("model_prompt"),
@@ -102,7 +102,7 @@ def _state(config) -> dict:
         timing = _timing(config)
         sweep = config.getoption("sweep") or ("quick" if timing else "smoke")
         if config.getoption("model"):
-            from .sweeps import model_sweep_name  # noqa: PLC0415
+            from .sweeps import model_sweep_name
 
             sweep = model_sweep_name(config.getoption("model"), prompt=config.getoption("model_prompt"),
                                      context=config.getoption("model_context"), batch=config.getoption("model_batch"))
@@ -117,13 +117,13 @@ def _device(config) -> str:
     dev = config.getoption("device")
     if dev:
         return dev
-    import torch  # noqa: PLC0415
+    import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _backend_names(config) -> list[str]:
-    from .backends import registry  # noqa: PLC0415
+    from .backends import registry
 
     known = registry.all_backends()
     asked = config.getoption("backend")
@@ -137,7 +137,7 @@ def _backend_names(config) -> list[str]:
 
 
 def _dtypes(config) -> list[str]:
-    from .kernels import dtype_name, dtype_of  # noqa: PLC0415
+    from .kernels import dtype_name, dtype_of
 
     out = []
     for d in config.getoption("dtype"):
@@ -156,7 +156,7 @@ def pytest_generate_tests(metafunc):
         raise pytest.UsageError(f"{metafunc.definition.nodeid}: a function using 'kernel_case' needs "
                                 f"@pytest.mark.pykernels_bench(<one of {', '.join(FAMILIES)}>)")
     family = mark.args[0]
-    from . import sweeps  # noqa: PLC0415
+    from . import sweeps
 
     config = metafunc.config
     st = _state(config)
@@ -214,12 +214,12 @@ def pytest_collection_modifyitems(config, items):
 def _journal(config):
     st = _state(config)
     if st["journal"] is None:
-        from . import results  # noqa: PLC0415
+        from . import results
 
         fp = _fingerprint(config)
         path = config.getoption("journal")
         if path is None:
-            from .device import cache_dir  # noqa: PLC0415
+            from .device import cache_dir
 
             safe = re.sub(r"[^A-Za-z0-9._-]+", "_", st["sweep"])  # a model sweep may name a file path
             path = cache_dir() / f"journal-{fp['type']}-{fp['id']}-{safe}.jsonl"
@@ -230,7 +230,7 @@ def _journal(config):
 def _fingerprint(config) -> dict:
     st = _state(config)
     if st["fingerprint"] is None:
-        from . import device  # noqa: PLC0415
+        from . import device
 
         st["fingerprint"] = device.fingerprint(_device(config))
     return st["fingerprint"]
@@ -241,7 +241,7 @@ def _peaks(config) -> dict:
     measured afresh: its figure goes into every record, and raises the cached peak when higher."""
     st = _state(config)
     if st["peaks"] is None:
-        from . import device, sweeps  # noqa: PLC0415
+        from . import device, sweeps
 
         dtypes = sorted({c.dtype for c in sweeps.sweep(st["sweep"], dtypes=_dtypes(config))})
         fp = _fingerprint(config)
@@ -254,7 +254,7 @@ def _peaks(config) -> dict:
 
 def _slice_inputs(problem, inputs: dict) -> tuple[dict, callable]:
     """A cheap-to-check part of a large problem: (inputs of the part, out -> the matching part of out)."""
-    import torch  # noqa: PLC0415
+    import torch
 
     if problem.family == "gemm":
         idx = torch.linspace(0, problem.M - 1, steps=min(64, problem.M)).round().long().unique()
@@ -278,8 +278,8 @@ def _slice_inputs(problem, inputs: dict) -> tuple[dict, callable]:
 
 def _inputs_and_check(config, case, device: str):
     """Inputs and a checker for (problem, dtype, device), cached for the next backend of the same shape."""
-    from . import verify  # noqa: PLC0415
-    from .kernels import dtype_of  # noqa: PLC0415
+    from . import verify
+    from .kernels import dtype_of
 
     st = _state(config)
     key = (case.problem, case.dtype, device)
@@ -334,8 +334,8 @@ def kernel_bench(request):
 
 
 def _skip_reason(name: str, case, device: str, timing: bool) -> str | None:
-    from .backends import registry  # noqa: PLC0415
-    from .kernels import dtype_of  # noqa: PLC0415
+    from .backends import registry
+    from .kernels import dtype_of
 
     b = registry.all_backends().get(name)
     if b is None:
@@ -349,10 +349,10 @@ def _skip_reason(name: str, case, device: str, timing: bool) -> str | None:
 
 
 def _run_case(request, case_id: str) -> None:
-    import pykernels as pk  # noqa: PLC0415
+    import pykernels as pk
 
-    from . import results, timing  # noqa: PLC0415
-    from .backends import registry  # noqa: PLC0415
+    from . import results, timing
+    from .backends import registry
 
     config = request.config
     st = _state(config)
@@ -399,12 +399,12 @@ def _run_case(request, case_id: str) -> None:
     stats = timing.time_callable(timed, device, opts)
     out = last.pop()  # the output of the last timed call: a fast wrong answer fails
     if device.startswith("cuda"):
-        import torch  # noqa: PLC0415
+        import torch
 
         torch.cuda.synchronize()
     err, ok = check(out)
     del out
-    from . import device as devmod  # noqa: PLC0415
+    from . import device as devmod
 
     fp, pk_ = _fingerprint(config), _peaks(config)
     try:
@@ -437,7 +437,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     pytest-benchmark's --benchmark-compare warns when machine_info differs (the sweep is in extra_info)."""
     if not _timing(config):
         return
-    from .device import device_label  # noqa: PLC0415
+    from .device import device_label
 
     fp = _fingerprint(config)
     machine_info["pykernels"] = {"device": {**fp, "label": device_label(fp)}, "peaks": _peaks(config)}
@@ -452,7 +452,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line(f"pykernels journal: {st['journal'].path}")
     if not st["records"]:
         return
-    from . import report, results  # noqa: PLC0415
+    from . import report, results
 
     recs = []
     for ex in st["records"]:

@@ -324,10 +324,10 @@ def compare_text(runs: list[tuple[str, list[Record]]], fmt: str = "terminal") ->
 
 def _plt():
     try:
-        import matplotlib  # noqa: PLC0415
+        import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
+        import matplotlib.pyplot as plt
     except ImportError as e:
         raise RuntimeError(f"plotting needs matplotlib (pip install 'pykernels[plot]'): {e}") from None
     return plt
@@ -440,7 +440,7 @@ def plot_penalties(records: list[Record], out_dir: Path, against: str = "native"
                 lab = f"{'~' if pen.noise else ''}{v:+.0f}%"
                 ax.text(shown, y, f" {lab}" if v >= 0 else f"{lab} ", va="center",
                         ha="left" if v >= 0 else "right", fontsize=6)
-        from matplotlib.patches import Patch  # noqa: PLC0415
+        from matplotlib.patches import Patch
 
         handles = [Patch(facecolor=colors[b], label=b) for b in backends]
         handles.append(Patch(facecolor="white", hatch="//", edgecolor="0.3", label="within noise"))

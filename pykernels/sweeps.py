@@ -107,7 +107,7 @@ def model_sweep_name(model: str, *, prompt: int | None = None, context: int | No
 
 
 def _model(name: str) -> list[SweepCase]:
-    from .models import model_problems  # noqa: PLC0415
+    from .models import model_problems
 
     parts = name.split(":")
     if len(parts) != 5:

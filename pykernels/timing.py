@@ -191,7 +191,7 @@ def time_cpu(fn: Callable[[], object], opts: TimingOptions | None = None,
             break
     flush_buf = None
     if opts.flush:
-        import torch  # noqa: PLC0415
+        import torch
 
         flush_buf = torch.empty(flush_size(cpu_llc_bytes()) // 4, dtype=torch.float32)
         k = 1
@@ -237,7 +237,7 @@ def time_round_robin_cpu(fns: list[Callable[[], object]], opts: TimingOptions | 
 
 
 def _torch_cuda():
-    import torch  # noqa: PLC0415
+    import torch
 
     return torch.cuda
 
@@ -283,7 +283,7 @@ def _capture_graphs(fn, flush, k: int, dev, cuda) -> tuple:
 
 
 def _torch_flush(nbytes: int, dev) -> Callable[[], object]:
-    import torch  # noqa: PLC0415
+    import torch
 
     buf = torch.empty(nbytes // 4, dtype=torch.float32, device=dev)
     return buf.zero_
@@ -385,9 +385,9 @@ def measure_case(problem, dtype: str, backend: str, device: str = "cpu", *, inpu
     its performance section): prepared through the public API (validation, compilation and the first call
     happen before timing), then throughput and % of the roofline bound from the device's measured peaks
     (cached per machine; measured once when missing)."""
-    from . import device as devmod  # noqa: PLC0415
-    from . import ops, results  # noqa: PLC0415
-    from .kernels import dtype_name, dtype_of  # noqa: PLC0415
+    from . import device as devmod
+    from . import ops, results
+    from .kernels import dtype_name, dtype_of
 
     dtype = dtype_name(dtype_of(dtype))  # a name or a torch.dtype
     fn = ops.prepare(problem.family, backend=backend, **inputs, **problem.call_kwargs())

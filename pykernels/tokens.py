@@ -124,7 +124,7 @@ def load_measurements(paths) -> list[Measurement]:
     out = []
     for p in paths:
         if str(p).endswith(".jsonl"):  # a harness journal (results.py): one case per line
-            from . import results  # noqa: PLC0415
+            from . import results
 
             entries = results.read_journal(p)
             doc = {"benchmarks": [{"extra_info": e["extra_info"]} for e in entries
@@ -568,7 +568,7 @@ def run(args) -> int:
         return 0
     sources = [str(p) for p in args.results]
     if args.measure:
-        from .tokens_measure import measure  # noqa: PLC0415 - torch-heavy, only when measuring
+        from .tokens_measure import measure
 
         if args.out is None:
             print("pykernels tokens: --measure needs --out FILE", file=sys.stderr)

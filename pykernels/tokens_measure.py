@@ -134,7 +134,7 @@ def measure(
             inputs = prob.make_inputs(dtype, device=device, seed=0)
             exp = None
             if check and prob.flops() <= CHECK_MAX_FLOPS:
-                from . import verify  # noqa: PLC0415
+                from . import verify
 
                 exp = verify.expected(prob, inputs)
             cases = []  # (backend, callable, extra)

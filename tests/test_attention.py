@@ -1,9 +1,8 @@
 import pytest
 import torch
+from conftest import DEVICES, run_checked
 
 from pykernels.kernels import AttentionProblem
-
-from conftest import DEVICES, run_checked
 
 # (B, Hq, Hkv, S, D): GQA ratios 1, 4 and 8, odd sequence lengths around the tile sizes.
 SHAPES = [

@@ -1,9 +1,8 @@
 import pytest
 import torch
+from conftest import DEVICES, run_checked
 
 from pykernels.kernels import DecodeProblem
-
-from conftest import DEVICES, run_checked
 
 # (B, Hq, Hkv, context, D, paged, block_size, ragged)
 SHAPES = [

@@ -1,9 +1,8 @@
 import pytest
 import torch
+from conftest import CORE_BACKENDS, DEVICES, run_checked
 
 from pykernels.kernels import GemmProblem
-
-from conftest import CORE_BACKENDS, DEVICES, run_checked
 
 # Odd sizes around the block sizes of the kernels (1, 7, 63/64/65, 127, 1000, 1023/1025) and powers of two.
 SHAPES = [

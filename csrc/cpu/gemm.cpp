@@ -808,15 +808,36 @@ PK_AVX512 void direct_reduce(const float* part, int64_t stride, int nt, int64_t 
   _mm512_mask_storeu_epi16(c + g * 32, mask32(w - g * 32), v);
 }
 
+// Contention guard of the direct path. It is memory-bound and short (~1.4 ms at K = N = 4096 fp32 on
+// 2 threads), so when another process holds one of the cores, the partner thread is often started late
+// or preempted in the middle of an item, and thread 0 then waits a scheduler tick (4 ms) for it, at the
+// final barrier or in the OpenMP join: measured, fp32 M = 1 with one busy process beside it took 8-12
+// ms on 2 threads against 2.9 ms on 1 (torch's single-thread GEMV: 3.1-3.3 ms). So thread 0 measures
+// how long it waited for the others; when that is more than a quarter of the call (and > 200 us), the
+// next `backoff` direct calls run on one thread, then 2 threads are tried again; the backoff doubles
+// (up to kSoloMax) while the waits persist and is reset by a call without them.
+constexpr int kSoloMin = 4, kSoloMax = 256;
+constexpr auto kSoloMinWait = std::chrono::microseconds(200);
+std::atomic<int> g_solo_left{0};        // direct calls left to run on one thread
+std::atomic<int> g_solo_backoff{kSoloMin};
+
 template <class T> void gemm_direct_avx512(const GemmParams& p) {
   static constexpr auto direct = direct_table<T>(std::make_index_sequence<kDirectMaxM>());
+  using clock = std::chrono::steady_clock;
   const int64_t M = p.M, N = p.N, K = p.K;
   const T* A = static_cast<const T*>(p.a);
   const T* B = static_cast<const T*>(p.b);
   T* C = static_cast<T*>(p.c);
   const int64_t W = std::min(cdiv(N, 32) * 32, kDirectPartialFloats / M / 32 * 32);  // chunk of columns
   const int64_t items = cdiv(K, kDirectRows);
-  const int nt = static_cast<int>(std::min<int64_t>(pick_threads(p), items));
+  int nt = static_cast<int>(std::min<int64_t>(pick_threads(p), items));
+  if (nt > 1 && g_solo_left.load(std::memory_order_relaxed) > 0) {
+    g_solo_left.fetch_sub(1, std::memory_order_relaxed);
+    nt = 1;
+  }
+  const auto t_start = clock::now();
+  clock::duration waited{0};  // thread 0's time in barriers and in the OpenMP join
+  clock::time_point t0_done;
   const int64_t stride = M * W;  // floats per thread partial
   Carver cv;
   cv.take<float>(2 * nt * stride);
@@ -832,16 +853,34 @@ template <class T> void gemm_direct_avx512(const GemmParams& p) {
         const int64_t k = it * kDirectRows;
         direct[M - 1](A + k, K, B + k * N + j0, N, std::min(kDirectRows, K - k), w, part, tmp);
       }
-      team.barrier();
+      auto barrier = [&] {
+        if (t != 0 || nt == 1) return team.barrier();
+        const auto w0 = clock::now();
+        team.barrier();
+        waited += clock::now() - w0;
+      };
+      barrier();
       const bool last = j0 + W >= N;  // as in gemm_slabs: the last sum is thread 0's alone
       const int64_t g0 = last ? 0 : groups * t / nt, g1 = last ? (t == 0 ? groups : 0) : groups * (t + 1) / nt;
       for (int64_t mg = g0; mg < g1; ++mg) {
         const int64_t m = mg / (wp / 32);
         direct_reduce(parts, stride, nt, wp, m, mg % (wp / 32), w, C + m * N + j0);
       }
-      if (!last) team.barrier();  // the partials are reused by the next chunk
+      if (!last) barrier();  // the partials are reused by the next chunk
     }
+    if (t == 0) t0_done = clock::now();
   });
+  if (nt > 1) {
+    const auto t_end = clock::now();
+    waited += t_end - t0_done;  // the join
+    if (waited > kSoloMinWait && 4 * waited > t_end - t_start) {
+      const int b = g_solo_backoff.load(std::memory_order_relaxed);
+      g_solo_left.store(b, std::memory_order_relaxed);
+      g_solo_backoff.store(std::min(2 * b, kSoloMax), std::memory_order_relaxed);
+    } else {
+      g_solo_backoff.store(kSoloMin, std::memory_order_relaxed);
+    }
+  }
 }
 #endif  // PK_X86
 

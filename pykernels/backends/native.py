@@ -14,7 +14,7 @@ HEAD_DIMS = (64, 128)
 
 
 def _ext():
-    from .. import _C  # noqa: PLC0415 - imported lazily so that a failed build is a reason, not a crash
+    from .. import _C
 
     return _C
 

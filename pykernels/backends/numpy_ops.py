@@ -18,12 +18,12 @@ class NumpyBackend(Backend):
 
     def availability(self) -> str | None:
         try:
-            import numpy  # noqa: F401, PLC0415
+            import numpy  # noqa: F401
         except ImportError as e:
             return f"numpy is not installed ({e})"
         return None
 
     def gemm(self, a, b):
-        import numpy as np  # noqa: PLC0415
+        import numpy as np
 
         return torch.from_numpy(np.matmul(a.numpy(), b.numpy()))

@@ -37,7 +37,7 @@ class TorchCompileBackend(Backend):
     def _fn(self, family, fn):
         with self._lock:
             if family not in self._compiled:
-                import torch._dynamo as dynamo  # noqa: PLC0415
+                import torch._dynamo as dynamo
 
                 # Every benchmarked shape is its own specialization; the default limit (8) would make
                 # dynamo fall back to eager after a few shapes, and that would be timed as "compiled".

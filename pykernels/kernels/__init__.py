@@ -14,6 +14,17 @@ FAMILIES = {"gemm": gemm, "attention": attention, "decode": decode}
 PROBLEMS = {"gemm": GemmProblem, "attention": AttentionProblem, "decode": DecodeProblem}
 
 __all__ = [
-    "FAMILIES", "PROBLEMS", "DTYPES", "GemmProblem", "AttentionProblem", "DecodeProblem",
-    "attention", "decode", "gemm", "dtype_name", "dtype_of", "rel_error", "tolerance",
+    "DTYPES",
+    "FAMILIES",
+    "PROBLEMS",
+    "AttentionProblem",
+    "DecodeProblem",
+    "GemmProblem",
+    "attention",
+    "decode",
+    "dtype_name",
+    "dtype_of",
+    "gemm",
+    "rel_error",
+    "tolerance",
 ]

@@ -243,14 +243,14 @@ def model_problems(
 
 
 __all__ = [
+    "KernelCall",
     "ModelConfig",
     "ModelError",
-    "KernelCall",
     "Phase",
     "Workload",
     "builtin_names",
-    "load",
-    "from_dict",
     "derive",
+    "from_dict",
+    "load",
     "model_problems",
 ]

@@ -95,6 +95,7 @@ def _bad_inputs(family: str, inputs: dict):
 
 def run_case(backend, device: str, case: dict) -> dict:
     import pykernels as pk
+
     from .. import verify
     from ..kernels import dtype_of
 
