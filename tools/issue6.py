@@ -1,0 +1,122 @@
+"""The issue-6 table: native vs torch on this CPU, as ratios timed in turns in one process.
+
+    python tools/issue6.py --out results/cpu-zen4-2c/issue6 [--budget 4] [--threads 2]
+
+For every case of the `issue6` sweep (pykernels/sweeps.py) the native and the torch callables (from
+pk.prepare: validation and the first call happen before timing) are timed round-robin, one call of each
+per round, so that a busy spell on a shared machine slows both alike. ratio = throughput(native) /
+throughput(torch) = median time(torch) / median time(native). A copy bandwidth (dst.copy_(src) of 256 MiB,
+read + write bytes) and a read bandwidth (src.sum()) are measured at the start and at the end of the same
+run; the memory-bound cases (decode-sized GEMMs, decode) report their bytes/s as % of the copy bandwidth.
+The native output is checked against torch's (the float64 checks live in the tests and the sweeps).
+Writes OUT.json (every sample statistic) and OUT.md (the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import pykernels as pk
+from pykernels import device, sweeps, timing
+from pykernels.kernels import dtype_of
+
+TARGET = {"gemm": 1.0, "attention": 1.0, "decode": 1.2}
+
+
+def target(case) -> float:
+    p = case.problem
+    if p.family == "gemm" and p.M >= 1024:
+        return 0.60 if case.dtype == "bfloat16" else 0.90
+    return TARGET[p.family]
+
+
+def memory_bound(case) -> bool:
+    return case.family == "decode" or (case.family == "gemm" and case.problem.M <= 16)
+
+
+def bandwidth() -> dict:
+    return device.bandwidth_probe("cpu", budget_s=2.0)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="output stem: writes OUT.json and OUT.md")
+    ap.add_argument("--budget", type=float, default=4.0, help="seconds of round-robin timing per case")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
+    ap.add_argument("--kernel", action="append", default=[], help="only this family (repeatable)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cases = [c for c in sweeps.sweep("issue6") if not args.kernel or c.family in args.kernel]
+    bw0 = bandwidth()
+    rows = []
+    for case in cases:
+        p, dt = case.problem, dtype_of(case.dtype)
+        inputs = p.make_inputs(dt, "cpu", seed=0)
+        kw = p.call_kwargs()
+        fns = [pk.prepare(p.family, backend=b, **inputs, **kw) for b in ("native", "torch")]
+        out_native, out_torch = fns[0](), fns[1]()
+        err = ((out_native.double() - out_torch.double()).abs().max() /
+               out_torch.double().abs().max().clamp_min(1e-30)).item()
+        opts = timing.TimingOptions(budget_s=args.budget, rse_target=0.01, min_rounds=5, warmup_s=0.2)
+        t0 = time.perf_counter()
+        st_native, st_torch = timing.time_round_robin_cpu(fns, opts)
+        nbytes, flops = p.bytes(dt), p.flops()
+        row = {"family": p.family, "dtype": case.dtype, "shape": p.label(), "params": p.__dict__ | {},
+               "flops": flops, "bytes": nbytes, "target": target(case), "memory_bound": memory_bound(case),
+               "native": st_native.as_dict(), "torch": st_torch.as_dict(),
+               "ratio": st_torch.median_s / st_native.median_s,
+               "ratio_p20_p80": [st_torch.p20_s / st_native.p80_s, st_torch.p80_s / st_native.p20_s],
+               "native_vs_torch_rel_error": err, "seconds": time.perf_counter() - t0}
+        rows.append(row)
+        print(f"{p.family:9s} {case.dtype:8s} {p.label():40s} native {st_native.median_s * 1e3:9.3f} ms  "
+              f"torch {st_torch.median_s * 1e3:9.3f} ms  ratio {row['ratio']:5.2f}", flush=True)
+    bw1 = bandwidth()
+    copy_bw = max(bw0["copy_bytes_per_s"], bw1["copy_bytes_per_s"])
+    for r in rows:
+        r["native_bytes_per_s"] = r["bytes"] / r["native"]["median_s"]
+        r["pct_copy_bw"] = 100.0 * r["native_bytes_per_s"] / copy_bw if r["memory_bound"] else None
+        r["met"] = r["ratio"] >= r["target"] and (r["family"] != "decode" or r["pct_copy_bw"] >= 80.0)
+    fp = device.fingerprint("cpu")
+    doc = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "device": fp,
+           "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
+           "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "bandwidth_start": bw0,
+           "bandwidth_end": bw1, "copy_bytes_per_s": copy_bw, "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    out.with_suffix(".md").write_text(to_markdown(doc))
+    print(to_markdown(doc))
+    return 0
+
+
+def to_markdown(doc: dict) -> str:
+    lines = ["| family | dtype | shape | native | torch | native ÷ torch (p20–p80 range) | target | "
+             "native GB/s, % of copy | met |", "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in doc["rows"]:
+        tn, tt = r["native"]["median_s"], r["torch"]["median_s"]
+        if r["memory_bound"]:
+            thr = f"{r['native_bytes_per_s'] / 1e9:.1f} GB/s, {r['pct_copy_bw']:.0f}%"
+        else:
+            thr = "—"
+        lo, hi = r["ratio_p20_p80"]
+        tgt = f"≥ {r['target']:.2f}" + (", ≥ 80% copy" if r["family"] == "decode" else "")
+        lines.append(f"| {r['family']} | {r['dtype']} | {r['shape']} | {tn * 1e3:.3f} ms | {tt * 1e3:.3f} ms | "
+                     f"**{r['ratio']:.2f}** ({lo:.2f}–{hi:.2f}) | {tgt} | {thr} | {'yes' if r['met'] else 'NO'} |")
+    bw = doc["copy_bytes_per_s"]
+    lines += ["", f"Copy bandwidth in the same run (best of start and end, 256 MiB `copy_`, read + write bytes): "
+              f"{bw / 1e9:.1f} GB/s. torch {doc['torch']}, {doc['threads']} threads, {doc['time_utc']}.",
+              f"Command: `{doc['command']}`", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
