@@ -14,6 +14,9 @@ SHAPES = [
     (1, 32, 4, 4096, 128, False, 16, False),  # one long sequence: the context is split across threads
     (2, 4, 4, 3, 64, True, 1, True),         # block size 1
     (8, 32, 32, 257, 128, True, 16, False),
+    (1, 32, 1, 3000, 128, True, 16, False),   # MQA, paged, split: one item per chunk of every head
+    (2, 10, 2, 2000, 64, True, 16, True),     # g = 5 (a block of 4 heads + 1), split, ragged
+    (1, 6, 2, 700, 128, False, 16, False),    # g = 3, split
 ]
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -71,3 +74,21 @@ def test_decode_paged_equals_contiguous():
     a = pk.decode(x["q"], x["k_cache"], x["v_cache"], x["context_lens"], block_table=x["block_table"])
     b = pk.decode(x["q"], k, v, x["context_lens"])
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_nan_inside_the_context_propagates(dtype, split, backend):
+    """A NaN in a K row the sequence attends to must reach that sequence's output (and no other's):
+    a kernel that masks it away would hide a corrupted cache. split: one long sequence, whose context
+    the native kernel splits across threads, so the NaN sits in one chunk's partial."""
+    import pykernels as pk
+
+    p = DecodeProblem(1, 4, 1, 3000, 64) if split else DecodeProblem(3, 4, 2, 100, 64, ragged=True)
+    x = p.make_inputs(dtype)
+    x["k_cache"][0, 0, 37, 5] = float("nan")  # contiguous cache [B, Hkv, L, D]: sequence 0, kv head 0
+    out = pk.decode(**x, backend=backend)
+    assert torch.isnan(out[0, :2 if not split else 4]).all()
+    if not split:
+        assert not torch.isnan(out[0, 2:]).any() and not torch.isnan(out[1:]).any()

@@ -1,28 +1,531 @@
-// PLACEHOLDER (scalar) -- replaced by the split-context AVX-512 kernel.
+// Decode attention on CPUs: one query token per sequence against a KV cache (contiguous or paged),
+// o = softmax(scale * q K^T over the first context_lens[b] tokens) V. Memory-bound: every K/V row of
+// the context is read exactly once, so the goal is DRAM speed.
+//
+// Work item = (sequence b, kv heads, context chunk): one kv head on a contiguous cache, all of them on a
+// paged one (a block holds every head's rows back to back, so walking the heads inside each block reads
+// long runs). An item computes all g = Hq/Hkv query heads of each GQA group, so each K/V row is fetched
+// from memory once and reused g times from L1. Items run over OpenMP threads (dynamic). When the items
+// alone cannot keep every thread busy (fewer than 2 per thread), each sequence's context is split into
+// chunks; every chunk leaves a partial (running max m, sum l, unnormalized o) and a second pass merges
+// them (log-sum-exp, base 2). Per item, steps of kT = 64 tokens of one kv head:
+//   row offsets    one per token, this step's and the next step's (page by page through the table);
+//                  the loops below prefetch the row ~16 KB ahead of the one they read (see kPfBytes)
+//   S = q K^T      per head and 16 tokens: 16 dot vectors (fp32 FMA, or vdpbf16ps on bf16 pairs),
+//                  reduced by one transposed 16-way horizontal sum (attn_common.h)
+//   online softmax base 2 (q, or the scores, carry scale * log2 e), mask past the context
+//   o = a o + P V  fp32 accumulators in registers for up to 4 heads x 64 columns; bf16 V widened in
+//                  registers: one 64-byte load gives the even columns (32-bit shift) and the odd ones
+//                  (mask), accumulated de-interleaved and re-interleaved once at the end.
+// Paths, chosen at run time from CPUID (cpu_features.cpp): fp32 (AVX-512F); bf16 with AVX512_BF16
+// (vdpbf16ps for q.K, exact products); bf16 with AVX-512F only (K widened like V); no AVX-512 or a
+// head dim other than 64/128: portable scalar online softmax (correct, not fast).
+// Rows past a sequence's length (and blocks it does not own) are never read, so whatever they hold
+// (NaN included) cannot reach the output. Inputs were checked by csrc/bindings.cpp (context_lens in
+// 1..capacity, block-table entries in range). All index arithmetic is 64-bit.
+#include <omp.h>
+
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
+
+#include "cpu/attn_common.h"
 #include "cpu/cpu.h"
 #include "cpu/scalar.h"
+#include "cpu/vec.h"
+
 namespace pk::cpu {
-template <typename T> static void dec_t(const DecodeParams& p) {
-  const T* Q = static_cast<const T*>(p.q); const T* K = static_cast<const T*>(p.k); const T* V = static_cast<const T*>(p.v); T* O = static_cast<T*>(p.o);
-  const int64_t D = p.D, g = p.Hq / p.Hkv;
-#pragma omp parallel for
-  for (int64_t bh = 0; bh < p.B * p.Hq; ++bh) {
-    const int64_t b = bh / p.Hq, h = bh % p.Hq, hk = h / g, n = p.context_lens[b];
-    std::vector<float> s(n), acc(D, 0.f); float mx = -INFINITY;
-    auto row = [&](int64_t t) { return ((decode_block(p, b, t) * p.Hkv + hk) * p.block_size + t % p.block_size) * D; };
-    for (int64_t t = 0; t < n; ++t) { float d = 0; for (int64_t x = 0; x < D; ++x) d += load_f(Q, bh * D + x) * load_f(K, row(t) + x); s[t] = d * p.scale; mx = std::fmax(mx, s[t]); }
-    float l = 0; for (int64_t t = 0; t < n; ++t) { s[t] = std::exp(s[t] - mx); l += s[t]; }
-    for (int64_t t = 0; t < n; ++t) for (int64_t x = 0; x < D; ++x) acc[x] += s[t] * load_f(V, row(t) + x);
-    for (int64_t x = 0; x < D; ++x) store_f(O, bh * D + x, acc[x] / l);
+namespace {
+
+using attn::AlignedBuf;
+using attn::round_up;
+
+// Tokens per tile: 64 scores per head = 4 zmm; the tile's K and V rows (64 x 512 B each at D = 128
+// fp32 = 64 KB) stay in the 1 MB L2 between the q.K pass and the P.V pass.
+constexpr int64_t kT = 64;
+// Heads per P.V register block: 4 heads x 4 zmm (64 columns) = 16 accumulators + 4 V + 1 broadcast.
+constexpr int kG = 4;
+// Shortest context chunk worth a partial: the merge costs ~g*D*3 flops per chunk, 256 tokens cost
+// 256*g*D*4; below that the split buys no balance worth having.
+constexpr int64_t kMinChunk = 256;
+// Below this many K/V bytes, one thread: a fork/join (~5-20 us on a shared VM) costs more than it saves.
+constexpr int64_t kMinParallelBytes = 256 * 1024;
+static_assert(kT % 16 == 0 && kT / 16 <= 8, "scores of a tile are kT/16 zmm per head");
+static_assert(kMinChunk % kT == 0, "chunks are whole tiles");
+
+enum class Kind { f32, bf16_dp, bf16_w };
+
+struct Ctx {
+  const DecodeParams* p;
+  int64_t g, chunk;  // heads per kv head; tokens per chunk
+  float c;           // scale * log2(e)
+  float* part;       // partials [B*Hkv][nchunk][g][D + 16] (o[D], m, l), or null
+  int64_t nchunk;
+};
+
+// Element pointer of row (token t, kv head hk) of sequence b in cache `base`.
+template <typename T>
+inline const T* row_ptr(const DecodeParams& p, const T* base, int64_t b, int64_t hk, int64_t t) {
+  const int64_t blk = decode_block(p, b, t);
+  return base + ((blk * p.Hkv + hk) * p.block_size + t % p.block_size) * p.D;
+}
+
+// Row pointers of tokens [t0, t0 + n) of (b, hk) for both caches (the offset into K and V is the same).
+// Walks page by page: one table look-up per page, not per token.
+inline void tile_rows(const DecodeParams& p, int64_t b, int64_t hk, int64_t t0, int64_t n, int64_t es,
+                      int64_t* off) {
+  const int64_t bs = p.block_size, rowb = p.D * es;
+  int64_t j = 0;
+  while (j < n) {
+    const int64_t t = t0 + j, r = t % bs, run = std::min(n - j, bs - r);
+    const int64_t base = ((decode_block(p, b, t) * p.Hkv + hk) * bs + r) * rowb;
+    for (int64_t i = 0; i < run; ++i) off[j + i] = base + i * rowb;
+    j += run;
   }
 }
+
+#if defined(__x86_64__)
+
+// ---- q . K ---------------------------------------------------------------------------------------
+
+// One dot vector (16 partial sums) of q (prepared per Kind) with the K row at `k`.
+template <Kind KD, int D>
+PK_AVX512BF16 PK_ALWAYS_INLINE __m512 dot_vec(const float* q, const char* k) {
+  if constexpr (KD == Kind::f32) {
+    const float* kf = reinterpret_cast<const float*>(k);
+    __m512 a = _mm512_mul_ps(_mm512_load_ps(q), _mm512_loadu_ps(kf));
+    __m512 b = _mm512_mul_ps(_mm512_load_ps(q + 16), _mm512_loadu_ps(kf + 16));
+#pragma GCC unroll 8
+    for (int c = 2; c < D / 16; c += 2) {
+      a = _mm512_fmadd_ps(_mm512_load_ps(q + 16 * c), _mm512_loadu_ps(kf + 16 * c), a);
+      b = _mm512_fmadd_ps(_mm512_load_ps(q + 16 * c + 16), _mm512_loadu_ps(kf + 16 * c + 16), b);
+    }
+    return _mm512_add_ps(a, b);
+  } else if constexpr (KD == Kind::bf16_dp) {
+    // q: D bf16 as D/2 32-bit pairs; products of bf16 pairs are exact in fp32.
+    __m512 a = _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int c = 0; c < D / 32; ++c)
+      a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(k + 64 * c), (__m512bh)_mm512_load_si512(q + 16 * c));
+    return a;
+  } else {
+    // q: per 32 columns, 16 even then 16 odd fp32 values (pre-scaled); K widened the same way.
+    const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+    __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int c = 0; c < D / 32; ++c) {
+      const __m512i x = _mm512_loadu_si512(k + 64 * c);
+      a = _mm512_fmadd_ps(_mm512_load_ps(q + 32 * c), _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)), a);
+      b = _mm512_fmadd_ps(_mm512_load_ps(q + 32 * c + 16), _mm512_castsi512_ps(_mm512_and_si512(x, hi)), b);
+    }
+    return _mm512_add_ps(a, b);
+  }
+}
+
+// Software prefetch, row by row at a fixed distance: the q.K loop prefetches the K row kPfBytes ahead
+// of the one it reads, the P.V loop the V row, across tile (and kv-head step) boundaries, so ~16 KB
+// per stream are always in flight while the core computes. Into L2 (T1): the hardware prefetchers lose
+// the stream at every 4 KB page of a paged cache and at every K/V switch, and a T0 prefetch (or one
+// burst of a whole tile per tile) evicts the L1 working set. Measured, B=8 Hq=Hkv=32 L=4096 fp32 on 1
+// thread: 12.6 GB/s with a burst per tile, 19.7 with this (notes/cpu_decode.md).
+constexpr int64_t kPfBytes = 16 * 1024;
+template <int D, int64_t ES>
+constexpr int64_t pf_rows() {
+  return std::clamp<int64_t>(kPfBytes / (D * ES), 16, kT);
+}
+
+template <int D, int64_t ES>
+PK_ALWAYS_INLINE void prefetch_row(const char* r) {
+#pragma GCC unroll 8
+  for (int64_t c = 0; c < D * ES; c += 64) _mm_prefetch(r + c, _MM_HINT_T1);
+}
+
+// Scores of the g heads for the tokens of a tile: s[h][0:kT] (base 2), -inf past n. 16 tokens at a
+// time for every head, so those 16 K rows (8 KB at D = 128 fp32) are re-read from L1, not L2.
+template <Kind KD, int D>
+PK_AVX512BF16 PK_ALWAYS_INLINE void scores(int64_t g, const float* q, const char* kb, const int64_t* off,
+                                           int64_t n, int64_t npf, float c, float* s) {
+  constexpr int64_t ES = KD == Kind::f32 ? 4 : 2, kPD = pf_rows<D, ES>();
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t j0 = 0; j0 < kT; j0 += 16) {
+    const int64_t m = n - j0;
+    if (m <= 0) {
+      for (int64_t h = 0; h < g; ++h) _mm512_store_ps(s + h * kT + j0, ninf);
+      continue;
+    }
+    for (int64_t h = 0; h < g; ++h) {
+      const float* qh = q + h * D;
+      __m512 t[16];
+      if (h == 0 && j0 + 16 + kPD <= npf) {
+#pragma GCC unroll 16
+        for (int jj = 0; jj < 16; ++jj) {
+          prefetch_row<D, ES>(kb + off[j0 + jj + kPD]);
+          t[jj] = dot_vec<KD, D>(qh, kb + off[j0 + jj]);
+        }
+      } else if (m >= 16) {
+        if (h == 0)
+          for (int64_t j = j0 + kPD; j < std::min(npf, j0 + kPD + 16); ++j) prefetch_row<D, ES>(kb + off[j]);
+#pragma GCC unroll 16
+        for (int jj = 0; jj < 16; ++jj) t[jj] = dot_vec<KD, D>(qh, kb + off[j0 + jj]);
+      } else {
+        for (int jj = 0; jj < 16; ++jj)
+          t[jj] = jj < m ? dot_vec<KD, D>(qh, kb + off[j0 + jj]) : _mm512_setzero_ps();
+      }
+      __m512 v = attn::hsum16(t);
+      if constexpr (KD == Kind::bf16_dp) v = _mm512_mul_ps(v, _mm512_set1_ps(c));
+      _mm512_store_ps(s + h * kT + j0, _mm512_mask_mov_ps(ninf, vec::mask16(m), v));
+    }
+  }
+}
+
+// Online softmax of one head over a tile: s becomes probabilities; updates m, l; returns the factor
+// that rescales the old accumulators.
+PK_AVX512 PK_ALWAYS_INLINE float softmax_tile(float* s, float& m, float& l) {
+  __m512 mx = _mm512_load_ps(s);
+#pragma GCC unroll 8
+  for (int v = 1; v < kT / 16; ++v) mx = _mm512_max_ps(mx, _mm512_load_ps(s + 16 * v));
+  const float m_new = std::max(m, _mm512_reduce_max_ps(mx));
+  // Every score -inf (only with -inf in K) keeps m = -inf; subtracting 0 then gives p = 0, not NaN.
+  const float mu = m_new == -std::numeric_limits<float>::infinity() ? 0.f : m_new;
+  const float alpha = attn::exp2_ss(m - mu);
+  const __m512 vm = _mm512_set1_ps(mu);
+  __m512 sum = _mm512_setzero_ps();
+#pragma GCC unroll 8
+  for (int v = 0; v < kT / 16; ++v) {
+    const __m512 e = attn::exp2_ps(_mm512_sub_ps(_mm512_load_ps(s + 16 * v), vm));
+    _mm512_store_ps(s + 16 * v, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  l = l * alpha + _mm512_reduce_add_ps(sum);
+  m = m_new;
+  return alpha;
+}
+
+// ---- P . V ---------------------------------------------------------------------------------------
+
+// o[h][col0:col0+64] = alpha[h] o[h][...] + sum_j p[h][j] V[j][...] for G heads (rows of o stride D,
+// of p stride kT). bf16: o columns de-interleaved per 32 (16 even, 16 odd).
+template <Kind KD, int D, int G, bool PF>
+PK_AVX512 PK_ALWAYS_INLINE void pv(float* o, const float* p, const float* alpha, const char* vb,
+                                   const int64_t* off, int64_t n, int64_t npf, int col0) {
+  constexpr int64_t ES = KD == Kind::f32 ? 4 : 2, kPD = pf_rows<D, ES>();
+  __m512 acc[G][4];
+#pragma GCC unroll 4
+  for (int h = 0; h < G; ++h) {
+    const __m512 a = _mm512_set1_ps(alpha[h]);
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) acc[h][c] = _mm512_mul_ps(a, _mm512_load_ps(o + h * D + col0 + 16 * c));
+  }
+  const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+#pragma GCC unroll 2
+  for (int64_t j = 0; j < n; ++j) {
+    if constexpr (PF)
+      if (j + kPD < npf) prefetch_row<D, ES>(vb + off[j + kPD]);
+    __m512 v0, v1, v2, v3;
+    if constexpr (KD == Kind::f32) {
+      const float* vr = reinterpret_cast<const float*>(vb + off[j]) + col0;
+      v0 = _mm512_loadu_ps(vr);
+      v1 = _mm512_loadu_ps(vr + 16);
+      v2 = _mm512_loadu_ps(vr + 32);
+      v3 = _mm512_loadu_ps(vr + 48);
+    } else {
+      const char* vr = vb + off[j] + col0 * 2;
+      const __m512i x0 = _mm512_loadu_si512(vr), x1 = _mm512_loadu_si512(vr + 64);
+      v0 = _mm512_castsi512_ps(_mm512_slli_epi32(x0, 16));
+      v1 = _mm512_castsi512_ps(_mm512_and_si512(x0, hi));
+      v2 = _mm512_castsi512_ps(_mm512_slli_epi32(x1, 16));
+      v3 = _mm512_castsi512_ps(_mm512_and_si512(x1, hi));
+    }
+    PK_PIN(v0);
+    PK_PIN(v1);
+    PK_PIN(v2);
+    PK_PIN(v3);
+#pragma GCC unroll 4
+    for (int h = 0; h < G; ++h) {
+      const __m512 pb = _mm512_set1_ps(p[h * kT + j]);
+      acc[h][0] = _mm512_fmadd_ps(pb, v0, acc[h][0]);
+      acc[h][1] = _mm512_fmadd_ps(pb, v1, acc[h][1]);
+      acc[h][2] = _mm512_fmadd_ps(pb, v2, acc[h][2]);
+      acc[h][3] = _mm512_fmadd_ps(pb, v3, acc[h][3]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int h = 0; h < G; ++h)
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) _mm512_store_ps(o + h * D + col0 + 16 * c, acc[h][c]);
+}
+
+template <Kind KD, int D>
+PK_AVX512 void pv_all(int64_t g, float* o, const float* p, const float* alpha, const char* vb,
+                      const int64_t* off, int64_t n, int64_t npf) {
+  for (int col0 = 0; col0 < D; col0 += 64) {
+    int64_t h = 0;
+    // The first block of heads of the first columns prefetches the V rows.
+    auto block = [&](auto G) {
+      if (col0 == 0 && h == 0)
+        pv<KD, D, G.value, true>(o + h * D, p + h * kT, alpha + h, vb, off, n, npf, col0);
+      else
+        pv<KD, D, G.value, false>(o + h * D, p + h * kT, alpha + h, vb, off, n, npf, col0);
+    };
+    for (; h + kG <= g; h += kG) block(std::integral_constant<int, kG>());
+    switch (g - h) {
+      case 3: block(std::integral_constant<int, 3>()); break;
+      case 2: block(std::integral_constant<int, 2>()); break;
+      case 1: block(std::integral_constant<int, 1>()); break;
+      default: break;
+    }
+  }
+}
+
+// ---- one work item and the epilogues -------------------------------------------------------------
+
+struct Scratch {
+  float* q;  // [nh*g][D] prepared query (fp32 scaled; bf16_dp: bf16 pairs; bf16_w: de-interleaved fp32)
+  float* o;  // [nh*g][D] accumulators
+  float* s;  // [g][kT] scores, then probabilities, of the current step
+  float* m;  // [nh*g] running max (base 2)
+  float* l;  // [nh*g] running sum
+  float* a;  // [g] rescale factors of the current step
+};
+
+// Writes head row o (length D, de-interleaved when bf16) times inv to dst as T.
+template <typename T, int D>
+PK_AVX512 PK_ALWAYS_INLINE void store_row(T* dst, const float* o, float inv) {
+  const __m512 vi = _mm512_set1_ps(inv);
+  if constexpr (std::is_same_v<T, float>) {
+#pragma GCC unroll 8
+    for (int c = 0; c < D / 16; ++c) _mm512_storeu_ps(dst + 16 * c, _mm512_mul_ps(_mm512_load_ps(o + 16 * c), vi));
+  } else {
+    const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+#pragma GCC unroll 4
+    for (int c = 0; c < D / 32; ++c) {
+      const __m512 e = _mm512_mul_ps(_mm512_load_ps(o + 32 * c), vi);
+      const __m512 od = _mm512_mul_ps(_mm512_load_ps(o + 32 * c + 16), vi);
+      uint16_t* d = reinterpret_cast<uint16_t*>(dst) + 32 * c;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d), vec::narrow_bf16(_mm512_permutex2var_ps(e, lo, od)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + 16), vec::narrow_bf16(_mm512_permutex2var_ps(e, hi, od)));
+    }
+  }
+}
+
+// One work item: query heads of kv heads [hk0, hk0 + nh) of sequence b, tokens of chunk ci. Steps go
+// tile by tile and, within a tile, kv head by kv head; each step's rows are prefetched (to L2) while
+// the step before it computes.
+template <typename T, Kind KD, int D>
+PK_AVX512BF16 void item(const Ctx& x, int64_t b, int64_t hk0, int64_t nh, int64_t ci, const Scratch& sc) {
+  const DecodeParams& p = *x.p;
+  const int64_t g = x.g, n = p.context_lens[b];
+  const int64_t t0 = ci * x.chunk, t1 = std::min(n, t0 + x.chunk);
+  constexpr int64_t es = sizeof(T);
+  // Query rows of the item's heads, prepared for the dot product.
+  const T* Q = static_cast<const T*>(p.q) + (b * p.Hq + hk0 * g) * D;
+  const __m512 vc = _mm512_set1_ps(x.c);
+  for (int64_t h = 0; h < nh * g; ++h) {
+    float* qd = sc.q + h * D;
+    if constexpr (KD == Kind::f32) {
+      for (int c = 0; c < D / 16; ++c) _mm512_store_ps(qd + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(Q + h * D + 16 * c), vc));
+    } else if constexpr (KD == Kind::bf16_dp) {
+      for (int c = 0; c < D / 32; ++c) _mm512_store_si512(qd + 16 * c, _mm512_loadu_si512(Q + h * D + 32 * c));
+    } else {
+      const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+      for (int c = 0; c < D / 32; ++c) {
+        const __m512i v = _mm512_loadu_si512(Q + h * D + 32 * c);
+        _mm512_store_ps(qd + 32 * c, _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), vc));
+        _mm512_store_ps(qd + 32 * c + 16, _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(v, hi)), vc));
+      }
+    }
+    for (int c = 0; c < D / 16; ++c) _mm512_store_ps(sc.o + h * D + 16 * c, _mm512_setzero_ps());
+    sc.m[h] = -std::numeric_limits<float>::infinity();
+    sc.l[h] = 0.f;
+  }
+  const char* kb = static_cast<const char*>(p.k);
+  const char* vb = static_cast<const char*>(p.v);
+  // Rows of the current step in off[0, nt), of the next step right after them, so the loops can
+  // prefetch kPD rows ahead across the step boundary.
+  alignas(64) int64_t off[2 * kT];
+  tile_rows(p, b, hk0, t0, std::min(kT, t1 - t0), es, off);
+  for (int64_t ts = t0; ts < t1; ts += kT) {
+    const int64_t nt = std::min(kT, t1 - ts);
+    for (int64_t hk = hk0; hk < hk0 + nh; ++hk) {
+      // The next step: next kv head of this tile, or the first of the next tile.
+      const bool last = hk + 1 == hk0 + nh;
+      const int64_t tn = last ? ts + kT : ts, nn = std::max<int64_t>(0, std::min(kT, t1 - tn));
+      if (nn > 0) tile_rows(p, b, last ? hk0 : hk + 1, tn, nn, es, off + nt);
+      const int64_t h0 = (hk - hk0) * g;
+      scores<KD, D>(g, sc.q + h0 * D, kb, off, nt, nt + nn, x.c, sc.s);
+      for (int64_t h = 0; h < g; ++h) sc.a[h] = softmax_tile(sc.s + h * kT, sc.m[h0 + h], sc.l[h0 + h]);
+      pv_all<KD, D>(g, sc.o + h0 * D, sc.s, sc.a, vb, off, nt, nt + nn);
+      std::copy(off + nt, off + nt + nn, off);
+    }
+  }
+  for (int64_t hk = hk0; hk < hk0 + nh; ++hk) {
+    const int64_t h0 = (hk - hk0) * g;
+    if (x.part == nullptr || n <= x.chunk) {
+      T* O = static_cast<T*>(p.o) + (b * p.Hq + hk * g) * D;
+      for (int64_t h = 0; h < g; ++h) store_row<T, D>(O + h * D, sc.o + (h0 + h) * D, 1.f / sc.l[h0 + h]);
+      continue;
+    }
+    float* part = x.part + ((b * p.Hkv + hk) * x.nchunk + ci) * g * (D + 16);
+    for (int64_t h = 0; h < g; ++h) {
+      float* dst = part + h * (D + 16);
+      for (int c = 0; c < D / 16; ++c) _mm512_store_ps(dst + 16 * c, _mm512_load_ps(sc.o + (h0 + h) * D + 16 * c));
+      dst[D] = sc.m[h0 + h];
+      dst[D + 1] = sc.l[h0 + h];
+    }
+  }
+}
+
+// Merges the chunk partials of (b, hk) for its g heads into the output (log-sum-exp, base 2).
+template <typename T, int D>
+PK_AVX512 void merge(const Ctx& x, int64_t b, int64_t hk, float* tmp) {
+  const DecodeParams& p = *x.p;
+  const int64_t g = x.g, n = p.context_lens[b];
+  if (n <= x.chunk) return;  // written by its only item
+  const int64_t nc = (n + x.chunk - 1) / x.chunk;
+  const float* part = x.part + (b * p.Hkv + hk) * x.nchunk * g * (D + 16);
+  T* O = static_cast<T*>(p.o) + (b * p.Hq + hk * g) * D;
+  for (int64_t h = 0; h < g; ++h) {
+    float M = -std::numeric_limits<float>::infinity();
+    for (int64_t c = 0; c < nc; ++c) M = std::max(M, part[(c * g + h) * (D + 16) + D]);
+    const float mu = M == -std::numeric_limits<float>::infinity() ? 0.f : M;
+    for (int c = 0; c < D / 16; ++c) _mm512_store_ps(tmp + 16 * c, _mm512_setzero_ps());
+    float L = 0.f;
+    for (int64_t c = 0; c < nc; ++c) {
+      const float* src = part + (c * g + h) * (D + 16);
+      const float w = attn::exp2_ss(src[D] - mu);
+      L += w * src[D + 1];
+      const __m512 vw = _mm512_set1_ps(w);
+      for (int v = 0; v < D / 16; ++v)
+        _mm512_store_ps(tmp + 16 * v, _mm512_fmadd_ps(vw, _mm512_load_ps(src + 16 * v), _mm512_load_ps(tmp + 16 * v)));
+    }
+    store_row<T, D>(O + h * D, tmp, 1.f / L);
+  }
+}
+
+template <typename T, Kind KD, int D>
+void run_avx512(const DecodeParams& p) {
+  const int64_t B = p.B, Hkv = p.Hkv, g = p.Hq / p.Hkv, nbkv = B * Hkv;
+  int64_t maxlen = 0, tokens = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    maxlen = std::max<int64_t>(maxlen, p.context_lens[b]);
+    tokens += p.context_lens[b];
+  }
+  int nt = omp_in_parallel() ? 1 : omp_get_max_threads();
+  if (2 * tokens * Hkv * D * static_cast<int64_t>(sizeof(T)) < kMinParallelBytes) nt = 1;
+  // kv heads per item. Contiguous: one (its context is one long run). Paged: all of them, because a
+  // block holds every head's rows [Hkv][block_size][D] back to back: walking the heads inside each
+  // block reads 64-256 KB runs instead of one 4-8 KB run per block, page, and TLB entry.
+  const int64_t nh = p.block_table ? Hkv : 1, units = B * (Hkv / nh);
+  // Split contexts only when the units alone cannot keep every thread busy: then ~4 items per thread.
+  int64_t chunk = maxlen, nchunk = 1;
+  if (units < 2 * nt) {
+    const int64_t want = (4 * nt + units - 1) / units;
+    chunk = std::max(kMinChunk, round_up((maxlen + want - 1) / want, kT));
+    nchunk = (maxlen + chunk - 1) / chunk;
+  }
+  AlignedBuf part(nchunk > 1 ? static_cast<size_t>(nbkv * nchunk * g * (D + 16) * 4) : 0);
+  const Ctx x{&p, g, chunk, p.scale * attn::kLog2e, nchunk > 1 ? part.as<float>() : nullptr, nchunk};
+  // Items: (unit, chunk) for the chunks of the unit's context only.
+  std::vector<int64_t> items;
+  items.reserve(static_cast<size_t>(units * nchunk));
+  for (int64_t u = 0; u < units; ++u) {
+    const int64_t n = p.context_lens[u * nh / Hkv];
+    for (int64_t c = 0; c < (n + chunk - 1) / chunk; ++c) items.push_back(u * nchunk + c);
+  }
+  const int64_t nitems = static_cast<int64_t>(items.size()), hs = nh * g;
+#pragma omp parallel num_threads(nt)
+  {
+    AlignedBuf qb(static_cast<size_t>(hs * D * 4)), ob(static_cast<size_t>(hs * D * 4)),
+        sb(static_cast<size_t>(g * kT * 4)), mb(static_cast<size_t>((2 * hs + g) * 4)), tb(static_cast<size_t>(D * 4));
+    const Scratch sc{qb.as<float>(), ob.as<float>(), sb.as<float>(), mb.as<float>(), mb.as<float>() + hs,
+                     mb.as<float>() + 2 * hs};
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < nitems; ++i) {
+      const int64_t u = items[i] / nchunk, bh = u * nh;  // first (b, kv head) of the unit
+      item<T, KD, D>(x, bh / Hkv, bh % Hkv, nh, items[i] % nchunk, sc);
+    }
+    if (nchunk > 1) {
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t bk = 0; bk < nbkv; ++bk) merge<T, D>(x, bk / Hkv, bk % Hkv, tb.as<float>());
+    }
+  }
+}
+
+#endif  // __x86_64__
+
+// ---- portable path: one query head at a time, online softmax, scalar -----------------------------
+template <typename T>
+void run_scalar(const DecodeParams& p) {
+  const T* Q = static_cast<const T*>(p.q);
+  const T* K = static_cast<const T*>(p.k);
+  const T* V = static_cast<const T*>(p.v);
+  T* O = static_cast<T*>(p.o);
+  const int64_t D = p.D, g = p.Hq / p.Hkv;
+  const float c = p.scale * attn::kLog2e;
+#pragma omp parallel if (!omp_in_parallel())
+  {
+    std::vector<float> q(D), acc(D), s(kT);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t bh = 0; bh < p.B * p.Hq; ++bh) {
+      const int64_t b = bh / p.Hq, hk = (bh % p.Hq) / g, n = p.context_lens[b];
+      for (int64_t d = 0; d < D; ++d) q[d] = load_f(Q, bh * D + d) * c;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      float m = -std::numeric_limits<float>::infinity(), l = 0.f;
+      for (int64_t j0 = 0; j0 < n; j0 += kT) {
+        const int64_t nj = std::min(kT, n - j0);
+        float mx = m;
+        for (int64_t j = 0; j < nj; ++j) {
+          const T* kr = row_ptr(p, K, b, hk, j0 + j);
+          float dot = 0.f;
+          for (int64_t d = 0; d < D; ++d) dot += q[d] * load_f(kr, d);
+          s[j] = dot;
+          mx = std::fmax(mx, dot);
+        }
+        const float mu = mx == -std::numeric_limits<float>::infinity() ? 0.f : mx;
+        const float alpha = std::exp2(m - mu);
+        l *= alpha;
+        for (int64_t d = 0; d < D; ++d) acc[d] *= alpha;
+        for (int64_t j = 0; j < nj; ++j) {
+          const float e = std::exp2(s[j] - mu);
+          l += e;
+          const T* vr = row_ptr(p, V, b, hk, j0 + j);
+          for (int64_t d = 0; d < D; ++d) acc[d] += e * load_f(vr, d);
+        }
+        m = mx;
+      }
+      for (int64_t d = 0; d < D; ++d) store_f(O, bh * D + d, acc[d] / l);
+    }
+  }
+}
+
+template <typename T>
+void dispatch(const DecodeParams& p) {
+#if defined(__x86_64__)
+  const Features& f = features();
+  if (f.avx512f && (p.D == 64 || p.D == 128)) {
+    if constexpr (std::is_same_v<T, float>) {
+      return p.D == 64 ? run_avx512<float, Kind::f32, 64>(p) : run_avx512<float, Kind::f32, 128>(p);
+    } else {
+      if (f.avx512_bf16)
+        return p.D == 64 ? run_avx512<bf16, Kind::bf16_dp, 64>(p) : run_avx512<bf16, Kind::bf16_dp, 128>(p);
+      return p.D == 64 ? run_avx512<bf16, Kind::bf16_w, 64>(p) : run_avx512<bf16, Kind::bf16_w, 128>(p);
+    }
+  }
+#endif
+  run_scalar<T>(p);
+}
+
+}  // namespace
+
 void decode(const DecodeParams& p) {
-  if (p.dtype == DType::f32) return dec_t<float>(p);
-  if (p.dtype == DType::bf16) return dec_t<bf16>(p);
+  if (p.dtype == DType::f32) return dispatch<float>(p);
+  if (p.dtype == DType::bf16) return dispatch<bf16>(p);
   throw std::invalid_argument(std::string("native cpu decode does not support dtype ") + dtype_name(p.dtype));
 }
+
 }  // namespace pk::cpu

@@ -18,7 +18,8 @@
 // bf16 results are rounded to nearest even (as float_to_bf16 in scalar.h); when K spans several KC
 // blocks the bf16 partial sums are kept in an fp32 workspace, never in bf16.
 // No barrier sits inside a work loop (see Team): on a 2-core VM shared with other processes, a thread
-// that loses its core does fewer items instead of stalling the other one.
+// that loses its core does fewer items instead of stalling the other one; and the short small-M paths
+// drop to one thread for a while when thread 0 keeps waiting for a late partner (ContentionGuard).
 #include <omp.h>
 
 #include <algorithm>
@@ -204,6 +205,65 @@ template <class F> void run_team(int nt, F&& body) {
   }
 }
 
+// Contention guard for the short, memory-bound small-M paths (direct and slabs). On this 2-core VM, when
+// another process holds one of the cores, the partner thread is often started late or preempted in
+// the middle of an item, and thread 0 then waits a scheduler tick (4 ms) for it, at a barrier or in the
+// OpenMP join. Measured, fp32 M = 1, K = N = 4096 with one busy process beside it: 8-12 ms on 2
+// threads against 2.9 ms on 1 (torch's single-thread GEMV: 3.0-3.3 ms). So thread 0 times its waits
+// for the others; when they take more than a quarter of a call (and > 200 us), the next `backoff`
+// calls of that path run on one thread, then 2 threads are tried again; the backoff doubles (up to
+// kSoloMax) while the waits persist and is reset by a call without them.
+struct SoloState {
+  std::atomic<int> left{0};  // calls left to run on one thread
+  std::atomic<int> backoff{4};
+};
+SoloState g_solo_direct, g_solo_slabs;
+
+class ContentionGuard {
+ public:
+  static constexpr int kSoloMin = 4, kSoloMax = 256;
+  static constexpr auto kMinWait = std::chrono::microseconds(200);
+  using clock = std::chrono::steady_clock;
+  ContentionGuard(SoloState& s, int nt) : s_(s), nt_(nt) {
+    if (nt_ > 1 && s_.left.load(std::memory_order_relaxed) > 0) {
+      s_.left.fetch_sub(1, std::memory_order_relaxed);
+      nt_ = 1;
+    }
+  }
+  int threads() const { return nt_; }
+  // team.barrier(), timed on thread 0.
+  void barrier(Team& team, int t) {
+    if (t != 0 || nt_ == 1) return team.barrier();
+    const auto w0 = clock::now();
+    team.barrier();
+    waited_ += clock::now() - w0;
+  }
+  // Thread 0, at the very end of its body.
+  void body_done(int t) {
+    if (t == 0) done_ = clock::now();
+  }
+  // After run_team returned: the OpenMP join counts as waiting too.
+  ~ContentionGuard() {
+    if (nt_ == 1) return;
+    const auto end = clock::now();
+    waited_ += end - done_;
+    if (waited_ > kMinWait && 4 * waited_ > end - start_) {
+      const int b = s_.backoff.load(std::memory_order_relaxed);
+      s_.left.store(b, std::memory_order_relaxed);
+      s_.backoff.store(std::min(2 * b, kSoloMax), std::memory_order_relaxed);
+    } else {
+      s_.backoff.store(kSoloMin, std::memory_order_relaxed);
+    }
+  }
+
+ private:
+  SoloState& s_;
+  int nt_;
+  const clock::time_point start_ = clock::now();
+  clock::time_point done_ = start_;
+  clock::duration waited_{0};
+};
+
 // Micro-kernels are templates on the tile's row count R; this maps a runtime R in 1..P::MR to them.
 template <class P, size_t... I>
 constexpr std::array<typename P::TileFn, sizeof...(I)> tile_table(std::index_sequence<I...>) {
@@ -335,7 +395,8 @@ template <class P, class Src> void gemm_slabs(const GemmParams& p) {
   const int64_t W = std::min(cdiv(N, NR) * NR, std::max(NR, kSlabPartialFloats / M / NR * NR));
   const int64_t KS = std::clamp<int64_t>(kSlabBytes / (W * int64_t(sizeof(E)) / KG) / 8 * 8, 8, 256);
   const int64_t KSU = KS / KG, items = cdiv(K, KS);
-  const int nt = static_cast<int>(std::min<int64_t>(pick_threads(p), items));
+  ContentionGuard guard(g_solo_slabs, static_cast<int>(std::min<int64_t>(pick_threads(p), items)));
+  const int nt = guard.threads();
 
   Carver cv;
   const size_t a_off = cv.take<E>(nt * mp * MR * KSU);
@@ -363,14 +424,15 @@ template <class P, class Src> void gemm_slabs(const GemmParams& p) {
             tile<P>(rows(i), ap + row0(i) * kcu, bp + j * kcu * NR, kcu, o, row0(i), j * NR,
                     static_cast<int>(std::min(NR, w - j * NR)));
       }
-      team.barrier();
+      guard.barrier(team, t);
       // Last pass: thread 0 sums alone (<= 64K floats per thread) and nobody waits on it any more.
       const bool last = j0 + W >= N;
       const int64_t m0 = last ? 0 : M * t / nt, m1 = last ? (t == 0 ? M : 0) : M * (t + 1) / nt;
       for (int64_t m = m0; m < m1; ++m)
         P::template reduce_row<Src>(parts + m * W, M * W, nt, w, C + m * N + j0);
-      if (!last) team.barrier();  // the partials are reused by the next pass
+      if (!last) guard.barrier(team, t);  // the partials are reused by the next pass
     }
+    guard.body_done(t);
   });
 }
 
@@ -808,36 +870,16 @@ PK_AVX512 void direct_reduce(const float* part, int64_t stride, int nt, int64_t 
   _mm512_mask_storeu_epi16(c + g * 32, mask32(w - g * 32), v);
 }
 
-// Contention guard of the direct path. It is memory-bound and short (~1.4 ms at K = N = 4096 fp32 on
-// 2 threads), so when another process holds one of the cores, the partner thread is often started late
-// or preempted in the middle of an item, and thread 0 then waits a scheduler tick (4 ms) for it, at the
-// final barrier or in the OpenMP join: measured, fp32 M = 1 with one busy process beside it took 8-12
-// ms on 2 threads against 2.9 ms on 1 (torch's single-thread GEMV: 3.1-3.3 ms). So thread 0 measures
-// how long it waited for the others; when that is more than a quarter of the call (and > 200 us), the
-// next `backoff` direct calls run on one thread, then 2 threads are tried again; the backoff doubles
-// (up to kSoloMax) while the waits persist and is reset by a call without them.
-constexpr int kSoloMin = 4, kSoloMax = 256;
-constexpr auto kSoloMinWait = std::chrono::microseconds(200);
-std::atomic<int> g_solo_left{0};        // direct calls left to run on one thread
-std::atomic<int> g_solo_backoff{kSoloMin};
-
 template <class T> void gemm_direct_avx512(const GemmParams& p) {
   static constexpr auto direct = direct_table<T>(std::make_index_sequence<kDirectMaxM>());
-  using clock = std::chrono::steady_clock;
   const int64_t M = p.M, N = p.N, K = p.K;
   const T* A = static_cast<const T*>(p.a);
   const T* B = static_cast<const T*>(p.b);
   T* C = static_cast<T*>(p.c);
   const int64_t W = std::min(cdiv(N, 32) * 32, kDirectPartialFloats / M / 32 * 32);  // chunk of columns
   const int64_t items = cdiv(K, kDirectRows);
-  int nt = static_cast<int>(std::min<int64_t>(pick_threads(p), items));
-  if (nt > 1 && g_solo_left.load(std::memory_order_relaxed) > 0) {
-    g_solo_left.fetch_sub(1, std::memory_order_relaxed);
-    nt = 1;
-  }
-  const auto t_start = clock::now();
-  clock::duration waited{0};  // thread 0's time in barriers and in the OpenMP join
-  clock::time_point t0_done;
+  ContentionGuard guard(g_solo_direct, static_cast<int>(std::min<int64_t>(pick_threads(p), items)));
+  const int nt = guard.threads();
   const int64_t stride = M * W;  // floats per thread partial
   Carver cv;
   cv.take<float>(2 * nt * stride);
@@ -853,34 +895,17 @@ template <class T> void gemm_direct_avx512(const GemmParams& p) {
         const int64_t k = it * kDirectRows;
         direct[M - 1](A + k, K, B + k * N + j0, N, std::min(kDirectRows, K - k), w, part, tmp);
       }
-      auto barrier = [&] {
-        if (t != 0 || nt == 1) return team.barrier();
-        const auto w0 = clock::now();
-        team.barrier();
-        waited += clock::now() - w0;
-      };
-      barrier();
+      guard.barrier(team, t);
       const bool last = j0 + W >= N;  // as in gemm_slabs: the last sum is thread 0's alone
       const int64_t g0 = last ? 0 : groups * t / nt, g1 = last ? (t == 0 ? groups : 0) : groups * (t + 1) / nt;
       for (int64_t mg = g0; mg < g1; ++mg) {
         const int64_t m = mg / (wp / 32);
         direct_reduce(parts, stride, nt, wp, m, mg % (wp / 32), w, C + m * N + j0);
       }
-      if (!last) barrier();  // the partials are reused by the next chunk
+      if (!last) guard.barrier(team, t);  // the partials are reused by the next chunk
     }
-    if (t == 0) t0_done = clock::now();
+    guard.body_done(t);
   });
-  if (nt > 1) {
-    const auto t_end = clock::now();
-    waited += t_end - t0_done;  // the join
-    if (waited > kSoloMinWait && 4 * waited > t_end - t_start) {
-      const int b = g_solo_backoff.load(std::memory_order_relaxed);
-      g_solo_left.store(b, std::memory_order_relaxed);
-      g_solo_backoff.store(std::min(2 * b, kSoloMax), std::memory_order_relaxed);
-    } else {
-      g_solo_backoff.store(kSoloMin, std::memory_order_relaxed);
-    }
-  }
 }
 #endif  // PK_X86
 
