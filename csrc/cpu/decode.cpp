@@ -117,17 +117,17 @@ constexpr int64_t pf_rows() {
   return std::clamp<int64_t>(kPfBytes / (D * ES), 16, kT);
 }
 
-template <int D, int64_t ES>
-PK_ALWAYS_INLINE void prefetch_row(const char* r) {
+// Bytes [b0, b1) of a row (whole cache lines).
+PK_ALWAYS_INLINE void prefetch_part(const char* r, int64_t b0, int64_t b1) {
 #pragma GCC unroll 8
-  for (int64_t c = 0; c < D * ES; c += 64) _mm_prefetch(r + c, _MM_HINT_T1);
+  for (int64_t c = b0; c < b1; c += 64) _mm_prefetch(r + c, _MM_HINT_T1);
 }
 
 // Dot vectors (16 partial sums each) of HB query heads with m <= 16 K rows: t[h][jj] (16 floats each),
-// zero for jj >= m. The first npre rows also prefetch the row kPD further on.
+// zero for jj >= m. The first npre rows also prefetch bytes [pb0, pb1) of the row kPD further on.
 template <Kind KD, int D, int HB>
 PK_AVX512BF16 PK_ALWAYS_INLINE void dots(const float* q, const char* kb, const int64_t* off, int64_t m,
-                                         int64_t npre, float* t) {
+                                         int64_t npre, int64_t pb0, int64_t pb1, float* t) {
   constexpr int NC = q_regs<KD, D>();
   constexpr int64_t ES = KD == Kind::f32 ? 4 : 2, kPD = pf_rows<D, ES>();
   __m512 qr[HB][NC];
@@ -137,7 +137,7 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void dots(const float* q, const char* kb, const i
     for (int c = 0; c < NC; ++c) qr[h][c] = _mm512_load_ps(q + h * D + 16 * c);
   const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   for (int64_t jj = 0; jj < m; ++jj) {
-    if (jj < npre) prefetch_row<D, ES>(kb + off[jj + kPD]);
+    if (jj < npre) prefetch_part(kb + off[jj + kPD], pb0, pb1);
     const char* k = kb + off[jj];
     __m512 kr[NC];
     if constexpr (KD == Kind::f32) {
@@ -196,13 +196,17 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void scores(int64_t g, const float* q, const char
       for (int64_t h = 0; h < g; ++h) _mm512_store_ps(s + h * kT + j0, ninf);
       continue;
     }
-    int64_t npre = std::clamp<int64_t>(npf - j0 - kPD, 0, 16);
-    for (int64_t h0 = 0; h0 < g;) {
+    // Every pass over the 16 rows prefetches its share of the lines of the rows kPD ahead, so the
+    // prefetches are spread over the whole q.K loop.
+    const int64_t npre = std::clamp<int64_t>(npf - j0 - kPD, 0, 16), passes = g / HB + g % HB;
+    int64_t pass = 0;
+    for (int64_t h0 = 0; h0 < g; ++pass) {
       const int64_t nh = std::min<int64_t>(HB, g - h0);
+      const int64_t pb0 = pass * D * ES / passes / 64 * 64, pb1 = (pass + 1) * D * ES / passes / 64 * 64;
       if (nh == HB)
-        dots<KD, D, HB>(q + h0 * D, kb, off + j0, m, npre, t);
+        dots<KD, D, HB>(q + h0 * D, kb, off + j0, m, npre, pb0, pb1, t);
       else
-        dots<KD, D, 1>(q + h0 * D, kb, off + j0, m, npre, t);
+        dots<KD, D, 1>(q + h0 * D, kb, off + j0, m, npre, pb0, pb1, t);
       const int64_t done = nh == HB ? HB : 1;
       for (int64_t h = 0; h < done; ++h) {
         __m512 v = attn::hsum16(reinterpret_cast<const __m512*>(t + h * 256));
@@ -210,7 +214,6 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void scores(int64_t g, const float* q, const char
         _mm512_store_ps(s + (h0 + h) * kT + j0, _mm512_mask_mov_ps(ninf, vec::mask16(m), v));
       }
       h0 += done;
-      npre = 0;
     }
   }
 }
@@ -256,8 +259,8 @@ PK_AVX512 PK_ALWAYS_INLINE void pv(float* o, const float* p, const float* alpha,
   const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
 #pragma GCC unroll 2
   for (int64_t j = 0; j < n; ++j) {
-    if constexpr (PF)
-      if (j + kPD < npf) prefetch_row<D, ES>(vb + off[j + kPD]);
+    if constexpr (PF)  // the columns this block reads, of the row kPD ahead
+      if (j + kPD < npf) prefetch_part(vb + off[j + kPD], col0 * ES, (col0 + 64) * ES);
     __m512 v0, v1, v2, v3;
     if constexpr (KD == Kind::f32) {
       const float* vr = reinterpret_cast<const float*>(vb + off[j]) + col0;
@@ -297,9 +300,9 @@ PK_AVX512 void pv_all(int64_t g, float* o, const float* p, const float* alpha, c
                       const int64_t* off, int64_t n, int64_t npf) {
   for (int col0 = 0; col0 < D; col0 += 64) {
     int64_t h = 0;
-    // The first block of heads of the first columns prefetches the V rows.
+    // The first block of heads of each 64 columns prefetches those columns of the V rows.
     auto block = [&](auto G) {
-      if (col0 == 0 && h == 0)
+      if (h == 0)
         pv<KD, D, G.value, true>(o + h * D, p + h * kT, alpha + h, vb, off, n, npf, col0);
       else
         pv<KD, D, G.value, false>(o + h * D, p + h * kT, alpha + h, vb, off, n, npf, col0);
