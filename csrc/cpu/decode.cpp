@@ -180,7 +180,7 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void dots(const float* q, const char* kb, const i
     for (int h = 0; h < HB; ++h) _mm512_store_ps(t + (h * 16 + jj) * 16, _mm512_setzero_ps());
 }
 
-// Scores of the g heads for the tokens of a tile: s[h][0:kT] (base 2), -inf past n. 16 tokens at a
+// Scores of the g heads for the n <= kT tokens of a step: s[h][0:16 ceil(n/16)] (base 2), -inf past n. 16 tokens at a
 // time, heads_per_pass heads per pass over them, so those 16 K rows (8 KB at D = 128 fp32) are read
 // from L1 by the later passes. The first pass prefetches the rows kPD ahead (up to npf, the rows known).
 template <Kind KD, int D>
@@ -190,12 +190,8 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void scores(int64_t g, const float* q, const char
   constexpr int64_t ES = KD == Kind::f32 ? 4 : 2, kPD = pf_rows<D, ES>();
   alignas(64) float t[HB * 16 * 16];
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  for (int64_t j0 = 0; j0 < kT; j0 += 16) {
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
     const int64_t m = std::min<int64_t>(16, n - j0);
-    if (m <= 0) {
-      for (int64_t h = 0; h < g; ++h) _mm512_store_ps(s + h * kT + j0, ninf);
-      continue;
-    }
     // Every pass over the 16 rows prefetches its share of the lines of the rows kPD ahead, so the
     // prefetches are spread over the whole q.K loop.
     const int64_t npre = std::clamp<int64_t>(npf - j0 - kPD, 0, 16), passes = g / HB + g % HB;
@@ -220,18 +216,17 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void scores(int64_t g, const float* q, const char
 
 // Online softmax of one head over a tile: s becomes probabilities; updates m, l; returns the factor
 // that rescales the old accumulators.
-PK_AVX512 PK_ALWAYS_INLINE float softmax_tile(float* s, float& m, float& l) {
+// nv: vectors of 16 scores that hold the step's tokens (the rest are not read by P.V).
+PK_AVX512 PK_ALWAYS_INLINE float softmax_tile(float* s, float& m, float& l, int64_t nv) {
   __m512 mx = _mm512_load_ps(s);
-#pragma GCC unroll 8
-  for (int v = 1; v < kT / 16; ++v) mx = _mm512_max_ps(mx, _mm512_load_ps(s + 16 * v));
+  for (int64_t v = 1; v < nv; ++v) mx = _mm512_max_ps(mx, _mm512_load_ps(s + 16 * v));
   const float m_new = std::max(m, _mm512_reduce_max_ps(mx));
   // Every score -inf (only with -inf in K) keeps m = -inf; subtracting 0 then gives p = 0, not NaN.
   const float mu = m_new == -std::numeric_limits<float>::infinity() ? 0.f : m_new;
   const float alpha = attn::exp2_ss(m - mu);
   const __m512 vm = _mm512_set1_ps(mu);
   __m512 sum = _mm512_setzero_ps();
-#pragma GCC unroll 8
-  for (int v = 0; v < kT / 16; ++v) {
+  for (int64_t v = 0; v < nv; ++v) {
     const __m512 e = attn::exp2_ps(_mm512_sub_ps(_mm512_load_ps(s + 16 * v), vm));
     _mm512_store_ps(s + 16 * v, e);
     sum = _mm512_add_ps(sum, e);
@@ -381,22 +376,37 @@ PK_AVX512BF16 void item(const Ctx& x, int64_t b, int64_t hk0, int64_t nh, int64_
   }
   const char* kb = static_cast<const char*>(p.k);
   const char* vb = static_cast<const char*>(p.v);
-  // Rows of the current step in off[0, nt), of the next step right after them, so the loops can
-  // prefetch kPD rows ahead across the step boundary.
-  alignas(64) int64_t off[2 * kT];
-  tile_rows(p, b, hk0, t0, std::min(kT, t1 - t0), es, off);
-  for (int64_t ts = t0; ts < t1; ts += kT) {
-    const int64_t nt = std::min(kT, t1 - ts);
+  // Steps: S tokens of one kv head, heads inner. S = kT, or one block of a paged cache whose blocks
+  // are 16, 32 or 64 rows: then a step's rows are one run and the heads of a block follow each other,
+  // so K and V are read as two streams through each block instead of jumping between blocks.
+  const int64_t bs = p.block_size;
+  const int64_t S = p.block_table != nullptr && bs % 16 == 0 && kT % bs == 0 ? bs : kT;
+  constexpr int64_t kPD = pf_rows<D, es>();
+  // Row offsets of the current step and of the steps after it, at least kPD rows past the current
+  // step's end (so the loops can prefetch kPD rows ahead across step boundaries): off[0, have).
+  alignas(64) int64_t off[3 * kT];
+  int64_t have = 0, gts = t0, ghk = hk0;  // the next step to append
+  auto fill = [&](int64_t need) {
+    while (have < need && gts < t1) {
+      const int64_t c = std::min(S, t1 - gts);
+      tile_rows(p, b, ghk, gts, c, es, off + have);
+      have += c;
+      if (++ghk == hk0 + nh) {
+        ghk = hk0;
+        gts += S;
+      }
+    }
+  };
+  for (int64_t ts = t0; ts < t1; ts += S) {
+    const int64_t nt = std::min(S, t1 - ts), nv = (nt + 15) / 16;
     for (int64_t hk = hk0; hk < hk0 + nh; ++hk) {
-      // The next step: next kv head of this tile, or the first of the next tile.
-      const bool last = hk + 1 == hk0 + nh;
-      const int64_t tn = last ? ts + kT : ts, nn = std::max<int64_t>(0, std::min(kT, t1 - tn));
-      if (nn > 0) tile_rows(p, b, last ? hk0 : hk + 1, tn, nn, es, off + nt);
+      fill(nt + kPD);
       const int64_t h0 = (hk - hk0) * g;
-      scores<KD, D>(g, sc.q + h0 * D, kb, off, nt, nt + nn, x.c, sc.s);
-      for (int64_t h = 0; h < g; ++h) sc.a[h] = softmax_tile(sc.s + h * kT, sc.m[h0 + h], sc.l[h0 + h]);
-      pv_all<KD, D>(g, sc.o + h0 * D, sc.s, sc.a, vb, off, nt, nt + nn);
-      std::copy(off + nt, off + nt + nn, off);
+      scores<KD, D>(g, sc.q + h0 * D, kb, off, nt, have, x.c, sc.s);
+      for (int64_t h = 0; h < g; ++h) sc.a[h] = softmax_tile(sc.s + h * kT, sc.m[h0 + h], sc.l[h0 + h], nv);
+      pv_all<KD, D>(g, sc.o + h0 * D, sc.s, sc.a, vb, off, nt, have);
+      std::copy(off + nt, off + have, off);
+      have -= nt;
     }
   }
   for (int64_t hk = hk0; hk < hk0 + nh; ++hk) {
