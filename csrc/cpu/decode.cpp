@@ -290,17 +290,83 @@ PK_AVX512 PK_ALWAYS_INLINE void pv(float* o, const float* p, const float* alpha,
     for (int c = 0; c < 4; ++c) _mm512_store_ps(o + h * D + col0 + 16 * c, acc[h][c]);
 }
 
+// One token pair of pv_dp: rows r0 and r1 (null: a zero row) of 64 columns, pair k of P.
+template <int G>
+PK_AVX512BF16 PK_ALWAYS_INLINE void pv_pair(__m512 (&acc)[G][4], const uint32_t* pp, int64_t k, const char* r0,
+                                            const char* r1) {
+  const __m512i x0 = _mm512_loadu_si512(r0), x1 = _mm512_loadu_si512(r0 + 64);
+  const __m512i y0 = r1 ? _mm512_loadu_si512(r1) : _mm512_setzero_si512();
+  const __m512i y1 = r1 ? _mm512_loadu_si512(r1 + 64) : _mm512_setzero_si512();
+  const __m512bh v0 = (__m512bh)_mm512_unpacklo_epi16(x0, y0), v1 = (__m512bh)_mm512_unpackhi_epi16(x0, y0);
+  const __m512bh v2 = (__m512bh)_mm512_unpacklo_epi16(x1, y1), v3 = (__m512bh)_mm512_unpackhi_epi16(x1, y1);
+#pragma GCC unroll 4
+  for (int h = 0; h < G; ++h) {
+    const __m512bh pb = (__m512bh)_mm512_set1_epi32(static_cast<int>(pp[h * kT + k]));
+    acc[h][0] = _mm512_dpbf16_ps(acc[h][0], v0, pb);
+    acc[h][1] = _mm512_dpbf16_ps(acc[h][1], v1, pb);
+    acc[h][2] = _mm512_dpbf16_ps(acc[h][2], v2, pb);
+    acc[h][3] = _mm512_dpbf16_ps(acc[h][3], v3, pb);
+  }
+}
+
+// bf16 with AVX512_BF16: o[h][col0:col0+64] = alpha[h] o[h][...] + sum_j p[h][j] V[j][...] on token
+// pairs with vdpbf16ps: V rows j and j+1 word-interleaved in registers (vpunpckl/hwd), P as bf16 pairs
+// (pp[h][j/2] = (p_j, p_j+1), row stride kT words, rounded to nearest even, as FlashAttention feeds P to its bf16 MMA).
+// Half the FMA-type instructions of pv() for bf16; P's rounding (2^-9 relative) is below the bf16
+// output's own. o columns per 32: lane l of the "lo" vector holds columns 8l..8l+3, of "hi" 8l+4..8l+7.
+template <int D, int G, bool PF>
+PK_AVX512BF16 PK_ALWAYS_INLINE void pv_dp(float* o, const uint32_t* pp, const float* alpha, const char* vb,
+                                          const int64_t* off, int64_t n, int64_t npf, int col0) {
+  constexpr int64_t kPD = pf_rows<D, 2>();
+  __m512 acc[G][4];
+#pragma GCC unroll 4
+  for (int h = 0; h < G; ++h) {
+    const __m512 a = _mm512_set1_ps(alpha[h]);
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) acc[h][c] = _mm512_mul_ps(a, _mm512_load_ps(o + h * D + col0 + 16 * c));
+  }
+  int64_t j = 0;
+  for (; j + 1 < n; j += 2) {
+    if constexpr (PF) {
+      if (j + kPD < npf) prefetch_part(vb + off[j + kPD], col0 * 2, (col0 + 64) * 2);
+      if (j + 1 + kPD < npf) prefetch_part(vb + off[j + 1 + kPD], col0 * 2, (col0 + 64) * 2);
+    }
+    pv_pair<G>(acc, pp, j / 2, vb + off[j] + col0 * 2, vb + off[j + 1] + col0 * 2);
+  }
+  if (j < n) pv_pair<G>(acc, pp, j / 2, vb + off[j] + col0 * 2, nullptr);  // odd n: the pair's p is (p_j, 0)
+#pragma GCC unroll 4
+  for (int h = 0; h < G; ++h)
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) _mm512_store_ps(o + h * D + col0 + 16 * c, acc[h][c]);
+}
+
+// p: [g][kT] probabilities; for bf16_dp they are first rewritten in place as bf16 pairs (the first
+// kT/2 words of each row; the scores past n are 0, so an odd n pairs its last p with 0).
 template <Kind KD, int D>
-PK_AVX512 void pv_all(int64_t g, float* o, const float* p, const float* alpha, const char* vb,
-                      const int64_t* off, int64_t n, int64_t npf) {
+PK_AVX512BF16 void pv_all(int64_t g, float* o, float* p, const float* alpha, const char* vb,
+                          const int64_t* off, int64_t n, int64_t npf) {
+  if constexpr (KD == Kind::bf16_dp) {
+    const int64_t nv = (n + 15) / 16;
+    for (int64_t h = 0; h < g; ++h)
+      for (int64_t v = 0; v < nv; ++v)  // reads floats [16v, 16v+16), writes words [8v, 8v+8)
+        _mm256_store_si256(reinterpret_cast<__m256i*>(p + h * kT + 8 * v),
+                           (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(p + h * kT + 16 * v)));
+  }
   for (int col0 = 0; col0 < D; col0 += 64) {
     int64_t h = 0;
     // The first block of heads of each 64 columns prefetches those columns of the V rows.
     auto block = [&](auto G) {
-      if (h == 0)
+      if constexpr (KD == Kind::bf16_dp) {
+        const uint32_t* pp = reinterpret_cast<const uint32_t*>(p + h * kT);
+        if (h == 0)
+          pv_dp<D, G.value, true>(o + h * D, pp, alpha + h, vb, off, n, npf, col0);
+        else
+          pv_dp<D, G.value, false>(o + h * D, pp, alpha + h, vb, off, n, npf, col0);
+      } else if (h == 0) {
         pv<KD, D, G.value, true>(o + h * D, p + h * kT, alpha + h, vb, off, n, npf, col0);
-      else
+      } else {
         pv<KD, D, G.value, false>(o + h * D, p + h * kT, alpha + h, vb, off, n, npf, col0);
+      }
     };
     for (; h + kG <= g; h += kG) block(std::integral_constant<int, kG>());
     switch (g - h) {
@@ -323,16 +389,21 @@ struct Scratch {
   float* a;  // [g] rescale factors of the current step
 };
 
-// Writes head row o (length D, de-interleaved when bf16) times inv to dst as T.
-template <typename T, int D>
+// Writes head row o (length D; column order per 32 as the P.V kernel of KD leaves it) times inv to dst.
+template <typename T, Kind KD, int D>
 PK_AVX512 PK_ALWAYS_INLINE void store_row(T* dst, const float* o, float inv) {
   const __m512 vi = _mm512_set1_ps(inv);
   if constexpr (std::is_same_v<T, float>) {
 #pragma GCC unroll 8
     for (int c = 0; c < D / 16; ++c) _mm512_storeu_ps(dst + 16 * c, _mm512_mul_ps(_mm512_load_ps(o + 16 * c), vi));
   } else {
-    const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+    // bf16_w: 16 even then 16 odd columns; bf16_dp: lanes of 4 (columns 8l..8l+3, then 8l+4..8l+7).
+    const __m512i lo = KD == Kind::bf16_dp
+                           ? _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0)
+                           : _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i hi = KD == Kind::bf16_dp
+                           ? _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8)
+                           : _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
 #pragma GCC unroll 4
     for (int c = 0; c < D / 32; ++c) {
       const __m512 e = _mm512_mul_ps(_mm512_load_ps(o + 32 * c), vi);
@@ -376,11 +447,13 @@ PK_AVX512BF16 void item(const Ctx& x, int64_t b, int64_t hk0, int64_t nh, int64_
   }
   const char* kb = static_cast<const char*>(p.k);
   const char* vb = static_cast<const char*>(p.v);
-  // Steps: S tokens of one kv head, heads inner. S = kT, or one block of a paged cache whose blocks
-  // are 16, 32 or 64 rows: then a step's rows are one run and the heads of a block follow each other,
-  // so K and V are read as two streams through each block instead of jumping between blocks.
+  // Steps: S tokens of one kv head, heads inner. S = kT, or on a paged cache with 16/32/64-row blocks
+  // max(block, 32) rows: the heads of a block (or two) then follow each other, so K and V are read
+  // as two streams through the blocks instead of jumping between 4 blocks per head. 32 rather than 16
+  // on 16-row blocks: the per-step costs (softmax, P.V accumulators) weigh on bf16 g = 4 (measured
+  // 6.2 vs 7.1 ms, B=8 Hq=32 Hkv=8 L=4096 bf16 paged16, 2 threads, notes/cpu_decode.md v6).
   const int64_t bs = p.block_size;
-  const int64_t S = p.block_table != nullptr && bs % 16 == 0 && kT % bs == 0 ? bs : kT;
+  const int64_t S = p.block_table != nullptr && bs % 16 == 0 && kT % bs == 0 ? std::max<int64_t>(bs, 32) : kT;
   constexpr int64_t kPD = pf_rows<D, es>();
   // Row offsets of the current step and of the steps after it, at least kPD rows past the current
   // step's end (so the loops can prefetch kPD rows ahead across step boundaries): off[0, have).
@@ -413,7 +486,7 @@ PK_AVX512BF16 void item(const Ctx& x, int64_t b, int64_t hk0, int64_t nh, int64_
     const int64_t h0 = (hk - hk0) * g;
     if (x.part == nullptr || n <= x.chunk) {
       T* O = static_cast<T*>(p.o) + (b * p.Hq + hk * g) * D;
-      for (int64_t h = 0; h < g; ++h) store_row<T, D>(O + h * D, sc.o + (h0 + h) * D, 1.f / sc.l[h0 + h]);
+      for (int64_t h = 0; h < g; ++h) store_row<T, KD, D>(O + h * D, sc.o + (h0 + h) * D, 1.f / sc.l[h0 + h]);
       continue;
     }
     float* part = x.part + ((b * p.Hkv + hk) * x.nchunk + ci) * g * (D + 16);
@@ -427,7 +500,7 @@ PK_AVX512BF16 void item(const Ctx& x, int64_t b, int64_t hk0, int64_t nh, int64_
 }
 
 // Merges the chunk partials of (b, hk) for its g heads into the output (log-sum-exp, base 2).
-template <typename T, int D>
+template <typename T, Kind KD, int D>
 PK_AVX512 void merge(const Ctx& x, int64_t b, int64_t hk, float* tmp) {
   const DecodeParams& p = *x.p;
   const int64_t g = x.g, n = p.context_lens[b];
@@ -449,7 +522,7 @@ PK_AVX512 void merge(const Ctx& x, int64_t b, int64_t hk, float* tmp) {
       for (int v = 0; v < D / 16; ++v)
         _mm512_store_ps(tmp + 16 * v, _mm512_fmadd_ps(vw, _mm512_load_ps(src + 16 * v), _mm512_load_ps(tmp + 16 * v)));
     }
-    store_row<T, D>(O + h * D, tmp, 1.f / L);
+    store_row<T, KD, D>(O + h * D, tmp, 1.f / L);
   }
 }
 
@@ -497,7 +570,7 @@ void run_avx512(const DecodeParams& p) {
     }
     if (nchunk > 1) {
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t bk = 0; bk < nbkv; ++bk) merge<T, D>(x, bk / Hkv, bk % Hkv, tb.as<float>());
+      for (int64_t bk = 0; bk < nbkv; ++bk) merge<T, KD, D>(x, bk / Hkv, bk % Hkv, tb.as<float>());
     }
   }
 }
