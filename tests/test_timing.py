@@ -4,7 +4,9 @@ fake clock, so the numbers are exact). The CUDA timer runs only where a GPU is p
 from __future__ import annotations
 
 import math
+import os
 import random
+import time
 
 import numpy as np
 import pytest
@@ -262,3 +264,29 @@ def test_measure_case_gives_throughput_and_peak_fraction(tmp_path, monkeypatch):
     assert r["median_s"] > 0 and r["p20_s"] <= r["median_s"] <= r["p80_s"]
     assert r["tflops"] == pytest.approx(prob.flops() / r["median_s"] / 1e12)
     assert r["pct_of_peak"] is not None and r["pct_of_peak"] > 0
+
+
+def test_settle_waits_before_the_warmup():
+    """settle_s: the CPU timer sleeps before its first call (other runtimes' spinning pools go idle)."""
+    first = []
+
+    def fn():
+        if not first:
+            first.append(time.perf_counter())
+
+    t0 = time.perf_counter()
+    timing.time_cpu(fn, timing.TimingOptions(settle_s=0.1, budget_s=0.01, warmup_s=0.0, min_rounds=3))
+    assert first[0] - t0 >= 0.1
+
+
+def test_importing_pykernels_quiets_openblas_unless_set():
+    import subprocess
+    import sys
+
+    code = "import os, pykernels; print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'))"
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "4"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OPENBLAS_THREAD_TIMEOUT": "9"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "9"
