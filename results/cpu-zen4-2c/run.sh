@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Re-creates results/cpu-zen4-2c/ except issue6.* (tools/issue6.py, see README.md here): the quick sweep
+# on the 2-core CPU with fresh peaks, its report and plots, and the native backend's conformance report.
+# About 10 minutes. Run on a machine that is otherwise idle; the load average is recorded in each file.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+R=results/cpu-zen4-2c
+
+# 1. The quick sweep, every CPU backend, peaks re-measured (journal next to the JSON).
+pytest --benchmark --sweep quick --refresh-peaks \
+    --backend native --backend torch --backend torch_compile --backend numpy \
+    --benchmark-json $R/quick.json -q -p no:cacheprovider > $R/quick.log 2>&1 || { tail -30 $R/quick.log; exit 1; }
+
+# 2. Penalty tables (terminal, Markdown, CSV) and the plots.
+pykernels report $R/quick.json --md $R/report.md --csv $R/report.csv > $R/report.txt
+pykernels plot $R/quick.json --out $R/plots
+
+# 3. Conformance of the native backend (float64 reference, robustness, performance vs the others).
+pykernels validate --backend native --out $R/validate
