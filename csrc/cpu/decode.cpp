@@ -238,6 +238,24 @@ PK_AVX512 PK_ALWAYS_INLINE float softmax_tile(float* s, float& m, float& l, int6
 
 // ---- P . V ---------------------------------------------------------------------------------------
 
+// P.V accumulators of G heads x 64 columns: loaded from o and rescaled by alpha, stored back.
+template <int D, int G>
+PK_AVX512 PK_ALWAYS_INLINE void load_acc(__m512 (&acc)[G][4], const float* o, const float* alpha, int col0) {
+#pragma GCC unroll 4
+  for (int h = 0; h < G; ++h) {
+    const __m512 a = _mm512_set1_ps(alpha[h]);
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) acc[h][c] = _mm512_mul_ps(a, _mm512_load_ps(o + h * D + col0 + 16 * c));
+  }
+}
+template <int D, int G>
+PK_AVX512 PK_ALWAYS_INLINE void store_acc(const __m512 (&acc)[G][4], float* o, int col0) {
+#pragma GCC unroll 4
+  for (int h = 0; h < G; ++h)
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) _mm512_store_ps(o + h * D + col0 + 16 * c, acc[h][c]);
+}
+
 // o[h][col0:col0+64] = alpha[h] o[h][...] + sum_j p[h][j] V[j][...] for G heads (rows of o stride D,
 // of p stride kT). bf16: o columns de-interleaved per 32 (16 even, 16 odd).
 template <Kind KD, int D, int G, bool PF>
@@ -245,12 +263,7 @@ PK_AVX512 PK_ALWAYS_INLINE void pv(float* o, const float* p, const float* alpha,
                                    const int64_t* off, int64_t n, int64_t npf, int col0) {
   constexpr int64_t ES = KD == Kind::f32 ? 4 : 2, kPD = pf_rows<D, ES>();
   __m512 acc[G][4];
-#pragma GCC unroll 4
-  for (int h = 0; h < G; ++h) {
-    const __m512 a = _mm512_set1_ps(alpha[h]);
-#pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) acc[h][c] = _mm512_mul_ps(a, _mm512_load_ps(o + h * D + col0 + 16 * c));
-  }
+  load_acc<D, G>(acc, o, alpha, col0);
   const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
 #pragma GCC unroll 2
   for (int64_t j = 0; j < n; ++j) {
@@ -284,10 +297,7 @@ PK_AVX512 PK_ALWAYS_INLINE void pv(float* o, const float* p, const float* alpha,
       acc[h][3] = _mm512_fmadd_ps(pb, v3, acc[h][3]);
     }
   }
-#pragma GCC unroll 4
-  for (int h = 0; h < G; ++h)
-#pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) _mm512_store_ps(o + h * D + col0 + 16 * c, acc[h][c]);
+  store_acc<D, G>(acc, o, col0);
 }
 
 // One token pair of pv_dp: rows r0 and r1 (null: a zero row) of 64 columns, pair k of P.
@@ -319,12 +329,7 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void pv_dp(float* o, const uint32_t* pp, const fl
                                           const int64_t* off, int64_t n, int64_t npf, int col0) {
   constexpr int64_t kPD = pf_rows<D, 2>();
   __m512 acc[G][4];
-#pragma GCC unroll 4
-  for (int h = 0; h < G; ++h) {
-    const __m512 a = _mm512_set1_ps(alpha[h]);
-#pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) acc[h][c] = _mm512_mul_ps(a, _mm512_load_ps(o + h * D + col0 + 16 * c));
-  }
+  load_acc<D, G>(acc, o, alpha, col0);
   int64_t j = 0;
   for (; j + 1 < n; j += 2) {
     if constexpr (PF) {
@@ -334,10 +339,7 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void pv_dp(float* o, const uint32_t* pp, const fl
     pv_pair<G>(acc, pp, j / 2, vb + off[j] + col0 * 2, vb + off[j + 1] + col0 * 2);
   }
   if (j < n) pv_pair<G>(acc, pp, j / 2, vb + off[j] + col0 * 2, nullptr);  // odd n: the pair's p is (p_j, 0)
-#pragma GCC unroll 4
-  for (int h = 0; h < G; ++h)
-#pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) _mm512_store_ps(o + h * D + col0 + 16 * c, acc[h][c]);
+  store_acc<D, G>(acc, o, col0);
 }
 
 // p: [g][kT] probabilities; for bf16_dp they are first rewritten in place as bf16 pairs (the first
