@@ -80,7 +80,6 @@ def _timing(config) -> bool:
 def pytest_configure(config):
     config.addinivalue_line("markers", "pykernels_bench(family): a pykernels benchmark function of that family "
                                        "(parametrized by the pykernels plugin)")
-    timing = _timing(config)
     if config.getoption("model"):
         if config.getoption("sweep"):
             raise pytest.UsageError("--model and --sweep are exclusive: --model is a sweep of its own")

@@ -85,12 +85,12 @@ def test_decode_checks_host_metadata():
     with pytest.raises(ValueError, match=r"block_table\[1, 1\] = 9"):
         _C.decode(*args)
     # An unused entry (past the sequence's blocks) is not an error.
-    keep, args = _decode_args(torch.tensor([16, 8], dtype=torch.int32), torch.tensor([[0, 1], [2, -5]], dtype=torch.int32))
+    _keep, args = _decode_args(torch.tensor([16, 8], dtype=torch.int32), torch.tensor([[0, 1], [2, -5]], dtype=torch.int32))
     _C.decode(*args)
 
 
 def test_decode_contiguous_layout_consistency():
-    keep, args = _decode_args(torch.tensor([4, 4], dtype=torch.int32), None, num_blocks=3, max_blocks=1)
+    _keep, args = _decode_args(torch.tensor([4, 4], dtype=torch.int32), None, num_blocks=3, max_blocks=1)
     with pytest.raises(ValueError, match="contiguous cache"):
         _C.decode(*args)
 
