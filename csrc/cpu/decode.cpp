@@ -11,8 +11,10 @@
 // them (log-sum-exp, base 2). Per item, steps of kT = 64 tokens of one kv head:
 //   row offsets    one per token, this step's and the next step's (page by page through the table);
 //                  the loops below prefetch the row ~16 KB ahead of the one they read (see kPfBytes)
-//   S = q K^T      per head and 16 tokens: 16 dot vectors (fp32 FMA, or vdpbf16ps on bf16 pairs),
-//                  reduced by one transposed 16-way horizontal sum (attn_common.h)
+//   S = q K^T      g a multiple of 4: four heads in the lanes of one vector, each 16-byte piece of a
+//                  K row broadcast to them, 4-lane sums (scores_quad16); otherwise per head and 16
+//                  tokens: 16 dot vectors (fp32 FMA, or vdpbf16ps on bf16 pairs), reduced by one
+//                  transposed 16-way horizontal sum (attn_common.h)
 //   online softmax base 2 (q, or the scores, carry scale * log2 e), mask past the context
 //   o = a o + P V  fp32 accumulators in registers for up to 4 heads x 64 columns; bf16 V widened in
 //                  registers: one 64-byte load gives the even columns (32-bit shift) and the odd ones
@@ -27,6 +29,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -180,14 +183,108 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void dots(const float* q, const char* kb, const i
     for (int h = 0; h < HB; ++h) _mm512_store_ps(t + (h * 16 + jj) * 16, _mm512_setzero_ps());
 }
 
+// ---- q . K with the heads in the lanes (g a multiple of 4) ----------------------------------------
+// Four query heads share each K row: lane 4h + j of chunk c holds element j of the 16-byte piece c of
+// head h's prepared row (fp32: 4 values; bf16_dp: 4 bf16 pairs), and the 16-byte piece c of a K row is
+// broadcast to the four 128-bit lanes. One FMA (or vdpbf16ps) then serves all four heads, and a
+// token's four scores are sums of 4 lanes each: 16 tokens reduce in 12 adds + 32 shuffles (reduce4,
+// then a 4x4 transpose of 128-bit blocks), against 4 x 45 operations and 64 stores + loads of the
+// 16-way transposed sums the row-dot path needs (measured, that path spent ~20% of bf16 g = 4 in them).
+
+// Chunks of 16 bytes in a prepared query row.
+template <Kind KD, int D>
+constexpr int quad_chunks() {
+  return KD == Kind::f32 ? D / 4 : D / 8;
+}
+
+// Four vectors of (head, 4 partials) lanes for tokens t..t+3 -> one vector, lane 4h + i = score of
+// head h, token t + i.
+PK_AVX512 PK_ALWAYS_INLINE __m512 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x88), _mm512_shuffle_ps(a, b, 0xDD));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_ps(c, d, 0x88), _mm512_shuffle_ps(c, d, 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x88), _mm512_shuffle_ps(ab, cd, 0xDD));
+}
+
+// Partial dot vectors of 8 K rows (pointers k[0..8)) with the quad's prepared query qq, reduced to
+// two vectors of (head, token) lanes: r[0] tokens 0..3, r[1] tokens 4..7.
+// Row i (< npre) also prefetches the lines of pf[i] in [pb0, pb1), one line per 4 chunks it reads, so the
+// prefetches are spread over the loop.
+template <Kind KD, int D>
+PK_AVX512BF16 PK_ALWAYS_INLINE void dots_quad8(const float* qq, const char* const* k, const char* const* pf,
+                                               int64_t npre, int64_t pb0, int64_t pb1, __m512* r) {
+  constexpr int NCH = quad_chunks<KD, D>();
+  __m512 acc[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+  for (int c = 0; c < NCH; ++c) {
+    const __m512 qv = _mm512_load_ps(qq + 16 * c);
+    if (c % 4 == 0 && 16 * c >= pb0 && 16 * c < pb1)
+      for (int64_t i = 0; i < npre; ++i) _mm_prefetch(pf[i] + 16 * c, _MM_HINT_T1);
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      if constexpr (KD == Kind::f32) {
+        const __m512 kv = _mm512_broadcast_f32x4(_mm_loadu_ps(reinterpret_cast<const float*>(k[i] + 16 * c)));
+        acc[i] = _mm512_fmadd_ps(qv, kv, acc[i]);
+      } else {
+        const __m512i kv = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(k[i] + 16 * c)));
+        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)kv, (__m512bh)qv);
+      }
+    }
+  }
+  r[0] = reduce4(acc[0], acc[1], acc[2], acc[3]);
+  r[1] = reduce4(acc[4], acc[5], acc[6], acc[7]);
+}
+
+// Scores of the quad's 4 heads for m <= 16 K rows starting at off[0]: s[h * kT + 0..16) (times cs),
+// -inf past m. Rows past m are read as row 0 (in the context) and masked. The first npre rows
+// prefetch bytes [pb0, pb1) of the row kPD further on.
+template <Kind KD, int D>
+PK_AVX512BF16 PK_ALWAYS_INLINE void scores_quad16(const float* qq, const char* kb, const int64_t* off, int64_t m,
+                                                  int64_t npre, int64_t pb0, int64_t pb1, float cs, float* s) {
+  constexpr int64_t ES = KD == Kind::f32 ? 4 : 2, kPD = pf_rows<D, ES>();
+  const char* k[16];
+  const char* pf[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) k[i] = kb + off[i < m ? i : 0];
+  for (int64_t i = 0; i < npre; ++i) pf[i] = kb + off[i + kPD];
+  __m512 r[4];
+  dots_quad8<KD, D>(qq, k, pf, std::min<int64_t>(npre, 8), pb0, pb1, r);
+  dots_quad8<KD, D>(qq, k + 8, pf + 8, std::max<int64_t>(npre - 8, 0), pb0, pb1, r + 2);
+  // 4x4 transpose of 128-bit blocks: block h of r[t] -> block t of head h's vector.
+  const __m512 u0 = _mm512_shuffle_f32x4(r[0], r[1], 0x44), u1 = _mm512_shuffle_f32x4(r[0], r[1], 0xEE);
+  const __m512 u2 = _mm512_shuffle_f32x4(r[2], r[3], 0x44), u3 = _mm512_shuffle_f32x4(r[2], r[3], 0xEE);
+  const __m512 o[4] = {_mm512_shuffle_f32x4(u0, u2, 0x88), _mm512_shuffle_f32x4(u0, u2, 0xDD),
+                       _mm512_shuffle_f32x4(u1, u3, 0x88), _mm512_shuffle_f32x4(u1, u3, 0xDD)};
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __mmask16 mk = vec::mask16(m);
+#pragma GCC unroll 4
+  for (int h = 0; h < 4; ++h) {
+    __m512 v = o[h];
+    if constexpr (KD == Kind::bf16_dp) v = _mm512_mul_ps(v, _mm512_set1_ps(cs));
+    _mm512_store_ps(s + h * kT, _mm512_mask_mov_ps(ninf, mk, v));
+  }
+}
+
 // Scores of the g heads for the n <= kT tokens of a step: s[h][0:16 ceil(n/16)] (base 2), -inf past n. 16 tokens at a
 // time, heads_per_pass heads per pass over them, so those 16 K rows (8 KB at D = 128 fp32) are read
 // from L1 by the later passes. The first pass prefetches the rows kPD ahead (up to npf, the rows known).
 template <Kind KD, int D>
-PK_AVX512BF16 PK_ALWAYS_INLINE void scores(int64_t g, const float* q, const char* kb, const int64_t* off,
-                                           int64_t n, int64_t npf, float c, float* s) {
+PK_AVX512BF16 PK_ALWAYS_INLINE void scores(int64_t g, const float* q, const float* qq, const char* kb,
+                                           const int64_t* off, int64_t n, int64_t npf, float c, float* s) {
   constexpr int HB = heads_per_pass<KD, D>();
   constexpr int64_t ES = KD == Kind::f32 ? 4 : 2, kPD = pf_rows<D, ES>();
+  if (KD != Kind::bf16_w && g % 4 == 0) {  // heads in the lanes; each quad prefetches its share of a row
+    const int64_t passes = g / 4;
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {
+      const int64_t m = std::min<int64_t>(16, n - j0), npre = std::clamp<int64_t>(npf - j0 - kPD, 0, 16);
+      for (int64_t pass = 0; pass < passes; ++pass) {
+        const int64_t pb0 = pass * D * ES / passes / 64 * 64, pb1 = (pass + 1) * D * ES / passes / 64 * 64;
+        scores_quad16<KD, D>(qq + 4 * pass * D, kb, off + j0, m, npre, pb0, pb1, c, s + 4 * pass * kT + j0);
+      }
+    }
+    return;
+  }
   alignas(64) float t[HB * 16 * 16];
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
@@ -383,7 +480,8 @@ PK_AVX512BF16 void pv_all(int64_t g, float* o, float* p, const float* alpha, con
 // ---- one work item and the epilogues -------------------------------------------------------------
 
 struct Scratch {
-  float* q;  // [nh*g][D] prepared query (fp32 scaled; bf16_dp: bf16 pairs; bf16_w: de-interleaved fp32)
+  float* q;   // [nh*g][D] prepared query (fp32 scaled; bf16_dp: bf16 pairs; bf16_w: de-interleaved fp32)
+  float* qq;  // the same per quad of heads, heads in the lanes (scores_quad16), when g % 4 == 0
   float* o;  // [nh*g][D] accumulators
   float* s;  // [g][kT] scores, then probabilities, of the current step
   float* m;  // [nh*g] running max (base 2)
@@ -447,6 +545,14 @@ PK_AVX512BF16 void item(const Ctx& x, int64_t b, int64_t hk0, int64_t nh, int64_
     sc.m[h] = -std::numeric_limits<float>::infinity();
     sc.l[h] = 0.f;
   }
+  if (KD != Kind::bf16_w && g % 4 == 0) {
+    // Quad layout: chunk c of quad u = 16 bytes from each of its 4 heads' rows, head-major in the lanes.
+    constexpr int NCH = quad_chunks<KD, D>();
+    for (int64_t u = 0; u < nh * g / 4; ++u)
+      for (int c = 0; c < NCH; ++c)
+        for (int h = 0; h < 4; ++h)
+          std::memcpy(sc.qq + u * 4 * D + 16 * c + 4 * h, sc.q + (4 * u + h) * D + 4 * c, 16);
+  }
   const char* kb = static_cast<const char*>(p.k);
   const char* vb = static_cast<const char*>(p.v);
   // Steps: S tokens of one kv head, heads inner. S = kT, or on a paged cache with 16/32/64-row blocks
@@ -477,7 +583,7 @@ PK_AVX512BF16 void item(const Ctx& x, int64_t b, int64_t hk0, int64_t nh, int64_
     for (int64_t hk = hk0; hk < hk0 + nh; ++hk) {
       fill(nt + kPD);
       const int64_t h0 = (hk - hk0) * g;
-      scores<KD, D>(g, sc.q + h0 * D, kb, off, nt, have, x.c, sc.s);
+      scores<KD, D>(g, sc.q + h0 * D, sc.qq + h0 * D, kb, off, nt, have, x.c, sc.s);
       for (int64_t h = 0; h < g; ++h) sc.a[h] = softmax_tile(sc.s + h * kT, sc.m[h0 + h], sc.l[h0 + h], nv);
       pv_all<KD, D>(g, sc.o + h0 * D, sc.s, sc.a, vb, off, nt, have);
       std::copy(off + nt, off + have, off);
@@ -561,9 +667,9 @@ void run_avx512(const DecodeParams& p) {
   const int64_t nitems = static_cast<int64_t>(items.size()), hs = nh * g;
 #pragma omp parallel num_threads(nt)
   {
-    AlignedBuf qb(static_cast<size_t>(hs * D * 4)), ob(static_cast<size_t>(hs * D * 4)),
+    AlignedBuf qb(static_cast<size_t>(hs * D * 4)), qqb(static_cast<size_t>(hs * D * 4)), ob(static_cast<size_t>(hs * D * 4)),
         sb(static_cast<size_t>(g * kT * 4)), mb(static_cast<size_t>((2 * hs + g) * 4)), tb(static_cast<size_t>(D * 4));
-    const Scratch sc{qb.as<float>(), ob.as<float>(), sb.as<float>(), mb.as<float>(), mb.as<float>() + hs,
+    const Scratch sc{qb.as<float>(), qqb.as<float>(), ob.as<float>(), sb.as<float>(), mb.as<float>(), mb.as<float>() + hs,
                      mb.as<float>() + 2 * hs};
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < nitems; ++i) {
