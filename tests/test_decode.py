@@ -92,3 +92,32 @@ def test_decode_nan_inside_the_context_propagates(dtype, split, backend):
     assert torch.isnan(out[0, :2 if not split else 4]).all()
     if not split:
         assert not torch.isnan(out[0, 2:]).any() and not torch.isnan(out[1:]).any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["split", "whole", "paged"])
+def test_decode_running_max_moves(case, dtype):
+    """Scores that climb along the context (a slow ramp of ~90 in all, base e, plus a jump of +40 for a
+    few tokens in the middle): the running max must move many times, by less and by more than the
+    native kernel's lazy-rescaling threshold (2^8), and the answer still match the float64 reference.
+    split: one long sequence whose context is cut into chunks (each chunk has its own max)."""
+    import pykernels as pk
+    from pykernels import verify
+
+    p = {"split": DecodeProblem(1, 8, 2, 3000, 64), "whole": DecodeProblem(3, 8, 2, 700, 128, ragged=True),
+         "paged": DecodeProblem(2, 8, 2, 500, 128, paged=True, block_size=16)}[case]
+    x = p.make_inputs(torch.float32)
+    q, k, g = x["q"].double(), x["k_cache"], p.Hq // p.Hkv
+    scale = p.D ** -0.5
+    for b in range(p.B):
+        for hk in range(p.Hkv):
+            u = q[b, hk * g] / (scale * q[b, hk * g].dot(q[b, hk * g]))  # adds 1 to head hk*g's score
+            for t in range(int(x["context_lens"][b])):
+                bump = 0.03 * t + (40.0 if p.context // 2 <= t < p.context // 2 + 5 else 0.0)
+                if p.paged:
+                    k[int(x["block_table"][b, t // 16]), hk, t % 16] += (bump * u).float()
+                else:
+                    k[b, hk, t] += (bump * u).float()
+    x = {n: v.to(dtype) if v is not None and v.is_floating_point() else v for n, v in x.items()}
+    exp = verify.expected(p, x)
+    exp.assert_close(pk.decode(**x, backend="native"), what=f"native {case} {dtype}")
