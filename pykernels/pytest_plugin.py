@@ -388,7 +388,7 @@ def _run_case(request, case_id: str) -> None:
     budget = config.getoption("time_budget") or SWEEP_BUDGET_S.get(st["sweep"], 1.0)
     # --cold-cache flushes on every device; without it the device default applies (CPU warm, CUDA L2 flushed)
     opts = timing.TimingOptions(budget_s=budget, flush=True if config.getoption("cold_cache") else None,
-                                settle_s=0.0 if str(device).startswith("cuda") else timing.CPU_SETTLE_S)
+                                settle_s=timing.CPU_SETTLE_S)
     last = [out]
     del out
 

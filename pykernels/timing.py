@@ -39,8 +39,8 @@ class TimingOptions:
     flush: bool | None = None       # write a buffer >= 2x the last-level cache between calls; None = the device's
                                     # default: no on CPU (warm caches), yes on CUDA (L2 flushed, DESIGN.md)
     cuda_graph_below_s: float = 50e-6  # CUDA: kernels shorter than this are timed as a CUDA graph of k calls
-    settle_s: float = 0.0           # CPU: sleep this long before the warmup, so that thread pools of whatever
-                                    # ran before (a BLAS spinning after its last call) are idle again
+    settle_s: float = 0.0           # CPU timer only (time_cuda ignores it): sleep this long before the warmup, so
+                                    # that thread pools of whatever ran before (a BLAS spinning) are idle again
 
 
 # What the sweeps and validate wait before each CPU case (TimingOptions.settle_s): OpenBLAS spins ~0.1 s.
@@ -400,8 +400,7 @@ def measure_case(problem, dtype: str, backend: str, device: str = "cpu", *, inpu
     dtype = dtype_name(dtype_of(dtype))  # a name or a torch.dtype
     fn = ops.prepare(problem.family, backend=backend, **inputs, **problem.call_kwargs())
     fn()  # compilation / autotuning / lazy initialisation: never timed
-    cpu = not str(device).startswith("cuda")
-    stats = time_callable(fn, device, TimingOptions(budget_s=budget_s, settle_s=CPU_SETTLE_S if cpu else 0.0))
+    stats = time_callable(fn, device, TimingOptions(budget_s=budget_s, settle_s=CPU_SETTLE_S))
     flops, nbytes = problem.flops(), problem.bytes(dtype_of(dtype))
     pk = devmod.peaks(device, [dtype])
     rates = results.throughput(flops, nbytes, stats.median_s)

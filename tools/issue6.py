@@ -9,8 +9,8 @@ throughput(torch) = median time(torch) / median time(native). A copy bandwidth (
 read + write bytes) and a read bandwidth (src.sum()) are measured at the start and at the end of the same
 run, and for each memory-bound case (decode-sized GEMMs, decode) the copy and the read are also timed in
 the same rounds as native and torch: that case's bytes/s are reported as % of the copy bandwidth of its
-own rounds (median over rounds of the per-round ratio) (the bandwidth of this shared VM moves by 2x within minutes, so a copy timed minutes apart would
-not be the same machine).
+own rounds (median over rounds of the per-round ratio): the bandwidth of this shared VM moves by 2x
+within minutes, so a copy timed minutes apart would not be the same machine.
 The native output is checked against torch's (the float64 checks live in the tests and the sweeps).
 Writes OUT.json (every sample statistic) and OUT.md (the table).
 """
@@ -21,6 +21,7 @@ import argparse
 import json
 import platform
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -49,8 +50,6 @@ def paired(nbytes: float, t_kernel: list[float], ref_bytes: float, t_ref: list[f
     """Median over rounds of (kernel bytes/s) / (reference bytes/s), both from the same round: the
     bandwidth of this shared VM moves within seconds, and a ratio of two medians can pair a kernel call
     from a fast spell with a copy from a slow one."""
-    import statistics
-
     return statistics.median((nbytes / tk) / (ref_bytes / tr) for tk, tr in zip(t_kernel, t_ref))
 
 
@@ -125,8 +124,8 @@ def main(argv=None) -> int:
 
 
 def to_markdown(doc: dict) -> str:
-    lines = ["| family | dtype | shape | native | torch | native ÷ torch (p20–p80 range) | target | "
-             "native GB/s: % of copy, of read (same rounds) | met |", "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    lines = [("| family | dtype | shape | native | torch | native ÷ torch (p20–p80 range) | target | "
+              "native GB/s: % of copy, of read (same rounds) | met |"), "|---|---|---|---:|---:|---:|---:|---:|---|"]
     for r in doc["rows"]:
         tn, tt = r["native"]["median_s"], r["torch"]["median_s"]
         if r["memory_bound"]:
@@ -139,11 +138,11 @@ def to_markdown(doc: dict) -> str:
         lines.append(f"| {r['family']} | {r['dtype']} | {r['shape']} | {tn * 1e3:.3f} ms | {tt * 1e3:.3f} ms | "
                      f"**{r['ratio']:.2f}** ({lo:.2f}–{hi:.2f}) | {tgt} | {thr} | {'yes' if r['met'] else 'NO'} |")
     bw = doc["copy_bytes_per_s"]
-    lines += ["", "Copy: `dst.copy_(src)` of 256 MiB fp32, bytes read + written; read: `src.sum()`, bytes read; both "
+    lines += ["", ("Copy: `dst.copy_(src)` of 256 MiB fp32, bytes read + written; read: `src.sum()`, bytes read; both "
               "timed in the same rounds as native and torch for that row; the % is the median over rounds of the "
               "per-round ratio, the GB/s beside it are medians. The best copy bandwidth of the "
               f"probes at the start and the end of the run: {bw / 1e9:.1f} GB/s. "
-              f"torch {doc['torch']}, {doc['threads']} threads, {doc['time_utc']}.",
+              f"torch {doc['torch']}, {doc['threads']} threads, {doc['time_utc']}."),
               f"Command: `{doc['command']}`", ""]
     return "\n".join(lines)
 

@@ -15,7 +15,8 @@
 //                  K row broadcast to them, 4-lane sums (scores_quad16); otherwise per head and 16
 //                  tokens: 16 dot vectors (fp32 FMA, or vdpbf16ps on bf16 pairs), reduced by one
 //                  transposed 16-way horizontal sum (attn_common.h)
-//   online softmax base 2 (q, or the scores, carry scale * log2 e), mask past the context
+//   online softmax base 2 (q, or the scores, carry scale * log2 e), mask past the context; the running
+//                  max moves only when a score passes it by more than 2^8 (lazy rescaling, softmax_tile)
 //   o = a o + P V  fp32 accumulators in registers for up to 4 heads x 64 columns; bf16 V widened in
 //                  registers: one 64-byte load gives the even columns (32-bit shift) and the odd ones
 //                  (mask), accumulated de-interleaved and re-interleaved once at the end.
@@ -191,6 +192,12 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void dots(const float* q, const char* kb, const i
 // then a 4x4 transpose of 128-bit blocks), against 4 x 45 operations and 64 stores + loads of the
 // 16-way transposed sums the row-dot path needs (measured, that path spent ~20% of bf16 g = 4 in them).
 
+// Whether a step's scores take this path (the query then also lives in Scratch::qq).
+template <Kind KD>
+inline bool use_quad(int64_t g) {
+  return KD != Kind::bf16_w && g % 4 == 0;
+}
+
 // Chunks of 16 bytes in a prepared query row.
 template <Kind KD, int D>
 constexpr int quad_chunks() {
@@ -274,7 +281,7 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void scores(int64_t g, const float* q, const floa
                                            const int64_t* off, int64_t n, int64_t npf, float c, float* s) {
   constexpr int HB = heads_per_pass<KD, D>();
   constexpr int64_t ES = KD == Kind::f32 ? 4 : 2, kPD = pf_rows<D, ES>();
-  if (KD != Kind::bf16_w && g % 4 == 0) {  // heads in the lanes; each quad prefetches its share of a row
+  if (use_quad<KD>(g)) {  // heads in the lanes; each quad prefetches its share of a row
     const int64_t passes = g / 4;
     for (int64_t j0 = 0; j0 < n; j0 += 16) {
       const int64_t m = std::min<int64_t>(16, n - j0), npre = std::clamp<int64_t>(npf - j0 - kPD, 0, 16);
@@ -556,7 +563,7 @@ PK_AVX512BF16 void item(const Ctx& x, int64_t b, int64_t hk0, int64_t nh, int64_
     sc.m[h] = -std::numeric_limits<float>::infinity();
     _mm512_store_ps(sc.l + 16 * h, _mm512_setzero_ps());
   }
-  if (KD != Kind::bf16_w && g % 4 == 0) {
+  if (use_quad<KD>(g)) {
     // Quad layout: chunk c of quad u = 16 bytes from each of its 4 heads' rows, head-major in the lanes.
     constexpr int NCH = quad_chunks<KD, D>();
     for (int64_t u = 0; u < nh * g / 4; ++u)
@@ -678,7 +685,8 @@ void run_avx512(const DecodeParams& p) {
   const int64_t nitems = static_cast<int64_t>(items.size()), hs = nh * g;
 #pragma omp parallel num_threads(nt)
   {
-    AlignedBuf qb(static_cast<size_t>(hs * D * 4)), qqb(static_cast<size_t>(hs * D * 4)), ob(static_cast<size_t>(hs * D * 4)),
+    AlignedBuf qb(static_cast<size_t>(hs * D * 4)), qqb(use_quad<KD>(g) ? static_cast<size_t>(hs * D * 4) : 0),
+        ob(static_cast<size_t>(hs * D * 4)),
         sb(static_cast<size_t>(g * kT * 4)), mb(static_cast<size_t>((hs + g) * 4)), tb(static_cast<size_t>(D * 4));
     AlignedBuf lb(static_cast<size_t>(hs * 16 * 4));
     const Scratch sc{qb.as<float>(), qqb.as<float>(), ob.as<float>(), sb.as<float>(), mb.as<float>(), lb.as<float>(),
