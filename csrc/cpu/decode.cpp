@@ -472,7 +472,9 @@ PK_AVX512BF16 void pv_all(int64_t g, float* o, float* p, const float* alpha, con
   for (int col0 = 0; col0 < D; col0 += 64) {
     int64_t h = 0;
     // The first block of heads of each 64 columns prefetches those columns of the V rows.
-    auto block = [&](auto G) {
+    // The lambda carries the target of pv_all: a lambda does not inherit it, and a default-target caller
+    // cannot inline the AVX-512 kernels (a build error on CPUs without AVX-512 under -march=native).
+    auto block = [&](auto G) PK_AVX512BF16 {
       if constexpr (KD == Kind::bf16_dp) {
         const uint32_t* pp = reinterpret_cast<const uint32_t*>(p + h * kT);
         if (h == 0)
