@@ -1,5 +1,7 @@
 """The `pykernels` command.
 
+    pykernels bench [--sweep quick|full|smoke | --shape K=V,... | --model NAME] [--backend NAME]...
+                    [--kernel FAMILY]... [--dtype DT]... [--json out.json] [--resume] [-- PYTEST ARGS]
     pykernels info [--device cpu|cuda] [--peaks] [--json]
     pykernels report RESULTS... [--format terminal|md|csv] [--md FILE] [--csv FILE]
     pykernels compare RESULTS... [--label NAME]... [--format terminal|md|csv]
@@ -14,12 +16,93 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
 
 class CliError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# bench: the benchmark sweeps, through pytest with the package's own configuration
+
+# bench option -> (pytest option, takes a value, repeatable)
+_BENCH_OPTS = {
+    "sweep": ("--pk-sweep", True, False), "shape": ("--pk-shape", True, True), "model": ("--pk-model", True, False),
+    "model_prompt": ("--pk-model-prompt", True, False), "model_context": ("--pk-model-context", True, False),
+    "model_batch": ("--pk-model-batch", True, False), "backend": ("--pk-backend", True, True),
+    "kernel": ("--pk-kernel", True, True), "dtype": ("--pk-dtype", True, True), "device": ("--pk-device", True, False),
+    "resume": ("--pk-resume", False, False), "journal": ("--pk-journal", True, False),
+    "time_budget": ("--pk-time-budget", True, False), "cold_cache": ("--pk-cold-cache", False, False),
+    "refresh_peaks": ("--pk-refresh-peaks", False, False), "json": ("--benchmark-json", True, False),
+}
+
+
+def _add_bench(sub):
+    p = sub.add_parser(
+        "bench", help="run the benchmark sweeps (timed; results as pytest-benchmark JSON)",
+        description="Time every backend on every case of a sweep, check each output against the float64 "
+                    "reference, print the penalty table and write pytest-benchmark JSON. Runs pytest on the "
+                    "sweeps shipped in the package, with the package's own pytest configuration (works in any "
+                    "directory). Arguments after -- go to pytest unchanged.",
+        epilog="Exit status: 0 all measured and correct; 1 a case failed or nothing was measured; 2 usage error.")
+    p.add_argument("--sweep", choices=("smoke", "quick", "full"), default=None,
+                   help="shape sweep (default quick): smoke (tiny), quick (< 5 min on 2 cores), full (+ ref-7b-2k)")
+    p.add_argument("--shape", action="append", default=[], metavar="K=V,...",
+                   help="instead of --sweep, this shape (repeatable): 'M=4096,N=4096,K=4096' (gemm), "
+                        "'B=1,Hq=32,Hkv=8,S=2048,D=128,causal=1' (attention), "
+                        "'B=8,Hq=32,Hkv=8,L=4096,D=128,paged=1,block_size=16' (decode)")
+    p.add_argument("--model", default=None, metavar="NAME|FILE",
+                   help="instead of --sweep, the kernel shapes of a model (ref-7b-2k, ref-8b-gqa, tiny, or a JSON file)")
+    p.add_argument("--model-prompt", type=int, default=None, metavar="P", help="with --model: prompt tokens")
+    p.add_argument("--model-context", type=int, default=None, metavar="L", help="with --model: decode context")
+    p.add_argument("--model-batch", type=int, default=None, metavar="B", help="with --model: decode batch")
+    p.add_argument("--backend", action="append", default=[], metavar="NAME", help="only this backend (repeatable)")
+    p.add_argument("--kernel", action="append", default=[], choices=("gemm", "attention", "decode"),
+                   help="only this family (repeatable)")
+    p.add_argument("--dtype", action="append", default=[], metavar="DTYPE", help="only this dtype (repeatable)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the results (pytest-benchmark JSON)")
+    p.add_argument("--resume", action="store_true", help="replay the cases already in the journal")
+    p.add_argument("--journal", default=None, metavar="FILE", help="journal file (default: per machine and sweep)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="S", help="seconds of timing per case")
+    p.add_argument("--cold-cache", action="store_true", help="flush the caches between timed calls")
+    p.add_argument("--refresh-peaks", action="store_true", help="measure the device's peaks again")
+    p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: more pytest arguments")
+    p.set_defaults(func=cmd_bench)
+
+
+def bench_argv(args) -> list[str]:
+    """The pytest command line of `pykernels bench`: the package's bench directory as rootdir and test path,
+    its bench.ini as configuration, every option in --opt=value form (no value is taken for a path)."""
+    from . import bench
+
+    here = Path(bench.__file__).resolve().parent
+    argv = ["-c", str(here / "bench.ini"), "--rootdir", str(here), "--import-mode=importlib", "--pk-bench"]
+    for key, (opt, has_value, repeat) in _BENCH_OPTS.items():
+        val = getattr(args, key, None)
+        if val is None or val is False or val == []:
+            continue
+        if not has_value:
+            argv.append(opt)
+        else:
+            for v in (val if repeat else [val]):
+                argv.append(f"{opt}={os.path.abspath(v) if key in ('json', 'journal') else v}")
+    extra = list(args.pytest_args or [])
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    return argv + extra + [str(here)]
+
+
+def cmd_bench(args) -> int:
+    import pytest
+
+    if args.model is None and any(v is not None for v in (args.model_prompt, args.model_context, args.model_batch)):
+        raise CliError("--model-prompt/--model-context/--model-batch need --model")
+    rc = int(pytest.main(bench_argv(args)))
+    return 2 if rc == int(pytest.ExitCode.USAGE_ERROR) else rc
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -42,12 +125,20 @@ def _add_info(sub):
 def cmd_info(args) -> int:
     import torch
 
-    from . import device, report
+    from . import report
     from .backends import registry
+    from .harness import device
+    from .kernels import dtype_name, dtype_of
 
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    why = device.device_problem(dev)
+    if why:
+        raise CliError(f"--device: {why}")
+    try:
+        dtypes = [dtype_name(dtype_of(d)) for d in args.dtype] or ["float32", "bfloat16"]
+    except ValueError as e:
+        raise CliError(f"--dtype: {e}") from None
     fp = device.fingerprint(dev)
-    dtypes = args.dtype or ["float32", "bfloat16"]
     measure = args.peaks or args.refresh_peaks
     pk = device.peaks(dev, dtypes, refresh=args.refresh_peaks, measure=measure, fp=fp)
     backs = [registry.info(b) for b in registry.all_backends().values()]
@@ -94,7 +185,7 @@ def _results_arg(p):
 
 
 def _load(paths):
-    from .results import ResultFileError, load_many
+    from .harness.results import ResultFileError, load_many
 
     try:
         return load_many(paths)
@@ -148,7 +239,7 @@ def _add_compare(sub):
 
 def cmd_compare(args) -> int:
     from . import report
-    from .results import ResultFileError, load
+    from .harness.results import ResultFileError, load
 
     if len(args.results) < 2:
         raise CliError("compare needs at least two result files")
@@ -199,19 +290,20 @@ def cmd_plot(args) -> int:
 # name -> a function here that adds the subparser, or "module:attr" of one (imported when the CLI starts;
 # a module that fails to import leaves its subcommand out with a note in --help).
 SUBCOMMANDS: dict[str, object] = {
+    "bench": _add_bench,
     "info": _add_info,
     "report": _add_report,
     "compare": _add_compare,
     "plot": _add_plot,
     "validate": "pykernels.validate:add_parser",
-    "tokens": "pykernels.tokens:add_parser",
-    "layer": "pykernels.layer:add_parser",
+    "tokens": "pykernels.tokens.metering:add_parser",
+    "layer": "pykernels.tokens.layer:add_parser",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pykernels", description="pykernels: the abstraction penalty of kernel "
-                                 "backends. Benchmarks run with `pytest --benchmark` (see docs/harness.md).")
+                                 "backends. The benchmarks: `pykernels bench` (see docs/harness.md).")
     from . import __version__
 
     ap.add_argument("--version", action="version", version=f"pykernels {__version__}")

@@ -1,18 +1,23 @@
-"""pytest plugin (entry point pytest11 `pykernels`): the benchmark sweeps of bench/.
+"""pytest plugin: the benchmark sweeps of pykernels/bench/. Opt-in: nothing is loaded into a pytest session
+that does not ask for it (no pytest11 entry point), so installing pykernels never changes another project's
+tests; every option carries the prefix --pk- so that it cannot collide with a project's own (--device ...).
 
-    pytest --benchmark [--sweep quick|full|issue6] [--backend NAME]... [--kernel FAMILY]... [--dtype DT]...
-           [--benchmark-json out.json | --benchmark-autosave] [--resume]
+    pykernels bench [--sweep quick] [--backend NAME]... [--json out.json]      (the usual way: runs pytest)
+    pytest -p pykernels.pytest_plugin --pyargs pykernels.bench --pk-bench [--pk-sweep quick|full|smoke]
+           [--pk-backend NAME]... [--pk-kernel FAMILY]... [--pk-dtype DT]... [--pk-shape M=..,N=..,K=..]...
+           [--benchmark-json out.json] [--pk-resume]
 
-- `pytest --benchmark`: only the benchmark cases run, timed by pykernels.timing on the detected device (the
-  GPU when there is one); default sweep `quick`. Each case's output after timing is checked against the
-  float64 reference: a wrong answer fails the case and is recorded with ok=false, never ranked.
-- plain `pytest`: every bench case of the `smoke` sweep (tiny shapes) runs once, untimed, output checked.
-- pytest-benchmark stores and compares: our timer's per-call samples are handed to its `benchmark`
-  fixture, our fields go to `extra_info`, the device fingerprint and measured peaks to `machine_info`.
-- a journal (JSON lines) gets each case the moment it finishes; `--resume` replays the cases already in it.
+- `--pk-bench`: only the benchmark cases run, timed by pykernels.harness.timing on the chosen device (the GPU
+  when there is one); default sweep `quick`. Each case's output after timing is checked against the float64
+  reference: a wrong answer fails the case and is recorded with ok=false, never ranked.
+- without it: every bench case of the `smoke` sweep (tiny shapes) runs once, untimed, output checked.
+- pytest-benchmark stores and compares: our timer's per-call samples are handed to its `benchmark` fixture,
+  our fields go to `extra_info`, the device fingerprint and measured peaks to `machine_info`.
+- a journal (JSON lines) gets each case the moment it finishes; `--pk-resume` replays the cases already in it.
+- a timed run that measured nothing exits non-zero and says why.
 
 A bench function is marked `@pytest.mark.pykernels_bench("gemm")` and takes the fixtures `kernel_case`
-(parametrized here from the sweep) and `kernel_bench` (runs it): see bench/bench_gemm.py.
+(parametrized here from the sweep) and `kernel_bench` (runs it): see pykernels/bench/bench_gemm.py.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ import time
 import pytest
 
 FAMILIES = ("gemm", "attention", "decode")
+SWEEP_NAMES = ("smoke", "quick", "full")
 NEVER_TIMED = {"triton_interpret": "correctness only (Triton's interpreter): never timed, never in penalty tables"}
-SWEEP_BUDGET_S = {"smoke": 0.2, "issue6": 0.5, "quick": 0.5, "full": 1.5}
+SWEEP_BUDGET_S = {"smoke": 0.2, "quick": 0.5, "full": 1.5}
 # Checking an output needs its float64 reference: ~FLOPs / 30 GFLOP/s on the 2-core CPU. Above this many
 # FLOPs (or bytes) the check runs on a slice (64 rows of a GEMM, one KV-head group of attention, 2 sequences of a
 # decode), which still catches a wrong kernel; the record says checked="slice".
@@ -41,57 +47,85 @@ _STATE = pytest.StashKey[dict]()
 
 
 def pytest_addoption(parser):
-    g = parser.getgroup("pykernels", "pykernels benchmark sweeps")
-    g.addoption("--benchmark", action="store_true", default=False,
-                help="run only the bench/ sweeps, timed (default sweep: quick); without it every bench case runs "
-                     "once untimed (smoke sweep) with its output checked")
-    g.addoption("--sweep", default=None, choices=("smoke", "issue6", "quick", "full"),
-                help="shape sweep: smoke (tiny; default without --benchmark), quick (default with --benchmark, "
-                     "< 5 min on a 2-core CPU), issue6, full (LLM shapes of ref-7b-2k)")
-    g.addoption("--model", default=None, metavar="NAME",
-                help="instead of --sweep: exactly the kernel shapes one prefill and one decode step of this model "
-                     "run (built-in: ref-7b-2k, ref-8b-gqa, tiny; or a model JSON file); see `pykernels tokens`")
-    g.addoption("--model-prompt", type=int, default=None, metavar="P", help="with --model: prompt tokens")
-    g.addoption("--model-context", type=int, default=None, metavar="L", help="with --model: decode context")
-    g.addoption("--model-batch", type=int, default=1, metavar="B", help="with --model: decode batch (default 1)")
-    g.addoption("--backend", action="append", default=[], metavar="NAME",
+    _SKIPS.clear()
+    g = parser.getgroup("pykernels", "pykernels benchmark sweeps (all options start with --pk-)")
+    g.addoption("--pk-bench", action="store_true", default=False,
+                help="run only the benchmark sweeps, timed (default sweep: quick); without it every bench case "
+                     "runs once untimed (smoke sweep) with its output checked")
+    g.addoption("--pk-sweep", default=None, choices=SWEEP_NAMES,
+                help="shape sweep: smoke (tiny; default without --pk-bench), quick (default with --pk-bench, "
+                     "< 5 min on a 2-core CPU), full (quick + the LLM shapes of ref-7b-2k)")
+    g.addoption("--pk-shape", action="append", default=[], metavar="K=V,...",
+                help="instead of --pk-sweep: this shape (repeatable): M=..,N=..,K=.. (gemm); "
+                     "B=..,Hq=..,Hkv=..,S=..,D=..[,causal=1] (attention); "
+                     "B=..,Hq=..,Hkv=..,L=..,D=..[,paged=1,block_size=16,ragged=1] (decode)")
+    g.addoption("--pk-model", default=None, metavar="NAME",
+                help="instead of --pk-sweep: exactly the kernel shapes one prefill and one decode step of this "
+                     "model run (built-in: ref-7b-2k, ref-8b-gqa, tiny; or a model JSON file); see `pykernels tokens`")
+    g.addoption("--pk-model-prompt", type=int, default=None, metavar="P", help="with --pk-model: prompt tokens")
+    g.addoption("--pk-model-context", type=int, default=None, metavar="L", help="with --pk-model: decode context")
+    g.addoption("--pk-model-batch", type=int, default=1, metavar="B", help="with --pk-model: decode batch (default 1)")
+    g.addoption("--pk-backend", action="append", default=[], metavar="NAME",
                 help="benchmark only this backend (repeatable); default: all registered except triton_interpret")
-    g.addoption("--kernel", action="append", default=[], choices=FAMILIES, help="only this family (repeatable)")
-    g.addoption("--dtype", action="append", default=[], metavar="DTYPE",
+    g.addoption("--pk-kernel", action="append", default=[], choices=FAMILIES, help="only this family (repeatable)")
+    g.addoption("--pk-dtype", action="append", default=[], metavar="DTYPE",
                 help="only this dtype (repeatable): float32, bfloat16, float16")
-    g.addoption("--device", default=None, help="device type to run on (default: cuda when available, else cpu)")
-    g.addoption("--resume", action="store_true", default=False,
+    g.addoption("--pk-device", default=None, help="device type to run on (default: cuda when available, else cpu)")
+    g.addoption("--pk-resume", action="store_true", default=False,
                 help="replay the cases already in the journal instead of measuring them again")
-    g.addoption("--journal", default=None, metavar="PATH",
+    g.addoption("--pk-journal", default=None, metavar="PATH",
                 help="journal file (JSON lines; default ~/.cache/pykernels/journal-<machine>-<sweep>.jsonl)")
-    g.addoption("--time-budget", type=float, default=None, metavar="S",
+    g.addoption("--pk-time-budget", type=float, default=None, metavar="S",
                 help="seconds of timing per case (default by sweep: quick 0.5, full 1.5)")
-    g.addoption("--cold-cache", action="store_true", default=False,
+    g.addoption("--pk-cold-cache", action="store_true", default=False,
                 help="flush the caches between timed calls (CPU: a buffer of 2x the LLC; CUDA always flushes L2)")
-    g.addoption("--refresh-peaks", action="store_true", default=False,
+    g.addoption("--pk-refresh-peaks", action="store_true", default=False,
                 help="measure the device's peaks again instead of using the per-machine cache")
 
 
 def _timing(config) -> bool:
-    return bool(config.getoption("benchmark") or config.getoption("benchmark_enable", False))
+    """Timed: --pk-bench, or pytest-benchmark's own --benchmark-enable / --benchmark-only (which would
+    otherwise skip every case: ours reach the benchmark fixture through kernel_bench)."""
+    return bool(config.getoption("pk_bench") or config.getoption("benchmark_enable", False)
+                or config.getoption("benchmark_only", False))
 
 
 @pytest.hookimpl(trylast=True)  # after the conftests' pytest_configure (which may register backends)
 def pytest_configure(config):
     config.addinivalue_line("markers", "pykernels_bench(family): a pykernels benchmark function of that family "
                                        "(parametrized by the pykernels plugin)")
-    if config.getoption("model"):
-        if config.getoption("sweep"):
-            raise pytest.UsageError("--model and --sweep are exclusive: --model is a sweep of its own")
-        from . import models
+    chosen = [o for o in ("pk_sweep", "pk_model", "pk_shape") if config.getoption(o)]
+    if len(chosen) > 1:
+        raise pytest.UsageError(f"{' and '.join('--' + o.replace('_', '-') for o in chosen)} are exclusive: "
+                                "each is a sweep of its own")
+    if config.getoption("pk_model"):
+        from .tokens import models
 
         try:
-            models.derive(config.getoption("model"), prompt=config.getoption("model_prompt"),
-                          context=config.getoption("model_context"), batch=config.getoption("model_batch"))
+            models.derive(config.getoption("pk_model"), prompt=config.getoption("pk_model_prompt"),
+                          context=config.getoption("pk_model_context"), batch=config.getoption("pk_model_batch"))
         except (models.ModelError, ValueError) as e:
-            raise pytest.UsageError(f"--model: {e}") from None
-    if config.getoption("backend"):
-        _backend_names(config)  # an unknown name is a usage error now, not a collection error later
+            raise pytest.UsageError(f"--pk-model: {e}") from None
+    if config.getoption("pk_shape"):
+        from .harness.sweeps import shapes_sweep_name
+
+        try:
+            shapes_sweep_name(config.getoption("pk_shape"))
+        except ValueError as e:
+            raise pytest.UsageError(f"--pk-shape: {e}") from None
+    # Usage errors now, with one line, not collection errors or silent skips later.
+    if config.getoption("pk_backend"):
+        _backend_names(config)
+    if config.getoption("pk_dtype"):
+        _dtypes(config)
+    if config.getoption("pk_device"):
+        _check_device(config.getoption("pk_device"))
+    if config.getoption("benchmark_histogram", None):
+        try:
+            import pygal  # noqa: F401
+        except ImportError:
+            raise pytest.UsageError("--benchmark-histogram needs pygal: pip install 'pytest-benchmark[histogram]' "
+                                    "(or pykernels[plot])") from None
     _state(config)
 
 
@@ -99,12 +133,16 @@ def _state(config) -> dict:
     st = config.stash.get(_STATE, None)
     if st is None:  # created on first use: pytest-benchmark may ask for machine_info before our configure
         timing = _timing(config)
-        sweep = config.getoption("sweep") or ("quick" if timing else "smoke")
-        if config.getoption("model"):
-            from .sweeps import model_sweep_name
+        sweep = config.getoption("pk_sweep") or ("quick" if timing else "smoke")
+        if config.getoption("pk_shape"):
+            from .harness.sweeps import shapes_sweep_name
 
-            sweep = model_sweep_name(config.getoption("model"), prompt=config.getoption("model_prompt"),
-                                     context=config.getoption("model_context"), batch=config.getoption("model_batch"))
+            sweep = shapes_sweep_name(config.getoption("pk_shape"))
+        elif config.getoption("pk_model"):
+            from .harness.sweeps import model_sweep_name
+
+            sweep = model_sweep_name(config.getoption("pk_model"), prompt=config.getoption("pk_model_prompt"),
+                                     context=config.getoption("pk_model_context"), batch=config.getoption("pk_model_batch"))
         st = config.stash[_STATE] = {
             "timing": timing, "sweep": sweep, "records": [],
             "journal": None, "peaks": None, "fingerprint": None, "cases": {}, "expected": None,
@@ -113,7 +151,7 @@ def _state(config) -> dict:
 
 
 def _device(config) -> str:
-    dev = config.getoption("device")
+    dev = config.getoption("pk_device")
     if dev:
         return dev
     import torch
@@ -121,15 +159,23 @@ def _device(config) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _check_device(dev: str) -> None:
+    from .harness.device import device_problem
+
+    why = device_problem(dev)
+    if why:
+        raise pytest.UsageError(f"--pk-device: {why}")
+
+
 def _backend_names(config) -> list[str]:
     from .backends import registry
 
     known = registry.all_backends()
-    asked = config.getoption("backend")
+    asked = config.getoption("pk_backend")
     if asked:
         unknown = [n for n in asked if n not in known]
         if unknown:
-            raise pytest.UsageError(f"--backend: unknown backend(s) {', '.join(unknown)}; known: "
+            raise pytest.UsageError(f"--pk-backend: unknown backend(s) {', '.join(unknown)}; known: "
                                     f"{', '.join(sorted(known))}")
         return list(dict.fromkeys(asked))
     return [n for n in known if n not in NEVER_TIMED]
@@ -139,11 +185,11 @@ def _dtypes(config) -> list[str]:
     from .kernels import dtype_name, dtype_of
 
     out = []
-    for d in config.getoption("dtype"):
+    for d in config.getoption("pk_dtype"):
         try:
             out.append(dtype_name(dtype_of(d)))
         except ValueError as e:
-            raise pytest.UsageError(f"--dtype: {e}") from None
+            raise pytest.UsageError(f"--pk-dtype: {e}") from None
     return out
 
 
@@ -155,11 +201,11 @@ def pytest_generate_tests(metafunc):
         raise pytest.UsageError(f"{metafunc.definition.nodeid}: a function using 'kernel_case' needs "
                                 f"@pytest.mark.pykernels_bench(<one of {', '.join(FAMILIES)}>)")
     family = mark.args[0]
-    from . import sweeps
+    from .harness import sweeps
 
     config = metafunc.config
     st = _state(config)
-    kernels = config.getoption("kernel")
+    kernels = config.getoption("pk_kernel")
     cases = [] if kernels and family not in kernels else sweeps.sweep(st["sweep"], family=family,
                                                                       dtypes=_dtypes(config))
     names = _backend_names(config)
@@ -174,7 +220,7 @@ def pytest_generate_tests(metafunc):
         ids.append(cid)
     if not ids:
         metafunc.parametrize("kernel_case", [pytest.param(None, marks=pytest.mark.skip(
-            reason=f"no {family} cases selected (sweep {st['sweep']}, --kernel/--dtype filters)"))], ids=["none"])
+            reason=f"no {family} cases selected (sweep {st['sweep']}, --pk-kernel/--pk-dtype filters)"))], ids=["none"])
         return
     metafunc.parametrize("kernel_case", ids, ids=ids)
 
@@ -194,8 +240,11 @@ def _smoke_trim(cases, names):
     return out
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-benchmark's, which skips items without its fixture
 def pytest_collection_modifyitems(config, items):
-    """With --benchmark only the benchmark cases run (the tests have their own plain `pytest` run)."""
+    """With --pk-bench only the benchmark cases run (the tests have their own plain `pytest` run). Timed cases
+    reach pytest-benchmark's `benchmark` fixture through kernel_bench; it is declared here so that its
+    --benchmark-only keeps them."""
     if not _state(config)["timing"]:
         return
     keep, drop = [], []
@@ -204,6 +253,34 @@ def pytest_collection_modifyitems(config, items):
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+    if config.pluginmanager.hasplugin("benchmark"):
+        for it in keep:
+            if "benchmark" not in it.fixturenames:
+                it.fixturenames.append("benchmark")
+
+
+def pytest_runtest_logreport(report):
+    """Skip reasons of a timed run, for the line that says why nothing was measured."""
+    if report.skipped and report.when in ("setup", "call"):
+        st = _SKIPS.setdefault("reasons", {})
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        st[reason] = st.get(reason, 0) + 1
+
+
+_SKIPS: dict = {}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A timed run that measured no case is a failure, not a green run: say why and exit 1."""
+    st = session.config.stash.get(_STATE, None)
+    if not st or not st["timing"] or st["records"] or exitstatus not in (0, pytest.ExitCode.NO_TESTS_COLLECTED):
+        return
+    reasons = _SKIPS.get("reasons", {})
+    why = "; ".join(f"{n}x {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:5]) or \
+        "no benchmark case was selected"
+    st["nothing_measured"] = why
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -213,23 +290,23 @@ def pytest_collection_modifyitems(config, items):
 def _journal(config):
     st = _state(config)
     if st["journal"] is None:
-        from . import results
+        from .harness import results
 
         fp = _fingerprint(config)
-        path = config.getoption("journal")
+        path = config.getoption("pk_journal")
         if path is None:
-            from .device import cache_dir
+            from .harness.device import cache_dir
 
             safe = re.sub(r"[^A-Za-z0-9._-]+", "_", st["sweep"])  # a model sweep may name a file path
             path = cache_dir() / f"journal-{fp['type']}-{fp['id']}-{safe}.jsonl"
-        st["journal"] = results.Journal(path, resume=config.getoption("resume"))
+        st["journal"] = results.Journal(path, resume=config.getoption("pk_resume"))
     return st["journal"]
 
 
 def _fingerprint(config) -> dict:
     st = _state(config)
     if st["fingerprint"] is None:
-        from . import device
+        from .harness import device
 
         st["fingerprint"] = device.fingerprint(_device(config))
     return st["fingerprint"]
@@ -240,11 +317,11 @@ def _peaks(config) -> dict:
     measured afresh: its figure goes into every record, and raises the cached peak when higher."""
     st = _state(config)
     if st["peaks"] is None:
-        from . import device, sweeps
+        from .harness import device, sweeps
 
         dtypes = sorted({c.dtype for c in sweeps.sweep(st["sweep"], dtypes=_dtypes(config))})
         fp = _fingerprint(config)
-        pk = device.peaks(_device(config), dtypes, refresh=config.getoption("refresh_peaks"), fp=fp)
+        pk = device.peaks(_device(config), dtypes, refresh=config.getoption("pk_refresh_peaks"), fp=fp)
         st["copy"] = device.bandwidth_probe(_device(config), budget_s=1.0)
         device.raise_bandwidth_peak(pk, fp, st["copy"])
         st["peaks"] = pk
@@ -277,7 +354,7 @@ def _slice_inputs(problem, inputs: dict) -> tuple[dict, callable]:
 
 def _inputs_and_check(config, case, device: str):
     """Inputs and a checker for (problem, dtype, device), cached for the next backend of the same shape."""
-    from . import verify
+    from .harness import verify
     from .kernels import dtype_of
 
     st = _state(config)
@@ -324,7 +401,7 @@ def _feed_benchmark(bm, samples: list[float], group: str, extra: dict) -> None:
 
 @pytest.fixture
 def kernel_bench(request):
-    """Callable(kernel_case): runs one case (timed with --benchmark, once untimed otherwise)."""
+    """Callable(kernel_case): runs one case (timed with --pk-bench, once untimed otherwise)."""
 
     def run(case_id: str):
         _run_case(request, case_id)
@@ -350,8 +427,8 @@ def _skip_reason(name: str, case, device: str, timing: bool) -> str | None:
 def _run_case(request, case_id: str) -> None:
     import pykernels as pk
 
-    from . import results, timing
     from .backends import registry
+    from .harness import results, timing
 
     config = request.config
     st = _state(config)
@@ -366,7 +443,7 @@ def _run_case(request, case_id: str) -> None:
 
     if st["timing"]:
         journal = _journal(config)
-        prev = journal.get(key) if config.getoption("resume") else None
+        prev = journal.get(key) if config.getoption("pk_resume") else None
         if prev is not None and prev.get("status") == "measured":
             ex = dict(prev["extra_info"], resumed=True)
             st["records"].append(ex)
@@ -385,9 +462,9 @@ def _run_case(request, case_id: str) -> None:
                     f"{exp.tolerance:.3g}")
         return
 
-    budget = config.getoption("time_budget") or SWEEP_BUDGET_S.get(st["sweep"], 1.0)
+    budget = config.getoption("pk_time_budget") or SWEEP_BUDGET_S.get(st["sweep"], 1.0)
     # --cold-cache flushes on every device; without it the device default applies (CPU warm, CUDA L2 flushed)
-    opts = timing.TimingOptions(budget_s=budget, flush=True if config.getoption("cold_cache") else None,
+    opts = timing.TimingOptions(budget_s=budget, flush=True if config.getoption("pk_cold_cache") else None,
                                 settle_s=timing.CPU_SETTLE_S)
     last = [out]
     del out
@@ -404,7 +481,7 @@ def _run_case(request, case_id: str) -> None:
         torch.cuda.synchronize()
     err, ok = check(out)
     del out
-    from . import device as devmod
+    from .harness import device as devmod
 
     fp, pk_ = _fingerprint(config), _peaks(config)
     try:
@@ -437,7 +514,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     pytest-benchmark's --benchmark-compare warns when machine_info differs (the sweep is in extra_info)."""
     if not _timing(config):
         return
-    from .device import device_label
+    from .harness.device import device_label
 
     fp = _fingerprint(config)
     machine_info["pykernels"] = {"device": {**fp, "label": device_label(fp)}, "peaks": _peaks(config)}
@@ -447,12 +524,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     st = config.stash.get(_STATE, None)
     if not st or not st["timing"]:
         return
+    if st.get("nothing_measured"):
+        terminalreporter.write_line(f"pykernels: no case was measured ({st['nothing_measured']}); exit status 1",
+                                    red=True, bold=True)
     if st["journal"] is not None:
         st["journal"].close()
         terminalreporter.write_line(f"pykernels journal: {st['journal'].path}")
     if not st["records"]:
         return
-    from . import report, results
+    from . import report
+    from .harness import results
 
     recs = []
     for ex in st["records"]:

@@ -1,6 +1,6 @@
 """Penalty tables (terminal, Markdown, CSV), cross-run comparison with noise verdicts, and plots.
 
-penalty(X vs Y) = 1 - throughput(X) / throughput(Y) = 1 - t(Y) / t(X) for the same problem (DESIGN.md).
+penalty(X vs Y) = 1 - throughput(X) / throughput(Y) = 1 - t(Y) / t(X) for the same problem (docs/design.md).
 Reported against `native` and against the best vendor backend (the vendor-tier backend with the lowest
 median on that case). Negative: X is faster.
 
@@ -20,7 +20,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from .results import Record
+from .harness.results import Record
 
 FASTER, SLOWER, SAME = "FASTER", "SLOWER", "SAME"
 COMPUTE_UNIT = {"gemm": "flops", "attention": "flops", "decode": "bytes"}
@@ -199,10 +199,10 @@ def table_markdown(rows: list[Row]) -> str:
     for row in rows:
         lines.append("| " + " | ".join(x.replace("|", "/") for x in _cells(row)) + " |")
     lines += [""] + [f"- {x}" for x in peaks_lines(rows)]
-    lines += ["", "Penalty = 1 − throughput(X) / throughput(reference); negative means X is faster. "
-              "A value in parentheses with ~ is within the measured noise (the p20–p80 ranges of the two "
-              "medians overlap). % of peak is the fraction of the roofline bound min(peak FLOP/s, "
-              "intensity × peak bandwidth), with peaks measured on the device."]
+    lines += ["", ("Penalty = 1 − throughput(X) / throughput(reference); negative means X is faster. "
+                   "A value in parentheses with ~ is within the measured noise (the p20–p80 ranges of the two "
+                   "medians overlap). % of peak is the fraction of the roofline bound min(peak FLOP/s, "
+                   "intensity × peak bandwidth), with peaks measured on the device.")]
     return "\n".join(lines) + "\n"
 
 

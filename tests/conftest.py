@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import pykernels as pk
-from pykernels import verify
 from pykernels.backends import registry
+from pykernels.harness import verify
 
 DEVICES = [
     "cpu",

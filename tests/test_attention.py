@@ -40,7 +40,7 @@ def test_attention_torch_compile(causal):
 
 def test_attention_explicit_scale():
     import pykernels as pk
-    from pykernels import verify
+    from pykernels.harness import verify
 
     p = AttentionProblem(1, 2, 1, 33, 64, causal=True)
     x = p.make_inputs(torch.float32)

@@ -78,10 +78,10 @@ def _decode_args(lens, table=None, num_blocks=4, block_size=8, max_blocks=2, B=2
 
 def test_decode_checks_host_metadata():
     table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
-    keep, args = _decode_args(torch.tensor([16, 17], dtype=torch.int32), table)
+    _keep, args = _decode_args(torch.tensor([16, 17], dtype=torch.int32), table)
     with pytest.raises(ValueError, match=r"context_lens\[1\] = 17"):
         _C.decode(*args)
-    keep, args = _decode_args(torch.tensor([16, 9], dtype=torch.int32), torch.tensor([[0, 1], [2, 9]], dtype=torch.int32))
+    _keep, args = _decode_args(torch.tensor([16, 9], dtype=torch.int32), torch.tensor([[0, 1], [2, 9]], dtype=torch.int32))
     with pytest.raises(ValueError, match=r"block_table\[1, 1\] = 9"):
         _C.decode(*args)
     # An unused entry (past the sequence's blocks) is not an error.

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from pykernels import cli, results
+from pykernels import cli
+from pykernels.harness import results
 from pykernels.kernels import AttentionProblem, GemmProblem
 
 

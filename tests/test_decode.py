@@ -102,7 +102,7 @@ def test_decode_running_max_moves(case, dtype):
     native kernel's lazy-rescaling threshold (2^8), and the answer still match the float64 reference.
     split: one long sequence whose context is cut into chunks (each chunk has its own max)."""
     import pykernels as pk
-    from pykernels import verify
+    from pykernels.harness import verify
 
     p = {"split": DecodeProblem(1, 8, 2, 3000, 64), "whole": DecodeProblem(3, 8, 2, 700, 128, ragged=True),
          "paged": DecodeProblem(2, 8, 2, 500, 128, paged=True, block_size=16)}[case]

@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from pykernels import layer as L
-from pykernels import models
 from pykernels.backends import registry
+from pykernels.tokens import layer as L
+from pykernels.tokens import models
 
 MICRO = models.from_dict(
     {
@@ -39,7 +39,7 @@ def _need(backend):
 
 
 def reference_layer(ly: L.DecoderLayer, x, past_k=None, past_v=None, start=0):
-    """The layer in float64 from plain torch, written independently of pykernels.layer: x [T, hidden] at
+    """The layer in float64 from plain torch, written independently of pykernels.tokens.layer: x [T, hidden] at
     positions start..start+T-1, attending causally to past K/V [Hkv, start, D] and to itself."""
     m = ly.m
     f = {n: getattr(ly, n).double() for n in ("w_qkv", "w_o", "w_gu", "w_down", "n1", "n2")}

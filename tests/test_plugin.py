@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from pykernels import device
+from pykernels.harness import device
 
 pytest_plugins = ["pytester"]
 
@@ -70,7 +70,7 @@ def run(p, *args):
     # in-process: torch is imported once (a subprocess costs seconds per run on a busy 2-core machine)
     # (--benchmark-json is not used in-process: it is an argparse.FileType, and pytest parses the command line
     # more than once, leaving unclosed file objects behind; the JSON is read from --benchmark-storage instead.)
-    return p.runpytest_inprocess("-p", "no:cacheprovider", *args)
+    return p.runpytest_inprocess("-p", "pykernels.pytest_plugin", "-p", "no:cacheprovider", *args)
 
 
 def saved(p, name: str) -> dict:
@@ -79,20 +79,20 @@ def saved(p, name: str) -> dict:
     return json.loads(path.read_text())
 
 
-TIMED = ("--benchmark", "--sweep", "smoke", "--kernel", "gemm", "--dtype", "float32", "--time-budget", "0.02")
+TIMED = ("--pk-bench", "--pk-sweep", "smoke", "--pk-kernel", "gemm", "--pk-dtype", "float32", "--pk-time-budget", "0.02")
 
 
 def test_plain_pytest_runs_each_case_once_untimed(project):
-    r = run(project, "--backend", "native", "--backend", "torch", "--kernel", "gemm", "--dtype", "fp32")
+    r = run(project, "--pk-backend", "native", "--pk-backend", "torch", "--pk-kernel", "gemm", "--pk-dtype", "fp32")
     r.assert_outcomes(passed=2 * SMOKE_GEMM_F32 + 1)
     assert "pykernels penalty table" not in r.stdout.str()
     assert not list(project.path.glob("cache/journal-*"))  # nothing timed, nothing journaled
 
 
 def test_benchmark_json_extra_info_machine_info_and_journal(project):
-    r = run(project, *TIMED, "--backend", "torch", "--backend", "numpy", "--benchmark-storage", "file://store",
-            "--benchmark-save", "out", "--journal", "j.jsonl")
-    r.assert_outcomes(passed=2 * SMOKE_GEMM_F32, deselected=1)  # --benchmark runs only the bench cases
+    r = run(project, *TIMED, "--pk-backend", "torch", "--pk-backend", "numpy", "--benchmark-storage", "file://store",
+            "--benchmark-save", "out", "--pk-journal", "j.jsonl")
+    r.assert_outcomes(passed=2 * SMOKE_GEMM_F32, deselected=1)  # --pk-bench runs only the bench cases
     out = r.stdout.str()
     assert "pykernels penalty table" in out and "| backend |" not in out  # terminal block format, not Markdown
     assert "measured peaks: bandwidth 1 TB/s" in out and "bandwidth probe of this run: copy" in out
@@ -117,13 +117,13 @@ def test_benchmark_json_extra_info_machine_info_and_journal(project):
 
 
 def test_resume_after_a_killed_run_and_compare(project):
-    args = (*TIMED, "--backend", "torch", "--journal", "j.jsonl", "--benchmark-storage", "file://store")
+    args = (*TIMED, "--pk-backend", "torch", "--pk-journal", "j.jsonl", "--benchmark-storage", "file://store")
     run(project, *args, "--benchmark-autosave").assert_outcomes(passed=SMOKE_GEMM_F32, deselected=1)
     j = project.path / "j.jsonl"
     first = j.read_text().splitlines()
     # as if killed during the second case: one complete line, then a torn one
     j.write_text(first[0] + "\n" + first[1][: len(first[1]) // 2])
-    r = run(project, *args, "--resume", "--benchmark-save", "resumed", "--benchmark-compare")
+    r = run(project, *args, "--pk-resume", "--benchmark-save", "resumed", "--benchmark-compare")
     r.assert_outcomes(passed=SMOKE_GEMM_F32, deselected=1)
     doc = saved(project, "resumed")
     resumed = [b for b in doc["benchmarks"] if b["extra_info"].get("resumed")]
@@ -134,42 +134,42 @@ def test_resume_after_a_killed_run_and_compare(project):
 
 
 def test_fast_wrong_answer_fails_and_is_recorded(project):
-    r = run(project, *TIMED, "--backend", "fast_wrong", "--journal", "j.jsonl")
+    r = run(project, *TIMED, "--pk-backend", "fast_wrong", "--pk-journal", "j.jsonl")
     r.assert_outcomes(failed=SMOKE_GEMM_F32, deselected=1)
     assert "wrong answer after timing" in r.stdout.str()
     entries = [json.loads(x) for x in (project.path / "j.jsonl").read_text().splitlines()]
     assert all(e["extra_info"]["ok"] is False for e in entries)
-    smoke = run(project, "--backend", "fast_wrong", "--kernel", "gemm", "--dtype", "float32")
+    smoke = run(project, "--pk-backend", "fast_wrong", "--pk-kernel", "gemm", "--pk-dtype", "float32")
     smoke.assert_outcomes(failed=SMOKE_GEMM_F32, passed=1)
 
 
 def test_skips_carry_reasons(project):
-    r = run(project, *TIMED, "--backend", "triton_interpret", "--backend", "numpy", "--dtype", "bfloat16", "-rs")
+    r = run(project, *TIMED, "--pk-backend", "triton_interpret", "--pk-backend", "numpy", "--pk-dtype", "bfloat16", "-rs")
     out = r.stdout.str()
     assert "never timed" in out  # triton_interpret is correctness only
     assert "does not support dtype bfloat16" in out  # numpy has float32 only
 
 
 def test_unknown_backend_is_a_usage_error(project):
-    r = run(project, "--backend", "nope")
+    r = run(project, "--pk-backend", "nope")
     assert r.ret == pytest.ExitCode.USAGE_ERROR
     assert "unknown backend(s) nope" in r.stderr.str() + r.stdout.str()
 
 
 def test_model_sweep_runs_exactly_the_models_shapes(project):
-    from pykernels.models import model_problems
+    from pykernels.tokens.models import model_problems
 
     gemms = [p for p in model_problems("tiny", batch=2) if p.family == "gemm"]
-    r = run(project, "--benchmark", "--model", "tiny", "--model-batch", "2", "--kernel", "gemm", "--dtype",
-            "float32", "--backend", "numpy", "--time-budget", "0.01", "--journal", "j.jsonl")
+    r = run(project, "--pk-bench", "--pk-model", "tiny", "--pk-model-batch", "2", "--pk-kernel", "gemm", "--pk-dtype",
+            "float32", "--pk-backend", "numpy", "--pk-time-budget", "0.01", "--pk-journal", "j.jsonl")
     r.assert_outcomes(passed=len(gemms), deselected=1)
     ids = {json.loads(x)["extra_info"]["params"]["M"] for x in (project.path / "j.jsonl").read_text().splitlines()}
     assert ids == {p.M for p in gemms}
 
 
 def test_model_sweep_bad_model_is_a_usage_error(project):
-    r = run(project, "--benchmark", "--model", "no-such-model")
+    r = run(project, "--pk-bench", "--pk-model", "no-such-model")
     assert r.ret == pytest.ExitCode.USAGE_ERROR
-    assert "--model" in r.stderr.str() + r.stdout.str()
-    r = run(project, "--benchmark", "--model", "tiny", "--sweep", "quick")
+    assert "--pk-model" in r.stderr.str() + r.stdout.str()
+    r = run(project, "--pk-bench", "--pk-model", "tiny", "--pk-sweep", "quick")
     assert r.ret == pytest.ExitCode.USAGE_ERROR

@@ -9,8 +9,8 @@ import io
 import pytest
 
 from pykernels import report
+from pykernels.harness.results import Record
 from pykernels.report import FASTER, SAME, SLOWER
-from pykernels.results import Record
 
 
 def rec(backend, tier, median, spread=0.02, *, shape="M64-N64-K64", family="gemm", dtype="float32", machine="cpu: X",
@@ -82,9 +82,9 @@ def test_penalty_rows_group_by_case_and_machine():
             rec("native", "native", 1.0, machine="cuda: H100"), rec("torch", "vendor", 0.5, machine="cuda: H100"),
             rec("torch", "vendor", 3.0, shape="M1-N64-K64")]
     rows = report.penalty_rows(recs)
-    h100 = [r for r in rows if r.rec.machine == "cuda: H100" and r.rec.backend == "torch"][0]
+    h100 = next(r for r in rows if r.rec.machine == "cuda: H100" and r.rec.backend == "torch")
     assert h100.vs_native.value == pytest.approx(1 - 1.0 / 0.5)  # never mixes machines
-    lone = [r for r in rows if r.rec.shape == "M1-N64-K64"][0]
+    lone = next(r for r in rows if r.rec.shape == "M1-N64-K64")
     assert lone.vs_native is None  # no native result for that shape
 
 

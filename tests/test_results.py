@@ -8,9 +8,9 @@ import re
 
 import pytest
 
-from pykernels import results
+from pykernels.harness import results
+from pykernels.harness.results import Journal, ResultFileError
 from pykernels.kernels import DecodeProblem, GemmProblem
-from pykernels.results import Journal, ResultFileError
 
 
 def stats(median=1e-3, p20=0.9e-3, p80=1.1e-3, **kw):
@@ -19,7 +19,10 @@ def stats(median=1e-3, p20=0.9e-3, p80=1.1e-3, **kw):
             "stopped_by": "rse", "flush": False, "launch_overhead_s": None, **kw}
 
 
-def record(problem=GemmProblem(64, 65, 63), backend="native", tier="native", dtype="float32", machine="cpu: X",
+_DEFAULT_PROBLEM = GemmProblem(64, 65, 63)
+
+
+def record(problem=_DEFAULT_PROBLEM, backend="native", tier="native", dtype="float32", machine="cpu: X",
            ok=True, err=1e-7, **kw):
     return results.make_record(problem=problem, backend_name=backend, tier=tier, device="cpu", device_name=machine,
                                machine_id="abc", dtype=dtype, stats=stats(**kw), max_error=err, tolerance=1e-5,

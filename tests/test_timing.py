@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pykernels import timing
+from pykernels.harness import timing
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 63, 64, 65, 1000])
@@ -213,7 +213,7 @@ def test_time_cuda_agrees_with_triton_do_bench(n):
                                                   ("NVIDIA H200", 989e12, 4.8e12),
                                                   ("NVIDIA A100-SXM4-80GB", 312e12, 2.039e12)])
 def test_gpu_spec_figures(name, bf16, bw):
-    from pykernels import device
+    from pykernels.harness import device
 
     spec = device.spec_peaks({"type": "cuda", "name": name})
     assert spec["flops"]["bfloat16"] == bf16 and spec["bandwidth"] == bw and spec["source"]
@@ -221,7 +221,7 @@ def test_gpu_spec_figures(name, bf16, bw):
 
 
 def test_cpu_spec_estimate_and_fingerprint():
-    from pykernels import device
+    from pykernels.harness import device
 
     spec = device.spec_peaks({"type": "cpu", "arch": "zen4", "mhz": 2500.0, "threads": 2})
     assert spec["flops"]["float32"] == 2 * 2.5e9 * 32 and spec["bandwidth"] is None
@@ -234,7 +234,7 @@ def test_cpu_spec_estimate_and_fingerprint():
 
 
 def test_peaks_cache_roundtrip_and_raise(tmp_path, monkeypatch):
-    from pykernels import device
+    from pykernels.harness import device
 
     monkeypatch.setenv("PYKERNELS_CACHE_DIR", str(tmp_path))
     fp = {"type": "cpu", "id": "abc123", "name": "x"}
@@ -250,7 +250,7 @@ def test_measure_case_gives_throughput_and_peak_fraction(tmp_path, monkeypatch):
     """The performance section of `pykernels validate` times through this (peaks from a seeded cache)."""
     import json
 
-    from pykernels import device
+    from pykernels.harness import device
     from pykernels.kernels import GemmProblem
 
     monkeypatch.setenv("PYKERNELS_CACHE_DIR", str(tmp_path))
@@ -260,7 +260,9 @@ def test_measure_case_gives_throughput_and_peak_fraction(tmp_path, monkeypatch):
         "flops": {"float32": {"flops_per_s": 1e11}}}))
     prob = GemmProblem(M=33, N=64, K=127)
     inputs = prob.make_inputs(torch.float32, "cpu", seed=0)
-    r = timing.measure_case(prob, torch.float32, "torch", "cpu", inputs=inputs, budget_s=0.05)
+    from pykernels.harness.measure import measure_case
+
+    r = measure_case(prob, torch.float32, "torch", "cpu", inputs=inputs, budget_s=0.05)
     assert r["median_s"] > 0 and r["p20_s"] <= r["median_s"] <= r["p80_s"]
     assert r["tflops"] == pytest.approx(prob.flops() / r["median_s"] / 1e12)
     assert r["pct_of_peak"] is not None and r["pct_of_peak"] > 0

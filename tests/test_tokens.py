@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from pykernels import energy, models, tokens
 from pykernels.kernels import AttentionProblem, DecodeProblem, GemmProblem
+from pykernels.tokens import energy, models
+from pykernels.tokens import metering as tokens
 
 # Published parameter counts: Llama-2-7B 6,738,415,616; Llama-3-8B 8,030,261,248.
 KNOWN_PARAMETERS = {"ref-7b-2k": 6_738_415_616, "ref-8b-gqa": 8_030_261_248}
@@ -326,7 +327,7 @@ def test_cli_report_and_errors(tmp_path, wl, capsys):
 
 
 def test_measure_writes_a_readable_result(tmp_path):
-    from pykernels import tokens_measure
+    from pykernels.tokens import measure as tokens_measure
 
     m = models.from_dict(
         {
@@ -351,7 +352,7 @@ def test_measure_writes_a_readable_result(tmp_path):
     assert s["torch"].prefill.complete and s["torch"].decode.complete
     assert not s["numpy"].prefill.complete and not s["numpy"].decode.complete
     # the harness's loader (pykernels report) reads the same file
-    from pykernels import results
+    from pykernels.harness import results
 
     assert len(results.load(out)) == len(doc["benchmarks"])
 
@@ -406,7 +407,7 @@ class _FakeMeter(energy.Meter):
 
 
 def test_measure_records_energy_where_a_meter_exists(tmp_path, monkeypatch):
-    from pykernels import tokens_measure
+    from pykernels.tokens import measure as tokens_measure
 
     monkeypatch.setattr(energy, "meter_for", lambda device: (_FakeMeter(), None))
     m = models.from_dict(

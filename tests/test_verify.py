@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pykernels import verify
+from pykernels.harness import verify
 from pykernels.kernels import AttentionProblem, DecodeProblem, GemmProblem
 
 CASES = [

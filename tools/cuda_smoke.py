@@ -4,7 +4,7 @@ Checks: every family on odd shapes around the block sizes, fp16 and bf16, agains
 reference with the project's tolerance rule (pykernels.verify); output buffers come from memory that
 was filled with NaN just before, so an element the kernel forgets to write fails. Meant to run under
 compute-sanitizer too (--small keeps that fast). --perf adds a short timing table against torch's own
-(cuBLAS / SDPA / the torch backend) on the shapes DESIGN.md's anchors use.
+(cuBLAS / SDPA / the torch backend) on the shapes of public H100 figures (cuBLAS GEMM 4096^3, FlashAttention-3 paper fig. 5).
 
     python tools/cuda_smoke.py [--small] [--perf] [--families gemm,attention,decode] [--out FILE.json]
 
@@ -24,7 +24,7 @@ import zlib
 import torch
 
 import pykernels as pk
-from pykernels import verify
+from pykernels.harness import verify
 from pykernels.kernels import AttentionProblem, DecodeProblem, GemmProblem
 
 DTYPES = [torch.float16, torch.bfloat16]
@@ -140,7 +140,7 @@ def perf() -> list[dict]:
         row = {"family": problem.family, "label": problem.label(), "dtype": "bfloat16"}
         for backend in ("native", "torch"):
             try:
-                ms = _time_ms(lambda b=backend: fn(**inputs, **kw, backend=b))
+                ms = _time_ms(lambda b=backend, f=fn, i=inputs, k=kw: f(**i, **k, backend=b))
             except Exception as e:  # noqa: BLE001
                 row[backend] = f"{type(e).__name__}: {e}"
                 continue

@@ -2,7 +2,7 @@
 
     python tools/issue6.py --out results/cpu-zen4-2c/issue6 [--budget 4] [--threads 2]
 
-For every case of the `issue6` sweep (pykernels/sweeps.py) the native and the torch callables (from
+For every case of the `quick` sweep (pykernels/harness/sweeps.py) the native and the torch callables (from
 pk.prepare: validation and the first call happen before timing) are timed round-robin, one call of each
 per round, so that a busy spell on a shared machine slows both alike. ratio = throughput(native) /
 throughput(torch) = median time(torch) / median time(native). A copy bandwidth (dst.copy_(src) of 256 MiB,
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 import pykernels as pk
-from pykernels import device, sweeps, timing
+from pykernels.harness import device, sweeps, timing
 from pykernels.kernels import dtype_of
 
 TARGET = {"gemm": 1.0, "attention": 1.0, "decode": 1.2}
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cases = [c for c in sweeps.sweep("issue6") if not args.kernel or c.family in args.kernel]
+    cases = [c for c in sweeps.sweep("quick") if not args.kernel or c.family in args.kernel]
     bw0 = bandwidth()
     nbytes_bw = 256 << 20
     src = torch.ones(nbytes_bw // 4)

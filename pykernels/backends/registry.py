@@ -180,7 +180,7 @@ def _add_loaded(name: str, spec: str, source: str) -> None:
             problem = f"entry point {name!r} declares a backend named {inst.name!r}"
         if problem:
             inst = _Broken(name, f"plugin declaration is invalid: {problem}")
-    except Exception as e:  # a broken plugin never breaks import pykernels or the other backends
+    except Exception as e:  # noqa: BLE001 - a broken plugin never breaks import pykernels or the other backends
         inst = _Broken(name, f"failed to load {spec}: {type(e).__name__}: {e}")
     if name in _backends:  # built-ins win over a plugin of the same name
         return
@@ -200,7 +200,7 @@ def _ensure_loaded() -> None:
             _add_loaded(name, spec, "builtin")
         try:
             eps = metadata.entry_points(group=ENTRY_POINT_GROUP)
-        except Exception:  # pragma: no cover - broken metadata of another package
+        except Exception:  # noqa: BLE001 - broken metadata of another package
             eps = ()
         for ep in eps:
             dist = getattr(getattr(ep, "dist", None), "name", None) or "?"
@@ -216,7 +216,7 @@ def all_backends() -> dict[str, Backend]:
 def info(b: Backend) -> BackendInfo:
     try:
         reason = b.availability()
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - a plugin's availability check may raise anything
         reason = f"availability check failed: {type(e).__name__}: {e}"
     return BackendInfo(name=b.name, tier=b.tier, devices=tuple(b.devices), available=reason is None,
                        reason=reason, families=b.families() if reason is None or b.dtypes else (),

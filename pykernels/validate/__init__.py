@@ -29,7 +29,7 @@ def _manifest(device: str, command: str) -> dict:
     man = {"command": command, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "python": platform.python_version(), "platform": platform.platform()}
     try:
-        from ..device import fingerprint
+        from ..harness.device import fingerprint
 
         man["device"] = fingerprint(device)
     except Exception as e:  # noqa: BLE001 - the report says what it could not read
@@ -82,6 +82,8 @@ def run_validation(backend: str, device: str = "cpu", *, plugins=(), perf: bool 
         "schema": SCHEMA,
         "backend": backend,
         "device": device,
+        "quick": quick,
+        "perf": perf,
         "verdict": "conformant" if not failed and any(r["status"] == PASS for r in results) else "not conformant",
         "summary": {"cases": len(results), "passed": sum(r["status"] == PASS for r in results),
                     "failed": len(failed), "unsupported": sum(r["status"] == UNSUPPORTED for r in results),
@@ -131,9 +133,9 @@ def _performance(backend: str, device: str, plugins, budget_s: float, case_timeo
 def to_markdown(rep: dict) -> str:
     s = rep["summary"]
     lines = [f"# Conformance: backend `{rep['backend']}` on {rep['device']}", "",
-             f"**Verdict: {rep['verdict'].upper()}** — {s['passed']} passed, {s['failed']} failed, "
-             f"{s['unsupported']} unsupported of {s['cases']} cases; worker restarts after crashes: "
-             f"{s['worker_restarts']}; deterministic: {'yes' if s['deterministic'] else 'no'}.", ""]
+             (f"**Verdict: {rep['verdict'].upper()}** ({scope_of(rep)}) — {s['passed']} passed, {s['failed']} "
+              f"failed, {s['unsupported']} unsupported of {s['cases']} cases; worker restarts after crashes: "
+              f"{s['worker_restarts']}; deterministic: {'yes' if s['deterministic'] else 'no'}."), ""]
     if rep["failing_cases"]:
         lines += ["## Failing cases", "", "| case | detail |", "| --- | --- |"]
         lines += [f"| `{r['case']}` | {r.get('detail', '')} |" for r in rep["cases"] if r["status"] == FAIL]
@@ -184,8 +186,38 @@ def add_parser(sub) -> None:
     p.set_defaults(func=cmd_validate)
 
 
+def _usage_problem(args) -> str | None:
+    """A usage error of `validate` (exit 2, one line) rather than a NOT CONFORMANT verdict."""
+    from ..backends import registry
+    from ..harness.device import device_problem
+
+    why = device_problem(args.device)
+    if why:
+        return f"--device: {why}"
+    if args.plugin:
+        return None  # the plugin's backend is loaded in the worker; its errors are the backend's
+    known = registry.all_backends()
+    if args.backend not in known:
+        return f"--backend: unknown backend {args.backend!r}; known: {', '.join(sorted(known))}"
+    info = registry.info(known[args.backend])
+    if not info.available:
+        return f"--backend: {args.backend} is unavailable here: {info.reason}"
+    return None
+
+
+def scope_of(rep: dict) -> str:
+    """'full', or what a partial run left out (quick matrix, no performance section)."""
+    parts = [p for p, on in (("quick matrix", rep.get("quick")), ("no performance section", not rep.get("perf", True)))
+             if on]
+    return "partial: " + ", ".join(parts) if parts else "full"
+
+
 def cmd_validate(args) -> int:
     command = "pykernels " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
+    why = _usage_problem(args)
+    if why:
+        print(f"pykernels validate: {why}", file=sys.stderr)
+        return 2
 
     def progress(row):
         if row["status"] == FAIL:
@@ -203,7 +235,7 @@ def cmd_validate(args) -> int:
         stem.with_suffix(".md").write_text(md)
         print(f"wrote {stem}.json and {stem}.md")
     s = rep["summary"]
-    print(f"{args.backend} on {args.device}: {rep['verdict'].upper()} ({s['passed']} passed, {s['failed']} failed, "
+    print(f"{args.backend} on {args.device}: {rep['verdict'].upper()} [{scope_of(rep)}] ({s['passed']} passed, {s['failed']} failed, "
           f"{s['unsupported']} unsupported, {s['worker_restarts']} worker restarts)")
     for c in rep["failing_cases"][:20]:
         print(f"  FAIL {c}")

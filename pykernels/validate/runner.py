@@ -33,7 +33,7 @@ class Worker:
     def _start(self) -> None:
         self._close_files()
         r, w = os.pipe()
-        self._stderr = tempfile.TemporaryFile()
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the worker; closed in _close_files
         cmd = [sys.executable, "-m", "pykernels.validate.worker", "--backend", self.backend, "--device",
                self.device, "--result-fd", str(w)]
         for p in self.plugins:

@@ -96,7 +96,7 @@ def _bad_inputs(family: str, inputs: dict):
 def run_case(backend, device: str, case: dict) -> dict:
     import pykernels as pk
 
-    from .. import verify
+    from ..harness import verify
     from ..kernels import dtype_of
 
     family, kind = case["family"], case["kind"]
@@ -176,7 +176,7 @@ def run_case(backend, device: str, case: dict) -> dict:
         return {"status": FAIL if problems else PASS, "detail": "; ".join(problems)}
 
     if kind == "perf":
-        from ..timing import measure_case  # the harness's timer; see pykernels/timing.py
+        from ..harness.measure import measure_case  # the harness's timer; see pykernels/harness/measure.py
 
         return {"status": PASS, **measure_case(problem, dtype, backend.name, device, inputs=inputs,
                                                budget_s=case.get("budget_s", 2.0))}

@@ -15,7 +15,7 @@ python -m pykernels.tokens --measure --model tiny --batch 8 \
     --dtype float32 --dtype bfloat16 --out $R/tiny-b8.json > $R/tiny-b8.log
 
 # 2. Layer accuracy: one tiny decoder layer end to end vs the sum of its kernels.
-python -m pykernels.layer --model tiny --batch 8 --backend native --backend torch \
+python -m pykernels.tokens.layer --model tiny --batch 8 --backend native --backend torch \
     --dtype float32 --dtype bfloat16 --out $R/layer-tiny-b8.json
 
 # 3. The token report of (1), with the layer coverage of (2).

@@ -7,9 +7,9 @@ cd "$(dirname "$0")/../.."
 R=results/cpu-zen4-2c
 
 # 1. The quick sweep, every CPU backend, peaks re-measured (journal next to the JSON).
-pytest --benchmark --sweep quick --refresh-peaks \
+pykernels bench --sweep quick --refresh-peaks \
     --backend native --backend torch --backend torch_compile --backend numpy \
-    --benchmark-json $R/quick.json -q -p no:cacheprovider > $R/quick.log 2>&1 || { tail -30 $R/quick.log; exit 1; }
+    --json $R/quick.json -- -q > $R/quick.log 2>&1 || { tail -30 $R/quick.log; exit 1; }
 
 # 2. Penalty tables (terminal, Markdown, CSV) and the plots.
 pykernels report $R/quick.json --md $R/report.md --csv $R/report.csv > $R/report.txt

@@ -3,14 +3,14 @@
 A model is a small JSON file (the built-in ones sit beside this module; users pass their own path).
 From a model, `derive()` lists the kernel problems of one prefill of P tokens (batch 1) and of one
 decode step at context L and batch B, with how many times each runs. Like the problem specs in
-pykernels/kernels/, nothing here times anything: the token report (pykernels/tokens.py) and the sweep
+pykernels/kernels/, nothing here times anything: the token report (pykernels/tokens/metering.py) and the sweep
 look these problems up in measured results.
 
 The decoder is Llama-shaped: per layer RMSNorm -> fused QKV projection -> rotary embedding -> causal
 attention (decode attention against the KV cache in a decode step) -> output projection -> residual ->
 RMSNorm -> fused gate+up projection -> SwiGLU -> down projection -> residual; then a final RMSNorm and
 the LM head. Norms, rotary embedding, the activation, residual adds and the embedding lookup are not
-kernels of this suite: pykernels/layer.py measures how much of a layer's time they take.
+kernels of this suite: pykernels/tokens/layer.py measures how much of a layer's time they take.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from ..kernels import AttentionProblem, DecodeProblem, GemmProblem
+from ...kernels import AttentionProblem, DecodeProblem, GemmProblem
 
 # field -> (type, required); the order is the order of the error messages and of to_dict().
 _FIELDS = {

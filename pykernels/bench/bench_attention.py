@@ -1,4 +1,4 @@
-"""attention benchmarks: every backend on every attention shape of the selected sweep (pykernels/sweeps.py).
+"""attention benchmarks: every backend on every attention shape of the selected sweep (pykernels/harness/sweeps.py).
 
 `pytest --benchmark --kernel attention` times them; plain `pytest` runs each smoke case once, untimed. The cases
 are parametrized by the pykernels pytest plugin (pykernels/pytest_plugin.py) from --sweep, --backend

@@ -1,4 +1,4 @@
-"""gemm benchmarks: every backend on every gemm shape of the selected sweep (pykernels/sweeps.py).
+"""gemm benchmarks: every backend on every gemm shape of the selected sweep (pykernels/harness/sweeps.py).
 
 `pytest --benchmark --kernel gemm` times them; plain `pytest` runs each smoke case once, untimed. The cases
 are parametrized by the pykernels pytest plugin (pykernels/pytest_plugin.py) from --sweep, --backend

@@ -1,10 +1,10 @@
 """Token metering: kernel results -> TTFT, TPOT, tokens/s, share of time per family, penalty in tokens/s,
-joules and cost per token, for a reference model (pykernels/models/).
+joules and cost per token, for a reference model (pykernels/tokens/models/).
 
 TTFT = sum over the prefill's kernels of count x median time; TPOT likewise over one decode step;
 tokens/s = batch / TPOT. Only measured kernel times enter: a backend (on a device, at a dtype) that lacks
 a kernel of a phase is "incomplete" for that phase and never filled from another backend. The small ops
-between kernels (norms, rotary embedding, activation, residuals) are not metered; pykernels/layer.py
+between kernels (norms, rotary embedding, activation, residuals) are not metered; pykernels/tokens/layer.py
 measures what share of a real layer's time the kernels cover.
 
     pykernels tokens RESULTS.json... --model ref-7b-2k [--batch B] [--prompt P] [--context L]
@@ -22,8 +22,8 @@ import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from ..kernels import PROBLEMS
 from . import models as _models
-from .kernels import PROBLEMS
 
 # ---------------------------------------------------------------------------------------------------
 # reading results
@@ -80,7 +80,7 @@ def _device_label(ex: dict, machine: dict) -> str:
 def measurements_from(doc: dict, where: str = "<results>") -> list[Measurement]:
     """Measurements of one pytest-benchmark JSON document (our fields in `extra_info`)."""
     if not isinstance(doc, dict) or not isinstance(doc.get("benchmarks"), list):
-        raise ValueError(f"{where}: not a pytest-benchmark result file (no 'benchmarks' list)")
+        raise ValueError(f"{where}: not a pytest-benchmark result file (no 'benchmarks' list)")  # noqa: TRY004 - a file's content, reported as a usage error
     machine = doc.get("machine_info") or {}
     out = []
     for b in doc["benchmarks"]:
@@ -124,7 +124,7 @@ def load_measurements(paths) -> list[Measurement]:
     out = []
     for p in paths:
         if str(p).endswith(".jsonl"):  # a harness journal (results.py): one case per line
-            from . import results
+            from ..harness import results
 
             entries = results.read_journal(p)
             doc = {"benchmarks": [{"extra_info": e["extra_info"]} for e in entries
@@ -227,7 +227,7 @@ def _phase_result(phase: _models.Phase, found: dict) -> PhaseResult:
 
 
 def penalty(tps: float, ref_tps: float) -> float:
-    """1 - throughput / reference throughput (DESIGN.md): positive = slower than the reference."""
+    """1 - throughput / reference throughput (docs/design.md): positive = slower than the reference."""
     return 1.0 - tps / ref_tps
 
 
@@ -300,7 +300,7 @@ def _energy(ph: PhaseResult, per: str):
 
 
 def load_coverage(path, model_name: str) -> dict:
-    """{(backend, dtype, phase): coverage} of a pykernels.layer result file for `model_name`."""
+    """{(backend, dtype, phase): coverage} of a pykernels.tokens.layer result file for `model_name`."""
     try:
         doc = json.loads(Path(path).read_text())
         name, results = doc["model"]["name"], doc["results"]
@@ -372,7 +372,7 @@ def to_markdown(
     sources: list[str] | None = None,
     coverage: dict | None = None,
 ) -> str:
-    """`coverage`: {(backend, dtype, phase): kernels / layer} from pykernels.layer results (load_coverage)."""
+    """`coverage`: {(backend, dtype, phase): kernels / layer} from pykernels.tokens.layer results (load_coverage)."""
     m, w = workload.model, workload
     lines = [
         f"# Tokens: {m.name} — prompt {w.prompt}, decode at context {w.context}, batch {w.batch}",
@@ -465,7 +465,7 @@ def to_markdown(
             "",
             (
                 "Kernel sums divided by the share of a decoder layer's time the kernels cover (measured by "
-                "pykernels.layer on the same model's layer): an estimate of TTFT / TPOT including norms, "
+                "pykernels.tokens.layer on the same model's layer): an estimate of TTFT / TPOT including norms, "
                 "rotary embedding, activation and residuals."
             ),
             "",
@@ -535,7 +535,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         "--layer-results",
         type=Path,
         default=None,
-        help="a pykernels.layer result (JSON) of the same model: adds TTFT/TPOT including the small ops",
+        help="a pykernels.tokens.layer result (JSON) of the same model: adds TTFT/TPOT including the small ops",
     )
     g = p.add_argument_group("measuring the model's shapes directly (without the pytest sweep)")
     g.add_argument(
@@ -568,7 +568,7 @@ def run(args) -> int:
         return 0
     sources = [str(p) for p in args.results]
     if args.measure:
-        from .tokens_measure import measure
+        from .measure import measure
 
         if args.out is None:
             print("pykernels tokens: --measure needs --out FILE", file=sys.stderr)
@@ -607,12 +607,17 @@ def run(args) -> int:
     if args.csv:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         args.csv.write_text(to_csv(stacks, args.price_per_hour))
-    return 0 if stacks else 1
+    if not any(s.prefill.complete or s.decode.complete for s in stacks):
+        print(f"pykernels tokens: no stack is complete: the result files hold none of the kernel shapes of "
+              f"{model.name} for a whole phase (see the 'incomplete' lines; measure them with "
+              f"`pykernels tokens --measure` or `pykernels bench --model {model.name}`)", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _command_line() -> str:
     prog = Path(sys.argv[0]).name
-    prog = "python -m pykernels.tokens" if prog in ("tokens.py", "__main__.py") else prog
+    prog = "python -m pykernels.tokens" if prog in ("metering.py", "__main__.py") else prog
     return " ".join([prog, *sys.argv[1:]])
 
 

@@ -1,21 +1,21 @@
 """The shape sweeps of the benchmarks (bench/): named lists of (problem, dtype) per family.
 
 - `smoke`: tiny shapes, run once untimed by plain `pytest` so bench/ never rots (odd sizes included).
-- `issue6`: the exact cases of issue 6 (native CPU kernels vs the vendor libraries).
-- `quick`: the `issue6` cases (they include decode-sized GEMMs, M = 1, 4, 16); the default of
-  `pytest --benchmark`.
-- `full`: `quick` plus the shapes of the reference model ref-7b-2k (DESIGN.md): a batch-1 prefill of 2048
+- `quick`: the native-vs-vendor target cases: GEMM 2048^3 / 1024^3 and decode-sized GEMMs (M = 1, 4, 16,
+  N = K = 4096), prefill attention S2048 D128 (causal and not), decode B8 Hq32 L4096 D128 (Hkv 8 and 32,
+  contiguous and paged); the default of `pykernels bench`.
+- `full`: `quick` plus the shapes of the reference model ref-7b-2k (docs/design.md): a batch-1 prefill of 2048
   tokens and decode steps at context 2048 for B in {1, 8, 32}, and a GQA decode.
 
-They live in the package (not in bench/) so that the pytest plugin, `pykernels info` and other tools see
-the same lists.
+Besides the named sweeps: a model's shapes (`model_sweep_name`) and shapes given on the command line
+(`--shape "M=4096,N=4096,K=4096"`, `shapes_sweep_name`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .kernels import AttentionProblem, DecodeProblem, GemmProblem
+from ..kernels import AttentionProblem, DecodeProblem, GemmProblem
 
 FP32, BF16 = "float32", "bfloat16"
 
@@ -46,7 +46,7 @@ def _smoke() -> list[SweepCase]:
     return _cases(gemm + attn + dec, (FP32, BF16))
 
 
-def _issue6() -> list[SweepCase]:
+def _quick() -> list[SweepCase]:
     out = []
     out += _cases([GemmProblem(2048, 2048, 2048), GemmProblem(1024, 1024, 1024)], (FP32,))
     out += _cases([GemmProblem(2048, 2048, 2048)], (BF16,))
@@ -58,7 +58,7 @@ def _issue6() -> list[SweepCase]:
     return out
 
 
-# ref-7b-2k (DESIGN.md): hidden 4096, 32 heads x 128, FFN 11008, vocab 32000, context 2048.
+# ref-7b-2k (docs/design.md): hidden 4096, 32 heads x 128, FFN 11008, vocab 32000, context 2048.
 REF_HIDDEN, REF_HEADS, REF_D, REF_FFN, REF_VOCAB, REF_CTX = 4096, 32, 128, 11008, 32000, 2048
 REF_GEMM_NK = {  # role: (K, N) of the weight
     "qkv": (REF_HIDDEN, 3 * REF_HIDDEN),
@@ -81,10 +81,6 @@ def ref_model_problems() -> list:
     return probs
 
 
-def _quick() -> list[SweepCase]:
-    return _issue6()
-
-
 def _full() -> list[SweepCase]:
     seen = set()
     out = []
@@ -98,7 +94,7 @@ def _full() -> list[SweepCase]:
     return out
 
 
-SWEEPS = {"smoke": _smoke, "issue6": _issue6, "quick": _quick, "full": _full}
+SWEEPS = {"smoke": _smoke, "quick": _quick, "full": _full}
 
 
 def model_sweep_name(model: str, *, prompt: int | None = None, context: int | None = None, batch: int = 1) -> str:
@@ -107,7 +103,7 @@ def model_sweep_name(model: str, *, prompt: int | None = None, context: int | No
 
 
 def _model(name: str) -> list[SweepCase]:
-    from .models import model_problems
+    from ..tokens.models import model_problems
 
     parts = name.split(":")
     if len(parts) != 5:
@@ -118,11 +114,75 @@ def _model(name: str) -> list[SweepCase]:
     return _cases(probs, (FP32, BF16))
 
 
+# --shape: the keys of each family (the first key set that a spec's keys fall into decides the family).
+_SHAPE_KEYS = {
+    "gemm": ({"M", "N", "K"}, set()),
+    "attention": ({"B", "Hq", "Hkv", "S", "D"}, {"causal"}),
+    "decode": ({"B", "Hq", "Hkv", "L", "D"}, {"paged", "block_size", "ragged"}),
+}
+_BOOL = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+def parse_shape(spec: str):
+    """A problem from `KEY=VALUE,...`: `M=4096,N=4096,K=4096` (gemm), `B=1,Hq=32,Hkv=8,S=2048,D=128[,causal=1]`
+    (attention), `B=8,Hq=32,Hkv=8,L=4096,D=128[,paged=1,block_size=16,ragged=0]` (decode). Raises ValueError
+    naming what is wrong."""
+    kv = {}
+    for part in spec.replace(" ", "").split(","):
+        if not part:
+            continue
+        key, sep, val = part.partition("=")
+        if not sep or not val:
+            raise ValueError(f"shape {spec!r}: {part!r} is not KEY=VALUE")
+        if key in kv:
+            raise ValueError(f"shape {spec!r}: {key} given twice")
+        kv[key] = val
+    for family, (required, optional) in _SHAPE_KEYS.items():
+        if required <= kv.keys():
+            unknown = kv.keys() - required - optional
+            if unknown:
+                raise ValueError(f"shape {spec!r}: unknown key(s) {', '.join(sorted(unknown))} for a {family} shape "
+                                 f"(keys: {', '.join(sorted(required))}; optional: {', '.join(sorted(optional)) or '-'})")
+            args = {}
+            for key, val in kv.items():
+                if key in ("causal", "paged", "ragged"):
+                    if val.lower() not in _BOOL:
+                        raise ValueError(f"shape {spec!r}: {key}={val} is not a boolean (1/0, true/false)")
+                    args[key] = _BOOL[val.lower()]
+                    continue
+                try:
+                    n = int(val)
+                except ValueError:
+                    raise ValueError(f"shape {spec!r}: {key}={val} is not an integer") from None
+                if n < 1:
+                    raise ValueError(f"shape {spec!r}: {key}={n} must be >= 1")
+                args[key] = n
+            if family in ("attention", "decode") and args["Hq"] % args["Hkv"]:
+                raise ValueError(f"shape {spec!r}: Hq={args['Hq']} is not a multiple of Hkv={args['Hkv']}")
+            if family == "gemm":
+                return GemmProblem(**args)
+            if family == "attention":
+                return AttentionProblem(**args)
+            args["context"] = args.pop("L")
+            return DecodeProblem(**args)
+    raise ValueError(f"shape {spec!r}: the keys {', '.join(sorted(kv)) or '(none)'} name no family; give "
+                     + "; ".join(f"{f}: {','.join(sorted(r))}" for f, (r, _) in _SHAPE_KEYS.items()))
+
+
+def shapes_sweep_name(specs) -> str:
+    """The sweep name of shapes given on the command line (checked now: ValueError on a bad spec)."""
+    for s in specs:
+        parse_shape(s)
+    return "shapes:" + ";".join(s.replace(" ", "") for s in specs)
+
+
 def sweep(name: str, *, family: str | None = None, dtypes=None) -> list[SweepCase]:
     """The cases of sweep `name` (or of a model, see `model_sweep_name`), optionally only one family and
     some dtypes."""
     if name.startswith("model:"):
         cases = _model(name)
+    elif name.startswith("shapes:"):
+        cases = _cases([parse_shape(s) for s in name[len("shapes:"):].split(";")], (FP32, BF16))
     elif name not in SWEEPS:
         raise ValueError(f"unknown sweep {name!r}; known: {', '.join(SWEEPS)}")
     else:

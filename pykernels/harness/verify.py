@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels import FAMILIES
-from .kernels._common import rel_error, tolerance
+from ..kernels import FAMILIES
+from ..kernels._common import rel_error, tolerance
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The device a run measures: a fingerprint (what it is, which software) and its measured peaks.
 
-Peaks are measured, never typed (DESIGN.md "% of peak"): a bandwidth probe (a large tensor copy, bytes
+Peaks are measured, never typed (docs/design.md "% of peak"): a bandwidth probe (a large tensor copy, bytes
 read + written) and a compute probe (the largest vendor GEMM, torch.matmul, that fits a time budget) per
 device and dtype. They are cached per machine in ~/.cache/pykernels (PYKERNELS_CACHE_DIR overrides) so
 a sweep pays for them once. Spec-sheet figures sit beside them where this file knows the device.
@@ -151,7 +151,7 @@ def fingerprint(device: str = "cpu") -> dict:
     fp["os"] = f"{platform.system()} {platform.release()}"
     fp["versions"] = _versions()
     try:
-        from . import _C
+        from .. import _C
 
         fp["build"] = dict(_C.build_info())
         fp["cpu_features"] = dict(_C.cpu_features())
@@ -236,8 +236,8 @@ def compute_probe(device: str, dtype_name: str, budget_s: float = 2.0, max_n: in
     stays under ~budget/20; the best FLOP/s seen is the peak. Returns {'flops_per_s', 'n', 'median_s'}."""
     import torch
 
+    from ..kernels._common import dtype_of
     from . import timing
-    from .kernels._common import dtype_of
 
     dt = dtype_of(dtype_name)
     cuda = str(device).startswith("cuda")
@@ -331,3 +331,23 @@ def peak_flops(pk: dict, dtype: str) -> float | None:
 
 def peak_bandwidth(pk: dict) -> float | None:
     return (pk.get("bandwidth") or {}).get("bytes_per_s")
+
+
+def device_problem(dev: str) -> str | None:
+    """Why `dev` cannot be used on this machine (not a device torch knows, or none present), else None.
+    One line, for usage errors of the CLI and the pytest plugin."""
+    import torch
+
+    try:
+        kind = torch.device(dev).type
+    except (RuntimeError, ValueError, TypeError):
+        return f"{dev!r} is not a device torch knows (e.g. cpu, cuda, cuda:1)"
+    if kind == "cpu":
+        return None
+    avail = getattr(getattr(torch, kind, None), "is_available", None)
+    if avail is None or not avail():
+        present = ["cpu"] + [k for k in ("cuda", "xpu", "mps")
+                             if getattr(getattr(torch, k, None), "is_available", lambda: False)()]
+        return f"no {kind} device on this machine (torch {torch.__version__}); present: {', '.join(present)}"
+    return None
+

@@ -37,7 +37,7 @@ class TimingOptions:
     max_rounds: int = 10_000
     min_sample_s: float = 20e-6     # calls shorter than this are timed in batches (one sample = k calls)
     flush: bool | None = None       # write a buffer >= 2x the last-level cache between calls; None = the device's
-                                    # default: no on CPU (warm caches), yes on CUDA (L2 flushed, DESIGN.md)
+                                    # default: no on CPU (warm caches), yes on CUDA (L2 flushed, docs/design.md)
     cuda_graph_below_s: float = 50e-6  # CUDA: kernels shorter than this are timed as a CUDA graph of k calls
     settle_s: float = 0.0           # CPU timer only (time_cuda ignores it): sleep this long before the warmup, so
                                     # that thread pools of whatever ran before (a BLAS spinning) are idle again
@@ -143,7 +143,7 @@ def should_stop(samples: list[float], elapsed_s: float, opts: TimingOptions) -> 
 
 def flush_size(cache_bytes: int, factor: int = 2, minimum: int = 4 << 20) -> int:
     """Bytes of the buffer written between calls to evict a cache of `cache_bytes`: at least twice its
-    size (DESIGN.md), rounded up to a whole MiB, never below `minimum`."""
+    size (docs/design.md), rounded up to a whole MiB, never below `minimum`."""
     if cache_bytes < 0:
         raise ValueError("cache size must be non-negative")
     n = max(minimum, factor * cache_bytes)
@@ -385,27 +385,3 @@ def time_callable(fn: Callable[[], object], device: str = "cpu", opts: TimingOpt
     if str(device).startswith("cuda"):
         return time_cuda(fn, opts, device=device)
     return time_cpu(fn, opts)
-
-
-def measure_case(problem, dtype: str, backend: str, device: str = "cpu", *, inputs: dict,
-                 budget_s: float = 2.0) -> dict:
-    """Time one kernel problem on one backend with the harness's timer (what `pykernels validate` uses for
-    its performance section): prepared through the public API (validation, compilation and the first call
-    happen before timing), then throughput and % of the roofline bound from the device's measured peaks
-    (cached per machine; measured once when missing)."""
-    from . import device as devmod
-    from . import ops, results
-    from .kernels import dtype_name, dtype_of
-
-    dtype = dtype_name(dtype_of(dtype))  # a name or a torch.dtype
-    fn = ops.prepare(problem.family, backend=backend, **inputs, **problem.call_kwargs())
-    fn()  # compilation / autotuning / lazy initialisation: never timed
-    stats = time_callable(fn, device, TimingOptions(budget_s=budget_s, settle_s=CPU_SETTLE_S))
-    flops, nbytes = problem.flops(), problem.bytes(dtype_of(dtype))
-    pk = devmod.peaks(device, [dtype])
-    rates = results.throughput(flops, nbytes, stats.median_s)
-    frac = results.roofline_fraction(flops, nbytes, stats.median_s, devmod.peak_flops(pk, dtype),
-                                     devmod.peak_bandwidth(pk))
-    return {"median_s": stats.median_s, "p20_s": stats.p20_s, "p80_s": stats.p80_s, "cv": stats.cv,
-            "rounds": stats.rounds, "tflops": rates["tflops"], "gbps": rates["gbps"],
-            "pct_of_peak": frac["pct_roofline"], "bound": frac["bound"]}

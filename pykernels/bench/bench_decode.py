@@ -1,4 +1,4 @@
-"""decode benchmarks: every backend on every decode shape of the selected sweep (pykernels/sweeps.py).
+"""decode benchmarks: every backend on every decode shape of the selected sweep (pykernels/harness/sweeps.py).
 
 `pytest --benchmark --kernel decode` times them; plain `pytest` runs each smoke case once, untimed. The cases
 are parametrized by the pykernels pytest plugin (pykernels/pytest_plugin.py) from --sweep, --backend

@@ -3,7 +3,7 @@
 between them come from the same seconds of a shared machine; then, where a meter exists, energy per call.
 Writes a pytest-benchmark-shaped JSON file that `pykernels tokens` (and the other reports) read.
 
-Timing is the harness's (pykernels/timing.py); the device fingerprint is pykernels/device.py's.
+Timing is the harness's (pykernels/harness/timing.py); the device fingerprint is pykernels/harness/device.py's.
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ from pathlib import Path
 
 import torch
 
-from . import device as _device
-from . import energy, ops, results, timing
-from .backends import registry
-from .kernels import dtype_of
-from .kernels._common import dtype_name
+from .. import ops
+from ..backends import registry
+from ..harness import device as _device
+from ..harness import results, timing
+from ..kernels import dtype_of
+from ..kernels._common import dtype_name
+from . import energy
 
 # The float64 reference of a problem costs ~FLOPs / 20 GFLOP/s on this 2-core CPU: checking every output
 # of ref-7b-2k's prefill GEMMs (up to 370 GFLOP) would take minutes. Above this many FLOPs the output is
@@ -134,7 +136,7 @@ def measure(
             inputs = prob.make_inputs(dtype, device=device, seed=0)
             exp = None
             if check and prob.flops() <= CHECK_MAX_FLOPS:
-                from . import verify
+                from ..harness import verify
 
                 exp = verify.expected(prob, inputs)
             cases = []  # (backend, callable, extra)

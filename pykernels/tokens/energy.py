@@ -16,6 +16,7 @@ the figure is an upper bound for the kernel.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from pathlib import Path
@@ -107,7 +108,7 @@ class NvmlPowerMeter(Meter):
         s = self._samples
         if len(s) < 2:
             return (s[0][1] if s else 0.0) * (t1 - self._t0), t1 - self._t0
-        j = sum((b[0] - a[0]) * (a[1] + b[1]) / 2 for a, b in zip(s, s[1:]))
+        j = sum((b[0] - a[0]) * (a[1] + b[1]) / 2 for a, b in itertools.pairwise(s))
         return j * (t1 - self._t0) / (s[-1][0] - s[0][0]), t1 - self._t0
 
 
@@ -147,17 +148,17 @@ def _nvml_meter(index: int) -> tuple[Meter | None, str | None]:
         h = pynvml.nvmlDeviceGetHandleByIndex(index)
         name = pynvml.nvmlDeviceGetName(h)
         name = name.decode() if isinstance(name, bytes) else name
-    except Exception as e:  # NVML errors are their own exception classes
+    except Exception as e:  # noqa: BLE001 - NVML errors are their own exception classes
         return None, f"NVML could not open GPU {index}: {e}"
     try:
         pynvml.nvmlDeviceGetTotalEnergyConsumption(h)
         return NvmlEnergyMeter(pynvml, h, name), None
-    except Exception:
+    except Exception:  # noqa: BLE001, S110 - no energy counter on this GPU: fall back to power sampling
         pass
     try:
         pynvml.nvmlDeviceGetPowerUsage(h)
         return NvmlPowerMeter(pynvml, h, name), None
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001
         return None, f"NVML reads neither energy nor power on {name}: {e}"
 
 

@@ -11,7 +11,7 @@ The kernels are the backend entry points that pk.prepare resolves: inputs are va
 layer is built, as a serving engine would, and not on every call; the metered kernel times
 (pk.prepare(...) callables) exclude per-call validation as well, so the two sides compare like with like.
 
-    python -m pykernels.layer --model tiny --backend native --backend torch --batch 8 --out results/x.json
+    python -m pykernels.tokens.layer --model tiny --backend native --backend torch --batch 8 --out results/x.json
 """
 
 from __future__ import annotations
@@ -28,12 +28,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import device as _device
+from .. import ops
+from ..backends import registry
+from ..harness import device as _device
+from ..harness import timing
+from ..kernels import AttentionProblem, DecodeProblem, GemmProblem, dtype_of
+from ..kernels._common import dtype_name, generator, randn
 from . import models as _models
-from . import ops, timing
-from .backends import registry
-from .kernels import AttentionProblem, DecodeProblem, GemmProblem, dtype_of
-from .kernels._common import dtype_name, generator, randn
 
 _EPS = 1e-5
 _ROPE_BASE = 10000.0
@@ -290,10 +291,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pykernels.layer", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pykernels.tokens.layer", description=__doc__.split("\n\n")[0])
     configure_parser(p)
     a = p.parse_args(argv)
-    a.argv, a.prog_name = argv, "python -m pykernels.layer"
+    a.argv, a.prog_name = argv, "python -m pykernels.tokens.layer"
     return run(a)
 
 

@@ -98,7 +98,7 @@ def _finite_or_none(x):
 
 
 def _torch_dtype(name: str):
-    from .kernels._common import dtype_of
+    from ..kernels._common import dtype_of
 
     return dtype_of(name)
 

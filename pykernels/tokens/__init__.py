@@ -1,0 +1,8 @@
+"""Token metering: kernel results turned into TTFT / TPOT / tokens per second of a reference model.
+
+- models:   the model shapes (ref-7b-2k, ref-8b-gqa, tiny, or a JSON file) and the kernel problems they run
+- metering: the token report from a result file (`pykernels tokens`, `python -m pykernels.tokens`)
+- measure:  times exactly a model's kernel problems (`pykernels tokens --measure`)
+- layer:    one decoder layer end to end against the sum of its kernels (`python -m pykernels.tokens.layer`)
+- energy:   energy meters (RAPL, NVML) read around a measurement
+"""
