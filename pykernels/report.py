@@ -133,6 +133,10 @@ def throughput_text(r: Record) -> str:
     return fmt_rate(r.flops_per_s, "FLOP/s")
 
 
+# A result above this % of the hardware peak means the peak probe under-measured the hardware (3% of slack for
+# clock and timer noise); it is flagged, never printed as a plain number.
+PROBE_ERROR_PCT = 103.0
+
 COLUMNS = ("device", "family", "dtype", "shape", "backend", "tier", "median", "p20-p80", "throughput",
            "% of peak", "vs native", "vs best vendor")
 
@@ -145,11 +149,14 @@ def _cells(row: Row) -> list[str]:
         return [r.machine, r.family, r.dtype, r.shape, r.backend, r.tier, fmt_time(r.median_s), "", status, "", "",
                 ""]
     pct = "" if r.pct_roofline is None else f"{r.pct_roofline:.0f}%"
+    if r.pct_roofline is not None and r.pct_roofline > PROBE_ERROR_PCT:
+        pct = f"{r.pct_roofline:.0f}% PROBE ERROR"  # above the hardware peak: the peak is wrong, not the kernel
+    med = fmt_time(r.median_s) + (" (!)" if r.warning else "")
     vn = row.vs_native.text() if row.vs_native else ("ref" if r.backend == "native" else "-")
     vv = row.vs_vendor.text() if row.vs_vendor else ("best" if r.backend == row.best_vendor else "-")
     if row.vs_vendor and r.tier == "vendor":
         vv += f" vs {row.best_vendor}"
-    return [r.machine, r.family, r.dtype, r.shape, r.backend, r.tier, fmt_time(r.median_s),
+    return [r.machine, r.family, r.dtype, r.shape, r.backend, r.tier, med,
             f"{fmt_time(r.p20_s)}-{fmt_time(r.p80_s)}", throughput_text(r), pct, vn, vv]
 
 

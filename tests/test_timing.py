@@ -292,3 +292,85 @@ def test_importing_pykernels_quiets_openblas_unless_set():
     out = subprocess.run([sys.executable, "-c", code], env={**env, "OPENBLAS_THREAD_TIMEOUT": "9"},
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "9"
+
+
+# ---------------------------------------------------------------------------------------------------
+# sample sanity: a descheduled thread looks like a stable, slow kernel
+
+
+def _sched(clock, per_call_ns):
+    """fn advancing the fake clock by per_call_ns(call index)."""
+    calls = [0]
+
+    def fn():
+        clock.ns += per_call_ns(calls[0])
+        calls[0] += 1
+
+    return fn, calls
+
+
+def test_time_cpu_remeasures_a_descheduled_spell():
+    # warm-up calls take 1 ms; the first measurement is descheduled (16 ms a call, tight); then 1 ms again
+    clock = FakeClock()
+    opts = timing.TimingOptions(warmup_s=0.0, warmup_calls=3, min_rounds=5, max_rounds=5)
+    fn, _ = _sched(clock, lambda i: 16_000_000 if 3 <= i < 8 else 1_000_000)
+    st = timing.time_cpu(fn, opts, clock=clock)
+    assert st.remeasured == 1 and st.warning == ""
+    assert st.median_s == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_time_cpu_warns_when_samples_stay_implausible():
+    clock = FakeClock()
+    opts = timing.TimingOptions(warmup_s=0.0, warmup_calls=3, min_rounds=5, max_rounds=5)
+    fn, _ = _sched(clock, lambda i: 1_000_000 if i < 3 else 16_000_000)  # slow for good after the warm-up
+    st = timing.time_cpu(fn, opts, clock=clock)
+    assert st.remeasured == timing.SANITY_RETRIES
+    assert "16x the fastest warm-up call" in st.warning or "x the fastest warm-up call" in st.warning
+    assert st.as_dict()["warning"]  # lands in the record (extra_info)
+
+
+def test_bimodal_samples_are_flagged():
+    assert timing.bimodal([1.0] * 6 + [3.0] * 4)
+    assert not timing.bimodal([1.0, 1.1, 1.05, 0.98, 1.02, 1.2, 0.99])
+    assert not timing.bimodal([1.0] * 9 + [5.0])  # one outlier is noise, not a second mode
+    assert timing.sanity_problem([1.0] * 5, 0.2).startswith("median")
+    assert timing.sanity_problem([1.0] * 5, None) == ""
+
+
+# ---------------------------------------------------------------------------------------------------
+# machine identity
+
+
+def test_cpu_model_changes_the_machine_id_and_reports_keep_them_apart(tmp_path):
+    import json
+
+    from pykernels.harness import device, results
+    from pykernels.kernels import GemmProblem
+
+    base = {"type": "cpu", "host": "vm", "name": "AMD EPYC", "vendor": "AuthenticAMD", "family_model": "25/17",
+            "stepping": "1", "isa": ["avx2", "avx512f"], "cores": 2, "threads": 2, "caches": {"l3": 32 << 20}}
+    other = dict(base, family_model="26/2")
+    assert device.machine_id(base) != device.machine_id(other)
+    assert device.machine_id(base) == device.machine_id(dict(base, versions={"torch": "x"}, mhz=1.0))
+    st = timing.summarize([1e-3, 1.1e-3, 1.2e-3]).as_dict()
+    for fp, name in ((base, "a.json"), (other, "b.json")):
+        ex = results.make_record(problem=GemmProblem(64, 64, 64), backend_name="native", tier="native",
+                                 device="cpu", device_name=device.device_label(fp), machine_id=device.machine_id(fp),
+                                 dtype="float32", stats=st, max_error=0.0, tolerance=1e-5, ok=True)
+        (tmp_path / name).write_text(json.dumps({"benchmarks": [{"name": "x", "extra_info": ex}],
+                                                 "machine_info": {}}))
+    recs = results.load_many([tmp_path / "a.json", tmp_path / "b.json"])
+    assert len(recs) == 2 and len({r.machine for r in recs}) == 2, [r.machine for r in recs]
+
+
+def test_microarch_names():
+    from pykernels.harness import device
+
+    amd = {"vendor_id": "AuthenticAMD", "cpu family": "25", "model": "1"}
+    assert device.cpu_microarch(amd) == ("zen3", "Zen 3")
+    assert device.cpu_microarch(dict(amd, model="17"))[0] == "zen4"
+    assert device.cpu_microarch(dict(amd, **{"cpu family": "26", "model": "2"}))[0] == "zen5"
+    assert device.cpu_microarch({"vendor_id": "GenuineIntel", "cpu family": "6", "model": "143"})[0] == "sapphire_rapids"
+    assert device.cpu_microarch({"vendor_id": "Foo"}) is None
+    assert device.device_label({"type": "cpu", "name": "AMD EPYC", "microarch": "Zen 3", "threads": 2}) == \
+        "cpu: AMD EPYC Zen 3 (2 threads)"

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-PEAKS_VERSION = 1
+PEAKS_VERSION = 2  # 2: machine ids from the hardware identity; hardware peak probes (older caches ignored)
 
 # Spec-sheet figures (dense, no sparsity) per GPU name pattern: FLOP/s per dtype and bytes/s of memory.
 # float32 is the non-tensor-core FMA rate (what an fp32 GEMM without TF32 can reach).
@@ -35,13 +35,36 @@ GPU_SPECS: list[tuple[str, dict]] = [
                "source": "NVIDIA A100 40GB datasheet"}),
 ]
 
-# CPU FLOP per cycle per core by micro-architecture family (vector FMA throughput).
-# Zen 4: AVX-512 on 2 x 256-bit FMA pipes = 32 fp32 FLOP/cycle; VDPBF16PS doubles it for bf16 (64).
+# CPU FLOP per cycle per core by micro-architecture (vector FMA throughput), a cross-check of the probes:
+# Zen 3: 2 x 256-bit FMA pipes = 16 fp32 FMA = 32 FLOP/cycle; no bf16 arithmetic (AMD Software Optimization
+#   Guide for family 19h).
+# Zen 4: AVX-512 on 2 x 256-bit FMA pipes = 32 fp32 FLOP/cycle; VDPBF16PS doubles it for bf16 (64) (same guide).
+# Zen 5 (EPYC 9005): 2 x 512-bit FMA pipes = 64 fp32 FLOP/cycle, bf16 dot 128 (AMD optimization guide, family 1Ah).
 # Sapphire Rapids: 2 x 512-bit FMA = 64 fp32; AMX-BF16 1024 (Intel).
 CPU_FLOP_PER_CYCLE = {
+    "zen3": {"float32": 32},
     "zen4": {"float32": 32, "bfloat16": 64},
+    "zen5": {"float32": 64, "bfloat16": 128},
     "sapphire_rapids": {"float32": 64, "bfloat16": 1024},
 }
+
+# Micro-architecture names: x86 by (vendor, family, model range), ARM by (implementer, part).
+_X86_ARCH = [
+    ("AuthenticAMD", 23, range(0x00, 0x30), "zen", "Zen/Zen+"),
+    ("AuthenticAMD", 23, range(0x30, 0x100), "zen2", "Zen 2"),
+    ("AuthenticAMD", 25, range(0x00, 0x10), "zen3", "Zen 3"),
+    ("AuthenticAMD", 25, range(0x20, 0x60), "zen3", "Zen 3"),
+    ("AuthenticAMD", 25, range(0x10, 0x20), "zen4", "Zen 4"),
+    ("AuthenticAMD", 25, range(0x60, 0x100), "zen4", "Zen 4"),
+    ("AuthenticAMD", 26, range(0x00, 0x100), "zen5", "Zen 5"),
+    ("GenuineIntel", 6, (85,), "skylake_sp", "Skylake/Cascade Lake-SP"),
+    ("GenuineIntel", 6, (106, 108), "icelake_sp", "Ice Lake-SP"),
+    ("GenuineIntel", 6, (143,), "sapphire_rapids", "Sapphire Rapids"),
+    ("GenuineIntel", 6, (207,), "emerald_rapids", "Emerald Rapids"),
+    ("GenuineIntel", 6, (173, 174), "granite_rapids", "Granite Rapids"),
+]
+_ARM_ARCH = {("0x41", "0xd0c"): ("neoverse_n1", "Neoverse N1"), ("0x41", "0xd40"): ("neoverse_v1", "Neoverse V1"),
+             ("0x41", "0xd49"): ("neoverse_n2", "Neoverse N2"), ("0x41", "0xd4f"): ("neoverse_v2", "Neoverse V2")}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -66,15 +89,48 @@ _ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "av
               "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16", "asimd", "sve", "sve2")
 
 
-def cpu_arch(info: dict, flags: set[str]) -> str | None:
-    """A micro-architecture name for the FLOP/cycle table, or None when unknown."""
+def cpu_microarch(info: dict, flags: set[str] = frozenset()) -> tuple[str, str] | None:
+    """(key, readable name) of the CPU's micro-architecture, or None when unknown."""
     vendor = info.get("vendor_id", "")
-    fam = info.get("cpu family", "")
-    if vendor == "AuthenticAMD" and fam == "25" and "avx512f" in flags:
-        return "zen4"
+    try:
+        fam, model = int(info.get("cpu family", "-1")), int(info.get("model", "-1"))
+    except ValueError:
+        fam, model = -1, -1
+    for v, f, models, key, name in _X86_ARCH:
+        if vendor == v and fam == f and model in models:
+            return key, name
+    arm = _ARM_ARCH.get((info.get("CPU implementer", "").lower(), info.get("CPU part", "").lower()))
+    if arm:
+        return arm
     if vendor == "GenuineIntel" and "amx_bf16" in flags:
-        return "sapphire_rapids"
+        return "sapphire_rapids", "Sapphire Rapids"
     return None
+
+
+def cpu_arch(info: dict, flags: set[str]) -> str | None:
+    """The micro-architecture key (for the FLOP/cycle table), or None when unknown."""
+    m = cpu_microarch(info, flags)
+    return m[0] if m else None
+
+
+def cpu_caches() -> dict:
+    """{'l1d': bytes, 'l2': bytes, 'l3': bytes} of cpu0 from sysfs (Linux); missing levels are left out."""
+    out = {}
+    for idx in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level = (idx / "level").read_text().strip()
+            kind = (idx / "type").read_text().strip()
+            txt = (idx / "size").read_text().strip()
+        except OSError:
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(txt[-1:].upper(), 1)
+        try:
+            size = int(txt.rstrip("KkMmGg")) * mult
+        except ValueError:
+            continue
+        if kind in ("Data", "Unified"):
+            out["l1d" if level == "1" else f"l{level}"] = size
+    return out
 
 
 def _versions() -> dict:
@@ -101,7 +157,11 @@ def cpu_fingerprint() -> dict:
         "name": info.get("model name") or platform.processor() or platform.machine(),
         "vendor": info.get("vendor_id"),
         "family_model": f"{info.get('cpu family', '?')}/{info.get('model', '?')}",
+        "stepping": info.get("stepping"),
         "arch": cpu_arch(info, flags),
+        "microarch": (cpu_microarch(info, flags) or (None, None))[1],
+        "arm_part": f"{info.get('CPU implementer')}/{info.get('CPU part')}" if "CPU part" in info else None,
+        "caches": cpu_caches(),
         "cores": cores,
         "threads": torch.get_num_threads(),
         "mhz": float(info["cpu MHz"]) if "cpu MHz" in info else None,
@@ -126,6 +186,7 @@ def cuda_fingerprint(index: int = 0) -> dict:
         "sm_count": p.multi_processor_count,
         "memory_bytes": p.total_memory,
         "l2_bytes": getattr(p, "L2_cache_size", None),
+        "uuid": str(getattr(p, "uuid", "")) or None,
         "cuda_runtime": torch.version.cuda,
         "driver": None,
         "clocks_mhz": None,
@@ -161,17 +222,31 @@ def fingerprint(device: str = "cpu") -> dict:
     return fp
 
 
+# What makes two devices different hardware (the host is added: two machines are two devices). Not the
+# software versions, the clock reading or the build: those change on the same hardware.
+IDENTITY_KEYS = {
+    "cpu": ("name", "vendor", "family_model", "stepping", "arm_part", "isa", "cores", "threads", "caches",
+            "llc_bytes"),
+    "cuda": ("name", "uuid", "capability", "sm_count", "memory_bytes", "l2_bytes", "driver", "index"),
+}
+
+
 def machine_id(fp: dict) -> str:
-    """Short stable id of (host, device name, cores/threads or SM count): the key of the peaks cache."""
-    key = json.dumps([fp.get("host"), fp.get("type"), fp.get("name"), fp.get("cores"), fp.get("threads"),
-                      fp.get("sm_count"), fp.get("index")], sort_keys=True)
+    """Short stable id of the hardware identity (IDENTITY_KEYS of its type) and the host: the key of the peaks
+    cache, and what keeps two devices apart in reports even when their labels are the same."""
+    keys = IDENTITY_KEYS.get(fp.get("type"), ("name", "index"))
+    key = json.dumps([fp.get("host"), fp.get("type"), *[fp.get(k) for k in keys]], sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def device_label(fp: dict) -> str:
-    """'cpu: AMD EPYC (2 threads)' / 'cuda: NVIDIA H100 80GB HBM3'."""
+    """'cpu: AMD EPYC Zen 3 (2 threads)' / 'cuda: NVIDIA H100 80GB HBM3'."""
     if fp.get("type") == "cpu":
-        return f"cpu: {fp.get('name')} ({fp.get('threads')} threads)"
+        name = str(fp.get("name"))
+        arch = fp.get("microarch")
+        if arch and arch.lower() not in name.lower():
+            name = f"{name} {arch}"
+        return f"cpu: {name} ({fp.get('threads')} threads)"
     return f"{fp.get('type')}: {fp.get('name')}"
 
 

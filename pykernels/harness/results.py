@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 SCHEMA = "pykernels-result/1"
@@ -204,6 +204,8 @@ class Record:
     copy_bw: float | None = None  # the bandwidth probe of the same run
     params: dict = field(default_factory=dict, compare=False, hash=False)
     source: str = ""
+    machine_id: str = ""  # the hardware identity (harness/device.py machine_id)
+    warning: str = ""     # the timer's sanity warning (implausible samples after re-measuring), "" = none
 
     @property
     def case(self) -> tuple:
@@ -256,6 +258,9 @@ def record_from(ex: dict, machine_info: dict | None, where: str, source: str = "
         peak_flops=ex.get("peak_flops"), peak_bw=ex.get("peak_bw"), copy_bw=ex.get("copy_bytes_per_s_this_run"),
         params=dict(ex.get("params") or {}),
         source=source,
+        warning=str(ex.get("warning") or ""),
+        machine_id=str(ex.get("machine_id") or (machine_info or {}).get("pykernels", {}).get("device", {}).get("id")
+                       or ""),
     )
 
 
@@ -308,10 +313,25 @@ def load(path: str | Path) -> list[Record]:
     return recs
 
 
+def keep_machines_apart(recs: list[Record]) -> list[Record]:
+    """Two devices with the same label but different machine ids (say a Zen 4 and a Zen 5 that both call
+    themselves "AMD EPYC") are different machines: their labels get the id appended, so that no table,
+    penalty or roofline mixes them."""
+    ids: dict[str, set] = {}
+    for r in recs:
+        ids.setdefault(r.machine, set()).add(r.machine_id)
+    clash = {m for m, s in ids.items() if len(s) > 1}
+    if not clash:
+        return recs
+    return [replace(r, machine=f"{r.machine} #{r.machine_id[:8] or 'unknown'}") if r.machine in clash else r
+            for r in recs]
+
+
 def load_many(paths) -> list[Record]:
-    """Records of several files; for the same (machine, case, backend) a later file replaces an earlier one."""
+    """Records of several files; for the same (machine, case, backend) a later file replaces an earlier one.
+    Devices that share a label but not a machine id are kept apart (keep_machines_apart)."""
     merged: dict[tuple, Record] = {}
     for path in paths:
-        for r in load(path):
-            merged[(*r.case, r.backend)] = r
-    return list(merged.values())
+        for r in keep_machines_apart(load(path)):
+            merged[(*r.case, r.machine_id, r.backend)] = r
+    return keep_machines_apart(list(merged.values()))
