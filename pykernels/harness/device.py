@@ -50,13 +50,13 @@ CPU_FLOP_PER_CYCLE = {
 
 # Micro-architecture names: x86 by (vendor, family, model range), ARM by (implementer, part).
 _X86_ARCH = [
-    ("AuthenticAMD", 23, range(0x00, 0x30), "zen", "Zen/Zen+"),
+    ("AuthenticAMD", 23, range(0x30), "zen", "Zen/Zen+"),
     ("AuthenticAMD", 23, range(0x30, 0x100), "zen2", "Zen 2"),
-    ("AuthenticAMD", 25, range(0x00, 0x10), "zen3", "Zen 3"),
+    ("AuthenticAMD", 25, range(0x10), "zen3", "Zen 3"),
     ("AuthenticAMD", 25, range(0x20, 0x60), "zen3", "Zen 3"),
     ("AuthenticAMD", 25, range(0x10, 0x20), "zen4", "Zen 4"),
     ("AuthenticAMD", 25, range(0x60, 0x100), "zen4", "Zen 4"),
-    ("AuthenticAMD", 26, range(0x00, 0x100), "zen5", "Zen 5"),
+    ("AuthenticAMD", 26, range(0x100), "zen5", "Zen 5"),
     ("GenuineIntel", 6, (85,), "skylake_sp", "Skylake/Cascade Lake-SP"),
     ("GenuineIntel", 6, (106, 108), "icelake_sp", "Ice Lake-SP"),
     ("GenuineIntel", 6, (143,), "sapphire_rapids", "Sapphire Rapids"),
