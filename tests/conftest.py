@@ -17,7 +17,7 @@ DEVICES = [
 
 # Backends checked by the family tests here. triton / triton_interpret have their own test file
 # (tests/test_triton.py); torch_compile compiles per shape (seconds each) so it gets a few cases only.
-CORE_BACKENDS = ["native", "torch", "numpy"]
+CORE_BACKENDS = ["native", "torch", "torch_ops", "numpy"]
 
 
 def run_checked(problem, dtype: torch.dtype, backend: str, device: str, seed: int = 0) -> float:

@@ -110,6 +110,7 @@ class _Broken(Backend):
 _BUILTIN = (
     ("native", "pykernels.backends.native:NativeBackend"),
     ("torch", "pykernels.backends.torch_ops:TorchBackend"),
+    ("torch_ops", "pykernels.backends.torch_ops:TorchOpsBackend"),
     ("torch_compile", "pykernels.backends.torch_compile:TorchCompileBackend"),
     ("numpy", "pykernels.backends.numpy_ops:NumpyBackend"),
     ("triton", "pykernels.backends.triton:TritonBackend"),
