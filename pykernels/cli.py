@@ -147,25 +147,42 @@ def cmd_info(args) -> int:
                          default=str))
         return 0
     print(device.device_label(fp))
-    for k in ("vendor", "family_model", "arch", "cores", "threads", "mhz", "llc_bytes", "isa", "capability",
+    for k in ("vendor", "family_model", "stepping", "microarch", "cores", "threads", "mhz", "caches", "isa", "capability",
               "sm_count", "l2_bytes", "memory_bytes", "driver", "clocks_mhz", "cuda_runtime", "host", "os"):
         if fp.get(k) not in (None, [], ""):
             print(f"  {k:14s} {' '.join(fp[k]) if isinstance(fp[k], list) else fp[k]}")
     print(f"  {'versions':14s} " + ", ".join(f"{k} {v}" for k, v in fp["versions"].items() if v))
     print(f"  {'build':14s} " + ", ".join(f"{k}={v}" for k, v in fp.get("build", {}).items()))
-    print("peaks (measured on this machine):")
+    print("hardware peaks (measured on this machine by the probes; the % of peak of every result):")
+    bwd = pk.get("bandwidth") or {}
     bw = device.peak_bandwidth(pk)
-    print(f"  copy bandwidth  {report.fmt_rate(bw, 'B/s') if bw else 'not measured (run with --peaks)'}")
-    for dt in dtypes:
-        f = device.peak_flops(pk, dt)
-        n = ((pk.get("flops") or {}).get(dt) or {}).get("n")
-        print(f"  {dt:15s} {report.fmt_rate(f, 'FLOP/s') + f' (torch.matmul n={n})' if f else 'not measured'}")
+    if bw:
+        runs = ", ".join(f"{k} {report.fmt_rate(v, 'B/s')}" for k, v in (bwd.get("runs_bytes_per_s") or {}).items())
+        print(f"  bandwidth       {report.fmt_rate(bw, 'B/s')}  [{bwd.get('probe')}{': ' + runs if runs else ''}]")
+    else:
+        print("  bandwidth       not measured (run with --peaks)")
     spec = pk.get("spec") or {}
+    for dt in dtypes:
+        f = (pk.get("flops") or {}).get(dt) or {}
+        if not f:
+            print(f"  {dt:15s} not measured")
+            continue
+        extra = ""
+        if f.get("flop_per_cycle_per_core"):
+            extra = f", {f['flop_per_cycle_per_core']:.1f} FLOP/cycle/core at {f['ghz']:.2f} GHz (clock probe)"
+        sf = (spec.get("flops") or {}).get(dt)
+        if sf:
+            extra += f"; {100 * f['flops_per_s'] / sf:.0f}% of the spec figure {report.fmt_rate(sf, 'FLOP/s')}"
+        print(f"  {dt:15s} {report.fmt_rate(f['flops_per_s'], 'FLOP/s')}  [{f.get('probe')}{extra}]")
+    for dt in dtypes:
+        v = (pk.get("vendor_ceiling") or {}).get(dt) or {}
+        if v:
+            print(f"  vendor ceiling  {dt} {report.fmt_rate(v['flops_per_s'], 'FLOP/s')}  [torch.matmul n={v.get('n')}]")
     if spec:
         figs = ", ".join(f"{dt} {report.fmt_rate(v, 'FLOP/s')}" for dt, v in (spec.get("flops") or {}).items())
         if spec.get("bandwidth"):
             figs += f", memory {report.fmt_rate(spec['bandwidth'], 'B/s')}"
-        print(f"  spec sheet      {figs}  [{spec.get('source')}]")
+        print(f"  spec            {figs}  [{spec.get('source')}]")
     print(f"  cache           {pk.get('cache')}")
     print("backends:")
     for b in backs:

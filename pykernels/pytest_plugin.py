@@ -492,6 +492,7 @@ def _run_case(request, case_id: str) -> None:
         problem=case.problem, backend_name=name, tier=backend.tier, device=device, device_name=devmod.device_label(fp),
         machine_id=fp["id"], dtype=case.dtype, stats=stats.as_dict(), max_error=err, tolerance=exp.tolerance, ok=ok,
         peak_flops=devmod.peak_flops(pk_, case.dtype), peak_bw=devmod.peak_bandwidth(pk_), sweep=st["sweep"],
+        vendor_ceiling_flops=devmod.vendor_ceiling(pk_, case.dtype),
         describe=describe, checked=checked)
     ex["copy_bytes_per_s_this_run"] = st["copy"]["copy_bytes_per_s"]
     ex["read_bytes_per_s_this_run"] = st["copy"]["read_bytes_per_s"]
@@ -547,10 +548,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     pk_ = st["peaks"] or {}
     bw = (pk_.get("bandwidth") or {}).get("bytes_per_s")
     if bw:
-        flops = ", ".join(f"{dt} {report.fmt_rate(v['flops_per_s'], 'FLOP/s')} (n={v['n']})"
+        flops = ", ".join(f"{dt} {report.fmt_rate(v['flops_per_s'], 'FLOP/s')}"
                           for dt, v in sorted((pk_.get("flops") or {}).items()) if v)
-        terminalreporter.write_line(f"measured peaks: bandwidth {report.fmt_rate(bw, 'B/s')}; vendor GEMM {flops}"
-                                    f"  [cache {pk_.get('cache')}]")
+        vc = ", ".join(f"{dt} {report.fmt_rate(v['flops_per_s'], 'FLOP/s')}"
+                       for dt, v in sorted((pk_.get("vendor_ceiling") or {}).items()) if v)
+        terminalreporter.write_line(f"measured peaks: bandwidth {report.fmt_rate(bw, 'B/s')}; hardware {flops}"
+                                    + (f"; vendor ceiling {vc}" if vc else "") + f"  [cache {pk_.get('cache')}]")
     if st.get("copy"):
         terminalreporter.write_line(f"bandwidth probe of this run: copy {report.fmt_rate(st['copy']['copy_bytes_per_s'], 'B/s')}"
                                     f", read {report.fmt_rate(st['copy']['read_bytes_per_s'], 'B/s')}")

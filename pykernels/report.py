@@ -20,7 +20,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from .harness.results import Record
+from .harness.results import PROBE_ERROR_PCT, Record
 
 FASTER, SLOWER, SAME = "FASTER", "SLOWER", "SAME"
 COMPUTE_UNIT = {"gemm": "flops", "attention": "flops", "decode": "bytes"}
@@ -133,9 +133,8 @@ def throughput_text(r: Record) -> str:
     return fmt_rate(r.flops_per_s, "FLOP/s")
 
 
-# A result above this % of the hardware peak means the peak probe under-measured the hardware (3% of slack for
-# clock and timer noise); it is flagged, never printed as a plain number.
-PROBE_ERROR_PCT = 103.0
+# A result above PROBE_ERROR_PCT % of the hardware peak means the peak probe under-measured the hardware (3% of
+# slack for clock and timer noise); it is flagged, never printed as a plain number.
 
 COLUMNS = ("device", "family", "dtype", "shape", "backend", "tier", "median", "p20-p80", "throughput",
            "% of peak", "vs native", "vs best vendor")
@@ -192,8 +191,13 @@ def peaks_lines(rows: list[Row]) -> list[str]:
         copy = [r.copy_bw for r in recs if r.copy_bw]
         parts = []
         if bw:
-            parts.append(f"peak copy bandwidth {fmt_rate(bw, 'B/s')}")
-        parts += [f"{dt} vendor-GEMM peak {fmt_rate(v, 'FLOP/s')}" for dt, v in sorted(pf.items())]
+            parts.append(f"peak bandwidth {fmt_rate(bw, 'B/s')}")
+        parts += [f"{dt} hardware peak {fmt_rate(v, 'FLOP/s')}" for dt, v in sorted(pf.items())]
+        vc = {r.dtype: r.vendor_ceiling for r in recs if r.vendor_ceiling}
+        parts += [f"{dt} vendor ceiling {fmt_rate(v, 'FLOP/s')}" for dt, v in sorted(vc.items())]
+        warn = [f"{r.backend} {r.family} {r.dtype} {r.shape}: {r.warning}" for r in recs if r.warning]
+        if warn:
+            parts.append("(!) implausible samples after re-measuring: " + "; ".join(warn))
         if copy:
             parts.append(f"copy bandwidth measured in the same run {fmt_rate(sorted(copy)[len(copy) // 2], 'B/s')}")
         if parts:
@@ -368,15 +372,24 @@ def plot_roofline(records: list[Record], out_dir: Path) -> list[Path]:
         for r in recs:
             if r.peak_flops:
                 pf_by_dtype[r.dtype] = max(pf_by_dtype.get(r.dtype, 0.0), r.peak_flops)
-        styles = ["-", "--", ":", "-."]
+        vc_by_dtype: dict[str, float] = {}
+        for r in recs:
+            if r.vendor_ceiling:
+                vc_by_dtype[r.dtype] = max(vc_by_dtype.get(r.dtype, 0.0), r.vendor_ceiling)
+        # Hardware roofs solid (one grey per dtype), vendor ceilings dashed in the same grey.
+        greys = ["0.15", "0.45", "0.65"]
         for i, (dt, pf) in enumerate(sorted(pf_by_dtype.items())):
             if bw:
                 ridge = pf / bw
                 xs = [lo, min(max(ridge, lo), hi), hi]
-                ax.plot(xs, [min(pf, x * bw) for x in xs], color="0.3", ls=styles[i % 4], lw=1.2,
-                        label=f"roofline {dt}: {fmt_rate(pf, 'FLOP/s')}, {fmt_rate(bw, 'B/s')} (measured)")
+                ax.plot(xs, [min(pf, x * bw) for x in xs], color=greys[i % 3], ls="-", lw=1.3,
+                        label=f"hardware roof {dt}: {fmt_rate(pf, 'FLOP/s')}, {fmt_rate(bw, 'B/s')} (probes)")
             else:
-                ax.axhline(pf, color="0.3", ls=styles[i % 4], lw=1.2, label=f"peak {dt} {fmt_rate(pf, 'FLOP/s')}")
+                ax.axhline(pf, color=greys[i % 3], ls="-", lw=1.3, label=f"hardware peak {dt} {fmt_rate(pf, 'FLOP/s')}")
+            vc = vc_by_dtype.get(dt)
+            if vc:
+                ax.axhline(vc, color=greys[i % 3], ls="--", lw=1.0,
+                           label=f"vendor ceiling {dt}: {fmt_rate(vc, 'FLOP/s')} (best vendor GEMM)")
         for b in backends:
             for fam in ("gemm", "attention", "decode"):
                 pts = [r for r in recs if r.backend == b and r.family == fam]

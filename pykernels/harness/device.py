@@ -1,9 +1,15 @@
 """The device a run measures: a fingerprint (what it is, which software) and its measured peaks.
 
-Peaks are measured, never typed (docs/design.md "% of peak"): a bandwidth probe (a large tensor copy, bytes
-read + written) and a compute probe (the largest vendor GEMM, torch.matmul, that fits a time budget) per
-device and dtype. They are cached per machine in ~/.cache/pykernels (PYKERNELS_CACHE_DIR overrides) so
-a sweep pays for them once. Spec-sheet figures sit beside them where this file knows the device.
+Peaks are measured, never typed (docs/design.md "% of peak"), and they are the hardware's, not a library's:
+- compute, per dtype: the native extension's register-resident multiply-add loop of the widest instruction
+  the CPU runs for that dtype (AVX-512 / AVX2 FMA, AVX512-BF16, AMX, NEON), on every thread the kernels use
+  (csrc/cpu/probes.cpp); on CUDA the tensor-core / FMA loop kernels (csrc/cuda/probes.cu);
+- bandwidth: STREAM-style read, copy, triad (and copy with non-temporal stores) over buffers >= 4x the
+  last-level cache; the peak is the best of them, all are kept.
+The best vendor GEMM rate (the largest torch.matmul that fits a time budget) is kept beside them as the
+"vendor ceiling": a second, lower roof, never the peak. All are cached per machine id in ~/.cache/pykernels
+(PYKERNELS_CACHE_DIR overrides) so a sweep pays for them once. Spec-sheet figures sit beside them where this
+file knows the device (GPU datasheets; CPU: cores x measured clock x FLOP/cycle of the micro-architecture).
 """
 
 from __future__ import annotations
@@ -254,20 +260,24 @@ def device_label(fp: dict) -> str:
 # spec-sheet figures
 
 
-def spec_peaks(fp: dict) -> dict:
-    """{'flops': {dtype: FLOP/s}, 'bandwidth': bytes/s or None, 'source': str} where known, else {}."""
+def spec_peaks(fp: dict, measured: dict | None = None) -> dict:
+    """{'flops': {dtype: FLOP/s}, 'bandwidth': bytes/s or None, 'source': str} where known, else {}. For a CPU:
+    threads x clock x FLOP/cycle of its micro-architecture, with the clock measured by the clock probe when
+    `measured` holds one (cpuinfo's MHz otherwise)."""
     if fp.get("type") == "cuda":
         for pat, spec in GPU_SPECS:
             if re.search(pat, str(fp.get("name", ""))):
                 return json.loads(json.dumps(spec))
         return {}
     arch = fp.get("arch")
-    if fp.get("type") == "cpu" and arch in CPU_FLOP_PER_CYCLE and fp.get("mhz"):
+    ghz = next((f.get("ghz") for f in ((measured or {}).get("flops") or {}).values() if f and f.get("ghz")), None)
+    mhz, clock = (ghz * 1e3, "measured clock") if ghz else (fp.get("mhz"), "cpuinfo MHz")
+    if fp.get("type") == "cpu" and arch in CPU_FLOP_PER_CYCLE and mhz:
         per = CPU_FLOP_PER_CYCLE[arch]
-        hz = fp["mhz"] * 1e6
+        hz = mhz * 1e6
         n = fp.get("threads") or fp.get("cores") or 1
         return {"flops": {dt: n * hz * f for dt, f in per.items()}, "bandwidth": None,
-                "source": f"estimate: {n} cores x {fp['mhz']:.0f} MHz (cpuinfo) x FLOP/cycle of {arch} {per}"}
+                "source": f"{n} cores x {mhz:.0f} MHz ({clock}) x FLOP/cycle/core of {arch} {per}"}
     return {}
 
 
@@ -306,8 +316,74 @@ def bandwidth_probe(device: str = "cpu", budget_s: float = 1.5) -> dict:
             "probe": "max of copy (read + write bytes) and sum (read bytes)"}
 
 
+# The native compute probes that can serve a dtype: its own instructions first, then the fp32 FMA loops (a
+# bf16/fp16 kernel without bf16/fp16 arithmetic converts to fp32 and runs on them). The best that runs wins.
+_CPU_PROBES = {
+    "float32": ("avx512_fp32", "avx2_fp32", "neon_fp32"),
+    "bfloat16": ("amx_bf16", "avx512_bf16", "neon_bf16", "avx512_fp32", "avx2_fp32", "neon_fp32"),
+    "float16": ("avx512_fp16", "neon_fp16", "avx512_fp32", "avx2_fp32", "neon_fp32"),
+}
+_CUDA_PROBES = {"float32": ("fma_fp32",), "bfloat16": ("mma_bf16",), "float16": ("mma_fp16",)}
+
+
+def hardware_compute_probe(device: str, dtype_name: str, seconds: float = 0.3) -> dict | None:
+    """The hardware's multiply-add peak for `dtype_name` from the native probes: the fastest of the probe
+    kinds that serve that dtype and run here. None when the extension or every probe is unavailable."""
+    try:
+        from .. import _C
+    except ImportError:
+        return None
+    cuda = str(device).startswith("cuda")
+    kinds = _CUDA_PROBES.get(dtype_name, ()) if cuda else _CPU_PROBES.get(dtype_name, ())
+    try:
+        have = set(_C.probe_kinds()["cuda_compute" if cuda else "compute"])
+    except (AttributeError, KeyError):
+        return None
+    best = None
+    for kind in kinds:
+        if kind not in have:
+            continue
+        r = _C.probe_cuda_compute(kind, seconds) if cuda else _C.probe_compute(kind, None, seconds)
+        if best is None or r["flops"] > best["flops_per_s"]:
+            best = {"flops_per_s": float(r["flops"]), "kind": kind, "instruction": r.get("instruction"),
+                    "threads": r.get("threads"), "accumulators": r.get("accumulators"), "seconds": seconds,
+                    "probe": f"register-resident {r.get('instruction')} loop"
+                             + (f", {r.get('accumulators')} accumulators, {r.get('threads')} threads"
+                                if not cuda else " (CUDA, unverified on a GPU)")}
+    if best and not cuda and "clock" in _C.probe_kinds() and _C.probe_kinds()["clock"]:
+        clk = _C.probe_clock(None)
+        best["ghz"] = clk["ghz"]
+        best["flop_per_cycle_per_core"] = best["flops_per_s"] / (clk["ghz"] * 1e9 * max(1, best["threads"] or 1))
+    return best
+
+
+def hardware_bandwidth_probe(device: str, fp: dict, reps: int = 5) -> dict | None:
+    """STREAM-style read / copy / triad / non-temporal copy of the native extension over buffers of
+    max(4x LLC, 256 MiB) each; bytes_per_s is the best of them (all kept). None without the extension."""
+    try:
+        from .. import _C
+    except ImportError:
+        return None
+    cuda = str(device).startswith("cuda")
+    try:
+        kinds = _C.probe_kinds()["cuda_memory" if cuda else "memory"]
+    except (AttributeError, KeyError):
+        return None
+    if not kinds:
+        return None
+    nbytes = None if cuda else max(256 << 20, 4 * int(fp.get("llc_bytes") or (32 << 20)))
+    runs = {}
+    for kind in kinds:
+        r = _C.probe_cuda_memory(kind, nbytes, reps) if cuda else _C.probe_memory(kind, nbytes, None, reps)
+        runs[kind] = float(r["gbs"]) * 1e9
+    best = max(runs, key=runs.get)
+    return {"bytes_per_s": runs[best], "best": best, "runs_bytes_per_s": runs, "array_bytes": nbytes,
+            "probe": f"STREAM-style {', '.join(runs)} over {((nbytes or 0) >> 20)} MiB arrays (native), best of {reps}"
+                     + (" (CUDA, unverified on a GPU)" if cuda else "")}
+
+
 def compute_probe(device: str, dtype_name: str, budget_s: float = 2.0, max_n: int | None = None) -> dict:
-    """The largest square torch.matmul (vendor GEMM) that fits the budget: n doubles from 256 while one call
+    """The vendor ceiling: the largest square torch.matmul (vendor GEMM) that fits the budget: n doubles from 256 while one call
     stays under ~budget/20; the best FLOP/s seen is the peak. Returns {'flops_per_s', 'n', 'median_s'}."""
     import torch
 
@@ -354,21 +430,29 @@ def load_cached_peaks(fp: dict) -> dict:
 def peaks(device: str = "cpu", dtypes=("float32",), *, refresh: bool = False, measure: bool = True,
           fp: dict | None = None, budget_s: float = 1.5) -> dict:
     """Measured peaks of `device` for `dtypes`, from the per-machine cache or measured now (and cached):
-    {'bandwidth': {...} , 'flops': {dtype: {...}}, 'spec': {...}, 'measured_at': ...}. With measure=False
-    only what the cache holds is returned."""
+    {'bandwidth': {...}, 'flops': {dtype: {...}}, 'vendor_ceiling': {dtype: {...}}, 'spec': {...},
+    'measured_at': ...}. 'flops' and 'bandwidth' are the hardware's (native probes; where those are
+    unavailable, the vendor GEMM and a torch copy, marked so in 'probe'); 'vendor_ceiling' is the best vendor
+    GEMM rate. With measure=False only what the cache holds is returned."""
     fp = fp or fingerprint(device)
     data = {} if refresh else load_cached_peaks(fp)
     data.setdefault("version", PEAKS_VERSION)
     data.setdefault("flops", {})
+    data.setdefault("vendor_ceiling", {})
     changed = False
     if measure and not data.get("bandwidth"):
-        data["bandwidth"] = bandwidth_probe(device, budget_s)
+        data["bandwidth"] = hardware_bandwidth_probe(device, fp) or dict(
+            bandwidth_probe(device, budget_s), probe="torch copy and sum (no native probe here)")
         changed = True
     for dt in dtypes:
-        if measure and dt not in data["flops"]:
-            data["flops"][dt] = compute_probe(device, dt, budget_s)
+        if measure and dt not in data["vendor_ceiling"]:
+            data["vendor_ceiling"][dt] = compute_probe(device, dt, budget_s)
             changed = True
-    data["spec"] = spec_peaks(fp)
+        if measure and dt not in data["flops"]:
+            data["flops"][dt] = hardware_compute_probe(device, dt) or dict(
+                data["vendor_ceiling"][dt], probe="vendor GEMM (no native probe for this dtype here)")
+            changed = True
+    data["spec"] = spec_peaks(fp, data)
     if changed:
         data["measured_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         _save(fp, data)
@@ -401,6 +485,11 @@ def raise_bandwidth_peak(pk: dict, fp: dict, probe: dict) -> bool:
 
 def peak_flops(pk: dict, dtype: str) -> float | None:
     f = (pk.get("flops") or {}).get(dtype) or {}
+    return f.get("flops_per_s")
+
+
+def vendor_ceiling(pk: dict, dtype: str) -> float | None:
+    f = (pk.get("vendor_ceiling") or {}).get(dtype) or {}
     return f.get("flops_per_s")
 
 

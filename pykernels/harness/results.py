@@ -54,12 +54,20 @@ def roofline_fraction(flops: float, nbytes: float, seconds: float, peak_flops: f
         bound = min(peak_flops, ai * peak_bw)
         out["pct_roofline"] = 100.0 * fps / bound
         out["bound"] = "compute" if peak_flops <= ai * peak_bw else "memory"
+    # Above the hardware peak (3% of slack for clock and timer noise) the probe under-measured the hardware:
+    # a probe error, shown as such in every report, never as a plain number.
+    out["probe_error"] = any(v is not None and v > PROBE_ERROR_PCT
+                             for v in (out["pct_peak_flops"], out["pct_peak_bw"], out["pct_roofline"]))
     return out
+
+
+PROBE_ERROR_PCT = 103.0
 
 
 def make_record(*, problem, backend_name: str, tier: str, device: str, device_name: str, machine_id: str,
                 dtype: str, stats: dict, max_error: float | None, tolerance: float | None, ok: bool | None,
                 peak_flops: float | None = None, peak_bw: float | None = None, sweep: str = "",
+                vendor_ceiling_flops: float | None = None,
                 describe: dict | None = None, checked: str = "full") -> dict:
     """The extra_info of one timed case (JSON-serialisable)."""
     flops, nbytes = problem.flops(), problem.bytes(_torch_dtype(dtype))
@@ -81,6 +89,7 @@ def make_record(*, problem, backend_name: str, tier: str, device: str, device_na
         **throughput(flops, nbytes, stats["median_s"]),
         "peak_flops": peak_flops,
         "peak_bw": peak_bw,
+        "vendor_ceiling_flops": vendor_ceiling_flops,
         **roofline_fraction(flops, nbytes, stats["median_s"], peak_flops, peak_bw),
         "max_error": _finite_or_none(max_error),
         "tolerance": tolerance,
@@ -205,6 +214,7 @@ class Record:
     params: dict = field(default_factory=dict, compare=False, hash=False)
     source: str = ""
     machine_id: str = ""  # the hardware identity (harness/device.py machine_id)
+    vendor_ceiling: float | None = None  # the best vendor GEMM rate of that dtype (a lower, second roof)
     warning: str = ""     # the timer's sanity warning (implausible samples after re-measuring), "" = none
 
     @property
@@ -259,6 +269,7 @@ def record_from(ex: dict, machine_info: dict | None, where: str, source: str = "
         params=dict(ex.get("params") or {}),
         source=source,
         warning=str(ex.get("warning") or ""),
+        vendor_ceiling=ex.get("vendor_ceiling_flops"),
         machine_id=str(ex.get("machine_id") or (machine_info or {}).get("pykernels", {}).get("device", {}).get("id")
                        or ""),
     )
