@@ -1,13 +1,15 @@
 """pytest plugin: the benchmark sweeps of pykernels/bench/. Opt-in: nothing is loaded into a pytest session
 that does not ask for it (no pytest11 entry point), so installing pykernels never changes another project's
-tests; every option carries the prefix --pk- so that it cannot collide with a project's own (--device ...).
+tests; every option but the entry word --benchmark carries the prefix --pk- so that it cannot collide with a
+project's own (--device ...).
 
-    pykernels bench [--sweep quick] [--backend NAME]... [--json out.json]      (the usual way: runs pytest)
-    pytest -p pykernels.pytest_plugin --pyargs pykernels.bench --pk-bench [--pk-sweep quick|full|smoke]
+    pytest --benchmark [--pk-sweep quick] ...                                    (in a clone of the repository)
+    pykernels bench [--sweep quick] [--backend NAME]... [--json out.json]      (anywhere: runs pytest for you)
+    pytest -p pykernels.pytest_plugin --pyargs pykernels.bench --benchmark [--pk-sweep quick|full|smoke]
            [--pk-backend NAME]... [--pk-kernel FAMILY]... [--pk-dtype DT]... [--pk-shape M=..,N=..,K=..]...
            [--benchmark-json out.json] [--pk-resume]
 
-- `--pk-bench`: only the benchmark cases run, timed by pykernels.harness.timing on the chosen device (the GPU
+- `--benchmark` (= `--pk-bench`): only the benchmark cases run, timed by pykernels.harness.timing on the chosen device (the GPU
   when there is one); default sweep `quick`. Each case's output after timing is checked against the float64
   reference: a wrong answer fails the case and is recorded with ok=false, never ranked.
 - without it: every bench case of the `smoke` sweep (tiny shapes) runs once, untimed, output checked.
@@ -47,9 +49,10 @@ _STATE = pytest.StashKey[dict]()
 
 
 def pytest_addoption(parser):
-    _SKIPS.clear()
     g = parser.getgroup("pykernels", "pykernels benchmark sweeps (all options start with --pk-)")
-    g.addoption("--pk-bench", action="store_true", default=False,
+    # --benchmark: the entry word users know (pytest-benchmark registers only --benchmark-*); the plugin is
+    # opt-in, so it never reaches a project that did not ask for it.
+    g.addoption("--pk-bench", "--benchmark", action="store_true", default=False,
                 help="run only the benchmark sweeps, timed (default sweep: quick); without it every bench case "
                      "runs once untimed (smoke sweep) with its output checked")
     g.addoption("--pk-sweep", default=None, choices=SWEEP_NAMES,
@@ -145,7 +148,7 @@ def _state(config) -> dict:
                                      context=config.getoption("pk_model_context"), batch=config.getoption("pk_model_batch"))
         st = config.stash[_STATE] = {
             "timing": timing, "sweep": sweep, "records": [],
-            "journal": None, "peaks": None, "fingerprint": None, "cases": {}, "expected": None,
+            "journal": None, "peaks": None, "fingerprint": None, "cases": {}, "expected": None, "skips": {},
             "started": time.time()}
     return st
 
@@ -259,24 +262,12 @@ def pytest_collection_modifyitems(config, items):
                 it.fixturenames.append("benchmark")
 
 
-def pytest_runtest_logreport(report):
-    """Skip reasons of a timed run, for the line that says why nothing was measured."""
-    if report.skipped and report.when in ("setup", "call"):
-        st = _SKIPS.setdefault("reasons", {})
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-        reason = reason.removeprefix("Skipped: ")
-        st[reason] = st.get(reason, 0) + 1
-
-
-_SKIPS: dict = {}
-
-
 def pytest_sessionfinish(session, exitstatus):
     """A timed run that measured no case is a failure, not a green run: say why and exit 1."""
     st = session.config.stash.get(_STATE, None)
     if not st or not st["timing"] or st["records"] or exitstatus not in (0, pytest.ExitCode.NO_TESTS_COLLECTED):
         return
-    reasons = _SKIPS.get("reasons", {})
+    reasons = st["skips"]
     why = "; ".join(f"{n}x {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:5]) or \
         "no benchmark case was selected"
     st["nothing_measured"] = why
@@ -437,6 +428,7 @@ def _run_case(request, case_id: str) -> None:
     device = _device(config)
     reason = _skip_reason(name, case, device, st["timing"])
     if reason:
+        st["skips"][reason] = st["skips"].get(reason, 0) + 1  # for the line that says why nothing was measured
         pytest.skip(reason)
     key = f"{family}/{case_id}"
     group = f"{family} {case.dtype} {case.problem.label()}"

@@ -53,7 +53,8 @@ def test_plugin_options_carry_the_prefix():
 
     p = Parser()
     plugin.pytest_addoption(p)
-    assert p.g.names and all(n.startswith("--pk-") for n in p.g.names), p.g.names
+    # the one exception is the entry word --benchmark, an alias of --pk-bench
+    assert p.g.names and all(n.startswith("--pk-") or n == "--benchmark" for n in p.g.names), p.g.names
 
 
 def _cli(*args, cwd=None, timeout=300):
@@ -178,15 +179,18 @@ def test_repository_holds_no_binaries():
     assert not bad, bad
 
 
+# Built from parts so that this file does not contain what it looks for.
+_OUTSIDE = (".." + "/shared", "DESIGN" + ".md")
+
+
 def test_docs_stand_alone():
     """Docs point to the repository's own design document, never to one outside it."""
     bad = []
     for p in _tracked():
-        if (p.suffix not in (".md", ".py", ".sh", ".toml", ".cpp", ".cu", ".h", ".cuh") or not p.is_file()
-                or p.name == "test_packaging.py"):
+        if p.suffix not in (".md", ".py", ".sh", ".toml", ".cpp", ".cu", ".h", ".cuh") or not p.is_file():
             continue
         txt = p.read_text(errors="replace")
-        if "../shared" in txt or "DESIGN.md" in txt:
+        if any(s in txt for s in _OUTSIDE):
             bad.append(str(p.relative_to(REPO)))
     assert not bad, bad
     assert (REPO / "docs" / "design.md").is_file()

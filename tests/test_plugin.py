@@ -160,7 +160,7 @@ def test_model_sweep_runs_exactly_the_models_shapes(project):
     from pykernels.tokens.models import model_problems
 
     gemms = [p for p in model_problems("tiny", batch=2) if p.family == "gemm"]
-    r = run(project, "--pk-bench", "--pk-model", "tiny", "--pk-model-batch", "2", "--pk-kernel", "gemm", "--pk-dtype",
+    r = run(project, "--benchmark", "--pk-model", "tiny", "--pk-model-batch", "2", "--pk-kernel", "gemm", "--pk-dtype",
             "float32", "--pk-backend", "numpy", "--pk-time-budget", "0.01", "--pk-journal", "j.jsonl")
     r.assert_outcomes(passed=len(gemms), deselected=1)
     ids = {json.loads(x)["extra_info"]["params"]["M"] for x in (project.path / "j.jsonl").read_text().splitlines()}

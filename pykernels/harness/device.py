@@ -24,6 +24,8 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from .timing import cpu_caches, cpu_llc_bytes
+
 PEAKS_VERSION = 2  # 2: machine ids from the hardware identity; hardware peak probes (older caches ignored)
 
 # Spec-sheet figures (dense, no sparsity) per GPU name pattern: FLOP/s per dtype and bytes/s of memory.
@@ -119,26 +121,6 @@ def cpu_arch(info: dict, flags: set[str]) -> str | None:
     return m[0] if m else None
 
 
-def cpu_caches() -> dict:
-    """{'l1d': bytes, 'l2': bytes, 'l3': bytes} of cpu0 from sysfs (Linux); missing levels are left out."""
-    out = {}
-    for idx in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
-        try:
-            level = (idx / "level").read_text().strip()
-            kind = (idx / "type").read_text().strip()
-            txt = (idx / "size").read_text().strip()
-        except OSError:
-            continue
-        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(txt[-1:].upper(), 1)
-        try:
-            size = int(txt.rstrip("KkMmGg")) * mult
-        except ValueError:
-            continue
-        if kind in ("Data", "Unified"):
-            out["l1d" if level == "1" else f"l{level}"] = size
-    return out
-
-
 def _versions() -> dict:
     out = {"python": platform.python_version()}
     for pkg in ("torch", "triton", "numpy", "pykernels", "pytest-benchmark"):
@@ -174,8 +156,6 @@ def cpu_fingerprint() -> dict:
         "isa": sorted(f for f in _ISA_FLAGS if f in flags),
         "torch_cpu_capability": getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: None)(),
     }
-    from .timing import cpu_llc_bytes
-
     fp["llc_bytes"] = cpu_llc_bytes()
     return fp
 
@@ -336,7 +316,8 @@ def hardware_compute_probe(device: str, dtype_name: str, seconds: float = 0.3) -
     cuda = str(device).startswith("cuda")
     kinds = _CUDA_PROBES.get(dtype_name, ()) if cuda else _CPU_PROBES.get(dtype_name, ())
     try:
-        have = set(_C.probe_kinds()["cuda_compute" if cuda else "compute"])
+        kinds_here = _C.probe_kinds()
+        have = set(kinds_here["cuda_compute" if cuda else "compute"])
     except (AttributeError, KeyError):
         return None
     best = None
@@ -350,7 +331,7 @@ def hardware_compute_probe(device: str, dtype_name: str, seconds: float = 0.3) -
                     "probe": f"register-resident {r.get('instruction')} loop"
                              + (f", {r.get('accumulators')} accumulators, {r.get('threads')} threads"
                                 if not cuda else " (CUDA, unverified on a GPU)")}
-    if best and not cuda and "clock" in _C.probe_kinds() and _C.probe_kinds()["clock"]:
+    if best and not cuda and kinds_here.get("clock"):
         clk = _C.probe_clock(None)
         best["ghz"] = clk["ghz"]
         best["flop_per_cycle_per_core"] = best["flops_per_s"] / (clk["ghz"] * 1e9 * max(1, best["threads"] or 1))

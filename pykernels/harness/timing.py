@@ -153,20 +153,30 @@ def flush_size(cache_bytes: int, factor: int = 2, minimum: int = 4 << 20) -> int
     return -(-n // (1 << 20)) * (1 << 20)
 
 
-def cpu_llc_bytes(default: int = 32 << 20) -> int:
-    """Size of the CPU's largest cache from sysfs (Linux), else `default`."""
-    best = 0
-    for idx in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+def cpu_caches() -> dict:
+    """{'l1d': bytes, 'l2': bytes, 'l3': bytes} of cpu0's data/unified caches from sysfs (Linux); levels that
+    sysfs does not report are left out."""
+    out = {}
+    for idx in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
         try:
+            level = (idx / "level").read_text().strip()
+            kind = (idx / "type").read_text().strip()
             txt = (idx / "size").read_text().strip()
         except OSError:
             continue
         mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(txt[-1:].upper(), 1)
         try:
-            best = max(best, int(txt.rstrip("KkMmGg")) * mult)
+            size = int(txt.rstrip("KkMmGg")) * mult
         except ValueError:
             continue
-    return best or default
+        if kind in ("Data", "Unified"):
+            out["l1d" if level == "1" else f"l{level}"] = size
+    return out
+
+
+def cpu_llc_bytes(default: int = 32 << 20) -> int:
+    """Size of the CPU's largest cache from sysfs (Linux), else `default`."""
+    return max(cpu_caches().values(), default=0) or default
 
 
 def _adapt_min_rounds(opts: TimingOptions, call_s: float) -> TimingOptions:
