@@ -232,12 +232,25 @@ def _write(path: Path | None, text: str):
         raise CliError(f"cannot write {path}: {e.strerror or e}") from None
 
 
+def _failures(paths) -> list[dict]:
+    from .harness.results import ResultFileError, load_failures
+
+    out = []
+    for p in paths:
+        try:
+            out += load_failures(p)
+        except ResultFileError as e:
+            raise CliError(str(e)) from None
+    return out
+
+
 def cmd_report(args) -> int:
     from . import report
 
     recs = _load(args.results)
-    sys.stdout.write(report.render(recs, args.format))
-    _write(args.md, report.render(recs, "md"))
+    fails = _failures(args.results)  # crashed / hung cases: no timing, listed as failed with the reason
+    sys.stdout.write(report.render(recs, args.format) + report.failures_text(fails, args.format))
+    _write(args.md, report.render(recs, "md") + report.failures_text(fails, "md"))
     _write(args.csv, report.render(recs, "csv"))
     return 0
 
@@ -340,6 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# Subcommands that read result files: whatever a file holds, they end with one line and exit 2, never a
+# traceback (the loaders check what they use; this is the net under them for content nobody foresaw).
+READERS = ("report", "compare", "plot", "tokens")
+
+
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -347,6 +365,14 @@ def main(argv=None) -> int:
         return int(args.func(args) or 0)
     except CliError as e:
         print(f"pykernels {args.command}: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError, OverflowError) as e:
+        if args.command not in READERS:
+            raise
+        files = ", ".join(str(p) for p in getattr(args, "results", []) or [])
+        msg = str(e).splitlines()[0][:200] if str(e) else ""
+        print(f"pykernels {args.command}: cannot use the result file(s) {files}: {type(e).__name__}"
+              + (f": {msg}" if msg else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"pykernels {args.command}: interrupted", file=sys.stderr)

@@ -1,6 +1,8 @@
 """Deliberately broken backends for the conformance tests (loaded in the worker via --plugin)."""
 
 import ctypes
+import os
+import signal
 import time
 
 import torch
@@ -48,3 +50,146 @@ class HangOnTinyAttention(TorchBackend):
         if q.shape[2] == 1:
             time.sleep(3600)
         return super().attention(q, k, v, causal=causal, scale=scale)
+
+
+class IgnoresScale(TorchBackend):
+    """Always uses the default 1/sqrt(D), whatever scale the caller passes."""
+
+    name = "ignores_scale"
+    tier = "abstraction"
+    dtypes = _CPU_F32
+
+    def attention(self, q, k, v, *, causal, scale):
+        return super().attention(q, k, v, causal=causal, scale=1.0 / q.shape[-1] ** 0.5)
+
+    def decode(self, q, k_cache, v_cache, context_lens, block_table, *, scale):
+        return super().decode(q, k_cache, v_cache, context_lens, block_table, scale=1.0 / q.shape[-1] ** 0.5)
+
+
+class ModifiesInputs(TorchBackend):
+    """Scales q in place (saving a temporary) and returns a correct output."""
+
+    name = "modifies_inputs"
+    tier = "abstraction"
+    dtypes = _CPU_F32
+
+    def attention(self, q, k, v, *, causal, scale):
+        q.mul_(scale)
+        return super().attention(q, k, v, causal=causal, scale=1.0)
+
+    def decode(self, q, k_cache, v_cache, context_lens, block_table, *, scale):
+        q.mul_(scale)
+        return super().decode(q, k_cache, v_cache, context_lens, block_table, scale=1.0)
+
+    def gemm(self, a, b):
+        c = torch.matmul(a, b)
+        a.zero_()  # "frees" a as a workspace
+        return c
+
+
+class _Memo:
+    def __init__(self):
+        self.memo = {}
+
+    def key(self, name, *tensors):
+        return (name, *(None if t is None else (tuple(t.shape), t.dtype) for t in tensors))
+
+
+class MemoizesByShape(TorchBackend):
+    """Returns the output it computed the first time it saw a shape (a stale-cache bug)."""
+
+    name = "memoizes"
+    tier = "abstraction"
+    dtypes = _CPU_F32
+
+    def __init__(self):
+        super().__init__()
+        self._m = _Memo()
+
+    def _cached(self, key, fn):
+        if key not in self._m.memo:
+            self._m.memo[key] = fn()
+        return self._m.memo[key].clone()
+
+    def gemm(self, a, b):
+        return self._cached(self._m.key("gemm", a, b), lambda: torch.matmul(a, b))
+
+    def attention(self, q, k, v, *, causal, scale):
+        return self._cached(self._m.key("attention", q, k, v) + (causal, scale),
+                            lambda: TorchBackend.attention(self, q, k, v, causal=causal, scale=scale))
+
+    def decode(self, q, k_cache, v_cache, context_lens, block_table, *, scale):
+        return self._cached(self._m.key("decode", q, k_cache, block_table) + (scale,),
+                            lambda: TorchBackend.decode(self, q, k_cache, v_cache, context_lens, block_table,
+                                                        scale=scale))
+
+
+class RightOnlyOnFirstCall(TorchBackend):
+    """Right on the first call of each shape; later calls skip a (pretended) workspace reset and drift."""
+
+    name = "first_call_only"
+    tier = "abstraction"
+    dtypes = _CPU_F32
+
+    def __init__(self):
+        super().__init__()
+        self._seen = set()
+
+    def gemm(self, a, b):
+        c = torch.matmul(a, b)
+        key = (tuple(a.shape), tuple(b.shape))
+        if key in self._seen:
+            c = c * 1.01
+        self._seen.add(key)
+        return c
+
+
+class AbortOnShape(TorchBackend):
+    """Aborts the process (SIGABRT, as a failed assertion in C++ would) on a GEMM with M == 1."""
+
+    name = "abort_m1"
+    tier = "abstraction"
+    dtypes = _CPU_F32
+
+    def gemm(self, a, b):
+        if a.shape[0] == 1:
+            os.abort()
+        return torch.matmul(a, b)
+
+
+class HangOnShape(TorchBackend):
+    """Never returns for a GEMM with M == 33 (a deadlock in a Python-level scheduler)."""
+
+    name = "hang_m33"
+    tier = "abstraction"
+    dtypes = _CPU_F32
+
+    def gemm(self, a, b):
+        if a.shape[0] == 33:
+            time.sleep(3600)
+        return torch.matmul(a, b)
+
+
+class HangHardOnShape(TorchBackend):
+    """Never returns for a GEMM with M == 33, deaf to signals (a spin in native code behaves so)."""
+
+    name = "hang_hard_m33"
+    tier = "abstraction"
+    dtypes = _CPU_F32
+
+    def gemm(self, a, b):
+        if a.shape[0] == 33:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+            time.sleep(3600)
+        return torch.matmul(a, b)
+
+
+class ReturnsInput(TorchBackend):
+    """Writes the attention output into q's buffer and returns q (saves an allocation; the caller's q is gone)."""
+
+    name = "returns_input"
+    tier = "abstraction"
+    dtypes = _CPU_F32
+
+    def attention(self, q, k, v, *, causal, scale):
+        return q.copy_(super().attention(q, k, v, causal=causal, scale=scale))
