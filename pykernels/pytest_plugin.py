@@ -466,7 +466,7 @@ def _run_case(request, case_id: str) -> None:
                                         "the journal and no result)")
         if prev["status"] == "started":
             journal.append(key, {**ident, "status": status, "reason": reason})
-        _fail_case(st, ident, status, reason + " (from the journal; --pk-retry-crashed runs it again)")
+        _fail_case(st, ident, status, reason + " (from the journal; --pk-retry-crashed runs it again)", request)
 
     from .harness.watchdog import CaseHang, Watchdog
 
@@ -476,18 +476,22 @@ def _run_case(request, case_id: str) -> None:
         journal.append(key, {**ident, "status": "hung", "reason": f"no answer within {timeout:g} s, and the case "
                                                                    "could not be interrupted: the process was ended"})
 
+    _fingerprint(config), _peaks(config)  # once per run (probes): not the backend's time
     journal.append(key, {**ident, "status": "started", "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     try:
         with Watchdog(timeout, hard_hang):
             _measure(request, family, case, name, backend, device, key, group)
     except CaseHang as e:
         journal.append(key, {**ident, "status": "hung", "reason": str(e)})
-        _fail_case(st, ident, "hung", str(e))
+        _fail_case(st, ident, "hung", str(e), request)
 
 
-def _fail_case(st, ident: dict, status: str, reason: str) -> None:
+def _fail_case(st, ident: dict, status: str, reason: str, request) -> None:
     """A case that crashed or hung: kept for the JSON (pykernels_failed) and the summary, and failed."""
     st["failures"].append({**ident, "status": status, "reason": reason})
+    bm = _benchmark_fixture(request)
+    if bm is not None:
+        bm._mode = "pykernels timer"  # used, with no samples (else pytest-benchmark warns at teardown)
     pytest.fail(f"{ident['backend']} {ident['family']} {ident['dtype']} {ident['shape']}: {status}: {reason}",
                 pytrace=False)
 

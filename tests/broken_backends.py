@@ -2,7 +2,6 @@
 
 import ctypes
 import os
-import signal
 import time
 
 import torch
@@ -145,16 +144,20 @@ class RightOnlyOnFirstCall(TorchBackend):
 
 
 class AbortOnShape(TorchBackend):
-    """Aborts the process (SIGABRT, as a failed assertion in C++ would) on a GEMM with M == 1."""
+    """Aborts the process (SIGABRT, as a failed assertion in C++ would) on a GEMM with M == 1 and N odd > 64
+    (the smoke sweep's M1-N65-K63; the conformance case M1-N129-K1), and ignores the caller's scale."""
 
     name = "abort_m1"
     tier = "abstraction"
     dtypes = _CPU_F32
 
     def gemm(self, a, b):
-        if a.shape[0] == 1:
+        if a.shape[0] == 1 and b.shape[1] > 64 and b.shape[1] % 2:
             os.abort()
         return torch.matmul(a, b)
+
+    def decode(self, q, k_cache, v_cache, context_lens, block_table, *, scale):
+        return super().decode(q, k_cache, v_cache, context_lens, block_table, scale=1.0 / q.shape[-1] ** 0.5)
 
 
 class HangOnShape(TorchBackend):
@@ -166,20 +169,6 @@ class HangOnShape(TorchBackend):
 
     def gemm(self, a, b):
         if a.shape[0] == 33:
-            time.sleep(3600)
-        return torch.matmul(a, b)
-
-
-class HangHardOnShape(TorchBackend):
-    """Never returns for a GEMM with M == 33, deaf to signals (a spin in native code behaves so)."""
-
-    name = "hang_hard_m33"
-    tier = "abstraction"
-    dtypes = _CPU_F32
-
-    def gemm(self, a, b):
-        if a.shape[0] == 33:
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
             time.sleep(3600)
         return torch.matmul(a, b)
 
