@@ -7,11 +7,20 @@ import time
 import torch
 
 from pykernels.backends.torch_ops import TorchBackend
+from pykernels.kernels.attention import baseline as attention_baseline
 
 _CPU_F32 = {("cpu", f): (torch.float32,) for f in ("gemm", "attention", "decode")}
 
 
-class WrongOnOddShapes(TorchBackend):
+class _Base(TorchBackend):
+    """The torch backend, with attention from plain torch ops: torch 2.13's CPU scaled_dot_product_attention
+    returns NaN for causal=True with a negative scale, and each broken backend here must carry only its own bug."""
+
+    def attention(self, q, k, v, *, causal, scale):
+        return attention_baseline(q, k, v, causal=causal, scale=scale)
+
+
+class WrongOnOddShapes(_Base):
     """Right on even shapes; drops the last output column when N is odd, as a tile-edge bug would."""
 
     name = "wrong_odd"
@@ -25,7 +34,7 @@ class WrongOnOddShapes(TorchBackend):
         return c
 
 
-class CrashOnEdge(TorchBackend):
+class CrashOnEdge(_Base):
     """Segfaults when called with M == 1 (the direct edge-shape probe does that)."""
 
     name = "crash_edge"
@@ -38,7 +47,7 @@ class CrashOnEdge(TorchBackend):
         return torch.matmul(a, b)
 
 
-class HangOnTinyAttention(TorchBackend):
+class HangOnTinyAttention(_Base):
     """Never returns for S == 1."""
 
     name = "hang_tiny"
@@ -51,7 +60,7 @@ class HangOnTinyAttention(TorchBackend):
         return super().attention(q, k, v, causal=causal, scale=scale)
 
 
-class IgnoresScale(TorchBackend):
+class IgnoresScale(_Base):
     """Always uses the default 1/sqrt(D), whatever scale the caller passes."""
 
     name = "ignores_scale"
@@ -65,7 +74,7 @@ class IgnoresScale(TorchBackend):
         return super().decode(q, k_cache, v_cache, context_lens, block_table, scale=1.0 / q.shape[-1] ** 0.5)
 
 
-class ModifiesInputs(TorchBackend):
+class ModifiesInputs(_Base):
     """Scales q in place (saving a temporary) and returns a correct output."""
 
     name = "modifies_inputs"
@@ -94,7 +103,7 @@ class _Memo:
         return (name, *(None if t is None else (tuple(t.shape), t.dtype) for t in tensors))
 
 
-class MemoizesByShape(TorchBackend):
+class MemoizesByShape(_Base):
     """Returns the output it computed the first time it saw a shape (a stale-cache bug)."""
 
     name = "memoizes"
@@ -115,7 +124,7 @@ class MemoizesByShape(TorchBackend):
 
     def attention(self, q, k, v, *, causal, scale):
         return self._cached(self._m.key("attention", q, k, v) + (causal, scale),
-                            lambda: TorchBackend.attention(self, q, k, v, causal=causal, scale=scale))
+                            lambda: _Base.attention(self, q, k, v, causal=causal, scale=scale))
 
     def decode(self, q, k_cache, v_cache, context_lens, block_table, *, scale):
         return self._cached(self._m.key("decode", q, k_cache, block_table) + (scale,),
@@ -123,7 +132,7 @@ class MemoizesByShape(TorchBackend):
                                                         scale=scale))
 
 
-class RightOnlyOnFirstCall(TorchBackend):
+class RightOnlyOnFirstCall(_Base):
     """Right on the first call of each shape; later calls skip a (pretended) workspace reset and drift."""
 
     name = "first_call_only"
@@ -143,7 +152,7 @@ class RightOnlyOnFirstCall(TorchBackend):
         return c
 
 
-class AbortOnShape(TorchBackend):
+class AbortOnShape(_Base):
     """Aborts the process (SIGABRT, as a failed assertion in C++ would) on a GEMM with M == 1 and N odd > 64
     (the smoke sweep's M1-N65-K63; the conformance case M1-N129-K1), and ignores the caller's scale."""
 
@@ -160,7 +169,7 @@ class AbortOnShape(TorchBackend):
         return super().decode(q, k_cache, v_cache, context_lens, block_table, scale=1.0 / q.shape[-1] ** 0.5)
 
 
-class HangOnShape(TorchBackend):
+class HangOnShape(_Base):
     """Never returns for a GEMM with M == 33 (a deadlock in a Python-level scheduler)."""
 
     name = "hang_m33"
@@ -173,7 +182,7 @@ class HangOnShape(TorchBackend):
         return torch.matmul(a, b)
 
 
-class ReturnsInput(TorchBackend):
+class ReturnsInput(_Base):
     """Writes the attention output into q's buffer and returns q (saves an allocation; the caller's q is gone)."""
 
     name = "returns_input"

@@ -48,8 +48,9 @@ def run_validation(backend: str, device: str = "cpu", *, plugins=(), perf: bool 
     if quick:  # a smaller matrix for tests: every family and kind, fewer shapes
         seen, keep = set(), []
         for c in cases:
-            key = (c["kind"], c["family"], c["dtype"])
-            if key not in seen or c["kind"] != "correctness":
+            # correctness: one shape per family and dtype; parameter cases: one per API parameter
+            key = (c["kind"], c["family"], c["dtype"], (c.get("covers") or [""])[0])
+            if key not in seen or c["kind"] not in ("correctness", "parameter"):
                 seen.add(key)
                 keep.append(c)
         cases = keep
