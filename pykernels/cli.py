@@ -37,6 +37,7 @@ _BENCH_OPTS = {
     "resume": ("--pk-resume", False, False), "journal": ("--pk-journal", True, False),
     "time_budget": ("--pk-time-budget", True, False), "cold_cache": ("--pk-cold-cache", False, False),
     "refresh_peaks": ("--pk-refresh-peaks", False, False), "json": ("--benchmark-json", True, False),
+    "case_timeout": ("--pk-case-timeout", True, False), "retry_crashed": ("--pk-retry-crashed", False, False),
 }
 
 
@@ -70,6 +71,10 @@ def _add_bench(sub):
     p.add_argument("--time-budget", type=float, default=None, metavar="S", help="seconds of timing per case")
     p.add_argument("--cold-cache", action="store_true", help="flush the caches between timed calls")
     p.add_argument("--refresh-peaks", action="store_true", help="measure the device's peaks again")
+    p.add_argument("--case-timeout", type=float, default=None, metavar="S",
+                   help="seconds before a case counts as hung and fails (default 900; 0: no limit)")
+    p.add_argument("--retry-crashed", action="store_true",
+                   help="with --resume: run again the cases recorded as crashed or hung")
     p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: more pytest arguments")
     p.set_defaults(func=cmd_bench)
 
