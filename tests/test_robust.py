@@ -143,6 +143,32 @@ def test_validate_survives_an_abort_and_names_the_check_of_each_failure(broken_p
     assert "## Failures by check" in md and "| accuracy |" in md and "| crash |" in md
 
 
+def test_a_wrong_answer_after_timing_fails_the_verdict(monkeypatch):
+    import pykernels.validate as v
+
+    row = {"case": "perf:gemm:float32:M8-N4096-K4096", "backend": "native", "status": FAIL,
+           "check": "recheck_after_timing", "detail": "after timing, fresh inputs of the same shape: error 1 > 1e-5",
+           "median_s": 1e-3, "tflops": 0.1, "gbps": 1.0, "pct_of_peak": 1.0, "penalty_vs": {}, "checked": "x"}
+    class AllPass:  # every conformance case passes (no worker process: this is about the verdict)
+        restarts, start_error = 0, None
+
+        def __init__(self, *a):
+            pass
+
+        def run(self, case):
+            return {"id": case["id"], "status": PASS}
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(v, "Worker", AllPass)
+    monkeypatch.setattr(v, "_performance", lambda *a, **k: [row])
+    rep = run_validation("native", quick=True, families=("gemm",))
+    assert rep["verdict"] == "not conformant"
+    assert rep["failures_by_check"]["recheck_after_timing"]["cases"] == [row["case"]]
+    assert "(performance) | recheck_after_timing |" in to_markdown(rep)
+
+
 # ---------------------------------------------------------------------------------------------------
 # sweeps: pytest --benchmark over a backend that aborts and one that hangs
 

@@ -73,7 +73,7 @@ def run_validation(backend: str, device: str = "cpu", *, plugins=(), perf: bool 
         restarts = w.restarts
         w.close()
 
-    performance = _performance(backend, device, plugins, perf_budget_s, case_timeout) if perf else []
+    performance = _performance(backend, device, plugins, perf_budget_s, case_timeout, families) if perf else []
 
     failed = [r for r in results if r["status"] == FAIL]
     # A wrong answer after timing (the anti-cheat recheck) fails the port like any other case.
@@ -109,7 +109,8 @@ def run_validation(backend: str, device: str = "cpu", *, plugins=(), perf: bool 
     }
 
 
-def _performance(backend: str, device: str, plugins, budget_s: float, case_timeout: float) -> list[dict]:
+def _performance(backend: str, device: str, plugins, budget_s: float, case_timeout: float,
+                 families=None) -> list[dict]:
     """Throughput of `backend` and of every other available backend on `device` on the fixed shapes."""
     from ..backends import registry
 
@@ -120,7 +121,7 @@ def _performance(backend: str, device: str, plugins, budget_s: float, case_timeo
     for name in names:
         w = Worker(name, device, plugins, case_timeout)
         try:
-            for i, c in enumerate(perf_cases()):
+            for i, c in enumerate(c for c in perf_cases() if not families or c["family"] in families):
                 c = dict(c, id=i, seed=0, budget_s=budget_s, recheck=name == backend)
                 r = w.run(c)
                 rows.setdefault(case_id(c), {})[name] = r
