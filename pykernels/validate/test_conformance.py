@@ -11,12 +11,12 @@ import os
 
 import pytest
 
-from .cases import case_id, correctness_cases, robustness_cases
+from .cases import case_id, correctness_cases, parameter_cases, robustness_cases
 from .worker import FAIL, UNSUPPORTED, run_case
 
 BACKEND = os.environ.get("PYKERNELS_VALIDATE_BACKEND", "native")
 DEVICE = os.environ.get("PYKERNELS_VALIDATE_DEVICE", "cpu")
-CASES = correctness_cases() + robustness_cases()
+CASES = correctness_cases() + parameter_cases() + robustness_cases()
 
 
 @pytest.fixture(scope="module")
