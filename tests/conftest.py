@@ -44,7 +44,7 @@ def run_checked(problem, dtype: torch.dtype, backend: str, device: str, seed: in
 
 
 # hypothesis profiles of the fuzz tests (tests/test_fuzz.py): a bounded budget by default, a long run on demand
-# (PYKERNELS_FUZZ=long, or pytest --hypothesis-profile pykernels-long).
+# (PYKERNELS_FUZZ=long or PYKERNELS_FUZZ=<examples per test>, or pytest --hypothesis-profile pykernels-long).
 def _fuzz_profiles():
     import os
 
@@ -52,7 +52,10 @@ def _fuzz_profiles():
 
     settings.register_profile("pykernels-ci", max_examples=15, deadline=None, derandomize=True)
     settings.register_profile("pykernels-long", max_examples=2000, deadline=None)
-    settings.load_profile("pykernels-long" if os.environ.get("PYKERNELS_FUZZ") == "long" else "pykernels-ci")
+    want = os.environ.get("PYKERNELS_FUZZ", "")
+    if want.isdigit():
+        settings.register_profile("pykernels-env", max_examples=int(want), deadline=None)
+    settings.load_profile("pykernels-env" if want.isdigit() else "pykernels-long" if want == "long" else "pykernels-ci")
 
 
 _fuzz_profiles()
