@@ -83,13 +83,15 @@ def _spoilers(family: str, inputs: dict, kw: dict):
         if not is_index:
             yield n, "int64", {n: t.to(torch.int64)}
         yield n, "rank+1", {n: t.unsqueeze(0)}
-        yield n, "flattened", {n: t.reshape(-1)}
+        if t.dim() > 1:
+            yield n, "flattened", {n: t.reshape(-1)}
         yield n, "list", {n: t.tolist()}
-        yield n, "None", {n: None}
+        if n != "block_table":  # None is the contiguous layout: valid or an error about k_cache
+            yield n, "None", {n: None}
         yield n, "empty", {n: t.narrow(-1, 0, 0)}
         if t.dim() >= 2 and t.shape[-1] > 1:
             yield n, "strided", {n: t[..., ::2]}
-        if t.dim() >= 1 and t.shape[-1] > 1 and not is_index:
+        if t.dim() >= 1 and t.shape[-1] > 1 and not is_index and n != "b":  # a narrower b is a valid GEMM
             yield n, "last dim -1", {n: t[..., :-1].contiguous()}
     if "scale" in kw or family != "gemm":
         for bad in (0.0, math.nan, math.inf, -math.inf, "0.5", True, [1.0]):
