@@ -7,12 +7,17 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
+#include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "common/params.h"
 #include "cpu/cpu.h"
+#include "cpu/probes.h"
 #if defined(PK_WITH_CUDA)
 #include "cuda/cuda.h"
+#include "cuda/probes.h"
 #endif
 
 namespace py = pybind11;
@@ -211,6 +216,224 @@ void decode(std::uintptr_t q, std::uintptr_t k_cache, std::uintptr_t v_cache, st
 #endif
 }
 
+// ---- hardware peak probes (csrc/cpu/probes.h, csrc/cuda/probes.h) -------------------------------------
+constexpr int kMaxProbeThreads = 1024;
+constexpr double kMaxProbeSeconds = 60.0;
+constexpr int kMaxProbeReps = 1000;
+
+std::string join(const std::vector<std::string>& v) {
+  std::string s;
+  for (const auto& x : v) s += (s.empty() ? "" : ", ") + x;
+  return s.empty() ? "none" : s;
+}
+
+void check_kind(const std::string& fn, const std::string& kind, const std::vector<std::string>& here,
+                const std::vector<std::string>& known) {
+  for (const auto& k : here)
+    if (k == kind) return;
+  for (const auto& k : known)
+    if (k == kind)
+      fail(fn, "argument 'kind': '" + kind + "' does not run on this machine (runnable here: " + join(here) + ")");
+  fail(fn, "argument 'kind' must be one of " + join(known) + ", got '" + kind + "'");
+}
+
+// An optional int argument (None -> `none`); TypeError naming it when it is not an int.
+int64_t opt_int(const std::string& fn, const char* name, const py::object& v, int64_t none) {
+  if (v.is_none()) return none;
+  if (!PyLong_Check(v.ptr()) || PyBool_Check(v.ptr()))
+    throw py::type_error("pykernels._C." + fn + ": argument '" + name + "' must be an int or None, got " +
+                         std::string(py::str(v.get_type().attr("__name__"))));
+  int overflow = 0;
+  const long long x = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
+  if (overflow) return overflow > 0 ? std::numeric_limits<int64_t>::max() : std::numeric_limits<int64_t>::min();
+  return x;
+}
+
+int check_threads(const std::string& fn, const py::object& threads) {
+  if (threads.is_none()) return 0;
+  const int64_t t = opt_int(fn, "threads", threads, 0);
+  if (t < 1 || t > kMaxProbeThreads)
+    fail(fn, "argument 'threads' must be None or 1.." + std::to_string(kMaxProbeThreads) + ", got " + std::to_string(t));
+  return int(t);
+}
+
+void check_seconds(const std::string& fn, double seconds) {
+  if (!std::isfinite(seconds) || seconds <= 0 || seconds > kMaxProbeSeconds)
+    fail(fn, "argument 'seconds' must be in (0, " + std::to_string(int(kMaxProbeSeconds)) + "], got " +
+                 std::to_string(seconds));
+}
+
+void check_reps(const std::string& fn, int64_t reps) {
+  if (reps < 1 || reps > kMaxProbeReps)
+    fail(fn, "argument 'reps' must be 1.." + std::to_string(kMaxProbeReps) + ", got " + std::to_string(reps));
+}
+
+py::dict probe_kinds() {
+  py::dict d;
+  d["compute"] = pk::cpu::probe_compute_kinds();
+  d["memory"] = pk::cpu::probe_memory_kinds();
+#if defined(__x86_64__) || defined(__aarch64__)
+  d["clock"] = true;
+#else
+  d["clock"] = false;  // no asm add chain for this ISA
+#endif
+  std::vector<std::string> cc, cm;
+#if defined(PK_WITH_CUDA)
+  try {
+    cc = pk::cuda::probe_compute_kinds();
+    cm = pk::cuda::probe_memory_kinds();
+  } catch (const std::exception&) {  // a broken driver means no CUDA probes, not a failed call
+    cc.clear();
+    cm.clear();
+  }
+#endif
+  d["cuda_compute"] = cc;
+  d["cuda_memory"] = cm;
+  return d;
+}
+
+py::dict probe_compute(const std::string& kind, const py::object& threads, double seconds) {
+  const std::string fn = "probe_compute";
+  check_kind(fn, kind, pk::cpu::probe_compute_kinds(), pk::cpu::probe_compute_known());
+  const int t = check_threads(fn, threads);
+  check_seconds(fn, seconds);
+  pk::cpu::ComputeProbe r;
+  {
+    py::gil_scoped_release nogil;
+    r = pk::cpu::probe_compute(kind, t, seconds);
+  }
+  py::dict d;
+  d["kind"] = r.kind;
+  d["flops"] = r.flops;
+  d["flops_cpu_time"] = r.flops_cpu_time;
+  d["instruction"] = r.instruction;
+  d["threads"] = r.threads;
+  d["accumulators"] = r.accumulators;
+  d["flop_per_instruction"] = r.flop_per_instruction;
+  d["seconds"] = r.seconds;
+  d["iterations"] = r.iterations;
+  d["trial_seconds"] = r.trial_seconds;
+  return d;
+}
+
+py::dict probe_memory(const std::string& kind, const py::object& nbytes, const py::object& threads, int64_t reps) {
+  const std::string fn = "probe_memory";
+  check_kind(fn, kind, pk::cpu::probe_memory_kinds(), pk::cpu::probe_memory_kinds());
+  int64_t nb = 0;
+  if (!nbytes.is_none()) {
+    nb = opt_int(fn, "nbytes", nbytes, 0);
+    const int arrays = kind == "read" ? 1 : kind == "triad" ? 3 : 2;
+    const int64_t phys = pk::cpu::physical_memory_bytes();
+    // Half the physical memory for all arrays together: more would swap or get the process killed.
+    if (nb < 4096 || (phys > 0 && nb > phys / 2 / arrays) || (phys <= 0 && nb > kMaxBytes))
+      fail(fn, "argument 'nbytes' must be None or 4096.." + std::to_string(phys > 0 ? phys / 2 / arrays : kMaxBytes) +
+                   " (bytes per array; " + std::to_string(arrays) + " arrays for '" + kind +
+                   "' within half the physical memory), got " + std::to_string(nb));
+  }
+  const int t = check_threads(fn, threads);
+  check_reps(fn, reps);
+  pk::cpu::MemoryProbe r;
+  {
+    py::gil_scoped_release nogil;
+    r = pk::cpu::probe_memory(kind, nb, t, int(reps));
+  }
+  py::dict d;
+  d["kind"] = r.kind;
+  d["gbs"] = r.gbs;
+  d["nbytes"] = r.nbytes;
+  d["arrays"] = r.arrays;
+  d["bytes_per_rep"] = r.bytes_per_rep;
+  d["threads"] = r.threads;
+  d["rep_seconds"] = r.rep_seconds;
+  d["store"] = r.store;
+  return d;
+}
+
+py::dict probe_clock(const py::object& threads) {
+  const int t = check_threads("probe_clock", threads);
+  pk::cpu::ClockProbe r;
+  {
+    py::gil_scoped_release nogil;
+    r = pk::cpu::probe_clock(t);
+  }
+  py::dict d;
+  d["ghz"] = r.ghz;
+  d["ghz_min"] = r.ghz_min;
+  d["ghz_max"] = r.ghz_max;
+  d["per_thread_ghz"] = r.per_thread_ghz;
+  d["threads"] = r.threads;
+  d["chain"] = r.chain;
+  d["method"] = "dependent add chain (1 cycle per add), steady_clock, best of 5 trials per thread";
+  return d;
+}
+
+#if !defined(PK_WITH_CUDA)
+[[noreturn]] void no_cuda(const std::string& fn) {
+  throw std::runtime_error("pykernels._C." + fn +
+                           ": pykernels was built without CUDA (no CUDA compiler at build time); "
+                           "rebuild with PYKERNELS_CUDA=ON on a machine with nvcc");
+}
+#endif
+
+py::dict probe_cuda_compute(const std::string& kind, double seconds) {
+  const std::string fn = "probe_cuda_compute";
+#if defined(PK_WITH_CUDA)
+  check_kind(fn, kind, pk::cuda::probe_compute_kinds(), {"fma_fp32", "mma_bf16", "mma_fp16"});
+  check_seconds(fn, seconds);
+  pk::cuda::CudaComputeProbe r;
+  {
+    py::gil_scoped_release nogil;
+    r = pk::cuda::probe_compute(kind, seconds);
+  }
+  py::dict d;
+  d["kind"] = r.kind;
+  d["flops"] = r.flops;
+  d["instruction"] = r.instruction;
+  d["device"] = r.device_name;
+  d["blocks"] = r.blocks;
+  d["threads_per_block"] = r.threads_per_block;
+  d["accumulators"] = r.accumulators;
+  d["sm_count"] = r.sm_count;
+  d["iterations"] = r.iterations;
+  d["seconds"] = r.seconds;
+  d["trial_seconds"] = r.trial_seconds;
+  d["verified"] = false;  // unverified on a GPU (see csrc/cuda/probes.cu)
+  return d;
+#else
+  no_cuda(fn);
+#endif
+}
+
+py::dict probe_cuda_memory(const std::string& kind, const py::object& nbytes, int64_t reps) {
+  const std::string fn = "probe_cuda_memory";
+#if defined(PK_WITH_CUDA)
+  check_kind(fn, kind, pk::cuda::probe_memory_kinds(), {"read", "copy"});
+  int64_t nb = 0;
+  if (!nbytes.is_none()) {
+    nb = opt_int(fn, "nbytes", nbytes, 0);
+    if (nb < 4096 || nb > kMaxBytes)
+      fail(fn, "argument 'nbytes' must be None or >= 4096 (and fit the device), got " + std::to_string(nb));
+  }
+  check_reps(fn, reps);
+  pk::cuda::CudaMemoryProbe r;
+  {
+    py::gil_scoped_release nogil;
+    r = pk::cuda::probe_memory(kind, nb, int(reps));
+  }
+  py::dict d;
+  d["kind"] = r.kind;
+  d["gbs"] = r.gbs;
+  d["nbytes"] = r.nbytes;
+  d["bytes_per_rep"] = r.bytes_per_rep;
+  d["device"] = r.device_name;
+  d["rep_seconds"] = r.rep_seconds;
+  d["verified"] = false;
+  return d;
+#else
+  no_cuda(fn);
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -254,6 +477,20 @@ PYBIND11_MODULE(_C, m) {
     d["omp_max_threads"] = pk::cpu::max_threads();
     return d;
   });
+  m.def("probe_kinds", &probe_kinds);
+  m.def("probe_compute", &probe_compute, py::arg("kind"), py::arg("threads") = py::none(), py::arg("seconds") = 0.3);
+  m.def("probe_memory", &probe_memory, py::arg("kind"), py::arg("nbytes") = py::none(),
+        py::arg("threads") = py::none(), py::arg("reps") = 5);
+  m.def("probe_clock", &probe_clock, py::arg("threads") = py::none());
+  m.def("probe_cuda_compute", &probe_cuda_compute, py::arg("kind"), py::arg("seconds") = 0.3);
+  m.def("probe_cuda_memory", &probe_cuda_memory, py::arg("kind"), py::arg("nbytes") = py::none(),
+        py::arg("reps") = 5);
+  m.def("set_num_threads", [](int64_t n) {
+    if (n < 1 || n > kMaxProbeThreads)
+      fail("set_num_threads", "argument 'n' must be 1.." + std::to_string(kMaxProbeThreads) + ", got " + std::to_string(n));
+    pk::cpu::set_num_threads(int(n));
+  }, py::arg("n"));
+  m.def("get_num_threads", &pk::cpu::max_threads);
 #if defined(PK_WITH_CUDA)
   m.attr("has_cuda") = true;
 #else

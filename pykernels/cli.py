@@ -37,6 +37,7 @@ _BENCH_OPTS = {
     "resume": ("--pk-resume", False, False), "journal": ("--pk-journal", True, False),
     "time_budget": ("--pk-time-budget", True, False), "cold_cache": ("--pk-cold-cache", False, False),
     "refresh_peaks": ("--pk-refresh-peaks", False, False), "json": ("--benchmark-json", True, False),
+    "threads": ("--pk-threads", True, False),
 }
 
 
@@ -70,6 +71,8 @@ def _add_bench(sub):
     p.add_argument("--time-budget", type=float, default=None, metavar="S", help="seconds of timing per case")
     p.add_argument("--cold-cache", action="store_true", help="flush the caches between timed calls")
     p.add_argument("--refresh-peaks", action="store_true", help="measure the device's peaks again")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="run on N threads (torch, BLAS/OpenMP pools, native kernels); recorded with the CPU affinity")
     p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: more pytest arguments")
     p.set_defaults(func=cmd_bench)
 
@@ -119,6 +122,8 @@ def _add_info(sub):
     p.add_argument("--refresh-peaks", action="store_true", help="measure the peaks again, ignoring the cache")
     p.add_argument("--dtype", action="append", default=[], help="dtypes for the compute probe (default float32, bfloat16)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="pin torch, the BLAS/OpenMP pools and the native kernels to N threads before measuring")
     p.set_defaults(func=cmd_info)
 
 
@@ -138,13 +143,19 @@ def cmd_info(args) -> int:
         dtypes = [dtype_name(dtype_of(d)) for d in args.dtype] or ["float32", "bfloat16"]
     except ValueError as e:
         raise CliError(f"--dtype: {e}") from None
+    from .harness import threads
+
+    try:
+        thr = threads.pin_threads(args.threads) if args.threads is not None else threads.state()
+    except ValueError as e:
+        raise CliError(f"--threads: {e}") from None
     fp = device.fingerprint(dev)
     measure = args.peaks or args.refresh_peaks
     pk = device.peaks(dev, dtypes, refresh=args.refresh_peaks, measure=measure, fp=fp)
     backs = [registry.info(b) for b in registry.all_backends().values()]
     if args.json:
-        print(json.dumps({"device": fp, "peaks": pk, "backends": [b.__dict__ for b in backs]}, indent=1,
-                         default=str))
+        print(json.dumps({"device": fp, "peaks": pk, "threads": thr, "backends": [b.__dict__ for b in backs]},
+                         indent=1, default=str))
         return 0
     print(device.device_label(fp))
     for k in ("vendor", "family_model", "stepping", "microarch", "cores", "threads", "mhz", "caches", "isa", "capability",
@@ -153,6 +164,8 @@ def cmd_info(args) -> int:
             print(f"  {k:14s} {' '.join(fp[k]) if isinstance(fp[k], list) else fp[k]}")
     print(f"  {'versions':14s} " + ", ".join(f"{k} {v}" for k, v in fp["versions"].items() if v))
     print(f"  {'build':14s} " + ", ".join(f"{k}={v}" for k, v in fp.get("build", {}).items()))
+    print(f"  {'run threads':14s} torch {thr.get('torch')}, native {thr.get('native')}, affinity {thr.get('affinity')}"
+          + (f" (pinned: --threads {thr['requested']})" if thr.get("requested") else ""))
     print("hardware peaks (measured on this machine by the probes; the % of peak of every result):")
     bwd = pk.get("bandwidth") or {}
     bw = device.peak_bandwidth(pk)

@@ -84,6 +84,9 @@ def pytest_addoption(parser):
                 help="flush the caches between timed calls (CPU: a buffer of 2x the LLC; CUDA always flushes L2)")
     g.addoption("--pk-refresh-peaks", action="store_true", default=False,
                 help="measure the device's peaks again instead of using the per-machine cache")
+    g.addoption("--pk-threads", type=int, default=None, metavar="N",
+                help="run on N threads: torch, the BLAS/OpenMP pools (threadpoolctl) and the native kernels; "
+                     "the threads and CPU affinity used are recorded either way")
 
 
 def _timing(config) -> bool:
@@ -123,6 +126,13 @@ def pytest_configure(config):
         _dtypes(config)
     if config.getoption("pk_device"):
         _check_device(config.getoption("pk_device"))
+    if config.getoption("pk_threads") is not None:
+        from .harness.threads import pin_threads
+
+        try:
+            pin_threads(config.getoption("pk_threads"))
+        except ValueError as e:
+            raise pytest.UsageError(f"--pk-threads: {e}") from None
     if config.getoption("benchmark_histogram", None):
         try:
             import pygal  # noqa: F401
@@ -510,7 +520,10 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     from .harness.device import device_label
 
     fp = _fingerprint(config)
-    machine_info["pykernels"] = {"device": {**fp, "label": device_label(fp)}, "peaks": _peaks(config)}
+    from .harness.threads import state as thread_state
+
+    machine_info["pykernels"] = {"device": {**fp, "label": device_label(fp)}, "peaks": _peaks(config),
+                                 "threads": {**thread_state(), "requested": config.getoption("pk_threads")}}
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
@@ -552,6 +565,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 
 def pytest_unconfigure(config):
+    if config.getoption("pk_threads", None) is not None:
+        from .harness.threads import unpin_threads
+
+        unpin_threads()  # an in-process run (pytester) leaves the thread counts as it found them
     st = config.stash.get(_STATE, None)
     if st and st["journal"] is not None:
         st["journal"].close()
