@@ -590,34 +590,47 @@ MemoryProbe probe_memory(const std::string& kind, int64_t nbytes, int threads, i
 
 ClockProbe probe_clock(int threads) {
   const int T = resolve_threads(threads);
-  constexpr int kTrials = 5;
+  constexpr int kTrials = 10;
   ClockProbe r;
   r.threads = T;
   r.chain = kClockChain;
   loop_clock(1 << 10);
-  const uint64_t iters = calibrate(loop_clock, 0.01);  // 10 ms per trial
+  const uint64_t iters = calibrate(loop_clock, 0.005);  // ~5 ms per trial
   r.per_thread_ghz.assign(T, 0.0);
+  std::vector<double> wall_ghz(T, 0.0);
+  // Per thread, the best trial by its own CPU time: a trial during which the thread lost its core to another
+  // process is no slower per CPU second, so the clock reads right on a shared machine (by wall time it reads
+  // low there: on the 2-core VM under a load average of 8, 1.9 GHz instead of 3.7). The wall figure is kept.
 #pragma omp parallel num_threads(T)
   {
     const int t = omp_get_thread_num();
     loop_clock(iters / 4);
-    double best = 1e30;
+    double best_cpu = 1e30, best_wall = 1e30;
     for (int trial = 0; trial < kTrials; ++trial) {
       const auto t0 = Clock::now();
+      const double c0 = thread_cpu_seconds();
       loop_clock(iters);
-      best = std::min(best, seconds_since(t0));
+      const double c = thread_cpu_seconds() - c0;
+      best_wall = std::min(best_wall, seconds_since(t0));
+      if (c > 0) best_cpu = std::min(best_cpu, c);
     }
-    r.per_thread_ghz[t] = double(iters) * kClockChain / best / 1e9;
+    if (t < T) {
+      r.per_thread_ghz[t] = double(iters) * kClockChain / std::min(best_cpu, best_wall) / 1e9;
+      wall_ghz[t] = double(iters) * kClockChain / best_wall / 1e9;
+    }
   }
-  double sum = 0;
+  double sum = 0, wsum = 0;
   r.ghz_min = 1e30;
   r.ghz_max = 0;
-  for (double g : r.per_thread_ghz) {
+  for (int t = 0; t < T; ++t) {
+    const double g = r.per_thread_ghz[t];
     sum += g;
+    wsum += wall_ghz[t];
     r.ghz_min = std::min(r.ghz_min, g);
     r.ghz_max = std::max(r.ghz_max, g);
   }
   r.ghz = sum / T;
+  r.ghz_wall = wsum / T;
   return r;
 }
 

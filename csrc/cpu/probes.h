@@ -43,7 +43,8 @@ struct MemoryProbe {
 };
 
 struct ClockProbe {
-  double ghz = 0;                // mean over threads of each thread's best trial
+  double ghz = 0;                // mean over threads of each thread's best trial (by its own CPU time)
+  double ghz_wall = 0;           // the same by wall time (low when other processes share the cores)
   double ghz_min = 0, ghz_max = 0;
   std::vector<double> per_thread_ghz;
   int threads = 0;
