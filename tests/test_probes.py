@@ -250,3 +250,34 @@ def test_plugin_pk_threads_bad_value_is_a_usage_error(pytester):
     r = pytester.runpytest_inprocess("-p", "pykernels.pytest_plugin", "-p", "no:cacheprovider", "--pk-threads", "0")
     assert r.ret == pytest.ExitCode.USAGE_ERROR
     assert "--pk-threads" in r.stderr.str()
+
+
+def test_plugin_pk_threads_pins_records_and_restores(pytester, monkeypatch):
+    import torch
+
+    before = torch.get_num_threads(), _C.get_num_threads()
+    cache = pytester.path / "cache"
+    monkeypatch.setenv("PYKERNELS_CACHE_DIR", str(cache))
+    fp = device.fingerprint("cpu")
+    fp["threads"] = 1  # the run's fingerprint: pinned to one thread (a different machine id, its own peaks)
+    cache.mkdir()
+    (cache / f"peaks-cpu-{device.machine_id(fp)}.json").write_text(json.dumps({
+        "version": device.PEAKS_VERSION, "bandwidth": {"bytes_per_s": 1e12},
+        "flops": {"float32": {"flops_per_s": 4e11}}, "vendor_ceiling": {"float32": {"flops_per_s": 4e11}}}))
+    pytester.makepyfile(test_bench='''
+import pytest
+
+@pytest.mark.pykernels_bench("gemm")
+def test_gemm(kernel_case, kernel_bench):
+    kernel_bench(kernel_case)
+''')
+    r = pytester.runpytest_inprocess("-p", "pykernels.pytest_plugin", "-p", "no:cacheprovider", "--pk-bench",
+                                     "--pk-sweep", "smoke", "--pk-kernel", "gemm", "--pk-dtype", "float32",
+                                     "--pk-backend", "torch", "--pk-time-budget", "0.02", "--pk-threads", "1",
+                                     "--benchmark-storage", "file://store", "--benchmark-save", "t")
+    assert r.ret == 0, r.stdout.str()[-2000:]
+    (path,) = pytester.path.glob("store/*/*t.json")
+    mi = json.loads(path.read_text())["machine_info"]["pykernels"]
+    assert mi["threads"]["requested"] == 1 and mi["threads"]["torch"] == 1 and mi["threads"]["native"] == 1
+    assert mi["device"]["threads"] == 1 and mi["threads"]["affinity"]
+    assert (torch.get_num_threads(), _C.get_num_threads()) == before  # restored at unconfigure
