@@ -242,7 +242,7 @@ int64_t opt_int(const std::string& fn, const char* name, const py::object& v, in
   if (v.is_none()) return none;
   if (!PyLong_Check(v.ptr()) || PyBool_Check(v.ptr()))
     throw py::type_error("pykernels._C." + fn + ": argument '" + name + "' must be an int or None, got " +
-                         std::string(py::str(v.get_type().attr("__name__"))));
+                         std::string(Py_TYPE(v.ptr())->tp_name));
   int overflow = 0;
   const long long x = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
   if (overflow) return overflow > 0 ? std::numeric_limits<int64_t>::max() : std::numeric_limits<int64_t>::min();

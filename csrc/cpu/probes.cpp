@@ -497,9 +497,12 @@ ComputeProbe probe_compute(const std::string& kind, int threads, double seconds)
   r.trial_seconds.assign(trials, 0.0);
   std::vector<double> cpu_best(T, 1e30);
   Clock::time_point t0;
+  int team = T;  // what OpenMP actually gave (OMP_THREAD_LIMIT, nesting can give fewer)
 #pragma omp parallel num_threads(T)
   {
     const int tid = omp_get_thread_num();
+#pragma omp master
+    team = omp_get_num_threads();
     k->fn(std::max<uint64_t>(1, iters / 8));  // every thread warm before the first timed trial
     for (int trial = 0; trial < trials; ++trial) {
 #pragma omp barrier
@@ -517,7 +520,8 @@ ComputeProbe probe_compute(const std::string& kind, int threads, double seconds)
   }
   const double best = *std::min_element(r.trial_seconds.begin(), r.trial_seconds.end());
   for (double t : r.trial_seconds) r.seconds += t;
-  r.flops = double(T) * flop_per_thread / best;
+  r.threads = team;
+  r.flops = double(team) * flop_per_thread / best;
   for (double c : cpu_best)
     if (c < 1e30) r.flops_cpu_time += flop_per_thread / c;
   return r;
@@ -570,11 +574,14 @@ MemoryProbe probe_memory(const std::string& kind, int64_t nbytes, int threads, i
     }
   }
   r.rep_seconds.reserve(reps);
+  int team = T;
   for (int rep = -1; rep < reps; ++rep) {  // rep -1: untimed warm-up
     double total = 0;
     const auto t0 = Clock::now();
 #pragma omp parallel num_threads(T) reduction(+ : total)
     {
+#pragma omp master
+      team = omp_get_num_threads();
       int64_t lo, hi;
       chunk(n, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
       total += body(m, pa, pb, pc, lo, hi);
@@ -583,6 +590,7 @@ MemoryProbe probe_memory(const std::string& kind, int64_t nbytes, int threads, i
     g_sink = total;
     if (rep >= 0) r.rep_seconds.push_back(t);
   }
+  r.threads = team;
   const double best = *std::min_element(r.rep_seconds.begin(), r.rep_seconds.end());
   r.gbs = r.bytes_per_rep / best / 1e9;
   return r;
@@ -598,12 +606,15 @@ ClockProbe probe_clock(int threads) {
   const uint64_t iters = calibrate(loop_clock, 0.005);  // ~5 ms per trial
   r.per_thread_ghz.assign(T, 0.0);
   std::vector<double> wall_ghz(T, 0.0);
+  int team = T;
   // Per thread, the best trial by its own CPU time: a trial during which the thread lost its core to another
   // process is no slower per CPU second, so the clock reads right on a shared machine (by wall time it reads
   // low there: on the 2-core VM under a load average of 8, 1.9 GHz instead of 3.7). The wall figure is kept.
 #pragma omp parallel num_threads(T)
   {
     const int t = omp_get_thread_num();
+#pragma omp master
+    team = omp_get_num_threads();
     loop_clock(iters / 4);
     double best_cpu = 1e30, best_wall = 1e30;
     for (int trial = 0; trial < kTrials; ++trial) {
@@ -622,15 +633,17 @@ ClockProbe probe_clock(int threads) {
   double sum = 0, wsum = 0;
   r.ghz_min = 1e30;
   r.ghz_max = 0;
-  for (int t = 0; t < T; ++t) {
+  r.per_thread_ghz.resize(team);
+  r.threads = team;
+  for (int t = 0; t < team; ++t) {
     const double g = r.per_thread_ghz[t];
     sum += g;
     wsum += wall_ghz[t];
     r.ghz_min = std::min(r.ghz_min, g);
     r.ghz_max = std::max(r.ghz_max, g);
   }
-  r.ghz = sum / T;
-  r.ghz_wall = wsum / T;
+  r.ghz = sum / team;
+  r.ghz_wall = wsum / team;
   return r;
 }
 
