@@ -38,6 +38,7 @@ _BENCH_OPTS = {
     "time_budget": ("--pk-time-budget", True, False), "cold_cache": ("--pk-cold-cache", False, False),
     "refresh_peaks": ("--pk-refresh-peaks", False, False), "json": ("--benchmark-json", True, False),
     "threads": ("--pk-threads", True, False),
+    "case_timeout": ("--pk-case-timeout", True, False), "retry_crashed": ("--pk-retry-crashed", False, False),
 }
 
 
@@ -73,6 +74,10 @@ def _add_bench(sub):
     p.add_argument("--refresh-peaks", action="store_true", help="measure the device's peaks again")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="run on N threads (torch, BLAS/OpenMP pools, native kernels); recorded with the CPU affinity")
+    p.add_argument("--case-timeout", type=float, default=None, metavar="S",
+                   help="seconds before a case counts as hung and fails (default 900; 0: no limit)")
+    p.add_argument("--retry-crashed", action="store_true",
+                   help="with --resume: run again the cases recorded as crashed or hung")
     p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: more pytest arguments")
     p.set_defaults(func=cmd_bench)
 
@@ -245,12 +250,25 @@ def _write(path: Path | None, text: str):
         raise CliError(f"cannot write {path}: {e.strerror or e}") from None
 
 
+def _failures(paths) -> list[dict]:
+    from .harness.results import ResultFileError, load_failures
+
+    out = []
+    for p in paths:
+        try:
+            out += load_failures(p)
+        except ResultFileError as e:
+            raise CliError(str(e)) from None
+    return out
+
+
 def cmd_report(args) -> int:
     from . import report
 
     recs = _load(args.results)
-    sys.stdout.write(report.render(recs, args.format))
-    _write(args.md, report.render(recs, "md"))
+    fails = _failures(args.results)  # crashed / hung cases: no timing, listed as failed with the reason
+    sys.stdout.write(report.render(recs, args.format) + report.failures_text(fails, args.format))
+    _write(args.md, report.render(recs, "md") + report.failures_text(fails, "md"))
     _write(args.csv, report.render(recs, "csv"))
     return 0
 
@@ -353,6 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# Subcommands that read result files: whatever a file holds, they end with one line and exit 2, never a
+# traceback (the loaders check what they use; this is the net under them for content nobody foresaw).
+READERS = ("report", "compare", "plot", "tokens")
+
+
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -360,6 +383,14 @@ def main(argv=None) -> int:
         return int(args.func(args) or 0)
     except CliError as e:
         print(f"pykernels {args.command}: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError, OverflowError) as e:
+        if args.command not in READERS:
+            raise
+        files = ", ".join(str(p) for p in getattr(args, "results", []) or [])
+        msg = str(e).splitlines()[0][:200] if str(e) else ""
+        print(f"pykernels {args.command}: cannot use the result file(s) {files}: {type(e).__name__}"
+              + (f": {msg}" if msg else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"pykernels {args.command}: interrupted", file=sys.stderr)

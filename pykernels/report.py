@@ -489,3 +489,21 @@ def plot_all(records: list[Record], out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return plot_roofline(records, out) + plot_penalties(records, out, "native") + plot_penalties(records, out, "vendor")
+
+
+def failures_text(failures: list[dict], fmt: str = "terminal") -> str:
+    """The cases that crashed or hung (no timing): listed after the tables as failed, with their reason."""
+    if not failures:
+        return ""
+    if fmt == "csv":
+        return ""
+    if fmt == "md":
+        lines = ["", "### Failed cases (crashed or hung: not measured)", "",
+                 "| backend | family | dtype | shape | status | reason |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {f['backend']} | {f['family']} | {f['dtype']} | {f['shape']} | {f['status'].upper()} | "
+                  f"{f['reason']} |" for f in failures]
+    else:
+        lines = ["", "failed cases (crashed or hung: not measured):"]
+        lines += [f"  {f['status'].upper():8s} {f['backend']} {f['family']} {f['dtype']} {f['shape']}: {f['reason']}"
+                  for f in failures]
+    return "\n".join(lines) + "\n"

@@ -18,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from .cases import case_id, correctness_cases, perf_cases, robustness_cases
+from .cases import case_id, correctness_cases, parameter_cases, perf_cases, robustness_cases
 from .runner import Worker
-from .worker import FAIL, PASS, UNSUPPORTED
+from .worker import CHECKS, FAIL, PASS, UNSUPPORTED
 
 SCHEMA = "pykernels.validate/1"
 
@@ -39,14 +39,18 @@ def _manifest(device: str, command: str) -> dict:
 
 def run_validation(backend: str, device: str = "cpu", *, plugins=(), perf: bool = True, quick: bool = False,
                    case_timeout: float = 300.0, perf_budget_s: float = 1.0, command: str = "",
-                   progress=None) -> dict:
-    """Run the conformance matrix for `backend` on `device` and return the report as a dict."""
-    cases = correctness_cases() + robustness_cases()
+                   progress=None, families=None) -> dict:
+    """Run the conformance matrix for `backend` on `device` and return the report as a dict
+    (`families`: only these kernel families; default all)."""
+    cases = correctness_cases() + parameter_cases() + robustness_cases()
+    if families:
+        cases = [c for c in cases if c["family"] in families]
     if quick:  # a smaller matrix for tests: every family and kind, fewer shapes
         seen, keep = set(), []
         for c in cases:
-            key = (c["kind"], c["family"], c["dtype"])
-            if key not in seen or c["kind"] != "correctness":
+            # correctness: one shape per family and dtype; parameter cases: one per API parameter
+            key = (c["kind"], c["family"], c["dtype"], (c.get("covers") or [""])[0])
+            if key not in seen or c["kind"] not in ("correctness", "parameter"):
                 seen.add(key)
                 keep.append(c)
         cases = keep
@@ -69,9 +73,14 @@ def run_validation(backend: str, device: str = "cpu", *, plugins=(), perf: bool 
         restarts = w.restarts
         w.close()
 
-    performance = _performance(backend, device, plugins, perf_budget_s, case_timeout) if perf else []
+    performance = _performance(backend, device, plugins, perf_budget_s, case_timeout, families) if perf else []
 
     failed = [r for r in results if r["status"] == FAIL]
+    # A wrong answer after timing (the anti-cheat recheck) fails the port like any other case.
+    failed += [dict(p, kind="perf", family=p["case"].split(":")[1]) for p in performance if p["status"] == FAIL]
+    by_check: dict[str, list[str]] = {}
+    for r in failed:
+        by_check.setdefault(r.get("check") or "unknown", []).append(r["case"])
     unsupported = sorted({(r["family"], r["dtype"]) for r in results if r["status"] == UNSUPPORTED})
     nondet = [r["case"] for r in results if r.get("deterministic") is False]
     data = {"cases": results, "performance": performance}
@@ -89,6 +98,8 @@ def run_validation(backend: str, device: str = "cpu", *, plugins=(), perf: bool 
                     "failed": len(failed), "unsupported": sum(r["status"] == UNSUPPORTED for r in results),
                     "worker_restarts": restarts, "deterministic": not nondet},
         "failing_cases": [r["case"] for r in failed],
+        "failures_by_check": {k: {"what": CHECKS.get(k, ""), "count": len(v), "cases": v}
+                              for k, v in sorted(by_check.items(), key=lambda kv: -len(kv[1]))},
         "unsupported": [f"{f} {d}" for f, d in unsupported],
         "nondeterministic_cases": nondet,
         "warnings": [f"{r['case']}: {r['warning']}" for r in results if r.get("warning")],
@@ -98,7 +109,8 @@ def run_validation(backend: str, device: str = "cpu", *, plugins=(), perf: bool 
     }
 
 
-def _performance(backend: str, device: str, plugins, budget_s: float, case_timeout: float) -> list[dict]:
+def _performance(backend: str, device: str, plugins, budget_s: float, case_timeout: float,
+                 families=None) -> list[dict]:
     """Throughput of `backend` and of every other available backend on `device` on the fixed shapes."""
     from ..backends import registry
 
@@ -109,8 +121,8 @@ def _performance(backend: str, device: str, plugins, budget_s: float, case_timeo
     for name in names:
         w = Worker(name, device, plugins, case_timeout)
         try:
-            for i, c in enumerate(perf_cases()):
-                c = dict(c, id=i, seed=0, budget_s=budget_s)
+            for i, c in enumerate(c for c in perf_cases() if not families or c["family"] in families):
+                c = dict(c, id=i, seed=0, budget_s=budget_s, recheck=name == backend)
                 r = w.run(c)
                 rows.setdefault(case_id(c), {})[name] = r
         finally:
@@ -119,6 +131,7 @@ def _performance(backend: str, device: str, plugins, budget_s: float, case_timeo
     for cid, per in rows.items():
         mine = per.get(backend, {})
         entry = {"case": cid, "backend": backend, "status": mine.get("status"), "detail": mine.get("detail", ""),
+                 "check": mine.get("check"), "checked": mine.get("checked"),
                  "median_s": mine.get("median_s"), "tflops": mine.get("tflops"), "gbps": mine.get("gbps"),
                  "pct_of_peak": mine.get("pct_of_peak"), "penalty_vs": {}}
         for other, r in per.items():
@@ -137,8 +150,13 @@ def to_markdown(rep: dict) -> str:
               f"failed, {s['unsupported']} unsupported of {s['cases']} cases; worker restarts after crashes: "
               f"{s['worker_restarts']}; deterministic: {'yes' if s['deterministic'] else 'no'}."), ""]
     if rep["failing_cases"]:
-        lines += ["## Failing cases", "", "| case | detail |", "| --- | --- |"]
-        lines += [f"| `{r['case']}` | {r.get('detail', '')} |" for r in rep["cases"] if r["status"] == FAIL]
+        lines += ["## Failures by check", "", "| check | what it requires | failing cases |", "| --- | --- | ---: |"]
+        lines += [f"| {k} | {v['what']} | {v['count']} |" for k, v in rep.get("failures_by_check", {}).items()]
+        lines += ["", "## Failing cases", "", "| case | check | detail |", "| --- | --- | --- |"]
+        lines += [f"| `{r['case']}` | {r.get('check', '')} | {r.get('detail', '')} |" for r in rep["cases"]
+                  if r["status"] == FAIL]
+        lines += [f"| `{p['case']}` (performance) | {p.get('check', '')} | {p.get('detail', '')} |"
+                  for p in rep["performance"] if p["status"] == FAIL]
         lines.append("")
     if rep["warnings"]:
         lines += ["## Warnings (not failures)", ""] + [f"- {w}" for w in rep["warnings"]] + [""]
@@ -237,6 +255,8 @@ def cmd_validate(args) -> int:
     s = rep["summary"]
     print(f"{args.backend} on {args.device}: {rep['verdict'].upper()} [{scope_of(rep)}] ({s['passed']} passed, {s['failed']} failed, "
           f"{s['unsupported']} unsupported, {s['worker_restarts']} worker restarts)")
+    for k, v in rep["failures_by_check"].items():
+        print(f"  {v['count']} failed the check {k!r} ({v['what']})")
     for c in rep["failing_cases"][:20]:
         print(f"  FAIL {c}")
     return 0 if rep["verdict"] == "conformant" else 1
