@@ -706,7 +706,11 @@ def plot_speedups(records: list[Record], out_dir: Path, against: str = "native")
         # room for the labels: a factor of the span on each side, never narrower than 0.5x..2x
         span = max(hi / lo, 4.0)
         ax.set_xlim(min(lo, 0.5) / span ** 0.18, max(hi, 2.0) * span ** 0.18)
-        ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda x, _: f"{x:g}×"))
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # 0.1 0.2 0.5 1 2 5 10 ...
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}×"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(True, axis="x", which="major", alpha=0.3)
         ax.legend(handles=handles, fontsize=7, loc="best")
         fig.tight_layout()

@@ -7,6 +7,7 @@ not in it: they depend on the shape and are reported per case.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from .tables import markdown, table
@@ -61,11 +62,31 @@ def _cells(r: SupportRow, color: bool) -> list:
     for dt in DTYPES:
         ok = r.dtypes[dt] is None
         cells.append(("yes", "green") if ok else ("no", "red"))
-    why = "; ".join(_short(g) for g in r.gaps())
+    why = "; ".join(_merge_dtype_gaps([_short(g) for g in r.gaps()]))
     if any(v is None for v in r.dtypes.values()) and not r.available:
         why = (why + "; " if why else "") + f"unavailable here: {r.unavailable_reason}"
     cells.append(why)
     return cells
+
+
+_DTYPE_GAP = re.compile(r"^does not support dtype (\w+) for (.*)$")
+
+
+def _merge_dtype_gaps(reasons: list[str]) -> list[str]:
+    """'does not support dtype bfloat16 for X; ... dtype float16 for X' -> 'does not support dtypes bfloat16,
+    float16 for X' (one reason per row reads at a glance)."""
+    out, merged = [], {}
+    for r in reasons:
+        m = _DTYPE_GAP.match(r)
+        if m:
+            if m.group(2) not in merged:
+                merged[m.group(2)] = []
+                out.append(m.group(2))
+            merged[m.group(2)].append(m.group(1))
+        else:
+            out.append(r)
+    return [f"does not support dtype{'s' if len(merged[x]) > 1 else ''} {', '.join(merged[x])} for {x}"
+            if x in merged else x for x in out]
 
 
 def _short(reason: str) -> str:
