@@ -176,7 +176,7 @@ def speedups_of(p: dict) -> dict:
 
 
 def _performance_markdown(rep: dict) -> list[str]:
-    from ..tables import fmt_penalty, fmt_speedup, geomean
+    from ..tables import fmt_speedup, geomean
 
     perf = rep["performance"]
     others = sorted({o for p in perf for o in speedups_of(p)})
@@ -199,7 +199,7 @@ def _performance_markdown(rep: dict) -> list[str]:
     for o in others:
         vals = [speedups_of(p)[o] for p in perf if o in speedups_of(p)]
         g = geomean(vals) if vals else None
-        geo.append(f"**{fmt_speedup(g)}** ({fmt_penalty(g)}, {len(vals)} cases)" if g else "—")
+        geo.append(f"**{fmt_speedup(g)}** ({len(vals)} cases)" if g else "—")
     lines.append("| **geometric mean** | | | | | | " + " | ".join(geo) + " |")
     lines.append("")
     return lines
