@@ -607,40 +607,52 @@ def pytest_collection_finish(session):
             continue
         case, backend = st["cases"][(mark.args[0], cid)]
         desc[it.nodeid] = f"{case.family} {case.dtype} {case.problem.label()} {backend}"
-    if not desc:
-        return
-    from .tables import Progress
-
-    tty = bool(getattr(tr, "isatty", False)) and bool(getattr(tr._tw, "hasmarkup", False))
-
-    def write(text: str) -> None:
-        if not tty:
-            tr.ensure_newline()
-        tr.write(text, flush=True)
-
-    st["progress"] = Progress(len(desc), label="pykernels", tty=tty, write=write,
-                              width=getattr(tr._tw, "fullwidth", 120))
-    st["progress_desc"] = desc
+    if desc:
+        st["progress"] = _LiveProgress(tr, desc)
+        config.pluginmanager.register(st["progress"], "pykernels-progress")
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_setup(item):
-    st = item.config.stash.get(_STATE, None)
-    if st and st.get("progress") and item.nodeid in st["progress_desc"]:
-        st["progress"].step(st["progress_desc"][item.nodeid])
+class _LiveProgress:
+    """Registered for one timed run: its hooks announce each case (pytest_runtest_logstart runs outside
+    output capture, where pytest writes its own progress) and leave out pytest's per-test letters (., s, F),
+    which would break the line; failures are still counted and listed by pytest, and noted as they happen."""
 
+    def __init__(self, tr, desc: dict):
+        from .tables import Progress
 
-def pytest_report_teststatus(report, config):
-    """While the progress line runs, pytest's per-test letters (., s, F) are left out: they would break the
-    line. Failures are still counted, listed by pytest at the end, and noted above the bar as they happen."""
-    st = config.stash.get(_STATE, None)
-    if not st or not st.get("progress") or report.nodeid not in st["progress_desc"]:
-        return None
-    outcome = report.outcome
-    if report.when in ("setup", "teardown") and outcome == "failed":
-        outcome = "error"
-    if report.failed:
-        st["progress"].note(f"{outcome.upper()} {report.nodeid}")
-    if report.when != "call" and report.passed:
-        return "", "", ""
-    return outcome, "", outcome.upper()
+        self.tr, self.desc = tr, desc
+        self._width_after = 0
+        tty = bool(tr.isatty() if callable(tr.isatty) else tr.isatty) and bool(getattr(tr._tw, "hasmarkup", False))
+        self.bar = Progress(len(desc), label="pykernels", tty=tty, write=self._write,
+                            width=getattr(tr._tw, "fullwidth", 120))
+        if hasattr(tr, "_show_progress_info"):  # pytest's "[ 42%]": ours says more (pytest 8-9 attribute)
+            tr._show_progress_info = False
+
+    def _write(self, text: str) -> None:
+        if not self.bar.tty:  # a line of its own, left open so that pytest's file name is not repeated
+            text = "\n" + text.rstrip("\n")
+        else:  # the bar rewrites its own line; a line pytest wrote since (a file name) is kept above it
+            now = getattr(self.tr._tw, "width_of_current_line", 0)
+            if now and now != self._width_after:
+                text = "\n" + text
+        self.tr.write(text, flush=True)
+        self._width_after = getattr(self.tr._tw, "width_of_current_line", 0)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def pytest_runtest_logstart(self, nodeid, location):
+        if nodeid in self.desc:
+            self.bar.step(self.desc[nodeid])
+
+    def pytest_report_teststatus(self, report, config):
+        if report.nodeid not in self.desc:
+            return None
+        outcome = report.outcome
+        if report.when in ("setup", "teardown") and outcome == "failed":
+            outcome = "error"
+        if report.failed:
+            self.bar.note(f"{outcome.upper()} {report.nodeid}")
+        if report.when != "call" and report.passed:
+            return "", "", ""
+        return outcome, "", outcome.upper()
