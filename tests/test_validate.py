@@ -93,7 +93,7 @@ def test_performance_section_speedups_and_geomean():
              "pct_of_peak": 50.0, "speedup_vs": {"torch": 8.0}, "penalty_vs": {}}]
     md = "\n".join(_performance_markdown({"backend": "mine", "performance": perf}))
     assert "| over numpy | over torch |" in md
-    assert "| 0.50× | 2.00× |" in md and "| — | 8.0× |" in md
+    assert "| 0.50× | 2.00× |" in md and "| — | 8.00× |" in md
     assert "**0.50×** (1 cases) | **4.00×** (2 cases)" in md  # geometric means: 0.5; sqrt(2 * 8)
     # a report written before speedup_vs existed: speedup = 1 - penalty
     assert speedups_of({"penalty_vs": {"torch": -1.0}}) == {"torch": 2.0}
