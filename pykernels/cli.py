@@ -260,6 +260,11 @@ def _write(path: Path | None, text: str):
 def cmd_report(args) -> int:
     from . import report
 
+    for opt, path in (("--md", args.md), ("--csv", args.csv)):
+        if path is not None and path != _STDOUT and path.suffix in (".json", ".jsonl"):
+            # `report --md a.json b.json` would take a.json as the Markdown file: never overwrite results
+            raise CliError(f"{opt} {path}: refusing to write over a result file; give {opt} a .md/.csv name, or put "
+                           "a bare --md after the result files to print Markdown")
     recs = _load(args.results)
     fmt = "md" if args.md == _STDOUT else args.format
     sys.stdout.write(report.render(recs, fmt))

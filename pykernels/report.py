@@ -468,7 +468,8 @@ def compare_summary(runs: list[tuple[str, list[Record]]], rows: list[CompareRow]
         by: dict[tuple, list[CompareRow]] = {}
         for row in rows:
             by.setdefault((row.family, row.backend), []).append(row)
-        for (fam, backend), rs in by.items():
+        fam_order = {"gemm": 0, "attention": 1, "decode": 2}
+        for (fam, backend), rs in sorted(by.items(), key=lambda kv: (fam_order.get(kv[0][0], 9), kv[0][1])):
             ratios = [x for x in (ratio(r, i) for r in rs) if x is not None]
             vs = [r.verdicts[i - 1] for r in rs]
             out.append(CompareSummary(label, fam, backend, geomean(ratios) if ratios else None, vs.count(FASTER),

@@ -63,6 +63,9 @@ def test_report_md_flag_prints_markdown(tmp_path, capsys):
     assert "| device | family | dtype | shape |" in out and "gemm — " not in out
     assert cli.main(["report", str(run)]) == 0
     assert "| device |" not in capsys.readouterr().out
+    before = run.read_text()
+    assert cli.main(["report", "--md", str(run), str(run)]) == 2  # never writes Markdown over a result file
+    assert "refusing to write over a result file" in capsys.readouterr().err and run.read_text() == before
 
 
 def test_report_help_has_no_double_percent(capsys):

@@ -585,6 +585,10 @@ def run(args) -> int:
                 print(f"  {c.count:4d} x {c.role:10s} {c.family:9s} {c.problem.label()}")
         return 0
     sources = [str(p) for p in args.results]
+    if args.md is not None and args.md != _STDOUT and args.md.suffix in (".json", ".jsonl"):
+        print(f"pykernels tokens: --md {args.md}: refusing to write Markdown over a result file (a bare --md "
+              "after the result files prints it)", file=sys.stderr)
+        return 2
     if args.measure:
         from .measure import measure
 
