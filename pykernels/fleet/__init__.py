@@ -14,7 +14,6 @@ subcommand says so and exits 2.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from .devices import Device, DeviceSpecError, discover, parse_spec

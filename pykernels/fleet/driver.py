@@ -267,7 +267,7 @@ def _schedule(ray, affinity, run: _Run, todo: list[devmod.Device]):
 
 
 def _handle(run: _Run, g, inflight: dict, ev: dict, echo):
-    d, t0, case, nfin = inflight[g]
+    d, t0, _, nfin = inflight[g]
     st = run.state[d.key]
     kind = ev.get("event")
     if kind == "node":

@@ -87,8 +87,7 @@ def run_device(dev: dict, bench_args: list[str], journal_entries: list[dict], ca
     for p in (journal, progress, out_json):
         p.unlink(missing_ok=True)
     with open(journal, "w", encoding="utf-8") as f:  # what the fleet already has: replayed with --resume
-        for e in journal_entries:
-            f.write(json.dumps(e) + "\n")
+        f.writelines(json.dumps(e) + "\n" for e in journal_entries)
     resume = bool(journal_entries)
     env = _env(dev)
     env["PYKERNELS_FLEET_PROGRESS"] = str(progress)
