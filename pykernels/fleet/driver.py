@@ -91,6 +91,13 @@ class _Run:
     def failed_total(self) -> int:
         return sum(len(s.get("failed_cases") or {}) + (s.get("status") == "failed") for s in self.state.values())
 
+    def measured(self, key: str) -> int:
+        """Distinct cases measured in the device's journal (over every run of this directory)."""
+        from ..harness.results import read_journal
+
+        last = {e["key"]: e for e in read_journal(self.out / key / "journal.jsonl", strict=False)}
+        return sum(e.get("status") == "measured" for e in last.values())
+
     def journal_append(self, key: str, entry: dict):
         p = self.out / key / "journal.jsonl"
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -281,7 +288,9 @@ def _handle(run: _Run, g, inflight: dict, ev: dict, echo):
              f" fleet failures {run.failed_total()})")
     elif kind == "case":
         run.journal_append(d.key, ev["entry"])
-        st["measured"] = st.get("measured", 0) + 1
+        st["measured"] = run.measured(d.key)
+        if inflight[g][2] == ev["entry"].get("key"):  # journaled: no longer at risk, whatever happens next
+            inflight[g][2] = None
     elif kind == "done":
         inflight[g][2], inflight[g][3] = None, nfin + 1
         if ev["outcome"] == "failed":
@@ -307,7 +316,7 @@ def _handle(run: _Run, g, inflight: dict, ev: dict, echo):
         else:
             st["status"], st["reason"] = "failed", f"pykernels bench exit {ev.get('rc')}: " + \
                 _last_line(ev.get("log_tail") or "")
-        echo(f"[{d.key}] {st['status']} in {time.monotonic() - t0:.0f} s: {st['measured']} case(s) measured"
+        echo(f"[{d.key}] {st['status']} in {time.monotonic() - t0:.0f} s: {st['measured']} case(s) in its journal"
              + (f"; {st['reason']}" if st["reason"] else ""))
     run.save()
 
