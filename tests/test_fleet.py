@@ -5,6 +5,8 @@ and a node killed mid-sweep whose device `--resume` completes without measuring 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -74,6 +76,28 @@ def test_cli_without_ray_or_with_bad_options(monkeypatch, capsys):
     monkeypatch.setattr("pykernels.fleet.ray_problem", lambda: None)
     assert cli.main(["fleet", "--resume"]) == 2
     assert "--resume needs --out" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_node_crash_and_timeout_are_failed_cases_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    """The node side alone (a plain generator, no Ray): a case that kills the sweep process and a case that hangs
+    are reported failed with their reason; the sweep restarts with --resume without them and finishes."""
+    from pykernels.fleet import node
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    args = ["--shape", "M=65,N=63,K=33", "--shape", "M=33,N=64,K=127", "--shape", "M=127,N=65,K=63", "--kernel", "gemm",
+            "--dtype", "float32", "--backend", "fleet_faulty", "--time-budget", "0.05", "--", "-p", "fleet_faults"]
+    evs = list(node.run_device({"device": "cpu", "threads": 1, "tag": None}, args, [], case_timeout=15,
+                               workdir=str(tmp_path / "w")))
+    failed = {e["key"]: e["reason"] for e in evs if e["event"] == "case_failed"}
+    assert failed == {"gemm/fleet_faulty-float32-M33-N64-K127": "the sweep crashed (signal SIGSEGV)",
+                      "gemm/fleet_faulty-float32-M127-N65-K63": "timed out after 15 s"}, evs[-1].get("log_tail")
+    assert [e["entry"]["key"] for e in evs if e["event"] == "case"] == ["gemm/fleet_faulty-float32-M65-N63-K33"]
+    res = evs[-1]
+    assert res["event"] == "result" and res["rc"] == 0, res.get("log_tail")
+    doc = json.loads(res["json"])
+    assert [b["extra_info"]["shape"] for b in doc["benchmarks"]] == ["M65-N63-K33"]
+    assert doc["benchmarks"][0]["extra_info"]["resumed"] is True  # replayed after the restarts, not re-measured
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -65,6 +65,8 @@ def add_parser(sub):
                    help="a device's whole sweep running longer is cancelled and reported failed")
     p.add_argument("--only", action="append", default=[], metavar="TEXT",
                    help="only the devices whose key contains TEXT (repeatable)")
+    p.add_argument("pytest_args", nargs="*", default=[],
+                   help="after --: more pytest arguments for every device's `pykernels bench`")
     p.set_defaults(func=cmd_fleet)
 
 
@@ -77,7 +79,8 @@ def bench_args(args) -> list[str]:
             continue
         for x in v if isinstance(v, list) else [v]:
             out += [f"--{k.replace('_', '-')}", str(x)]
-    return out
+    extra = [a for a in (getattr(args, "pytest_args", None) or []) if a != "--"]
+    return out + (["--", *extra] if extra else [])
 
 
 def cmd_fleet(args) -> int:

@@ -193,6 +193,8 @@ def run_fleet(opts: FleetOptions) -> dict:
 def _bench_args(base: list[str], dev: devmod.Device) -> list[str]:
     if not dev.backends:
         return list(base)
+    cut = base.index("--") if "--" in base else len(base)
+    base, tail = base[:cut], base[cut:]
     args, skip = [], False
     for a in base:  # a device that names its backends runs those, not the fleet's --backend list
         if skip:
@@ -206,7 +208,7 @@ def _bench_args(base: list[str], dev: devmod.Device) -> list[str]:
         args.append(a)
     for b in dev.backends:
         args += ["--backend", b]
-    return args
+    return args + tail
 
 
 def _schedule(ray, affinity, run: _Run, todo: list[devmod.Device]):

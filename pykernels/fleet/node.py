@@ -97,10 +97,12 @@ def run_device(dev: dict, bench_args: list[str], journal_entries: list[dict], ca
     jt.read()  # skip the entries written above: the fleet has them
     deselect: list[str] = []
     rc, restarts = None, 0
+    cut = bench_args.index("--") if "--" in bench_args else len(bench_args)  # after --: pytest's own arguments
+    bench_opts, pytest_args = bench_args[:cut], bench_args[cut + 1:]
     while True:
-        cmd = [sys.executable, "-m", "pykernels.cli", "bench", *bench_args, "--device", dev["device"],
+        cmd = [sys.executable, "-m", "pykernels.cli", "bench", *bench_opts, "--device", dev["device"],
                "--journal", str(journal), "--json", str(out_json), *(["--resume"] if resume else []),
-               "--", "-p", "pykernels.fleet.progress_plugin",
+               "--", "-p", "pykernels.fleet.progress_plugin", *pytest_args,
                *[f"--deselect={n}" for n in deselect]]
         with open(log, "ab") as lf:
             proc = subprocess.Popen(cmd, env=env, stdout=lf, stderr=subprocess.STDOUT, cwd=str(work),
