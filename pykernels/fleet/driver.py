@@ -285,9 +285,9 @@ def _handle(run: _Run, g, inflight: dict, ev: dict, echo):
         st["total"] = len(ev["keys"])
     elif kind == "start":
         inflight[g][2] = ev["key"]
-        left = (st["total"] or 0) - nfin
-        echo(f"[{d.key}] case {nfin + 1}/{st['total']}: {ev['key']}  (left {left}, failed {len(st['failed_cases'])};"
-             f" fleet failures {run.failed_total()})")
+        left = max((st["total"] or 0) - nfin - 1, 0)
+        echo(f"[{d.key}] case {nfin + 1}/{st['total']}: {ev['key']}  ({left} left after it, "
+             f"{len(st['failed_cases'])} failed; fleet failures {run.failed_total()})")
     elif kind == "case":
         run.journal_append(d.key, ev["entry"])
         st["measured"] = run.measured(d.key)
