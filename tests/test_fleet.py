@@ -112,6 +112,8 @@ GEMM = ["--kernel", "gemm", "--dtype", "float32", "--backend", "native", "--back
 def cluster():
     from ray.cluster_utils import Cluster
 
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # as pykernels fleet does: no usage report sent out
+
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     ray.init(address=c.address, log_to_driver=False)
     yield c

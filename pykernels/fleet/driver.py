@@ -112,6 +112,9 @@ def _connect(opts: FleetOptions):
 
     if ray.is_initialized():  # a driver that set Ray up itself (tests, notebooks): use it, leave it up
         return False
+    # A cluster this command starts sends Ray's usage statistics nowhere (a benchmark run should not phone
+    # home; the machines it runs on may have no route out). RAY_USAGE_STATS_ENABLED=1 turns them back on.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     kw = {"log_to_driver": False, "include_dashboard": False}
     if opts.address:
         if opts.local_devices:
