@@ -6,6 +6,7 @@
     pykernels report RESULTS... [--format terminal|md|csv] [--md [FILE]] [--csv FILE]
     pykernels compare A B [C...] [--label NAME]... [--format terminal|md|csv] [--all] [--fail-on-slower PCT]
     pykernels plot RESULTS... [--out DIR]
+    pykernels fleet [--address ADDR] [bench's sweep options] [--out DIR] [--resume]   (Ray: pykernels/fleet)
 
 Subcommands are registered in SUBCOMMANDS: a name and either a function here or "module:attr" of an
 `add_parser(subparsers)` that sets `func(args) -> int` (validate and tokens live in their own modules).
@@ -395,6 +396,7 @@ SUBCOMMANDS: dict[str, object] = {
     "validate": "pykernels.validate:add_parser",
     "tokens": "pykernels.tokens.metering:add_parser",
     "layer": "pykernels.tokens.layer:add_parser",
+    "fleet": "pykernels.fleet:add_parser",
 }
 
 
