@@ -8,7 +8,9 @@ The plain family methods (used before `prepare` is called by pykernels.ops) conv
 
 - gemm: `lax.dot_general` with `preferred_element_type=float32`, cast to the input dtype.
 - attention: `jax.nn.dot_product_attention`, implementation "xla"; on CUDA in fp16/bf16 the cuDNN
-  implementation is tried first and the one used is recorded by `describe_call` (`attention_impl`).
+  implementation is tried first. XLA:CPU rejects JAX's f16 x f16 -> f32 dot (every shape) and the bf16 one
+  (some tiny shapes): those cases run on float32 copies of the inputs inside the jitted function. The one
+  used, and why the others were not, is recorded by `describe_call` (`attention_impl`).
 - decode: a gather of the cache through the block table (paged) or the contiguous cache, a length mask,
   softmax in float32, grouped-query heads by reshape (no repeat of K/V).
 
@@ -167,27 +169,32 @@ class JaxBackend(Backend):
         return run
 
     def _attention_executable(self, q_t, args, causal, scale):
-        """The XLA implementation; on CUDA in fp16/bf16 cuDNN's first, if it accepts the shape (recorded)."""
+        """The first implementation that compiles and runs for this case, tried in order: cuDNN (CUDA,
+        fp16/bf16), XLA, XLA on float32 copies of fp16/bf16 inputs (XLA:CPU rejects the f16 x f16 -> f32
+        dot for every shape and the bf16 one for some). Which one ran, and why the others did not, is
+        recorded and reported by describe_call (`attention_impl`)."""
         key = (str(q_t.device), str(q_t.dtype), tuple(q_t.shape), tuple(args[1].shape), causal)
-        xla = self._jit(("attention", causal, scale, "xla"), _attention_fn, causal=causal, scale=scale,
-                        implementation="xla")
-        if q_t.device.type == "cpu" and q_t.dtype == torch.float16:
-            self._attn_impl[key] = "xla (float16 computed in float32: XLA:CPU has no f16 x f16 -> f32 dot)"
-            return self._jit(("attention", causal, scale, "xla", "upcast"), _attention_fn, causal=causal,
-                             scale=scale, implementation="xla", upcast=True)
-        if not (q_t.device.type == "cuda" and q_t.dtype in (torch.float16, torch.bfloat16)):
-            self._attn_impl[key] = "xla"
-            return xla
-        cudnn = self._jit(("attention", causal, scale, "cudnn"), _attention_fn, causal=causal, scale=scale,
-                          implementation="cudnn")
-        try:
-            cudnn(*args).block_until_ready()
-        except Exception as e:  # noqa: BLE001 - cuDNN refuses shapes/dtypes it lacks: recorded, then XLA
-            msg = (str(e).splitlines() or [""])[0][:160]
-            self._attn_impl[key] = f"xla (cudnn not used: {type(e).__name__}: {msg})"
-            return xla
-        self._attn_impl[key] = "cudnn"
-        return cudnn
+        half = q_t.dtype in (torch.float16, torch.bfloat16)
+        tries = ([("cudnn", False)] if q_t.device.type == "cuda" and half else []) + [("xla", False)]
+        if half:
+            tries.append(("xla", True))
+        why_not = []
+        for impl, upcast in tries:
+            f = self._jit(("attention", causal, scale, impl, upcast), _attention_fn, causal=causal, scale=scale,
+                          implementation=impl, upcast=upcast)
+            if len(tries) > 1:
+                try:
+                    f(*args).block_until_ready()
+                except Exception as e:
+                    if (impl, upcast) == tries[-1]:
+                        raise
+                    msg = (str(e).splitlines() or [""])[0][:160]
+                    why_not.append(f"{impl}{' on float32 copies' if upcast else ''} not used: {msg}")
+                    continue
+            name = impl + (" on float32 copies of the inputs" if upcast else "")
+            self._attn_impl[key] = name + (f" ({'; '.join(why_not)})" if why_not else "")
+            return f
+        raise AssertionError("unreachable")
 
     # ---- the plain family methods: convert, run (compiled on the first call of a shape), convert back --
     def _call(self, family: str, **kw) -> torch.Tensor:
