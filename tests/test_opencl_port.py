@@ -23,7 +23,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("mnk", [(1, 1, 1), (1, 1000, 65), (7, 63, 127), (65, 127, 63), (127, 65, 1025),
+@pytest.mark.parametrize("mnk", [(1, 1, 1), (1, 1000, 65), (7, 63, 127), (8, 1025, 33), (9, 65, 63), (65, 127, 63), (127, 65, 1025),
                                  (200, 1023, 300)], ids=lambda s: "x".join(map(str, s)))
 def test_opencl_gemm(mnk, dtype):
     _backend()

@@ -30,6 +30,7 @@ _MAX_HD = 256  # the per-work-item arrays of attention and decode are HD floats;
 # Work-group shapes, as kernels.cl defines them.
 _GEMM_TILE, _GEMM_WG = 32, 8
 _ATT_BQ = 32
+_SMALL_M = 8  # gemm with M up to this runs gemm_small_m (SMALL_M in kernels.cl)
 
 
 def _decode_wg(hd: int) -> int:
@@ -135,10 +136,14 @@ class OpenCLBackend(Backend):
             N = b.shape[1]
             prog, shape, dtype = self._program(a.dtype, 64), (M, N), a.dtype  # any HD: gemm does not use it
             args = [self._buffer(a), self._buffer(b), None, np.int32(M), np.int32(N), np.int32(K)]
-            kern, out_at = cl.Kernel(prog, "gemm"), 2
-            t = _GEMM_TILE
-            gsize = ((N + t - 1) // t * _GEMM_WG, (M + t - 1) // t * _GEMM_WG)
-            lsize = (_GEMM_WG, _GEMM_WG)
+            out_at = 2
+            if M <= _SMALL_M:
+                kern, gsize, lsize = cl.Kernel(prog, "gemm_small_m"), ((N + 63) // 64 * 64,), (64,)
+            else:
+                t = _GEMM_TILE
+                kern = cl.Kernel(prog, "gemm")
+                gsize = ((N + t - 1) // t * _GEMM_WG, (M + t - 1) // t * _GEMM_WG)
+                lsize = (_GEMM_WG, _GEMM_WG)
         elif family == "attention":
             q, k, v = kw["q"], kw["k"], kw["v"]
             B, Hq, S, D = q.shape

@@ -79,6 +79,23 @@ void gemm(__global const T* a, __global const T* b, __global T* c, int M, int N,
     }
 }
 
+// Decode-sized GEMM (M <= SMALL_M): the 32-row tile above would compute mostly zeros for M = 1. One
+// work-item per output column, all M rows at once, so B is streamed once; neighbouring work-items read
+// neighbouring columns of B.
+#define SMALL_M 8
+__kernel void gemm_small_m(__global const T* a, __global const T* b, __global T* c, int M, int N, int K) {
+    const int n = get_global_id(0);
+    if (n >= N) return;
+    float acc[SMALL_M];
+    for (int m = 0; m < SMALL_M; ++m) acc[m] = 0.0f;
+    for (int k = 0; k < K; ++k) {
+        const float bk = LD(b, (size_t)k * N + n);
+        for (int m = 0; m < SMALL_M; ++m)
+            if (m < M) acc[m] = fma(LD(a, (size_t)m * K + k), bk, acc[m]);
+    }
+    for (int m = 0; m < M; ++m) ST(c, (size_t)m * N + n, acc[m]);
+}
+
 // ------------------------------------------------------------------------------------------------
 // Online-softmax update of one score s against the running max m, sum l and accumulator acc. Written
 // with a comparison, not fmax, so that a NaN score propagates (fmax would drop it).
