@@ -126,6 +126,8 @@ class OpenCLBackend(Backend):
 
     # ---- prepare: program built and inputs copied once; returns the timed callable --------------------
     def prepare(self, family: str, **kw):
+        """Build (cached) and copy the inputs into OpenCL buffers; the callable runs the kernel on those
+        copies, so input contents changed in place after this call are not seen (prepare again)."""
         import numpy as np
         import pyopencl as cl
 
