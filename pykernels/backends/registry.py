@@ -115,6 +115,7 @@ _BUILTIN = (
     ("numpy", "pykernels.backends.numpy_ops:NumpyBackend"),
     ("triton", "pykernels.backends.triton:TritonBackend"),
     ("triton_interpret", "pykernels.backends.triton:TritonInterpretBackend"),
+    ("jax", "pykernels.backends.jax_backend:JaxBackend"),
 )
 
 _lock = threading.RLock()
