@@ -445,7 +445,9 @@ def _run_case(request, case_id: str) -> None:
             return
 
     inputs, (check, exp, checked) = _inputs_and_check(config, case, device)
+    t_prepare = time.perf_counter()
     fn = pk.prepare(family, backend=name, **inputs, **case.problem.call_kwargs())
+    prepare_s = time.perf_counter() - t_prepare  # validation + the backend's prepare hook: one-off, recorded
     backend = registry.get(name)
     out = fn()  # first call: compilation / autotuning / lazy init, never timed
     if not st["timing"]:
@@ -488,6 +490,7 @@ def _run_case(request, case_id: str) -> None:
         describe=describe, checked=checked)
     ex["copy_bytes_per_s_this_run"] = st["copy"]["copy_bytes_per_s"]
     ex["read_bytes_per_s_this_run"] = st["copy"]["read_bytes_per_s"]
+    ex["prepare_s"] = prepare_s
     _journal(config).append(key, {"status": "measured", "extra_info": ex, "samples": stats.samples,
                                   "timing_wall_s": round(time.perf_counter() - t_case, 3),
                                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})

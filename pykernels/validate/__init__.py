@@ -120,7 +120,7 @@ def _performance(backend: str, device: str, plugins, budget_s: float, case_timeo
         mine = per.get(backend, {})
         entry = {"case": cid, "backend": backend, "status": mine.get("status"), "detail": mine.get("detail", ""),
                  "median_s": mine.get("median_s"), "tflops": mine.get("tflops"), "gbps": mine.get("gbps"),
-                 "pct_of_peak": mine.get("pct_of_peak"), "penalty_vs": {}}
+                 "pct_of_peak": mine.get("pct_of_peak"), "prepare_s": mine.get("prepare_s"), "penalty_vs": {}}
         for other, r in per.items():
             if other == backend or r.get("status") != PASS or not r.get("median_s") or not mine.get("median_s"):
                 continue
