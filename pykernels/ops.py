@@ -239,12 +239,17 @@ def _remember(key, value) -> None:
 def gemm(a: torch.Tensor, b: torch.Tensor, *, backend: str = "native") -> torch.Tensor:
     """C = A . B; a [M, K], b [K, N], row-major, same dtype -> [M, N] in that dtype (fp32 accumulation)."""
     if type(a) is _Tensor and type(b) is _Tensor and type(backend) is str:
-        key = ("gemm", backend, a.shape, a.stride(), a.dtype, a.device, b.shape, b.stride(), b.dtype, b.device)
-        be = _lookup(key)
-        if be is None:
+        key = (a.shape, a.stride(), a.dtype, a.device, b.shape, b.stride(), b.dtype, b.device, backend)
+        if _validated_gen == registry.generation:  # inlined _lookup: this path is the one measured in µs
+            run = _validated.get(key)
+            if run is not None:
+                return run(a, b)
+        run = _lookup(key)
+        if run is None:
             be = _check_gemm(a, b, backend)[0]
-            _remember(key, be)
-        return be.gemm(a, b)
+            run = be._gemm_runner(a, b)
+            _remember(key, run)
+        return run(a, b)
     be, _ = _check_gemm(a, b, backend)
     return be.gemm(a, b)
 

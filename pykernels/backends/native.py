@@ -93,6 +93,23 @@ class NativeBackend(Backend):
                                       keep=(q, kc, vc, lens, bt))
         return super().prepare(family, **kw)
 
+    def _gemm_runner(self, a, b):
+        """pk.gemm's per-signature function on CPU: sizes and dtype code bound once, the output allocated by
+        empty_like of a stride-0 [M, N] view of one element (a fresh contiguous tensor, ~0.4 us cheaper than
+        new_empty((M, N)) on the 2-core Zen 4 VM)."""
+        if a.is_cuda:
+            return self.gemm
+        (M, K), N = a.shape, b.shape[1]
+        like = torch.empty((), dtype=a.dtype, device=a.device).expand(M, N)
+        gemm, dt, empty_like = _ext().gemm, _DT_CODE[a.dtype], torch.empty_like
+
+        def run(a, b):
+            c = empty_like(like)
+            gemm(a.data_ptr(), b.data_ptr(), c.data_ptr(), M, N, K, dt)
+            return c
+
+        return run
+
     def gemm(self, a, b):
         M, K = a.shape
         N = b.shape[1]
