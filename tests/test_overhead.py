@@ -311,3 +311,26 @@ def test_overhead_tool_renders(tmp_path):
     assert "B1-Hq32-Hkv8-L16-D128" in md and "pk.gemm − prepared" in md and "CPU:" in md
     doc = json.loads((tmp_path / "o.json").read_text())
     assert len(doc["rows"]) == 8 and all(r["native_vs_torch_rel_diff"] < 0.05 for r in doc["rows"])
+
+
+@needs_native
+def test_prepared_bindings_check_their_arguments():
+    from pykernels import _C
+
+    a = torch.randn(4, 4)
+    p = a.data_ptr()
+    with pytest.raises(ValueError, match="'a' is a null pointer"):
+        _C.prepare_gemm(0, p, p, 4, 4, 4, 0, out=a, keep=())
+    with pytest.raises(ValueError, match="'K' must be >= 1"):
+        _C.prepare_gemm(p, p, p, 4, 4, 0, 0, out=a, keep=())
+    with pytest.raises(ValueError, match="'dtype'"):
+        _C.prepare_gemm(p, p, p, 4, 4, 4, 9, out=a, keep=())
+    t = torch.randn(1, 4, 8, 64)
+    with pytest.raises(ValueError, match="'Hq'"):
+        _C.prepare_attention(t.data_ptr(), t.data_ptr(), t.data_ptr(), t.data_ptr(), 1, 4, 3, 8, 64, 0.1, False, 0,
+                             out=t, keep=())
+    q, kc = torch.randn(1, 4, 64), torch.randn(1, 2, 16, 64)
+    lens = torch.tensor([17], dtype=torch.int32)  # capacity is 16
+    with pytest.raises(ValueError, match="context_lens"):
+        _C.prepare_decode(q.data_ptr(), kc.data_ptr(), kc.data_ptr(), q.data_ptr(), lens.data_ptr(), 0, 1, 4, 2, 64,
+                          1, 16, 1, 0.1, 0, out=q, keep=())

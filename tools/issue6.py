@@ -1,6 +1,7 @@
 """The issue-6 table: native vs torch on this CPU, as ratios timed in turns in one process.
 
     python tools/issue6.py --out results/cpu-zen4-2c/issue6 [--budget 4] [--threads 2]
+    python tools/issue6.py --overhead --out results/cpu-zen4-2c/overhead     (small shapes: tools/overhead.py)
 
 For every case of the `quick` sweep (pykernels/harness/sweeps.py) the native and the torch callables (from
 pk.prepare: validation and the first call happen before timing) are timed round-robin, one call of each
@@ -63,7 +64,16 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=4.0, help="seconds of round-robin timing per case")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
     ap.add_argument("--kernel", action="append", default=[], help="only this family (repeatable)")
+    ap.add_argument("--overhead", action="store_true",
+                    help="instead: the issue-21 fixed-cost table (small shapes, pk.gemm - prepared), tools/overhead.py")
     args = ap.parse_args(argv)
+    if args.overhead:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import overhead
+
+        return overhead.main(["--out", args.out, "--budget", str(min(args.budget, 2.0))]
+                             + (["--threads", str(args.threads)] if args.threads else [])
+                             + [x for k in args.kernel for x in ("--kernel", k)])
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = [c for c in sweeps.sweep("quick") if not args.kernel or c.family in args.kernel]
