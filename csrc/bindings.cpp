@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <limits>
 #include <stdexcept>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -82,9 +83,23 @@ void check_scale(const std::string& fn, double scale) {
   if (!std::isfinite(scale) || scale == 0.0) fail(fn, "argument 'scale' must be finite and non-zero");
 }
 
-void gemm(std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, int64_t M, int64_t N, int64_t K, int dtype,
-          int device, std::uintptr_t stream) {
-  const std::string fn = "gemm";
+// Releasing the GIL costs two thread-state swaps per call; it pays only when the kernel runs long enough
+// for another Python thread to use the time. Below ~1 MFLOP (~5-20 us on one core) or 256 KiB read, a CPU
+// kernel keeps the GIL, so a 16^3 GEMM does not pay for a release it cannot use.
+constexpr double kReleaseGilFlops = 1.0e6;
+constexpr double kReleaseGilBytes = 256.0 * 1024;
+
+template <class F> void run_cpu(bool release_gil, const F& kernel) {
+  if (release_gil) {
+    py::gil_scoped_release nogil;
+    kernel();
+  } else {
+    kernel();
+  }
+}
+
+pk::GemmParams gemm_params(const std::string& fn, std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, int64_t M,
+                           int64_t N, int64_t K, int dtype, int device) {
   check_ptr(fn, "a", a);
   check_ptr(fn, "b", b);
   check_ptr(fn, "c", c);
@@ -97,13 +112,17 @@ void gemm(std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, int64_t M, int64
   checked_bytes(fn, "a", {M, K}, es);
   checked_bytes(fn, "b", {K, N}, es);
   checked_bytes(fn, "c", {M, N}, es);
-  pk::GemmParams p{reinterpret_cast<const void*>(a), reinterpret_cast<const void*>(b),
-                   reinterpret_cast<void*>(c), M, N, K, dt};
-  if (device == kCpu) {
-    py::gil_scoped_release nogil;
-    pk::cpu::gemm(p);
-    return;
-  }
+  return pk::GemmParams{reinterpret_cast<const void*>(a), reinterpret_cast<const void*>(b),
+                        reinterpret_cast<void*>(c), M, N, K, dt};
+}
+
+bool gemm_release_gil(const pk::GemmParams& p) { return 2.0 * p.M * p.N * p.K >= kReleaseGilFlops; }
+
+void gemm(std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, int64_t M, int64_t N, int64_t K, int dtype,
+          int device, std::uintptr_t stream) {
+  const std::string fn = "gemm";
+  const pk::GemmParams p = gemm_params(fn, a, b, c, M, N, K, dtype, device);
+  if (device == kCpu) return run_cpu(gemm_release_gil(p), [&] { pk::cpu::gemm(p); });
 #if defined(PK_WITH_CUDA)
   check_on_device(fn, "a", a);
   check_on_device(fn, "b", b);
@@ -113,10 +132,9 @@ void gemm(std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, int64_t M, int64
 #endif
 }
 
-void attention(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t o, int64_t B, int64_t Hq,
-               int64_t Hkv, int64_t S, int64_t D, double scale, bool causal, int dtype, int device,
-               std::uintptr_t stream) {
-  const std::string fn = "attention";
+pk::AttentionParams attention_params(const std::string& fn, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
+                                     std::uintptr_t o, int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D,
+                                     double scale, bool causal, int dtype, int device) {
   check_ptr(fn, "q", q);
   check_ptr(fn, "k", k);
   check_ptr(fn, "v", v);
@@ -134,14 +152,21 @@ void attention(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintpt
   const int64_t es = pk::dtype_size(dt);
   checked_bytes(fn, "q", {B, Hq, S, D}, es);
   checked_bytes(fn, "k", {B, Hkv, S, D}, es);
-  pk::AttentionParams p{reinterpret_cast<const void*>(q), reinterpret_cast<const void*>(k),
-                        reinterpret_cast<const void*>(v), reinterpret_cast<void*>(o), B, Hq, Hkv, S, D,
-                        static_cast<float>(scale), causal, dt};
-  if (device == kCpu) {
-    py::gil_scoped_release nogil;
-    pk::cpu::attention(p);
-    return;
-  }
+  return pk::AttentionParams{reinterpret_cast<const void*>(q), reinterpret_cast<const void*>(k),
+                             reinterpret_cast<const void*>(v), reinterpret_cast<void*>(o), B, Hq, Hkv, S, D,
+                             static_cast<float>(scale), causal, dt};
+}
+
+bool attention_release_gil(const pk::AttentionParams& p) {
+  return 4.0 * p.B * p.Hq * p.S * p.S * p.D >= kReleaseGilFlops;
+}
+
+void attention(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t o, int64_t B, int64_t Hq,
+               int64_t Hkv, int64_t S, int64_t D, double scale, bool causal, int dtype, int device,
+               std::uintptr_t stream) {
+  const std::string fn = "attention";
+  const pk::AttentionParams p = attention_params(fn, q, k, v, o, B, Hq, Hkv, S, D, scale, causal, dtype, device);
+  if (device == kCpu) return run_cpu(attention_release_gil(p), [&] { pk::cpu::attention(p); });
 #if defined(PK_WITH_CUDA)
   for (auto [name, ptr] : {std::pair{"q", q}, {"k", k}, {"v", v}, {"o", o}}) check_on_device(fn, name, ptr);
   py::gil_scoped_release nogil;
@@ -149,11 +174,11 @@ void attention(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintpt
 #endif
 }
 
-void decode(std::uintptr_t q, std::uintptr_t k_cache, std::uintptr_t v_cache, std::uintptr_t o,
-            std::uintptr_t context_lens, std::uintptr_t block_table, int64_t B, int64_t Hq, int64_t Hkv, int64_t D,
-            int64_t num_blocks, int64_t block_size, int64_t max_blocks, double scale, int dtype, int device,
-            std::uintptr_t stream) {
-  const std::string fn = "decode";
+pk::DecodeParams decode_params(const std::string& fn, std::uintptr_t q, std::uintptr_t k_cache,
+                               std::uintptr_t v_cache, std::uintptr_t o, std::uintptr_t context_lens,
+                               std::uintptr_t block_table, int64_t B, int64_t Hq, int64_t Hkv, int64_t D,
+                               int64_t num_blocks, int64_t block_size, int64_t max_blocks, double scale, int dtype,
+                               int device) {
   check_ptr(fn, "q", q);
   check_ptr(fn, "k_cache", k_cache);
   check_ptr(fn, "v_cache", v_cache);
@@ -177,40 +202,57 @@ void decode(std::uintptr_t q, std::uintptr_t k_cache, std::uintptr_t v_cache, st
   const int64_t es = pk::dtype_size(dt);
   checked_bytes(fn, "q", {B, Hq, D}, es);
   checked_bytes(fn, "k_cache", {num_blocks, Hkv, block_size, D}, es);
-  const int64_t capacity = checked_bytes(fn, "block_table", {max_blocks, block_size}, 1);
+  checked_bytes(fn, "block_table", {max_blocks, block_size}, 1);
   checked_bytes(fn, "block_table", {B, max_blocks}, 4);
-  pk::DecodeParams p{reinterpret_cast<const void*>(q),
-                     reinterpret_cast<const void*>(k_cache),
-                     reinterpret_cast<const void*>(v_cache),
-                     reinterpret_cast<void*>(o),
-                     reinterpret_cast<const int32_t*>(context_lens),
-                     paged ? reinterpret_cast<const int32_t*>(block_table) : nullptr,
-                     B, Hq, Hkv, D, num_blocks, block_size, max_blocks, static_cast<float>(scale), dt};
-  if (device == kCpu) {
-    // Host-side metadata can be checked here, so a bad index never reaches a kernel.
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t len = p.context_lens[b];
-      if (len < 1 || len > capacity)
-        fail(fn, "context_lens[" + std::to_string(b) + "] = " + std::to_string(len) + " is outside 1.." +
-                     std::to_string(capacity));
-      if (paged) {
-        for (int64_t j = 0; j < (len + block_size - 1) / block_size; ++j) {
-          const int64_t blk = p.block_table[b * max_blocks + j];
-          if (blk < 0 || blk >= num_blocks)
-            fail(fn, "block_table[" + std::to_string(b) + ", " + std::to_string(j) + "] = " + std::to_string(blk) +
-                         " is outside 0.." + std::to_string(num_blocks - 1));
-        }
+  return pk::DecodeParams{reinterpret_cast<const void*>(q),
+                          reinterpret_cast<const void*>(k_cache),
+                          reinterpret_cast<const void*>(v_cache),
+                          reinterpret_cast<void*>(o),
+                          reinterpret_cast<const int32_t*>(context_lens),
+                          paged ? reinterpret_cast<const int32_t*>(block_table) : nullptr,
+                          B, Hq, Hkv, D, num_blocks, block_size, max_blocks, static_cast<float>(scale), dt};
+}
+
+// Host-side metadata (CPU only) is checked on every call, so a bad index never reaches a kernel, not even
+// one written into context_lens or block_table after a call was prepared. Returns the K/V bytes the call
+// reads (both caches), for the GIL policy.
+double check_decode_metadata(const std::string& fn, const pk::DecodeParams& p) {
+  const int64_t capacity = p.max_blocks * p.block_size;  // checked against overflow in decode_params
+  int64_t tokens = 0;
+  for (int64_t b = 0; b < p.B; ++b) {
+    const int64_t len = p.context_lens[b];
+    if (len < 1 || len > capacity)
+      fail(fn, "context_lens[" + std::to_string(b) + "] = " + std::to_string(len) + " is outside 1.." +
+                   std::to_string(capacity));
+    tokens += len;
+    if (p.block_table) {
+      for (int64_t j = 0; j < (len + p.block_size - 1) / p.block_size; ++j) {
+        const int64_t blk = p.block_table[b * p.max_blocks + j];
+        if (blk < 0 || blk >= p.num_blocks)
+          fail(fn, "block_table[" + std::to_string(b) + ", " + std::to_string(j) + "] = " + std::to_string(blk) +
+                       " is outside 0.." + std::to_string(p.num_blocks - 1));
       }
     }
-    py::gil_scoped_release nogil;
-    pk::cpu::decode(p);
-    return;
+  }
+  return 2.0 * double(tokens) * double(p.Hkv) * double(p.D) * double(pk::dtype_size(p.dtype));
+}
+
+void decode(std::uintptr_t q, std::uintptr_t k_cache, std::uintptr_t v_cache, std::uintptr_t o,
+            std::uintptr_t context_lens, std::uintptr_t block_table, int64_t B, int64_t Hq, int64_t Hkv, int64_t D,
+            int64_t num_blocks, int64_t block_size, int64_t max_blocks, double scale, int dtype, int device,
+            std::uintptr_t stream) {
+  const std::string fn = "decode";
+  const pk::DecodeParams p = decode_params(fn, q, k_cache, v_cache, o, context_lens, block_table, B, Hq, Hkv, D,
+                                           num_blocks, block_size, max_blocks, scale, dtype, device);
+  if (device == kCpu) {
+    const double bytes = check_decode_metadata(fn, p);
+    return run_cpu(bytes >= kReleaseGilBytes, [&] { pk::cpu::decode(p); });
   }
 #if defined(PK_WITH_CUDA)
   for (auto [name, ptr] : {std::pair{"q", q}, {"k_cache", k_cache}, {"v_cache", v_cache}, {"o", o},
                            {"context_lens", context_lens}})
     check_on_device(fn, name, ptr);
-  if (paged) check_on_device(fn, "block_table", block_table);
+  if (block_table) check_on_device(fn, "block_table", block_table);
   py::gil_scoped_release nogil;
   pk::cuda::decode(p, stream);
 #endif
@@ -436,6 +478,50 @@ py::dict probe_cuda_memory(const std::string& kind, const py::object& nbytes, in
 #endif
 }
 
+// ---- prepared CPU calls (pk.prepare of the native backend) ------------------------------------------
+// Everything above is checked once, when the call is prepared; the returned zero-argument function is one
+// pybind11 dispatch without arguments to convert, the kernel (and decode's metadata check), and returns
+// the output tensor allocated at prepare time. `keep` holds the operand tensors, so the pointers stay
+// valid as long as the function lives. Measured on the loaded 2-core Zen 5 VM (tools/issue6.py
+// --overhead): the per-call cost of the binding with 9 integer arguments was ~0.5-1 us of a 16^3 GEMM.
+py::cpp_function prepared(std::function<void()> kernel, bool release_gil, py::object out, py::object keep) {
+  return py::cpp_function([kernel = std::move(kernel), release_gil, out = std::move(out), keep = std::move(keep)]() {
+    run_cpu(release_gil, kernel);
+    return out;
+  });
+}
+
+py::cpp_function prepare_gemm(std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, int64_t M, int64_t N, int64_t K,
+                              int dtype, py::object out, py::object keep) {
+  const pk::GemmParams p = gemm_params("prepare_gemm", a, b, c, M, N, K, dtype, kCpu);
+  return prepared([p] { pk::cpu::gemm(p); }, gemm_release_gil(p), std::move(out), std::move(keep));
+}
+
+py::cpp_function prepare_attention(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t o,
+                                   int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D, double scale,
+                                   bool causal, int dtype, py::object out, py::object keep) {
+  const pk::AttentionParams p =
+      attention_params("prepare_attention", q, k, v, o, B, Hq, Hkv, S, D, scale, causal, dtype, kCpu);
+  return prepared([p] { pk::cpu::attention(p); }, attention_release_gil(p), std::move(out), std::move(keep));
+}
+
+py::cpp_function prepare_decode(std::uintptr_t q, std::uintptr_t k_cache, std::uintptr_t v_cache, std::uintptr_t o,
+                                std::uintptr_t context_lens, std::uintptr_t block_table, int64_t B, int64_t Hq,
+                                int64_t Hkv, int64_t D, int64_t num_blocks, int64_t block_size, int64_t max_blocks,
+                                double scale, int dtype, py::object out, py::object keep) {
+  const std::string fn = "decode";
+  const pk::DecodeParams p = decode_params(fn, q, k_cache, v_cache, o, context_lens, block_table, B, Hq, Hkv, D,
+                                           num_blocks, block_size, max_blocks, scale, dtype, kCpu);
+  check_decode_metadata(fn, p);  // now too: a prepare with bad metadata fails at once
+  // The metadata is read again on every call (it is host memory the caller may change); the GIL policy
+  // follows the bytes of that call.
+  return py::cpp_function([p, out = std::move(out), keep = std::move(keep)]() {
+    const double bytes = check_decode_metadata("decode", p);
+    run_cpu(bytes >= kReleaseGilBytes, [&] { pk::cpu::decode(p); });
+    return out;
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -449,6 +535,17 @@ PYBIND11_MODULE(_C, m) {
         py::arg("context_lens"), py::arg("block_table"), py::arg("B"), py::arg("Hq"), py::arg("Hkv"),
         py::arg("D"), py::arg("num_blocks"), py::arg("block_size"), py::arg("max_blocks"), py::arg("scale"),
         py::arg("dtype"), py::arg("device") = kCpu, py::arg("stream") = 0);
+  // Prepared CPU calls: the same arguments without device and stream, plus the output tensor the call
+  // returns and the operands it keeps alive.
+  m.def("prepare_gemm", &prepare_gemm, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("M"), py::arg("N"),
+        py::arg("K"), py::arg("dtype"), py::arg("out"), py::arg("keep"));
+  m.def("prepare_attention", &prepare_attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"),
+        py::arg("B"), py::arg("Hq"), py::arg("Hkv"), py::arg("S"), py::arg("D"), py::arg("scale"),
+        py::arg("causal"), py::arg("dtype"), py::arg("out"), py::arg("keep"));
+  m.def("prepare_decode", &prepare_decode, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("o"),
+        py::arg("context_lens"), py::arg("block_table"), py::arg("B"), py::arg("Hq"), py::arg("Hkv"),
+        py::arg("D"), py::arg("num_blocks"), py::arg("block_size"), py::arg("max_blocks"), py::arg("scale"),
+        py::arg("dtype"), py::arg("out"), py::arg("keep"));
   m.def("cpu_features", []() {
     const auto& f = pk::cpu::features();
     py::dict d;

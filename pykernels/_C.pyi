@@ -6,6 +6,9 @@ can itself (null pointers, sizes >= 1 and without overflow, dtype, device, GQA, 
 context lengths and block table) and raises ValueError naming the argument.
 """
 
+from collections.abc import Callable
+from typing import Any
+
 has_cuda: bool
 
 def gemm(a: int, b: int, c: int, M: int, N: int, K: int, dtype: int, device: int = 0, stream: int = 0) -> None: ...
@@ -14,6 +17,15 @@ def attention(q: int, k: int, v: int, o: int, B: int, Hq: int, Hkv: int, S: int,
 def decode(q: int, k_cache: int, v_cache: int, o: int, context_lens: int, block_table: int, B: int, Hq: int,
            Hkv: int, D: int, num_blocks: int, block_size: int, max_blocks: int, scale: float, dtype: int,
            device: int = 0, stream: int = 0) -> None: ...
+# Prepared CPU calls (what pk.prepare returns for the native backend on CPU): the same checks once, then a
+# zero-argument function that runs the kernel and returns `out`; `keep` holds the operands alive.
+def prepare_gemm(a: int, b: int, c: int, M: int, N: int, K: int, dtype: int, out: object,
+                 keep: object) -> Callable[[], Any]: ...
+def prepare_attention(q: int, k: int, v: int, o: int, B: int, Hq: int, Hkv: int, S: int, D: int, scale: float,
+                      causal: bool, dtype: int, out: object, keep: object) -> Callable[[], Any]: ...
+def prepare_decode(q: int, k_cache: int, v_cache: int, o: int, context_lens: int, block_table: int, B: int,
+                   Hq: int, Hkv: int, D: int, num_blocks: int, block_size: int, max_blocks: int, scale: float,
+                   dtype: int, out: object, keep: object) -> Callable[[], Any]: ...
 def cpu_features() -> dict[str, bool]: ...
 def build_info() -> dict[str, object]: ...
 

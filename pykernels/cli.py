@@ -1,6 +1,6 @@
 """The `pykernels` command.
 
-    pykernels bench [--sweep quick|full|smoke | --shape K=V,... | --model NAME] [--backend NAME]...
+    pykernels bench [--sweep quick|full|small|smoke | --shape K=V,... | --model NAME] [--backend NAME]...
                     [--kernel FAMILY]... [--dtype DT]... [--json out.json] [--resume] [-- PYTEST ARGS]
     pykernels info [--device cpu|cuda] [--peaks] [--json] [--support]
     pykernels report RESULTS... [--format terminal|md|csv] [--md [FILE]] [--csv FILE]
@@ -51,8 +51,9 @@ def _add_bench(sub):
                     "sweeps shipped in the package, with the package's own pytest configuration (works in any "
                     "directory). Arguments after -- go to pytest unchanged.",
         epilog="Exit status: 0 all measured and correct; 1 a case failed or nothing was measured; 2 usage error.")
-    p.add_argument("--sweep", choices=("smoke", "quick", "full"), default=None,
-                   help="shape sweep (default quick): smoke (tiny), quick (< 5 min on 2 cores), full (+ ref-7b-2k)")
+    p.add_argument("--sweep", choices=("smoke", "small", "quick", "full"), default=None,
+                   help="shape sweep (default quick): smoke (tiny), small (fixed costs: GEMM 16^3-128^3, ...), "
+                        "quick (< 5 min on 2 cores), full (+ ref-7b-2k)")
     p.add_argument("--shape", action="append", default=[], metavar="K=V,...",
                    help="instead of --sweep, this shape (repeatable): 'M=4096,N=4096,K=4096' (gemm), "
                         "'B=1,Hq=32,Hkv=8,S=2048,D=128,causal=1' (attention), "

@@ -32,9 +32,9 @@ import time
 import pytest
 
 FAMILIES = ("gemm", "attention", "decode")
-SWEEP_NAMES = ("smoke", "quick", "full")
+SWEEP_NAMES = ("smoke", "small", "quick", "full")
 NEVER_TIMED = {"triton_interpret": "correctness only (Triton's interpreter): never timed, never in penalty tables"}
-SWEEP_BUDGET_S = {"smoke": 0.2, "quick": 0.5, "full": 1.5}
+SWEEP_BUDGET_S = {"smoke": 0.2, "small": 0.3, "quick": 0.5, "full": 1.5}
 # Checking an output needs its float64 reference: ~FLOPs / 30 GFLOP/s on the 2-core CPU. Above this many
 # FLOPs (or bytes) the check runs on a slice (64 rows of a GEMM, one KV-head group of attention, 2 sequences of a
 # decode), which still catches a wrong kernel; the record says checked="slice".
@@ -520,7 +520,9 @@ def _measure(request, family, case, name, backend, device, key, group) -> None:
     config = request.config
     st = _state(config)
     inputs, (check, exp, checked) = _inputs_and_check(config, case, device)
+    t_prepare = time.perf_counter()
     fn = pk.prepare(family, backend=name, **inputs, **case.problem.call_kwargs())
+    prepare_s = time.perf_counter() - t_prepare  # validation + the backend's prepare hook: one-off, recorded
     out = fn()  # first call: compilation / autotuning / lazy init, never timed
     if not st["timing"]:
         err, ok = check(out)
@@ -574,6 +576,7 @@ def _measure(request, family, case, name, backend, device, key, group) -> None:
     ex["recheck_ok"] = ok2
     ex["copy_bytes_per_s_this_run"] = st["copy"]["copy_bytes_per_s"]
     ex["read_bytes_per_s_this_run"] = st["copy"]["read_bytes_per_s"]
+    ex["prepare_s"] = prepare_s
     _journal(config).append(key, {"status": "measured", "extra_info": ex, "samples": stats.samples,
                                   "timing_wall_s": round(time.perf_counter() - t_case, 3),
                                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})

@@ -111,6 +111,7 @@ def test_benchmark_json_extra_info_machine_info_and_journal(project):
         assert k in ex, k
     assert ex["ok"] is True and ex["peak_bw"] == 1e12 and ex["checked"] == "full+fresh" and ex["recheck_ok"] is True
     assert ex["copy_bytes_per_s_this_run"] > 1e8 and ex["read_bytes_per_s_this_run"] > 1e8
+    assert 0 < ex["prepare_s"] < 60  # the one-off cost of pk.prepare, recorded beside the result
     assert b["stats"]["rounds"] == ex["rounds"]  # pytest-benchmark got our timer's samples
     assert b["stats"]["median"] == pytest.approx(ex["median_s"])
     assert b["group"].startswith("gemm float32 ")

@@ -3,6 +3,7 @@
     python tools/issue6.py --out results/cpu-zen4-2c/issue6 [--budget 4] [--threads 2]
     python tools/issue6.py --from-json results/cpu-zen4-2c/issue6.json --out results/cpu-zen4-2c/issue6 \
         --readme README.md          # no measuring: the Markdown again from the JSON, pasted into the README
+    python tools/issue6.py --overhead --out results/cpu-zen4-2c/overhead     (small shapes: tools/overhead.py)
 
 For every case of the `quick` sweep (pykernels/harness/sweeps.py) the native and the torch callables (from
 pk.prepare: validation and the first call happen before timing) are timed round-robin, one call of each
@@ -75,7 +76,16 @@ def main(argv=None) -> int:
                     help="measure nothing: write OUT.md from this earlier OUT.json (the current convention)")
     ap.add_argument("--readme", default=None, metavar="FILE",
                     help="paste OUT.md between the issue6-table markers of FILE (the README)")
+    ap.add_argument("--overhead", action="store_true",
+                    help="instead: the issue-21 fixed-cost table (small shapes, pk.gemm - prepared), tools/overhead.py")
     args = ap.parse_args(argv)
+    if args.overhead:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import overhead
+
+        return overhead.main(["--out", args.out, "--budget", str(min(args.budget, 2.0))]
+                             + (["--threads", str(args.threads)] if args.threads else [])
+                             + [x for k in args.kernel for x in ("--kernel", k)])
     if args.from_json:
         doc = json.loads(Path(args.from_json).read_text())
         out = Path(args.out)

@@ -139,7 +139,8 @@ def _performance(backend: str, device: str, plugins, budget_s: float, case_timeo
         entry = {"case": cid, "backend": backend, "status": mine.get("status"), "detail": mine.get("detail", ""),
                  "check": mine.get("check"), "checked": mine.get("checked"),
                  "median_s": mine.get("median_s"), "tflops": mine.get("tflops"), "gbps": mine.get("gbps"),
-                 "pct_of_peak": mine.get("pct_of_peak"), "penalty_vs": {}, "speedup_vs": {}}
+                 "pct_of_peak": mine.get("pct_of_peak"), "penalty_vs": {}, "speedup_vs": {},
+                 "prepare_s": mine.get("prepare_s")}
         for other, r in per.items():
             if other == backend or r.get("status") != PASS or not r.get("median_s") or not mine.get("median_s"):
                 continue
