@@ -2,8 +2,9 @@
 // f32 and bf16 in/out. Built with -mavx2 -mfma -mno-avx512f (CMakeLists.txt).
 //
 // Paths:
-//   direct  M <= 4 (decode batches): B streamed once, never packed (bf16 widened in registers); the
-//           threads split N; each keeps an L1-sized fp32 block of C rows and adds 4 rows of B per pass.
+//   direct  M <= 4 (decode batches): B streamed once, never packed (bf16 widened in registers); items
+//           of 64 rows of B go to the threads dynamically, each adds 4 rows of B per pass into a
+//           private fp32 partial of the C rows; the partials are summed at the end.
 //   packed  BLIS-style: work items are (MC rows x NC columns) blocks of C, handed out dynamically;
 //           per item and K block (KC) the rows of A are packed into [k][6] panels and B into [k][16]
 //           panels (bf16 widened to fp32 while packing), and the 6 x 16 micro-kernel runs over the
@@ -276,32 +277,43 @@ void direct_block(const T* A, int64_t lda, const T* B, int64_t ldb, int64_t k0, 
   for (int64_t i = 0; i < M * w; ++i) acc[i] += tmp[i];
 }
 
+// Work items are blocks of 64 whole rows of B (one contiguous run per column chunk), handed out
+// dynamically: a thread that loses its core to another process (2-core shared VM) does fewer of them
+// instead of holding the others up. Each thread adds its items into a private fp32 partial of the C
+// rows (M x W floats, 64 KB: L2); the partials are summed at the end of each column chunk.
 template <int M, class T> void gemm_direct(const GemmParams& p) {
+  constexpr int64_t kRows = 64;
   const int64_t N = p.N, K = p.K;
   const T* A = static_cast<const T*>(p.a);
   const T* B = static_cast<const T*>(p.b);
-  // Columns per block of C: M x W floats, twice (acc + tmp), in a quarter of L1d.
-  const int64_t W = std::max<int64_t>(64, caches().l1d / 4 / (2 * 4 * M) / 8 * 8);
-  const int64_t groups = cdiv(N, 64);  // threads own whole 64-column groups (256 B of each B row)
-  const int nt = static_cast<int>(std::min<int64_t>(pick_threads(p), groups));
+  const int64_t W = std::min<int64_t>(cdiv(N, 8) * 8, 16384 / M / 8 * 8), items = cdiv(K, kRows);
+  const int nt = static_cast<int>(std::min<int64_t>(pick_threads(p), items));
+  // The calling thread's arena (thread 0 of the team) holds every partial, then thread 0's item buffer.
+  float* parts = scratch(static_cast<size_t>((nt + 1) * M * W));
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     const int t = omp_get_thread_num(), n = omp_get_num_threads();
-    const int64_t n0 = std::min(N, groups * t / n * 64), n1 = std::min(N, groups * (t + 1) / n * 64);
-    float* acc = scratch(static_cast<size_t>(2 * M * W));
-    float* tmp = acc + M * W;
-    for (int64_t j0 = n0; j0 < n1; j0 += W) {
-      const int64_t w = std::min(W, n1 - j0);
-      std::fill(acc, acc + M * w, 0.f);
-      for (int64_t k0 = 0; k0 < K; k0 += 64) direct_block<M, T>(A, K, B, N, k0, std::min(K, k0 + 64), j0, w, acc, tmp);
+    float* part = parts + t * M * W;
+    float* tmp = t == 0 ? parts + nt * M * W : scratch(static_cast<size_t>(M * W));
+    for (int64_t j0 = 0; j0 < N; j0 += W) {
+      const int64_t w = std::min(W, N - j0);
+      std::fill(part, part + M * w, 0.f);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t it = 0; it < items; ++it)
+        direct_block<M, T>(A, K, B, N, it * kRows, std::min(K, (it + 1) * kRows), j0, w, part, tmp);
+      // (implicit barrier) every partial is complete; sum them, columns split over the threads
+      const int64_t c0 = w * t / n, c1 = w * (t + 1) / n;
       for (int64_t m = 0; m < M; ++m)
-        for (int64_t j = 0; j < w; ++j) {
+        for (int64_t j = c0; j < c1; ++j) {
+          float v = 0.f;
+          for (int u = 0; u < n; ++u) v += parts[u * M * W + m * w + j];  // partials are M x w
           if constexpr (std::is_same_v<T, float>) {
-            static_cast<float*>(p.c)[m * N + j0 + j] = acc[m * w + j];
+            static_cast<float*>(p.c)[m * N + j0 + j] = v;
           } else {
-            static_cast<u16*>(p.c)[m * N + j0 + j] = float_to_bf16(acc[m * w + j]);
+            static_cast<u16*>(p.c)[m * N + j0 + j] = float_to_bf16(v);
           }
         }
+#pragma omp barrier
     }
   }
 }
