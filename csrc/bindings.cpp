@@ -10,6 +10,7 @@
 #include <limits>
 #include <stdexcept>
 #include <functional>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -522,6 +523,20 @@ py::cpp_function prepare_decode(std::uintptr_t q, std::uintptr_t k_cache, std::u
   });
 }
 
+// Selects an ISA tier by name; ValueError naming `what` (the argument or the environment variable).
+void set_cpu_isa_checked(const char* what, const std::string& name) {
+  pk::cpu::Isa t;
+  if (!pk::cpu::parse_isa(name.c_str(), &t))
+    throw py::value_error(std::string(what) + ": unknown CPU ISA tier '" + name + "' (known: avx512, avx2, portable)");
+  if (!pk::cpu::isa_supported(t)) {
+    std::string have;
+    for (auto u : {pk::cpu::Isa::avx512, pk::cpu::Isa::avx2, pk::cpu::Isa::portable})
+      if (pk::cpu::isa_supported(u)) have += std::string(have.empty() ? "" : ", ") + pk::cpu::isa_name(u);
+    throw py::value_error(std::string(what) + ": this CPU cannot run the '" + name + "' tier (it runs: " + have + ")");
+  }
+  pk::cpu::set_isa(t);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -555,6 +570,27 @@ PYBIND11_MODULE(_C, m) {
     d["amx_bf16"] = f.amx_bf16;
     return d;
   });
+  // ISA tiers (csrc/cpu/cpu.h). PYKERNELS_CPU_ISA=avx512|avx2|portable, read here once, picks the tier
+  // for the process; an unknown or unsupported name makes the import fail (pybind11 turns the ValueError
+  // raised in module init into an ImportError with the same message; backend native then reports it).
+  m.def("cpu_isa", []() { return std::string(pk::cpu::isa_name(pk::cpu::active_isa())); });
+  m.def("cpu_isas", []() {
+    py::list l;
+    for (auto t : {pk::cpu::Isa::avx512, pk::cpu::Isa::avx2, pk::cpu::Isa::portable})
+      if (pk::cpu::isa_supported(t)) l.append(pk::cpu::isa_name(t));
+    return l;
+  });
+  m.def("set_cpu_isa", [](const std::string& name) { set_cpu_isa_checked("name", name); }, py::arg("name"));
+  m.def("cpu_caches", []() {
+    const auto& c = pk::cpu::caches();
+    py::dict d;
+    d["l1d"] = c.l1d;
+    d["l2"] = c.l2;
+    d["l3"] = c.l3;
+    d["l3_sharing"] = c.l3_sharing;
+    return d;
+  });
+  if (const char* env = std::getenv("PYKERNELS_CPU_ISA"); env && *env) set_cpu_isa_checked("PYKERNELS_CPU_ISA", env);
   m.def("build_info", []() {
     py::dict d;
 #if defined(PK_WITH_CUDA)
