@@ -78,7 +78,7 @@ void check_scale(const std::string& fn, double scale) {
 }
 
 void gemm(std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, int64_t M, int64_t N, int64_t K, int dtype,
-          int device, std::uintptr_t stream) {
+          int device, std::uintptr_t stream, bool transb) {
   const std::string fn = "gemm";
   check_ptr(fn, "a", a);
   check_ptr(fn, "b", b);
@@ -90,15 +90,20 @@ void gemm(std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, int64_t M, int64
   check_device(fn, device);
   const int64_t es = pk::dtype_size(dt);
   checked_bytes(fn, "a", {M, K}, es);
-  checked_bytes(fn, "b", {K, N}, es);
+  if (transb) {
+    checked_bytes(fn, "b", {N, K}, es);
+  } else {
+    checked_bytes(fn, "b", {K, N}, es);
+  }
   checked_bytes(fn, "c", {M, N}, es);
   pk::GemmParams p{reinterpret_cast<const void*>(a), reinterpret_cast<const void*>(b),
-                   reinterpret_cast<void*>(c), M, N, K, dt};
+                   reinterpret_cast<void*>(c), M, N, K, dt, transb};
   if (device == kCpu) {
     py::gil_scoped_release nogil;
     pk::cpu::gemm(p);
     return;
   }
+  if (transb) fail(fn, "argument 'transb': B stored [N, K] is implemented on the CPU only");
 #if defined(PK_WITH_CUDA)
   check_on_device(fn, "a", a);
   check_on_device(fn, "b", b);
@@ -216,7 +221,7 @@ void decode(std::uintptr_t q, std::uintptr_t k_cache, std::uintptr_t v_cache, st
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pykernels native kernels (private; use the pykernels package API)";
   m.def("gemm", &gemm, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("M"), py::arg("N"), py::arg("K"),
-        py::arg("dtype"), py::arg("device") = kCpu, py::arg("stream") = 0);
+        py::arg("dtype"), py::arg("device") = kCpu, py::arg("stream") = 0, py::arg("transb") = false);
   m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("B"),
         py::arg("Hq"), py::arg("Hkv"), py::arg("S"), py::arg("D"), py::arg("scale"), py::arg("causal"),
         py::arg("dtype"), py::arg("device") = kCpu, py::arg("stream") = 0);

@@ -8,7 +8,8 @@ context lengths and block table) and raises ValueError naming the argument.
 
 has_cuda: bool
 
-def gemm(a: int, b: int, c: int, M: int, N: int, K: int, dtype: int, device: int = 0, stream: int = 0) -> None: ...
+def gemm(a: int, b: int, c: int, M: int, N: int, K: int, dtype: int, device: int = 0, stream: int = 0,
+         transb: bool = False) -> None: ...
 def attention(q: int, k: int, v: int, o: int, B: int, Hq: int, Hkv: int, S: int, D: int, scale: float,
               causal: bool, dtype: int, device: int = 0, stream: int = 0) -> None: ...
 def decode(q: int, k_cache: int, v_cache: int, o: int, context_lens: int, block_table: int, B: int, Hq: int,

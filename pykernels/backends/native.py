@@ -54,6 +54,9 @@ class NativeBackend(Backend):
         if device_type == "cuda" and not _ext().has_cuda:
             return ("backend 'native' was built without CUDA (no CUDA compiler at build time); rebuild with "
                     "PYKERNELS_CUDA=ON on a machine with nvcc")
+        if family == "gemm" and shape.get("layout", "nn") == "nt" and device_type == "cuda":
+            return ("backend 'native' implements linear (gemm layout 'nt', b stored [N, K]) on CPU only; the "
+                    "CUDA GEMM reads B as [K, N]")
         d = shape.get("D")
         if family in ("attention", "decode") and d is not None and d not in HEAD_DIMS:
             return f"backend 'native' supports head dims {HEAD_DIMS} for {family}, got D={d}"
@@ -65,6 +68,14 @@ class NativeBackend(Backend):
         c = torch.empty((M, N), dtype=a.dtype, device=a.device)
         dev, stream = _dev(a)
         _ext().gemm(a.data_ptr(), b.data_ptr(), c.data_ptr(), M, N, K, _DT_CODE[a.dtype], dev, stream)
+        return c
+
+    def linear(self, x, w):
+        M, K = x.shape
+        N = w.shape[0]
+        c = torch.empty((M, N), dtype=x.dtype, device=x.device)
+        dev, stream = _dev(x)
+        _ext().gemm(x.data_ptr(), w.data_ptr(), c.data_ptr(), M, N, K, _DT_CODE[x.dtype], dev, stream, transb=True)
         return c
 
     def attention(self, q, k, v, *, causal, scale):

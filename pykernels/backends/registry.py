@@ -60,6 +60,9 @@ class Backend:
             names = ", ".join(str(d).replace("torch.", "") for d in supported)
             return (f"backend {self.name!r} does not support dtype {str(dtype).replace('torch.', '')} for "
                     f"{family!r} on {device_type} (supported: {names})")
+        if family == "gemm" and shape.get("layout", "nn") != "nn" and type(self).linear is Backend.linear:
+            return (f"backend {self.name!r} does not implement linear (gemm with b stored [N, K], layout "
+                    f"{shape.get('layout')!r})")
         return None
 
     def families(self) -> tuple[str, ...]:
@@ -67,6 +70,11 @@ class Backend:
 
     # Family entry points -------------------------------------------------------------------------
     def gemm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x [M, K] . w[N, K]^T -> [M, N] (pk.linear; the gemm family's layout "nt"). Optional: a backend
+        that does not override it is reported as not supporting that layout, never run through a copy."""
         raise NotImplementedError
 
     def attention(self, q, k, v, *, causal: bool, scale: float) -> torch.Tensor:

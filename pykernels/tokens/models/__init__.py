@@ -6,11 +6,13 @@ decode step at context L and batch B, with how many times each runs. Like the pr
 pykernels/kernels/, nothing here times anything: the token report (pykernels/tokens/metering.py) and the sweep
 look these problems up in measured results.
 
-The decoder is Llama-shaped: per layer RMSNorm -> fused QKV projection -> rotary embedding -> causal
+Every projection is a linear layer: a GEMM with the weight stored [N, K] (GemmProblem layout "nt",
+pk.linear). The decoder is Llama-shaped: per layer RMSNorm -> fused QKV projection -> rotary embedding -> causal
 attention (decode attention against the KV cache in a decode step) -> output projection -> residual ->
 RMSNorm -> fused gate+up projection -> SwiGLU -> down projection -> residual; then a final RMSNorm and
-the LM head. Norms, rotary embedding, the activation, residual adds and the embedding lookup are not
-kernels of this suite: pykernels/tokens/layer.py measures how much of a layer's time they take.
+the LM head. Norms, rotary embedding, the activation, residual adds, the KV-cache append, the embedding
+lookup and the argmax are not kernels of this suite: pykernels/tokens/stepops.py times them as rows of
+their own, and pykernels/tokens/layer.py measures how much of a layer's time the kernels cover.
 """
 
 from __future__ import annotations
@@ -198,13 +200,18 @@ class Workload:
         return list(seen)
 
 
+def _linear(M: int, N: int, K: int) -> GemmProblem:
+    # Weights as a model holds them, [N, K] (pk.linear): what every framework's linear layer runs.
+    return GemmProblem(M, N, K, layout="nt")
+
+
 def _layer_gemms(m: ModelConfig, rows: int) -> list[tuple[str, GemmProblem]]:
     h = m.hidden
     return [
-        ("qkv", GemmProblem(rows, m.qkv_width, h)),
-        ("o", GemmProblem(rows, h, m.heads * m.head_dim)),
-        ("gate_up", GemmProblem(rows, 2 * m.ffn, h)),
-        ("down", GemmProblem(rows, h, m.ffn)),
+        ("qkv", _linear(rows, m.qkv_width, h)),
+        ("o", _linear(rows, h, m.heads * m.head_dim)),
+        ("gate_up", _linear(rows, 2 * m.ffn, h)),
+        ("down", _linear(rows, h, m.ffn)),
     ]
 
 
@@ -225,12 +232,12 @@ def derive(
     pre = [(r, p) for r, p in _layer_gemms(m, P)]
     pre.insert(1, ("attention", AttentionProblem(1, m.heads, m.kv_heads, P, m.head_dim, causal=True)))
     prefill = tuple(KernelCall(r, p, n) for r, p in pre) + (
-        KernelCall("lm_head", GemmProblem(1, m.vocab, m.hidden), 1),
+        KernelCall("lm_head", _linear(1, m.vocab, m.hidden), 1),
     )
     dec = [(r, p) for r, p in _layer_gemms(m, batch)]
     dec.insert(1, ("decode", DecodeProblem(batch, m.heads, m.kv_heads, L, m.head_dim)))
     decode = tuple(KernelCall(r, p, n) for r, p in dec) + (
-        KernelCall("lm_head", GemmProblem(batch, m.vocab, m.hidden), 1),
+        KernelCall("lm_head", _linear(batch, m.vocab, m.hidden), 1),
     )
     return Workload(m, P, L, batch, Phase("prefill", P, prefill), Phase("decode", batch, decode))
 
