@@ -222,9 +222,10 @@ def prepare(family: str, *, backend="native", **inputs) -> Callable[[], torch.Te
     return lambda: fn(*pos, **kw)
 
 
-def gemm(a: torch.Tensor, b: torch.Tensor, *, backend: str = "native") -> torch.Tensor:
-    """C = A . B; a [M, K], b [K, N], row-major, same dtype -> [M, N] in that dtype (fp32 accumulation)."""
-    return prepare("gemm", backend=backend, a=a, b=b)()
+def gemm(a: torch.Tensor, b: torch.Tensor, *, backend: str = "native", layout: str = "nn") -> torch.Tensor:
+    """C = A . B; a [M, K], b [K, N], row-major, same dtype -> [M, N] in that dtype (fp32 accumulation).
+    layout="nt": b is [N, K] and C = A . B^T (the same as pk.linear(a, b))."""
+    return prepare("gemm", backend=backend, a=a, b=b, layout=layout)()
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, *, backend: str = "native") -> torch.Tensor:
