@@ -161,15 +161,19 @@ def hf_callables(hf, workload, device: str = "cpu"):
             out = hf(input_ids=prompt_ids, use_cache=True, logits_to_keep=1)
             return out.logits[:, -1].argmax(-1)
 
+    # transformers >= 5.2x calls the cache argument `cache` (`past_key_values` is deprecated there)
+    import inspect
+
+    ckw = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
     with torch.inference_mode():
         cache = DynamicCache()
-        hf(input_ids=ctx_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        hf(input_ids=ctx_ids, use_cache=True, logits_to_keep=1, **{ckw: cache})
 
     def decode():
         with torch.inference_mode():
-            out = hf(input_ids=step_ids, past_key_values=cache, use_cache=True)
+            out = hf(input_ids=step_ids, use_cache=True, **{ckw: cache})
             tok = out.logits[:, -1].argmax(-1)
-            cache.crop(L - 1)
+            cache.crop(-1)  # back to L - 1 cached tokens (a negative count: removed from the end)
             return tok
 
     return prefill, decode
