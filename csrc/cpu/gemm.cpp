@@ -290,34 +290,47 @@ template <class P> void tile(int R, const typename P::Elem* a, const typename P:
 // fewer items, and nobody waits for it mid-way.
 // =====================================================================================================
 // B stored [N, K] (GemmParams::transb, pk.linear): the same panels as P::pack_b, filled from B^T.
-// Element (k, n) of the block is src[n * ldb + k], so a panel column is a contiguous run of K and a
-// bf16 K-pair (B[n][k], B[n][k+1]) is one aligned-or-not u32 load, low half first as pack_a makes it.
+// Element (k, n) of the block is src[n * ldb + k]: a panel column is a contiguous run of K, and a bf16
+// K-pair (B[n][k], B[n][k+1]) is one u32, low half first as pack_a makes it. Blocked by one cache line
+// of K per column (KB elements), so a 32-column x KB block is read line by line and written into L1.
+// Consecutive columns are ldb elements apart (16 KB at K = 4096 fp32): a new page per column, which the
+// hardware prefetcher does not follow; the lines kPackTPrefetchCols columns ahead are prefetched.
 // Plain C++ for every policy: it runs once per block of B, like pack_b, not in the micro-kernel.
+constexpr int64_t kPackTPrefetchCols = 8;
 template <class P, class Src>
 void pack_bt(const Src* src, int64_t ldb, int64_t kc, int64_t r0, int64_t r1, int64_t nc, typename P::Elem* dst) {
   using E = typename P::Elem;
-  constexpr int64_t NR = P::NR, KG = P::KG;
+  constexpr int64_t NR = P::NR, KG = P::KG, KB = 64 / int64_t(sizeof(Src));
+  static_assert(KB % KG == 0, "a cache line of K holds whole K-pairs");
   const int64_t kcu = cdiv(kc, KG);
-  for (int64_t q = 0; q * NR < nc; ++q)
-    for (int64_t j = 0; j < NR; ++j) {
-      const int64_t n = q * NR + j;
-      const Src* s = src + n * ldb;
-      for (int64_t k = r0; k < r1; k += KG) {
-        E& d = dst[(q * kcu + k / KG) * NR + j];
-        if (n >= nc) {
-          d = E(0);
-        } else if constexpr (KG == 1) {
-          if constexpr (std::is_same_v<Src, float>) {
-            d = s[k];
+  for (int64_t q = 0; q * NR < nc; ++q) {
+    E* dq = dst + q * kcu * NR;
+    const int64_t cols = std::min(NR, nc - q * NR);
+    for (int64_t k0 = r0; k0 < r1; k0 += KB) {
+      const int64_t k1 = std::min(r1, k0 + KB);
+      for (int64_t j = 0; j < NR; ++j) {
+        if (j >= cols) {
+          for (int64_t k = k0; k < k1; k += KG) dq[(k / KG) * NR + j] = E(0);
+          continue;
+        }
+        const int64_t n = q * NR + j;
+        if (n + kPackTPrefetchCols < nc) __builtin_prefetch(src + (n + kPackTPrefetchCols) * ldb + k0);
+        const Src* s = src + n * ldb;
+        for (int64_t k = k0; k < k1; k += KG) {
+          if constexpr (KG == 1) {
+            if constexpr (std::is_same_v<Src, float>) {
+              dq[k * NR + j] = s[k];
+            } else {
+              dq[k * NR + j] = bf16_to_float(s[k]);
+            }
           } else {
-            d = bf16_to_float(s[k]);
+            static_assert(KG == 2 && std::is_same_v<Src, u16>, "K-pairs are packed from bf16 only");
+            dq[(k / 2) * NR + j] = static_cast<u32>(s[k]) | (k + 1 < kc ? static_cast<u32>(s[k + 1]) << 16 : 0u);
           }
-        } else {
-          static_assert(KG == 2 && std::is_same_v<Src, u16>, "K-pairs are packed from bf16 only");
-          d = static_cast<u32>(s[k]) | (k + 1 < kc ? static_cast<u32>(s[k + 1]) << 16 : 0u);
         }
       }
     }
+  }
 }
 
 // The B block at (k0, j0) of either layout, packed by the policy's pack_b or by pack_bt.
