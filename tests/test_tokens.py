@@ -537,6 +537,10 @@ def test_native_binding_checks_transb():
 def test_models_use_linear():
     wl = models.derive("tiny", prompt=8, context=16, batch=2)
     assert all(c.problem.layout == "nt" for ph in wl.phases for c in ph.calls if c.family == "gemm")
+    # unfused (transformers' Llama): q, k, v, gate, up apart; the same FLOPs
+    un = models.derive("tiny", prompt=8, context=16, batch=2, fused=False)
+    assert not un.fused and {c.role for c in un.decode.calls} >= {"q", "k", "v", "gate", "up"}
+    assert un.prefill.flops() == wl.prefill.flops() and un.decode.flops() == wl.decode.flops()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ nothing downloaded; attn_implementation="sdpa"), and in the same process, with t
 - measures TPOT: one decode step of `batch` sequences against a pre-filled DynamicCache of context-1
   tokens (the step makes it `context`), plus the argmax. The cache is cropped back after each step
   (two slices per layer, inside the timed call: microseconds);
-- predicts both with `pykernels tokens --measure` for the `torch` backend (kernels + the rest of the step,
+- predicts both with `pykernels tokens --measure --unfused` for the `torch` backend (separate q/k/v and
+  gate/up linears, as transformers runs them; kernels + the rest of the step,
   the KV-cache append counted as transformers' DynamicCache does it: torch.cat), the dispatch row using
   the number of aten ops the transformers step really dispatches;
 - prints measured / predicted per row. Target (issue 17): TTFT within 10%, TPOT within 15%.
@@ -30,6 +31,7 @@ from ..harness import timing
 from ..kernels import dtype_of
 from ..kernels._common import dtype_name
 from . import stepops
+from .models import derive
 
 TTFT_TARGET = 0.10
 TPOT_TARGET = 0.15
@@ -187,6 +189,9 @@ def run_check(args, workload) -> int:
     from .measure import measure
     from .metering import _command_line
 
+    # transformers' Llama runs q, k, v and gate, up as separate linears: predict those shapes
+    workload = derive(workload.model, prompt=workload.prompt, context=workload.context, batch=workload.batch,
+                      fused=False)
     dtypes = args.dtype or ["float32"]
     out_dir = Path(args.out) if args.out else None
     threads = torch.get_num_threads()

@@ -212,6 +212,7 @@ def measure(
             "prompt": workload.prompt,
             "context": workload.context,
             "batch": workload.batch,
+            "fused": workload.fused,
             "threads": torch.get_num_threads(),
             "dtypes": list(dtypes),
             "backends": list(backends),

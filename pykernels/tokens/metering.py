@@ -137,7 +137,7 @@ def recorded(paths) -> list[tuple[str, dict]]:
     return out
 
 
-WORKLOAD_KEYS = ("model", "prompt", "context", "batch")
+WORKLOAD_KEYS = ("model", "prompt", "context", "batch", "fused")
 
 
 def recorded_workload(recs: list[tuple[str, dict]]) -> dict:
@@ -484,7 +484,8 @@ def to_markdown(
             f"{m.layers} layers, hidden {m.hidden}, {m.heads} query / {m.kv_heads} KV heads × {m.head_dim}, "
             f"FFN {m.ffn}, vocabulary {m.vocab}; {m.parameters() / 1e9:.3f} B parameters. "
             f"Prefill {w.prefill.flops() / 1e12:.4g} TFLOP, decode step {w.decode.flops() / 1e9:.4g} GFLOP, "
-            f"{len(w.problems())} distinct kernel problems."
+            f"{len(w.problems())} distinct kernel problems"
+            + ("." if w.fused else " (q/k/v and gate/up as separate linears: --unfused).")
         ),
         "",
         (
@@ -677,6 +678,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="override the model's layer count (e.g. --model ref-7b-2k --layers 2 for --check hf)")
     p.add_argument("--batch", type=int, default=None,
                    help="sequences per decode step (default: what a --measure file recorded, else 1)")
+    p.add_argument("--unfused", action="store_true",
+                   help="separate q/k/v and gate/up projections (as transformers' Llama runs them) instead of fused")
     p.add_argument("--kv-append", default="inplace", choices=("inplace", "paged", "cat"),
                    help="the KV-cache append counted in the rest of a step (default inplace; cat: transformers' "
                    "DynamicCache)")
@@ -736,7 +739,8 @@ def _workload(args, rec: dict) -> _models.Workload:
     for key in ("prompt", "context", "batch"):
         v = getattr(args, key)
         kw[key] = v if v is not None else (rec.get(key) if same else None)
-    return _models.derive(model, prompt=kw["prompt"], context=kw["context"], batch=kw["batch"] or 1)
+    fused = not getattr(args, "unfused", False) and rec.get("fused", True)
+    return _models.derive(model, prompt=kw["prompt"], context=kw["context"], batch=kw["batch"] or 1, fused=fused)
 
 
 def run(args) -> int:

@@ -186,6 +186,7 @@ class Workload:
     batch: int
     prefill: Phase
     decode: Phase
+    fused: bool = True  # fused QKV and gate+up projections (False: separate, as transformers' Llama)
 
     @property
     def phases(self) -> tuple[Phase, Phase]:
@@ -205,8 +206,18 @@ def _linear(M: int, N: int, K: int) -> GemmProblem:
     return GemmProblem(M, N, K, layout="nt")
 
 
-def _layer_gemms(m: ModelConfig, rows: int) -> list[tuple[str, GemmProblem]]:
+def _layer_gemms(m: ModelConfig, rows: int, fused: bool = True) -> list[tuple[str, GemmProblem]]:
     h = m.hidden
+    if not fused:  # q, k, v and gate, up as separate linears: what transformers' LlamaForCausalLM runs
+        return [
+            ("q", _linear(rows, m.heads * m.head_dim, h)),
+            ("k", _linear(rows, m.kv_heads * m.head_dim, h)),
+            ("v", _linear(rows, m.kv_heads * m.head_dim, h)),
+            ("o", _linear(rows, h, m.heads * m.head_dim)),
+            ("gate", _linear(rows, m.ffn, h)),
+            ("up", _linear(rows, m.ffn, h)),
+            ("down", _linear(rows, h, m.ffn)),
+        ]
     return [
         ("qkv", _linear(rows, m.qkv_width, h)),
         ("o", _linear(rows, h, m.heads * m.head_dim)),
@@ -216,12 +227,13 @@ def _layer_gemms(m: ModelConfig, rows: int) -> list[tuple[str, GemmProblem]]:
 
 
 def derive(
-    model: ModelConfig | str, *, prompt: int | None = None, context: int | None = None, batch: int = 1
+    model: ModelConfig | str, *, prompt: int | None = None, context: int | None = None, batch: int = 1,
+    fused: bool = True,
 ) -> Workload:
     """Kernel problems and counts of one prefill of `prompt` tokens (batch 1; default: the model's
     context) and one decode step of `batch` sequences that each attend to `context` cached tokens
     (default: the model's context). The LM head runs for the last prompt token only in the prefill,
-    for every sequence in the decode step."""
+    for every sequence in the decode step. fused=False: q/k/v and gate/up as separate linears."""
     m = load(model) if isinstance(model, (str, Path)) else model
     P = m.context if prompt is None else prompt
     L = m.context if context is None else context
@@ -229,17 +241,17 @@ def derive(
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"argument '{n}' must be a positive int, got {v!r}")
     n = m.layers
-    pre = [(r, p) for r, p in _layer_gemms(m, P)]
+    pre = [(r, p) for r, p in _layer_gemms(m, P, fused)]
     pre.insert(1, ("attention", AttentionProblem(1, m.heads, m.kv_heads, P, m.head_dim, causal=True)))
     prefill = tuple(KernelCall(r, p, n) for r, p in pre) + (
         KernelCall("lm_head", _linear(1, m.vocab, m.hidden), 1),
     )
-    dec = [(r, p) for r, p in _layer_gemms(m, batch)]
+    dec = [(r, p) for r, p in _layer_gemms(m, batch, fused)]
     dec.insert(1, ("decode", DecodeProblem(batch, m.heads, m.kv_heads, L, m.head_dim)))
     decode = tuple(KernelCall(r, p, n) for r, p in dec) + (
         KernelCall("lm_head", _linear(batch, m.vocab, m.hidden), 1),
     )
-    return Workload(m, P, L, batch, Phase("prefill", P, prefill), Phase("decode", batch, decode))
+    return Workload(m, P, L, batch, Phase("prefill", P, prefill), Phase("decode", batch, decode), fused)
 
 
 def model_problems(
