@@ -100,7 +100,7 @@ template <class F> void run_cpu(bool release_gil, const F& kernel) {
 }
 
 pk::GemmParams gemm_params(const std::string& fn, std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, int64_t M,
-                           int64_t N, int64_t K, int dtype, int device) {
+                           int64_t N, int64_t K, int dtype, int device, bool transb = false) {
   check_ptr(fn, "a", a);
   check_ptr(fn, "b", b);
   check_ptr(fn, "c", c);
@@ -111,19 +111,24 @@ pk::GemmParams gemm_params(const std::string& fn, std::uintptr_t a, std::uintptr
   check_device(fn, device);
   const int64_t es = pk::dtype_size(dt);
   checked_bytes(fn, "a", {M, K}, es);
-  checked_bytes(fn, "b", {K, N}, es);
+  if (transb) {
+    checked_bytes(fn, "b", {N, K}, es);
+  } else {
+    checked_bytes(fn, "b", {K, N}, es);
+  }
   checked_bytes(fn, "c", {M, N}, es);
   return pk::GemmParams{reinterpret_cast<const void*>(a), reinterpret_cast<const void*>(b),
-                        reinterpret_cast<void*>(c), M, N, K, dt};
+                        reinterpret_cast<void*>(c), M, N, K, dt, transb};
 }
 
 bool gemm_release_gil(const pk::GemmParams& p) { return 2.0 * p.M * p.N * p.K >= kReleaseGilFlops; }
 
 void gemm(std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, int64_t M, int64_t N, int64_t K, int dtype,
-          int device, std::uintptr_t stream) {
+          int device, std::uintptr_t stream, bool transb) {
   const std::string fn = "gemm";
-  const pk::GemmParams p = gemm_params(fn, a, b, c, M, N, K, dtype, device);
+  const pk::GemmParams p = gemm_params(fn, a, b, c, M, N, K, dtype, device, transb);
   if (device == kCpu) return run_cpu(gemm_release_gil(p), [&] { pk::cpu::gemm(p); });
+  if (transb) fail(fn, "argument 'transb': B stored [N, K] is implemented on the CPU only");
 #if defined(PK_WITH_CUDA)
   check_on_device(fn, "a", a);
   check_on_device(fn, "b", b);
@@ -493,8 +498,8 @@ py::cpp_function prepared(std::function<void()> kernel, bool release_gil, py::ob
 }
 
 py::cpp_function prepare_gemm(std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, int64_t M, int64_t N, int64_t K,
-                              int dtype, py::object out, py::object keep) {
-  const pk::GemmParams p = gemm_params("prepare_gemm", a, b, c, M, N, K, dtype, kCpu);
+                              int dtype, py::object out, py::object keep, bool transb) {
+  const pk::GemmParams p = gemm_params("prepare_gemm", a, b, c, M, N, K, dtype, kCpu, transb);
   return prepared([p] { pk::cpu::gemm(p); }, gemm_release_gil(p), std::move(out), std::move(keep));
 }
 
@@ -542,7 +547,7 @@ void set_cpu_isa_checked(const char* what, const std::string& name) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pykernels native kernels (private; use the pykernels package API)";
   m.def("gemm", &gemm, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("M"), py::arg("N"), py::arg("K"),
-        py::arg("dtype"), py::arg("device") = kCpu, py::arg("stream") = 0);
+        py::arg("dtype"), py::arg("device") = kCpu, py::arg("stream") = 0, py::arg("transb") = false);
   m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("B"),
         py::arg("Hq"), py::arg("Hkv"), py::arg("S"), py::arg("D"), py::arg("scale"), py::arg("causal"),
         py::arg("dtype"), py::arg("device") = kCpu, py::arg("stream") = 0);
@@ -553,7 +558,7 @@ PYBIND11_MODULE(_C, m) {
   // Prepared CPU calls: the same arguments without device and stream, plus the output tensor the call
   // returns and the operands it keeps alive.
   m.def("prepare_gemm", &prepare_gemm, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("M"), py::arg("N"),
-        py::arg("K"), py::arg("dtype"), py::arg("out"), py::arg("keep"));
+        py::arg("K"), py::arg("dtype"), py::arg("out"), py::arg("keep"), py::arg("transb") = false);
   m.def("prepare_attention", &prepare_attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"),
         py::arg("B"), py::arg("Hq"), py::arg("Hkv"), py::arg("S"), py::arg("D"), py::arg("scale"),
         py::arg("causal"), py::arg("dtype"), py::arg("out"), py::arg("keep"));

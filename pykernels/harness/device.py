@@ -242,7 +242,8 @@ def device_label(fp: dict) -> str:
         arch = fp.get("microarch")
         if arch and arch.lower() not in name.lower():
             name = f"{name} {arch}"
-        return f"cpu: {name} ({fp.get('threads')} threads)"
+        n = fp.get("threads")
+        return f"cpu: {name} ({n} thread{'' if n == 1 else 's'})"
     return f"{fp.get('type')}: {fp.get('name')}"
 
 
