@@ -32,9 +32,9 @@ import time
 import pytest
 
 FAMILIES = ("gemm", "attention", "decode")
-SWEEP_NAMES = ("smoke", "quick", "full")
+SWEEP_NAMES = ("smoke", "small", "quick", "full")
 NEVER_TIMED = {"triton_interpret": "correctness only (Triton's interpreter): never timed, never in penalty tables"}
-SWEEP_BUDGET_S = {"smoke": 0.2, "quick": 0.5, "full": 1.5}
+SWEEP_BUDGET_S = {"smoke": 0.2, "small": 0.3, "quick": 0.5, "full": 1.5}
 # Checking an output needs its float64 reference: ~FLOPs / 30 GFLOP/s on the 2-core CPU. Above this many
 # FLOPs (or bytes) the check runs on a slice (64 rows of a GEMM, one KV-head group of attention, 2 sequences of a
 # decode), which still catches a wrong kernel; the record says checked="slice".
@@ -87,12 +87,20 @@ def pytest_addoption(parser):
                 help="flush the caches between timed calls (CPU: a buffer of 2x the LLC; CUDA always flushes L2)")
     g.addoption("--pk-refresh-peaks", action="store_true", default=False,
                 help="measure the device's peaks again instead of using the per-machine cache")
+    g.addoption("--pk-threads", type=int, default=None, metavar="N",
+                help="run on N threads: torch, the BLAS/OpenMP pools (threadpoolctl) and the native kernels; "
+                     "the threads and CPU affinity used are recorded either way")
     g.addoption("--pk-case-timeout", type=float, default=DEFAULT_CASE_TIMEOUT_S, metavar="S",
                 help=f"seconds before a timed case counts as hung and fails (default {DEFAULT_CASE_TIMEOUT_S:g}; 0: "
                      "no limit); a hang that cannot be interrupted ends the process after as long again, recorded "
                      "as hung in the journal for --pk-resume")
     g.addoption("--pk-retry-crashed", action="store_true", default=False,
                 help="with --pk-resume: run again the cases an earlier run recorded as crashed or hung")
+    g.addoption("--pk-benchmark-table", action="store_true", default=False,
+                help="also print pytest-benchmark's own table at the end of a timed run (hidden by default: the "
+                     "pykernels table has the same cases; shown anyway with --benchmark-compare)")
+    g.addoption("--pk-no-progress", action="store_true", default=False,
+                help="no live progress line per case in a timed run (pytest's own dots instead)")
 
 
 def _timing(config) -> bool:
@@ -132,6 +140,13 @@ def pytest_configure(config):
         _dtypes(config)
     if config.getoption("pk_device"):
         _check_device(config.getoption("pk_device"))
+    if config.getoption("pk_threads") is not None:
+        from .harness.threads import pin_threads
+
+        try:
+            pin_threads(config.getoption("pk_threads"))
+        except ValueError as e:
+            raise pytest.UsageError(f"--pk-threads: {e}") from None
     if config.getoption("benchmark_histogram", None):
         try:
             import pygal  # noqa: F401
@@ -273,6 +288,7 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_sessionfinish(session, exitstatus):
     """A timed run that measured no case is a failure, not a green run: say why and exit 1."""
+    _end_of_run(session.config)
     st = session.config.stash.get(_STATE, None)
     if not st or not st["timing"] or st["records"] or exitstatus not in (0, pytest.ExitCode.NO_TESTS_COLLECTED):
         return
@@ -504,7 +520,9 @@ def _measure(request, family, case, name, backend, device, key, group) -> None:
     config = request.config
     st = _state(config)
     inputs, (check, exp, checked) = _inputs_and_check(config, case, device)
+    t_prepare = time.perf_counter()
     fn = pk.prepare(family, backend=name, **inputs, **case.problem.call_kwargs())
+    prepare_s = time.perf_counter() - t_prepare  # validation + the backend's prepare hook: one-off, recorded
     out = fn()  # first call: compilation / autotuning / lazy init, never timed
     if not st["timing"]:
         err, ok = check(out)
@@ -558,6 +576,7 @@ def _measure(request, family, case, name, backend, device, key, group) -> None:
     ex["recheck_ok"] = ok2
     ex["copy_bytes_per_s_this_run"] = st["copy"]["copy_bytes_per_s"]
     ex["read_bytes_per_s_this_run"] = st["copy"]["read_bytes_per_s"]
+    ex["prepare_s"] = prepare_s
     _journal(config).append(key, {"status": "measured", "extra_info": ex, "samples": stats.samples,
                                   "timing_wall_s": round(time.perf_counter() - t_case, 3),
                                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
@@ -584,7 +603,10 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     from .harness.device import device_label
 
     fp = _fingerprint(config)
-    machine_info["pykernels"] = {"device": {**fp, "label": device_label(fp)}, "peaks": _peaks(config)}
+    from .harness.threads import state as thread_state
+
+    machine_info["pykernels"] = {"device": {**fp, "label": device_label(fp)}, "peaks": _peaks(config),
+                                 "threads": {**thread_state(), "requested": config.getoption("pk_threads")}}
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
@@ -619,9 +641,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             recs.append(results.record_from(ex, None, ex.get("shape", "?")))
         except results.ResultFileError as e:
             terminalreporter.write_line(f"pykernels: cannot summarise a case: {e}")
-    terminalreporter.write_sep("=", f"pykernels penalty table (sweep {st['sweep']}, "
+    terminalreporter.write_sep("=", f"pykernels speedup table (sweep {st['sweep']}, "
                                     f"{math.ceil(time.time() - st['started'])} s)")
-    terminalreporter.write(report.table_terminal(report.penalty_rows(recs)))
+    terminalreporter.write(report.table_terminal(report.penalty_rows(recs),
+                                                 color=bool(getattr(terminalreporter._tw, "hasmarkup", False))))
     pk_ = st["peaks"] or {}
     bw = (pk_.get("bandwidth") or {}).get("bytes_per_s")
     if bw:
@@ -637,6 +660,104 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 
 def pytest_unconfigure(config):
+    if config.getoption("pk_threads", None) is not None:
+        from .harness.threads import unpin_threads
+
+        unpin_threads()  # an in-process run (pytester) leaves the thread counts as it found them
     st = config.stash.get(_STATE, None)
     if st and st["journal"] is not None:
         st["journal"].close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# live progress of a timed sweep, and pytest-benchmark's duplicate table
+
+
+def _end_of_run(config) -> None:
+    """Clears the progress bar; hides pytest-benchmark's duplicate table."""
+    st = config.stash.get(_STATE, None)
+    if st and st.get("progress"):
+        st["progress"].close()
+    _hide_benchmark_table(config)
+
+
+def _hide_benchmark_table(config) -> None:
+    """pytest-benchmark prints its own ~230-column table of the same cases after ours; it has no hook to skip
+    it, but its session's `quiet` flag is read only by that display (the JSON, the saving and
+    --benchmark-compare-fail's check are unaffected). Kept with --pk-benchmark-table or --benchmark-compare."""
+    st = config.stash.get(_STATE, None)
+    bs = getattr(config, "_benchmarksession", None)
+    if not st or not st["timing"] or not st["records"] or bs is None or not hasattr(bs, "quiet"):
+        return
+    if config.getoption("pk_benchmark_table") or config.getoption("benchmark_compare", None):
+        return
+    bs.quiet = True
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session):
+    """A timed run (pytest's default or -q verbosity, not -v) announces each case: which one, how many are
+    left, elapsed and estimated time left; a bar rewritten in place on a terminal, plain lines otherwise."""
+    config = session.config
+    st = config.stash.get(_STATE, None)
+    tr = config.pluginmanager.get_plugin("terminalreporter")
+    if (not st or not st["timing"] or tr is None or config.getoption("verbose") > 0
+            or config.getoption("pk_no_progress")):
+        return
+    desc = {}
+    for it in session.items:
+        mark = it.get_closest_marker("pykernels_bench")
+        cid = getattr(getattr(it, "callspec", None), "params", {}).get("kernel_case")
+        if mark is None or (mark.args[0], cid) not in st["cases"]:
+            continue
+        case, backend = st["cases"][(mark.args[0], cid)]
+        desc[it.nodeid] = f"{case.family} {case.dtype} {case.problem.label()} {backend}"
+    if desc:
+        st["progress"] = _LiveProgress(tr, desc)
+        config.pluginmanager.register(st["progress"], "pykernels-progress")
+
+
+class _LiveProgress:
+    """Registered for one timed run: its hooks announce each case (pytest_runtest_logstart runs outside
+    output capture, where pytest writes its own progress) and leave out pytest's per-test letters (., s, F),
+    which would break the line; failures are still counted and listed by pytest, and noted as they happen."""
+
+    def __init__(self, tr, desc: dict):
+        from .tables import Progress
+
+        self.tr, self.desc = tr, desc
+        self._width_after = 0
+        tty = bool(tr.isatty() if callable(tr.isatty) else tr.isatty) and bool(getattr(tr._tw, "hasmarkup", False))
+        self.bar = Progress(len(desc), label="pykernels", tty=tty, write=self._write,
+                            width=getattr(tr._tw, "fullwidth", 120))
+        if hasattr(tr, "_show_progress_info"):  # pytest's "[ 42%]": ours says more (pytest 8-9 attribute)
+            tr._show_progress_info = False
+
+    def _write(self, text: str) -> None:
+        if not self.bar.tty:  # a line of its own, left open so that pytest's file name is not repeated
+            text = "\n" + text.rstrip("\n")
+        else:  # the bar rewrites its own line; a line pytest wrote since (a file name) is kept above it
+            now = getattr(self.tr._tw, "width_of_current_line", 0)
+            if now and now != self._width_after:
+                text = "\n" + text
+        self.tr.write(text, flush=True)
+        self._width_after = getattr(self.tr._tw, "width_of_current_line", 0)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def pytest_runtest_logstart(self, nodeid, location):
+        if nodeid in self.desc:
+            self.bar.step(self.desc[nodeid])
+
+    def pytest_report_teststatus(self, report, config):
+        if report.nodeid not in self.desc:
+            return None
+        outcome = report.outcome
+        if report.when in ("setup", "teardown") and outcome == "failed":
+            outcome = "error"
+        if report.failed:
+            self.bar.note(f"{outcome.upper()} {report.nodeid}")
+        if report.when != "call" and report.passed:
+            return "", "", ""
+        return outcome, "", outcome.upper()

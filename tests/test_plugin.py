@@ -5,6 +5,7 @@ skips with reasons, option errors."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -85,7 +86,7 @@ TIMED = ("--pk-bench", "--pk-sweep", "smoke", "--pk-kernel", "gemm", "--pk-dtype
 def test_plain_pytest_runs_each_case_once_untimed(project):
     r = run(project, "--pk-backend", "native", "--pk-backend", "torch", "--pk-kernel", "gemm", "--pk-dtype", "fp32")
     r.assert_outcomes(passed=2 * SMOKE_GEMM_F32 + 1)
-    assert "pykernels penalty table" not in r.stdout.str()
+    assert "pykernels speedup table" not in r.stdout.str() and "pykernels [" not in r.stdout.str()
     assert not list(project.path.glob("cache/journal-*"))  # nothing timed, nothing journaled
 
 
@@ -94,7 +95,12 @@ def test_benchmark_json_extra_info_machine_info_and_journal(project):
             "--benchmark-save", "out", "--pk-journal", "j.jsonl")
     r.assert_outcomes(passed=2 * SMOKE_GEMM_F32, deselected=1)  # --pk-bench runs only the bench cases
     out = r.stdout.str()
-    assert "pykernels penalty table" in out and "| backend |" not in out  # terminal block format, not Markdown
+    assert "pykernels speedup table" in out and "| backend |" not in out  # terminal tables, not Markdown
+    assert "geometric mean over shapes" in out
+    # live progress, one plain line per case (not a terminal here): which case, how many, elapsed, time left
+    assert re.search(r"pykernels \[1/4\] gemm float32 M\d+-N\d+-K\d+ torch  \(0:\d\d elapsed, ~\? left\)", out)
+    assert "pykernels [4/4] gemm float32" in out and "left)" in out
+    assert "Name (time in" not in out  # pytest-benchmark's duplicate table is hidden ...
     assert "measured peaks: bandwidth 1 TB/s" in out and "bandwidth probe of this run: copy" in out
     doc = saved(project, "out")
     assert len(doc["benchmarks"]) == 2 * SMOKE_GEMM_F32
@@ -105,6 +111,7 @@ def test_benchmark_json_extra_info_machine_info_and_journal(project):
         assert k in ex, k
     assert ex["ok"] is True and ex["peak_bw"] == 1e12 and ex["checked"] == "full+fresh" and ex["recheck_ok"] is True
     assert ex["copy_bytes_per_s_this_run"] > 1e8 and ex["read_bytes_per_s_this_run"] > 1e8
+    assert 0 < ex["prepare_s"] < 60  # the one-off cost of pk.prepare, recorded beside the result
     assert b["stats"]["rounds"] == ex["rounds"]  # pytest-benchmark got our timer's samples
     assert b["stats"]["median"] == pytest.approx(ex["median_s"])
     assert b["group"].startswith("gemm float32 ")
@@ -114,6 +121,10 @@ def test_benchmark_json_extra_info_machine_info_and_journal(project):
     lines = [json.loads(x) for x in (project.path / "j.jsonl").read_text().splitlines()]
     # each case: a "started" marker, then its result
     assert [e["status"] for e in lines] == ["started", "measured"] * (2 * SMOKE_GEMM_F32)
+    # ... unless asked for; -v gives pytest's own per-test lines instead of the progress
+    r = run(project, *TIMED, "--pk-backend", "numpy", "--pk-benchmark-table", "-v", "--pk-journal", "j2.jsonl")
+    out = r.stdout.str()
+    assert "Name (time in" in out and "pykernels [" not in out and "PASSED" in out
 
 
 def test_resume_after_a_killed_run_and_compare(project):
@@ -139,6 +150,7 @@ def test_fast_wrong_answer_fails_and_is_recorded(project):
     r = run(project, *TIMED, "--pk-backend", "fast_wrong", "--pk-journal", "j.jsonl")
     r.assert_outcomes(failed=SMOKE_GEMM_F32, deselected=1)
     assert "wrong answer after timing" in r.stdout.str()
+    assert "FAILED test_bench.py::test_gemm[fast_wrong-" in r.stdout.str()  # noted as it happens, then listed
     entries = [json.loads(x) for x in (project.path / "j.jsonl").read_text().splitlines()]
     assert all(e["extra_info"]["ok"] is False for e in entries if e["status"] == "measured")
     smoke = run(project, "--pk-backend", "fast_wrong", "--pk-kernel", "gemm", "--pk-dtype", "float32")

@@ -39,9 +39,10 @@ def _manifest(device: str, command: str) -> dict:
 
 def run_validation(backend: str, device: str = "cpu", *, plugins=(), perf: bool = True, quick: bool = False,
                    case_timeout: float = 300.0, perf_budget_s: float = 1.0, command: str = "",
-                   progress=None, families=None) -> dict:
+                   progress=None, families=None, start=None) -> dict:
     """Run the conformance matrix for `backend` on `device` and return the report as a dict
-    (`families`: only these kernel families; default all)."""
+    (`families`: only these kernel families; default all). `progress(row)` after each case;
+    `start(phase, what, total)` before each (the live progress of `pykernels validate`)."""
     cases = correctness_cases() + parameter_cases() + robustness_cases()
     if families:
         cases = [c for c in cases if c["family"] in families]
@@ -61,6 +62,8 @@ def run_validation(backend: str, device: str = "cpu", *, plugins=(), perf: bool 
     results = []
     try:
         for c in cases:
+            if start:
+                start("cases", case_id(c), len(cases))
             r = w.run(c)
             row = {"case": case_id(c), "kind": c["kind"], "family": c["family"], "dtype": c["dtype"],
                    "params": c["params"], **{k: v for k, v in r.items() if k not in ("id", "traceback")}}
@@ -73,7 +76,7 @@ def run_validation(backend: str, device: str = "cpu", *, plugins=(), perf: bool 
         restarts = w.restarts
         w.close()
 
-    performance = _performance(backend, device, plugins, perf_budget_s, case_timeout, families) if perf else []
+    performance = _performance(backend, device, plugins, perf_budget_s, case_timeout, families, start) if perf else []
 
     failed = [r for r in results if r["status"] == FAIL]
     # A wrong answer after timing (the anti-cheat recheck) fails the port like any other case.
@@ -110,7 +113,7 @@ def run_validation(backend: str, device: str = "cpu", *, plugins=(), perf: bool 
 
 
 def _performance(backend: str, device: str, plugins, budget_s: float, case_timeout: float,
-                 families=None) -> list[dict]:
+                 families=None, start=None) -> list[dict]:
     """Throughput of `backend` and of every other available backend on `device` on the fixed shapes."""
     from ..backends import registry
 
@@ -118,11 +121,14 @@ def _performance(backend: str, device: str, plugins, budget_s: float, case_timeo
                          if b.available and b.name != backend and device in b.devices
                          and b.name != "triton_interpret"]
     rows: dict[str, dict[str, dict]] = {}
+    pcases = [c for c in perf_cases() if not families or c["family"] in families]
     for name in names:
         w = Worker(name, device, plugins, case_timeout)
         try:
-            for i, c in enumerate(c for c in perf_cases() if not families or c["family"] in families):
+            for i, c in enumerate(pcases):
                 c = dict(c, id=i, seed=0, budget_s=budget_s, recheck=name == backend)
+                if start:
+                    start("performance", f"{name} {case_id(c)}", len(names) * len(pcases))
                 r = w.run(c)
                 rows.setdefault(case_id(c), {})[name] = r
         finally:
@@ -133,11 +139,13 @@ def _performance(backend: str, device: str, plugins, budget_s: float, case_timeo
         entry = {"case": cid, "backend": backend, "status": mine.get("status"), "detail": mine.get("detail", ""),
                  "check": mine.get("check"), "checked": mine.get("checked"),
                  "median_s": mine.get("median_s"), "tflops": mine.get("tflops"), "gbps": mine.get("gbps"),
-                 "pct_of_peak": mine.get("pct_of_peak"), "penalty_vs": {}}
+                 "pct_of_peak": mine.get("pct_of_peak"), "penalty_vs": {}, "speedup_vs": {},
+                 "prepare_s": mine.get("prepare_s")}
         for other, r in per.items():
             if other == backend or r.get("status") != PASS or not r.get("median_s") or not mine.get("median_s"):
                 continue
-            # penalty(X vs Y) = 1 - throughput(X) / throughput(Y) = 1 - t(Y) / t(X)
+            # speedup(X over Y) = throughput(X) / throughput(Y) = t(Y) / t(X); penalty = 1 - speedup
+            entry["speedup_vs"][other] = r["median_s"] / mine["median_s"]
             entry["penalty_vs"][other] = 1.0 - r["median_s"] / mine["median_s"]
         out.append(entry)
     return out
@@ -163,17 +171,7 @@ def to_markdown(rep: dict) -> str:
     if rep["unsupported"]:
         lines += ["## Unsupported (not counted as failures)", "", ", ".join(rep["unsupported"]), ""]
     if rep["performance"]:
-        others = sorted({o for p in rep["performance"] for o in p["penalty_vs"]})
-        lines += ["## Performance", "", "penalty(X vs Y) = 1 − throughput(X)/throughput(Y); negative: faster.", "",
-                  "| case | status | median | TFLOP/s | GB/s | % peak | " + " | ".join(f"vs {o}" for o in others) + " |",
-                  "| --- | --- | ---: | ---: | ---: | ---: |" + " ---: |" * len(others)]
-        for p in rep["performance"]:
-            def f(x, fmt):
-                return format(x, fmt) if isinstance(x, (int, float)) else "—"
-            pen = " | ".join(f(p["penalty_vs"].get(o), "+.1%") for o in others)
-            lines.append(f"| `{p['case']}` | {p['status'] or '—'} | {f(p['median_s'] and p['median_s'] * 1e3, '.3f')} ms | "
-                         f"{f(p['tflops'], '.3f')} | {f(p['gbps'], '.1f')} | {f(p['pct_of_peak'], '.1f')} | {pen} |")
-        lines.append("")
+        lines += _performance_markdown(rep)
     lines += ["## All cases", "", "| case | status | error | tolerance | detail |", "| --- | --- | ---: | ---: | --- |"]
     for r in rep["cases"]:
         e, t = r.get("error"), r.get("tolerance")
@@ -185,6 +183,44 @@ def to_markdown(rep: dict) -> str:
               f"- device: `{json.dumps(m['device'], sort_keys=True, default=str)}`",
               f"- SHA-256 of the result data (cases + performance): `{rep['sha256']}`", ""]
     return "\n".join(lines)
+
+
+def speedups_of(p: dict) -> dict:
+    """Speedup of the validated backend over each other backend on one performance case (reports written
+    before speedup_vs existed carry only penalty_vs = 1 - speedup)."""
+    if p.get("speedup_vs"):
+        return p["speedup_vs"]
+    return {o: 1.0 - v for o, v in (p.get("penalty_vs") or {}).items()}
+
+
+def _performance_markdown(rep: dict) -> list[str]:
+    from ..tables import fmt_speedup, geomean
+
+    perf = rep["performance"]
+    others = sorted({o for p in perf for o in speedups_of(p)})
+    lines = ["## Performance", "",
+             (f"Speedup of `{rep['backend']}` over each other backend = throughput({rep['backend']}) / "
+              "throughput(other) (×; above 1: faster); penalty = 1 − speedup. The last row is the geometric mean "
+              "over the cases both ran."), "",
+             "| case | status | median | TFLOP/s | GB/s | % peak | " + " | ".join(f"over {o}" for o in others) + " |",
+             "| --- | --- | ---: | ---: | ---: | ---: |" + " ---: |" * len(others)]
+
+    def f(x, fmt):
+        return format(x, fmt) if isinstance(x, (int, float)) else "—"
+
+    for p in perf:
+        sp = speedups_of(p)
+        cells = " | ".join(fmt_speedup(sp.get(o)) for o in others)
+        lines.append(f"| `{p['case']}` | {p['status'] or '—'} | {f(p['median_s'] and p['median_s'] * 1e3, '.3f')} ms | "
+                     f"{f(p['tflops'], '.3f')} | {f(p['gbps'], '.1f')} | {f(p['pct_of_peak'], '.1f')} | {cells} |")
+    geo = []
+    for o in others:
+        vals = [speedups_of(p)[o] for p in perf if o in speedups_of(p)]
+        g = geomean(vals) if vals else None
+        geo.append(f"**{fmt_speedup(g)}** ({len(vals)} cases)" if g else "—")
+    lines.append("| **geometric mean** | | | | | | " + " | ".join(geo) + " |")
+    lines.append("")
+    return lines
 
 
 def add_parser(sub) -> None:
@@ -237,13 +273,30 @@ def cmd_validate(args) -> int:
         print(f"pykernels validate: {why}", file=sys.stderr)
         return 2
 
+    from ..tables import Progress
+
+    bars: dict = {}
+
+    def start(phase, what, total):  # which case, how many left, elapsed, estimated time left (stderr)
+        if phase not in bars:
+            for b in bars.values():
+                b.close()
+            bars[phase] = Progress(total, label=f"validate {args.backend} ({phase})")
+        bars[phase].step(what)
+
     def progress(row):
         if row["status"] == FAIL:
-            print(f"FAIL {row['case']}: {row.get('detail', '')}", file=sys.stderr)
+            msg = f"FAIL {row['case']}: {row.get('detail', '')}"
+            if bars:
+                list(bars.values())[-1].note(msg)
+            else:
+                print(msg, file=sys.stderr)
 
     rep = run_validation(args.backend, args.device, plugins=args.plugin, perf=not args.no_perf, quick=args.quick,
                          case_timeout=args.case_timeout, perf_budget_s=args.perf_budget, command=command,
-                         progress=progress)
+                         progress=progress, start=start)
+    for b in bars.values():
+        b.close()
     md = to_markdown(rep)
     if args.out:
         out = Path(args.out)
