@@ -86,6 +86,8 @@ def _decode_variations(param: str) -> list[dict] | None:
 def _gemm_variations(param: str) -> list[dict] | None:
     if param in ("a", "b"):
         return [{"M": 3, "N": 1, "K": 97}, {"M": 1, "N": 129, "K": 1}]
+    if param == "layout":  # "nt": b stored [N, K] (pk.linear)
+        return [{"M": 5, "N": 33, "K": 70, "layout": "nt"}, {"M": 1, "N": 64, "K": 3, "layout": "nt"}]
     return None
 
 
