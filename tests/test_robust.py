@@ -134,7 +134,7 @@ def test_validate_survives_an_abort_and_names_the_check_of_each_failure(broken_p
     assert rep["verdict"] == "not conformant"
     by = rep["failures_by_check"]
     assert set(by) == {"crash", "accuracy"}
-    assert by["crash"]["cases"] == ["parameter:gemm:float32:M1-N129-K1"]
+    assert by["crash"]["cases"] == ["direct_edge:gemm:float32:M1-N3-K1000"]
     assert all("SIGABRT" in r["detail"] for r in rep["cases"] if r.get("check") == "crash")
     assert by["accuracy"]["cases"] and all(":decode:" in c and "-scale" in c for c in by["accuracy"]["cases"])
     assert rep["summary"]["worker_restarts"] == 1
