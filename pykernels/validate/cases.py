@@ -46,7 +46,7 @@ def problem_from(family: str, params: dict):
 SCALES = (0.05, 0.5, 1.0, 2.0, -0.5)
 PARAM_ATTENTION = {"B": 1, "Hq": 4, "Hkv": 2, "S": 33, "D": 64, "causal": False}
 PARAM_DECODE = {"B": 3, "Hq": 8, "Hkv": 2, "context": 67, "D": 64, "paged": False, "block_size": 16, "ragged": True}
-ODD_S = (1, 17, 97)              # S = 1 and S that is no multiple of any block size (16, 32, 64, 128)
+ODD_S = (17, 1, 97)              # S = 1 and S that is no multiple of any block size (16, 32, 64, 128)
 BLOCK_SIZES = (3, 5, 16, 48)     # none divides the context 67 (a prime): every sequence ends in a partial block
 
 
@@ -64,7 +64,7 @@ def _attention_variations(param: str) -> list[dict] | None:
     if param in ("k", "v"):  # the kv-head count: every GQA ratio, causal and not
         return [dict(base, B=2, Hq=8, Hkv=8 // r, S=41, causal=c) for r in gqa_ratios() for c in (False, True)]
     if param == "q":
-        return [dict(base, B=3, Hq=2, Hkv=1, S=1, D=128), dict(base, S=129, D=128, causal=True)]
+        return [dict(base, S=129, D=128, causal=True), dict(base, B=3, Hq=2, Hkv=1, S=1, D=128)]
     return None
 
 
