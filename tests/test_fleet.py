@@ -156,7 +156,7 @@ def test_fleet_two_devices_merged_report(cluster, tmp_path):
     recs = load_many([out / k / "results.json" for k in keys])
     assert len({r.machine_id for r in recs}) == 2
     machines = sorted({r.machine for r in recs})
-    assert any("(1 threads)" in m for m in machines) and any("(2 threads) [two]" in m for m in machines)
+    assert any("(1 thread" in m for m in machines) and any("(2 threads) [two]" in m for m in machines)
     md = (out / "report.md").read_text()
     for m in machines:
         assert m in md
