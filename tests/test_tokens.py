@@ -694,6 +694,8 @@ def test_check_hf_prediction_counts_the_stacks_ops(tmp_path):
     per_op = disp["median_s"] / disp["ops_per_layer"]
     assert more["decode"] - base["decode"] == pytest.approx(disp["count"] * per_op * disp["ops_per_layer"])
     assert more["prefill"] == base["prefill"]
+    fast = check_hf.predict(wl, check_hf.fastest(doc))["float32"]
+    assert fast["decode"] <= base["decode"] and fast["prefill"] <= base["prefill"]
     # the KV append counted is transformers' torch.cat
     cat = next(r for r in rows if r["phase"] == "decode" and r["name"] == "kv_append_cat")
     inplace = next(r for r in rows if r["phase"] == "decode" and r["name"] == "kv_append_inplace")
