@@ -607,9 +607,23 @@ def test_step_ops_rows_and_totals(tmp_path):
     assert "## The rest of a step" in md and "(kv_append_cat, not counted)" in md
     with pytest.raises(ValueError, match="kv_append"):
         tokens.rest_totals(rows, "gather")
-    # the paged append writes the token into its block's slot
-    op = stepops.StepOp("kv_append_paged", "decode", 1, "")
-    assert stepops.build(op, wl, torch.float32) is not None
+    # each append puts the new token's K and V at position L - 1 of every sequence
+    L = wl.context
+    run = stepops.build(stepops.StepOp("kv_append_inplace", "decode", 1, ""), wl, torch.float32)
+    run()
+    t = run.tensors
+    assert torch.equal(t["k_cache"][:, :, L - 1], t["k"]) and torch.equal(t["v_cache"][:, :, L - 1], t["v"])
+    run = stepops.build(stepops.StepOp("kv_append_paged", "decode", 1, ""), wl, torch.float32)
+    run()
+    t = run.tensors
+    per_seq = -(-L // stepops.PAGE)
+    for b in range(wl.batch):
+        blk = b * per_seq + (L - 1) // stepops.PAGE
+        assert int(t["block"][b]) == blk and t["slot"] == (L - 1) % stepops.PAGE
+        assert torch.equal(t["k_cache"][blk, :, t["slot"]], t["k"][b])
+        assert torch.equal(t["v_cache"][blk, :, t["slot"]], t["v"][b])
+    k2, v2 = stepops.build(stepops.StepOp("kv_append_cat", "decode", 1, ""), wl, torch.float32)()
+    assert k2.shape[2] == L and v2.shape[2] == L
 
 
 # ---------------------------------------------------------------------------------------------------
