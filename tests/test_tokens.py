@@ -319,8 +319,15 @@ def test_cli_report_and_errors(tmp_path, wl, capsys):
     )
     assert rc == 0
     out = capsys.readouterr().out
-    assert "| torch | vendor |" in out and "+50.0%" in out  # torch at half native's tokens/s
+    # terminal tables by default (Markdown only with --md): torch at half native's tokens/s -> 0.50x
+    torch_line = next(x for x in out.splitlines() if x.split()[:2] == ["torch", "vendor"])
+    assert "0.50× / " in torch_line and "| torch |" not in out
+    md = (tmp_path / "o.md").read_text()
+    assert "| torch | vendor |" in md and "0.50× / " in md and "|---|---:|" in md
     assert (tmp_path / "o.csv").read_text().count("\n") == 3
+    assert tokens.main([str(res), "--model", str(model_file), "--prompt", "16", "--context", "32", "--batch", "4",
+                        "--md"]) == 0  # --md alone: Markdown on stdout
+    assert "| torch | vendor |" in capsys.readouterr().out
     assert tokens.main(["--model", str(tmp_path / "missing.json"), str(res)]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert tokens.main(["--model", "tiny", "--list-problems"]) == 0

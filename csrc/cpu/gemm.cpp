@@ -962,8 +962,9 @@ template <class T> void gemm_direct_avx512(const GemmParams& p) {
 #endif  // PK_X86
 
 template <class Src> void gemm_typed(const GemmParams& p) {
-  [[maybe_unused]] const Features& f = features();
+  [[maybe_unused]] const Features f = enabled();  // the active ISA tier (cpu.h)
 #if defined(PK_X86)
+  if (!f.avx512f && f.avx2_fma) return gemm_avx2(p);
   if (f.avx512f) {
     if (p.M <= kDirectMaxM && !p.transb) return gemm_direct_avx512<Src>(p);  // direct reads B as [K, N]
     if constexpr (std::is_same_v<Src, u16>) {

@@ -122,6 +122,7 @@ def measure(
     cold: bool = True,
     step_ops: bool = True,
     log=print,
+    start=None,
 ) -> dict:
     """Time every distinct problem of `workload` on each backend and dtype; write and return the document.
 
@@ -138,11 +139,14 @@ def measure(
     t_start = time.perf_counter()
     load_before = os.getloadavg()  # the machine may be shared: say how busy it was
     fp = _device.fingerprint(device)
+    total = len(dtypes) * len(workload.problems())
     decode_problems = {c.problem for c in workload.decode.calls}
     rest = []
     for dt_name in dtypes:
         dtype = dtype_of(dt_name)
         for prob in workload.problems():
+            if start:  # live progress: which problem, how many are left
+                start(f"{dt_name} {prob.family} {prob.label()}", total)
             inputs = prob.make_inputs(dtype, device=device, seed=0)
             exp = None
             if check and prob.flops() <= CHECK_MAX_FLOPS:

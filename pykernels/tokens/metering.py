@@ -23,7 +23,10 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from ..kernels import PROBLEMS
+from ..tables import Progress, fmt_speedup, isatty, markdown, table
 from . import models as _models
+
+_STDOUT = Path("-")  # `--md` without a file: print the Markdown
 
 # ---------------------------------------------------------------------------------------------------
 # reading results
@@ -365,12 +368,12 @@ def _ms(s):
 
 
 def _pct(x, noise=None, is_ref=False):
+    """A tok/s penalty (1 - speedup) shown as the speedup over the reference, the report's convention."""
     if is_ref:
         return "ref"
     if x is None:
         return "–"
-    txt = f"{x * 100:+.1f}%"
-    return f"{txt} (noise)" if noise else txt
+    return fmt_speedup(1.0 - x, bool(noise))
 
 
 def _energy(ph: PhaseResult, per: str):
@@ -473,10 +476,14 @@ def to_markdown(
     step_rows: list[dict] | None = None,
     kv_append: str = "inplace",
     notes: list[str] | None = None,
+    fmt: str = "md",
+    color: bool = False,
 ) -> str:
     """`coverage`: {(backend, dtype, phase): kernels / layer} from pykernels.tokens.layer results (load_coverage);
-    `step_rows`: the rest-of-a-step rows (load_step_ops); `notes`: lines about the measurement (threads, cold)."""
+    `step_rows`: the rest-of-a-step rows (load_step_ops); `notes`: lines about the measurement (threads, cold).
+    fmt="terminal": the same content as plain text with terminal tables (what `pykernels tokens` prints)."""
     m, w = workload.model, workload
+    tbl: list = []  # (line index, header, rows) of each table, rendered at the end
     lines = [
         f"# Tokens: {m.name} — prompt {w.prompt}, decode at context {w.context}, batch {w.batch}",
         "",
@@ -490,8 +497,8 @@ def to_markdown(
         "",
         (
             "TTFT and TPOT are sums of measured kernel medians × counts (small ops between kernels not "
-            "included: see docs/tokens.md for the measured coverage). Penalty = 1 − tokens/s ÷ reference "
-            'tokens/s; "(noise)" = inside the measured spread.'
+            "included: see docs/tokens.md for the measured coverage). Speedup = tokens/s ÷ reference "
+            'tokens/s (×; penalty = 1 − speedup); "(~1.02×)" = inside the measured spread.'
         ),
         "",
     ]
@@ -511,13 +518,14 @@ def to_markdown(
             "tok/s",
             "prefill gemm/attn",
             "decode gemm/attn",
-            "tok/s penalty vs native (decode / prefill)",
-            "vs best vendor (decode / prefill)",
+            "tok/s speedup over native (decode / prefill)",
+            "over best vendor (decode / prefill)",
             "energy (decode)",
         ]
         if price_per_hour is not None:
             head.append(f"$/M output tok @ ${price_per_hour:g}/h")
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        tbl.append((len(lines), head, []))
+        lines.append(None)
         for s in group:
             pre, dec = s.prefill, s.decode
 
@@ -552,7 +560,7 @@ def to_markdown(
             if price_per_hour is not None:
                 c = cost_per_million(dec.tokens_per_s, price_per_hour)
                 cells.append("–" if c is None else f"{c:.4g}")
-            lines.append("| " + " | ".join(cells) + " |")
+            tbl[-1][2].append(cells)
         lines.append("")
         for s in group:
             miss = s.prefill.missing + s.decode.missing
@@ -577,12 +585,10 @@ def to_markdown(
                 "rotary embedding, activation and residuals."
             ),
             "",
-            (
-                "| device | dtype | backend | prefill coverage | TTFT ms incl. small ops | decode coverage | "
-                "TPOT ms incl. small ops |"
-            ),
-            "|---|---|---|---|---|---|---|",
         ]
+        tbl.append((len(lines), ["device", "dtype", "backend", "prefill coverage", "TTFT ms incl. small ops",
+                                 "decode coverage", "TPOT ms incl. small ops"], []))
+        lines.append(None)
         for s in stacks:
             cp, cd = (
                 coverage.get((s.backend, s.dtype, "prefill")),
@@ -590,16 +596,27 @@ def to_markdown(
             )
             if cp is None and cd is None:
                 continue
-            lines.append(
-                f"| {s.device} | {s.dtype} | {s.backend} | {'–' if cp is None else f'{cp * 100:.1f}%'} | "
-                f"{'–' if cp is None or s.ttft_s is None else _ms(s.ttft_s / cp)} | "
-                f"{'–' if cd is None else f'{cd * 100:.1f}%'} | "
-                f"{'–' if cd is None or s.tpot_s is None else _ms(s.tpot_s / cd)} |"
-            )
+            tbl[-1][2].append([
+                s.device, s.dtype, s.backend, "–" if cp is None else f"{cp * 100:.1f}%",
+                "–" if cp is None or s.ttft_s is None else _ms(s.ttft_s / cp),
+                "–" if cd is None else f"{cd * 100:.1f}%",
+                "–" if cd is None or s.tpot_s is None else _ms(s.tpot_s / cd)])
         lines.append("")
     if not stacks:
         lines.append("No results for this model's kernel problems in the given files.")
+    for i, head, body in tbl:  # numbers right-aligned: every column after the first three text ones
+        align = "lll" + "r" * (len(head) - 3) if head[0] == "device" else "ll" + "r" * (len(head) - 2)
+        lines[i] = (markdown(head, body, align) if fmt == "md" else table(head, body, align, color=color)).rstrip("\n")
+    if fmt != "md":
+        lines = [_plain(x) for x in lines]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _plain(line: str) -> str:
+    """A Markdown heading or bold marker as terminal text (tables are rendered separately)."""
+    if line.startswith("#"):
+        return line.lstrip("#").strip().upper() if line.startswith("# ") else line.lstrip("#").strip()
+    return line.replace("**", "").replace("`", "")
 
 
 def _rest_markdown(stacks: list[StackResult], step_rows: list[dict], kv_append: str) -> list[str]:
@@ -687,7 +704,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         "--price-per-hour", type=float, default=None, help="price of the device per hour -> $/M tokens"
     )
     p.add_argument("--csv", type=Path, default=None, help="also write the CSV here")
-    p.add_argument("--md", type=Path, default=None, help="also write the Markdown here")
+    p.add_argument("--md", type=Path, nargs="?", const=_STDOUT, default=None, metavar="FILE",
+                   help="also write the Markdown here; --md alone prints Markdown instead of the terminal tables")
     p.add_argument(
         "--list-problems", action="store_true", help="print the model's kernel problems and counts"
     )
@@ -757,6 +775,9 @@ def run(args) -> int:
             for c in ph.calls:
                 print(f"  {c.count:4d} x {c.role:10s} {c.family:9s} {c.problem.label()}")
         return 0
+    if args.md is not None and args.md != _STDOUT and args.md.suffix in (".json", ".jsonl"):
+        return _err(f"--md {args.md}: refusing to write Markdown over a result file (a bare --md "
+                    "after the result files prints it)")
     if args.check == "hf":
         from .check_hf import run_check
 
@@ -766,8 +787,22 @@ def run(args) -> int:
 
         if args.out is None:
             return _err("--measure needs --out FILE")
+        bar: dict = {}
+
+        def start(what, total):  # which problem, how many left, elapsed, estimated time left (stderr)
+            if not bar:
+                bar["p"] = Progress(total, label="tokens --measure")
+            bar["p"].step(what)
+
+        def log(line):
+            if bar:
+                bar["p"].close()
+            print(line, flush=True)
+
         measure(
             wl,
+            start=start,
+            log=log,
             backends=args.backend or ["native", "torch"],
             dtypes=args.dtype or ["float32"],
             device=args.device,
@@ -778,6 +813,8 @@ def run(args) -> int:
             cold=not args.warm,
             step_ops=not args.no_step_ops,
         )
+        if bar:
+            bar["p"].close()
         sources.append(str(args.out))
     if not sources:
         return _err("give result files, or --measure")
@@ -804,8 +841,12 @@ def run(args) -> int:
         except ValueError as e:
             return _err(str(e))
     md = to_markdown(wl, stacks, args.price_per_hour, sources, coverage, step_rows, args.kv_append, notes)
-    print(md)
-    if args.md:
+    if args.md == _STDOUT:  # --md alone: the Markdown instead of the terminal tables
+        print(md)
+    else:
+        print(to_markdown(wl, stacks, args.price_per_hour, sources, coverage, step_rows, args.kv_append, notes,
+                          fmt="terminal", color=isatty()))
+    if args.md and args.md != _STDOUT:
         args.md.parent.mkdir(parents=True, exist_ok=True)
         args.md.write_text(md)
     if args.csv:
