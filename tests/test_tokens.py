@@ -641,14 +641,15 @@ def test_rereport_uses_the_recorded_workload(tmp_path, capsys):
     _wl, out, doc = _measure_micro(tmp_path, step_ops=False)
     model_file = _write(tmp_path, MICRO, "micro.json")
     assert doc["pykernels_tokens"]["threads"] == torch.get_num_threads()
-    assert tokens.main([str(out)]) == 0  # no --model / --prompt / --batch: the recorded ones
-    text = capsys.readouterr().out
+    md = tmp_path / "r.md"
+    assert tokens.main([str(out), "--md", str(md)]) == 0  # no --model / --prompt / --batch: the recorded ones
+    text = md.read_text()
     assert "# Tokens: micro — prompt 8, decode at context 24, batch 3" in text and "incomplete" not in text
     n = torch.get_num_threads()
     assert f"Measured with {n} thread{'' if n == 1 else 's'}" in text and "cold caches" in text
     # an explicit argument wins
-    assert tokens.main([str(out), "--model", str(model_file), "--batch", "2"]) == 0  # prefill complete
-    text = capsys.readouterr().out
+    assert tokens.main([str(out), "--model", str(model_file), "--batch", "2", "--md", str(md)]) == 0  # prefill
+    text = md.read_text()
     assert "prompt 8, decode at context 24, batch 2" in text and "torch incomplete" in text
     # two files measured for different batches: an error, not a silent mix
     other = tmp_path / "other.json"
