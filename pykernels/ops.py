@@ -222,7 +222,8 @@ def prepare(family: str, *, backend="native", **inputs) -> Callable[[], torch.Te
     This is what the timing harness measures: no validation, lookup or host-device copy inside. The callable
     comes from the backend's `prepare` hook (registry.Backend.prepare), which may do one-off work here (the
     native CPU backend allocates the output once and binds the pointers, so every call returns that same
-    tensor). Prepare again for other input tensors; contents changed in place are seen by the next call."""
+    tensor). Prepare again for other inputs: contents changed in place are seen by the next call of the
+    built-in backends, but not by a port that copied them into its own buffers at prepare time."""
     be, kw = _validate(family, backend, inputs)
     fn = be.prepare(family, **kw)
     if not callable(fn):
