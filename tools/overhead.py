@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import statistics
@@ -86,6 +87,7 @@ def max_rel_diff(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def run(budget: float, families=None) -> dict:
+    load_start = os.getloadavg()[0]
     rows = []
     for case in sweeps.sweep("small"):
         if families and case.family not in families:
@@ -120,11 +122,15 @@ def run(budget: float, families=None) -> dict:
     return {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "cpu": device.device_label(fp),
             "device": fp, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "python": platform.python_version(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "rows": rows, "api": api}
+            "load_avg_1min": [load_start, os.getloadavg()[0]], "cores": os.cpu_count(), "rows": rows, "api": api}
 
 
 def to_markdown(doc: dict) -> str:
-    lines = [f"CPU: {doc['cpu']}; torch {doc['torch']}, {doc['threads']} threads, {doc['time_utc']}.", "",
+    lo, hi = doc["load_avg_1min"]
+    lines = [f"CPU: {doc['cpu']}; torch {doc['torch']}, {doc['threads']} threads, {doc['time_utc']}. Load average "
+             f"(1 min) {lo:.1f} at the start, {hi:.1f} at the end, on {doc['cores']} cores"
+             + (": a loaded machine, where a call on 2 threads can wait whole scheduler ticks (rows in ms)."
+                if max(lo, hi) > doc["cores"] else "."), "",
              "| family | dtype | shape | native (prepared) | torch (prepared) | native ÷ torch speed | target |",
              "|---|---|---|---:|---:|---:|---|"]
     for r in doc["rows"]:
