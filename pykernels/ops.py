@@ -98,6 +98,21 @@ def _check_gemm(a, b, backend):
     return be, {"a": a, "b": b}
 
 
+def _check_linear(x, w, backend, names=("x", "w")):
+    """x [M, K], w [N, K] (the gemm family's layout "nt"); `names`: how the caller called them."""
+    nx, nw = names
+    _float_tensor(nx, x, 2, "[M, K]")
+    _float_tensor(nw, w, 2, "[N, K]")
+    _same([(nx, x), (nw, w)], "dtype")
+    _same([(nx, x), (nw, w)], "device")
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"argument '{nw}' has shape {tuple(w.shape)} but '{nx}' has shape {tuple(x.shape)}: "
+                         f"{nx}.shape[1] ({x.shape[1]}) must equal {nw}.shape[1] ({w.shape[1]}) "
+                         f"({nw} is [N, K], a weight as a linear layer holds it)")
+    be = _resolve(backend, "gemm", x.device, x.dtype, M=x.shape[0], N=w.shape[0], K=x.shape[1], layout="nt")
+    return be, {"a": x, "b": w}
+
+
 def _check_attention(q, k, v, causal, scale, backend):
     for n, t in (("q", q), ("k", k), ("v", v)):
         _float_tensor(n, t, 4, "[B, H, S, D]")
@@ -185,6 +200,12 @@ def _check_decode_values(context_lens, block_table, meta) -> None:
 def _validate(family: str, backend, inputs: dict):
     """(backend, the family method's keyword arguments): everything checked, nothing cached."""
     if family == "gemm":
+        layout = inputs.get("layout", "nn")
+        if layout == "nt":
+            be, kw = _check_linear(inputs.get("a"), inputs.get("b"), backend, names=("a", "b"))
+            return be, dict(kw, layout="nt")
+        if layout != "nn":
+            raise ValueError(f"argument 'layout' must be 'nn' (b [K, N]) or 'nt' (b [N, K]), got {layout!r}")
         return _check_gemm(inputs.get("a"), inputs.get("b"), backend)
     if family == "attention":
         return _check_attention(inputs.get("q"), inputs.get("k"), inputs.get("v"), inputs.get("causal", False),
@@ -236,8 +257,11 @@ def _remember(key, value) -> None:
         _validated[key] = value
 
 
-def gemm(a: torch.Tensor, b: torch.Tensor, *, backend: str = "native") -> torch.Tensor:
-    """C = A . B; a [M, K], b [K, N], row-major, same dtype -> [M, N] in that dtype (fp32 accumulation)."""
+def gemm(a: torch.Tensor, b: torch.Tensor, *, backend: str = "native", layout: str = "nn") -> torch.Tensor:
+    """C = A . B; a [M, K], b [K, N], row-major, same dtype -> [M, N] in that dtype (fp32 accumulation).
+    layout="nt": b is [N, K] and C = A . B^T (the same as pk.linear(a, b))."""
+    if layout != "nn":
+        return prepare("gemm", backend=backend, a=a, b=b, layout=layout)()
     if type(a) is _Tensor and type(b) is _Tensor and type(backend) is str:
         key = (a.shape, a.stride(), a.dtype, a.device, b.shape, b.stride(), b.dtype, b.device, backend)
         if _validated_gen == registry.generation:  # inlined _lookup: this path is the one measured in µs
@@ -252,6 +276,16 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, backend: str = "native") -> torch.
         return run(a, b)
     be, _ = _check_gemm(a, b, backend)
     return be.gemm(a, b)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, *, backend: str = "native") -> torch.Tensor:
+    """y = x . w^T; x [M, K], w [N, K] (a weight as a model holds it), same dtype -> [M, N] in that dtype,
+    fp32 accumulation. What every framework's linear layer (bias-free) computes: cuBLAS's "NT" GEMM.
+
+    Timed and reported as the gemm family's layout "nt" (GemmProblem(M, N, K, layout="nt")); prepared
+    as `prepare("gemm", a=x, b=w, layout="nt")`."""
+    be, kw = _check_linear(x, w, backend)
+    return be.linear(kw["a"], kw["b"])
 
 
 def attention(q, k, v, *, causal: bool = False, scale: float | None = None, backend: str = "native"):

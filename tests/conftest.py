@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -41,3 +43,69 @@ def run_checked(problem, dtype: torch.dtype, backend: str, device: str, seed: in
     assert out.dtype == dtype, f"output dtype {out.dtype} != input dtype {dtype}"
     assert out.device.type == device
     return exp.assert_close(out, what=f"{backend} {problem.label()} {dtype}")
+
+
+# hypothesis profiles of the fuzz tests (tests/test_fuzz.py): a bounded budget by default, a long run on demand
+# (PYKERNELS_FUZZ=long, or pytest --hypothesis-profile pykernels-long).
+def _fuzz_profiles():
+    import os
+
+    from hypothesis import settings
+
+    settings.register_profile("pykernels-ci", max_examples=15, deadline=None, derandomize=True)
+    settings.register_profile("pykernels-long", max_examples=2000, deadline=None)
+    settings.load_profile("pykernels-long" if os.environ.get("PYKERNELS_FUZZ") == "long" else "pykernels-ci")
+
+
+_fuzz_profiles()
+
+# ---- native CPU ISA tiers (csrc/cpu/cpu.h) ---------------------------------------------------------------
+# The correctness matrix of these files runs the native backend once per tier this CPU can run
+# (avx512, avx2, portable); PYKERNELS_CPU_ISA pins it to that one tier. Other backends run once.
+_ISA_FILES = {"test_gemm.py", "test_attention.py", "test_decode.py"}
+
+
+def _cpu_isas() -> tuple[str | None, list[str | None]]:
+    try:
+        from pykernels import _C
+    except ImportError:
+        return None, [None]
+    active = _C.cpu_isa()
+    return active, ([active] if os.environ.get("PYKERNELS_CPU_ISA") else list(_C.cpu_isas()))
+
+
+_ISA_DEFAULT, _ISAS = _cpu_isas()
+
+
+def pytest_generate_tests(metafunc):
+    if "native_isa" not in metafunc.fixturenames:
+        return
+    if metafunc.definition.path.name in _ISA_FILES and "backend" in metafunc.fixturenames and _ISA_DEFAULT:
+        metafunc.parametrize("native_isa", _ISAS, indirect=True, ids=lambda t: f"isa-{t}")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Only the native backend runs on the non-default tiers: deselect the other backends' copies."""
+    drop = [it for it in items if getattr(it, "callspec", None) is not None
+            and it.callspec.params.get("native_isa") not in (None, _ISA_DEFAULT)
+            and it.callspec.params.get("backend") != "native"]
+    if drop:
+        ids = {id(it) for it in drop}
+        items[:] = [it for it in items if id(it) not in ids]
+        config.hook.pytest_deselected(items=drop)
+
+
+@pytest.fixture(autouse=True)
+def native_isa(request):
+    """The native CPU tier of this test (None: leave it as it is)."""
+    isa = getattr(request, "param", None)
+    if isa is None or isa == _ISA_DEFAULT:
+        yield isa
+        return
+    from pykernels import _C
+
+    _C.set_cpu_isa(isa)
+    try:
+        yield isa
+    finally:
+        _C.set_cpu_isa(_ISA_DEFAULT)

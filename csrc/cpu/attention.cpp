@@ -512,7 +512,8 @@ void run_scalar(const AttentionParams& p) {
 
 template <typename T>
 void dispatch(const AttentionParams& p) {
-  const Features& f = features();
+  const Features f = enabled();  // the active ISA tier (cpu.h)
+  if (!f.avx512f && f.avx2_fma) return attention_avx2(p);
   if (!f.avx512f) return run_scalar<T>(p);
   const bool dp = std::is_same_v<T, bf16> && f.avx512_bf16;
   if (p.D == 64) return run_avx512<T, 64>(p, dp);

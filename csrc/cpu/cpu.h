@@ -11,12 +11,39 @@ struct Features {
   bool avx512_bf16;
   bool amx_bf16;     // CPUID says so and the OS granted the tile-data permission
 };
-const Features& features();
+const Features& features();  // what the CPU (and OS) can run
+
+// ISA tiers, chosen at run time: the best the CPU runs, or the one PYKERNELS_CPU_ISA (read when the
+// extension loads) or set_isa() asked for, so that one machine can test and time every tier.
+//   avx512    AVX-512F/BW/VL/DQ (+ AVX512_BF16 when present): csrc/cpu/{gemm,attention,decode}.cpp
+//   avx2      AVX2 + FMA micro-kernels: csrc/cpu/*_avx2.cpp (built with -mavx2 -mfma -mno-avx512f)
+//   portable  plain C++, vectorized by the compiler for the build's target
+enum class Isa : int { portable = 0, avx2 = 1, avx512 = 2 };
+const char* isa_name(Isa t);
+bool parse_isa(const char* name, Isa* out);   // false for an unknown name
+bool isa_supported(Isa t);
+Isa active_isa();
+void set_isa(Isa t);                          // std::invalid_argument if the CPU cannot run it
+// features() restricted to the active tier: the kernels dispatch on this.
+Features enabled();
+
+// Cache sizes per core in bytes (data/unified), from CPUID leaf 4 (Intel) / 0x8000001D (AMD) or
+// sysfs; 32 KB / 1 MB / 32 MB when neither answers. l3 is the whole shared cache.
+struct Caches {
+  int64_t l1d, l2, l3;
+  int l3_sharing;  // logical CPUs sharing the L3 (>= 1)
+};
+const Caches& caches();
 
 void gemm(const GemmParams& p);
 void attention(const AttentionParams& p);
 void decode(const DecodeParams& p);
 
 int max_threads();
+
+// AVX2 tier entry points (csrc/cpu/*_avx2.cpp); callers check enabled().avx2_fma first.
+void gemm_avx2(const GemmParams& p);
+void attention_avx2(const AttentionParams& p);
+void decode_avx2(const DecodeParams& p);
 
 }  // namespace pk::cpu

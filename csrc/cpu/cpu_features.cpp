@@ -4,6 +4,13 @@
 
 #include <omp.h>
 
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
 #if defined(__x86_64__)
 #include <cpuid.h>
 #include <sys/syscall.h>
@@ -65,5 +72,160 @@ const Features& features() {
 }
 
 int max_threads() { return omp_get_max_threads(); }
+
+// ---- ISA tiers ---------------------------------------------------------------------------------------
+const char* isa_name(Isa t) {
+  switch (t) {
+    case Isa::avx512: return "avx512";
+    case Isa::avx2: return "avx2";
+    case Isa::portable: return "portable";
+  }
+  return "unknown";
+}
+
+bool parse_isa(const char* name, Isa* out) {
+  for (Isa t : {Isa::avx512, Isa::avx2, Isa::portable}) {
+    if (std::strcmp(name, isa_name(t)) == 0) {
+      *out = t;
+      return true;
+    }
+  }
+  return false;
+}
+
+bool isa_supported(Isa t) {
+  const Features& f = features();
+  switch (t) {
+    case Isa::avx512: return f.avx512f && f.avx2_fma;
+    case Isa::avx2: return f.avx2_fma;
+    case Isa::portable: return true;
+  }
+  return false;
+}
+
+namespace {
+Isa best_isa() {
+  if (isa_supported(Isa::avx512)) return Isa::avx512;
+  if (isa_supported(Isa::avx2)) return Isa::avx2;
+  return Isa::portable;
+}
+std::atomic<int>& active_slot() {
+  static std::atomic<int> slot{static_cast<int>(best_isa())};
+  return slot;
+}
+}  // namespace
+
+Isa active_isa() { return static_cast<Isa>(active_slot().load(std::memory_order_relaxed)); }
+
+void set_isa(Isa t) {
+  if (!isa_supported(t))
+    throw std::invalid_argument(std::string("this CPU cannot run the '") + isa_name(t) + "' tier");
+  active_slot().store(static_cast<int>(t), std::memory_order_relaxed);
+}
+
+Features enabled() {
+  Features f = features();
+  const Isa t = active_isa();
+  if (t != Isa::avx512) f.avx512f = f.avx512_bf16 = f.amx_bf16 = false;
+  if (t == Isa::portable) f.avx2_fma = false;
+  return f;
+}
+
+// ---- cache sizes -------------------------------------------------------------------------------------
+namespace {
+
+// Deterministic cache parameters: leaf 4 (Intel) or 0x8000001D (AMD, with TOPOEXT), one subleaf per
+// cache: type in EAX[4:0] (0 = no more), level EAX[7:5], sharing EAX[25:14]+1; size = ways x
+// partitions x line x sets.
+bool caches_cpuid(Caches& c) {
+#if defined(__x86_64__)
+  unsigned a, b, cx, d;
+  unsigned leaf = 0;
+  __cpuid(0, a, b, cx, d);
+  const bool amd = b == 0x68747541;  // "Auth"enticAMD
+  if (amd) {
+    if (__get_cpuid_max(0x80000000u, nullptr) < 0x8000001Du) return false;
+    __cpuid(0x80000001u, a, b, cx, d);
+    if (!(cx & (1u << 22))) return false;  // TOPOEXT
+    leaf = 0x8000001Du;
+  } else {
+    if (a < 4) return false;
+    leaf = 4;
+  }
+  bool any = false;
+  for (unsigned i = 0; i < 16; ++i) {
+    __cpuid_count(leaf, i, a, b, cx, d);
+    const unsigned type = a & 31u, level = (a >> 5) & 7u;
+    if (type == 0) break;
+    if (type == 2) continue;  // instruction cache
+    const int64_t bytes = int64_t((b >> 22) + 1) * (((b >> 12) & 1023u) + 1) * ((b & 4095u) + 1) * (int64_t(cx) + 1);
+    const int sharing = static_cast<int>(((a >> 14) & 4095u) + 1);
+    if (level == 1) c.l1d = bytes;
+    if (level == 2) c.l2 = bytes;
+    if (level == 3) {
+      c.l3 = bytes;
+      c.l3_sharing = sharing;
+    }
+    any = true;
+  }
+  return any;
+#else
+  (void)c;
+  return false;
+#endif
+}
+
+int64_t read_size(const std::string& path) {  // "32K" / "1024K" / "32M"
+  FILE* f = std::fopen(path.c_str(), "r");
+  if (!f) return 0;
+  char buf[64] = {0};
+  const bool ok = std::fgets(buf, sizeof buf, f) != nullptr;
+  std::fclose(f);
+  if (!ok) return 0;
+  char* end = nullptr;
+  const long long v = std::strtoll(buf, &end, 10);
+  if (v <= 0) return 0;
+  if (*end == 'K') return v * 1024;
+  if (*end == 'M') return v * 1024 * 1024;
+  return v;
+}
+
+bool caches_sysfs(Caches& c) {
+  bool any = false;
+  for (int i = 0; i < 8; ++i) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
+    FILE* f = std::fopen((dir + "type").c_str(), "r");
+    if (!f) break;
+    char type[32] = {0};
+    const bool ok = std::fgets(type, sizeof type, f) != nullptr;
+    std::fclose(f);
+    if (!ok || std::strncmp(type, "Instruction", 11) == 0) continue;
+    const int64_t level = read_size(dir + "level"), bytes = read_size(dir + "size");
+    if (bytes <= 0) continue;
+    if (level == 1) c.l1d = bytes;
+    if (level == 2) c.l2 = bytes;
+    if (level == 3) c.l3 = bytes;
+    any = true;
+  }
+  return any;
+}
+
+Caches detect_caches() {
+  Caches c{32 * 1024, 1024 * 1024, 32 * 1024 * 1024, 1};
+  if (!caches_cpuid(c)) caches_sysfs(c);
+  // Keep the blocking sane whatever a hypervisor reports.
+  if (c.l1d < 8 * 1024 || c.l1d > 1024 * 1024) c.l1d = 32 * 1024;
+  if (c.l2 < 64 * 1024 || c.l2 > 64 * 1024 * 1024) c.l2 = 1024 * 1024;
+  if (c.l3 < c.l2) c.l3 = c.l2;
+  if (c.l3_sharing < 1) c.l3_sharing = 1;
+  return c;
+}
+
+}  // namespace
+
+const Caches& caches() {
+  static const Caches c = detect_caches();
+  return c;
+}
 
 }  // namespace pk::cpu

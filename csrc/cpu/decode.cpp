@@ -755,7 +755,8 @@ void run_scalar(const DecodeParams& p) {
 template <typename T>
 void dispatch(const DecodeParams& p) {
 #if defined(__x86_64__)
-  const Features& f = features();
+  const Features f = enabled();  // the active ISA tier (cpu.h)
+  if (!f.avx512f && f.avx2_fma && (p.D == 64 || p.D == 128)) return decode_avx2(p);
   if (f.avx512f && (p.D == 64 || p.D == 128)) {
     if constexpr (std::is_same_v<T, float>) {
       return p.D == 64 ? run_avx512<float, Kind::f32, 64>(p) : run_avx512<float, Kind::f32, 128>(p);

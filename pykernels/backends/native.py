@@ -60,6 +60,9 @@ class NativeBackend(Backend):
         if device_type == "cuda" and not _ext().has_cuda:
             return ("backend 'native' was built without CUDA (no CUDA compiler at build time); rebuild with "
                     "PYKERNELS_CUDA=ON on a machine with nvcc")
+        if family == "gemm" and shape.get("layout", "nn") == "nt" and device_type == "cuda":
+            return ("backend 'native' implements linear (gemm layout 'nt', b stored [N, K]) on CPU only; the "
+                    "CUDA GEMM reads B as [K, N]")
         d = shape.get("D")
         if family in ("attention", "decode") and d is not None and d not in HEAD_DIMS:
             return f"backend 'native' supports head dims {HEAD_DIMS} for {family}, got D={d}"
@@ -75,10 +78,11 @@ class NativeBackend(Backend):
         ext = _ext()
         if family == "gemm":
             a, b = kw["a"], kw["b"]
-            (M, K), N = a.shape, b.shape[1]
+            nt = kw.get("layout", "nn") == "nt"  # pk.linear: b stored [N, K]
+            (M, K), N = a.shape, b.shape[0 if nt else 1]
             c = torch.empty((M, N), dtype=a.dtype)
             return ext.prepare_gemm(a.data_ptr(), b.data_ptr(), c.data_ptr(), M, N, K, _DT_CODE[a.dtype], out=c,
-                                    keep=(a, b))
+                                    keep=(a, b), transb=nt)
         if family == "attention":
             q, k, v = kw["q"], kw["k"], kw["v"]
             B, Hq, S, D = q.shape
@@ -110,12 +114,26 @@ class NativeBackend(Backend):
 
         return run
 
+    def describe_call(self, family: str, inputs: dict) -> dict:
+        """The CPU ISA tier (avx512, avx2, portable) that ran the call; see PYKERNELS_CPU_ISA."""
+        if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in inputs.values()):
+            return {"cpu_isa": _ext().cpu_isa()}
+        return {}
+
     def gemm(self, a, b):
         M, K = a.shape
         N = b.shape[1]
         c = a.new_empty((M, N))
         dev, stream = _dev(a)
         _ext().gemm(a.data_ptr(), b.data_ptr(), c.data_ptr(), M, N, K, _DT_CODE[a.dtype], dev, stream)
+        return c
+
+    def linear(self, x, w):
+        M, K = x.shape
+        N = w.shape[0]
+        c = torch.empty((M, N), dtype=x.dtype, device=x.device)
+        dev, stream = _dev(x)
+        _ext().gemm(x.data_ptr(), w.data_ptr(), c.data_ptr(), M, N, K, _DT_CODE[x.dtype], dev, stream, transb=True)
         return c
 
     def attention(self, q, k, v, *, causal, scale):

@@ -61,6 +61,9 @@ class Backend:
             names = ", ".join(str(d).replace("torch.", "") for d in supported)
             return (f"backend {self.name!r} does not support dtype {str(dtype).replace('torch.', '')} for "
                     f"{family!r} on {device_type} (supported: {names})")
+        if family == "gemm" and shape.get("layout", "nn") != "nn" and type(self).linear is Backend.linear:
+            return (f"backend {self.name!r} does not implement linear (gemm with b stored [N, K], layout "
+                    f"{shape.get('layout')!r})")
         return None
 
     def families(self) -> tuple[str, ...]:
@@ -68,6 +71,11 @@ class Backend:
 
     # Family entry points -------------------------------------------------------------------------
     def gemm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x [M, K] . w[N, K]^T -> [M, N] (pk.linear; the gemm family's layout "nt"). Optional: a backend
+        that does not override it is reported as not supporting that layout, never run through a copy."""
         raise NotImplementedError
 
     def attention(self, q, k, v, *, causal: bool, scale: float) -> torch.Tensor:
@@ -80,15 +88,16 @@ class Backend:
     def prepare(self, family: str, **kw) -> Callable[[], torch.Tensor]:
         """Turn validated inputs into the zero-argument callable that is timed (pk.prepare calls this).
 
-        `kw` are the family method's arguments, already validated by pykernels.ops: gemm `a, b`; attention
+        `kw` are the family method's arguments, already validated by pykernels.ops: gemm `a, b` (and
+        `layout="nt"` when b is stored [N, K]: the `linear` method's call); attention
         `q, k, v, causal, scale`; decode `q, k_cache, v_cache, context_lens, block_table, scale`. Override it to
         do one-off work outside the timed call (device buffers, layouts, compiled executables, a preallocated
         output); its cost is measured and recorded beside the result as `prepare_s`. The callable returns the
         output (it may return the same tensor on every call) and must compute from the tensors passed here,
         so that changing their contents in place changes the result. Default: the family method, as is.
         """
-        if family == "gemm":
-            fn, a, b = self.gemm, kw["a"], kw["b"]
+        if family == "gemm":  # layout "nt" (b stored [N, K]): the linear method
+            fn, a, b = (self.linear if kw.get("layout", "nn") == "nt" else self.gemm), kw["a"], kw["b"]
             return lambda: fn(a, b)
         if family == "attention":
             fn, q, k, v, causal, scale = self.attention, kw["q"], kw["k"], kw["v"], kw["causal"], kw["scale"]
@@ -144,6 +153,7 @@ _BUILTIN = (
     ("numpy", "pykernels.backends.numpy_ops:NumpyBackend"),
     ("triton", "pykernels.backends.triton:TritonBackend"),
     ("triton_interpret", "pykernels.backends.triton:TritonInterpretBackend"),
+    ("jax", "pykernels.backends.jax_backend:JaxBackend"),
 )
 
 _lock = threading.RLock()

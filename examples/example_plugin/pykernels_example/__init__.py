@@ -39,6 +39,9 @@ class ExampleTorchBackend(Backend):
     def gemm(self, a, b):
         return (a.float() @ b.float()).to(a.dtype)
 
+    def linear(self, x, w):  # optional: pk.linear, w stored [N, K] as a model holds it
+        return (x.float() @ w.float().t()).to(x.dtype)
+
     def attention(self, q, k, v, *, causal, scale):
         group = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(group, dim=1).float()

@@ -1,0 +1,274 @@
+// Decode attention, AVX2 + FMA tier (see cpu.h and decode.cpp for the problem): one query token per
+// sequence against a contiguous or paged KV cache. Built with -mavx2 -mfma -mno-avx512f.
+//
+// Memory-bound: every K/V row of the context is read once. Work item = (sequence, kv head, context
+// chunk); an item computes all g = Hq/Hkv query heads of the GQA group, so each K/V row comes from
+// memory once and is reused g times from L1. Contexts are split into chunks only when the
+// (sequence, kv head) units alone cannot keep every thread busy; chunks leave partials (m, l, o)
+// merged by a second pass (log-sum-exp, base 2). Per tile of kT = 32 tokens:
+//   S = q K^T    per head, 8 tokens at a time: 8 dot-product accumulators over D, one transposed
+//                horizontal sum (hsum8) gives the 8 scores
+//   softmax      online, base 2 (q carries scale * log2 e)
+//   o = a o + P V  32 columns x 2 heads = 8 ymm accumulators; V rows widened from bf16 in registers
+// The next tile's K and V rows are prefetched while this tile's scores are computed (one tile = 16 KB
+// of K and of V ahead at D = 128 fp32).
+#include "cpu/cpu.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/attn_common.h"
+#include "cpu/scalar.h"
+#include "cpu/vec_avx2.h"
+
+namespace pk::cpu {
+namespace {
+
+using u16 = uint16_t;
+using attn::AlignedBuf;
+using attn::round_up;
+
+constexpr int64_t kT = 32;         // tokens per tile: K and V tiles of 16 KB each at D = 128 fp32
+constexpr int64_t kMinChunk = 256;  // shortest context chunk worth a partial (as decode.cpp)
+constexpr int64_t kMinParallelBytes = 256 * 1024;  // below: one thread (a fork/join costs more)
+static_assert(kT % 8 == 0, "scores are computed 8 tokens at a time");
+
+struct Ctx {
+  const DecodeParams* p;
+  int64_t g, chunk, nchunk;
+  float c;      // scale * log2(e)
+  float* part;  // [B*Hkv][nchunk][g][D + 2] (o[D], m, l), or null
+};
+
+template <class T> const T* row_ptr(const DecodeParams& p, const T* base, int64_t b, int64_t hk, int64_t t) {
+  const int64_t blk = decode_block(p, b, t);
+  return base + ((blk * p.Hkv + hk) * p.block_size + t % p.block_size) * p.D;
+}
+
+inline float exp2_s(float x) { return _mm256_cvtss_f32(avx2::exp2_ps(_mm256_set1_ps(x))); }
+
+template <int D, class T> inline void prefetch_row(const T* r) {
+  constexpr int kLines = D * int(sizeof(T)) / 64;
+  for (int i = 0; i < kLines; ++i) _mm_prefetch(reinterpret_cast<const char*>(r) + 64 * i, _MM_HINT_T0);
+}
+
+// s[j] = q . K[j] for the 8 rows kr[0..8).
+template <int D, class T> inline __m256 dot8(const float* q, const T* const* kr) {
+  __m256 acc[8];
+  for (int u = 0; u < 8; ++u) acc[u] = _mm256_setzero_ps();
+#pragma GCC unroll 16
+  for (int d = 0; d < D; d += 8) {
+    const __m256 qv = _mm256_load_ps(q + d);
+#pragma GCC unroll 8
+    for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(qv, avx2::load8(kr[u] + d), acc[u]);
+  }
+  return avx2::hsum8(acc);
+}
+
+// o[h][c0..c0+32) for H (1 or 2) heads: o = alpha o + sum_j p[h][j] V[j].
+template <int H, class T>
+inline void pv_block(float* o, int64_t D, const float* p, const float* alpha, const T* const* vr, int64_t nj, int c0) {
+  __m256 acc[H][4];
+  for (int h = 0; h < H; ++h) {
+    const __m256 a = _mm256_set1_ps(alpha[h]);
+    for (int v = 0; v < 4; ++v) acc[h][v] = _mm256_mul_ps(a, _mm256_load_ps(o + h * D + c0 + 8 * v));
+  }
+  for (int64_t j = 0; j < nj; ++j) {
+    const T* r = vr[j] + c0;
+    const __m256 v0 = avx2::load8(r), v1 = avx2::load8(r + 8), v2 = avx2::load8(r + 16), v3 = avx2::load8(r + 24);
+#pragma GCC unroll 2
+    for (int h = 0; h < H; ++h) {
+      const __m256 w = _mm256_broadcast_ss(p + h * kT + j);
+      acc[h][0] = _mm256_fmadd_ps(w, v0, acc[h][0]);
+      acc[h][1] = _mm256_fmadd_ps(w, v1, acc[h][1]);
+      acc[h][2] = _mm256_fmadd_ps(w, v2, acc[h][2]);
+      acc[h][3] = _mm256_fmadd_ps(w, v3, acc[h][3]);
+    }
+  }
+  for (int h = 0; h < H; ++h)
+    for (int v = 0; v < 4; ++v) _mm256_store_ps(o + h * D + c0 + 8 * v, acc[h][v]);
+}
+
+struct Scratch {
+  float *q, *o, *s, *m, *l, *alpha;
+};
+
+template <class T, int D> void item(const Ctx& x, int64_t b, int64_t hk, int64_t ci, const Scratch& sc) {
+  const DecodeParams& p = *x.p;
+  const int64_t g = x.g, n = p.context_lens[b], t0 = ci * x.chunk, t1 = std::min(n, t0 + x.chunk);
+  const T* Q = static_cast<const T*>(p.q) + (b * p.Hq + hk * g) * D;
+  const T* K = static_cast<const T*>(p.k);
+  const T* V = static_cast<const T*>(p.v);
+  for (int64_t h = 0; h < g; ++h) {
+    for (int d = 0; d < D; d += 8)
+      _mm256_store_ps(sc.q + h * D + d, _mm256_mul_ps(avx2::load8(Q + h * D + d), _mm256_set1_ps(x.c)));
+    for (int d = 0; d < D; d += 8) _mm256_store_ps(sc.o + h * D + d, _mm256_setzero_ps());
+    sc.m[h] = -std::numeric_limits<float>::infinity();
+    sc.l[h] = 0.f;
+  }
+  const T* kr[kT];
+  const T* vr[kT];
+  for (int64_t j0 = t0; j0 < t1; j0 += kT) {
+    const int64_t nj = std::min(kT, t1 - j0), nn = std::min(kT, t1 - j0 - kT);  // this tile, the next
+    for (int64_t j = 0; j < kT; ++j) {  // rows past the tile's end repeat its first (scores masked)
+      const int64_t t = j < nj ? j0 + j : j0;
+      kr[j] = row_ptr(p, K, b, hk, t);
+      vr[j] = row_ptr(p, V, b, hk, t);
+    }
+    // S = q K^T, prefetching the next tile's rows (one K and one V row per 8 tokens x 8 rows).
+    for (int64_t j = 0; j < nj; j += 8) {
+      for (int64_t u = j; u < std::min(j + 8, nn); ++u) {
+        prefetch_row<D>(row_ptr(p, K, b, hk, j0 + kT + u));
+        prefetch_row<D>(row_ptr(p, V, b, hk, j0 + kT + u));
+      }
+      for (int64_t h = 0; h < g; ++h) _mm256_store_ps(sc.s + h * kT + j, dot8<D>(sc.q + h * D, kr + j));
+    }
+    // Online softmax per head (scores past nj masked to -inf, i.e. weight 0).
+    for (int64_t h = 0; h < g; ++h) {
+      float* s = sc.s + h * kT;
+      for (int64_t j = nj; j < round_up(nj, 8); ++j) s[j] = -std::numeric_limits<float>::infinity();
+      __m256 mx = _mm256_set1_ps(sc.m[h]);
+      for (int64_t j = 0; j < nj; j += 8) mx = _mm256_max_ps(mx, _mm256_load_ps(s + j));
+      alignas(32) float mv[8];
+      _mm256_store_ps(mv, mx);
+      const float mnew = *std::max_element(mv, mv + 8);
+      __m256 sum = _mm256_setzero_ps();
+      for (int64_t j = 0; j < nj; j += 8) {
+        const __m256 e = avx2::exp2_ps(_mm256_sub_ps(_mm256_load_ps(s + j), _mm256_set1_ps(mnew)));
+        _mm256_store_ps(s + j, e);
+        sum = _mm256_add_ps(sum, e);
+      }
+      sc.alpha[h] = exp2_s(sc.m[h] - mnew);
+      sc.l[h] = sc.l[h] * sc.alpha[h] + avx2::hsum(sum);
+      sc.m[h] = mnew;
+    }
+    // o = alpha o + P V, 2 heads x 32 columns at a time.
+    int64_t h = 0;
+    for (; h + 2 <= g; h += 2)
+      for (int c0 = 0; c0 < D; c0 += 32) pv_block<2>(sc.o + h * D, D, sc.s + h * kT, sc.alpha + h, vr, nj, c0);
+    for (; h < g; ++h)
+      for (int c0 = 0; c0 < D; c0 += 32) pv_block<1>(sc.o + h * D, D, sc.s + h * kT, sc.alpha + h, vr, nj, c0);
+  }
+  if (x.nchunk == 1) {
+    T* O = static_cast<T*>(p.o) + (b * p.Hq + hk * g) * D;
+    for (int64_t h = 0; h < g; ++h) {
+      const __m256 inv = _mm256_set1_ps(1.f / sc.l[h]);
+      for (int d = 0; d < D; d += 8) {
+        const __m256 v = _mm256_mul_ps(_mm256_load_ps(sc.o + h * D + d), inv);
+        if constexpr (std::is_same_v<T, float>) {
+          _mm256_storeu_ps(O + h * D + d, v);
+        } else {
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(O + h * D + d), avx2::narrow_bf16(v));
+        }
+      }
+    }
+    return;
+  }
+  float* part = x.part + ((b * p.Hkv + hk) * x.nchunk + ci) * g * (D + 2);
+  for (int64_t h = 0; h < g; ++h) {
+    std::copy(sc.o + h * D, sc.o + h * D + D, part + h * (D + 2));
+    part[h * (D + 2) + D] = sc.m[h];
+    part[h * (D + 2) + D + 1] = sc.l[h];
+  }
+}
+
+template <class T, int D> void merge(const Ctx& x, int64_t b, int64_t hk, float* acc) {
+  const DecodeParams& p = *x.p;
+  const int64_t g = x.g, nc = (p.context_lens[b] + x.chunk - 1) / x.chunk;
+  const float* part = x.part + (b * p.Hkv + hk) * x.nchunk * g * (D + 2);
+  T* O = static_cast<T*>(p.o) + (b * p.Hq + hk * g) * D;
+  for (int64_t h = 0; h < g; ++h) {
+    float M = -std::numeric_limits<float>::infinity();
+    for (int64_t c = 0; c < nc; ++c) M = std::max(M, part[(c * g + h) * (D + 2) + D]);
+    float L = 0.f;
+    std::fill(acc, acc + D, 0.f);
+    for (int64_t c = 0; c < nc; ++c) {
+      const float* r = part + (c * g + h) * (D + 2);
+      const float w = exp2_s(r[D] - M);
+      L += w * r[D + 1];
+      for (int d = 0; d < D; ++d) acc[d] += w * r[d];
+    }
+    for (int d = 0; d < D; ++d) {
+      if constexpr (std::is_same_v<T, float>) {
+        O[h * D + d] = acc[d] / L;
+      } else {
+        O[h * D + d] = float_to_bf16(acc[d] / L);
+      }
+    }
+  }
+}
+
+template <class T, int D> void run(const DecodeParams& p) {
+  const int64_t B = p.B, Hkv = p.Hkv, g = p.Hq / p.Hkv, units = B * Hkv;
+  int64_t maxlen = 0, tokens = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    maxlen = std::max<int64_t>(maxlen, p.context_lens[b]);
+    tokens += p.context_lens[b];
+  }
+  int nt = omp_in_parallel() ? 1 : omp_get_max_threads();
+  if (2 * tokens * Hkv * D * static_cast<int64_t>(sizeof(T)) < kMinParallelBytes) nt = 1;
+  int64_t chunk = maxlen, nchunk = 1;
+  if (units < 2 * nt) {  // split-K over the context: ~4 items per thread
+    const int64_t want = (4 * nt + units - 1) / units;
+    chunk = std::max(kMinChunk, round_up((maxlen + want - 1) / want, kT));
+    nchunk = (maxlen + chunk - 1) / chunk;
+  }
+  AlignedBuf part(nchunk > 1 ? static_cast<size_t>(units * nchunk * g * (D + 2) * 4) : 0);
+  const Ctx x{&p, g, chunk, nchunk, p.scale * attn::kLog2e, nchunk > 1 ? part.as<float>() : nullptr};
+  std::vector<int64_t> items;
+  items.reserve(static_cast<size_t>(units * nchunk));
+  for (int64_t u = 0; u < units; ++u)
+    for (int64_t c = 0; c < (p.context_lens[u / Hkv] + chunk - 1) / chunk; ++c) items.push_back(u * nchunk + c);
+  const int64_t nitems = static_cast<int64_t>(items.size());
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    AlignedBuf qb(static_cast<size_t>(g * D * 4)), ob(static_cast<size_t>(g * D * 4)),
+        sb(static_cast<size_t>(g * kT * 4)), mb(static_cast<size_t>(3 * g * 4)), tb(static_cast<size_t>(D * 4));
+    const Scratch sc{qb.as<float>(), ob.as<float>(), sb.as<float>(), mb.as<float>(), mb.as<float>() + g,
+                     mb.as<float>() + 2 * g};
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < nitems; ++i) {
+      const int64_t u = items[i] / nchunk;
+      item<T, D>(x, u / Hkv, u % Hkv, items[i] % nchunk, sc);
+    }
+    if (nchunk > 1) {
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t u = 0; u < units; ++u) merge<T, D>(x, u / Hkv, u % Hkv, tb.as<float>());
+    }
+  }
+}
+
+template <class T> void dispatch(const DecodeParams& p) {
+  if (p.D == 64) return run<T, 64>(p);
+  if (p.D == 128) return run<T, 128>(p);
+  throw std::invalid_argument("the AVX2 decode supports head dims 64 and 128, got " + std::to_string(p.D));
+}
+
+}  // namespace
+
+void decode_avx2(const DecodeParams& p) {
+  if (p.dtype == DType::f32) return dispatch<float>(p);
+  if (p.dtype == DType::bf16) return dispatch<u16>(p);
+  throw std::invalid_argument(std::string("native cpu decode does not support dtype ") + dtype_name(p.dtype));
+}
+
+}  // namespace pk::cpu
+
+#else  // not x86-64: the tier does not exist (isa_supported(avx2) is false), so this is never called
+
+#include <stdexcept>
+
+namespace pk::cpu {
+void decode_avx2(const DecodeParams&) { throw std::logic_error("the AVX2 tier exists only on x86-64"); }
+}  // namespace pk::cpu
+#endif

@@ -1,0 +1,349 @@
+// CPU GEMM, AVX2 + FMA tier (see cpu.h): C[M,N] = A[M,K] . B[K,N], row-major, fp32 accumulation,
+// f32 and bf16 in/out. Built with -mavx2 -mfma -mno-avx512f (CMakeLists.txt).
+//
+// Paths:
+//   direct  M <= 4 (decode batches): B streamed once, never packed (bf16 widened in registers); items
+//           of 64 rows of B go to the threads dynamically, each adds 4 rows of B per pass into a
+//           private fp32 partial of the C rows; the partials are summed at the end.
+//   packed  BLIS-style: work items are (MC rows x NC columns) blocks of C, handed out dynamically;
+//           per item and K block (KC) the rows of A are packed into [k][6] panels and B into [k][16]
+//           panels (bf16 widened to fp32 while packing), and the 6 x 16 micro-kernel runs over the
+//           tiles: 12 ymm accumulators + 2 B vectors + 1 broadcast = 15 of the 16 ymm registers.
+//           Each k step: 2 loads of B, 6 broadcasts, 12 FMAs (2 FMA pipes: 6 cycles).
+// Block sizes come from the caches the CPU reports (cpu.h caches()), not from constants:
+//   KC: the B micro-panel (KC x 16 fp32) takes half of L1d, so it stays there while the A panels of
+//       the block stream past it (32 KB L1d -> KC = 256);
+//   MC, NC: the packed A block (MC x KC), the packed B block (KC x NC) and the C block (MC x NC) each
+//       take a quarter of L2 (1 MB L2 -> MC = 252, NC = 256; 2 MB -> 504, 512).
+// No AMX, no AVX-512 here by construction: this is what an AVX2-only CPU runs.
+#include "cpu/cpu.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "cpu/scalar.h"
+#include "cpu/vec_avx2.h"
+
+namespace pk::cpu {
+namespace {
+
+using u16 = uint16_t;
+constexpr int MR = 6, NR = 16;
+// M up to this: direct path (each element of B feeds at most 4 FMAs: memory-bound, packing B would
+// only add traffic).
+constexpr int64_t kDirectMaxM = 4;
+// Below this many FLOPs one thread does it all (an OpenMP fork/join costs microseconds).
+constexpr double kSerialFlops = 2.0e6;
+
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline float ldf(const float* p, int64_t i) { return p[i]; }
+inline float ldf(const u16* p, int64_t i) { return bf16_to_float(p[i]); }
+
+struct Blocking {
+  int64_t kc, mc, nc;
+};
+const Blocking& blocking() {
+  static const Blocking b = [] {
+    const Caches& c = caches();
+    const int64_t kc = std::clamp<int64_t>(c.l1d / 2 / (NR * 4) / 8 * 8, 64, 1024);
+    const int64_t mc = std::clamp<int64_t>(c.l2 / 4 / (kc * 4) / MR * MR, 4 * MR, 2046);
+    const int64_t nc = std::clamp<int64_t>(c.l2 / 4 / (kc * 4) / NR * NR, 4 * NR, 4096);
+    return Blocking{kc, mc, nc};
+  }();
+  return b;
+}
+
+int pick_threads(const GemmParams& p) {
+  const double flops = 2.0 * double(p.M) * double(p.N) * double(p.K);
+  return flops < kSerialFlops || omp_in_parallel() ? 1 : std::max(1, omp_get_max_threads());
+}
+
+// Per-thread scratch kept between calls (no page faults per call); grows, never shrinks.
+float* scratch(size_t floats) {
+  struct Freer {
+    void operator()(float* p) const { std::free(p); }
+  };
+  thread_local std::unique_ptr<float, Freer> buf;
+  thread_local size_t have = 0;
+  if (have < floats) {
+    buf.reset();
+    const size_t bytes = (floats * 4 + 63) / 64 * 64;
+    buf.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
+    if (!buf) throw std::bad_alloc();
+    have = floats;
+  }
+  return buf.get();
+}
+
+// ---- packing --------------------------------------------------------------------------------------
+// rows [0, mr) x kc of A (row stride lda) -> dst[k][MR], rows mr..MR-1 zero.
+template <class T> void pack_a(const T* a, int64_t lda, int mr, int64_t kc, float* dst) {
+  if (mr == MR) {
+    int64_t k = 0;
+    for (; k + 8 <= kc; k += 8) {  // 6 rows x 8 k: loads along k, scattered by a small transpose
+      alignas(32) float t[MR][8];
+      for (int r = 0; r < MR; ++r) _mm256_store_ps(t[r], avx2::load8(a + r * lda + k));
+      for (int kk = 0; kk < 8; ++kk)
+        for (int r = 0; r < MR; ++r) dst[(k + kk) * MR + r] = t[r][kk];
+    }
+    for (; k < kc; ++k)
+      for (int r = 0; r < MR; ++r) dst[k * MR + r] = ldf(a, r * lda + k);
+    return;
+  }
+  for (int64_t k = 0; k < kc; ++k)
+    for (int r = 0; r < MR; ++r)
+      dst[k * MR + r] =
+          r < mr ? ldf(a, r * lda + k) : 0.f;
+}
+
+// kc x nc of B (row stride ldb) -> panels of [k][NR], panel q at q*kc*NR, columns past nc zero.
+template <class T> void pack_b(const T* b, int64_t ldb, int64_t kc, int64_t nc, float* dst) {
+  const int64_t full = nc / NR;
+  for (int64_t k = 0; k < kc; ++k) {
+    const T* row = b + k * ldb;
+    _mm_prefetch(reinterpret_cast<const char*>(row + 2 * ldb), _MM_HINT_T0);
+    for (int64_t q = 0; q < full; ++q) {
+      float* d = dst + (q * kc + k) * NR;
+      _mm256_store_ps(d, avx2::load8(row + q * NR));
+      _mm256_store_ps(d + 8, avx2::load8(row + q * NR + 8));
+    }
+    if (full * NR < nc) {
+      float* d = dst + (full * kc + k) * NR;
+      for (int64_t j = 0; j < NR; ++j)
+        d[j] = full * NR + j < nc ? ldf(row, full * NR + j) : 0.f;
+    }
+  }
+}
+
+// ---- 6 x 16 micro-kernel ---------------------------------------------------------------------------
+// c[r][j] (+)= sum_k a[k][r] * b[k][j]; all 6 x 16 values are written (c must have room).
+template <bool Acc> void kernel(const float* a, const float* b, int64_t kc, float* c, int64_t ldc) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
+         c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  for (int r = 0; r < MR; ++r) _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc), _MM_HINT_T0);
+#define PK_STEP(kk)                                                                  \
+  {                                                                                  \
+    const __m256 b0 = _mm256_load_ps(b + (kk) * NR), b1 = _mm256_load_ps(b + (kk) * NR + 8); \
+    __m256 av = _mm256_broadcast_ss(a + (kk) * MR + 0);                              \
+    c00 = _mm256_fmadd_ps(av, b0, c00);                                              \
+    c01 = _mm256_fmadd_ps(av, b1, c01);                                              \
+    av = _mm256_broadcast_ss(a + (kk) * MR + 1);                                     \
+    c10 = _mm256_fmadd_ps(av, b0, c10);                                              \
+    c11 = _mm256_fmadd_ps(av, b1, c11);                                              \
+    av = _mm256_broadcast_ss(a + (kk) * MR + 2);                                     \
+    c20 = _mm256_fmadd_ps(av, b0, c20);                                              \
+    c21 = _mm256_fmadd_ps(av, b1, c21);                                              \
+    av = _mm256_broadcast_ss(a + (kk) * MR + 3);                                     \
+    c30 = _mm256_fmadd_ps(av, b0, c30);                                              \
+    c31 = _mm256_fmadd_ps(av, b1, c31);                                              \
+    av = _mm256_broadcast_ss(a + (kk) * MR + 4);                                     \
+    c40 = _mm256_fmadd_ps(av, b0, c40);                                              \
+    c41 = _mm256_fmadd_ps(av, b1, c41);                                              \
+    av = _mm256_broadcast_ss(a + (kk) * MR + 5);                                     \
+    c50 = _mm256_fmadd_ps(av, b0, c50);                                              \
+    c51 = _mm256_fmadd_ps(av, b1, c51);                                              \
+  }
+  int64_t k = 0;
+  for (; k + 4 <= kc; k += 4) {
+    _mm_prefetch(reinterpret_cast<const char*>(b + 8 * NR), _MM_HINT_T0);
+    PK_STEP(0) PK_STEP(1) PK_STEP(2) PK_STEP(3)
+    a += 4 * MR;
+    b += 4 * NR;
+  }
+  for (; k < kc; ++k) {
+    PK_STEP(0)
+    a += MR;
+    b += NR;
+  }
+#undef PK_STEP
+  const __m256 acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  for (int r = 0; r < MR; ++r) {
+    float* cr = c + r * ldc;
+    __m256 v0 = acc[r][0], v1 = acc[r][1];
+    if (Acc) {
+      v0 = _mm256_add_ps(v0, _mm256_loadu_ps(cr));
+      v1 = _mm256_add_ps(v1, _mm256_loadu_ps(cr + 8));
+    }
+    _mm256_storeu_ps(cr, v0);
+    _mm256_storeu_ps(cr + 8, v1);
+  }
+}
+
+// One mr x nc tile (mr <= 6, nc <= 16) into c (row stride ldc), through a full tile when partial.
+void tile(const float* a, const float* b, int64_t kc, float* c, int64_t ldc, int mr, int nc, bool acc) {
+  if (mr == MR && nc == NR) return acc ? kernel<true>(a, b, kc, c, ldc) : kernel<false>(a, b, kc, c, ldc);
+  alignas(32) float t[MR * NR];
+  kernel<false>(a, b, kc, t, NR);
+  for (int r = 0; r < mr; ++r)
+    for (int j = 0; j < nc; ++j) c[r * ldc + j] = acc ? c[r * ldc + j] + t[r * NR + j] : t[r * NR + j];
+}
+
+template <class T> void gemm_packed(const GemmParams& p) {
+  const Blocking& bl = blocking();
+  const int64_t M = p.M, N = p.N, K = p.K, KC = bl.kc, MC = bl.mc, NC = bl.nc;
+  const T* A = static_cast<const T*>(p.a);
+  const T* B = static_cast<const T*>(p.b);
+  constexpr bool kBf16 = std::is_same_v<T, u16>;
+  const int64_t mb = cdiv(M, MC), nb = cdiv(N, NC), items = mb * nb;
+  const int nt = static_cast<int>(std::min<int64_t>(pick_threads(p), items));
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    // A block [MC/6 panels][KC][6], B block [NC/16 panels][KC][16], C block (bf16 output) [MC][NC].
+    float* ws = scratch(static_cast<size_t>(MC * KC + NC * KC + (kBf16 ? MC * NC : 0)));
+    float* ap = ws;
+    float* bp = ws + MC * KC;
+    float* cb = bp + NC * KC;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) {
+      // Items of one column block are consecutive: the threads share its rows of B in L3.
+      const int64_t i0 = (it % mb) * MC, j0 = (it / mb) * NC;
+      const int64_t mc = std::min(MC, M - i0), nc = std::min(NC, N - j0);
+      float* c = kBf16 ? cb : static_cast<float*>(p.c) + i0 * N + j0;
+      const int64_t ldc = kBf16 ? NC : N;
+      for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        const int64_t kc = std::min(KC, K - k0);
+        for (int64_t i = 0; i < mc; i += MR)
+          pack_a(A + (i0 + i) * K + k0, K, static_cast<int>(std::min<int64_t>(MR, mc - i)), kc, ap + i * kc);
+        pack_b(B + k0 * N + j0, N, kc, nc, bp);
+        for (int64_t j = 0; j < nc; j += NR)
+          for (int64_t i = 0; i < mc; i += MR)
+            tile(ap + i * kc, bp + j * kc, kc, c + i * ldc + j, ldc, static_cast<int>(std::min<int64_t>(MR, mc - i)),
+                 static_cast<int>(std::min<int64_t>(NR, nc - j)), k0 > 0);
+      }
+      if constexpr (kBf16) {
+        u16* C = static_cast<u16*>(p.c);
+        for (int64_t i = 0; i < mc; ++i) {
+          int64_t j = 0;
+          for (; j + 8 <= nc; j += 8)
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(C + (i0 + i) * N + j0 + j),
+                             avx2::narrow_bf16(_mm256_loadu_ps(cb + i * NC + j)));
+          for (; j < nc; ++j) C[(i0 + i) * N + j0 + j] = float_to_bf16(cb[i * NC + j]);
+        }
+      }
+    }
+  }
+}
+
+// ---- direct path (M <= 4) --------------------------------------------------------------------------
+// acc[m][0..w) += sum over rows [k0, k1) of A[m][k] * B[k][j0..j0+w), 4 rows of B per pass; a block
+// of up to 64 rows is summed in `tmp` first and then added (K/64 + 64 additions in a row per output,
+// not K: the error stays at the level of torch's).
+template <int M, class T>
+void direct_block(const T* A, int64_t lda, const T* B, int64_t ldb, int64_t k0, int64_t k1, int64_t j0, int64_t w,
+                  float* acc, float* tmp) {
+  const int64_t wv = w / 8 * 8;
+  for (int64_t i = 0; i < M * w; ++i) tmp[i] = 0.f;
+  int64_t k = k0;
+  for (; k + 4 <= k1; k += 4) {
+    const T* b = B + k * ldb + j0;
+    __m256 av[M][4];
+    for (int m = 0; m < M; ++m)
+      for (int u = 0; u < 4; ++u) av[m][u] = _mm256_set1_ps(ldf(A, m * lda + k + u));
+    for (int u = 0; u < 4; ++u) _mm_prefetch(reinterpret_cast<const char*>(b + (u + 8) * ldb), _MM_HINT_T0);
+    for (int64_t j = 0; j < wv; j += 8) {
+      const __m256 b0 = avx2::load8(b + j), b1 = avx2::load8(b + ldb + j), b2 = avx2::load8(b + 2 * ldb + j),
+                   b3 = avx2::load8(b + 3 * ldb + j);
+      for (int m = 0; m < M; ++m) {
+        float* t = tmp + m * w + j;
+        __m256 s = _mm256_fmadd_ps(av[m][0], b0, _mm256_loadu_ps(t));
+        __m256 s1 = _mm256_mul_ps(av[m][1], b1);
+        s = _mm256_fmadd_ps(av[m][2], b2, s);
+        s1 = _mm256_fmadd_ps(av[m][3], b3, s1);
+        _mm256_storeu_ps(t, _mm256_add_ps(s, s1));
+      }
+    }
+    for (int64_t j = wv; j < w; ++j)
+      for (int m = 0; m < M; ++m)
+        for (int u = 0; u < 4; ++u)
+          tmp[m * w + j] += ldf(A, m * lda + k + u) *
+                            ldf(B, (k + u) * ldb + j0 + j);
+  }
+  for (; k < k1; ++k)
+    for (int m = 0; m < M; ++m) {
+      const float a = ldf(A, m * lda + k);
+      for (int64_t j = 0; j < w; ++j) tmp[m * w + j] += a * ldf(B, k * ldb + j0 + j);
+    }
+  for (int64_t i = 0; i < M * w; ++i) acc[i] += tmp[i];
+}
+
+// Work items are blocks of 64 whole rows of B (one contiguous run per column chunk), handed out
+// dynamically: a thread that loses its core to another process (2-core shared VM) does fewer of them
+// instead of holding the others up. Each thread adds its items into a private fp32 partial of the C
+// rows (M x W floats, 64 KB: L2); the partials are summed at the end of each column chunk.
+template <int M, class T> void gemm_direct(const GemmParams& p) {
+  constexpr int64_t kRows = 64;
+  const int64_t N = p.N, K = p.K;
+  const T* A = static_cast<const T*>(p.a);
+  const T* B = static_cast<const T*>(p.b);
+  const int64_t W = std::min<int64_t>(cdiv(N, 8) * 8, 16384 / M / 8 * 8), items = cdiv(K, kRows);
+  const int nt = static_cast<int>(std::min<int64_t>(pick_threads(p), items));
+  // The calling thread's arena (thread 0 of the team) holds every partial, then thread 0's item buffer.
+  float* parts = scratch(static_cast<size_t>((nt + 1) * M * W));
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    const int t = omp_get_thread_num(), n = omp_get_num_threads();
+    float* part = parts + t * M * W;
+    float* tmp = t == 0 ? parts + nt * M * W : scratch(static_cast<size_t>(M * W));
+    for (int64_t j0 = 0; j0 < N; j0 += W) {
+      const int64_t w = std::min(W, N - j0);
+      std::fill(part, part + M * w, 0.f);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t it = 0; it < items; ++it)
+        direct_block<M, T>(A, K, B, N, it * kRows, std::min(K, (it + 1) * kRows), j0, w, part, tmp);
+      // (implicit barrier) every partial is complete; sum them, columns split over the threads
+      const int64_t c0 = w * t / n, c1 = w * (t + 1) / n;
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t j = c0; j < c1; ++j) {
+          float v = 0.f;
+          for (int u = 0; u < n; ++u) v += parts[u * M * W + m * w + j];  // partials are M x w
+          if constexpr (std::is_same_v<T, float>) {
+            static_cast<float*>(p.c)[m * N + j0 + j] = v;
+          } else {
+            static_cast<u16*>(p.c)[m * N + j0 + j] = float_to_bf16(v);
+          }
+        }
+#pragma omp barrier
+    }
+  }
+}
+
+template <class T> void gemm_typed(const GemmParams& p) {
+  switch (p.M) {
+    case 1: return gemm_direct<1, T>(p);
+    case 2: return gemm_direct<2, T>(p);
+    case 3: return gemm_direct<3, T>(p);
+    case 4: return gemm_direct<4, T>(p);
+    default: return gemm_packed<T>(p);
+  }
+}
+static_assert(kDirectMaxM == 4, "gemm_typed instantiates the direct path for M = 1..4");
+
+}  // namespace
+
+void gemm_avx2(const GemmParams& p) {
+  if (p.dtype == DType::f32) return gemm_typed<float>(p);
+  if (p.dtype == DType::bf16) return gemm_typed<u16>(p);
+  throw std::invalid_argument(std::string("native cpu gemm does not support dtype ") + dtype_name(p.dtype));
+}
+
+}  // namespace pk::cpu
+
+#else  // not x86-64: the tier does not exist (isa_supported(avx2) is false), so this is never called
+
+#include <stdexcept>
+
+namespace pk::cpu {
+void gemm_avx2(const GemmParams&) { throw std::logic_error("the AVX2 tier exists only on x86-64"); }
+}  // namespace pk::cpu
+#endif

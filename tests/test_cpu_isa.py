@@ -1,0 +1,85 @@
+"""The native CPU ISA tiers (csrc/cpu/cpu.h): selection, the override, and where the tier is recorded.
+
+The correctness matrix of test_gemm / test_attention / test_decode runs on every tier through the
+`native_isa` fixture of conftest.py; this file checks the switch itself."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pykernels as pk
+
+_C = pytest.importorskip("pykernels._C")
+
+
+def test_tiers_listed_best_first_and_portable_always_there():
+    isas = _C.cpu_isas()
+    assert isas[-1] == "portable"
+    order = ["avx512", "avx2", "portable"]
+    assert isas == [t for t in order if t in isas]
+    assert _C.cpu_isa() in isas
+
+
+def test_set_cpu_isa_switches_and_rejects_bad_names():
+    before = _C.cpu_isa()
+    try:
+        for t in _C.cpu_isas():
+            _C.set_cpu_isa(t)
+            assert _C.cpu_isa() == t
+        with pytest.raises(ValueError, match="name.*unknown CPU ISA tier 'sse9'"):
+            _C.set_cpu_isa("sse9")
+        missing = [t for t in ("avx512", "avx2") if t not in _C.cpu_isas()]
+        for t in missing:
+            with pytest.raises(ValueError, match=f"cannot run the '{t}' tier"):
+                _C.set_cpu_isa(t)
+    finally:
+        _C.set_cpu_isa(before)
+    assert _C.cpu_isa() == before
+
+
+def test_env_override_is_read_at_load():
+    code = "from pykernels import _C; print(_C.cpu_isa())"
+    env = dict(os.environ, PYKERNELS_CPU_ISA="portable")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "portable"
+    env["PYKERNELS_CPU_ISA"] = "nonsense"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "PYKERNELS_CPU_ISA: unknown CPU ISA tier" in bad.stderr
+
+
+def test_tier_is_recorded_in_backend_info():
+    from pykernels.backends import registry
+
+    b = registry.all_backends()["native"]
+    x = {"a": torch.ones(2, 2), "b": torch.ones(2, 2)}
+    assert b.describe_call("gemm", x) == {"cpu_isa": _C.cpu_isa()}
+
+
+def test_cache_sizes_are_sane():
+    c = _C.cpu_caches()
+    assert 8 * 1024 <= c["l1d"] <= 1024 * 1024
+    assert 64 * 1024 <= c["l2"] <= 64 * 1024 * 1024
+    assert c["l3"] >= c["l2"] and c["l3_sharing"] >= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_tiers_agree_with_each_other(dtype):
+    """Same inputs on every tier: each within the dtype's tolerance of the others (cheap cross-check)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(37, 300, generator=g).to(dtype)
+    b = torch.randn(300, 70, generator=g).to(dtype)
+    before = _C.cpu_isa()
+    outs = {}
+    try:
+        for t in _C.cpu_isas():
+            _C.set_cpu_isa(t)
+            outs[t] = pk.gemm(a, b).double()
+    finally:
+        _C.set_cpu_isa(before)
+    ref = a.double() @ b.double()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for t, o in outs.items():
+        assert float((o - ref).abs().max() / ref.abs().max()) < tol, t

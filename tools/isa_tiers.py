@@ -1,0 +1,175 @@
+"""Native CPU ISA tiers against torch, timed in turns in one process (issue 21).
+
+    python tools/isa_tiers.py [--rounds 5] [--only gemm,decode,attention] [--out notes/isa_tiers.md]
+
+For each case the native backend is timed on every tier this CPU runs (switched with _C.set_cpu_isa
+between calls) and torch beside it, round-robin (one call of each per round), so that a busy spell on a
+shared machine slows all alike. Reported: medians, ratios native(tier)/torch of the same rounds, and for
+the compute-bound rows the fraction of an FMA-loop peak measured at the start by a register-resident C
+loop (12 independent accumulators per thread, compiled here with the system C compiler: AVX2 ymm FMA and
+AVX-512 zmm FMA; Zen 4 runs both at 32 fp32 FLOP/cycle/core). Memory-bound rows (decode, M = 1 GEMM)
+also get a read-bandwidth loop (torch sum of 256 MiB) timed in the same rounds: % of read bandwidth is
+the median over rounds of (kernel bytes/s) / (read bytes/s). Outputs are checked against torch's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import pykernels as pk
+from pykernels import _C
+from pykernels.kernels import AttentionProblem, DecodeProblem, GemmProblem
+
+_FMA_LOOP = r"""
+#include <immintrin.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#define N 12
+__attribute__((target("avx2,fma"))) static double ymm(long it) {
+  double t0 = omp_get_wtime();
+  #pragma omp parallel
+  {
+    __m256 a[N]; for (int i = 0; i < N; ++i) a[i] = _mm256_set1_ps(1.0f + i * 1e-3f);
+    const __m256 b = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
+    for (long k = 0; k < it; ++k) for (int i = 0; i < N; ++i) a[i] = _mm256_fmadd_ps(a[i], b, c);
+    float s = 0; for (int i = 0; i < N; ++i) s += a[i][0];
+    if (s == 42.f) printf("x");
+  }
+  return omp_get_wtime() - t0;
+}
+__attribute__((target("avx512f"))) static double zmm(long it) {
+  double t0 = omp_get_wtime();
+  #pragma omp parallel
+  {
+    __m512 a[N]; for (int i = 0; i < N; ++i) a[i] = _mm512_set1_ps(1.0f + i * 1e-3f);
+    const __m512 b = _mm512_set1_ps(0.999999f), c = _mm512_set1_ps(1e-7f);
+    for (long k = 0; k < it; ++k) for (int i = 0; i < N; ++i) a[i] = _mm512_fmadd_ps(a[i], b, c);
+    float s = 0; for (int i = 0; i < N; ++i) s += a[i][0];
+    if (s == 42.f) printf("x");
+  }
+  return omp_get_wtime() - t0;
+}
+int main(int argc, char** argv) {
+  long it = 20000000; int nt = omp_get_max_threads(); int z = argc > 1 && argv[1][0] == 'z';
+  double best = 1e30;
+  for (int r = 0; r < 5; ++r) { double t = z ? zmm(it) : ymm(it); if (t < best) best = t; }
+  printf("%g\n", (double)it * N * (z ? 16 : 8) * 2 * nt / best);
+  return 0;
+}
+"""
+
+
+def fma_peaks() -> dict:
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if not cc:
+        return {}
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        src, exe = Path(d) / "fma.c", Path(d) / "fma"
+        src.write_text(_FMA_LOOP)
+        subprocess.run([cc, "-O2", "-fopenmp", str(src), "-o", str(exe)], check=True)
+        out["avx2"] = float(subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout)
+        if "avx512" in _C.cpu_isas():
+            out["avx512"] = float(subprocess.run([str(exe), "z"], capture_output=True, text=True,
+                                                 check=True).stdout)
+    return out
+
+
+def cases(only: set[str]):
+    f32, bf16 = torch.float32, torch.bfloat16
+    if "gemm" in only:
+        for dt in (f32, bf16):
+            yield "gemm", GemmProblem(2048, 2048, 2048), dt
+        for dt in (f32, bf16):
+            yield "gemm", GemmProblem(1, 4096, 4096), dt
+    if "attention" in only:
+        for dt in (f32, bf16):
+            for causal in (False, True):
+                yield "attention", AttentionProblem(1, 16, 16, 2048, 128, causal), dt
+    if "decode" in only:
+        for dt in (f32, bf16):
+            for hkv in (8, 32):
+                for paged in (False, True):
+                    yield "decode", DecodeProblem(8, 32, hkv, 4096, 128, paged=paged, block_size=16), dt
+
+
+def time_call(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--only", default="gemm,decode,attention")
+    ap.add_argument("--tiers", default=",".join(t for t in _C.cpu_isas() if t != "portable"))
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    tiers = [t for t in args.tiers.split(",") if t]
+    only = set(args.only.split(","))
+    peaks = fma_peaks()
+    src = torch.empty(64 << 20, dtype=torch.float32).fill_(1.0)  # 256 MiB read loop
+    read_bytes = src.numel() * 4
+    lines = [f"# native tiers vs torch ({torch.get_num_threads()} threads, torch {torch.__version__})", "",
+             f"command: `python tools/isa_tiers.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
+             "FMA-loop peaks (GFLOP/s): " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in peaks.items()), "",
+             "| case | dtype | " + " | ".join(f"{t} ms | {t}/torch | {t} % peak or read-bw" for t in tiers)
+             + " | torch ms |", "|" + " --- |" * (3 + 3 * len(tiers))]
+    default = _C.cpu_isa()
+    for family, prob, dt in cases(only):
+        x = prob.make_inputs(dt, seed=0)
+        kw = {**x, **prob.call_kwargs()}
+        fns = {"torch": pk.prepare(family, backend="torch", **kw)}
+        native = pk.prepare(family, backend="native", **kw)
+        ref = fns["torch"]().float()
+        for t in tiers:
+            _C.set_cpu_isa(t)
+            err = float((native().float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+            assert err < (2e-2 if dt == torch.bfloat16 else 1e-3), (t, prob, err)
+        _C.set_cpu_isa(default)
+        mem = family == "decode" or (family == "gemm" and prob.M == 1)
+        samples = {k: [] for k in [*tiers, "torch", "read"]}
+        for _ in range(args.rounds):
+            for t in tiers:
+                _C.set_cpu_isa(t)
+                samples[t].append(time_call(native))
+            _C.set_cpu_isa(default)
+            samples["torch"].append(time_call(fns["torch"]))
+            if mem:
+                samples["read"].append(time_call(src.sum))
+        med = {k: statistics.median(v) for k, v in samples.items() if v}
+        row = f"| {family} {prob.label()} | {str(dt).replace('torch.', '')} |"
+        for t in tiers:
+            ratio = statistics.median(tt / tn for tn, tt in zip(samples[t], samples["torch"]))
+            if mem:
+                nbytes = prob.bytes(dt)
+                frac = statistics.median((nbytes / tn) / (read_bytes / tr)
+                                         for tn, tr in zip(samples[t], samples["read"]))
+                extra = f"{100 * frac:.0f}% read"
+            else:
+                pk_ = peaks.get(t) or peaks.get("avx2")
+                extra = f"{100 * prob.flops() / med[t] / pk_:.0f}%" if pk_ else "n/a"
+            row += f" {1e3 * med[t]:.2f} | {ratio:.2f} | {extra} |"
+        row += f" {1e3 * med['torch']:.2f} |"
+        print(row, flush=True)
+        lines.append(row)
+    lines += ["", "Ratios are medians over rounds of time(torch)/time(native) from the same rounds. The machine "
+              "(2 cores) was shared with other processes: absolute times are not trustworthy, ratios less so."]
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
