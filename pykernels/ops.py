@@ -285,6 +285,13 @@ def linear(x: torch.Tensor, w: torch.Tensor, *, backend: str = "native") -> torc
 
     Timed and reported as the gemm family's layout "nt" (GemmProblem(M, N, K, layout="nt")); prepared
     as `prepare("gemm", a=x, b=w, layout="nt")`."""
+    if type(x) is _Tensor and type(w) is _Tensor and type(backend) is str:  # the signature cache, as pk.gemm
+        key = ("linear", x.shape, x.stride(), x.dtype, x.device, w.shape, w.stride(), w.dtype, w.device, backend)
+        be = _lookup(key)
+        if be is None:
+            be = _check_linear(x, w, backend)[0]
+            _remember(key, be)
+        return be.linear(x, w)
     be, kw = _check_linear(x, w, backend)
     return be.linear(kw["a"], kw["b"])
 
