@@ -47,7 +47,7 @@ def _add_bench(sub):
     p = sub.add_parser(
         "bench", help="run the benchmark sweeps (timed; results as pytest-benchmark JSON)",
         description="Time every backend on every case of a sweep, check each output against the float64 "
-                    "reference, print the penalty table and write pytest-benchmark JSON. Runs pytest on the "
+                    "reference, print the speedup tables and write pytest-benchmark JSON. Runs pytest on the "
                     "sweeps shipped in the package, with the package's own pytest configuration (works in any "
                     "directory). Arguments after -- go to pytest unchanged.",
         epilog="Exit status: 0 all measured and correct; 1 a case failed or nothing was measured; 2 usage error.")

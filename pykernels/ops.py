@@ -222,7 +222,8 @@ def prepare(family: str, *, backend="native", **inputs) -> Callable[[], torch.Te
     This is what the timing harness measures: no validation, lookup or host-device copy inside. The callable
     comes from the backend's `prepare` hook (registry.Backend.prepare), which may do one-off work here (the
     native CPU backend allocates the output once and binds the pointers, so every call returns that same
-    tensor). Prepare again for other input tensors; contents changed in place are seen by the next call."""
+    tensor). Prepare again for other inputs: contents changed in place are seen by the next call of the
+    built-in backends, but not by a port that copied them into its own buffers at prepare time."""
     be, kw = _validate(family, backend, inputs)
     fn = be.prepare(family, **kw)
     if not callable(fn):
@@ -284,6 +285,13 @@ def linear(x: torch.Tensor, w: torch.Tensor, *, backend: str = "native") -> torc
 
     Timed and reported as the gemm family's layout "nt" (GemmProblem(M, N, K, layout="nt")); prepared
     as `prepare("gemm", a=x, b=w, layout="nt")`."""
+    if type(x) is _Tensor and type(w) is _Tensor and type(backend) is str:  # the signature cache, as pk.gemm
+        key = ("linear", x.shape, x.stride(), x.dtype, x.device, w.shape, w.stride(), w.dtype, w.device, backend)
+        be = _lookup(key)
+        if be is None:
+            be = _check_linear(x, w, backend)[0]
+            _remember(key, be)
+        return be.linear(x, w)
     be, kw = _check_linear(x, w, backend)
     return be.linear(kw["a"], kw["b"])
 

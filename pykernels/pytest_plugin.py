@@ -33,7 +33,7 @@ import pytest
 
 FAMILIES = ("gemm", "attention", "decode")
 SWEEP_NAMES = ("smoke", "small", "quick", "full")
-NEVER_TIMED = {"triton_interpret": "correctness only (Triton's interpreter): never timed, never in penalty tables"}
+NEVER_TIMED = {"triton_interpret": "correctness only (Triton's interpreter): never timed, never in speedup tables"}
 SWEEP_BUDGET_S = {"smoke": 0.2, "small": 0.3, "quick": 0.5, "full": 1.5}
 # Checking an output needs its float64 reference: ~FLOPs / 30 GFLOP/s on the 2-core CPU. Above this many
 # FLOPs (or bytes) the check runs on a slice (64 rows of a GEMM, one KV-head group of attention, 2 sequences of a

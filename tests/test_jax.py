@@ -24,6 +24,13 @@ def test_jax_gemm(mnk, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mnk", [(1, 1000, 65), (7, 63, 127), (65, 127, 63), (200, 1023, 300)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_jax_linear(mnk, dtype):  # the gemm family's layout "nt" (weight [N, K]): pk.linear
+    run_checked(GemmProblem(*mnk, layout="nt"), dtype, "jax", "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=lambda s: "-".join(map(str, s)))
 def test_jax_attention(shape, causal, dtype):

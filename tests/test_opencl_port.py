@@ -30,6 +30,14 @@ def test_opencl_gemm(mnk, dtype):
     run_checked(GemmProblem(*mnk), dtype, "opencl", "cpu")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mnk", [(1, 1000, 65), (8, 63, 127), (9, 127, 63), (200, 1023, 300)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_opencl_linear(mnk, dtype):  # the gemm family's layout "nt" (weight [N, K]), both kernels
+    _backend()
+    run_checked(GemmProblem(*mnk, layout="nt"), dtype, "opencl", "cpu")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1, 64), (1, 2, 2, 7, 128), (2, 4, 1, 63, 64), (1, 8, 2, 65, 128),

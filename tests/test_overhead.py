@@ -245,6 +245,17 @@ def test_cached_signature_does_not_hide_errors(backend):
 
 
 @pytest.mark.parametrize("backend", ["native", "torch"])
+def test_cached_linear_signature_does_not_hide_errors(backend):
+    x, w = torch.randn(5, 7), torch.randn(6, 7)
+    torch.testing.assert_close(pk.linear(x, w, backend=backend), x @ w.t(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="'w'.*contiguous"):  # same shape, other strides
+        pk.linear(x, torch.randn(7, 6).t(), backend=backend)
+    with pytest.raises(TypeError, match="'w'"):
+        pk.linear(x, w.bfloat16(), backend=backend)
+    torch.testing.assert_close(pk.linear(x, w, backend=backend), x @ w.t(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
 def test_cached_decode_signature_still_checks_contents(backend):
     d = DecodeProblem(2, 4, 2, 20, 64, paged=True, block_size=8).make_inputs(torch.float32)
     pk.decode(**d, backend=backend)

@@ -282,3 +282,12 @@ def test_gemm(kernel_case, kernel_bench):
     assert mi["threads"]["requested"] == 1 and mi["threads"]["torch"] == 1 and mi["threads"]["native"] == 1
     assert mi["device"]["threads"] == 1 and mi["threads"]["affinity"]
     assert (torch.get_num_threads(), _C.get_num_threads()) == before  # restored at unconfigure
+
+
+def test_hardware_compute_probe_is_the_cpu_time_rate():
+    """The CPU peak is per second of the threads' own CPU time, never below the wall figure (a probe taken while
+    other jobs share the cores must not set a low peak)."""
+    if _fp32_kind() is None:
+        pytest.skip("no fp32 probe here")
+    r = device.hardware_compute_probe("cpu", "float32", 0.1)
+    assert r["flops_per_s"] >= r["flops_wall"] > 0 and r["kind"] in CPU_KINDS

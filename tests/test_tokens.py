@@ -614,9 +614,23 @@ def test_step_ops_rows_and_totals(tmp_path):
     assert "## The rest of a step" in md and "(kv_append_cat, not counted)" in md
     with pytest.raises(ValueError, match="kv_append"):
         tokens.rest_totals(rows, "gather")
-    # the paged append writes the token into its block's slot
-    op = stepops.StepOp("kv_append_paged", "decode", 1, "")
-    assert stepops.build(op, wl, torch.float32) is not None
+    # each append puts the new token's K and V at position L - 1 of every sequence
+    L = wl.context
+    run = stepops.build(stepops.StepOp("kv_append_inplace", "decode", 1, ""), wl, torch.float32)
+    run()
+    t = run.tensors
+    assert torch.equal(t["k_cache"][:, :, L - 1], t["k"]) and torch.equal(t["v_cache"][:, :, L - 1], t["v"])
+    run = stepops.build(stepops.StepOp("kv_append_paged", "decode", 1, ""), wl, torch.float32)
+    run()
+    t = run.tensors
+    per_seq = -(-L // stepops.PAGE)
+    for b in range(wl.batch):
+        blk = b * per_seq + (L - 1) // stepops.PAGE
+        assert int(t["block"][b]) == blk and t["slot"] == (L - 1) % stepops.PAGE
+        assert torch.equal(t["k_cache"][blk, :, t["slot"]], t["k"][b])
+        assert torch.equal(t["v_cache"][blk, :, t["slot"]], t["v"][b])
+    k2, v2 = stepops.build(stepops.StepOp("kv_append_cat", "decode", 1, ""), wl, torch.float32)()
+    assert k2.shape[2] == L and v2.shape[2] == L
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -627,14 +641,15 @@ def test_rereport_uses_the_recorded_workload(tmp_path, capsys):
     _wl, out, doc = _measure_micro(tmp_path, step_ops=False)
     model_file = _write(tmp_path, MICRO, "micro.json")
     assert doc["pykernels_tokens"]["threads"] == torch.get_num_threads()
-    assert tokens.main([str(out)]) == 0  # no --model / --prompt / --batch: the recorded ones
-    text = capsys.readouterr().out
+    md = tmp_path / "r.md"
+    assert tokens.main([str(out), "--md", str(md)]) == 0  # no --model / --prompt / --batch: the recorded ones
+    text = md.read_text()
     assert "# Tokens: micro — prompt 8, decode at context 24, batch 3" in text and "incomplete" not in text
     n = torch.get_num_threads()
     assert f"Measured with {n} thread{'' if n == 1 else 's'}" in text and "cold caches" in text
     # an explicit argument wins
-    assert tokens.main([str(out), "--model", str(model_file), "--batch", "2"]) == 0  # prefill complete
-    text = capsys.readouterr().out
+    assert tokens.main([str(out), "--model", str(model_file), "--batch", "2", "--md", str(md)]) == 0  # prefill
+    text = md.read_text()
     assert "prompt 8, decode at context 24, batch 2" in text and "torch incomplete" in text
     # two files measured for different batches: an error, not a silent mix
     other = tmp_path / "other.json"
@@ -701,6 +716,8 @@ def test_check_hf_prediction_counts_the_stacks_ops(tmp_path):
     per_op = disp["median_s"] / disp["ops_per_layer"]
     assert more["decode"] - base["decode"] == pytest.approx(disp["count"] * per_op * disp["ops_per_layer"])
     assert more["prefill"] == base["prefill"]
+    fast = check_hf.predict(wl, check_hf.fastest(doc))["float32"]
+    assert fast["decode"] <= base["decode"] and fast["prefill"] <= base["prefill"]
     # the KV append counted is transformers' torch.cat
     cat = next(r for r in rows if r["phase"] == "decode" and r["name"] == "kv_append_cat")
     inplace = next(r for r in rows if r["phase"] == "decode" and r["name"] == "kv_append_inplace")

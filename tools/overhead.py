@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import statistics
@@ -86,6 +87,7 @@ def max_rel_diff(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def run(budget: float, families=None) -> dict:
+    load_start = os.getloadavg()[0]
     rows = []
     for case in sweeps.sweep("small"):
         if families and case.family not in families:
@@ -99,7 +101,10 @@ def run(budget: float, families=None) -> dict:
         (s_native, s_torch), _ = batched_round_robin([fn_native, fn_torch], budget)
         rows.append({"kind": "prepared", "family": p.family, "dtype": case.dtype, "shape": p.label(),
                      "target": is_target(case), "native": summary(s_native), "torch": summary(s_torch),
-                     "ratio": paired_ratio(s_torch, s_native), "native_vs_torch_rel_diff": diff})
+                     "ratio": paired_ratio(s_torch, s_native),
+                     # contention only adds time: the fastest decile of each side is the least disturbed estimate
+                     "ratio_p10": summary(s_torch)["p10_s"] / summary(s_native)["p10_s"],
+                     "native_vs_torch_rel_diff": diff})
         r = rows[-1]
         print(f"{p.family:9s} {case.dtype:8s} {p.label():36s} native {r['native']['median_s'] * 1e6:8.2f} us  "
               f"torch {r['torch']['median_s'] * 1e6:8.2f} us  native/torch speed {r['ratio']:5.2f}", flush=True)
@@ -120,25 +125,33 @@ def run(budget: float, families=None) -> dict:
     return {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "cpu": device.device_label(fp),
             "device": fp, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "python": platform.python_version(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "rows": rows, "api": api}
+            "load_avg_1min": [load_start, os.getloadavg()[0]], "cores": os.cpu_count(), "rows": rows, "api": api}
 
 
 def to_markdown(doc: dict) -> str:
-    lines = [f"CPU: {doc['cpu']}; torch {doc['torch']}, {doc['threads']} threads, {doc['time_utc']}.", "",
-             "| family | dtype | shape | native (prepared) | torch (prepared) | native ÷ torch speed | target |",
+    lo, hi = doc["load_avg_1min"]
+    lines = [f"CPU: {doc['cpu']}; torch {doc['torch']}, {doc['threads']} threads, {doc['time_utc']}. Load average "
+             f"(1 min) {lo:.1f} at the start, {hi:.1f} at the end, on {doc['cores']} cores"
+             + (": a loaded machine, where a call on 2 threads can wait whole scheduler ticks (rows in ms)."
+                if max(lo, hi) > doc["cores"] else "."), "",
+             ("| family | dtype | shape | native (prepared): median, p10 | torch (prepared): median, p10 | "
+              "native ÷ torch speed: of p10s, (paired medians) | target (on the p10 ratio) |"),
              "|---|---|---|---:|---:|---:|---|"]
     for r in doc["rows"]:
-        tgt = ("≥ 1.00: " + ("met" if r["ratio"] >= 1.0 else "NOT met")) if r["target"] else "—"
-        lines.append(f"| {r['family']} | {r['dtype']} | {r['shape']} | {r['native']['median_s'] * 1e6:.2f} µs | "
-                     f"{r['torch']['median_s'] * 1e6:.2f} µs | **{r['ratio']:.2f}** | {tgt} |")
+        tgt = ("≥ 1.00: " + ("met" if r["ratio_p10"] >= 1.0 else "NOT met")) if r["target"] else "—"
+        lines.append(f"| {r['family']} | {r['dtype']} | {r['shape']} | {r['native']['median_s'] * 1e6:.2f} µs, "
+                     f"{r['native']['p10_s'] * 1e6:.2f} | {r['torch']['median_s'] * 1e6:.2f} µs, "
+                     f"{r['torch']['p10_s'] * 1e6:.2f} | **{r['ratio_p10']:.2f}** ({r['ratio']:.2f}) | {tgt} |")
     lines += ["", ("| public API, GEMM 16³ | dtype | pk.gemm | prepared native | pk.gemm − prepared | torch.matmul "
                    "| target ≤ 3 µs |"), "|---|---|---:|---:|---:|---:|---|"]
     for r in doc["api"]:
         lines.append(f"| native | {r['dtype']} | {r['pk_gemm']['median_s'] * 1e6:.2f} µs | "
                      f"{r['prepared']['median_s'] * 1e6:.2f} µs | **{r['api_minus_prepared_s'] * 1e6:.2f} µs** | "
                      f"{r['torch_matmul']['median_s'] * 1e6:.2f} µs | {'met' if r['met'] else 'NOT met'} |")
-    lines += ["", ("Medians of per-call times (batches of ~50 µs, the callables of a row in turns); the ratio and the "
-                   "difference are medians over rounds of the per-round value. "
+    lines += ["", ("Per-call times from batches of ~50 µs, the callables of a row in turns. On a loaded machine a call "
+                   "on 2 threads can wait whole scheduler ticks, so the targets are judged on the ratio of the fastest "
+                   "deciles (p10: contention only adds time); the paired ratio is the median over rounds of the "
+                   "per-round ratio. pk.gemm − prepared is the median over rounds of the per-round difference. "
                    "Prepared = the callable `pk.prepare` returns (what the harness times)."),
               f"Command: `{doc['command']}`", ""]
     return "\n".join(lines)

@@ -24,7 +24,8 @@ struct ComputeProbe {
   double flop_per_instruction = 0;
   double flops = 0;              // FLOP/s of the best trial, all threads (a multiply-add = 2 FLOP)
   // Sum over threads of each thread's FLOP per second of its own CPU time (best trial): what the cores do
-  // while they run, a diagnostic for loaded machines; never the peak (a wall-clock figure is).
+  // while they run; stays right on a machine shared with other processes (pykernels/harness/device.py
+  // takes the larger of this and `flops` as the CPU peak).
   double flops_cpu_time = 0;
   double seconds = 0;            // wall time spent in the timed trials
   uint64_t iterations = 0;       // loop iterations per thread per trial

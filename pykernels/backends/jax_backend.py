@@ -6,7 +6,8 @@ timed callable is only: the jitted call, `block_until_ready()`, and `torch.from_
 a zero-copy wrap of a few microseconds that cannot be moved out, since the harness checks a torch tensor.
 The plain family methods (used before `prepare` is called by pykernels.ops) convert on every call.
 
-- gemm: `lax.dot_general` with `preferred_element_type=float32`, cast to the input dtype.
+- gemm: `lax.dot_general` with `preferred_element_type=float32`, cast to the input dtype; linear (the
+  layout "nt", weight stored [N, K]) contracts the weight's second dim in the same call, no transpose.
 - attention: `jax.nn.dot_product_attention`, implementation "xla"; on CUDA in fp16/bf16 the cuDNN
   implementation is tried first. XLA:CPU rejects JAX's f16 x f16 -> f32 dot (every shape) and the bf16 one
   (some tiny shapes): those cases run on float32 copies of the inputs inside the jitted function. The one
@@ -48,6 +49,15 @@ def _gemm_fn(a, b):
     c = lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=_precision(a.dtype),
                         preferred_element_type=jnp.float32)
     return c.astype(a.dtype)
+
+
+def _linear_fn(x, w):  # x [M, K] . w[N, K]^T: the gemm family's layout "nt" (pk.linear)
+    import jax.numpy as jnp
+    from jax import lax
+
+    c = lax.dot_general(x, w, (((1,), (1,)), ((), ())), precision=_precision(x.dtype),
+                        preferred_element_type=jnp.float32)
+    return c.astype(x.dtype)
 
 
 def _attention_fn(q, k, v, *, causal, scale, implementation, upcast=False):
@@ -148,6 +158,8 @@ class JaxBackend(Backend):
         """(jitted function, its JAX arguments) for validated torch inputs."""
         if family == "gemm":
             args = (_to_jax(kw["a"]), _to_jax(kw["b"]))
+            if kw.get("layout", "nn") == "nt":
+                return self._jit(("linear",), _linear_fn), args
             return self._jit(("gemm",), _gemm_fn), args
         if family == "attention":
             args = tuple(_to_jax(kw[n]) for n in ("q", "k", "v"))
@@ -203,6 +215,9 @@ class JaxBackend(Backend):
 
     def gemm(self, a, b):
         return self._call("gemm", a=a, b=b)
+
+    def linear(self, x, w):
+        return self._call("gemm", a=x, b=w, layout="nt")
 
     def attention(self, q, k, v, *, causal, scale):
         return self._call("attention", q=q, k=k, v=v, causal=causal, scale=scale)

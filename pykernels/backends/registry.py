@@ -93,8 +93,10 @@ class Backend:
         `q, k, v, causal, scale`; decode `q, k_cache, v_cache, context_lens, block_table, scale`. Override it to
         do one-off work outside the timed call (device buffers, layouts, compiled executables, a preallocated
         output); its cost is measured and recorded beside the result as `prepare_s`. The callable returns the
-        output (it may return the same tensor on every call) and must compute from the tensors passed here,
-        so that changing their contents in place changes the result. Default: the family method, as is.
+        output (it may return the same tensor on every call) and should compute from the tensors passed here,
+        so that changing their contents in place changes the result; a port that copies the inputs into
+        buffers of its own at prepare time (examples/opencl_port) must say so, because then it does not.
+        The harness never relies on it: every fresh-input check prepares again. Default: the family method.
         """
         if family == "gemm":  # layout "nt" (b stored [N, K]): the linear method
             fn, a, b = (self.linear if kw.get("layout", "nn") == "nt" else self.gemm), kw["a"], kw["b"]

@@ -246,7 +246,10 @@ def _schedule(ray, affinity, run: _Run, todo: list[devmod.Device]):
                 if jp.exists():
                     from ..harness.results import read_journal
 
-                    entries = read_journal(jp, strict=False)
+                    # only what was measured is replayed; a case that failed, crashed or was in flight when its
+                    # node died is missing, and runs again
+                    last = {e["key"]: e for e in read_journal(jp, strict=False)}
+                    entries = [e for e in last.values() if e.get("status") == "measured"]
                 res = {d.resource: 1} if d.resource else {}
                 g = task.options(num_cpus=0, num_gpus=d.gpus, resources=res,
                                  scheduling_strategy=affinity(d.node_id, soft=False)).remote(
@@ -292,10 +295,14 @@ def _handle(run: _Run, g, inflight: dict, ev: dict, echo):
         echo(f"[{d.key}] case {nfin + 1}/{st['total']}: {ev['key']}  ({left} left after it, "
              f"{len(st['failed_cases'])} failed; fleet failures {run.failed_total()})")
     elif kind == "case":
-        run.journal_append(d.key, ev["entry"])
-        st["measured"] = run.measured(d.key)
-        if inflight[g][2] == ev["entry"].get("key"):  # journaled: no longer at risk, whatever happens next
-            inflight[g][2] = None
+        e = ev["entry"]
+        run.journal_append(d.key, e)
+        if e.get("status") == "started":  # a harness that journals the start of a case: it is in flight
+            inflight[g][2] = e.get("key")
+        else:
+            st["measured"] = run.measured(d.key)
+            if inflight[g][2] == e.get("key"):  # journaled with its outcome: no longer at risk
+                inflight[g][2] = None
     elif kind == "done":
         inflight[g][2], inflight[g][3] = None, nfin + 1
         if ev["outcome"] == "failed":

@@ -246,6 +246,7 @@ def measure_step_ops(workload, dtype, *, device: str = "cpu", budget_s: float = 
         st = time_cases([fn], budget_s=budget_s, device=device, cold=is_cold)[0]
         out.append({"phase": op.phase, "name": op.name, "count": op.count, "shape": op.shape,
                     "dtype": dtype_name(dtype), "device": device, "median_s": st["median_s"],
+                    "min_s": st.get("min_s", st["median_s"]),
                     "p20_s": st["p20_s"], "p80_s": st["p80_s"], "rounds": st["rounds"], "cold": is_cold,
                     **({"ops_per_layer": extra, "layer_ops": total} if op.name == "dispatch" else {})})
         log(f"  {'torch ops':14s} {dtype_name(dtype):8s} {op.phase:9s} {op.name:34s} "

@@ -139,6 +139,7 @@ def _kv_append(kind: str, workload, t, device):
             kc[:, :, pos] = k
             vc[:, :, pos] = v
 
+        run.tensors = {"k_cache": kc, "v_cache": vc, "k": k, "v": v}  # for the tests
         return run
     if kind == "paged":
         per_seq = -(-L // PAGE)
@@ -150,6 +151,7 @@ def _kv_append(kind: str, workload, t, device):
             kc[block, :, slot] = k
             vc[block, :, slot] = v
 
+        run.tensors = {"k_cache": kc, "v_cache": vc, "k": k, "v": v, "block": block, "slot": slot}
         return run
     if kind == "cat":  # the cache grows by one position: the L-1 cached ones are copied into a new tensor
         kc, vc = t(B, Hkv, L - 1, D), t(B, Hkv, L - 1, D)

@@ -134,10 +134,11 @@ class OpenCLBackend(Backend):
         ctx, queue, _ = self._open()
         if family == "gemm":
             a, b = kw["a"], kw["b"]
+            nt = kw.get("layout", "nn") == "nt"  # b stored [N, K]: pk.linear
             M, K = a.shape
-            N = b.shape[1]
+            N = b.shape[0] if nt else b.shape[1]
             prog, shape, dtype = self._program(a.dtype, 64), (M, N), a.dtype  # any HD: gemm does not use it
-            args = [self._buffer(a), self._buffer(b), None, np.int32(M), np.int32(N), np.int32(K)]
+            args = [self._buffer(a), self._buffer(b), None, np.int32(M), np.int32(N), np.int32(K), np.int32(nt)]
             out_at = 2
             if M <= _SMALL_M:
                 kern, gsize, lsize = cl.Kernel(prog, "gemm_small_m"), ((N + 63) // 64 * 64,), (64,)
@@ -183,6 +184,9 @@ class OpenCLBackend(Backend):
     # ---- the plain family methods: everything on every call ----------------------------------------
     def gemm(self, a, b):
         return self.prepare("gemm", a=a, b=b)()
+
+    def linear(self, x, w):
+        return self.prepare("gemm", a=x, b=w, layout="nt")()
 
     def attention(self, q, k, v, *, causal, scale):
         return self.prepare("attention", q=q, k=k, v=v, causal=causal, scale=scale)()

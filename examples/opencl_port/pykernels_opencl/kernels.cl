@@ -28,7 +28,7 @@ inline ushort f32_to_bf16(float f) {
 #endif
 
 // ------------------------------------------------------------------------------------------------
-// GEMM: C[M,N] = A[M,K] . B[K,N], row-major. A work-group of 8x8 work-items computes a 32x32 tile of C,
+// GEMM: C[M,N] = A[M,K] . B[K,N], row-major; b_nk = 1: B stored [N,K] (pk.linear, layout "nt"). A work-group of 8x8 work-items computes a 32x32 tile of C,
 // each work-item a 4x4 block (rows ty*4.., columns tx + 8j) from 32x16 / 16x32 tiles of A and B staged
 // in local memory. Out-of-range tile elements are zeros, so any M, N, K works.
 #define TM 32
@@ -40,7 +40,7 @@ inline ushort f32_to_bf16(float f) {
 #define WY (TM / RM)
 
 __kernel __attribute__((reqd_work_group_size(WX, WY, 1)))
-void gemm(__global const T* a, __global const T* b, __global T* c, int M, int N, int K) {
+void gemm(__global const T* a, __global const T* b, __global T* c, int M, int N, int K, int b_nk) {
     const int tx = get_local_id(0), ty = get_local_id(1);
     const int tid = ty * WX + tx;
     const int n0 = get_group_id(0) * TN, m0 = get_group_id(1) * TM;
@@ -57,7 +57,7 @@ void gemm(__global const T* a, __global const T* b, __global T* c, int M, int N,
         }
         for (int t = tid; t < TK * TN; t += WX * WY) {
             const int kk = t / TN, cc = t % TN, gk = k0 + kk, gn = n0 + cc;
-            Bs[kk][cc] = (gk < K && gn < N) ? LD(b, (size_t)gk * N + gn) : 0.0f;
+            Bs[kk][cc] = (gk < K && gn < N) ? LD(b, b_nk ? (size_t)gn * K + gk : (size_t)gk * N + gn) : 0.0f;
         }
         barrier(CLK_LOCAL_MEM_FENCE);
         for (int kk = 0; kk < TK; ++kk) {
@@ -83,13 +83,14 @@ void gemm(__global const T* a, __global const T* b, __global T* c, int M, int N,
 // work-item per output column, all M rows at once, so B is streamed once; neighbouring work-items read
 // neighbouring columns of B.
 #define SMALL_M 8
-__kernel void gemm_small_m(__global const T* a, __global const T* b, __global T* c, int M, int N, int K) {
+__kernel void gemm_small_m(__global const T* a, __global const T* b, __global T* c, int M, int N, int K,
+                           int b_nk) {
     const int n = get_global_id(0);
     if (n >= N) return;
     float acc[SMALL_M];
     for (int m = 0; m < SMALL_M; ++m) acc[m] = 0.0f;
     for (int k = 0; k < K; ++k) {
-        const float bk = LD(b, (size_t)k * N + n);
+        const float bk = LD(b, b_nk ? (size_t)n * K + k : (size_t)k * N + n);
         for (int m = 0; m < SMALL_M; ++m)
             if (m < M) acc[m] = fma(LD(a, (size_t)m * K + k), bk, acc[m]);
     }
