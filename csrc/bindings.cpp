@@ -7,13 +7,19 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
+#include <stdexcept>
+#include <functional>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "common/params.h"
 #include "cpu/cpu.h"
+#include "cpu/probes.h"
 #if defined(PK_WITH_CUDA)
 #include "cuda/cuda.h"
+#include "cuda/probes.h"
 #endif
 
 namespace py = pybind11;
@@ -78,9 +84,23 @@ void check_scale(const std::string& fn, double scale) {
   if (!std::isfinite(scale) || scale == 0.0) fail(fn, "argument 'scale' must be finite and non-zero");
 }
 
-void gemm(std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, int64_t M, int64_t N, int64_t K, int dtype,
-          int device, std::uintptr_t stream) {
-  const std::string fn = "gemm";
+// Releasing the GIL costs two thread-state swaps per call; it pays only when the kernel runs long enough
+// for another Python thread to use the time. Below ~1 MFLOP (~5-20 us on one core) or 256 KiB read, a CPU
+// kernel keeps the GIL, so a 16^3 GEMM does not pay for a release it cannot use.
+constexpr double kReleaseGilFlops = 1.0e6;
+constexpr double kReleaseGilBytes = 256.0 * 1024;
+
+template <class F> void run_cpu(bool release_gil, const F& kernel) {
+  if (release_gil) {
+    py::gil_scoped_release nogil;
+    kernel();
+  } else {
+    kernel();
+  }
+}
+
+pk::GemmParams gemm_params(const std::string& fn, std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, int64_t M,
+                           int64_t N, int64_t K, int dtype, int device, bool transb = false) {
   check_ptr(fn, "a", a);
   check_ptr(fn, "b", b);
   check_ptr(fn, "c", c);
@@ -91,15 +111,24 @@ void gemm(std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, int64_t M, int64
   check_device(fn, device);
   const int64_t es = pk::dtype_size(dt);
   checked_bytes(fn, "a", {M, K}, es);
-  checked_bytes(fn, "b", {K, N}, es);
-  checked_bytes(fn, "c", {M, N}, es);
-  pk::GemmParams p{reinterpret_cast<const void*>(a), reinterpret_cast<const void*>(b),
-                   reinterpret_cast<void*>(c), M, N, K, dt};
-  if (device == kCpu) {
-    py::gil_scoped_release nogil;
-    pk::cpu::gemm(p);
-    return;
+  if (transb) {
+    checked_bytes(fn, "b", {N, K}, es);
+  } else {
+    checked_bytes(fn, "b", {K, N}, es);
   }
+  checked_bytes(fn, "c", {M, N}, es);
+  return pk::GemmParams{reinterpret_cast<const void*>(a), reinterpret_cast<const void*>(b),
+                        reinterpret_cast<void*>(c), M, N, K, dt, transb};
+}
+
+bool gemm_release_gil(const pk::GemmParams& p) { return 2.0 * p.M * p.N * p.K >= kReleaseGilFlops; }
+
+void gemm(std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, int64_t M, int64_t N, int64_t K, int dtype,
+          int device, std::uintptr_t stream, bool transb) {
+  const std::string fn = "gemm";
+  const pk::GemmParams p = gemm_params(fn, a, b, c, M, N, K, dtype, device, transb);
+  if (device == kCpu) return run_cpu(gemm_release_gil(p), [&] { pk::cpu::gemm(p); });
+  if (transb) fail(fn, "argument 'transb': B stored [N, K] is implemented on the CPU only");
 #if defined(PK_WITH_CUDA)
   check_on_device(fn, "a", a);
   check_on_device(fn, "b", b);
@@ -109,10 +138,9 @@ void gemm(std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, int64_t M, int64
 #endif
 }
 
-void attention(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t o, int64_t B, int64_t Hq,
-               int64_t Hkv, int64_t S, int64_t D, double scale, bool causal, int dtype, int device,
-               std::uintptr_t stream) {
-  const std::string fn = "attention";
+pk::AttentionParams attention_params(const std::string& fn, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
+                                     std::uintptr_t o, int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D,
+                                     double scale, bool causal, int dtype, int device) {
   check_ptr(fn, "q", q);
   check_ptr(fn, "k", k);
   check_ptr(fn, "v", v);
@@ -130,14 +158,21 @@ void attention(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintpt
   const int64_t es = pk::dtype_size(dt);
   checked_bytes(fn, "q", {B, Hq, S, D}, es);
   checked_bytes(fn, "k", {B, Hkv, S, D}, es);
-  pk::AttentionParams p{reinterpret_cast<const void*>(q), reinterpret_cast<const void*>(k),
-                        reinterpret_cast<const void*>(v), reinterpret_cast<void*>(o), B, Hq, Hkv, S, D,
-                        static_cast<float>(scale), causal, dt};
-  if (device == kCpu) {
-    py::gil_scoped_release nogil;
-    pk::cpu::attention(p);
-    return;
-  }
+  return pk::AttentionParams{reinterpret_cast<const void*>(q), reinterpret_cast<const void*>(k),
+                             reinterpret_cast<const void*>(v), reinterpret_cast<void*>(o), B, Hq, Hkv, S, D,
+                             static_cast<float>(scale), causal, dt};
+}
+
+bool attention_release_gil(const pk::AttentionParams& p) {
+  return 4.0 * p.B * p.Hq * p.S * p.S * p.D >= kReleaseGilFlops;
+}
+
+void attention(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t o, int64_t B, int64_t Hq,
+               int64_t Hkv, int64_t S, int64_t D, double scale, bool causal, int dtype, int device,
+               std::uintptr_t stream) {
+  const std::string fn = "attention";
+  const pk::AttentionParams p = attention_params(fn, q, k, v, o, B, Hq, Hkv, S, D, scale, causal, dtype, device);
+  if (device == kCpu) return run_cpu(attention_release_gil(p), [&] { pk::cpu::attention(p); });
 #if defined(PK_WITH_CUDA)
   for (auto [name, ptr] : {std::pair{"q", q}, {"k", k}, {"v", v}, {"o", o}}) check_on_device(fn, name, ptr);
   py::gil_scoped_release nogil;
@@ -145,11 +180,11 @@ void attention(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintpt
 #endif
 }
 
-void decode(std::uintptr_t q, std::uintptr_t k_cache, std::uintptr_t v_cache, std::uintptr_t o,
-            std::uintptr_t context_lens, std::uintptr_t block_table, int64_t B, int64_t Hq, int64_t Hkv, int64_t D,
-            int64_t num_blocks, int64_t block_size, int64_t max_blocks, double scale, int dtype, int device,
-            std::uintptr_t stream) {
-  const std::string fn = "decode";
+pk::DecodeParams decode_params(const std::string& fn, std::uintptr_t q, std::uintptr_t k_cache,
+                               std::uintptr_t v_cache, std::uintptr_t o, std::uintptr_t context_lens,
+                               std::uintptr_t block_table, int64_t B, int64_t Hq, int64_t Hkv, int64_t D,
+                               int64_t num_blocks, int64_t block_size, int64_t max_blocks, double scale, int dtype,
+                               int device) {
   check_ptr(fn, "q", q);
   check_ptr(fn, "k_cache", k_cache);
   check_ptr(fn, "v_cache", v_cache);
@@ -173,43 +208,324 @@ void decode(std::uintptr_t q, std::uintptr_t k_cache, std::uintptr_t v_cache, st
   const int64_t es = pk::dtype_size(dt);
   checked_bytes(fn, "q", {B, Hq, D}, es);
   checked_bytes(fn, "k_cache", {num_blocks, Hkv, block_size, D}, es);
-  const int64_t capacity = checked_bytes(fn, "block_table", {max_blocks, block_size}, 1);
+  checked_bytes(fn, "block_table", {max_blocks, block_size}, 1);
   checked_bytes(fn, "block_table", {B, max_blocks}, 4);
-  pk::DecodeParams p{reinterpret_cast<const void*>(q),
-                     reinterpret_cast<const void*>(k_cache),
-                     reinterpret_cast<const void*>(v_cache),
-                     reinterpret_cast<void*>(o),
-                     reinterpret_cast<const int32_t*>(context_lens),
-                     paged ? reinterpret_cast<const int32_t*>(block_table) : nullptr,
-                     B, Hq, Hkv, D, num_blocks, block_size, max_blocks, static_cast<float>(scale), dt};
-  if (device == kCpu) {
-    // Host-side metadata can be checked here, so a bad index never reaches a kernel.
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t len = p.context_lens[b];
-      if (len < 1 || len > capacity)
-        fail(fn, "context_lens[" + std::to_string(b) + "] = " + std::to_string(len) + " is outside 1.." +
-                     std::to_string(capacity));
-      if (paged) {
-        for (int64_t j = 0; j < (len + block_size - 1) / block_size; ++j) {
-          const int64_t blk = p.block_table[b * max_blocks + j];
-          if (blk < 0 || blk >= num_blocks)
-            fail(fn, "block_table[" + std::to_string(b) + ", " + std::to_string(j) + "] = " + std::to_string(blk) +
-                         " is outside 0.." + std::to_string(num_blocks - 1));
-        }
+  return pk::DecodeParams{reinterpret_cast<const void*>(q),
+                          reinterpret_cast<const void*>(k_cache),
+                          reinterpret_cast<const void*>(v_cache),
+                          reinterpret_cast<void*>(o),
+                          reinterpret_cast<const int32_t*>(context_lens),
+                          paged ? reinterpret_cast<const int32_t*>(block_table) : nullptr,
+                          B, Hq, Hkv, D, num_blocks, block_size, max_blocks, static_cast<float>(scale), dt};
+}
+
+// Host-side metadata (CPU only) is checked on every call, so a bad index never reaches a kernel, not even
+// one written into context_lens or block_table after a call was prepared. Returns the K/V bytes the call
+// reads (both caches), for the GIL policy.
+double check_decode_metadata(const std::string& fn, const pk::DecodeParams& p) {
+  const int64_t capacity = p.max_blocks * p.block_size;  // checked against overflow in decode_params
+  int64_t tokens = 0;
+  for (int64_t b = 0; b < p.B; ++b) {
+    const int64_t len = p.context_lens[b];
+    if (len < 1 || len > capacity)
+      fail(fn, "context_lens[" + std::to_string(b) + "] = " + std::to_string(len) + " is outside 1.." +
+                   std::to_string(capacity));
+    tokens += len;
+    if (p.block_table) {
+      for (int64_t j = 0; j < (len + p.block_size - 1) / p.block_size; ++j) {
+        const int64_t blk = p.block_table[b * p.max_blocks + j];
+        if (blk < 0 || blk >= p.num_blocks)
+          fail(fn, "block_table[" + std::to_string(b) + ", " + std::to_string(j) + "] = " + std::to_string(blk) +
+                       " is outside 0.." + std::to_string(p.num_blocks - 1));
       }
     }
-    py::gil_scoped_release nogil;
-    pk::cpu::decode(p);
-    return;
+  }
+  return 2.0 * double(tokens) * double(p.Hkv) * double(p.D) * double(pk::dtype_size(p.dtype));
+}
+
+void decode(std::uintptr_t q, std::uintptr_t k_cache, std::uintptr_t v_cache, std::uintptr_t o,
+            std::uintptr_t context_lens, std::uintptr_t block_table, int64_t B, int64_t Hq, int64_t Hkv, int64_t D,
+            int64_t num_blocks, int64_t block_size, int64_t max_blocks, double scale, int dtype, int device,
+            std::uintptr_t stream) {
+  const std::string fn = "decode";
+  const pk::DecodeParams p = decode_params(fn, q, k_cache, v_cache, o, context_lens, block_table, B, Hq, Hkv, D,
+                                           num_blocks, block_size, max_blocks, scale, dtype, device);
+  if (device == kCpu) {
+    const double bytes = check_decode_metadata(fn, p);
+    return run_cpu(bytes >= kReleaseGilBytes, [&] { pk::cpu::decode(p); });
   }
 #if defined(PK_WITH_CUDA)
   for (auto [name, ptr] : {std::pair{"q", q}, {"k_cache", k_cache}, {"v_cache", v_cache}, {"o", o},
                            {"context_lens", context_lens}})
     check_on_device(fn, name, ptr);
-  if (paged) check_on_device(fn, "block_table", block_table);
+  if (block_table) check_on_device(fn, "block_table", block_table);
   py::gil_scoped_release nogil;
   pk::cuda::decode(p, stream);
 #endif
+}
+
+// ---- hardware peak probes (csrc/cpu/probes.h, csrc/cuda/probes.h) -------------------------------------
+constexpr int kMaxProbeThreads = 1024;
+constexpr double kMaxProbeSeconds = 60.0;
+constexpr int kMaxProbeReps = 1000;
+
+std::string join(const std::vector<std::string>& v) {
+  std::string s;
+  for (const auto& x : v) s += (s.empty() ? "" : ", ") + x;
+  return s.empty() ? "none" : s;
+}
+
+void check_kind(const std::string& fn, const std::string& kind, const std::vector<std::string>& here,
+                const std::vector<std::string>& known) {
+  for (const auto& k : here)
+    if (k == kind) return;
+  for (const auto& k : known)
+    if (k == kind)
+      fail(fn, "argument 'kind': '" + kind + "' does not run on this machine (runnable here: " + join(here) + ")");
+  fail(fn, "argument 'kind' must be one of " + join(known) + ", got '" + kind + "'");
+}
+
+// An optional int argument (None -> `none`); TypeError naming it when it is not an int.
+int64_t opt_int(const std::string& fn, const char* name, const py::object& v, int64_t none) {
+  if (v.is_none()) return none;
+  if (!PyLong_Check(v.ptr()) || PyBool_Check(v.ptr()))
+    throw py::type_error("pykernels._C." + fn + ": argument '" + name + "' must be an int or None, got " +
+                         std::string(Py_TYPE(v.ptr())->tp_name));
+  int overflow = 0;
+  const long long x = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
+  if (overflow) return overflow > 0 ? std::numeric_limits<int64_t>::max() : std::numeric_limits<int64_t>::min();
+  return x;
+}
+
+int check_threads(const std::string& fn, const py::object& threads) {
+  if (threads.is_none()) return 0;
+  const int64_t t = opt_int(fn, "threads", threads, 0);
+  if (t < 1 || t > kMaxProbeThreads)
+    fail(fn, "argument 'threads' must be None or 1.." + std::to_string(kMaxProbeThreads) + ", got " + std::to_string(t));
+  return int(t);
+}
+
+void check_seconds(const std::string& fn, double seconds) {
+  if (!std::isfinite(seconds) || seconds <= 0 || seconds > kMaxProbeSeconds)
+    fail(fn, "argument 'seconds' must be in (0, " + std::to_string(int(kMaxProbeSeconds)) + "], got " +
+                 std::to_string(seconds));
+}
+
+void check_reps(const std::string& fn, int64_t reps) {
+  if (reps < 1 || reps > kMaxProbeReps)
+    fail(fn, "argument 'reps' must be 1.." + std::to_string(kMaxProbeReps) + ", got " + std::to_string(reps));
+}
+
+py::dict probe_kinds() {
+  py::dict d;
+  d["compute"] = pk::cpu::probe_compute_kinds();
+  d["memory"] = pk::cpu::probe_memory_kinds();
+#if defined(__x86_64__) || defined(__aarch64__)
+  d["clock"] = true;
+#else
+  d["clock"] = false;  // no asm add chain for this ISA
+#endif
+  std::vector<std::string> cc, cm;
+#if defined(PK_WITH_CUDA)
+  try {
+    cc = pk::cuda::probe_compute_kinds();
+    cm = pk::cuda::probe_memory_kinds();
+  } catch (const std::exception&) {  // a broken driver means no CUDA probes, not a failed call
+    cc.clear();
+    cm.clear();
+  }
+#endif
+  d["cuda_compute"] = cc;
+  d["cuda_memory"] = cm;
+  return d;
+}
+
+py::dict probe_compute(const std::string& kind, const py::object& threads, double seconds) {
+  const std::string fn = "probe_compute";
+  check_kind(fn, kind, pk::cpu::probe_compute_kinds(), pk::cpu::probe_compute_known());
+  const int t = check_threads(fn, threads);
+  check_seconds(fn, seconds);
+  pk::cpu::ComputeProbe r;
+  {
+    py::gil_scoped_release nogil;
+    r = pk::cpu::probe_compute(kind, t, seconds);
+  }
+  py::dict d;
+  d["kind"] = r.kind;
+  d["flops"] = r.flops;
+  d["flops_cpu_time"] = r.flops_cpu_time;
+  d["instruction"] = r.instruction;
+  d["threads"] = r.threads;
+  d["accumulators"] = r.accumulators;
+  d["flop_per_instruction"] = r.flop_per_instruction;
+  d["seconds"] = r.seconds;
+  d["iterations"] = r.iterations;
+  d["trial_seconds"] = r.trial_seconds;
+  return d;
+}
+
+py::dict probe_memory(const std::string& kind, const py::object& nbytes, const py::object& threads, int64_t reps) {
+  const std::string fn = "probe_memory";
+  check_kind(fn, kind, pk::cpu::probe_memory_kinds(), pk::cpu::probe_memory_kinds());
+  int64_t nb = 0;
+  if (!nbytes.is_none()) {
+    nb = opt_int(fn, "nbytes", nbytes, 0);
+    const int arrays = kind == "read" ? 1 : kind == "triad" ? 3 : 2;
+    const int64_t phys = pk::cpu::physical_memory_bytes();
+    // Half the physical memory for all arrays together: more would swap or get the process killed.
+    if (nb < 4096 || (phys > 0 && nb > phys / 2 / arrays) || (phys <= 0 && nb > kMaxBytes))
+      fail(fn, "argument 'nbytes' must be None or 4096.." + std::to_string(phys > 0 ? phys / 2 / arrays : kMaxBytes) +
+                   " (bytes per array; " + std::to_string(arrays) + " arrays for '" + kind +
+                   "' within half the physical memory), got " + std::to_string(nb));
+  }
+  const int t = check_threads(fn, threads);
+  check_reps(fn, reps);
+  pk::cpu::MemoryProbe r;
+  {
+    py::gil_scoped_release nogil;
+    r = pk::cpu::probe_memory(kind, nb, t, int(reps));
+  }
+  py::dict d;
+  d["kind"] = r.kind;
+  d["gbs"] = r.gbs;
+  d["nbytes"] = r.nbytes;
+  d["arrays"] = r.arrays;
+  d["bytes_per_rep"] = r.bytes_per_rep;
+  d["threads"] = r.threads;
+  d["rep_seconds"] = r.rep_seconds;
+  d["store"] = r.store;
+  return d;
+}
+
+py::dict probe_clock(const py::object& threads) {
+  const int t = check_threads("probe_clock", threads);
+  pk::cpu::ClockProbe r;
+  {
+    py::gil_scoped_release nogil;
+    r = pk::cpu::probe_clock(t);
+  }
+  py::dict d;
+  d["ghz"] = r.ghz;
+  d["ghz_wall"] = r.ghz_wall;
+  d["ghz_min"] = r.ghz_min;
+  d["ghz_max"] = r.ghz_max;
+  d["per_thread_ghz"] = r.per_thread_ghz;
+  d["threads"] = r.threads;
+  d["chain"] = r.chain;
+  d["method"] = "dependent add chain (1 cycle per add), best of 10 trials per thread by thread CPU time "
+                "(steady_clock figure in ghz_wall)";
+  return d;
+}
+
+#if !defined(PK_WITH_CUDA)
+[[noreturn]] void no_cuda(const std::string& fn) {
+  throw std::runtime_error("pykernels._C." + fn +
+                           ": pykernels was built without CUDA (no CUDA compiler at build time); "
+                           "rebuild with PYKERNELS_CUDA=ON on a machine with nvcc");
+}
+#endif
+
+py::dict probe_cuda_compute(const std::string& kind, double seconds) {
+  const std::string fn = "probe_cuda_compute";
+#if defined(PK_WITH_CUDA)
+  check_kind(fn, kind, pk::cuda::probe_compute_kinds(), {"fma_fp32", "mma_bf16", "mma_fp16"});
+  check_seconds(fn, seconds);
+  pk::cuda::CudaComputeProbe r;
+  {
+    py::gil_scoped_release nogil;
+    r = pk::cuda::probe_compute(kind, seconds);
+  }
+  py::dict d;
+  d["kind"] = r.kind;
+  d["flops"] = r.flops;
+  d["instruction"] = r.instruction;
+  d["device"] = r.device_name;
+  d["blocks"] = r.blocks;
+  d["threads_per_block"] = r.threads_per_block;
+  d["accumulators"] = r.accumulators;
+  d["sm_count"] = r.sm_count;
+  d["iterations"] = r.iterations;
+  d["seconds"] = r.seconds;
+  d["trial_seconds"] = r.trial_seconds;
+  d["verified"] = false;  // unverified on a GPU (see csrc/cuda/probes.cu)
+  return d;
+#else
+  no_cuda(fn);
+#endif
+}
+
+py::dict probe_cuda_memory(const std::string& kind, const py::object& nbytes, int64_t reps) {
+  const std::string fn = "probe_cuda_memory";
+#if defined(PK_WITH_CUDA)
+  check_kind(fn, kind, pk::cuda::probe_memory_kinds(), {"read", "copy"});
+  int64_t nb = 0;
+  if (!nbytes.is_none()) {
+    nb = opt_int(fn, "nbytes", nbytes, 0);
+    if (nb < 4096 || nb > kMaxBytes)
+      fail(fn, "argument 'nbytes' must be None or >= 4096 (and fit the device), got " + std::to_string(nb));
+  }
+  check_reps(fn, reps);
+  pk::cuda::CudaMemoryProbe r;
+  {
+    py::gil_scoped_release nogil;
+    r = pk::cuda::probe_memory(kind, nb, int(reps));
+  }
+  py::dict d;
+  d["kind"] = r.kind;
+  d["gbs"] = r.gbs;
+  d["nbytes"] = r.nbytes;
+  d["bytes_per_rep"] = r.bytes_per_rep;
+  d["device"] = r.device_name;
+  d["rep_seconds"] = r.rep_seconds;
+  d["verified"] = false;
+  return d;
+#else
+  no_cuda(fn);
+#endif
+}
+
+// ---- prepared CPU calls (pk.prepare of the native backend) ------------------------------------------
+// Everything above is checked once, when the call is prepared; the returned zero-argument function is one
+// pybind11 dispatch without arguments to convert, the kernel (and decode's metadata check), and returns
+// the output tensor allocated at prepare time. `keep` holds the operand tensors, so the pointers stay
+// valid as long as the function lives. Measured on the loaded 2-core Zen 5 VM (tools/issue6.py
+// --overhead): the per-call cost of the binding with 9 integer arguments was ~0.5-1 us of a 16^3 GEMM.
+py::cpp_function prepared(std::function<void()> kernel, bool release_gil, py::object out, py::object keep) {
+  return py::cpp_function([kernel = std::move(kernel), release_gil, out = std::move(out), keep = std::move(keep)]() {
+    run_cpu(release_gil, kernel);
+    return out;
+  });
+}
+
+py::cpp_function prepare_gemm(std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, int64_t M, int64_t N, int64_t K,
+                              int dtype, py::object out, py::object keep, bool transb) {
+  const pk::GemmParams p = gemm_params("prepare_gemm", a, b, c, M, N, K, dtype, kCpu, transb);
+  return prepared([p] { pk::cpu::gemm(p); }, gemm_release_gil(p), std::move(out), std::move(keep));
+}
+
+py::cpp_function prepare_attention(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t o,
+                                   int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D, double scale,
+                                   bool causal, int dtype, py::object out, py::object keep) {
+  const pk::AttentionParams p =
+      attention_params("prepare_attention", q, k, v, o, B, Hq, Hkv, S, D, scale, causal, dtype, kCpu);
+  return prepared([p] { pk::cpu::attention(p); }, attention_release_gil(p), std::move(out), std::move(keep));
+}
+
+py::cpp_function prepare_decode(std::uintptr_t q, std::uintptr_t k_cache, std::uintptr_t v_cache, std::uintptr_t o,
+                                std::uintptr_t context_lens, std::uintptr_t block_table, int64_t B, int64_t Hq,
+                                int64_t Hkv, int64_t D, int64_t num_blocks, int64_t block_size, int64_t max_blocks,
+                                double scale, int dtype, py::object out, py::object keep) {
+  const std::string fn = "decode";
+  const pk::DecodeParams p = decode_params(fn, q, k_cache, v_cache, o, context_lens, block_table, B, Hq, Hkv, D,
+                                           num_blocks, block_size, max_blocks, scale, dtype, kCpu);
+  check_decode_metadata(fn, p);  // now too: a prepare with bad metadata fails at once
+  // The metadata is read again on every call (it is host memory the caller may change); the GIL policy
+  // follows the bytes of that call.
+  return py::cpp_function([p, out = std::move(out), keep = std::move(keep)]() {
+    const double bytes = check_decode_metadata("decode", p);
+    run_cpu(bytes >= kReleaseGilBytes, [&] { pk::cpu::decode(p); });
+    return out;
+  });
 }
 
 // Selects an ISA tier by name; ValueError naming `what` (the argument or the environment variable).
@@ -231,7 +547,7 @@ void set_cpu_isa_checked(const char* what, const std::string& name) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pykernels native kernels (private; use the pykernels package API)";
   m.def("gemm", &gemm, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("M"), py::arg("N"), py::arg("K"),
-        py::arg("dtype"), py::arg("device") = kCpu, py::arg("stream") = 0);
+        py::arg("dtype"), py::arg("device") = kCpu, py::arg("stream") = 0, py::arg("transb") = false);
   m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("B"),
         py::arg("Hq"), py::arg("Hkv"), py::arg("S"), py::arg("D"), py::arg("scale"), py::arg("causal"),
         py::arg("dtype"), py::arg("device") = kCpu, py::arg("stream") = 0);
@@ -239,6 +555,17 @@ PYBIND11_MODULE(_C, m) {
         py::arg("context_lens"), py::arg("block_table"), py::arg("B"), py::arg("Hq"), py::arg("Hkv"),
         py::arg("D"), py::arg("num_blocks"), py::arg("block_size"), py::arg("max_blocks"), py::arg("scale"),
         py::arg("dtype"), py::arg("device") = kCpu, py::arg("stream") = 0);
+  // Prepared CPU calls: the same arguments without device and stream, plus the output tensor the call
+  // returns and the operands it keeps alive.
+  m.def("prepare_gemm", &prepare_gemm, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("M"), py::arg("N"),
+        py::arg("K"), py::arg("dtype"), py::arg("out"), py::arg("keep"), py::arg("transb") = false);
+  m.def("prepare_attention", &prepare_attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"),
+        py::arg("B"), py::arg("Hq"), py::arg("Hkv"), py::arg("S"), py::arg("D"), py::arg("scale"),
+        py::arg("causal"), py::arg("dtype"), py::arg("out"), py::arg("keep"));
+  m.def("prepare_decode", &prepare_decode, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("o"),
+        py::arg("context_lens"), py::arg("block_table"), py::arg("B"), py::arg("Hq"), py::arg("Hkv"),
+        py::arg("D"), py::arg("num_blocks"), py::arg("block_size"), py::arg("max_blocks"), py::arg("scale"),
+        py::arg("dtype"), py::arg("out"), py::arg("keep"));
   m.def("cpu_features", []() {
     const auto& f = pk::cpu::features();
     py::dict d;
@@ -290,6 +617,20 @@ PYBIND11_MODULE(_C, m) {
     d["omp_max_threads"] = pk::cpu::max_threads();
     return d;
   });
+  m.def("probe_kinds", &probe_kinds);
+  m.def("probe_compute", &probe_compute, py::arg("kind"), py::arg("threads") = py::none(), py::arg("seconds") = 0.3);
+  m.def("probe_memory", &probe_memory, py::arg("kind"), py::arg("nbytes") = py::none(),
+        py::arg("threads") = py::none(), py::arg("reps") = 5);
+  m.def("probe_clock", &probe_clock, py::arg("threads") = py::none());
+  m.def("probe_cuda_compute", &probe_cuda_compute, py::arg("kind"), py::arg("seconds") = 0.3);
+  m.def("probe_cuda_memory", &probe_cuda_memory, py::arg("kind"), py::arg("nbytes") = py::none(),
+        py::arg("reps") = 5);
+  m.def("set_num_threads", [](int64_t n) {
+    if (n < 1 || n > kMaxProbeThreads)
+      fail("set_num_threads", "argument 'n' must be 1.." + std::to_string(kMaxProbeThreads) + ", got " + std::to_string(n));
+    pk::cpu::set_num_threads(int(n));
+  }, py::arg("n"));
+  m.def("get_num_threads", &pk::cpu::max_threads);
 #if defined(PK_WITH_CUDA)
   m.attr("has_cuda") = true;
 #else

@@ -12,7 +12,7 @@ _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 from .backends import Backend, BackendInfo, BackendUnavailableError, UnsupportedError, register
 from .backends import backends as _backend_infos
-from .ops import attention, decode, gemm, prepare
+from .ops import attention, decode, gemm, linear, prepare
 
 __version__ = "0.1.0"
 
@@ -32,6 +32,7 @@ __all__ = [
     "backends",
     "decode",
     "gemm",
+    "linear",
     "prepare",
     "register",
 ]

@@ -1,11 +1,12 @@
 """The `pykernels` command.
 
-    pykernels bench [--sweep quick|full|smoke | --shape K=V,... | --model NAME] [--backend NAME]...
+    pykernels bench [--sweep quick|full|small|smoke | --shape K=V,... | --model NAME] [--backend NAME]...
                     [--kernel FAMILY]... [--dtype DT]... [--json out.json] [--resume] [-- PYTEST ARGS]
-    pykernels info [--device cpu|cuda] [--peaks] [--json]
-    pykernels report RESULTS... [--format terminal|md|csv] [--md FILE] [--csv FILE]
-    pykernels compare RESULTS... [--label NAME]... [--format terminal|md|csv]
+    pykernels info [--device cpu|cuda] [--peaks] [--json] [--support]
+    pykernels report RESULTS... [--format terminal|md|csv] [--md [FILE]] [--csv FILE]
+    pykernels compare A B [C...] [--label NAME]... [--format terminal|md|csv] [--all] [--fail-on-slower PCT]
     pykernels plot RESULTS... [--out DIR]
+    pykernels fleet [--address ADDR] [bench's sweep options] [--out DIR] [--resume]   (Ray: pykernels/fleet)
 
 Subcommands are registered in SUBCOMMANDS: a name and either a function here or "module:attr" of an
 `add_parser(subparsers)` that sets `func(args) -> int` (validate and tokens live in their own modules).
@@ -37,6 +38,8 @@ _BENCH_OPTS = {
     "resume": ("--pk-resume", False, False), "journal": ("--pk-journal", True, False),
     "time_budget": ("--pk-time-budget", True, False), "cold_cache": ("--pk-cold-cache", False, False),
     "refresh_peaks": ("--pk-refresh-peaks", False, False), "json": ("--benchmark-json", True, False),
+    "threads": ("--pk-threads", True, False),
+    "case_timeout": ("--pk-case-timeout", True, False), "retry_crashed": ("--pk-retry-crashed", False, False),
 }
 
 
@@ -44,12 +47,13 @@ def _add_bench(sub):
     p = sub.add_parser(
         "bench", help="run the benchmark sweeps (timed; results as pytest-benchmark JSON)",
         description="Time every backend on every case of a sweep, check each output against the float64 "
-                    "reference, print the penalty table and write pytest-benchmark JSON. Runs pytest on the "
+                    "reference, print the speedup tables and write pytest-benchmark JSON. Runs pytest on the "
                     "sweeps shipped in the package, with the package's own pytest configuration (works in any "
                     "directory). Arguments after -- go to pytest unchanged.",
         epilog="Exit status: 0 all measured and correct; 1 a case failed or nothing was measured; 2 usage error.")
-    p.add_argument("--sweep", choices=("smoke", "quick", "full"), default=None,
-                   help="shape sweep (default quick): smoke (tiny), quick (< 5 min on 2 cores), full (+ ref-7b-2k)")
+    p.add_argument("--sweep", choices=("smoke", "small", "quick", "full"), default=None,
+                   help="shape sweep (default quick): smoke (tiny), small (fixed costs: GEMM 16^3-128^3, ...), "
+                        "quick (< 5 min on 2 cores), full (+ ref-7b-2k)")
     p.add_argument("--shape", action="append", default=[], metavar="K=V,...",
                    help="instead of --sweep, this shape (repeatable): 'M=4096,N=4096,K=4096' (gemm), "
                         "'B=1,Hq=32,Hkv=8,S=2048,D=128,causal=1' (attention), "
@@ -70,6 +74,12 @@ def _add_bench(sub):
     p.add_argument("--time-budget", type=float, default=None, metavar="S", help="seconds of timing per case")
     p.add_argument("--cold-cache", action="store_true", help="flush the caches between timed calls")
     p.add_argument("--refresh-peaks", action="store_true", help="measure the device's peaks again")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="run on N threads (torch, BLAS/OpenMP pools, native kernels); recorded with the CPU affinity")
+    p.add_argument("--case-timeout", type=float, default=None, metavar="S",
+                   help="seconds before a case counts as hung and fails (default 900; 0: no limit)")
+    p.add_argument("--retry-crashed", action="store_true",
+                   help="with --resume: run again the cases recorded as crashed or hung")
     p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: more pytest arguments")
     p.set_defaults(func=cmd_bench)
 
@@ -119,6 +129,12 @@ def _add_info(sub):
     p.add_argument("--refresh-peaks", action="store_true", help="measure the peaks again, ignoring the cache")
     p.add_argument("--dtype", action="append", default=[], help="dtypes for the compute probe (default float32, bfloat16)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="pin torch, the BLAS/OpenMP pools and the native kernels to N threads before measuring")
+    p.add_argument("--support", action="store_true",
+                   help="print only the backend x family x dtype x device support table, with the reason for each "
+                        "gap (every device type unless --device; with --json, as JSON)")
+    p.add_argument("--md", action="store_true", help="with --support: Markdown instead of the terminal table")
     p.set_defaults(func=cmd_info)
 
 
@@ -130,6 +146,8 @@ def cmd_info(args) -> int:
     from .harness import device
     from .kernels import dtype_name, dtype_of
 
+    if args.support:
+        return _info_support(args)
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     why = device.device_problem(dev)
     if why:
@@ -138,13 +156,19 @@ def cmd_info(args) -> int:
         dtypes = [dtype_name(dtype_of(d)) for d in args.dtype] or ["float32", "bfloat16"]
     except ValueError as e:
         raise CliError(f"--dtype: {e}") from None
+    from .harness import threads
+
+    try:
+        thr = threads.pin_threads(args.threads) if args.threads is not None else threads.state()
+    except ValueError as e:
+        raise CliError(f"--threads: {e}") from None
     fp = device.fingerprint(dev)
     measure = args.peaks or args.refresh_peaks
     pk = device.peaks(dev, dtypes, refresh=args.refresh_peaks, measure=measure, fp=fp)
     backs = [registry.info(b) for b in registry.all_backends().values()]
     if args.json:
-        print(json.dumps({"device": fp, "peaks": pk, "backends": [b.__dict__ for b in backs]}, indent=1,
-                         default=str))
+        print(json.dumps({"device": fp, "peaks": pk, "threads": thr, "backends": [b.__dict__ for b in backs]},
+                         indent=1, default=str))
         return 0
     print(device.device_label(fp))
     for k in ("vendor", "family_model", "stepping", "microarch", "cores", "threads", "mhz", "caches", "isa", "capability",
@@ -153,6 +177,8 @@ def cmd_info(args) -> int:
             print(f"  {k:14s} {' '.join(fp[k]) if isinstance(fp[k], list) else fp[k]}")
     print(f"  {'versions':14s} " + ", ".join(f"{k} {v}" for k, v in fp["versions"].items() if v))
     print(f"  {'build':14s} " + ", ".join(f"{k}={v}" for k, v in fp.get("build", {}).items()))
+    print(f"  {'run threads':14s} torch {thr.get('torch')}, native {thr.get('native')}, affinity {thr.get('affinity')}"
+          + (f" (pinned: --threads {thr['requested']})" if thr.get("requested") else ""))
     print("hardware peaks (measured on this machine by the probes; the % of peak of every result):")
     bwd = pk.get("bandwidth") or {}
     bw = device.peak_bandwidth(pk)
@@ -192,6 +218,19 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _info_support(args) -> int:
+    from . import support
+    from .tables import isatty
+
+    devices = (args.device.split(":")[0],) if args.device else support.DEVICES
+    rows = support.support_rows(devices)
+    if args.json:
+        print(json.dumps([{**r.__dict__} for r in rows], indent=1))
+        return 0
+    sys.stdout.write(support.render(rows, "md" if args.md else "terminal", color=isatty()))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------
 # report / compare / plot
 
@@ -210,15 +249,21 @@ def _load(paths):
         raise CliError(str(e)) from None
 
 
+_STDOUT = Path("-")
+
+
 def _add_report(sub):
-    p = sub.add_parser("report", help="penalty tables: against native and the best vendor backend",
-                       description="Penalty tables of result files: per device, family, dtype and shape, each "
-                                   "backend's throughput, %% of peak and penalty against native and against the "
-                                   "best vendor backend; differences inside the noise are marked (~).")
+    p = sub.add_parser("report", help="speedup tables: against native and the best vendor backend, with geomeans",
+                       description="Speedup tables of result files: per device, family, dtype and shape, each "
+                                   "backend's throughput, % of peak and speedup (×) over native and over the "
+                                   "best vendor backend (penalty = 1 − speedup); the geometric mean over shapes "
+                                   "per device, family and backend; differences inside the noise are marked (~).")
     _results_arg(p)
-    p.add_argument("--format", choices=("terminal", "md", "csv"), default="terminal", help="what to print")
-    p.add_argument("--md", type=Path, help="also write the Markdown table here")
-    p.add_argument("--csv", type=Path, help="also write the CSV table here")
+    p.add_argument("--format", choices=("terminal", "md", "csv"), default="terminal",
+                   help="what to print (default: terminal tables; colour only on a terminal)")
+    p.add_argument("--md", type=Path, nargs="?", const=_STDOUT, default=None, metavar="FILE",
+                   help="write the Markdown report to FILE; --md alone prints it instead of the terminal tables")
+    p.add_argument("--csv", type=Path, help="also write the CSV table here (one column per shape parameter)")
     p.set_defaults(func=cmd_report)
 
 
@@ -232,24 +277,51 @@ def _write(path: Path | None, text: str):
         raise CliError(f"cannot write {path}: {e.strerror or e}") from None
 
 
+def _failures(paths) -> list[dict]:
+    from .harness.results import ResultFileError, load_failures
+
+    out = []
+    for p in paths:
+        try:
+            out += load_failures(p)
+        except ResultFileError as e:
+            raise CliError(str(e)) from None
+    return out
+
+
 def cmd_report(args) -> int:
     from . import report
 
+    for opt, path in (("--md", args.md), ("--csv", args.csv)):
+        if path is not None and path != _STDOUT and path.suffix in (".json", ".jsonl"):
+            # `report --md a.json b.json` would take a.json as the Markdown file: never overwrite results
+            raise CliError(f"{opt} {path}: refusing to write over a result file; give {opt} a .md/.csv name, or put "
+                           "a bare --md after the result files to print Markdown")
     recs = _load(args.results)
-    sys.stdout.write(report.render(recs, args.format))
-    _write(args.md, report.render(recs, "md"))
+    fails = _failures(args.results)  # crashed / hung cases: no timing, listed as failed with the reason
+    fmt = "md" if args.md == _STDOUT else args.format
+    sys.stdout.write(report.render(recs, fmt) + report.failures_text(fails, fmt))
+    _write(None if args.md == _STDOUT else args.md, report.render(recs, "md") + report.failures_text(fails, "md"))
     _write(args.csv, report.render(recs, "csv"))
     return 0
 
 
 def _add_compare(sub):
-    p = sub.add_parser("compare", help="several runs or machines side by side with FASTER/SLOWER/SAME verdicts",
+    p = sub.add_parser("compare", help="runs or machines side by side: summary, FASTER/SLOWER/SAME, CI exit code",
                        description="One column per result file (a run, or a machine); each column after the first "
-                                   "gets a verdict against the first: FASTER/SLOWER when the p20-p80 ranges of the "
-                                   "two medians are disjoint, SAME when they overlap.")
+                                   "is compared with the first: FASTER/SLOWER when the p20-p80 ranges of the two "
+                                   "medians are disjoint, SAME when they overlap. Prints a summary first (per "
+                                   "family and backend: geometric-mean speedup, counts of FASTER/SLOWER/SAME), "
+                                   "then only the rows that changed.",
+                       epilog="Exit status: 0; 1 with --fail-on-slower when a case is SLOWER by more than PCT "
+                              "percent of throughput; 2 usage error or unreadable file.")
     _results_arg(p)
     p.add_argument("--label", action="append", default=[], help="column label per file (default: the device name)")
     p.add_argument("--format", choices=("terminal", "md", "csv"), default="terminal")
+    p.add_argument("--all", action="store_true", help="list every row, not only the changed ones")
+    p.add_argument("--fail-on-slower", type=float, default=None, metavar="PCT",
+                   help="exit 1 when any case is SLOWER (outside the noise) than in the first file by more than PCT "
+                        "percent of throughput (CI: --fail-on-slower 5)")
     p.add_argument("--out", type=Path, help="also write the output here")
     p.set_defaults(func=cmd_compare)
 
@@ -270,9 +342,19 @@ def cmd_compare(args) -> int:
             raise CliError(str(e)) from None
         label = args.label[i] if args.label else f"{recs[0].machine} [{path.name}]"
         runs.append((label, recs))
-    text = report.compare_text(runs, args.format)
+    if args.fail_on_slower is not None and not 0 <= args.fail_on_slower < 100:
+        raise CliError(f"--fail-on-slower: a percentage in [0, 100), got {args.fail_on_slower:g}")
+    text = report.compare_text(runs, args.format, show_all=args.all)
     sys.stdout.write(text)
-    _write(args.out, text)
+    _write(args.out, report.compare_text(runs, args.format, show_all=args.all, color=False))
+    if args.fail_on_slower is not None:
+        bad = report.regressions(report.compare_runs(runs), args.fail_on_slower)
+        if bad:
+            worst = sorted(bad, key=lambda t: t[2])[:5]
+            print(f"pykernels compare: {len(bad)} case(s) slower by more than {args.fail_on_slower:g}%: "
+                  + "; ".join(f"{r.backend} {r.family} {r.dtype} {r.shape} {report.fmt_speedup(x)} in {runs[i][0]}"
+                              for r, i, x in worst), file=sys.stderr)
+            return 1
     return 0
 
 
@@ -315,6 +397,7 @@ SUBCOMMANDS: dict[str, object] = {
     "validate": "pykernels.validate:add_parser",
     "tokens": "pykernels.tokens.metering:add_parser",
     "layer": "pykernels.tokens.layer:add_parser",
+    "fleet": "pykernels.fleet:add_parser",
 }
 
 
@@ -340,6 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# Subcommands that read result files: whatever a file holds, they end with one line and exit 2, never a
+# traceback (the loaders check what they use; this is the net under them for content nobody foresaw).
+READERS = ("report", "compare", "plot", "tokens")
+
+
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -347,6 +435,14 @@ def main(argv=None) -> int:
         return int(args.func(args) or 0)
     except CliError as e:
         print(f"pykernels {args.command}: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError, OverflowError) as e:
+        if args.command not in READERS:
+            raise
+        files = ", ".join(str(p) for p in getattr(args, "results", []) or [])
+        msg = str(e).splitlines()[0][:200] if str(e) else ""
+        print(f"pykernels {args.command}: cannot use the result file(s) {files}: {type(e).__name__}"
+              + (f": {msg}" if msg else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"pykernels {args.command}: interrupted", file=sys.stderr)

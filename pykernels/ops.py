@@ -98,6 +98,21 @@ def _check_gemm(a, b, backend):
     return be, {"a": a, "b": b}
 
 
+def _check_linear(x, w, backend, names=("x", "w")):
+    """x [M, K], w [N, K] (the gemm family's layout "nt"); `names`: how the caller called them."""
+    nx, nw = names
+    _float_tensor(nx, x, 2, "[M, K]")
+    _float_tensor(nw, w, 2, "[N, K]")
+    _same([(nx, x), (nw, w)], "dtype")
+    _same([(nx, x), (nw, w)], "device")
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"argument '{nw}' has shape {tuple(w.shape)} but '{nx}' has shape {tuple(x.shape)}: "
+                         f"{nx}.shape[1] ({x.shape[1]}) must equal {nw}.shape[1] ({w.shape[1]}) "
+                         f"({nw} is [N, K], a weight as a linear layer holds it)")
+    be = _resolve(backend, "gemm", x.device, x.dtype, M=x.shape[0], N=w.shape[0], K=x.shape[1], layout="nt")
+    return be, {"a": x, "b": w}
+
+
 def _check_attention(q, k, v, causal, scale, backend):
     for n, t in (("q", q), ("k", k), ("v", v)):
         _float_tensor(n, t, 4, "[B, H, S, D]")
@@ -138,7 +153,6 @@ def _check_decode(q, k_cache, v_cache, context_lens, block_table, scale, backend
     _index_tensor("context_lens", context_lens, 1, q.device)
     if context_lens.shape[0] != B:
         raise ValueError(f"argument 'context_lens' has {context_lens.shape[0]} entries, expected B={B}")
-    lens = context_lens.cpu()
     if block_table is None:
         if k_cache.shape[0] != B:
             raise ValueError(f"argument 'k_cache' (contiguous layout, no block_table) must have B={B} rows in "
@@ -149,13 +163,25 @@ def _check_decode(q, k_cache, v_cache, context_lens, block_table, scale, backend
         if block_table.shape[0] != B:
             raise ValueError(f"argument 'block_table' has {block_table.shape[0]} rows, expected B={B}")
         capacity = block_table.shape[1] * rows
-    lo, hi = int(lens.min()), int(lens.max())
+    s = _scale(scale, D)
+    be = _resolve(backend, "decode", q.device, q.dtype, B=B, Hq=Hq, Hkv=Hkv, D=D, paged=block_table is not None)
+    # what _check_decode_values needs: the contents are checked on every call, never cached
+    meta = (capacity, rows, k_cache.shape[0])
+    _check_decode_values(context_lens, block_table, meta)
+    return be, {"q": q, "k_cache": k_cache, "v_cache": v_cache, "context_lens": context_lens,
+                "block_table": block_table, "scale": s}, meta
+
+
+def _check_decode_values(context_lens, block_table, meta) -> None:
+    """The contents of context_lens and block_table (host copies when they live on a device)."""
+    capacity, rows, num_blocks = meta
+    lens = context_lens.cpu()
+    lo, hi = (int(x) for x in torch.aminmax(lens))
     if lo < 1 or hi > capacity:
         bad = int(((lens < 1) | (lens > capacity)).nonzero()[0, 0])
         raise ValueError(f"argument 'context_lens': entry {bad} is {int(lens[bad])}, outside 1..{capacity} "
                          "(the cache capacity)")
     if block_table is not None:
-        num_blocks = k_cache.shape[0]
         used = (lens.long() + rows - 1) // rows  # blocks each sequence uses
         bt = block_table.cpu()
         cols = torch.arange(bt.shape[1])
@@ -165,54 +191,139 @@ def _check_decode(q, k_cache, v_cache, context_lens, block_table, scale, backend
             b_, j_ = (int(x) for x in bad.nonzero()[0])
             raise ValueError(f"argument 'block_table': entry [{b_}, {j_}] is {int(bt[b_, j_])}, outside the cache's "
                              f"blocks 0..{num_blocks - 1}")
-    s = _scale(scale, D)
-    be = _resolve(backend, "decode", q.device, q.dtype, B=B, Hq=Hq, Hkv=Hkv, D=D, paged=block_table is not None)
-    return be, {"q": q, "k_cache": k_cache, "v_cache": v_cache, "context_lens": context_lens,
-                "block_table": block_table, "scale": s}
 
 
 # ---------------------------------------------------------------------------------------------------
 # public API
 
 
+def _validate(family: str, backend, inputs: dict):
+    """(backend, the family method's keyword arguments): everything checked, nothing cached."""
+    if family == "gemm":
+        layout = inputs.get("layout", "nn")
+        if layout == "nt":
+            be, kw = _check_linear(inputs.get("a"), inputs.get("b"), backend, names=("a", "b"))
+            return be, dict(kw, layout="nt")
+        if layout != "nn":
+            raise ValueError(f"argument 'layout' must be 'nn' (b [K, N]) or 'nt' (b [N, K]), got {layout!r}")
+        return _check_gemm(inputs.get("a"), inputs.get("b"), backend)
+    if family == "attention":
+        return _check_attention(inputs.get("q"), inputs.get("k"), inputs.get("v"), inputs.get("causal", False),
+                                inputs.get("scale"), backend)
+    if family == "decode":
+        return _check_decode(inputs.get("q"), inputs.get("k_cache"), inputs.get("v_cache"),
+                             inputs.get("context_lens"), inputs.get("block_table"), inputs.get("scale"), backend)[:2]
+    raise ValueError(f"argument 'family' must be one of {', '.join(FAMILIES)}, got {family!r}")
+
+
 def prepare(family: str, *, backend="native", **inputs) -> Callable[[], torch.Tensor]:
     """Validate `inputs` for `family` once and return a zero-argument callable that runs the backend.
 
-    This is what the timing harness measures: no validation, lookup or host-device copy inside."""
-    if family == "gemm":
-        be, kw = _check_gemm(inputs.get("a"), inputs.get("b"), backend)
-        fn = be.gemm
-    elif family == "attention":
-        be, kw = _check_attention(inputs.get("q"), inputs.get("k"), inputs.get("v"), inputs.get("causal", False),
-                                  inputs.get("scale"), backend)
-        fn = be.attention
-    elif family == "decode":
-        be, kw = _check_decode(inputs.get("q"), inputs.get("k_cache"), inputs.get("v_cache"),
-                               inputs.get("context_lens"), inputs.get("block_table"), inputs.get("scale"), backend)
-        fn = be.decode
-    else:
-        raise ValueError(f"argument 'family' must be one of {', '.join(FAMILIES)}, got {family!r}")
-    if family == "gemm":
-        a, b = kw["a"], kw["b"]
-        return lambda: fn(a, b)
-    pos = [kw.pop(n) for n in (("q", "k", "v") if family == "attention"
-                               else ("q", "k_cache", "v_cache", "context_lens", "block_table"))]
-    return lambda: fn(*pos, **kw)
+    This is what the timing harness measures: no validation, lookup or host-device copy inside. The callable
+    comes from the backend's `prepare` hook (registry.Backend.prepare), which may do one-off work here (the
+    native CPU backend allocates the output once and binds the pointers, so every call returns that same
+    tensor). Prepare again for other input tensors; contents changed in place are seen by the next call."""
+    be, kw = _validate(family, backend, inputs)
+    fn = be.prepare(family, **kw)
+    if not callable(fn):
+        raise TypeError(f"backend {be.name!r}: prepare({family!r}) returned {type(fn).__name__}, not a callable")
+    return fn
 
 
-def gemm(a: torch.Tensor, b: torch.Tensor, *, backend: str = "native") -> torch.Tensor:
-    """C = A . B; a [M, K], b [K, N], row-major, same dtype -> [M, N] in that dtype (fp32 accumulation)."""
-    return prepare("gemm", backend=backend, a=a, b=b)()
+# The public calls validate a signature once: (backend name, and per tensor argument its shape, strides,
+# dtype and device, plus the scalar arguments with their types) -> what the checks resolved. Everything
+# the checks look at except the contents of decode's context_lens and block_table is a function of that key
+# (and of the registry, whose changes clear the cache), so a hit skips the checks and never hides an error:
+# a key is stored only after its checks passed, and anything else (a tensor subclass, a backend given as an
+# object) takes the full path. Measured: the full checks cost ~14 us of a 16^3 pk.gemm, a hit ~1 us.
+_Tensor = torch.Tensor
+_validated: dict = {}
+_validated_gen = -1
+_VALIDATED_MAX = 4096
+
+
+def _lookup(key):
+    global _validated_gen
+    if _validated_gen != registry.generation:
+        _validated.clear()
+        _validated_gen = registry.generation
+    return _validated.get(key)
+
+
+def _remember(key, value) -> None:
+    if _validated_gen == registry.generation:
+        if len(_validated) >= _VALIDATED_MAX:
+            _validated.clear()
+        _validated[key] = value
+
+
+def gemm(a: torch.Tensor, b: torch.Tensor, *, backend: str = "native", layout: str = "nn") -> torch.Tensor:
+    """C = A . B; a [M, K], b [K, N], row-major, same dtype -> [M, N] in that dtype (fp32 accumulation).
+    layout="nt": b is [N, K] and C = A . B^T (the same as pk.linear(a, b))."""
+    if layout != "nn":
+        return prepare("gemm", backend=backend, a=a, b=b, layout=layout)()
+    if type(a) is _Tensor and type(b) is _Tensor and type(backend) is str:
+        key = (a.shape, a.stride(), a.dtype, a.device, b.shape, b.stride(), b.dtype, b.device, backend)
+        if _validated_gen == registry.generation:  # inlined _lookup: this path is the one measured in µs
+            run = _validated.get(key)
+            if run is not None:
+                return run(a, b)
+        run = _lookup(key)
+        if run is None:
+            be = _check_gemm(a, b, backend)[0]
+            run = be._gemm_runner(a, b)
+            _remember(key, run)
+        return run(a, b)
+    be, _ = _check_gemm(a, b, backend)
+    return be.gemm(a, b)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, *, backend: str = "native") -> torch.Tensor:
+    """y = x . w^T; x [M, K], w [N, K] (a weight as a model holds it), same dtype -> [M, N] in that dtype,
+    fp32 accumulation. What every framework's linear layer (bias-free) computes: cuBLAS's "NT" GEMM.
+
+    Timed and reported as the gemm family's layout "nt" (GemmProblem(M, N, K, layout="nt")); prepared
+    as `prepare("gemm", a=x, b=w, layout="nt")`."""
+    be, kw = _check_linear(x, w, backend)
+    return be.linear(kw["a"], kw["b"])
 
 
 def attention(q, k, v, *, causal: bool = False, scale: float | None = None, backend: str = "native"):
     """Prefill attention forward. q [B, Hq, S, D]; k, v [B, Hkv, S, D]; Hq % Hkv == 0 -> [B, Hq, S, D]."""
-    return prepare("attention", backend=backend, q=q, k=k, v=v, causal=causal, scale=scale)()
+    if type(q) is _Tensor and type(k) is _Tensor and type(v) is _Tensor and type(backend) is str:
+        key = ("attention", backend, q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device,
+               v.shape, v.stride(), v.dtype, v.device, causal, type(causal), scale, type(scale))
+        hit = _lookup(key)
+        if hit is None:
+            be, kw = _check_attention(q, k, v, causal, scale, backend)
+            hit = (be, kw["scale"])
+            _remember(key, hit)
+        return hit[0].attention(q, k, v, causal=causal, scale=hit[1])
+    be, kw = _check_attention(q, k, v, causal, scale, backend)
+    return be.attention(q, k, v, causal=causal, scale=kw["scale"])
 
 
 def decode(q, k_cache, v_cache, context_lens, *, block_table=None, scale: float | None = None,
            backend: str = "native"):
     """One query token per sequence against a KV cache (contiguous [B, Hkv, Lmax, D] or paged
     [num_blocks, Hkv, block_size, D] with block_table [B, max_blocks] int32) -> [B, Hq, D]."""
-    return prepare("decode", backend=backend, q=q, k_cache=k_cache, v_cache=v_cache, context_lens=context_lens,
-                   block_table=block_table, scale=scale)()
+    if (type(q) is _Tensor and type(k_cache) is _Tensor and type(v_cache) is _Tensor
+            and type(context_lens) is _Tensor and (block_table is None or type(block_table) is _Tensor)
+            and type(backend) is str):
+        bt = None if block_table is None else (block_table.shape, block_table.stride(), block_table.dtype,
+                                               block_table.device)
+        key = ("decode", backend, q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(),
+               k_cache.dtype, k_cache.device, v_cache.shape, v_cache.stride(), v_cache.dtype, v_cache.device,
+               context_lens.shape, context_lens.stride(), context_lens.dtype, context_lens.device, bt,
+               scale, type(scale))
+        hit = _lookup(key)
+        if hit is None:
+            be, kw, meta = _check_decode(q, k_cache, v_cache, context_lens, block_table, scale, backend)
+            _remember(key, (be, kw["scale"], meta))
+        else:
+            be, s, meta = hit
+            _check_decode_values(context_lens, block_table, meta)
+            kw = {"scale": s}
+        return be.decode(q, k_cache, v_cache, context_lens, block_table, scale=kw["scale"])
+    be, kw, _ = _check_decode(q, k_cache, v_cache, context_lens, block_table, scale, backend)
+    return be.decode(q, k_cache, v_cache, context_lens, block_table, scale=kw["scale"])

@@ -32,9 +32,9 @@ import time
 import pytest
 
 FAMILIES = ("gemm", "attention", "decode")
-SWEEP_NAMES = ("smoke", "quick", "full")
-NEVER_TIMED = {"triton_interpret": "correctness only (Triton's interpreter): never timed, never in penalty tables"}
-SWEEP_BUDGET_S = {"smoke": 0.2, "quick": 0.5, "full": 1.5}
+SWEEP_NAMES = ("smoke", "small", "quick", "full")
+NEVER_TIMED = {"triton_interpret": "correctness only (Triton's interpreter): never timed, never in speedup tables"}
+SWEEP_BUDGET_S = {"smoke": 0.2, "small": 0.3, "quick": 0.5, "full": 1.5}
 # Checking an output needs its float64 reference: ~FLOPs / 30 GFLOP/s on the 2-core CPU. Above this many
 # FLOPs (or bytes) the check runs on a slice (64 rows of a GEMM, one KV-head group of attention, 2 sequences of a
 # decode), which still catches a wrong kernel; the record says checked="slice".
@@ -42,6 +42,9 @@ FULL_CHECK_MAX_FLOPS = 2e10
 FULL_CHECK_MAX_BYTES = 256 << 20  # and above this many bytes of inputs (the reference holds them in float64)
 
 _STATE = pytest.StashKey[dict]()
+# A timed case (first call, compilation, timing, checks) that takes longer than this is a hang.
+DEFAULT_CASE_TIMEOUT_S = 900.0
+FAILED_STATUSES = ("crashed", "hung")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -84,6 +87,20 @@ def pytest_addoption(parser):
                 help="flush the caches between timed calls (CPU: a buffer of 2x the LLC; CUDA always flushes L2)")
     g.addoption("--pk-refresh-peaks", action="store_true", default=False,
                 help="measure the device's peaks again instead of using the per-machine cache")
+    g.addoption("--pk-threads", type=int, default=None, metavar="N",
+                help="run on N threads: torch, the BLAS/OpenMP pools (threadpoolctl) and the native kernels; "
+                     "the threads and CPU affinity used are recorded either way")
+    g.addoption("--pk-case-timeout", type=float, default=DEFAULT_CASE_TIMEOUT_S, metavar="S",
+                help=f"seconds before a timed case counts as hung and fails (default {DEFAULT_CASE_TIMEOUT_S:g}; 0: "
+                     "no limit); a hang that cannot be interrupted ends the process after as long again, recorded "
+                     "as hung in the journal for --pk-resume")
+    g.addoption("--pk-retry-crashed", action="store_true", default=False,
+                help="with --pk-resume: run again the cases an earlier run recorded as crashed or hung")
+    g.addoption("--pk-benchmark-table", action="store_true", default=False,
+                help="also print pytest-benchmark's own table at the end of a timed run (hidden by default: the "
+                     "pykernels table has the same cases; shown anyway with --benchmark-compare)")
+    g.addoption("--pk-no-progress", action="store_true", default=False,
+                help="no live progress line per case in a timed run (pytest's own dots instead)")
 
 
 def _timing(config) -> bool:
@@ -123,6 +140,13 @@ def pytest_configure(config):
         _dtypes(config)
     if config.getoption("pk_device"):
         _check_device(config.getoption("pk_device"))
+    if config.getoption("pk_threads") is not None:
+        from .harness.threads import pin_threads
+
+        try:
+            pin_threads(config.getoption("pk_threads"))
+        except ValueError as e:
+            raise pytest.UsageError(f"--pk-threads: {e}") from None
     if config.getoption("benchmark_histogram", None):
         try:
             import pygal  # noqa: F401
@@ -149,7 +173,7 @@ def _state(config) -> dict:
         st = config.stash[_STATE] = {
             "timing": timing, "sweep": sweep, "records": [],
             "journal": None, "peaks": None, "fingerprint": None, "cases": {}, "expected": None, "skips": {},
-            "started": time.time()}
+            "started": time.time(), "failures": []}
     return st
 
 
@@ -264,6 +288,7 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_sessionfinish(session, exitstatus):
     """A timed run that measured no case is a failure, not a green run: say why and exit 1."""
+    _end_of_run(session.config)
     st = session.config.stash.get(_STATE, None)
     if not st or not st["timing"] or st["records"] or exitstatus not in (0, pytest.ExitCode.NO_TESTS_COLLECTED):
         return
@@ -343,18 +368,21 @@ def _slice_inputs(problem, inputs: dict) -> tuple[dict, callable]:
     return sub, (lambda out: out[:nb])
 
 
-def _inputs_and_check(config, case, device: str):
-    """Inputs and a checker for (problem, dtype, device), cached for the next backend of the same shape."""
+def _inputs_and_check(config, case, device: str, seed: int = 0):
+    """Inputs and a checker for (problem, dtype, device, seed), cached for the next backend of the same shape
+    (seed 0: the timed inputs; seed 1: the fresh inputs of the recheck after timing)."""
     from .harness import verify
     from .kernels import dtype_of
 
     st = _state(config)
     key = (case.problem, case.dtype, device)
-    if st["expected"] is not None and st["expected"][0] == key:
-        return st["expected"][1:]
-    st["expected"] = None
-    gc.collect()
-    inputs = case.problem.make_inputs(dtype_of(case.dtype), device=device, seed=0)
+    cached = st["expected"]
+    if cached is not None and cached[0] == key and seed in cached[1]:
+        return cached[1][seed]
+    if cached is None or cached[0] != key:
+        st["expected"] = cached = (key, {})
+        gc.collect()
+    inputs = case.problem.make_inputs(dtype_of(case.dtype), device=device, seed=seed)
     big = (case.problem.flops() > FULL_CHECK_MAX_FLOPS
            or case.problem.bytes(dtype_of(case.dtype)) > FULL_CHECK_MAX_BYTES)
     if big:
@@ -364,7 +392,7 @@ def _inputs_and_check(config, case, device: str):
     else:
         exp = verify.expected(case.problem, inputs)
         checker = exp.check, exp, "full"
-    st["expected"] = (key, inputs, checker)
+    cached[1][seed] = (inputs, checker)
     return inputs, checker
 
 
@@ -416,10 +444,7 @@ def _skip_reason(name: str, case, device: str, timing: bool) -> str | None:
 
 
 def _run_case(request, case_id: str) -> None:
-    import pykernels as pk
-
     from .backends import registry
-    from .harness import results, timing
 
     config = request.config
     st = _state(config)
@@ -433,20 +458,71 @@ def _run_case(request, case_id: str) -> None:
     key = f"{family}/{case_id}"
     group = f"{family} {case.dtype} {case.problem.label()}"
 
-    if st["timing"]:
-        journal = _journal(config)
-        prev = journal.get(key) if config.getoption("pk_resume") else None
-        if prev is not None and prev.get("status") == "measured":
-            ex = dict(prev["extra_info"], resumed=True)
-            st["records"].append(ex)
-            _feed_benchmark(_benchmark_fixture(request), prev.get("samples") or [ex["median_s"]], group, ex)
-            if ex.get("ok") is False:
-                pytest.fail(f"(from the journal) {name} gave a wrong answer: {ex.get('max_error')}")
-            return
-
-    inputs, (check, exp, checked) = _inputs_and_check(config, case, device)
-    fn = pk.prepare(family, backend=name, **inputs, **case.problem.call_kwargs())
     backend = registry.get(name)
+    ident = {"family": family, "backend": name, "tier": backend.tier, "device": device, "dtype": case.dtype,
+             "shape": case.problem.label(), "params": case.problem.params(), "sweep": st["sweep"]}
+    if not st["timing"]:
+        _measure(request, family, case, name, backend, device, key, group)
+        return
+
+    journal = _journal(config)
+    prev = journal.get(key) if config.getoption("pk_resume") else None
+    if prev is not None and prev.get("status") == "measured":
+        ex = dict(prev["extra_info"], resumed=True)
+        st["records"].append(ex)
+        _feed_benchmark(_benchmark_fixture(request), prev.get("samples") or [ex["median_s"]], group, ex)
+        if ex.get("ok") is False:
+            pytest.fail(f"(from the journal) {name} gave a wrong answer: {ex.get('max_error')}")
+        return
+    if prev is not None and prev.get("status") in ("started", *FAILED_STATUSES) \
+            and not config.getoption("pk_retry_crashed"):
+        # A 'started' entry with nothing after it: this case ended the process (segfault, abort, OOM kill, ...).
+        status = prev["status"] if prev["status"] in FAILED_STATUSES else "crashed"
+        reason = prev.get("reason") or ("the process died during this case in an earlier run (a 'started' entry in "
+                                        "the journal and no result)")
+        if prev["status"] == "started":
+            journal.append(key, {**ident, "status": status, "reason": reason})
+        _fail_case(st, ident, status, reason + " (from the journal; --pk-retry-crashed runs it again)", request)
+
+    from .harness.watchdog import CaseHang, Watchdog
+
+    timeout = config.getoption("pk_case_timeout")
+
+    def hard_hang():
+        journal.append(key, {**ident, "status": "hung", "reason": f"no answer within {timeout:g} s, and the case "
+                                                                   "could not be interrupted: the process was ended"})
+
+    _fingerprint(config), _peaks(config)  # once per run (probes): not the backend's time
+    journal.append(key, {**ident, "status": "started", "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    try:
+        with Watchdog(timeout, hard_hang):
+            _measure(request, family, case, name, backend, device, key, group)
+    except CaseHang as e:
+        journal.append(key, {**ident, "status": "hung", "reason": str(e)})
+        _fail_case(st, ident, "hung", str(e), request)
+
+
+def _fail_case(st, ident: dict, status: str, reason: str, request) -> None:
+    """A case that crashed or hung: kept for the JSON (pykernels_failed) and the summary, and failed."""
+    st["failures"].append({**ident, "status": status, "reason": reason})
+    bm = _benchmark_fixture(request)
+    if bm is not None:
+        bm._mode = "pykernels timer"  # used, with no samples (else pytest-benchmark warns at teardown)
+    pytest.fail(f"{ident['backend']} {ident['family']} {ident['dtype']} {ident['shape']}: {status}: {reason}",
+                pytrace=False)
+
+
+def _measure(request, family, case, name, backend, device, key, group) -> None:
+    import pykernels as pk
+
+    from .harness import results, timing
+
+    config = request.config
+    st = _state(config)
+    inputs, (check, exp, checked) = _inputs_and_check(config, case, device)
+    t_prepare = time.perf_counter()
+    fn = pk.prepare(family, backend=name, **inputs, **case.problem.call_kwargs())
+    prepare_s = time.perf_counter() - t_prepare  # validation + the backend's prepare hook: one-off, recorded
     out = fn()  # first call: compilation / autotuning / lazy init, never timed
     if not st["timing"]:
         err, ok = check(out)
@@ -473,6 +549,16 @@ def _run_case(request, case_id: str) -> None:
         torch.cuda.synchronize()
     err, ok = check(out)
     del out
+    # The anti-cheat recheck: fresh random inputs of the same shape, one more call, checked too. A backend
+    # that memoizes outputs by shape, or is right only on its first calls, fails here.
+    fresh, (check2, exp2, _) = _inputs_and_check(config, case, device, seed=1)
+    out = pk.prepare(family, backend=name, **fresh, **case.problem.call_kwargs())()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+    err2, ok2 = check2(out)
+    del out
     from .harness import device as devmod
 
     fp, pk_ = _fingerprint(config), _peaks(config)
@@ -482,12 +568,15 @@ def _run_case(request, case_id: str) -> None:
         describe = {"error": f"{type(e).__name__}: {e}"}
     ex = results.make_record(
         problem=case.problem, backend_name=name, tier=backend.tier, device=device, device_name=devmod.device_label(fp),
-        machine_id=fp["id"], dtype=case.dtype, stats=stats.as_dict(), max_error=err, tolerance=exp.tolerance, ok=ok,
-        peak_flops=devmod.peak_flops(pk_, case.dtype), peak_bw=devmod.peak_bandwidth(pk_), sweep=st["sweep"],
-        vendor_ceiling_flops=devmod.vendor_ceiling(pk_, case.dtype),
-        describe=describe, checked=checked)
+        machine_id=fp["id"], dtype=case.dtype, stats=stats.as_dict(), max_error=err, tolerance=exp.tolerance,
+        ok=ok and ok2, peak_flops=devmod.peak_flops(pk_, case.dtype), peak_bw=devmod.peak_bandwidth(pk_),
+        sweep=st["sweep"], vendor_ceiling_flops=devmod.vendor_ceiling(pk_, case.dtype),
+        describe=describe, checked=f"{checked}+fresh")
+    ex["recheck_max_error"] = results._finite_or_none(err2)
+    ex["recheck_ok"] = ok2
     ex["copy_bytes_per_s_this_run"] = st["copy"]["copy_bytes_per_s"]
     ex["read_bytes_per_s_this_run"] = st["copy"]["read_bytes_per_s"]
+    ex["prepare_s"] = prepare_s
     _journal(config).append(key, {"status": "measured", "extra_info": ex, "samples": stats.samples,
                                   "timing_wall_s": round(time.perf_counter() - t_case, 3),
                                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
@@ -496,6 +585,10 @@ def _run_case(request, case_id: str) -> None:
     if not ok:
         pytest.fail(f"{name} {family} {case.dtype} {case.problem.label()}: wrong answer after timing: relative error "
                     f"{err:.3g} > tolerance {exp.tolerance:.3g} (recorded with ok=false, not ranked)")
+    if not ok2:
+        pytest.fail(f"{name} {family} {case.dtype} {case.problem.label()}: wrong answer on fresh inputs of the same "
+                    f"shape after timing (memoized or first-call-only output?): relative error {err2:.3g} > "
+                    f"tolerance {exp2.tolerance:.3g} (recorded with ok=false, not ranked)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -510,13 +603,27 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     from .harness.device import device_label
 
     fp = _fingerprint(config)
-    machine_info["pykernels"] = {"device": {**fp, "label": device_label(fp)}, "peaks": _peaks(config)}
+    from .harness.threads import state as thread_state
+
+    machine_info["pykernels"] = {"device": {**fp, "label": device_label(fp)}, "peaks": _peaks(config),
+                                 "threads": {**thread_state(), "requested": config.getoption("pk_threads")}}
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    """Cases that crashed or hung have no timing, so pytest-benchmark has no entry for them: they are listed
+    here, with their reason, so that the JSON (and `pykernels report`) shows them as failed."""
+    st = config.stash.get(_STATE, None)
+    if st and st["failures"]:
+        output_json["pykernels_failed"] = list(st["failures"])
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     st = config.stash.get(_STATE, None)
     if not st or not st["timing"]:
         return
+    for f in st["failures"]:
+        terminalreporter.write_line(f"pykernels: {f['status'].upper()} {f['backend']} {f['family']} {f['dtype']} "
+                                    f"{f['shape']}: {f['reason']}", red=True)
     if st.get("nothing_measured"):
         terminalreporter.write_line(f"pykernels: no case was measured ({st['nothing_measured']}); exit status 1",
                                     red=True, bold=True)
@@ -534,9 +641,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             recs.append(results.record_from(ex, None, ex.get("shape", "?")))
         except results.ResultFileError as e:
             terminalreporter.write_line(f"pykernels: cannot summarise a case: {e}")
-    terminalreporter.write_sep("=", f"pykernels penalty table (sweep {st['sweep']}, "
+    terminalreporter.write_sep("=", f"pykernels speedup table (sweep {st['sweep']}, "
                                     f"{math.ceil(time.time() - st['started'])} s)")
-    terminalreporter.write(report.table_terminal(report.penalty_rows(recs)))
+    terminalreporter.write(report.table_terminal(report.penalty_rows(recs),
+                                                 color=bool(getattr(terminalreporter._tw, "hasmarkup", False))))
     pk_ = st["peaks"] or {}
     bw = (pk_.get("bandwidth") or {}).get("bytes_per_s")
     if bw:
@@ -552,6 +660,104 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 
 def pytest_unconfigure(config):
+    if config.getoption("pk_threads", None) is not None:
+        from .harness.threads import unpin_threads
+
+        unpin_threads()  # an in-process run (pytester) leaves the thread counts as it found them
     st = config.stash.get(_STATE, None)
     if st and st["journal"] is not None:
         st["journal"].close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# live progress of a timed sweep, and pytest-benchmark's duplicate table
+
+
+def _end_of_run(config) -> None:
+    """Clears the progress bar; hides pytest-benchmark's duplicate table."""
+    st = config.stash.get(_STATE, None)
+    if st and st.get("progress"):
+        st["progress"].close()
+    _hide_benchmark_table(config)
+
+
+def _hide_benchmark_table(config) -> None:
+    """pytest-benchmark prints its own ~230-column table of the same cases after ours; it has no hook to skip
+    it, but its session's `quiet` flag is read only by that display (the JSON, the saving and
+    --benchmark-compare-fail's check are unaffected). Kept with --pk-benchmark-table or --benchmark-compare."""
+    st = config.stash.get(_STATE, None)
+    bs = getattr(config, "_benchmarksession", None)
+    if not st or not st["timing"] or not st["records"] or bs is None or not hasattr(bs, "quiet"):
+        return
+    if config.getoption("pk_benchmark_table") or config.getoption("benchmark_compare", None):
+        return
+    bs.quiet = True
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session):
+    """A timed run (pytest's default or -q verbosity, not -v) announces each case: which one, how many are
+    left, elapsed and estimated time left; a bar rewritten in place on a terminal, plain lines otherwise."""
+    config = session.config
+    st = config.stash.get(_STATE, None)
+    tr = config.pluginmanager.get_plugin("terminalreporter")
+    if (not st or not st["timing"] or tr is None or config.getoption("verbose") > 0
+            or config.getoption("pk_no_progress")):
+        return
+    desc = {}
+    for it in session.items:
+        mark = it.get_closest_marker("pykernels_bench")
+        cid = getattr(getattr(it, "callspec", None), "params", {}).get("kernel_case")
+        if mark is None or (mark.args[0], cid) not in st["cases"]:
+            continue
+        case, backend = st["cases"][(mark.args[0], cid)]
+        desc[it.nodeid] = f"{case.family} {case.dtype} {case.problem.label()} {backend}"
+    if desc:
+        st["progress"] = _LiveProgress(tr, desc)
+        config.pluginmanager.register(st["progress"], "pykernels-progress")
+
+
+class _LiveProgress:
+    """Registered for one timed run: its hooks announce each case (pytest_runtest_logstart runs outside
+    output capture, where pytest writes its own progress) and leave out pytest's per-test letters (., s, F),
+    which would break the line; failures are still counted and listed by pytest, and noted as they happen."""
+
+    def __init__(self, tr, desc: dict):
+        from .tables import Progress
+
+        self.tr, self.desc = tr, desc
+        self._width_after = 0
+        tty = bool(tr.isatty() if callable(tr.isatty) else tr.isatty) and bool(getattr(tr._tw, "hasmarkup", False))
+        self.bar = Progress(len(desc), label="pykernels", tty=tty, write=self._write,
+                            width=getattr(tr._tw, "fullwidth", 120))
+        if hasattr(tr, "_show_progress_info"):  # pytest's "[ 42%]": ours says more (pytest 8-9 attribute)
+            tr._show_progress_info = False
+
+    def _write(self, text: str) -> None:
+        if not self.bar.tty:  # a line of its own, left open so that pytest's file name is not repeated
+            text = "\n" + text.rstrip("\n")
+        else:  # the bar rewrites its own line; a line pytest wrote since (a file name) is kept above it
+            now = getattr(self.tr._tw, "width_of_current_line", 0)
+            if now and now != self._width_after:
+                text = "\n" + text
+        self.tr.write(text, flush=True)
+        self._width_after = getattr(self.tr._tw, "width_of_current_line", 0)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def pytest_runtest_logstart(self, nodeid, location):
+        if nodeid in self.desc:
+            self.bar.step(self.desc[nodeid])
+
+    def pytest_report_teststatus(self, report, config):
+        if report.nodeid not in self.desc:
+            return None
+        outcome = report.outcome
+        if report.when in ("setup", "teardown") and outcome == "failed":
+            outcome = "error"
+        if report.failed:
+            self.bar.note(f"{outcome.upper()} {report.nodeid}")
+        if report.when != "call" and report.passed:
+            return "", "", ""
+        return outcome, "", outcome.upper()

@@ -45,6 +45,20 @@ def run_checked(problem, dtype: torch.dtype, backend: str, device: str, seed: in
     return exp.assert_close(out, what=f"{backend} {problem.label()} {dtype}")
 
 
+# hypothesis profiles of the fuzz tests (tests/test_fuzz.py): a bounded budget by default, a long run on demand
+# (PYKERNELS_FUZZ=long, or pytest --hypothesis-profile pykernels-long).
+def _fuzz_profiles():
+    import os
+
+    from hypothesis import settings
+
+    settings.register_profile("pykernels-ci", max_examples=15, deadline=None, derandomize=True)
+    settings.register_profile("pykernels-long", max_examples=2000, deadline=None)
+    settings.load_profile("pykernels-long" if os.environ.get("PYKERNELS_FUZZ") == "long" else "pykernels-ci")
+
+
+_fuzz_profiles()
+
 # ---- native CPU ISA tiers (csrc/cpu/cpu.h) ---------------------------------------------------------------
 # The correctness matrix of these files runs the native backend once per tier this CPU can run
 # (avx512, avx2, portable); PYKERNELS_CPU_ISA pins it to that one tier. Other backends run once.

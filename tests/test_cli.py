@@ -46,20 +46,61 @@ def test_report_formats_and_files(tmp_path, capsys):
     run = write_run(tmp_path / "run.json")
     assert cli.main(["report", str(run), "--md", str(tmp_path / "t.md"), "--csv", str(tmp_path / "t.csv")]) == 0
     out = capsys.readouterr().out
-    assert "gemm float32 M256-N255-K257" in out and "ref" in out and "best" in out
-    assert "+16.7%" in out  # torch_compile vs native: 1 - 1.0/1.2
-    assert (tmp_path / "t.md").read_text().startswith("| device |")
-    assert (tmp_path / "t.csv").read_text().startswith("device,family")
+    assert "gemm — cpu: Test CPU" in out and "M256-N255-K257" in out and "ref" in out and "best" in out
+    assert "0.83×" in out  # torch_compile over native: 1.0/1.2
+    assert "|---" not in out and "\x1b[" not in out  # plain text, no colour: stdout is not a terminal here
+    md = (tmp_path / "t.md").read_text()
+    assert "| device | family | dtype | shape |" in md and "Geometric mean" in md
+    assert (tmp_path / "t.csv").read_text().startswith("device,family,dtype,shape,M,N,K,B,Hq,Hkv,S,D,causal,backend")
     assert cli.main(["report", str(run), "--format", "csv"]) == 0
     assert capsys.readouterr().out.count("\n") == 6  # header + 5 rows
+
+
+def test_report_md_flag_prints_markdown(tmp_path, capsys):
+    run = write_run(tmp_path / "run.json")
+    assert cli.main(["report", str(run), "--md"]) == 0  # --md alone: Markdown on stdout, nothing written
+    out = capsys.readouterr().out
+    assert "| device | family | dtype | shape |" in out and "gemm — " not in out
+    assert cli.main(["report", str(run)]) == 0
+    assert "| device |" not in capsys.readouterr().out
+    before = run.read_text()
+    assert cli.main(["report", "--md", str(run), str(run)]) == 2  # never writes Markdown over a result file
+    assert "refusing to write over a result file" in capsys.readouterr().err and run.read_text() == before
+
+
+def test_report_help_has_no_double_percent(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["report", "--help"])
+    out = capsys.readouterr().out
+    assert "%%" not in out and "% of peak" in out
 
 
 def test_compare_two_machines(tmp_path, capsys):
     a = write_run(tmp_path / "a.json")
     b = write_run(tmp_path / "b.json", scale=0.5, machine="cuda: Other")
-    assert cli.main(["compare", str(a), str(b), "--label", "old", "--label", "new"]) == 0
+    assert cli.main(["compare", str(a), str(b), "--label", "old", "--label", "new", "--all"]) == 0
     out = capsys.readouterr().out
-    assert "FASTER x2.00" in out and "SAME x1.00" in out and out.splitlines()[0].split()[-2:] == ["old", "new"]
+    assert "FASTER 2.00×" in out and "SAME 1.00×" in out
+    assert out.splitlines()[0].strip() == "summary" and "FASTER" in out.splitlines()[1]
+    head = next(line for line in out.splitlines() if line.split()[:1] == ["family"])
+    assert head.split()[-2:] == ["old", "new"]
+
+
+def test_compare_fail_on_slower_exit_code(tmp_path, capsys):
+    a = write_run(tmp_path / "a.json")
+    slow = write_run(tmp_path / "slow.json", scale=1.5)      # native 1.5x the time: 0.67x, SLOWER
+    assert cli.main(["compare", str(a), str(slow)]) == 0      # no threshold: report only
+    assert cli.main(["compare", str(a), str(slow), "--fail-on-slower", "5"]) == 1
+    err = capsys.readouterr().err
+    assert "2 case(s) slower by more than 5%" in err and "native gemm float32 M256-N255-K257 0.67×" in err
+    assert cli.main(["compare", str(a), str(slow), "--fail-on-slower", "40"]) == 0  # 33% slower: under 40%
+    fast = write_run(tmp_path / "fast.json", scale=0.5)
+    assert cli.main(["compare", str(a), str(fast), "--fail-on-slower", "0"]) == 0  # faster never fails
+    assert cli.main(["compare", str(a), str(a), "--fail-on-slower", "0"]) == 0
+    assert cli.main(["compare", str(a), str(slow), "--fail-on-slower", "100"]) == 2  # usage error
+    capsys.readouterr()
+    assert cli.main(["compare", str(a), str(a)]) == 0
+    assert "no row changed" in capsys.readouterr().out
 
 
 def test_plot_writes_pngs(tmp_path, capsys):
@@ -67,7 +108,7 @@ def test_plot_writes_pngs(tmp_path, capsys):
     run = write_run(tmp_path / "run.json")
     assert cli.main(["plot", str(run), "--out", str(tmp_path / "plots")]) == 0
     pngs = sorted((tmp_path / "plots").glob("*.png"))
-    assert len(pngs) == 5  # roofline + penalty vs native (gemm, attention) + vs vendor (gemm, attention)
+    assert len(pngs) == 5  # roofline + speedup over native (gemm, attention) + over vendor (gemm, attention)
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
 
 
@@ -80,6 +121,62 @@ def test_info_without_measuring(tmp_path, monkeypatch, capsys):
     assert cli.main(["info", "--device", "cpu", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["device"]["type"] == "cpu" and any(b["name"] == "torch" for b in doc["backends"])
+
+
+def test_info_support_table(capsys):
+    from pykernels import support
+
+    assert cli.main(["info", "--support", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    native_gemm = next(x for x in lines if x.split()[:4] == ["native", "native", "cpu", "gemm"])
+    assert native_gemm.split()[4:7] == ["yes", "yes", "no"]  # fp32, bf16, no fp16: the reason follows
+    assert "does not support dtype float16 for 'gemm' on cpu" in native_gemm
+    numpy_att = next(x for x in lines if x.split()[:4] == ["numpy", "vendor", "cpu", "attention"])
+    assert numpy_att.split()[4:7] == ["no", "no", "no"] and "does not implement 'attention'" in numpy_att
+    rows = support.support_rows(("cpu", "cuda"))
+    by = {(r.backend, r.device, r.family): r for r in rows}
+    assert by[("triton", "cpu", "gemm")].dtypes["float32"] and "does not run on cpu" in by[("triton", "cpu", "gemm")].gaps()[0]
+    assert by[("native", "cpu", "gemm")].dtypes["float32"] is None
+    assert {r.backend for r in rows} >= {"native", "torch", "numpy", "torch_compile", "triton", "triton_interpret"}
+    assert len(rows) == len({r.backend for r in rows}) * 2 * 3   # every backend x device x family
+    assert cli.main(["info", "--support", "--md"]) == 0
+    assert capsys.readouterr().out.startswith("| backend | tier | device | family | float32 | bfloat16 | float16 |")
+    assert cli.main(["info", "--support", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert any(d["backend"] == "native" and d["device"] == "cuda" for d in doc)
+
+
+def test_to_dataframe(tmp_path):
+    pd = pytest.importorskip("pandas")
+    from pykernels.results import to_dataframe
+
+    run = write_run(tmp_path / "run.json")
+    df = to_dataframe(run)
+    assert isinstance(df, pd.DataFrame) and len(df) == 5
+    assert {"M", "N", "K", "B", "Hq", "S", "D", "speedup_vs_native", "penalty_vs_native"} <= set(df.columns)
+    g = df[(df.family == "gemm") & (df.backend == "torch_compile")].iloc[0]
+    assert (g.M, g.N, g.K) == (256, 255, 257) and g.speedup_vs_native == pytest.approx(1 / 1.2)
+    assert g.penalty_vs_native == pytest.approx(1 - 1 / 1.2) and g.noise_vs_native is False
+    assert pd.isna(df[df.backend == "native"].iloc[0].speedup_vs_native)
+    assert len(to_dataframe([run, run])) == 5  # merged as `pykernels report` merges
+
+
+def test_to_dataframe_without_pandas(tmp_path, monkeypatch):
+    import builtins
+
+    from pykernels import results as pres
+
+    real = builtins.__import__
+
+    def no_pandas(name, *a, **k):
+        if name == "pandas":
+            raise ImportError("No module named 'pandas'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_pandas)
+    with pytest.raises(ImportError, match=r"pip install 'pykernels\[pandas\]'"):
+        pres.to_dataframe(write_run(tmp_path / "run.json"))
 
 
 def _bad_files(tmp_path):

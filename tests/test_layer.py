@@ -42,7 +42,8 @@ def reference_layer(ly: L.DecoderLayer, x, past_k=None, past_v=None, start=0):
     """The layer in float64 from plain torch, written independently of pykernels.tokens.layer: x [T, hidden] at
     positions start..start+T-1, attending causally to past K/V [Hkv, start, D] and to itself."""
     m = ly.m
-    f = {n: getattr(ly, n).double() for n in ("w_qkv", "w_o", "w_gu", "w_down", "n1", "n2")}
+    f = {n: getattr(ly, n).double() for n in ("n1", "n2")}
+    f.update({n: getattr(ly, n).double().t() for n in ("w_qkv", "w_o", "w_gu", "w_down")})  # stored [N, K]
     x = x.double()
     T, Hq, Hkv, D = x.shape[0], m.heads, m.kv_heads, m.head_dim
 

@@ -118,7 +118,7 @@ def test_bench_from_any_directory_with_journal_and_model_paths(tmp_path):
              "--time-budget", "0.01", "--journal", str(d / "j.jsonl"), "--json", str(out),
              "--", "--benchmark-compare", "--benchmark-storage", f"file://{d / 'store'}", cwd=d)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    assert "pykernels penalty table" in r.stdout
+    assert "pykernels speedup table" in r.stdout
     assert out.exists() and (d / "j.jsonl").exists()
     import json
 
@@ -223,7 +223,7 @@ def test_wheel_runs_the_smoke_sweep_from_an_empty_directory(tmp_path):
     r = _run([sys.executable, "-S", "-m", "pykernels.cli", "bench", "--sweep", "smoke", "--backend", "native",
               "--backend", "torch", "--kernel", "gemm", "--time-budget", "0.01", "--json", "out.json"], empty, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert (empty / "out.json").exists() and "pykernels penalty table" in r.stdout
+    assert (empty / "out.json").exists() and "pykernels speedup table" in r.stdout
 
 
 def test_ruff_is_clean():

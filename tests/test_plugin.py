@@ -5,6 +5,7 @@ skips with reasons, option errors."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -85,7 +86,7 @@ TIMED = ("--pk-bench", "--pk-sweep", "smoke", "--pk-kernel", "gemm", "--pk-dtype
 def test_plain_pytest_runs_each_case_once_untimed(project):
     r = run(project, "--pk-backend", "native", "--pk-backend", "torch", "--pk-kernel", "gemm", "--pk-dtype", "fp32")
     r.assert_outcomes(passed=2 * SMOKE_GEMM_F32 + 1)
-    assert "pykernels penalty table" not in r.stdout.str()
+    assert "pykernels speedup table" not in r.stdout.str() and "pykernels [" not in r.stdout.str()
     assert not list(project.path.glob("cache/journal-*"))  # nothing timed, nothing journaled
 
 
@@ -94,7 +95,12 @@ def test_benchmark_json_extra_info_machine_info_and_journal(project):
             "--benchmark-save", "out", "--pk-journal", "j.jsonl")
     r.assert_outcomes(passed=2 * SMOKE_GEMM_F32, deselected=1)  # --pk-bench runs only the bench cases
     out = r.stdout.str()
-    assert "pykernels penalty table" in out and "| backend |" not in out  # terminal block format, not Markdown
+    assert "pykernels speedup table" in out and "| backend |" not in out  # terminal tables, not Markdown
+    assert "geometric mean over shapes" in out
+    # live progress, one plain line per case (not a terminal here): which case, how many, elapsed, time left
+    assert re.search(r"pykernels \[1/4\] gemm float32 M\d+-N\d+-K\d+ torch  \(0:\d\d elapsed, ~\? left\)", out)
+    assert "pykernels [4/4] gemm float32" in out and "left)" in out
+    assert "Name (time in" not in out  # pytest-benchmark's duplicate table is hidden ...
     assert "measured peaks: bandwidth 1 TB/s" in out and "bandwidth probe of this run: copy" in out
     doc = saved(project, "out")
     assert len(doc["benchmarks"]) == 2 * SMOKE_GEMM_F32
@@ -103,33 +109,40 @@ def test_benchmark_json_extra_info_machine_info_and_journal(project):
     for k in ("family", "backend", "tier", "device", "dtype", "params", "flops", "bytes", "median_s", "p20_s", "p80_s",
               "cv", "rounds", "tflops", "gbps", "pct_roofline", "max_error", "ok"):
         assert k in ex, k
-    assert ex["ok"] is True and ex["peak_bw"] == 1e12 and ex["checked"] == "full"
+    assert ex["ok"] is True and ex["peak_bw"] == 1e12 and ex["checked"] == "full+fresh" and ex["recheck_ok"] is True
     assert ex["copy_bytes_per_s_this_run"] > 1e8 and ex["read_bytes_per_s_this_run"] > 1e8
+    assert 0 < ex["prepare_s"] < 60  # the one-off cost of pk.prepare, recorded beside the result
     assert b["stats"]["rounds"] == ex["rounds"]  # pytest-benchmark got our timer's samples
     assert b["stats"]["median"] == pytest.approx(ex["median_s"])
     assert b["group"].startswith("gemm float32 ")
     mi = doc["machine_info"]["pykernels"]
     assert mi["device"]["type"] == "cpu" and mi["peaks"]["bandwidth"]["bytes_per_s"] == 1e12
     assert ex["sweep"] == "smoke"
-    lines = (project.path / "j.jsonl").read_text().splitlines()
-    assert len(lines) == 2 * SMOKE_GEMM_F32
-    assert all(json.loads(x)["status"] == "measured" for x in lines)
+    lines = [json.loads(x) for x in (project.path / "j.jsonl").read_text().splitlines()]
+    # each case: a "started" marker, then its result
+    assert [e["status"] for e in lines] == ["started", "measured"] * (2 * SMOKE_GEMM_F32)
+    # ... unless asked for; -v gives pytest's own per-test lines instead of the progress
+    r = run(project, *TIMED, "--pk-backend", "numpy", "--pk-benchmark-table", "-v", "--pk-journal", "j2.jsonl")
+    out = r.stdout.str()
+    assert "Name (time in" in out and "pykernels [" not in out and "PASSED" in out
 
 
 def test_resume_after_a_killed_run_and_compare(project):
     args = (*TIMED, "--pk-backend", "torch", "--pk-journal", "j.jsonl", "--benchmark-storage", "file://store")
     run(project, *args, "--benchmark-autosave").assert_outcomes(passed=SMOKE_GEMM_F32, deselected=1)
     j = project.path / "j.jsonl"
-    first = j.read_text().splitlines()
-    # as if killed during the second case: one complete line, then a torn one
-    j.write_text(first[0] + "\n" + first[1][: len(first[1]) // 2])
+    first = j.read_text().splitlines()  # started, measured, started, measured
+    # as if killed while writing the second case's result: its "started" line, then a torn one
+    j.write_text("\n".join(first[:3]) + "\n" + first[3][: len(first[3]) // 2])
     r = run(project, *args, "--pk-resume", "--benchmark-save", "resumed", "--benchmark-compare")
     r.assert_outcomes(passed=SMOKE_GEMM_F32, deselected=1)
     doc = saved(project, "resumed")
     resumed = [b for b in doc["benchmarks"] if b["extra_info"].get("resumed")]
     assert len(resumed) == 1
-    assert resumed[0]["extra_info"]["median_s"] == json.loads(first[0])["extra_info"]["median_s"]
-    assert len(j.read_text().splitlines()) == 2  # the torn case was measured again and appended
+    assert resumed[0]["extra_info"]["median_s"] == json.loads(first[1])["extra_info"]["median_s"]
+    # the torn case was measured again (not marked crashed) and appended on a line of its own
+    measured = [json.loads(x) for x in j.read_text().splitlines()[4:]]
+    assert [e["status"] for e in measured] == ["started", "measured"]
     assert "0001" in r.stdout.str()  # pytest-benchmark's compare against the autosaved run
 
 
@@ -137,8 +150,9 @@ def test_fast_wrong_answer_fails_and_is_recorded(project):
     r = run(project, *TIMED, "--pk-backend", "fast_wrong", "--pk-journal", "j.jsonl")
     r.assert_outcomes(failed=SMOKE_GEMM_F32, deselected=1)
     assert "wrong answer after timing" in r.stdout.str()
+    assert "FAILED test_bench.py::test_gemm[fast_wrong-" in r.stdout.str()  # noted as it happens, then listed
     entries = [json.loads(x) for x in (project.path / "j.jsonl").read_text().splitlines()]
-    assert all(e["extra_info"]["ok"] is False for e in entries)
+    assert all(e["extra_info"]["ok"] is False for e in entries if e["status"] == "measured")
     smoke = run(project, "--pk-backend", "fast_wrong", "--pk-kernel", "gemm", "--pk-dtype", "float32")
     smoke.assert_outcomes(failed=SMOKE_GEMM_F32, passed=1)
 
@@ -163,7 +177,8 @@ def test_model_sweep_runs_exactly_the_models_shapes(project):
     r = run(project, "--benchmark", "--pk-model", "tiny", "--pk-model-batch", "2", "--pk-kernel", "gemm", "--pk-dtype",
             "float32", "--pk-backend", "numpy", "--pk-time-budget", "0.01", "--pk-journal", "j.jsonl")
     r.assert_outcomes(passed=len(gemms), deselected=1)
-    ids = {json.loads(x)["extra_info"]["params"]["M"] for x in (project.path / "j.jsonl").read_text().splitlines()}
+    ids = {e["extra_info"]["params"]["M"] for e in map(json.loads, (project.path / "j.jsonl").read_text().splitlines())
+           if e["status"] == "measured"}
     assert ids == {p.M for p in gemms}
 
 

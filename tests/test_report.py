@@ -1,14 +1,16 @@
-"""pykernels.report: penalty arithmetic, the noise rule, best-vendor choice, wrong answers never ranked, the
-three table formats, compare verdicts and the plots."""
+"""pykernels.report: speedup and penalty arithmetic, geometric means, the noise rule, best-vendor choice, wrong
+answers never ranked, natural sort, the three table formats (CSV columns per shape parameter), compare (summary,
+changed rows, regressions) and the plots."""
 
 from __future__ import annotations
 
 import csv
 import io
+import math
 
 import pytest
 
-from pykernels import report
+from pykernels import report, tables
 from pykernels.harness.results import Record
 from pykernels.report import FASTER, SAME, SLOWER
 
@@ -90,17 +92,22 @@ def test_penalty_rows_group_by_case_and_machine():
 
 def test_noise_shown_in_tables():
     recs = [rec("native", "native", 1.0, 0.05), rec("torch", "vendor", 1.02, 0.05), rec("numpy", "vendor", 2.0, 0.01)]
-    term = report.render(recs, "terminal")
-    assert "(~+2.0%)" in term  # torch vs native, inside the noise
-    assert "+50.0%" in term    # numpy vs native: disjoint
+    term = report.render(recs, "terminal", color=False)
+    assert "(~0.98×)" in term  # torch vs native: 1/1.02, inside the noise
+    assert "0.50×" in term      # numpy vs native: disjoint
+    assert "\x1b[" not in term  # no colour unless asked (a terminal)
+    assert "\x1b[" in report.render(recs, "terminal", color=True)
     md = report.render(recs, "md")
     lines = md.splitlines()
-    assert lines[0].startswith("| device | family") and lines[1].startswith("|---")
-    assert sum(1 for line in lines if line.startswith("| cpu: X")) == 3
+    assert "| device | family | dtype | shape |" in md and "|---|" in md
+    assert sum(1 for line in lines if line.startswith("| cpu: X | gemm | float32 |")) == 3
+    assert md.index("Geometric mean") < md.index("| device | family | dtype")  # summary first
+    assert "|---:|" in md  # numbers right-aligned in Markdown too
     rows = list(csv.DictReader(io.StringIO(report.render(recs, "csv"))))
     assert len(rows) == 3
     torch_row = next(r for r in rows if r["backend"] == "torch")
     assert float(torch_row["penalty_vs_native"]) == pytest.approx(1 - 1 / 1.02)
+    assert float(torch_row["speedup_vs_native"]) == pytest.approx(1 / 1.02)
     assert torch_row["noise_vs_native"] == "True" and torch_row["best_vendor"] == "torch"
     with pytest.raises(ValueError):
         report.render(recs, "html")
@@ -117,6 +124,93 @@ def test_fmt_rate(x, unit, text):
     assert report.fmt_rate(x, unit) == text
 
 
+@pytest.mark.parametrize(("t_x", "t_ref", "s", "text"), [
+    (2.0, 1.0, 0.5, "0.50×"), (1.0, 1.0, 1.0, "1.00×"), (1.0, 35.2, 35.2, "35.2×"), (1.0, 412.3, 412.3, "412×"),
+    (400.0, 1.0, 0.0025, "0.0025×"), (1.08, 1.0, 1 / 1.08, "0.93×")])
+def test_speedup_arithmetic_and_text(t_x, t_ref, s, text):
+    assert tables.speedup(t_x, t_ref) == pytest.approx(s)
+    work = 3.7e9  # speedup = throughput(X) / throughput(ref)
+    assert tables.speedup(t_x, t_ref) == pytest.approx((work / t_x) / (work / t_ref))
+    # the penalty is 1 - speedup (docs/design.md), the same number report.penalty gives
+    assert tables.penalty_of(tables.speedup(t_x, t_ref)) == pytest.approx(report.penalty(t_x, t_ref))
+    assert tables.fmt_speedup(s) == text and tables.fmt_speedup(s, noise=True) == f"(~{text})"
+    with pytest.raises(ValueError):
+        tables.speedup(0.0, 1.0)
+
+
+def test_fmt_penalty():
+    assert tables.fmt_penalty(0.92) == "+8.0%" and tables.fmt_penalty(2.0) == "-100.0%"
+    assert tables.fmt_penalty(35.0) == "-3400%" and tables.fmt_penalty(None) == "—"
+
+
+def test_geomean_arithmetic():
+    assert tables.geomean([2.0, 0.5]) == pytest.approx(1.0)
+    assert tables.geomean([1.0, 4.0, 16.0]) == pytest.approx(4.0)
+    assert tables.geomean([3.0]) == pytest.approx(3.0)
+    assert math.isnan(tables.geomean([]))
+    with pytest.raises(ValueError):
+        tables.geomean([1.0, 0.0])
+
+
+def test_geomean_rows_per_backend_and_family():
+    recs = [rec("native", "native", 1.0, 0.01), rec("torch", "vendor", 2.0, 0.01),             # torch 0.5x native
+            rec("native", "native", 1.0, 0.01, shape="M4-N64-K64"), rec("torch", "vendor", 0.5, 0.01,
+                                                                        shape="M4-N64-K64"),   # torch 2x
+            rec("native", "native", 1.0, 0.05, shape="M16-N64-K64"), rec("torch", "vendor", 1.01, 0.05,
+                                                                         shape="M16-N64-K64"),  # noise
+            rec("bad", "abstraction", 0.1, ok=False),                                          # never averaged
+            rec("native", "native", 1.0, family="decode", shape="B1-Hq1-Hkv1-L64-D64-contig"),
+            rec("torch", "vendor", 8.0, family="decode", shape="B1-Hq1-Hkv1-L64-D64-contig")]
+    g = {(x.family, x.backend): x for x in report.geomean_rows(report.penalty_rows(recs))}
+    t = g[("gemm", "torch")]
+    assert t.cases == 3 and t.vs_native == pytest.approx((0.5 * 2.0 / 1.01) ** (1 / 3))
+    assert t.native_counts == (1, 1, 1)  # faster, slower, within noise
+    assert t.vs_vendor == pytest.approx(1.0) and t.vendor_counts == (0, 0, 3)  # the best vendor: its own reference
+    n = g[("gemm", "native")]
+    assert n.vs_native is None and n.vs_vendor == pytest.approx((2.0 * 0.5 * 1.01) ** (1 / 3))
+    assert g[("gemm", "bad")].cases == 0 and g[("gemm", "bad")].wrong == 1 and g[("gemm", "bad")].vs_native is None
+    assert g[("decode", "torch")].vs_native == pytest.approx(1 / 8)  # families never mix
+    term = report.table_terminal(report.penalty_rows(recs), color=False)
+    assert "geometric mean over shapes" in term and "0.12×" in term and "+87.5%" in term
+
+
+def test_natural_sort_of_shapes():
+    shapes = ["M2048-N2048-K2048", "M16-N4096-K4096", "M1-N4096-K4096", "M4-N4096-K4096", "M1024-N1024-K1024"]
+    assert sorted(shapes, key=tables.natural_key) == ["M1-N4096-K4096", "M4-N4096-K4096", "M16-N4096-K4096",
+                                                      "M1024-N1024-K1024", "M2048-N2048-K2048"]
+    recs = [rec("native", "native", 1.0, shape=s) for s in shapes]
+    assert [r.rec.shape for r in report.penalty_rows(recs)] == sorted(shapes, key=tables.natural_key)
+    term = report.render(recs, "terminal", color=False)
+    assert [term.index(s) for s in sorted(shapes, key=tables.natural_key)] == sorted(term.index(s) for s in shapes)
+
+
+def test_terminal_numbers_right_aligned():
+    recs = [rec("native", "native", 1.0), rec("torch", "vendor", 123.0), rec("numpy", "vendor", 0.5)]
+    lines = [x for x in report.render(recs, "terminal", color=False).splitlines() if " M64-N64-K64 " in x]
+    assert len(lines) == 3
+    ends = {len(x) for x in lines}
+    assert len(ends) == 1  # the last (numeric) column ends at the same place on every line
+
+
+def test_csv_has_a_column_per_shape_parameter():
+    recs = [rec("native", "native", 1.0, shape="M64-N65-K63"),
+            rec("native", "native", 1.0, family="attention", shape="B2-Hq8-Hkv2-S65-D64-causal"),
+            rec("native", "native", 1.0, family="decode", shape="B8-Hq32-Hkv8-L4096-D128-paged16")]
+    rows = list(csv.DictReader(io.StringIO(report.render(recs, "csv"))))
+    head = list(rows[0])
+    assert head[:4] == ["device", "family", "dtype", "shape"]
+    # the parameters present, in the fixed order (no ragged label here: no ragged column), then the rest
+    assert head[4:17] == ["M", "N", "K", "B", "Hq", "Hkv", "S", "L", "D", "causal", "paged", "block_size", "backend"]
+    by = {r["family"]: r for r in rows}
+    assert (by["gemm"]["M"], by["gemm"]["N"], by["gemm"]["K"], by["gemm"]["D"]) == ("64", "65", "63", "")
+    assert (by["attention"]["Hkv"], by["attention"]["S"], by["attention"]["causal"]) == ("2", "65", "1")
+    assert (by["decode"]["L"], by["decode"]["paged"], by["decode"]["block_size"]) == ("4096", "1", "16")
+    # params recorded by the harness win over the label (decode's context is the L column)
+    r = Record(**{**rec("native", "native", 1.0, family="decode", shape="x").__dict__,
+                  "params": {"B": 1, "Hq": 2, "Hkv": 1, "context": 7, "D": 64, "paged": False}})
+    assert report.shape_params(r) == {"B": 1, "Hq": 2, "Hkv": 1, "L": 7, "D": 64, "paged": False}
+
+
 def test_compare_runs_verdicts():
     run_a = [rec("native", "native", 1.0), rec("torch", "vendor", 1.0), rec("only_a", "vendor", 1.0)]
     run_b = [rec("native", "native", 0.5, machine="cuda: H100"), rec("torch", "vendor", 1.01, machine="cuda: H100"),
@@ -127,11 +221,41 @@ def test_compare_runs_verdicts():
     assert by["torch"].verdicts == (SAME,)
     assert by["only_a"].cells[1] is None and by["only_a"].verdicts == (None,)
     assert by["torch_compile"].cells[0] is None
-    text = report.compare_text([("a", run_a), ("b", run_b)])
-    assert "FASTER x2.00" in text and "SAME" in text
-    assert report.compare_text([("a", run_a), ("b", run_b)], "md").startswith("| family | dtype | shape | backend | a | b |")
+    text = report.compare_text([("a", run_a), ("b", run_b)], color=False)
+    assert "FASTER 2.00×" in text
+    # summary first, then only the rows that changed (torch is SAME: left out, and said so)
+    assert text.index("summary") < text.index("changed rows")
+    changed = text[text.index("changed rows"):]
+    assert "native" in changed and " torch " not in changed and "1 unchanged row(s)" in text
+    assert " torch " in report.compare_text([("a", run_a), ("b", run_b)], show_all=True, color=False)
+    md = report.compare_text([("a", run_a), ("b", run_b)], "md")
+    assert md.startswith("| run | family | backend | speedup (geomean) |")
+    assert "| family | dtype | shape | backend | a | b |" in md
     rows_csv = list(csv.reader(io.StringIO(report.compare_text([("a", run_a), ("b", run_b)], "csv"))))
-    assert rows_csv[0][-1] == "b verdict"
+    assert rows_csv[0][-1] == "b verdict" and "b speedup" in rows_csv[0] and len(rows_csv) == 1 + len(rows)
+
+
+def test_compare_summary_and_regressions():
+    old = [rec("native", "native", 1.0, 0.01, shape=f"M{m}-N64-K64") for m in (1, 4, 16, 64)]
+    new = [rec("native", "native", t, 0.01, shape=f"M{m}-N64-K64") for m, t in ((1, 0.5), (4, 1.25), (16, 1.003),
+                                                                                  (64, 1.06))]
+    summ = report.compare_summary([("old", old), ("new", new)])
+    assert len(summ) == 1
+    s = summ[0]
+    assert (s.faster, s.slower, s.same, s.only_one) == (1, 2, 1, 0)
+    assert s.geomean == pytest.approx((2.0 * 0.8 * (1 / 1.003) * (1 / 1.06)) ** 0.25)
+    rows = report.compare_runs([("old", old), ("new", new)])
+    assert [(r.shape, round(x, 3)) for r, _, x in report.regressions(rows, 10)] == [("M4-N64-K64", 0.8)]
+    assert len(report.regressions(rows, 5)) == 2   # 1.06x slower is a regression beyond 5%
+    assert report.regressions(rows, 30) == []
+    # a SAME case never fails the build, however large its ratio (its noise covers it)
+    noisy = [rec("native", "native", 1.3, 0.3, shape="M1-N64-K64")]
+    assert report.regressions(report.compare_runs([("old", old[:1]), ("new", noisy)]), 1) == []
+
+
+def test_compare_natural_sort():
+    a = [rec("native", "native", 1.0, shape=s) for s in ("M16-N1-K1", "M2-N1-K1", "M1024-N1-K1")]
+    assert [r.shape for r in report.compare_runs([("a", a), ("b", a)])] == ["M2-N1-K1", "M16-N1-K1", "M1024-N1-K1"]
 
 
 def test_plots_are_written(tmp_path):
@@ -142,7 +266,7 @@ def test_plots_are_written(tmp_path):
                 dtype="bfloat16")]
     paths = report.plot_all(recs, tmp_path / "plots")
     names = sorted(p.name for p in paths)
-    # decode has no pair on the same dtype (fp32 native, bf16 torch): no penalty chart for it
-    assert names == ["penalty-native-gemm-cpu--x.png", "penalty-vendor-gemm-cpu--x.png", "roofline-cpu--x.png"]
+    # decode has no pair on the same dtype (fp32 native, bf16 torch): no speedup chart for it
+    assert names == ["roofline-cpu--x.png", "speedup-vs-native-gemm-cpu--x.png", "speedup-vs-vendor-gemm-cpu--x.png"]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000

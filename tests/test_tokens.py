@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from pykernels.kernels import AttentionProblem, DecodeProblem, GemmProblem
 from pykernels.tokens import energy, models
@@ -61,18 +62,18 @@ def test_ref_7b_2k_problems_exactly():
     wl = models.derive("ref-7b-2k")
     got = {(ph.name, c.role): (c.problem, c.count) for ph in wl.phases for c in ph.calls}
     assert got == {
-        ("prefill", "qkv"): (GemmProblem(2048, 3 * 4096, 4096), 32),
+        ("prefill", "qkv"): (GemmProblem(2048, 3 * 4096, 4096, layout="nt"), 32),
         ("prefill", "attention"): (AttentionProblem(1, 32, 32, 2048, 128, causal=True), 32),
-        ("prefill", "o"): (GemmProblem(2048, 4096, 4096), 32),
-        ("prefill", "gate_up"): (GemmProblem(2048, 2 * 11008, 4096), 32),
-        ("prefill", "down"): (GemmProblem(2048, 4096, 11008), 32),
-        ("prefill", "lm_head"): (GemmProblem(1, 32000, 4096), 1),
-        ("decode", "qkv"): (GemmProblem(1, 3 * 4096, 4096), 32),
+        ("prefill", "o"): (GemmProblem(2048, 4096, 4096, layout="nt"), 32),
+        ("prefill", "gate_up"): (GemmProblem(2048, 2 * 11008, 4096, layout="nt"), 32),
+        ("prefill", "down"): (GemmProblem(2048, 4096, 11008, layout="nt"), 32),
+        ("prefill", "lm_head"): (GemmProblem(1, 32000, 4096, layout="nt"), 1),
+        ("decode", "qkv"): (GemmProblem(1, 3 * 4096, 4096, layout="nt"), 32),
         ("decode", "decode"): (DecodeProblem(1, 32, 32, 2048, 128), 32),
-        ("decode", "o"): (GemmProblem(1, 4096, 4096), 32),
-        ("decode", "gate_up"): (GemmProblem(1, 2 * 11008, 4096), 32),
-        ("decode", "down"): (GemmProblem(1, 4096, 11008), 32),
-        ("decode", "lm_head"): (GemmProblem(1, 32000, 4096), 1),
+        ("decode", "o"): (GemmProblem(1, 4096, 4096, layout="nt"), 32),
+        ("decode", "gate_up"): (GemmProblem(1, 2 * 11008, 4096, layout="nt"), 32),
+        ("decode", "down"): (GemmProblem(1, 4096, 11008, layout="nt"), 32),
+        ("decode", "lm_head"): (GemmProblem(1, 32000, 4096, layout="nt"), 1),
     }
     # the decode LM head and the prefill's share a shape at batch 1: timed once
     assert len(wl.problems()) == 11
@@ -81,10 +82,10 @@ def test_ref_7b_2k_problems_exactly():
 def test_gqa_model_problems():
     wl = models.derive("ref-8b-gqa", prompt=100, context=300, batch=4)
     by_role = {(ph.name, c.role): c.problem for ph in wl.phases for c in ph.calls}
-    assert by_role[("prefill", "qkv")] == GemmProblem(100, (32 + 2 * 8) * 128, 4096)
+    assert by_role[("prefill", "qkv")] == GemmProblem(100, (32 + 2 * 8) * 128, 4096, layout="nt")
     assert by_role[("prefill", "attention")] == AttentionProblem(1, 32, 8, 100, 128, causal=True)
     assert by_role[("decode", "decode")] == DecodeProblem(4, 32, 8, 300, 128)
-    assert by_role[("decode", "lm_head")] == GemmProblem(4, 128256, 4096)
+    assert by_role[("decode", "lm_head")] == GemmProblem(4, 128256, 4096, layout="nt")
     assert models.model_problems("ref-8b-gqa", prompt=100, context=300, batch=4) == wl.problems()
 
 
@@ -245,7 +246,7 @@ def test_incomplete_backend_is_not_filled(wl):
 
 def test_a_shape_missing_makes_the_phase_incomplete(wl):
     t = _times(wl, 1.0)
-    del t[GemmProblem(16, 256, 256)]  # the prefill O projection only
+    del t[GemmProblem(16, 256, 256, layout="nt")]  # the prefill O projection only
     s = _stacks(wl, ("native", "native", t))["native"]
     assert not s.prefill.complete and s.decode.complete
 
@@ -318,8 +319,15 @@ def test_cli_report_and_errors(tmp_path, wl, capsys):
     )
     assert rc == 0
     out = capsys.readouterr().out
-    assert "| torch | vendor |" in out and "+50.0%" in out  # torch at half native's tokens/s
+    # terminal tables by default (Markdown only with --md): torch at half native's tokens/s -> 0.50x
+    torch_line = next(x for x in out.splitlines() if x.split()[:2] == ["torch", "vendor"])
+    assert "0.50× / " in torch_line and "| torch |" not in out
+    md = (tmp_path / "o.md").read_text()
+    assert "| torch | vendor |" in md and "0.50× / " in md and "|---|---:|" in md
     assert (tmp_path / "o.csv").read_text().count("\n") == 3
+    assert tokens.main([str(res), "--model", str(model_file), "--prompt", "16", "--context", "32", "--batch", "4",
+                        "--md"]) == 0  # --md alone: Markdown on stdout
+    assert "| torch | vendor |" in capsys.readouterr().out
     assert tokens.main(["--model", str(tmp_path / "missing.json"), str(res)]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert tokens.main(["--model", "tiny", "--list-problems"]) == 0
@@ -446,3 +454,264 @@ def test_layer_coverage_in_the_report(tmp_path, wl):
     assert f"| {s.ttft_s / 0.8 * 1e3:.4g} |" in md and f"| {s.tpot_s / 0.5 * 1e3:.4g} |" in md
     with pytest.raises(ValueError, match="not 'tiny'"):
         tokens.load_coverage(p, "tiny")
+
+
+# ---------------------------------------------------------------------------------------------------
+# issue 17, item 1: pk.linear (weights [N, K]) on every backend, against the float64 reference
+
+LINEAR_SHAPES = [(1, 1, 1), (1, 1000, 65), (3, 63, 127), (4, 1025, 1023), (8, 65, 64), (65, 127, 63), (127, 33, 1025)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", ["native", "torch", "numpy", "example_torch"])
+@pytest.mark.parametrize("mnk", LINEAR_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_linear_matches_reference(mnk, backend, dtype):
+    from conftest import run_checked
+
+    run_checked(GemmProblem(*mnk, layout="nt"), dtype, backend, "cpu")
+
+
+@pytest.mark.parametrize("backend", ["torch_compile", "triton_interpret"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_linear_compiled_and_triton(backend, dtype):
+    from conftest import run_checked
+
+    run_checked(GemmProblem(65, 127, 63, layout="nt"), dtype, backend, "cpu")
+    run_checked(GemmProblem(1, 33, 70, layout="nt"), dtype, backend, "cpu")
+
+
+def test_linear_is_the_transposed_gemm():
+    import pykernels as pk
+
+    x = GemmProblem(5, 37, 129, layout="nt").make_inputs(torch.float32)
+    a, w = x["a"], x["b"]
+    assert w.shape == (37, 129)
+    ref = a.double() @ w.double().t()
+    for be in ("native", "torch"):
+        y = pk.linear(a, w, backend=be)
+        assert y.shape == (5, 37) and (y.double() - ref).abs().max() < 1e-3
+    # the problem, its label and what prepare() runs
+    p = GemmProblem(5, 37, 129, layout="nt")
+    assert p.label().endswith("-nt") and p.params()["layout"] == "nt" and GemmProblem(5, 37, 129).params() == {
+        "M": 5, "N": 37, "K": 129}
+    assert torch.equal(pk.prepare("gemm", backend="torch", a=a, b=w, layout="nt")(), pk.linear(a, w, backend="torch"))
+
+
+def test_linear_validation_names_the_argument():
+    import pykernels as pk
+
+    x, w = torch.ones(4, 8), torch.ones(5, 8)
+    with pytest.raises(ValueError, match="'w'.*x.shape\\[1\\] \\(8\\) must equal w.shape\\[1\\] \\(9\\)"):
+        pk.linear(x, torch.ones(5, 9))
+    with pytest.raises(TypeError, match="argument 'x' must be a torch.Tensor"):
+        pk.linear([[1.0]], w)
+    with pytest.raises(TypeError, match="argument 'w' has dtype"):
+        pk.linear(x, w.double())
+    with pytest.raises(ValueError, match="argument 'w' must have rank 2"):
+        pk.linear(x, torch.ones(5))
+    with pytest.raises(ValueError, match="argument 'w' must be contiguous"):
+        pk.linear(x, torch.ones(8, 5).t())
+    with pytest.raises(ValueError, match="argument 'layout'"):
+        pk.prepare("gemm", backend="torch", a=x, b=w, layout="tn")
+    with pytest.raises(ValueError, match="argument 'layout'"):
+        GemmProblem(1, 2, 3, layout="tt")
+
+
+def test_backend_without_linear_says_so():
+    from pykernels.backends import Backend
+
+    class GemmOnly(Backend):
+        name, tier, devices = "gemm_only", "abstraction", ("cpu",)
+        dtypes = {("cpu", "gemm"): (torch.float32,)}
+
+    reason = GemmOnly().supports("gemm", "cpu", torch.float32, M=1, N=2, K=3, layout="nt")
+    assert "does not implement linear" in reason
+    assert GemmOnly().supports("gemm", "cpu", torch.float32, M=1, N=2, K=3) is None
+
+
+def test_native_binding_checks_transb():
+    pytest.importorskip("pykernels._C")
+    from pykernels import _C
+
+    a, w, c = torch.ones(2, 3), torch.ones(4, 3), torch.empty(2, 4)
+    _C.gemm(a.data_ptr(), w.data_ptr(), c.data_ptr(), 2, 4, 3, 0, 0, 0, transb=True)
+    assert torch.equal(c, torch.full((2, 4), 3.0))
+    # on CUDA tensors: refused, by the CUDA-less build or by the binding (CPU only)
+    with pytest.raises((ValueError, TypeError), match="transb|without CUDA"):
+        _C.gemm(a.data_ptr(), w.data_ptr(), c.data_ptr(), 2, 4, 3, 0, 1, 0, transb=True)
+
+
+def test_models_use_linear():
+    wl = models.derive("tiny", prompt=8, context=16, batch=2)
+    assert all(c.problem.layout == "nt" for ph in wl.phases for c in ph.calls if c.family == "gemm")
+    # unfused (transformers' Llama): q, k, v, gate, up apart; the same FLOPs
+    un = models.derive("tiny", prompt=8, context=16, batch=2, fused=False)
+    assert not un.fused and {c.role for c in un.decode.calls} >= {"q", "k", "v", "gate", "up"}
+    assert un.prefill.flops() == wl.prefill.flops() and un.decode.flops() == wl.decode.flops()
+
+
+# ---------------------------------------------------------------------------------------------------
+# items 2, 3: cold decode kernels, the rest of a step
+
+MICRO = {"name": "micro", "layers": 2, "hidden": 128, "heads": 2, "kv_heads": 1, "ffn": 192, "vocab": 300,
+         "context": 24}
+
+
+def _measure_micro(tmp_path, **kw):
+    from pykernels.tokens import measure as tokens_measure
+
+    wl = models.derive(models.from_dict(MICRO), prompt=8, batch=3)
+    out = tmp_path / "m.json"
+    doc = tokens_measure.measure(wl, backends=["torch"], dtypes=["float32"], out=out, budget_s=0.002,
+                                 log=lambda *a: None, **kw)
+    return wl, out, doc
+
+
+def test_decode_kernels_are_cold_by_default_and_the_record_says_so(tmp_path):
+    wl, _out, doc = _measure_micro(tmp_path)
+    dec = {c.problem.label() for c in wl.decode.calls}
+    recs = {b["extra_info"]["shape"] if "shape" in b["extra_info"] else b["params"]["shape"]: b["extra_info"]
+            for b in doc["benchmarks"]}
+    assert recs and all(ex["cold"] == (label in dec) for label, ex in recs.items())
+    assert any(not ex["cold"] for ex in recs.values())  # the prefill-only kernels stay warm
+    assert doc["pykernels_tokens"]["cold"] is True
+    assert all(r["cold"] == (r["phase"] == "decode") for r in doc["pykernels_tokens"]["step_ops"])
+    _, _, warm = _measure_micro(tmp_path, cold=False, step_ops=False)
+    assert not any(b["extra_info"]["cold"] for b in warm["benchmarks"]) and warm["pykernels_tokens"]["cold"] is False
+    assert warm["pykernels_tokens"]["step_ops"] == []
+
+
+def test_cold_round_robin_flushes_between_calls(monkeypatch):
+    from pykernels.harness import timing
+
+    monkeypatch.setattr(timing, "cpu_llc_bytes", lambda default=0: 1 << 20)
+    seen = []
+    st = timing.time_round_robin_cpu([lambda: seen.append(1)], timing.TimingOptions(budget_s=0.01, min_rounds=3,
+                                                                                    flush=True))
+    assert st[0].flush is True and st[0].rounds >= 3
+
+
+def test_step_ops_rows_and_totals(tmp_path):
+    from pykernels.tokens import stepops
+
+    wl, out, doc = _measure_micro(tmp_path)
+    rows = doc["pykernels_tokens"]["step_ops"]
+    names = {(r["phase"], r["name"]) for r in rows}
+    for n in ("rmsnorm", "rotary", "silu_mul", "residual_add", "argmax", "embedding", "dispatch",
+              "kv_append_inplace", "kv_append_paged", "kv_append_cat"):
+        assert ("decode", n) in names
+    assert ("prefill", "kv_append_cat") not in names
+    by = {(r["phase"], r["name"]): r for r in rows}
+    assert by[("decode", "rmsnorm")]["count"] == 2 * 2 + 1 and by[("decode", "residual_add")]["count"] == 4
+    assert by[("decode", "dispatch")]["ops_per_layer"] >= 0
+    tot = tokens.rest_totals(rows, "paged")
+    want = sum(r["count"] * r["median_s"] for r in rows if r["phase"] == "decode"
+               and r["name"] not in ("kv_append_inplace", "kv_append_cat"))
+    assert tot[("float32", "decode")] == pytest.approx(want)
+    s = {x.backend: x for x in tokens.compute(wl, tokens.load_measurements([out]), rows, "paged")}["torch"]
+    assert s.decode.with_rest_s == pytest.approx(s.decode.time_s + want)
+    md = tokens.to_markdown(wl, [s], step_rows=rows, kv_append="paged")
+    assert "## The rest of a step" in md and "(kv_append_cat, not counted)" in md
+    with pytest.raises(ValueError, match="kv_append"):
+        tokens.rest_totals(rows, "gather")
+    # the paged append writes the token into its block's slot
+    op = stepops.StepOp("kv_append_paged", "decode", 1, "")
+    assert stepops.build(op, wl, torch.float32) is not None
+
+
+# ---------------------------------------------------------------------------------------------------
+# item 5: reports reuse what the measurement recorded; a layer file that does not match is an error
+
+
+def test_rereport_uses_the_recorded_workload(tmp_path, capsys):
+    _wl, out, doc = _measure_micro(tmp_path, step_ops=False)
+    model_file = _write(tmp_path, MICRO, "micro.json")
+    assert doc["pykernels_tokens"]["threads"] == torch.get_num_threads()
+    assert tokens.main([str(out)]) == 0  # no --model / --prompt / --batch: the recorded ones
+    text = capsys.readouterr().out
+    assert "# Tokens: micro — prompt 8, decode at context 24, batch 3" in text and "incomplete" not in text
+    n = torch.get_num_threads()
+    assert f"Measured with {n} thread{'' if n == 1 else 's'}" in text and "cold caches" in text
+    # an explicit argument wins
+    assert tokens.main([str(out), "--model", str(model_file), "--batch", "2"]) == 0  # prefill complete
+    text = capsys.readouterr().out
+    assert "prompt 8, decode at context 24, batch 2" in text and "torch incomplete" in text
+    # two files measured for different batches: an error, not a silent mix
+    other = tmp_path / "other.json"
+    d2 = json.loads(out.read_text())
+    d2["pykernels_tokens"]["batch"] = 5
+    other.write_text(json.dumps(d2))
+    assert tokens.main([str(out), str(other)]) == 2
+    assert "different values of batch: 3 in" in capsys.readouterr().err
+
+
+def test_layer_file_mismatch_is_an_error(tmp_path, capsys):
+    _wl, out, _doc = _measure_micro(tmp_path, step_ops=False)
+    n = torch.get_num_threads()
+    layer = {"model": {"name": "micro"}, "prompt": 8, "context": 24, "batch": 3, "threads": n,
+             "results": [{"backend": "torch", "dtype": "float32", "phase": ph, "coverage": 0.9}
+                         for ph in ("prefill", "decode")]}
+    good = _write(tmp_path, layer, "layer.json")
+    assert tokens.main([str(out), "--layer-results", str(good)]) == 0
+    capsys.readouterr()
+    for change, word in (({"batch": 8}, "batch 8"), ({"threads": n + 1}, "threads"),
+                         ({"context": 99}, "context 99"), ({"model": {"name": "tiny"}}, "'tiny'"),
+                         ({"results": [{**layer["results"][0], "dtype": "bfloat16"}]}, "no float32")):
+        bad = _write(tmp_path, {**layer, **change}, "bad.json")
+        assert tokens.main([str(out), "--layer-results", str(bad)]) == 2, change
+        assert word in capsys.readouterr().err
+
+
+def test_thread_label_grammar():
+    from pykernels.harness import device
+
+    assert device.device_label({"type": "cpu", "name": "X", "threads": 1}) == "cpu: X (1 thread)"
+    assert device.device_label({"type": "cpu", "name": "X", "threads": 2}) == "cpu: X (2 threads)"
+
+
+# ---------------------------------------------------------------------------------------------------
+# item 4: --check hf
+
+
+def test_check_hf_arithmetic():
+    from pykernels.tokens import check_hf
+
+    r = check_hf.ratio_row(model="m", layers=2, dtype="float32", batch=8, prompt=512, context=512, threads=2,
+                           measured_ttft_s=1.05, predicted_ttft_s=1.0, measured_tpot_s=0.2, predicted_tpot_s=0.25)
+    assert r["ttft_ratio"] == pytest.approx(1.05) and r["ttft_ok"]
+    assert r["tpot_ratio"] == pytest.approx(0.8) and not r["tpot_ok"]  # 20% off: outside 15%
+    r2 = check_hf.ratio_row(model="m", layers=2, dtype="float32", batch=1, prompt=8, context=8, threads=1,
+                            measured_ttft_s=1.0, predicted_ttft_s=None, measured_tpot_s=1.0, predicted_tpot_s=1.0)
+    assert r2["ttft_ratio"] is None and not r2["ttft_ok"] and r2["tpot_ok"]
+    md = check_hf.to_markdown([r, r2])
+    assert "| 1.050 |" in md and "| 0.800 ✗ |" in md
+
+
+def test_check_hf_prediction_counts_the_stacks_ops(tmp_path):
+    from pykernels.tokens import check_hf
+
+    wl, _out, doc = _measure_micro(tmp_path)
+    base = check_hf.predict(wl, doc)["float32"]
+    rows = doc["pykernels_tokens"]["step_ops"]
+    disp = next(r for r in rows if r["phase"] == "decode" and r["name"] == "dispatch")
+    if not disp["ops_per_layer"]:
+        pytest.skip("the torch layer has no unmetered ops to scale")
+    metered = disp["layer_ops"] - disp["ops_per_layer"]
+    more = check_hf.predict(wl, doc, {"decode": metered + 2 * disp["ops_per_layer"]})["float32"]
+    per_op = disp["median_s"] / disp["ops_per_layer"]
+    assert more["decode"] - base["decode"] == pytest.approx(disp["count"] * per_op * disp["ops_per_layer"])
+    assert more["prefill"] == base["prefill"]
+    # the KV append counted is transformers' torch.cat
+    cat = next(r for r in rows if r["phase"] == "decode" and r["name"] == "kv_append_cat")
+    inplace = next(r for r in rows if r["phase"] == "decode" and r["name"] == "kv_append_inplace")
+    s = {x.backend: x for x in tokens.compute(wl, tokens.measurements_from(doc), rows)}["torch"]
+    assert base["decode"] - s.decode.with_rest_s == pytest.approx(
+        cat["count"] * cat["median_s"] - inplace["count"] * inplace["median_s"])
+
+
+def test_check_hf_without_transformers_says_why(monkeypatch, capsys):
+    from pykernels.tokens import check_hf
+
+    monkeypatch.setattr(check_hf, "hf_reason", lambda: "transformers is not importable (stub)")
+    assert tokens.main(["--model", "tiny", "--check", "hf"]) == 2
+    assert "unavailable: transformers is not importable (stub)" in capsys.readouterr().err

@@ -82,3 +82,18 @@ def test_exit_code_is_nonzero_when_not_conformant(tmp_path, broken_path):
                           "broken_backends:WrongOnOddShapes", "--no-perf", "--quick"], capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 1 and "NOT CONFORMANT" in out.stdout
+
+
+def test_performance_section_speedups_and_geomean():
+    from pykernels.validate import _performance_markdown, speedups_of
+
+    perf = [{"case": "perf:gemm:float32:M8-N64-K64", "status": "PASS", "median_s": 1e-3, "tflops": 1.0, "gbps": 1.0,
+             "pct_of_peak": 50.0, "speedup_vs": {"torch": 2.0, "numpy": 0.5}, "penalty_vs": {}},
+            {"case": "perf:gemm:float32:M64-N64-K64", "status": "PASS", "median_s": 1e-3, "tflops": 1.0, "gbps": 1.0,
+             "pct_of_peak": 50.0, "speedup_vs": {"torch": 8.0}, "penalty_vs": {}}]
+    md = "\n".join(_performance_markdown({"backend": "mine", "performance": perf}))
+    assert "| over numpy | over torch |" in md
+    assert "| 0.50× | 2.00× |" in md and "| — | 8.00× |" in md
+    assert "**0.50×** (1 cases) | **4.00×** (2 cases)" in md  # geometric means: 0.5; sqrt(2 * 8)
+    # a report written before speedup_vs existed: speedup = 1 - penalty
+    assert speedups_of({"penalty_vs": {"torch": -1.0}}) == {"torch": 2.0}

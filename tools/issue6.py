@@ -1,25 +1,33 @@
 """The issue-6 table: native vs torch on this CPU, as ratios timed in turns in one process.
 
     python tools/issue6.py --out results/cpu-zen4-2c/issue6 [--budget 4] [--threads 2]
+    python tools/issue6.py --from-json results/cpu-zen4-2c/issue6.json --out results/cpu-zen4-2c/issue6 \
+        --readme README.md          # no measuring: the Markdown again from the JSON, pasted into the README
+    python tools/issue6.py --overhead --out results/cpu-zen4-2c/overhead     (small shapes: tools/overhead.py)
 
 For every case of the `quick` sweep (pykernels/harness/sweeps.py) the native and the torch callables (from
 pk.prepare: validation and the first call happen before timing) are timed round-robin, one call of each
-per round, so that a busy spell on a shared machine slows both alike. ratio = throughput(native) /
-throughput(torch) = median time(torch) / median time(native). A copy bandwidth (dst.copy_(src) of 256 MiB,
+per round, so that a busy spell on a shared machine slows both alike. speedup of native over torch =
+throughput(native) / throughput(torch) = median time(torch) / median time(native) (the report convention,
+docs/harness.md); torch's penalty against native ("tax") = 1 − throughput(torch) / throughput(native) =
+1 − 1/speedup; per family the geometric mean of the speedups over the shapes. A copy bandwidth (dst.copy_(src) of 256 MiB,
 read + write bytes) and a read bandwidth (src.sum()) are measured at the start and at the end of the same
 run, and for each memory-bound case (decode-sized GEMMs, decode) the copy and the read are also timed in
 the same rounds as native and torch: that case's bytes/s are reported as % of the copy bandwidth of its
 own rounds (median over rounds of the per-round ratio): the bandwidth of this shared VM moves by 2x
 within minutes, so a copy timed minutes apart would not be the same machine.
 The native output is checked against torch's (the float64 checks live in the tests and the sweeps).
-Writes OUT.json (every sample statistic) and OUT.md (the table).
+Writes OUT.json (every sample statistic) and OUT.md (the table); --readme FILE replaces the block between
+`<!-- issue6-table ... -->` and `<!-- /issue6-table -->` in FILE with OUT.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
+import re
 import shlex
 import statistics
 import sys
@@ -31,6 +39,7 @@ import torch
 import pykernels as pk
 from pykernels.harness import device, sweeps, timing
 from pykernels.kernels import dtype_of
+from pykernels.tables import fmt_speedup, natural_key
 
 TARGET = {"gemm": 1.0, "attention": 1.0, "decode": 1.2}
 
@@ -63,7 +72,28 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=4.0, help="seconds of round-robin timing per case")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
     ap.add_argument("--kernel", action="append", default=[], help="only this family (repeatable)")
+    ap.add_argument("--from-json", default=None, metavar="FILE",
+                    help="measure nothing: write OUT.md from this earlier OUT.json (the current convention)")
+    ap.add_argument("--readme", default=None, metavar="FILE",
+                    help="paste OUT.md between the issue6-table markers of FILE (the README)")
+    ap.add_argument("--overhead", action="store_true",
+                    help="instead: the issue-21 fixed-cost table (small shapes, pk.gemm - prepared), tools/overhead.py")
     args = ap.parse_args(argv)
+    if args.overhead:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import overhead
+
+        return overhead.main(["--out", args.out, "--budget", str(min(args.budget, 2.0))]
+                             + (["--threads", str(args.threads)] if args.threads else [])
+                             + [x for k in args.kernel for x in ("--kernel", k)])
+    if args.from_json:
+        doc = json.loads(Path(args.from_json).read_text())
+        out = Path(args.out)
+        out.with_suffix(".md").write_text(to_markdown(doc))
+        if args.readme:
+            paste(Path(args.readme), out.with_suffix(".md"))
+        print(to_markdown(doc))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = [c for c in sweeps.sweep("quick") if not args.kernel or c.family in args.kernel]
@@ -119,14 +149,33 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
     out.with_suffix(".md").write_text(to_markdown(doc))
+    if args.readme:
+        paste(Path(args.readme), out.with_suffix(".md"))
     print(to_markdown(doc))
     return 0
 
 
+_BLOCK = re.compile(r"(<!-- issue6-table[^\n]*-->\n)(.*?)(<!-- /issue6-table -->)", re.DOTALL)
+
+
+def paste(readme: Path, md: Path) -> None:
+    """Replace the README's issue6-table block with the Markdown file (markers kept)."""
+    text = readme.read_text()
+    if not _BLOCK.search(text):
+        raise SystemExit(f"{readme}: no <!-- issue6-table --> ... <!-- /issue6-table --> block")
+    readme.write_text(_BLOCK.sub(lambda m: m.group(1) + md.read_text() + m.group(3), text, count=1))
+
+
+def _geomean(xs: list[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+
 def to_markdown(doc: dict) -> str:
-    lines = [("| family | dtype | shape | native | torch | native ÷ torch (p20–p80 range) | target | "
-              "native GB/s: % of copy, of read (same rounds) | met |"), "|---|---|---|---:|---:|---:|---:|---:|---|"]
-    for r in doc["rows"]:
+    lines = [("| family | dtype | shape | native | torch | speedup native over torch (×, p20–p80 range) | "
+              "torch's penalty vs native | target | native GB/s: % of copy, of read (same rounds) | met |"),
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    order = {"gemm": 0, "attention": 1, "decode": 2}
+    for r in sorted(doc["rows"], key=lambda r: (order.get(r["family"], 9), r["dtype"], natural_key(r["shape"]))):
         tn, tt = r["native"]["median_s"], r["torch"]["median_s"]
         if r["memory_bound"]:
             thr = (f"{r['native_bytes_per_s'] / 1e9:.1f} GB/s: {r['pct_copy_bw']:.0f}% of "
@@ -134,11 +183,23 @@ def to_markdown(doc: dict) -> str:
         else:
             thr = "—"
         lo, hi = r["ratio_p20_p80"]
-        tgt = f"≥ {r['target']:.2f}" + (", ≥ 80% copy" if r["family"] == "decode" else "")
+        tgt = f"≥ {r['target']:.2f}×" + (", ≥ 80% copy" if r["family"] == "decode" else "")
         lines.append(f"| {r['family']} | {r['dtype']} | {r['shape']} | {tn * 1e3:.3f} ms | {tt * 1e3:.3f} ms | "
-                     f"**{r['ratio']:.2f}** ({lo:.2f}–{hi:.2f}) | {tgt} | {thr} | {'yes' if r['met'] else 'NO'} |")
+                     f"**{r['ratio']:.2f}×** ({lo:.2f}–{hi:.2f}) | {100 * (1 - 1 / r['ratio']):.0f}% | {tgt} | {thr} | "
+                     f"{'yes' if r['met'] else 'NO'} |")
+    fams = list(dict.fromkeys(r["family"] for r in doc["rows"]))
+    lines += ["", "| family | shapes | geometric mean of the speedup native over torch | torch's penalty vs native | met |",
+              "|---|---:|---:|---:|---:|"]
+    for fam in fams:
+        rs = [r for r in doc["rows"] if r["family"] == fam]
+        g = _geomean([r["ratio"] for r in rs])
+        lines.append(f"| {fam} | {len(rs)} | **{fmt_speedup(g)}** | {100 * (1 - 1 / g):.0f}% | "
+                     f"{sum(bool(r['met']) for r in rs)} of {len(rs)} |")
     bw = doc["copy_bytes_per_s"]
-    lines += ["", ("Copy: `dst.copy_(src)` of 256 MiB fp32, bytes read + written; read: `src.sum()`, bytes read; both "
+    lines += ["", ("Speedup = throughput(native) / throughput(torch) = median time(torch) / median time(native), "
+                   "the range from the p20 and p80 times; torch's penalty (the abstraction \"tax\") = "
+                   "1 − throughput(torch) / throughput(native) = 1 − 1/speedup; rows within a family are summarised by "
+                   "the geometric mean over its shapes."),("Copy: `dst.copy_(src)` of 256 MiB fp32, bytes read + written; read: `src.sum()`, bytes read; both "
               "timed in the same rounds as native and torch for that row; the % is the median over rounds of the "
               "per-round ratio, the GB/s beside it are medians. The best copy bandwidth of the "
               f"probes at the start and the end of the run: {bw / 1e9:.1f} GB/s. "

@@ -25,6 +25,7 @@ struct GemmParams {
   void* c;
   int64_t M, N, K;
   DType dtype;
+  bool transb = false;  // B stored [N, K] (a linear layer's weight; "NT"): C = A . B^T. CPU only.
 };
 
 // O[B,Hq,S,D] = softmax(scale * Q K^T (+ causal mask)) V, with K,V [B,Hkv,S,D]; Hq % Hkv == 0.

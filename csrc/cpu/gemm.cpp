@@ -289,6 +289,58 @@ template <class P> void tile(int R, const typename P::Elem* a, const typename P:
 // owns its piece of the output, so a thread whose core the OS lends to another process just does
 // fewer items, and nobody waits for it mid-way.
 // =====================================================================================================
+// B stored [N, K] (GemmParams::transb, pk.linear): the same panels as P::pack_b, filled from B^T.
+// Element (k, n) of the block is src[n * ldb + k]: a panel column is a contiguous run of K, and a bf16
+// K-pair (B[n][k], B[n][k+1]) is one u32, low half first as pack_a makes it. Blocked by one cache line
+// of K per column (KB elements), so a 32-column x KB block is read line by line and written into L1.
+// Consecutive columns are ldb elements apart (16 KB at K = 4096 fp32): a new page per column, which the
+// hardware prefetcher does not follow; the lines kPackTPrefetchCols columns ahead are prefetched.
+// Plain C++ for every policy: it runs once per block of B, like pack_b, not in the micro-kernel.
+constexpr int64_t kPackTPrefetchCols = 8;
+template <class P, class Src>
+void pack_bt(const Src* src, int64_t ldb, int64_t kc, int64_t r0, int64_t r1, int64_t nc, typename P::Elem* dst) {
+  using E = typename P::Elem;
+  constexpr int64_t NR = P::NR, KG = P::KG, KB = 64 / int64_t(sizeof(Src));
+  static_assert(KB % KG == 0, "a cache line of K holds whole K-pairs");
+  const int64_t kcu = cdiv(kc, KG);
+  for (int64_t q = 0; q * NR < nc; ++q) {
+    E* dq = dst + q * kcu * NR;
+    const int64_t cols = std::min(NR, nc - q * NR);
+    for (int64_t k0 = r0; k0 < r1; k0 += KB) {
+      const int64_t k1 = std::min(r1, k0 + KB);
+      for (int64_t j = 0; j < NR; ++j) {
+        if (j >= cols) {
+          for (int64_t k = k0; k < k1; k += KG) dq[(k / KG) * NR + j] = E(0);
+          continue;
+        }
+        const int64_t n = q * NR + j;
+        if (n + kPackTPrefetchCols < nc) __builtin_prefetch(src + (n + kPackTPrefetchCols) * ldb + k0);
+        const Src* s = src + n * ldb;
+        for (int64_t k = k0; k < k1; k += KG) {
+          if constexpr (KG == 1) {
+            if constexpr (std::is_same_v<Src, float>) {
+              dq[k * NR + j] = s[k];
+            } else {
+              dq[k * NR + j] = bf16_to_float(s[k]);
+            }
+          } else {
+            static_assert(KG == 2 && std::is_same_v<Src, u16>, "K-pairs are packed from bf16 only");
+            dq[(k / 2) * NR + j] = static_cast<u32>(s[k]) | (k + 1 < kc ? static_cast<u32>(s[k + 1]) << 16 : 0u);
+          }
+        }
+      }
+    }
+  }
+}
+
+// The B block at (k0, j0) of either layout, packed by the policy's pack_b or by pack_bt.
+template <class P, class Src>
+inline void pack_b_any(bool transb, const Src* B, int64_t N, int64_t K, int64_t k0, int64_t j0, int64_t kc,
+                       int64_t r0, int64_t r1, int64_t nc, typename P::Elem* dst) {
+  if (transb) return pack_bt<P, Src>(B + j0 * K + k0, K, kc, r0, r1, nc, dst);
+  P::template pack_b<Src>(B + k0 * N + j0, N, kc, r0, r1, nc, dst);
+}
+
 // M of fewer than this many row panels (M <= 98 with 14-row panels) goes to gemm_slabs.
 constexpr int64_t kSmallPanels = 8;
 // gemm_rows: items of up to kRowItemPanels row panels (112 rows) x all of N; sizes shrink towards the
@@ -368,7 +420,7 @@ template <class P, class Src> void gemm_rows(const GemmParams& p) {
       for (int64_t kb = 0; kb < kblocks; ++kb) {
         const int64_t k0 = kb * KC, kc = std::min(KC, K - k0), kcu = cdiv(kc, KG);
         const int64_t u0 = kcu * t / nt, u1 = kcu * (t + 1) / nt;
-        P::template pack_b<Src>(B + k0 * N, N, kc, u0 * KG, std::min(kc, u1 * KG), N, bp + kb * np * KCU * NR);
+        pack_b_any<P, Src>(p.transb, B, N, K, k0, 0, kc, u0 * KG, std::min(kc, u1 * KG), N, bp + kb * np * KCU * NR);
       }
       team.barrier();
     }
@@ -384,7 +436,7 @@ template <class P, class Src> void gemm_rows(const GemmParams& p) {
           const int64_t je = std::min(jb + NCP, np);
           const E* b = bp + (k0 / KC) * np * KCU * NR + jb * kcu * NR;
           if (!shared_b) {
-            P::template pack_b<Src>(B + k0 * N + jb * NR, N, kc, 0, kc, std::min(N, je * NR) - jb * NR, bp);
+            pack_b_any<P, Src>(p.transb, B, N, K, k0, jb * NR, kc, 0, kc, std::min(N, je * NR) - jb * NR, bp);
             b = bp;
           }
           for (int64_t i = i0; i < i1; ++i) {
@@ -439,7 +491,7 @@ template <class P, class Src> void gemm_slabs(const GemmParams& p) {
         const int64_t k0 = it * KS, kc = std::min(KS, K - k0), kcu = cdiv(kc, KG);
         for (int64_t i = 0; i < mp; ++i)
           P::template pack_a<Src>(A + row0(i) * K + k0, K, rows(i), kc, ap + row0(i) * kcu);
-        P::template pack_b<Src>(B + k0 * N + j0, N, kc, 0, kc, w, bp);
+        pack_b_any<P, Src>(p.transb, B, N, K, k0, j0, kc, 0, kc, w, bp);
         for (int64_t j = 0; j < npw; ++j)
           for (int64_t i = 0; i < mp; ++i)
             tile<P>(rows(i), ap + row0(i) * kcu, bp + j * kcu * NR, kcu, o, row0(i), j * NR,
@@ -935,14 +987,14 @@ template <class Src> void gemm_typed(const GemmParams& p) {
 #if defined(PK_X86)
   if (!f.avx512f && f.avx2_fma) return gemm_avx2(p);
   if (f.avx512f) {
-    if (p.M <= kDirectMaxM) return gemm_direct_avx512<Src>(p);
+    if (p.M <= kDirectMaxM && !p.transb) return gemm_direct_avx512<Src>(p);  // direct reads B as [K, N]
     if constexpr (std::is_same_v<Src, u16>) {
       if (f.avx512_bf16) return gemm_packed<Bf16Avx512, u16>(p);
     }
     return gemm_packed<F32Avx512, Src>(p);
   }
 #endif
-  if (p.M <= kDirectMaxM) return gemm_direct_portable<Src>(p);
+  if (p.M <= kDirectMaxM && !p.transb) return gemm_direct_portable<Src>(p);
   return gemm_packed<Portable, Src>(p);
 }
 

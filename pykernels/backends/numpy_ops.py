@@ -27,3 +27,9 @@ class NumpyBackend(Backend):
         import numpy as np
 
         return torch.from_numpy(np.matmul(a.numpy(), b.numpy()))
+
+    def linear(self, x, w):
+        import numpy as np
+
+        # w.T is a transposed view: BLAS gets it as a transposed operand (sgemm "NT"), no copy.
+        return torch.from_numpy(np.matmul(x.numpy(), w.numpy().T))

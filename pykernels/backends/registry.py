@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 
@@ -60,6 +61,9 @@ class Backend:
             names = ", ".join(str(d).replace("torch.", "") for d in supported)
             return (f"backend {self.name!r} does not support dtype {str(dtype).replace('torch.', '')} for "
                     f"{family!r} on {device_type} (supported: {names})")
+        if family == "gemm" and shape.get("layout", "nn") != "nn" and type(self).linear is Backend.linear:
+            return (f"backend {self.name!r} does not implement linear (gemm with b stored [N, K], layout "
+                    f"{shape.get('layout')!r})")
         return None
 
     def families(self) -> tuple[str, ...]:
@@ -69,11 +73,45 @@ class Backend:
     def gemm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x [M, K] . w[N, K]^T -> [M, N] (pk.linear; the gemm family's layout "nt"). Optional: a backend
+        that does not override it is reported as not supporting that layout, never run through a copy."""
+        raise NotImplementedError
+
     def attention(self, q, k, v, *, causal: bool, scale: float) -> torch.Tensor:
         raise NotImplementedError
 
     def decode(self, q, k_cache, v_cache, context_lens, block_table, *, scale: float) -> torch.Tensor:
         raise NotImplementedError
+
+    # The callable the harness times. ---------------------------------------------------------------
+    def prepare(self, family: str, **kw) -> Callable[[], torch.Tensor]:
+        """Turn validated inputs into the zero-argument callable that is timed (pk.prepare calls this).
+
+        `kw` are the family method's arguments, already validated by pykernels.ops: gemm `a, b` (and
+        `layout="nt"` when b is stored [N, K]: the `linear` method's call); attention
+        `q, k, v, causal, scale`; decode `q, k_cache, v_cache, context_lens, block_table, scale`. Override it to
+        do one-off work outside the timed call (device buffers, layouts, compiled executables, a preallocated
+        output); its cost is measured and recorded beside the result as `prepare_s`. The callable returns the
+        output (it may return the same tensor on every call) and must compute from the tensors passed here,
+        so that changing their contents in place changes the result. Default: the family method, as is.
+        """
+        if family == "gemm":  # layout "nt" (b stored [N, K]): the linear method
+            fn, a, b = (self.linear if kw.get("layout", "nn") == "nt" else self.gemm), kw["a"], kw["b"]
+            return lambda: fn(a, b)
+        if family == "attention":
+            fn, q, k, v, causal, scale = self.attention, kw["q"], kw["k"], kw["v"], kw["causal"], kw["scale"]
+            return lambda: fn(q, k, v, causal=causal, scale=scale)
+        if family == "decode":
+            fn, scale = self.decode, kw["scale"]
+            args = (kw["q"], kw["k_cache"], kw["v_cache"], kw["context_lens"], kw["block_table"])
+            return lambda: fn(*args, scale=scale)
+        raise ValueError(f"argument 'family' must be one of {', '.join(FAMILY_NAMES)}, got {family!r}")
+
+    def _gemm_runner(self, a: torch.Tensor, b: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Private: the function pk.gemm calls for every later call with the signature of (a, b) (same shapes,
+        strides, dtypes, devices), which pykernels.ops caches once validated. Default: the family method."""
+        return self.gemm
 
     # Optional: per-call details worth recording (e.g. the autotuned configuration). ---------------
     def describe_call(self, family: str, inputs: dict) -> dict:
@@ -115,12 +153,21 @@ _BUILTIN = (
     ("numpy", "pykernels.backends.numpy_ops:NumpyBackend"),
     ("triton", "pykernels.backends.triton:TritonBackend"),
     ("triton_interpret", "pykernels.backends.triton:TritonInterpretBackend"),
+    ("jax", "pykernels.backends.jax_backend:JaxBackend"),
 )
 
 _lock = threading.RLock()
 _backends: dict[str, Backend] = {}
 _sources: dict[str, str] = {}
 _loaded = False
+# Bumped whenever the set of backends changes; pykernels.ops drops its cache of validated call signatures
+# (which remembers the backend each one resolved to) when it moves.
+generation = 0
+
+
+def _changed() -> None:
+    global generation
+    generation += 1
 
 
 def _load_object(spec: str):
@@ -165,12 +212,14 @@ def register(backend: Backend, *, source: str = "builtin", replace: bool = False
             raise ValueError(f"a backend named {backend.name!r} is already registered")
         _backends[backend.name] = backend
         _sources[backend.name] = source
+        _changed()
 
 
 def unregister(name: str) -> None:
     with _lock:
         _backends.pop(name, None)
         _sources.pop(name, None)
+        _changed()
 
 
 def _add_loaded(name: str, spec: str, source: str) -> None:
@@ -187,6 +236,7 @@ def _add_loaded(name: str, spec: str, source: str) -> None:
         return
     _backends[name] = inst
     _sources[name] = source
+    _changed()
 
 
 def _ensure_loaded() -> None:

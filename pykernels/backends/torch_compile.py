@@ -18,6 +18,10 @@ def _gemm(a, b):
     return torch.matmul(a, b)
 
 
+def _linear(x, w):
+    return torch.nn.functional.linear(x, w)
+
+
 class TorchCompileBackend(Backend):
     name = "torch_compile"
     tier = "abstraction"
@@ -51,6 +55,9 @@ class TorchCompileBackend(Backend):
 
     def gemm(self, a, b):
         return self._fn("gemm", _gemm)(a, b)
+
+    def linear(self, x, w):
+        return self._fn("linear", _linear)(x, w)
 
     def attention(self, q, k, v, *, causal, scale):
         return self._fn("attention", sdpa)(q, k, v, causal=causal, scale=scale)

@@ -91,6 +91,9 @@ class _TritonBase(Backend):
     def gemm(self, a, b):
         return self._mod("gemm").gemm(a, b)
 
+    def linear(self, x, w):
+        return self._mod("gemm").gemm(x, w, trans_b=True)
+
     def attention(self, q, k, v, *, causal, scale):
         return self._mod("attention").attention(q, k, v, causal=causal, scale=scale)
 
@@ -106,7 +109,9 @@ class _TritonBase(Backend):
         try:
             if family == "gemm":
                 a, b = inputs["a"], inputs["b"]
-                info["config"] = self._mod("gemm").chosen_config(a.shape[0], b.shape[1], a.shape[1], a.dtype)
+                nt = inputs.get("layout", "nn") == "nt"
+                info["config"] = self._mod("gemm").chosen_config(a.shape[0], b.shape[0] if nt else b.shape[1],
+                                                                 a.shape[1], a.dtype, nt)
             elif family == "attention":
                 q, k = inputs["q"], inputs["k"]
                 B, Hq, S, D = q.shape
@@ -174,6 +179,9 @@ class TritonInterpretBackend(_TritonBase):
 
     def gemm(self, a, b):
         return self._locked(super().gemm, a, b)
+
+    def linear(self, x, w):
+        return self._locked(super().linear, x, w)
 
     def attention(self, q, k, v, *, causal, scale):
         return self._locked(super().attention, q, k, v, causal=causal, scale=scale)

@@ -4,6 +4,8 @@ callers: device -> timing is the only edge between them."""
 
 from __future__ import annotations
 
+import time
+
 from .. import ops
 from ..kernels import dtype_name, dtype_of
 from . import device as devmod
@@ -18,7 +20,9 @@ def measure_case(problem, dtype: str, backend: str, device: str = "cpu", *, inpu
     happen before timing), then throughput and % of the roofline bound from the device's measured peaks
     (cached per machine; measured once when missing)."""
     dtype = dtype_name(dtype_of(dtype))  # a name or a torch.dtype
+    t_prepare = time.perf_counter()
     fn = ops.prepare(problem.family, backend=backend, **inputs, **problem.call_kwargs())
+    prepare_s = time.perf_counter() - t_prepare  # one-off (the backend's prepare hook), recorded beside the result
     fn()  # compilation / autotuning / lazy initialisation: never timed
     stats = time_callable(fn, device, TimingOptions(budget_s=budget_s, settle_s=CPU_SETTLE_S))
     flops, nbytes = problem.flops(), problem.bytes(dtype_of(dtype))
@@ -28,4 +32,4 @@ def measure_case(problem, dtype: str, backend: str, device: str = "cpu", *, inpu
                                      devmod.peak_bandwidth(pk))
     return {"median_s": stats.median_s, "p20_s": stats.p20_s, "p80_s": stats.p80_s, "cv": stats.cv,
             "rounds": stats.rounds, "tflops": rates["tflops"], "gbps": rates["gbps"],
-            "pct_of_peak": frac["pct_roofline"], "bound": frac["bound"]}
+            "pct_of_peak": frac["pct_roofline"], "bound": frac["bound"], "prepare_s": prepare_s}

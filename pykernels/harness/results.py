@@ -125,7 +125,12 @@ class Journal:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._entries: dict[str, dict] = {}
         if resume:
-            self._entries = {e["key"]: e for e in read_journal(self.path, strict=False)}
+            entries = read_journal(self.path, strict=False)
+            self._entries = {e["key"]: e for e in entries}
+            if entries and entries[-1].get("status") == "started" and _torn_tail(self.path):
+                # died while writing the result of the case in flight: it finished, so it is measured again
+                # rather than marked crashed
+                self._entries.pop(entries[-1]["key"], None)
         elif self.path.exists() and self.path.stat().st_size:
             self.path.replace(self.path.with_name(self.path.name + ".prev"))  # keep the last run's journal
         self._fh = None
@@ -139,7 +144,10 @@ class Journal:
     def append(self, key: str, entry: dict) -> None:
         line = json.dumps({"schema": JOURNAL_SCHEMA, "key": key, **entry}, default=str)
         if self._fh is None:
+            torn = self.path.exists() and self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n")
             self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open across cases
+            if torn:  # a line torn by a killed run: end it, so that the next entry gets a line of its own
+                self._fh.write("\n")
         self._fh.write(line + "\n")
         self._fh.flush()
         os.fsync(self._fh.fileno())
@@ -149,6 +157,17 @@ class Journal:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+
+def _torn_tail(path: Path) -> bool:
+    """True when the journal's last line is an incomplete JSON line."""
+    try:
+        lines = [x for x in path.read_text(encoding="utf-8", errors="replace").splitlines() if x.strip()]
+        if lines:
+            json.loads(lines[-1])
+    except (OSError, json.JSONDecodeError):
+        return True
+    return False
 
 
 def read_journal(path: str | Path, *, strict: bool = True) -> list[dict]:
@@ -322,6 +341,22 @@ def load(path: str | Path) -> list[Record]:
         raise ResultFileError(f"{p}: no pykernels results in it ({len(doc['benchmarks'])} benchmarks, none with "
                               "pykernels extra_info: family, backend, ...)")
     return recs
+
+
+def load_failures(path: str | Path) -> list[dict]:
+    """The cases of a result file that crashed or hung (no timing, a reason): `pykernels_failed` of a
+    pytest-benchmark JSON, or the journal's entries whose last status is crashed/hung. Malformed entries are
+    skipped (the file has been validated by load() already)."""
+    p = Path(path)
+    if p.suffix == ".jsonl":
+        last = {e["key"]: e for e in read_journal(p)}
+        items = [e for e in last.values() if e.get("status") in ("crashed", "hung")]
+    else:
+        doc = _load_json(p)
+        items = doc.get("pykernels_failed") if isinstance(doc, dict) else None
+        items = items if isinstance(items, list) else []
+    keys = ("backend", "family", "dtype", "shape", "status", "reason")
+    return [{k: str(e.get(k, "?")) for k in keys} for e in items if isinstance(e, dict)]
 
 
 def keep_machines_apart(recs: list[Record]) -> list[Record]:

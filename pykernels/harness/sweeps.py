@@ -4,6 +4,9 @@
 - `quick`: the native-vs-vendor target cases: GEMM 2048^3 / 1024^3 and decode-sized GEMMs (M = 1, 4, 16,
   N = K = 4096), prefill attention S2048 D128 (causal and not), decode B8 Hq32 L4096 D128 (Hkv 8 and 32,
   contiguous and paged); the default of `pykernels bench`.
+- `small`: the fixed-cost shapes (issue 21): GEMM 16^3-128^3, attention B1 H16 S16-128 D64, decode B1 Hq32 Hkv8
+  D128 contexts 16-128 (a model's decode step at batch 1 is made of such calls); fp32 and bf16. A case takes
+  microseconds, so the whole sweep is a few seconds of timing per backend. Its fp32 cases are part of `quick`.
 - `full`: `quick` plus the shapes of the reference model ref-7b-2k (docs/design.md): a batch-1 prefill of 2048
   tokens and decode steps at context 2048 for B in {1, 8, 32}, and a GQA decode.
 
@@ -46,6 +49,14 @@ def _smoke() -> list[SweepCase]:
     return _cases(gemm + attn + dec, (FP32, BF16))
 
 
+def _small() -> list[SweepCase]:
+    sizes = (16, 32, 64, 128)
+    gemm = [GemmProblem(n, n, n) for n in sizes]
+    attn = [AttentionProblem(B=1, Hq=16, Hkv=16, S=s, D=64) for s in sizes]
+    dec = [DecodeProblem(B=1, Hq=32, Hkv=8, context=c, D=128) for c in sizes]
+    return _cases(gemm + attn + dec, (FP32, BF16))
+
+
 def _quick() -> list[SweepCase]:
     out = []
     out += _cases([GemmProblem(2048, 2048, 2048), GemmProblem(1024, 1024, 1024)], (FP32,))
@@ -55,6 +66,7 @@ def _quick() -> list[SweepCase]:
                   (FP32, BF16))
     out += _cases([DecodeProblem(B=8, Hq=32, Hkv=hkv, context=4096, D=128, paged=paged, block_size=16)
                    for hkv in (8, 32) for paged in (False, True)], (FP32, BF16))
+    out += [c for c in _small() if c.dtype == FP32]  # each shape costs torch_compile a compile: fp32 only here
     return out
 
 
@@ -94,7 +106,7 @@ def _full() -> list[SweepCase]:
     return out
 
 
-SWEEPS = {"smoke": _smoke, "quick": _quick, "full": _full}
+SWEEPS = {"smoke": _smoke, "small": _small, "quick": _quick, "full": _full}
 
 
 def model_sweep_name(model: str, *, prompt: int | None = None, context: int | None = None, batch: int = 1) -> str:

@@ -290,17 +290,30 @@ def time_round_robin_cpu(fns: list[Callable[[], object]], opts: TimingOptions | 
     for f in fns:
         for _ in range(max(1, opts.warmup_calls)):
             f()
+    # opts.flush (cold caches): a buffer of 2x the last-level cache is read (not timed) before every call,
+    # so no call finds the previous one's data (the same inputs, read by the backend before it) in cache.
+    # Read rather than written (as time_cpu does): the evicting lines stay clean, so the timed call pays
+    # for its own misses and not for writing back the flush buffer, as in a model whose earlier layers'
+    # weights (clean) are what fills the cache.
+    flush_buf = None
+    if opts.flush:
+        import torch
+
+        flush_buf = torch.ones(flush_size(cpu_llc_bytes()) // 4, dtype=torch.float32)
     samples: list[list[float]] = [[] for _ in fns]
     t_begin = time.perf_counter()
     while True:
         for i, f in enumerate(fns):
+            if flush_buf is not None:
+                flush_buf.sum()
             t0 = time.perf_counter_ns()
             f()
             samples[i].append((time.perf_counter_ns() - t0) * 1e-9)
         stops = [should_stop(s, time.perf_counter() - t_begin, opts) for s in samples]
         if all(stops):
             break
-    return [summarize(s, timer="cpu perf_counter_ns, round-robin", stopped_by=st) for s, st in zip(samples, stops)]
+    return [summarize(s, timer="cpu perf_counter_ns, round-robin", stopped_by=st, flush=bool(opts.flush))
+            for s, st in zip(samples, stops)]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -20,18 +20,21 @@ class AttentionProblem:
     S: int
     D: int
     causal: bool = False
+    scale: float | None = None  # None: the API's default 1/sqrt(D)
 
     family = FAMILY
 
     def params(self) -> dict:
-        return {"B": self.B, "Hq": self.Hq, "Hkv": self.Hkv, "S": self.S, "D": self.D, "causal": self.causal}
+        p = {"B": self.B, "Hq": self.Hq, "Hkv": self.Hkv, "S": self.S, "D": self.D, "causal": self.causal}
+        return p if self.scale is None else {**p, "scale": self.scale}
 
     def call_kwargs(self) -> dict:
         """Keyword arguments of the API call (and of the reference) that are not tensors."""
-        return {"causal": self.causal}
+        return {"causal": self.causal} if self.scale is None else {"causal": self.causal, "scale": self.scale}
 
     def label(self) -> str:
-        return f"B{self.B}-Hq{self.Hq}-Hkv{self.Hkv}-S{self.S}-D{self.D}" + ("-causal" if self.causal else "")
+        return (f"B{self.B}-Hq{self.Hq}-Hkv{self.Hkv}-S{self.S}-D{self.D}" + ("-causal" if self.causal else "")
+                + ("" if self.scale is None else f"-scale{self.scale:g}"))
 
     def score_pairs(self) -> int:
         """Number of (query, key) pairs that are computed: S*S, or S*(S+1)/2 when causal."""

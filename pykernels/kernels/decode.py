@@ -23,21 +23,24 @@ class DecodeProblem:
     paged: bool = False
     block_size: int = 16
     ragged: bool = False  # per-sequence lengths spread over 1..context (the first one is `context`)
+    scale: float | None = None  # None: the API's default 1/sqrt(D)
 
     family = FAMILY
 
     def params(self) -> dict:
-        return {"B": self.B, "Hq": self.Hq, "Hkv": self.Hkv, "context": self.context, "D": self.D,
-                "paged": self.paged, "block_size": self.block_size if self.paged else None,
-                "ragged": self.ragged}
+        p = {"B": self.B, "Hq": self.Hq, "Hkv": self.Hkv, "context": self.context, "D": self.D,
+             "paged": self.paged, "block_size": self.block_size if self.paged else None,
+             "ragged": self.ragged}
+        return p if self.scale is None else {**p, "scale": self.scale}
 
     def call_kwargs(self) -> dict:
         """Keyword arguments of the API call (and of the reference) that are not tensors."""
-        return {}
+        return {} if self.scale is None else {"scale": self.scale}
 
     def label(self) -> str:
         lay = f"paged{self.block_size}" if self.paged else "contig"
-        return f"B{self.B}-Hq{self.Hq}-Hkv{self.Hkv}-L{self.context}-D{self.D}-{lay}" + ("-ragged" if self.ragged else "")
+        return (f"B{self.B}-Hq{self.Hq}-Hkv{self.Hkv}-L{self.context}-D{self.D}-{lay}" + ("-ragged" if self.ragged else "")
+                + ("" if self.scale is None else f"-scale{self.scale:g}"))
 
     def context_lens(self) -> list[int]:
         """Deterministic lengths: all `context`, or (ragged) spread evenly from `context` down towards 1."""

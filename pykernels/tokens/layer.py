@@ -1,7 +1,8 @@
 """One decoder layer forward (prefill and one decode step) built from a backend's kernels, to check how
 well the token report's sum of kernel times predicts a real layer.
 
-The layer is Llama-shaped, as pykernels/models derives it: RMSNorm -> QKV GEMM -> rotary embedding ->
+The layer is Llama-shaped, as pykernels/models derives it (weights stored [N, K], projections through
+the backend's linear): RMSNorm -> QKV GEMM -> rotary embedding ->
 causal attention (prefill) or decode attention against a KV cache (decode step) -> O GEMM -> residual ->
 RMSNorm -> gate+up GEMM -> SwiGLU -> down GEMM -> residual. The four GEMMs and the attention are the
 backend's kernels; everything else is torch (the "small ops": norms, rotary embedding, activation,
@@ -71,8 +72,8 @@ class DecoderLayer:
         g = generator(seed)
         h, m = model.hidden, model
 
-        def w(rows, cols):  # scaled so that activations stay O(1) through the layer
-            return randn((rows, cols), g, scale=1.0 / math.sqrt(rows)).to(device=device, dtype=self.dtype)
+        def w(k, n):  # stored [N, K] as a model holds it (pk.linear); scaled so activations stay O(1)
+            return randn((n, k), g, scale=1.0 / math.sqrt(k)).to(device=device, dtype=self.dtype)
 
         self.w_qkv, self.w_o = w(h, m.qkv_width), w(m.heads * m.head_dim, h)
         self.w_gu, self.w_down = w(h, 2 * m.ffn), w(m.ffn, h)
@@ -89,10 +90,11 @@ class DecoderLayer:
         self.last_kv: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- kernels ------------------------------------------------------------------------------------
-    def _gemm(self, role, a, b):
+    def _gemm(self, role, a, w):
+        """A projection: a [M, K] . w^T, w stored [N, K] (pk.linear, the gemm family's layout "nt")."""
         if self.calls is not None:
-            self.calls.append((role, "gemm", {"a": a, "b": b}))
-        return self.backend.gemm(a, b)
+            self.calls.append((role, "gemm", {"a": a, "b": w, "layout": "nt"}))
+        return self.backend.linear(a, w)
 
     def _attention(self, q, k, v):
         if self.calls is not None:
@@ -172,8 +174,9 @@ class DecoderLayer:
 def problem_of(family: str, inputs: dict):
     """The problem spec of a recorded kernel call."""
     if family == "gemm":
-        (M, K), N = inputs["a"].shape, inputs["b"].shape[1]
-        return GemmProblem(M, N, K)
+        (M, K), nt = inputs["a"].shape, inputs.get("layout", "nn") == "nt"
+        N = inputs["b"].shape[0] if nt else inputs["b"].shape[1]
+        return GemmProblem(M, N, K, layout="nt" if nt else "nn")
     if family == "attention":
         B, Hq, S, D = inputs["q"].shape
         return AttentionProblem(B, Hq, inputs["k"].shape[1], S, D, causal=inputs["causal"])

@@ -23,7 +23,7 @@ from ..harness import device as _device
 from ..harness import results, timing
 from ..kernels import dtype_of
 from ..kernels._common import dtype_name
-from . import energy
+from . import energy, stepops
 
 # The float64 reference of a problem costs ~FLOPs / 20 GFLOP/s on this 2-core CPU: checking every output
 # of ref-7b-2k's prefill GEMMs (up to 370 GFLOP) would take minutes. Above this many FLOPs the output is
@@ -31,12 +31,13 @@ from . import energy
 CHECK_MAX_FLOPS = 2e10
 
 
-def time_cases(fns: list, *, budget_s: float, device: str) -> list[dict]:
+def time_cases(fns: list, *, budget_s: float, device: str, cold: bool = False) -> list[dict]:
     """Stats (timing.Stats as dicts) of each zero-argument callable with the harness's timer. On the CPU the
     backends are timed in turns (timing.time_round_robin_cpu: one call of each per round) so that a busy
     spell on a shared machine slows every backend's samples alike and the ratios hold; on a GPU each is
     timed alone with CUDA events, L2 flush and graph batching (timing.time_callable)."""
-    opts = timing.TimingOptions(budget_s=budget_s, min_rounds=3)
+    # cold: caches flushed before every call (timing.time_round_robin_cpu / time_callable with flush)
+    opts = timing.TimingOptions(budget_s=budget_s, min_rounds=3, flush=True if cold else None)
     if device.startswith("cuda"):
         return [timing.time_callable(f, device, opts).as_dict() for f in fns]
     return [st.as_dict() for st in timing.time_round_robin_cpu(fns, opts)]
@@ -118,21 +119,34 @@ def measure(
     budget_s: float = 1.0,
     check: bool = True,
     command: str = "",
+    cold: bool = True,
+    step_ops: bool = True,
     log=print,
+    start=None,
 ) -> dict:
     """Time every distinct problem of `workload` on each backend and dtype; write and return the document.
 
     A backend that does not support a case gets no record (the report shows it incomplete) and the reason
-    is printed and kept in the file's `skipped` list. A wrong output is recorded ok: false (never ranked)."""
+    is printed and kept in the file's `skipped` list. A wrong output is recorded ok: false (never ranked).
+
+    cold (default): the kernels of a decode step are timed with cold caches (a buffer of 2x the last-level
+    cache read before every call), as in a model that streams each layer's weights and KV cache from
+    memory once per step; prefill kernels stay warm (their weights are reused by P rows). Each record says
+    which (`cold`). step_ops: also time the rest of a step (tokens/stepops.py) with torch, per dtype."""
     bes = [registry.get(b) for b in backends]
     meter, meter_reason = energy.meter_for(device)
     benches, skipped = [], []
     t_start = time.perf_counter()
     load_before = os.getloadavg()  # the machine may be shared: say how busy it was
     fp = _device.fingerprint(device)
+    total = len(dtypes) * len(workload.problems())
+    decode_problems = {c.problem for c in workload.decode.calls}
+    rest = []
     for dt_name in dtypes:
         dtype = dtype_of(dt_name)
         for prob in workload.problems():
+            if start:  # live progress: which problem, how many are left
+                start(f"{dt_name} {prob.family} {prob.label()}", total)
             inputs = prob.make_inputs(dtype, device=device, seed=0)
             exp = None
             if check and prob.flops() <= CHECK_MAX_FLOPS:
@@ -157,8 +171,11 @@ def measure(
                 cases.append((be, fn, extra))
             if not cases:
                 continue
-            all_stats = time_cases([c[1] for c in cases], budget_s=budget_s * len(cases), device=device)
+            is_cold = cold and prob in decode_problems
+            all_stats = time_cases([c[1] for c in cases], budget_s=budget_s * len(cases), device=device,
+                                   cold=is_cold)
             for (be, fn, extra), stats in zip(cases, all_stats):
+                extra["cold"] = is_cold
                 if meter is not None:
                     extra.update(_energy_per_call(fn, meter, seconds=min(budget_s, 1.0), device=device))
                 else:
@@ -171,9 +188,11 @@ def measure(
                 log(
                     f"  {be.name:14s} {dt_name:8s} {prob.family:9s} {prob.label():34s} "
                     f"{stats['median_s'] * 1e3:10.4g} ms  ({stats['rounds']} rounds, "
-                    f"cv {stats['cv']:.2f}){flag}"
+                    f"cv {stats['cv']:.2f}{', cold' if is_cold else ''}){flag}"
                 )
             del inputs, exp, cases
+        if step_ops:
+            rest += measure_step_ops(workload, dtype, device=device, budget_s=budget_s, cold=cold, log=log)
     doc = {
         "machine_info": {
             "node": platform.node(),
@@ -197,6 +216,12 @@ def measure(
             "prompt": workload.prompt,
             "context": workload.context,
             "batch": workload.batch,
+            "fused": workload.fused,
+            "threads": torch.get_num_threads(),
+            "dtypes": list(dtypes),
+            "backends": list(backends),
+            "cold": bool(cold),  # decode-step kernels timed with cold caches
+            "step_ops": rest,
             "command": command,
             "skipped": skipped,
             "wall_s": time.perf_counter() - t_start,
@@ -206,3 +231,23 @@ def measure(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1) + "\n")
     return doc
+
+
+def measure_step_ops(workload, dtype, *, device: str = "cpu", budget_s: float = 1.0, cold: bool = True,
+                     log=print) -> list[dict]:
+    """Times the rest of a step (stepops.step_ops) with torch eager ops, one row each; decode rows cold
+    when `cold` (their operands are a few KB to MB, but a step reaches them after a layer's weights)."""
+    out = []
+    extra, total = stepops.dispatch_ops_per_layer(workload, dtype, device)
+    for op in stepops.step_ops(workload):
+        fn = stepops.build(op, workload, dtype, device, dispatch_ops=extra)
+        fn()
+        is_cold = cold and op.phase == "decode"
+        st = time_cases([fn], budget_s=budget_s, device=device, cold=is_cold)[0]
+        out.append({"phase": op.phase, "name": op.name, "count": op.count, "shape": op.shape,
+                    "dtype": dtype_name(dtype), "device": device, "median_s": st["median_s"],
+                    "p20_s": st["p20_s"], "p80_s": st["p80_s"], "rounds": st["rounds"], "cold": is_cold,
+                    **({"ops_per_layer": extra, "layer_ops": total} if op.name == "dispatch" else {})})
+        log(f"  {'torch ops':14s} {dtype_name(dtype):8s} {op.phase:9s} {op.name:34s} "
+            f"{st['median_s'] * 1e3:10.4g} ms x {op.count}{'  (cold)' if is_cold else ''}")
+    return out

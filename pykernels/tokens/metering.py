@@ -19,11 +19,14 @@ import csv
 import io
 import json
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from ..kernels import PROBLEMS
+from ..tables import Progress, fmt_speedup, isatty, markdown, table
 from . import models as _models
+
+_STDOUT = Path("-")  # `--md` without a file: print the Markdown
 
 # ---------------------------------------------------------------------------------------------------
 # reading results
@@ -119,6 +122,59 @@ def measurements_from(doc: dict, where: str = "<results>") -> list[Measurement]:
     return out
 
 
+def recorded(paths) -> list[tuple[str, dict]]:
+    """(path, the `pykernels_tokens` section) of each result file written by `--measure` (others: none)."""
+    out = []
+    for p in paths:
+        if str(p).endswith(".jsonl"):
+            continue
+        try:
+            doc = json.loads(Path(p).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read result file {p}: {e}") from None
+        sec = doc.get("pykernels_tokens") if isinstance(doc, dict) else None
+        if isinstance(sec, dict):
+            sec = dict(sec)
+            sec.setdefault("threads", (doc.get("machine_info") or {}).get("torch_threads"))
+            out.append((str(p), sec))
+    return out
+
+
+WORKLOAD_KEYS = ("model", "prompt", "context", "batch", "fused")
+
+
+def recorded_workload(recs: list[tuple[str, dict]]) -> dict:
+    """{model (a models.ModelConfig), prompt, context, batch, threads} the measurement files agree on; a
+    key they disagree on is an error naming the files."""
+    out = {}
+    for key in (*WORKLOAD_KEYS, "threads"):
+        seen = {}
+        for path, sec in recs:
+            v = sec.get(key)
+            if v is None:
+                continue
+            seen.setdefault(json.dumps(v, sort_keys=True), path)
+        if len(seen) > 1:
+            (v1, p1), (v2, p2) = list(seen.items())[:2]
+            raise ValueError(f"the result files were measured for different values of {key}: {v1} in {p1}, {v2} in "
+                             f"{p2}; report them separately (or pass --{key})")
+        if seen:
+            v = json.loads(next(iter(seen)))
+            out[key] = _models.from_dict(v, f"the model recorded in {seen[json.dumps(v, sort_keys=True)]}") \
+                if key == "model" else v
+    return out
+
+
+def load_step_ops(recs: list[tuple[str, dict]]) -> list[dict]:
+    """The rest-of-a-step rows (tokens/stepops.py) the measurement files hold; a later file replaces an
+    earlier one's row of the same (device, dtype, phase, name)."""
+    rows = {}
+    for _, sec in recs:
+        for r in sec.get("step_ops") or []:
+            rows[(r.get("device"), r.get("dtype"), r.get("phase"), r.get("name"))] = r
+    return list(rows.values())
+
+
 def load_measurements(paths) -> list[Measurement]:
     """All measurements of the given files; a later file's result for a case replaces an earlier one."""
     out = []
@@ -152,6 +208,7 @@ class PhaseResult:
     noise: float = 0.0  # relative, time-weighted
     joules: float | None = None
     energy_note: str = ""
+    rest_s: float | None = None  # the rest of the step (stepops rows), where measured
 
     @property
     def complete(self) -> bool:
@@ -164,6 +221,11 @@ class PhaseResult:
     @property
     def joules_per_token(self) -> float | None:
         return None if self.joules is None else self.joules / self.tokens
+
+    @property
+    def with_rest_s(self) -> float | None:
+        """Kernels + the rest of the step: the phase's predicted time, where both are known."""
+        return None if self.time_s is None or self.rest_s is None else self.time_s + self.rest_s
 
 
 @dataclass
@@ -231,8 +293,27 @@ def penalty(tps: float, ref_tps: float) -> float:
     return 1.0 - tps / ref_tps
 
 
-def compute(workload: _models.Workload, measurements: list[Measurement]) -> list[StackResult]:
-    """One StackResult per (device, dtype, backend) seen in the measurements."""
+def rest_totals(step_rows: list[dict], kv_append: str = "inplace") -> dict:
+    """{(dtype, phase): seconds of the rest of a step} from stepops rows: sum of count x median of the rows
+    that enter the total (one KV-cache append: `kv_append`). A phase with no rows has no entry."""
+    from .stepops import KV_APPENDS
+
+    if kv_append not in KV_APPENDS:
+        raise ValueError(f"argument 'kv_append' must be one of {', '.join(KV_APPENDS)}, got {kv_append!r}")
+    out: dict = {}
+    for r in step_rows:
+        name = r["name"]
+        if name.startswith("kv_append_") and name != f"kv_append_{kv_append}":
+            continue
+        k = (r["dtype"], r["phase"])
+        out[k] = out.get(k, 0.0) + r["count"] * r["median_s"]
+    return out
+
+
+def compute(workload: _models.Workload, measurements: list[Measurement], step_rows: list[dict] | None = None,
+            kv_append: str = "inplace") -> list[StackResult]:
+    """One StackResult per (device, dtype, backend) seen in the measurements; with `step_rows`
+    (load_step_ops) each phase also carries the rest of the step of its dtype (rest_s)."""
     groups: dict[tuple, dict] = {}
     tiers: dict[tuple, str] = {}
     wanted = set(workload.problems())
@@ -253,6 +334,10 @@ def compute(workload: _models.Workload, measurements: list[Measurement]) -> list
         )
         for (d, dt, b), found in sorted(groups.items())
     ]
+    rest = rest_totals(step_rows or [], kv_append)
+    for st in stacks:
+        for ph in ("prefill", "decode"):
+            st.phase(ph).rest_s = rest.get((st.dtype, ph))
     for s in stacks:
         peers = [p for p in stacks if (p.device, p.dtype) == (s.device, s.dtype)]
         for ph in ("prefill", "decode"):
@@ -283,12 +368,12 @@ def _ms(s):
 
 
 def _pct(x, noise=None, is_ref=False):
+    """A tok/s penalty (1 - speedup) shown as the speedup over the reference, the report's convention."""
     if is_ref:
         return "ref"
     if x is None:
         return "–"
-    txt = f"{x * 100:+.1f}%"
-    return f"{txt} (noise)" if noise else txt
+    return fmt_speedup(1.0 - x, bool(noise))
 
 
 def _energy(ph: PhaseResult, per: str):
@@ -299,16 +384,29 @@ def _energy(ph: PhaseResult, per: str):
     return f"{ph.joules_per_token:.4g} J/{per}"
 
 
-def load_coverage(path, model_name: str) -> dict:
-    """{(backend, dtype, phase): coverage} of a pykernels.tokens.layer result file for `model_name`."""
+def load_coverage(path, model_name: str, *, prompt: int | None = None, context: int | None = None,
+                  batch: int | None = None, dtypes=None, threads: int | None = None) -> dict:
+    """{(backend, dtype, phase): coverage} of a pykernels.tokens.layer result file for `model_name`. The file
+    must match the report: model, prompt, context, batch, threads (where both sides know them) and hold
+    every dtype in `dtypes`; a mismatch is a ValueError naming both values."""
     try:
         doc = json.loads(Path(path).read_text())
         name, results = doc["model"]["name"], doc["results"]
+        have = {(r["backend"], r["dtype"], r["phase"]): r["coverage"] for r in results}
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"cannot read layer result file {path}: {e}") from None
     if name != model_name:
         raise ValueError(f"layer result file {path} is for model {name!r}, not {model_name!r}")
-    return {(r["backend"], r["dtype"], r["phase"]): r["coverage"] for r in results}
+    for key, want in (("prompt", prompt), ("context", context), ("batch", batch), ("threads", threads)):
+        got = doc.get(key)
+        if want is not None and got is not None and got != want:
+            raise ValueError(f"layer result file {path} was measured with {key} {got}, the report is for {key} "
+                             f"{want}: its coverage does not apply")
+    missing = sorted(set(dtypes or ()) - {dt for _, dt, _ in have})
+    if missing:
+        raise ValueError(f"layer result file {path} has no {', '.join(missing)} results (it has "
+                         f"{', '.join(sorted({dt for _, dt, _ in have}))}): its coverage does not apply")
+    return have
 
 
 def cost_per_million(tokens_per_s: float | None, price_per_hour: float) -> float | None:
@@ -329,6 +427,10 @@ def rows(stacks: list[StackResult], price_per_hour: float | None = None) -> list
             "prefill_tokens_per_s": pre.tokens_per_s,
             "tpot_s": dec.time_s,
             "tokens_per_s": dec.tokens_per_s,
+            "rest_prefill_s": pre.rest_s,
+            "rest_decode_s": dec.rest_s,
+            "ttft_with_rest_s": pre.with_rest_s,
+            "tpot_with_rest_s": dec.with_rest_s,
             "prefill_gemm_share": pre.share.get("gemm"),
             "prefill_attention_share": pre.share.get("attention"),
             "decode_gemm_share": dec.share.get("gemm"),
@@ -371,9 +473,17 @@ def to_markdown(
     price_per_hour: float | None = None,
     sources: list[str] | None = None,
     coverage: dict | None = None,
+    step_rows: list[dict] | None = None,
+    kv_append: str = "inplace",
+    notes: list[str] | None = None,
+    fmt: str = "md",
+    color: bool = False,
 ) -> str:
-    """`coverage`: {(backend, dtype, phase): kernels / layer} from pykernels.tokens.layer results (load_coverage)."""
+    """`coverage`: {(backend, dtype, phase): kernels / layer} from pykernels.tokens.layer results (load_coverage);
+    `step_rows`: the rest-of-a-step rows (load_step_ops); `notes`: lines about the measurement (threads, cold).
+    fmt="terminal": the same content as plain text with terminal tables (what `pykernels tokens` prints)."""
     m, w = workload.model, workload
+    tbl: list = []  # (line index, header, rows) of each table, rendered at the end
     lines = [
         f"# Tokens: {m.name} — prompt {w.prompt}, decode at context {w.context}, batch {w.batch}",
         "",
@@ -381,18 +491,21 @@ def to_markdown(
             f"{m.layers} layers, hidden {m.hidden}, {m.heads} query / {m.kv_heads} KV heads × {m.head_dim}, "
             f"FFN {m.ffn}, vocabulary {m.vocab}; {m.parameters() / 1e9:.3f} B parameters. "
             f"Prefill {w.prefill.flops() / 1e12:.4g} TFLOP, decode step {w.decode.flops() / 1e9:.4g} GFLOP, "
-            f"{len(w.problems())} distinct kernel problems."
+            f"{len(w.problems())} distinct kernel problems"
+            + ("." if w.fused else " (q/k/v and gate/up as separate linears: --unfused).")
         ),
         "",
         (
             "TTFT and TPOT are sums of measured kernel medians × counts (small ops between kernels not "
-            "included: see docs/tokens.md for the measured coverage). Penalty = 1 − tokens/s ÷ reference "
-            'tokens/s; "(noise)" = inside the measured spread.'
+            "included: see docs/tokens.md for the measured coverage). Speedup = tokens/s ÷ reference "
+            'tokens/s (×; penalty = 1 − speedup); "(~1.02×)" = inside the measured spread.'
         ),
         "",
     ]
     if sources:
         lines += ["Results: " + ", ".join(f"`{s}`" for s in sources), ""]
+    if notes:
+        lines += [*notes, ""]
     for dev, dt in sorted({(s.device, s.dtype) for s in stacks}):
         group = [s for s in stacks if (s.device, s.dtype) == (dev, dt)]
         lines += [f"## {dev}, {dt}", ""]
@@ -405,13 +518,14 @@ def to_markdown(
             "tok/s",
             "prefill gemm/attn",
             "decode gemm/attn",
-            "tok/s penalty vs native (decode / prefill)",
-            "vs best vendor (decode / prefill)",
+            "tok/s speedup over native (decode / prefill)",
+            "over best vendor (decode / prefill)",
             "energy (decode)",
         ]
         if price_per_hour is not None:
             head.append(f"$/M output tok @ ${price_per_hour:g}/h")
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        tbl.append((len(lines), head, []))
+        lines.append(None)
         for s in group:
             pre, dec = s.prefill, s.decode
 
@@ -446,7 +560,7 @@ def to_markdown(
             if price_per_hour is not None:
                 c = cost_per_million(dec.tokens_per_s, price_per_hour)
                 cells.append("–" if c is None else f"{c:.4g}")
-            lines.append("| " + " | ".join(cells) + " |")
+            tbl[-1][2].append(cells)
         lines.append("")
         for s in group:
             miss = s.prefill.missing + s.decode.missing
@@ -459,6 +573,8 @@ def to_markdown(
         elif notes:
             lines.append("- energy: " + " / ".join(notes))
         lines.append("")
+    if step_rows:
+        lines += _rest_markdown(stacks, step_rows, kv_append)
     if coverage:
         lines += [
             "## With the small ops",
@@ -469,12 +585,10 @@ def to_markdown(
                 "rotary embedding, activation and residuals."
             ),
             "",
-            (
-                "| device | dtype | backend | prefill coverage | TTFT ms incl. small ops | decode coverage | "
-                "TPOT ms incl. small ops |"
-            ),
-            "|---|---|---|---|---|---|---|",
         ]
+        tbl.append((len(lines), ["device", "dtype", "backend", "prefill coverage", "TTFT ms incl. small ops",
+                                 "decode coverage", "TPOT ms incl. small ops"], []))
+        lines.append(None)
         for s in stacks:
             cp, cd = (
                 coverage.get((s.backend, s.dtype, "prefill")),
@@ -482,16 +596,70 @@ def to_markdown(
             )
             if cp is None and cd is None:
                 continue
-            lines.append(
-                f"| {s.device} | {s.dtype} | {s.backend} | {'–' if cp is None else f'{cp * 100:.1f}%'} | "
-                f"{'–' if cp is None or s.ttft_s is None else _ms(s.ttft_s / cp)} | "
-                f"{'–' if cd is None else f'{cd * 100:.1f}%'} | "
-                f"{'–' if cd is None or s.tpot_s is None else _ms(s.tpot_s / cd)} |"
-            )
+            tbl[-1][2].append([
+                s.device, s.dtype, s.backend, "–" if cp is None else f"{cp * 100:.1f}%",
+                "–" if cp is None or s.ttft_s is None else _ms(s.ttft_s / cp),
+                "–" if cd is None else f"{cd * 100:.1f}%",
+                "–" if cd is None or s.tpot_s is None else _ms(s.tpot_s / cd)])
         lines.append("")
     if not stacks:
         lines.append("No results for this model's kernel problems in the given files.")
+    for i, head, body in tbl:  # numbers right-aligned: every column after the first three text ones
+        align = "lll" + "r" * (len(head) - 3) if head[0] == "device" else "ll" + "r" * (len(head) - 2)
+        lines[i] = (markdown(head, body, align) if fmt == "md" else table(head, body, align, color=color)).rstrip("\n")
+    if fmt != "md":
+        lines = [_plain(x) for x in lines]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _plain(line: str) -> str:
+    """A Markdown heading or bold marker as terminal text (tables are rendered separately)."""
+    if line.startswith("#"):
+        return line.lstrip("#").strip().upper() if line.startswith("# ") else line.lstrip("#").strip()
+    return line.replace("**", "").replace("`", "")
+
+
+def _rest_markdown(stacks: list[StackResult], step_rows: list[dict], kv_append: str) -> list[str]:
+    lines = [
+        "## The rest of a step",
+        "",
+        (
+            "The torch ops between the kernels (tokens/stepops.py), timed on the model's shapes: what every "
+            f"backend here runs between its kernels. The total counts one KV-cache append ({kv_append}); "
+            "`dispatch` is the eager cost of the layer's other ops (views, reshapes, copies)."
+        ),
+        "",
+        "| dtype | phase | op | shape | calls | µs per call | ms per phase | cold |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(step_rows, key=lambda r: (r["dtype"], r["phase"] != "prefill")):
+        counted = not r["name"].startswith("kv_append_") or r["name"] == f"kv_append_{kv_append}"
+        name = r["name"] if counted else f"({r['name']}, not counted)"
+        lines.append(
+            f"| {r['dtype']} | {r['phase']} | {name} | {r['shape']} | {r['count']} | {r['median_s'] * 1e6:.4g} | "
+            f"{r['count'] * r['median_s'] * 1e3:.4g} | {'yes' if r.get('cold') else 'no'} |"
+        )
+    lines += [
+        "",
+        ("| device | dtype | backend | TTFT ms kernels + rest | kernels' share | TPOT ms kernels + rest | "
+        "kernels' share | tok/s |"),
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for st in stacks:
+        pre, dec = st.prefill, st.decode
+        if pre.with_rest_s is None and dec.with_rest_s is None:
+            continue
+
+        def cells(ph):
+            if ph.with_rest_s is None:
+                return ["–", "–"]
+            return [_ms(ph.with_rest_s), f"{ph.time_s / ph.with_rest_s * 100:.1f}%"]
+
+        tps = "–" if dec.with_rest_s is None else f"{dec.tokens / dec.with_rest_s:.4g}"
+        lines.append(f"| {st.device} | {st.dtype} | {st.backend} | " + " | ".join(cells(pre) + cells(dec))
+                     + f" | {tps} |")
+    lines.append("")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -513,8 +681,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("results", nargs="*", help="result files (pytest-benchmark JSON)")
     p.add_argument(
         "--model",
-        default="ref-7b-2k",
-        help=f"built-in model ({', '.join(_models.builtin_names())}) or a .json model file",
+        default=None,
+        help=f"built-in model ({', '.join(_models.builtin_names())}) or a .json model file (default: the one "
+        "a --measure file recorded, else ref-7b-2k)",
     )
     p.add_argument(
         "--prompt", type=int, default=None, help="prompt tokens for TTFT (default: the model's context)"
@@ -522,12 +691,21 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--context", type=int, default=None, help="context of the decode step (default: the model's)"
     )
-    p.add_argument("--batch", type=int, default=1, help="sequences per decode step (default 1)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="override the model's layer count (e.g. --model ref-7b-2k --layers 2 for --check hf)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="sequences per decode step (default: what a --measure file recorded, else 1)")
+    p.add_argument("--unfused", action="store_true",
+                   help="separate q/k/v and gate/up projections (as transformers' Llama runs them) instead of fused")
+    p.add_argument("--kv-append", default="inplace", choices=("inplace", "paged", "cat"),
+                   help="the KV-cache append counted in the rest of a step (default inplace; cat: transformers' "
+                   "DynamicCache)")
     p.add_argument(
         "--price-per-hour", type=float, default=None, help="price of the device per hour -> $/M tokens"
     )
     p.add_argument("--csv", type=Path, default=None, help="also write the CSV here")
-    p.add_argument("--md", type=Path, default=None, help="also write the Markdown here")
+    p.add_argument("--md", type=Path, nargs="?", const=_STDOUT, default=None, metavar="FILE",
+                   help="also write the Markdown here; --md alone prints Markdown instead of the terminal tables")
     p.add_argument(
         "--list-problems", action="store_true", help="print the model's kernel problems and counts"
     )
@@ -551,30 +729,80 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--no-check", action="store_true", help="do not check outputs against the float64 reference"
     )
+    g.add_argument("--warm", action="store_true",
+                   help="time decode-step kernels with warm caches (default: cold, each call after a buffer of "
+                   "2x the last-level cache is read)")
+    g.add_argument("--no-step-ops", action="store_true",
+                   help="do not time the rest of a step (norms, rotary, SiLU, residuals, cache append, argmax)")
+    g.add_argument("--check", choices=("hf",), default=None,
+                   help="hf: time transformers' LlamaForCausalLM of the same shapes (random weights) and print "
+                   "measured / predicted TTFT and TPOT per row (needs the 'hf' extra)")
+
+
+def _err(msg: str) -> int:
+    print(f"pykernels tokens: {msg}", file=sys.stderr)
+    return 2
+
+
+def _workload(args, rec: dict) -> _models.Workload:
+    """The report's workload: what the command line says, else what the measurement recorded (when the
+    model is the recorded one), else the defaults (ref-7b-2k, its context, batch 1)."""
+    model = _models.load(args.model) if args.model is not None else rec.get("model") or _models.load("ref-7b-2k")
+    if getattr(args, "layers", None) is not None:  # e.g. ref-7b-2k cut to 2 layers for --check hf
+        if args.layers < 1:
+            raise ValueError(f"argument '--layers' must be >= 1, got {args.layers}")
+        model = replace(model, layers=args.layers)
+    same = rec.get("model") is not None and rec["model"] == model
+    kw = {}
+    for key in ("prompt", "context", "batch"):
+        v = getattr(args, key)
+        kw[key] = v if v is not None else (rec.get(key) if same else None)
+    fused = not getattr(args, "unfused", False) and rec.get("fused", True)
+    return _models.derive(model, prompt=kw["prompt"], context=kw["context"], batch=kw["batch"] or 1, fused=fused)
 
 
 def run(args) -> int:
+    sources = [str(p) for p in args.results]
     try:
-        model = _models.load(args.model)
-        wl = _models.derive(model, prompt=args.prompt, context=args.context, batch=args.batch)
+        rec = {} if args.measure else recorded_workload(recorded(sources))
+        wl = _workload(args, rec)
     except ValueError as e:
-        print(f"pykernels tokens: {e}", file=sys.stderr)
-        return 2
+        return _err(str(e))
+    model = wl.model
     if args.list_problems:
         for ph in wl.phases:
             print(f"{ph.name} ({ph.tokens} tokens, {ph.flops() / 1e9:.4g} GFLOP):")
             for c in ph.calls:
                 print(f"  {c.count:4d} x {c.role:10s} {c.family:9s} {c.problem.label()}")
         return 0
-    sources = [str(p) for p in args.results]
+    if args.md is not None and args.md != _STDOUT and args.md.suffix in (".json", ".jsonl"):
+        return _err(f"--md {args.md}: refusing to write Markdown over a result file (a bare --md "
+                    "after the result files prints it)")
+    if args.check == "hf":
+        from .check_hf import run_check
+
+        return run_check(args, wl)
     if args.measure:
         from .measure import measure
 
         if args.out is None:
-            print("pykernels tokens: --measure needs --out FILE", file=sys.stderr)
-            return 2
+            return _err("--measure needs --out FILE")
+        bar: dict = {}
+
+        def start(what, total):  # which problem, how many left, elapsed, estimated time left (stderr)
+            if not bar:
+                bar["p"] = Progress(total, label="tokens --measure")
+            bar["p"].step(what)
+
+        def log(line):
+            if bar:
+                bar["p"].close()
+            print(line, flush=True)
+
         measure(
             wl,
+            start=start,
+            log=log,
             backends=args.backend or ["native", "torch"],
             dtypes=args.dtype or ["float32"],
             device=args.device,
@@ -582,26 +810,43 @@ def run(args) -> int:
             budget_s=args.budget,
             check=not args.no_check,
             command=_command_line(),
+            cold=not args.warm,
+            step_ops=not args.no_step_ops,
         )
+        if bar:
+            bar["p"].close()
         sources.append(str(args.out))
     if not sources:
-        print("pykernels tokens: give result files, or --measure", file=sys.stderr)
-        return 2
+        return _err("give result files, or --measure")
     try:
-        stacks = compute(wl, load_measurements(sources))
+        recs = recorded(sources)
+        threads = recorded_workload(recs).get("threads")
+        step_rows = load_step_ops(recs)
+        stacks = compute(wl, load_measurements(sources), step_rows, args.kv_append)
     except ValueError as e:
-        print(f"pykernels tokens: {e}", file=sys.stderr)
-        return 2
+        return _err(str(e))
+    notes = []
+    if recs:
+        t = "?" if threads is None else threads
+        colds = {bool(sec.get("cold")) for _, sec in recs}
+        notes.append(f"Measured with {t} thread{'' if t == 1 else 's'} (torch and OpenMP); decode-step kernels timed "
+                     + ("with cold caches (a buffer of 2× the last-level cache read before every call)"
+                        if colds == {True} else "warm" if colds == {False} else "cold in some files, warm in others")
+                     + ", prefill kernels warm.")
     coverage = None
     if args.layer_results:
         try:
-            coverage = load_coverage(args.layer_results, model.name)
+            coverage = load_coverage(args.layer_results, model.name, prompt=wl.prompt, context=wl.context,
+                                     batch=wl.batch, dtypes={st.dtype for st in stacks}, threads=threads)
         except ValueError as e:
-            print(f"pykernels tokens: {e}", file=sys.stderr)
-            return 2
-    md = to_markdown(wl, stacks, args.price_per_hour, sources, coverage)
-    print(md)
-    if args.md:
+            return _err(str(e))
+    md = to_markdown(wl, stacks, args.price_per_hour, sources, coverage, step_rows, args.kv_append, notes)
+    if args.md == _STDOUT:  # --md alone: the Markdown instead of the terminal tables
+        print(md)
+    else:
+        print(to_markdown(wl, stacks, args.price_per_hour, sources, coverage, step_rows, args.kv_append, notes,
+                          fmt="terminal", color=isatty()))
+    if args.md and args.md != _STDOUT:
         args.md.parent.mkdir(parents=True, exist_ok=True)
         args.md.write_text(md)
     if args.csv:

@@ -61,7 +61,7 @@ def _interpreter_configs():
 CONFIGS = _interpreter_configs() if INTERPRETED else _gpu_configs()
 
 
-@triton.autotune(configs=CONFIGS, key=["M", "N", "K"])
+@triton.autotune(configs=CONFIGS, key=["M", "N", "K", "TRANS_B"])
 @triton.jit
 def _gemm_kernel(
     a_ptr,
@@ -73,6 +73,7 @@ def _gemm_kernel(
     stride_am,
     stride_bk,
     stride_cm,
+    TRANS_B: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -100,7 +101,12 @@ def _gemm_kernel(
     mask_m = rm < M
     mask_n = rn < N
     a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :]
-    b_ptrs = b_ptr + rk[:, None] * stride_bk + rn[None, :]
+    if TRANS_B:
+        # b stored [N, K] (pk.linear): the same [BLOCK_K, BLOCK_N] tile, read along K (stride_bk is then
+        # the row stride of b, K); tl.dot takes it as it is.
+        b_ptrs = b_ptr + rk[:, None] + rn[None, :] * stride_bk
+    else:
+        b_ptrs = b_ptr + rk[:, None] * stride_bk + rn[None, :]
 
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -119,7 +125,10 @@ def _gemm_kernel(
         else:
             acc = tl.dot(a, b, acc)
         a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * stride_bk
+        if TRANS_B:
+            b_ptrs += BLOCK_K
+        else:
+            b_ptrs += BLOCK_K * stride_bk
 
     c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -136,10 +145,11 @@ def _config_str(cfg) -> str:
     return f"{kw}, num_warps={cfg.num_warps}, num_stages={cfg.num_stages}"
 
 
-def gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a [M, K] @ b [K, N] (contiguous, same dtype) -> [M, N] in that dtype."""
+def gemm(a: torch.Tensor, b: torch.Tensor, *, trans_b: bool = False) -> torch.Tensor:
+    """a [M, K] @ b [K, N] (contiguous, same dtype) -> [M, N] in that dtype; trans_b: b is [N, K] and
+    the result is a @ b^T (pk.linear)."""
     M, K = a.shape
-    N = b.shape[1]
+    N = b.shape[0] if trans_b else b.shape[1]
     c = torch.empty((M, N), dtype=a.dtype, device=a.device)
 
     def grid(meta):
@@ -147,6 +157,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
     _gemm_kernel[grid](
         a, b, c, M, N, K, a.stride(0), b.stride(0), c.stride(0),
+        TRANS_B=trans_b,
         UPCAST=INTERPRETED and a.dtype == torch.bfloat16,
         IEEE=a.dtype == torch.float32,
         enable_fp_fusion=FP_FUSION,
@@ -154,11 +165,11 @@ def gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     cfg = getattr(_gemm_kernel, "best_config", None)
     if cfg is not None:
         with _chosen_lock:
-            _chosen[(M, N, K, a.dtype)] = _config_str(cfg)
+            _chosen[(M, N, K, a.dtype, trans_b)] = _config_str(cfg)
     return c
 
 
-def chosen_config(M: int, N: int, K: int, dtype: torch.dtype) -> str | None:
-    """The autotuned configuration used for this shape and dtype (None before its first call)."""
+def chosen_config(M: int, N: int, K: int, dtype: torch.dtype, trans_b: bool = False) -> str | None:
+    """The autotuned configuration used for this shape, dtype and layout (None before its first call)."""
     with _chosen_lock:
-        return _chosen.get((M, N, K, dtype))
+        return _chosen.get((M, N, K, dtype, trans_b))

@@ -18,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from .cases import case_id, correctness_cases, perf_cases, robustness_cases
+from .cases import case_id, correctness_cases, parameter_cases, perf_cases, robustness_cases
 from .runner import Worker
-from .worker import FAIL, PASS, UNSUPPORTED
+from .worker import CHECKS, FAIL, PASS, UNSUPPORTED
 
 SCHEMA = "pykernels.validate/1"
 
@@ -39,14 +39,19 @@ def _manifest(device: str, command: str) -> dict:
 
 def run_validation(backend: str, device: str = "cpu", *, plugins=(), perf: bool = True, quick: bool = False,
                    case_timeout: float = 300.0, perf_budget_s: float = 1.0, command: str = "",
-                   progress=None) -> dict:
-    """Run the conformance matrix for `backend` on `device` and return the report as a dict."""
-    cases = correctness_cases() + robustness_cases()
+                   progress=None, families=None, start=None) -> dict:
+    """Run the conformance matrix for `backend` on `device` and return the report as a dict
+    (`families`: only these kernel families; default all). `progress(row)` after each case;
+    `start(phase, what, total)` before each (the live progress of `pykernels validate`)."""
+    cases = correctness_cases() + parameter_cases() + robustness_cases()
+    if families:
+        cases = [c for c in cases if c["family"] in families]
     if quick:  # a smaller matrix for tests: every family and kind, fewer shapes
         seen, keep = set(), []
         for c in cases:
-            key = (c["kind"], c["family"], c["dtype"])
-            if key not in seen or c["kind"] != "correctness":
+            # correctness: one shape per family and dtype; parameter cases: one per API parameter
+            key = (c["kind"], c["family"], c["dtype"], (c.get("covers") or [""])[0])
+            if key not in seen or c["kind"] not in ("correctness", "parameter"):
                 seen.add(key)
                 keep.append(c)
         cases = keep
@@ -57,6 +62,8 @@ def run_validation(backend: str, device: str = "cpu", *, plugins=(), perf: bool 
     results = []
     try:
         for c in cases:
+            if start:
+                start("cases", case_id(c), len(cases))
             r = w.run(c)
             row = {"case": case_id(c), "kind": c["kind"], "family": c["family"], "dtype": c["dtype"],
                    "params": c["params"], **{k: v for k, v in r.items() if k not in ("id", "traceback")}}
@@ -69,9 +76,14 @@ def run_validation(backend: str, device: str = "cpu", *, plugins=(), perf: bool 
         restarts = w.restarts
         w.close()
 
-    performance = _performance(backend, device, plugins, perf_budget_s, case_timeout) if perf else []
+    performance = _performance(backend, device, plugins, perf_budget_s, case_timeout, families, start) if perf else []
 
     failed = [r for r in results if r["status"] == FAIL]
+    # A wrong answer after timing (the anti-cheat recheck) fails the port like any other case.
+    failed += [dict(p, kind="perf", family=p["case"].split(":")[1]) for p in performance if p["status"] == FAIL]
+    by_check: dict[str, list[str]] = {}
+    for r in failed:
+        by_check.setdefault(r.get("check") or "unknown", []).append(r["case"])
     unsupported = sorted({(r["family"], r["dtype"]) for r in results if r["status"] == UNSUPPORTED})
     nondet = [r["case"] for r in results if r.get("deterministic") is False]
     data = {"cases": results, "performance": performance}
@@ -89,6 +101,8 @@ def run_validation(backend: str, device: str = "cpu", *, plugins=(), perf: bool 
                     "failed": len(failed), "unsupported": sum(r["status"] == UNSUPPORTED for r in results),
                     "worker_restarts": restarts, "deterministic": not nondet},
         "failing_cases": [r["case"] for r in failed],
+        "failures_by_check": {k: {"what": CHECKS.get(k, ""), "count": len(v), "cases": v}
+                              for k, v in sorted(by_check.items(), key=lambda kv: -len(kv[1]))},
         "unsupported": [f"{f} {d}" for f, d in unsupported],
         "nondeterministic_cases": nondet,
         "warnings": [f"{r['case']}: {r['warning']}" for r in results if r.get("warning")],
@@ -98,7 +112,8 @@ def run_validation(backend: str, device: str = "cpu", *, plugins=(), perf: bool 
     }
 
 
-def _performance(backend: str, device: str, plugins, budget_s: float, case_timeout: float) -> list[dict]:
+def _performance(backend: str, device: str, plugins, budget_s: float, case_timeout: float,
+                 families=None, start=None) -> list[dict]:
     """Throughput of `backend` and of every other available backend on `device` on the fixed shapes."""
     from ..backends import registry
 
@@ -106,11 +121,14 @@ def _performance(backend: str, device: str, plugins, budget_s: float, case_timeo
                          if b.available and b.name != backend and device in b.devices
                          and b.name != "triton_interpret"]
     rows: dict[str, dict[str, dict]] = {}
+    pcases = [c for c in perf_cases() if not families or c["family"] in families]
     for name in names:
         w = Worker(name, device, plugins, case_timeout)
         try:
-            for i, c in enumerate(perf_cases()):
-                c = dict(c, id=i, seed=0, budget_s=budget_s)
+            for i, c in enumerate(pcases):
+                c = dict(c, id=i, seed=0, budget_s=budget_s, recheck=name == backend)
+                if start:
+                    start("performance", f"{name} {case_id(c)}", len(names) * len(pcases))
                 r = w.run(c)
                 rows.setdefault(case_id(c), {})[name] = r
         finally:
@@ -119,12 +137,15 @@ def _performance(backend: str, device: str, plugins, budget_s: float, case_timeo
     for cid, per in rows.items():
         mine = per.get(backend, {})
         entry = {"case": cid, "backend": backend, "status": mine.get("status"), "detail": mine.get("detail", ""),
+                 "check": mine.get("check"), "checked": mine.get("checked"),
                  "median_s": mine.get("median_s"), "tflops": mine.get("tflops"), "gbps": mine.get("gbps"),
-                 "pct_of_peak": mine.get("pct_of_peak"), "penalty_vs": {}}
+                 "pct_of_peak": mine.get("pct_of_peak"), "penalty_vs": {}, "speedup_vs": {},
+                 "prepare_s": mine.get("prepare_s")}
         for other, r in per.items():
             if other == backend or r.get("status") != PASS or not r.get("median_s") or not mine.get("median_s"):
                 continue
-            # penalty(X vs Y) = 1 - throughput(X) / throughput(Y) = 1 - t(Y) / t(X)
+            # speedup(X over Y) = throughput(X) / throughput(Y) = t(Y) / t(X); penalty = 1 - speedup
+            entry["speedup_vs"][other] = r["median_s"] / mine["median_s"]
             entry["penalty_vs"][other] = 1.0 - r["median_s"] / mine["median_s"]
         out.append(entry)
     return out
@@ -137,25 +158,20 @@ def to_markdown(rep: dict) -> str:
               f"failed, {s['unsupported']} unsupported of {s['cases']} cases; worker restarts after crashes: "
               f"{s['worker_restarts']}; deterministic: {'yes' if s['deterministic'] else 'no'}."), ""]
     if rep["failing_cases"]:
-        lines += ["## Failing cases", "", "| case | detail |", "| --- | --- |"]
-        lines += [f"| `{r['case']}` | {r.get('detail', '')} |" for r in rep["cases"] if r["status"] == FAIL]
+        lines += ["## Failures by check", "", "| check | what it requires | failing cases |", "| --- | --- | ---: |"]
+        lines += [f"| {k} | {v['what']} | {v['count']} |" for k, v in rep.get("failures_by_check", {}).items()]
+        lines += ["", "## Failing cases", "", "| case | check | detail |", "| --- | --- | --- |"]
+        lines += [f"| `{r['case']}` | {r.get('check', '')} | {r.get('detail', '')} |" for r in rep["cases"]
+                  if r["status"] == FAIL]
+        lines += [f"| `{p['case']}` (performance) | {p.get('check', '')} | {p.get('detail', '')} |"
+                  for p in rep["performance"] if p["status"] == FAIL]
         lines.append("")
     if rep["warnings"]:
         lines += ["## Warnings (not failures)", ""] + [f"- {w}" for w in rep["warnings"]] + [""]
     if rep["unsupported"]:
         lines += ["## Unsupported (not counted as failures)", "", ", ".join(rep["unsupported"]), ""]
     if rep["performance"]:
-        others = sorted({o for p in rep["performance"] for o in p["penalty_vs"]})
-        lines += ["## Performance", "", "penalty(X vs Y) = 1 − throughput(X)/throughput(Y); negative: faster.", "",
-                  "| case | status | median | TFLOP/s | GB/s | % peak | " + " | ".join(f"vs {o}" for o in others) + " |",
-                  "| --- | --- | ---: | ---: | ---: | ---: |" + " ---: |" * len(others)]
-        for p in rep["performance"]:
-            def f(x, fmt):
-                return format(x, fmt) if isinstance(x, (int, float)) else "—"
-            pen = " | ".join(f(p["penalty_vs"].get(o), "+.1%") for o in others)
-            lines.append(f"| `{p['case']}` | {p['status'] or '—'} | {f(p['median_s'] and p['median_s'] * 1e3, '.3f')} ms | "
-                         f"{f(p['tflops'], '.3f')} | {f(p['gbps'], '.1f')} | {f(p['pct_of_peak'], '.1f')} | {pen} |")
-        lines.append("")
+        lines += _performance_markdown(rep)
     lines += ["## All cases", "", "| case | status | error | tolerance | detail |", "| --- | --- | ---: | ---: | --- |"]
     for r in rep["cases"]:
         e, t = r.get("error"), r.get("tolerance")
@@ -167,6 +183,44 @@ def to_markdown(rep: dict) -> str:
               f"- device: `{json.dumps(m['device'], sort_keys=True, default=str)}`",
               f"- SHA-256 of the result data (cases + performance): `{rep['sha256']}`", ""]
     return "\n".join(lines)
+
+
+def speedups_of(p: dict) -> dict:
+    """Speedup of the validated backend over each other backend on one performance case (reports written
+    before speedup_vs existed carry only penalty_vs = 1 - speedup)."""
+    if p.get("speedup_vs"):
+        return p["speedup_vs"]
+    return {o: 1.0 - v for o, v in (p.get("penalty_vs") or {}).items()}
+
+
+def _performance_markdown(rep: dict) -> list[str]:
+    from ..tables import fmt_speedup, geomean
+
+    perf = rep["performance"]
+    others = sorted({o for p in perf for o in speedups_of(p)})
+    lines = ["## Performance", "",
+             (f"Speedup of `{rep['backend']}` over each other backend = throughput({rep['backend']}) / "
+              "throughput(other) (×; above 1: faster); penalty = 1 − speedup. The last row is the geometric mean "
+              "over the cases both ran."), "",
+             "| case | status | median | TFLOP/s | GB/s | % peak | " + " | ".join(f"over {o}" for o in others) + " |",
+             "| --- | --- | ---: | ---: | ---: | ---: |" + " ---: |" * len(others)]
+
+    def f(x, fmt):
+        return format(x, fmt) if isinstance(x, (int, float)) else "—"
+
+    for p in perf:
+        sp = speedups_of(p)
+        cells = " | ".join(fmt_speedup(sp.get(o)) for o in others)
+        lines.append(f"| `{p['case']}` | {p['status'] or '—'} | {f(p['median_s'] and p['median_s'] * 1e3, '.3f')} ms | "
+                     f"{f(p['tflops'], '.3f')} | {f(p['gbps'], '.1f')} | {f(p['pct_of_peak'], '.1f')} | {cells} |")
+    geo = []
+    for o in others:
+        vals = [speedups_of(p)[o] for p in perf if o in speedups_of(p)]
+        g = geomean(vals) if vals else None
+        geo.append(f"**{fmt_speedup(g)}** ({len(vals)} cases)" if g else "—")
+    lines.append("| **geometric mean** | | | | | | " + " | ".join(geo) + " |")
+    lines.append("")
+    return lines
 
 
 def add_parser(sub) -> None:
@@ -219,13 +273,30 @@ def cmd_validate(args) -> int:
         print(f"pykernels validate: {why}", file=sys.stderr)
         return 2
 
+    from ..tables import Progress
+
+    bars: dict = {}
+
+    def start(phase, what, total):  # which case, how many left, elapsed, estimated time left (stderr)
+        if phase not in bars:
+            for b in bars.values():
+                b.close()
+            bars[phase] = Progress(total, label=f"validate {args.backend} ({phase})")
+        bars[phase].step(what)
+
     def progress(row):
         if row["status"] == FAIL:
-            print(f"FAIL {row['case']}: {row.get('detail', '')}", file=sys.stderr)
+            msg = f"FAIL {row['case']}: {row.get('detail', '')}"
+            if bars:
+                list(bars.values())[-1].note(msg)
+            else:
+                print(msg, file=sys.stderr)
 
     rep = run_validation(args.backend, args.device, plugins=args.plugin, perf=not args.no_perf, quick=args.quick,
                          case_timeout=args.case_timeout, perf_budget_s=args.perf_budget, command=command,
-                         progress=progress)
+                         progress=progress, start=start)
+    for b in bars.values():
+        b.close()
     md = to_markdown(rep)
     if args.out:
         out = Path(args.out)
@@ -237,6 +308,8 @@ def cmd_validate(args) -> int:
     s = rep["summary"]
     print(f"{args.backend} on {args.device}: {rep['verdict'].upper()} [{scope_of(rep)}] ({s['passed']} passed, {s['failed']} failed, "
           f"{s['unsupported']} unsupported, {s['worker_restarts']} worker restarts)")
+    for k, v in rep["failures_by_check"].items():
+        print(f"  {v['count']} failed the check {k!r} ({v['what']})")
     for c in rep["failing_cases"][:20]:
         print(f"  FAIL {c}")
     return 0 if rep["verdict"] == "conformant" else 1

@@ -91,7 +91,8 @@ class Worker:
             self.start_error = None
             self._start()
             if self.start_error:
-                return {"id": case["id"], "status": FAIL, "detail": self.start_error}
+                return {"id": case["id"], "status": FAIL, "check": "crash" if "did not start" in self.start_error
+                        else "start", "detail": self.start_error}
         try:
             self.proc.stdin.write(json.dumps(case) + "\n")
             self.proc.stdin.flush()
@@ -101,7 +102,7 @@ class Worker:
         if line is None:  # timed out: a hang; kill the worker, the case fails
             self.proc.kill()
             self.proc.wait()
-            return {"id": case["id"], "status": FAIL, "crashed": True,
+            return {"id": case["id"], "status": FAIL, "crashed": True, "check": "hang",
                     "detail": f"no answer within {self.case_timeout:.0f} s (hang); worker killed"}
         if not line:  # EOF: the worker died on this case
             try:
@@ -109,7 +110,8 @@ class Worker:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-            return {"id": case["id"], "status": FAIL, "crashed": True, "detail": f"crashed: {self._death()}"}
+            return {"id": case["id"], "status": FAIL, "crashed": True, "check": "crash",
+                "detail": f"crashed: {self._death()}"}
         return json.loads(line)
 
     def close(self) -> None:

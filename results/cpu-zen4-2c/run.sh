@@ -17,3 +17,8 @@ pykernels plot $R/quick.json --out $R/plots
 
 # 3. Conformance of the native backend (float64 reference, robustness, performance vs the others).
 pykernels validate --backend native --out $R/validate
+
+# 4. Conformance of the jax backend and of the OpenCL port (pip install -e ".[jax]"; PoCL and
+#    ./examples/opencl_port installed), without the performance section.
+pykernels validate --backend jax --no-perf --out $R/validate
+pykernels validate --backend opencl --no-perf --out $R/validate

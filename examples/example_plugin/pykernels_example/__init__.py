@@ -31,8 +31,16 @@ class ExampleTorchBackend(Backend):
 
     # Inputs arrive validated by pykernels (contiguous, same device and dtype, shapes consistent,
     # `scale` a float); each method returns a new tensor in the input dtype.
+    #
+    # Optional: `def prepare(self, family, **kw)` gets the same validated arguments once and returns the
+    # zero-argument callable that the harness times, after one-off work (copying the inputs into the port's
+    # own buffers, compiling its kernels, allocating the output). Its cost is recorded as `prepare_s`. Without
+    # it (as here) the callable is the family method itself.
     def gemm(self, a, b):
         return (a.float() @ b.float()).to(a.dtype)
+
+    def linear(self, x, w):  # optional: pk.linear, w stored [N, K] as a model holds it
+        return (x.float() @ w.float().t()).to(x.dtype)
 
     def attention(self, q, k, v, *, causal, scale):
         group = q.shape[1] // k.shape[1]

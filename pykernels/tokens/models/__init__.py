@@ -6,11 +6,13 @@ decode step at context L and batch B, with how many times each runs. Like the pr
 pykernels/kernels/, nothing here times anything: the token report (pykernels/tokens/metering.py) and the sweep
 look these problems up in measured results.
 
-The decoder is Llama-shaped: per layer RMSNorm -> fused QKV projection -> rotary embedding -> causal
+Every projection is a linear layer: a GEMM with the weight stored [N, K] (GemmProblem layout "nt",
+pk.linear). The decoder is Llama-shaped: per layer RMSNorm -> fused QKV projection -> rotary embedding -> causal
 attention (decode attention against the KV cache in a decode step) -> output projection -> residual ->
 RMSNorm -> fused gate+up projection -> SwiGLU -> down projection -> residual; then a final RMSNorm and
-the LM head. Norms, rotary embedding, the activation, residual adds and the embedding lookup are not
-kernels of this suite: pykernels/tokens/layer.py measures how much of a layer's time they take.
+the LM head. Norms, rotary embedding, the activation, residual adds, the KV-cache append, the embedding
+lookup and the argmax are not kernels of this suite: pykernels/tokens/stepops.py times them as rows of
+their own, and pykernels/tokens/layer.py measures how much of a layer's time the kernels cover.
 """
 
 from __future__ import annotations
@@ -184,6 +186,7 @@ class Workload:
     batch: int
     prefill: Phase
     decode: Phase
+    fused: bool = True  # fused QKV and gate+up projections (False: separate, as transformers' Llama)
 
     @property
     def phases(self) -> tuple[Phase, Phase]:
@@ -198,23 +201,39 @@ class Workload:
         return list(seen)
 
 
-def _layer_gemms(m: ModelConfig, rows: int) -> list[tuple[str, GemmProblem]]:
+def _linear(M: int, N: int, K: int) -> GemmProblem:
+    # Weights as a model holds them, [N, K] (pk.linear): what every framework's linear layer runs.
+    return GemmProblem(M, N, K, layout="nt")
+
+
+def _layer_gemms(m: ModelConfig, rows: int, fused: bool = True) -> list[tuple[str, GemmProblem]]:
     h = m.hidden
+    if not fused:  # q, k, v and gate, up as separate linears: what transformers' LlamaForCausalLM runs
+        return [
+            ("q", _linear(rows, m.heads * m.head_dim, h)),
+            ("k", _linear(rows, m.kv_heads * m.head_dim, h)),
+            ("v", _linear(rows, m.kv_heads * m.head_dim, h)),
+            ("o", _linear(rows, h, m.heads * m.head_dim)),
+            ("gate", _linear(rows, m.ffn, h)),
+            ("up", _linear(rows, m.ffn, h)),
+            ("down", _linear(rows, h, m.ffn)),
+        ]
     return [
-        ("qkv", GemmProblem(rows, m.qkv_width, h)),
-        ("o", GemmProblem(rows, h, m.heads * m.head_dim)),
-        ("gate_up", GemmProblem(rows, 2 * m.ffn, h)),
-        ("down", GemmProblem(rows, h, m.ffn)),
+        ("qkv", _linear(rows, m.qkv_width, h)),
+        ("o", _linear(rows, h, m.heads * m.head_dim)),
+        ("gate_up", _linear(rows, 2 * m.ffn, h)),
+        ("down", _linear(rows, h, m.ffn)),
     ]
 
 
 def derive(
-    model: ModelConfig | str, *, prompt: int | None = None, context: int | None = None, batch: int = 1
+    model: ModelConfig | str, *, prompt: int | None = None, context: int | None = None, batch: int = 1,
+    fused: bool = True,
 ) -> Workload:
     """Kernel problems and counts of one prefill of `prompt` tokens (batch 1; default: the model's
     context) and one decode step of `batch` sequences that each attend to `context` cached tokens
     (default: the model's context). The LM head runs for the last prompt token only in the prefill,
-    for every sequence in the decode step."""
+    for every sequence in the decode step. fused=False: q/k/v and gate/up as separate linears."""
     m = load(model) if isinstance(model, (str, Path)) else model
     P = m.context if prompt is None else prompt
     L = m.context if context is None else context
@@ -222,17 +241,17 @@ def derive(
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"argument '{n}' must be a positive int, got {v!r}")
     n = m.layers
-    pre = [(r, p) for r, p in _layer_gemms(m, P)]
+    pre = [(r, p) for r, p in _layer_gemms(m, P, fused)]
     pre.insert(1, ("attention", AttentionProblem(1, m.heads, m.kv_heads, P, m.head_dim, causal=True)))
     prefill = tuple(KernelCall(r, p, n) for r, p in pre) + (
-        KernelCall("lm_head", GemmProblem(1, m.vocab, m.hidden), 1),
+        KernelCall("lm_head", _linear(1, m.vocab, m.hidden), 1),
     )
-    dec = [(r, p) for r, p in _layer_gemms(m, batch)]
+    dec = [(r, p) for r, p in _layer_gemms(m, batch, fused)]
     dec.insert(1, ("decode", DecodeProblem(batch, m.heads, m.kv_heads, L, m.head_dim)))
     decode = tuple(KernelCall(r, p, n) for r, p in dec) + (
-        KernelCall("lm_head", GemmProblem(batch, m.vocab, m.hidden), 1),
+        KernelCall("lm_head", _linear(batch, m.vocab, m.hidden), 1),
     )
-    return Workload(m, P, L, batch, Phase("prefill", P, prefill), Phase("decode", batch, decode))
+    return Workload(m, P, L, batch, Phase("prefill", P, prefill), Phase("decode", batch, decode), fused)
 
 
 def model_problems(
