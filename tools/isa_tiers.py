@@ -164,8 +164,8 @@ def main(argv=None) -> int:
         row += f" {1e3 * med['torch']:.2f} |"
         print(row, flush=True)
         lines.append(row)
-    lines += ["", ("Ratios are medians over rounds of time(torch)/time(native) from the same rounds. The machine "
-                   "(2 cores) was shared with other processes: absolute times are not trustworthy, ratios less so.")]
+    lines += ["", ("Ratios are medians over rounds of time(torch)/time(native) from the same rounds. On a shared "
+                   "machine absolute times are not trustworthy; ratios of the same rounds less so.")]
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
     return 0

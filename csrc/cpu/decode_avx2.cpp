@@ -41,6 +41,7 @@ using attn::round_up;
 constexpr int64_t kT = 32;         // tokens per tile: K and V tiles of 16 KB each at D = 128 fp32
 constexpr int64_t kMinChunk = 256;  // shortest context chunk worth a partial (as decode.cpp)
 constexpr int64_t kMinParallelBytes = 256 * 1024;  // below: one thread (a fork/join costs more)
+constexpr bool kSwPrefetch = true;  // next tile's K and V rows (measured: no change either way, see notes)
 static_assert(kT % 8 == 0, "scores are computed 8 tokens at a time");
 
 struct Ctx {
@@ -50,9 +51,19 @@ struct Ctx {
   float* part;  // [B*Hkv][nchunk][g][D + 2] (o[D], m, l), or null
 };
 
-template <class T> const T* row_ptr(const DecodeParams& p, const T* base, int64_t b, int64_t hk, int64_t t) {
-  const int64_t blk = decode_block(p, b, t);
-  return base + ((blk * p.Hkv + hk) * p.block_size + t % p.block_size) * p.D;
+
+// Row pointers of tokens [j0, j0 + nj) of (sequence b, kv head hk): one block-table lookup and one
+// division per run of rows inside a block, not per token (two 64-bit divisions per row would cost
+// ~40-80 cycles per 512-byte row, a sizeable part of the time a core has per row at DRAM speed).
+template <class T>
+void tile_rows(const DecodeParams& p, const T* base, int64_t b, int64_t hk, int64_t j0, int64_t nj, const T** out) {
+  for (int64_t t = j0; t < j0 + nj;) {
+    const int64_t blk = decode_block(p, b, t), r = t % p.block_size;
+    const int64_t run = std::min(p.block_size - r, j0 + nj - t);
+    const T* row = base + ((blk * p.Hkv + hk) * p.block_size + r) * p.D;
+    for (int64_t i = 0; i < run; ++i) out[t - j0 + i] = row + i * p.D;
+    t += run;
+  }
 }
 
 inline float exp2_s(float x) { return _mm256_cvtss_f32(avx2::exp2_ps(_mm256_set1_ps(x))); }
@@ -101,7 +112,48 @@ inline void pv_block(float* o, int64_t D, const float* p, const float* alpha, co
 
 struct Scratch {
   float *q, *o, *s, *m, *l, *alpha;
+  float *kw, *vw;  // bf16 with g > 1: the tile's K and V rows widened to fp32 once (kT x D each)
 };
+
+// One tile: S = q K^T, online softmax, o = alpha o + P V. R is the row type the loops read (T, or
+// float when a bf16 tile was widened); kn/vn are the next tile's nn rows, prefetched here.
+template <class R, int D, class T>
+void tile_compute(const Scratch& sc, const R* const* kr, const R* const* vr, const T* const* kn, const T* const* vn,
+                  int64_t nj, int64_t nn, int64_t g) {
+  for (int64_t j = 0; j < nj; j += 8) {
+    if (kSwPrefetch)
+      for (int64_t u = j; u < std::min(j + 8, nn); ++u) {
+        prefetch_row<D>(kn[u]);
+        prefetch_row<D>(vn[u]);
+      }
+    for (int64_t h = 0; h < g; ++h) _mm256_store_ps(sc.s + h * kT + j, dot8<D>(sc.q + h * D, kr + j));
+  }
+  // Online softmax per head (scores past nj masked to -inf, i.e. weight 0).
+  for (int64_t h = 0; h < g; ++h) {
+    float* s = sc.s + h * kT;
+    for (int64_t j = nj; j < round_up(nj, 8); ++j) s[j] = -std::numeric_limits<float>::infinity();
+    __m256 mx = _mm256_set1_ps(sc.m[h]);
+    for (int64_t j = 0; j < nj; j += 8) mx = _mm256_max_ps(mx, _mm256_load_ps(s + j));
+    alignas(32) float mv[8];
+    _mm256_store_ps(mv, mx);
+    const float mnew = *std::max_element(mv, mv + 8);
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t j = 0; j < nj; j += 8) {
+      const __m256 e = avx2::exp2_ps(_mm256_sub_ps(_mm256_load_ps(s + j), _mm256_set1_ps(mnew)));
+      _mm256_store_ps(s + j, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    sc.alpha[h] = exp2_s(sc.m[h] - mnew);
+    sc.l[h] = sc.l[h] * sc.alpha[h] + avx2::hsum(sum);
+    sc.m[h] = mnew;
+  }
+  // o = alpha o + P V, 2 heads x 32 columns at a time.
+  int64_t h = 0;
+  for (; h + 2 <= g; h += 2)
+    for (int c0 = 0; c0 < D; c0 += 32) pv_block<2>(sc.o + h * D, D, sc.s + h * kT, sc.alpha + h, vr, nj, c0);
+  for (; h < g; ++h)
+    for (int c0 = 0; c0 < D; c0 += 32) pv_block<1>(sc.o + h * D, D, sc.s + h * kT, sc.alpha + h, vr, nj, c0);
+}
 
 template <class T, int D> void item(const Ctx& x, int64_t b, int64_t hk, int64_t ci, const Scratch& sc) {
   const DecodeParams& p = *x.p;
@@ -118,46 +170,40 @@ template <class T, int D> void item(const Ctx& x, int64_t b, int64_t hk, int64_t
   }
   const T* kr[kT];
   const T* vr[kT];
+  const T* kn[kT];  // the next tile's rows
+  const T* vn[kT];
+  tile_rows(p, K, b, hk, t0, std::min(kT, t1 - t0), kn);
+  tile_rows(p, V, b, hk, t0, std::min(kT, t1 - t0), vn);
   for (int64_t j0 = t0; j0 < t1; j0 += kT) {
-    const int64_t nj = std::min(kT, t1 - j0), nn = std::min(kT, t1 - j0 - kT);  // this tile, the next
+    const int64_t nj = std::min(kT, t1 - j0), nn = std::max<int64_t>(0, std::min(kT, t1 - j0 - kT));
     for (int64_t j = 0; j < kT; ++j) {  // rows past the tile's end repeat its first (scores masked)
-      const int64_t t = j < nj ? j0 + j : j0;
-      kr[j] = row_ptr(p, K, b, hk, t);
-      vr[j] = row_ptr(p, V, b, hk, t);
+      kr[j] = kn[j < nj ? j : 0];
+      vr[j] = vn[j < nj ? j : 0];
     }
-    // S = q K^T, prefetching the next tile's rows (one K and one V row per 8 tokens x 8 rows).
-    for (int64_t j = 0; j < nj; j += 8) {
-      for (int64_t u = j; u < std::min(j + 8, nn); ++u) {
-        prefetch_row<D>(row_ptr(p, K, b, hk, j0 + kT + u));
-        prefetch_row<D>(row_ptr(p, V, b, hk, j0 + kT + u));
+    tile_rows(p, K, b, hk, j0 + kT, nn, kn);
+    tile_rows(p, V, b, hk, j0 + kT, nn, vn);
+    if constexpr (std::is_same_v<T, u16>) {
+      // g heads would widen every bf16 element g times (load + vpmovzxwd + shift per 8 values, 3 uops
+      // per FMA); widen the tile once into L1 and run the fp32 loops on it.
+      if (g > 1) {
+        const float* kf[kT];
+        const float* vf[kT];
+        for (int64_t j = 0; j < kT; ++j) {
+          float* kd = sc.kw + j * D;
+          float* vd = sc.vw + j * D;
+          if (j < nj || j == 0)
+            for (int d = 0; d < D; d += 8) {
+              _mm256_store_ps(kd + d, avx2::load8(kr[j] + d));
+              _mm256_store_ps(vd + d, avx2::load8(vr[j] + d));
+            }
+          kf[j] = j < nj ? kd : sc.kw;
+          vf[j] = j < nj ? vd : sc.vw;
+        }
+        tile_compute<float, D>(sc, kf, vf, kn, vn, nj, nn, g);
+        continue;
       }
-      for (int64_t h = 0; h < g; ++h) _mm256_store_ps(sc.s + h * kT + j, dot8<D>(sc.q + h * D, kr + j));
     }
-    // Online softmax per head (scores past nj masked to -inf, i.e. weight 0).
-    for (int64_t h = 0; h < g; ++h) {
-      float* s = sc.s + h * kT;
-      for (int64_t j = nj; j < round_up(nj, 8); ++j) s[j] = -std::numeric_limits<float>::infinity();
-      __m256 mx = _mm256_set1_ps(sc.m[h]);
-      for (int64_t j = 0; j < nj; j += 8) mx = _mm256_max_ps(mx, _mm256_load_ps(s + j));
-      alignas(32) float mv[8];
-      _mm256_store_ps(mv, mx);
-      const float mnew = *std::max_element(mv, mv + 8);
-      __m256 sum = _mm256_setzero_ps();
-      for (int64_t j = 0; j < nj; j += 8) {
-        const __m256 e = avx2::exp2_ps(_mm256_sub_ps(_mm256_load_ps(s + j), _mm256_set1_ps(mnew)));
-        _mm256_store_ps(s + j, e);
-        sum = _mm256_add_ps(sum, e);
-      }
-      sc.alpha[h] = exp2_s(sc.m[h] - mnew);
-      sc.l[h] = sc.l[h] * sc.alpha[h] + avx2::hsum(sum);
-      sc.m[h] = mnew;
-    }
-    // o = alpha o + P V, 2 heads x 32 columns at a time.
-    int64_t h = 0;
-    for (; h + 2 <= g; h += 2)
-      for (int c0 = 0; c0 < D; c0 += 32) pv_block<2>(sc.o + h * D, D, sc.s + h * kT, sc.alpha + h, vr, nj, c0);
-    for (; h < g; ++h)
-      for (int c0 = 0; c0 < D; c0 += 32) pv_block<1>(sc.o + h * D, D, sc.s + h * kT, sc.alpha + h, vr, nj, c0);
+    tile_compute<T, D>(sc, kr, vr, kn, vn, nj, nn, g);
   }
   if (x.nchunk == 1) {
     T* O = static_cast<T*>(p.o) + (b * p.Hq + hk * g) * D;
@@ -234,8 +280,10 @@ template <class T, int D> void run(const DecodeParams& p) {
   {
     AlignedBuf qb(static_cast<size_t>(g * D * 4)), ob(static_cast<size_t>(g * D * 4)),
         sb(static_cast<size_t>(g * kT * 4)), mb(static_cast<size_t>(3 * g * 4)), tb(static_cast<size_t>(D * 4));
+    const bool widen = std::is_same_v<T, u16> && g > 1;
+    AlignedBuf kw(widen ? static_cast<size_t>(kT * D * 4) : 0), vw(widen ? static_cast<size_t>(kT * D * 4) : 0);
     const Scratch sc{qb.as<float>(), ob.as<float>(), sb.as<float>(), mb.as<float>(), mb.as<float>() + g,
-                     mb.as<float>() + 2 * g};
+                     mb.as<float>() + 2 * g, kw.as<float>(), vw.as<float>()};
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < nitems; ++i) {
       const int64_t u = items[i] / nchunk;

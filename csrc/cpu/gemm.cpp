@@ -355,13 +355,34 @@ constexpr int64_t kSlabPartialFloats = 64 * 1024;
 // gemm_slabs: a slab of B (KS rows x W columns) packed at once: at most 512 KB, half of L2.
 constexpr int64_t kSlabBytes = 512 * 1024;
 
+// K and N blocks of gemm_rows from the caches this CPU reports (cpu.h caches()), not from constants:
+// KC: the A micro-panel (MR x KC) takes at most half of L1d (power of two, whole K groups); NC: the
+// packed B block (KC x NC) at most half of L2. On the 32 KB L1d / 1 MB L2 Zen 4 they were tuned on
+// this gives the policies' own KC, NC (fp32 256 x 512, bf16 512 x 512, which stay as the reference);
+// a 2 MB L2 gets NC 1024, a 256 KB L2 NC 128, a 64 KB L1d KC 512 (fp32).
+struct Blocks {
+  int64_t KC, NC;
+};
+template <class P> const Blocks& cache_blocks() {
+  static const Blocks b = [] {
+    const Caches& c = caches();
+    const int64_t per_k = static_cast<int64_t>(sizeof(typename P::Elem)) / P::KG;  // bytes per K element
+    int64_t kc = 64;
+    while (kc * 2 * P::MR * per_k <= c.l1d / 2 && kc < 2048) kc *= 2;
+    kc = std::max<int64_t>(kc / P::KG * P::KG, P::KG);
+    const int64_t nc = std::clamp<int64_t>(c.l2 / 2 / (kc * per_k) / P::NR * P::NR, 4 * P::NR, 8192);
+    return Blocks{kc, nc};
+  }();
+  return b;
+}
+
 // Large M: items are groups of row panels x all of N. Per item: for each K block, pack its rows of
 // A, then for each N block pack B (private to the thread, L2-sized) and run the tiles.
 template <class P, class Src> void gemm_rows(const GemmParams& p) {
   using E = typename P::Elem;
-  constexpr int64_t MR = P::MR, NR = P::NR, KG = P::KG, KC = P::KC, NC = P::NC;
-  static_assert(KC % KG == 0 && NC % NR == 0, "blocks must hold whole micro-panels");
-  constexpr int64_t KCU = KC / KG, NCP = NC / NR;
+  constexpr int64_t MR = P::MR, NR = P::NR, KG = P::KG;
+  const int64_t KC = cache_blocks<P>().KC, NC = cache_blocks<P>().NC;  // whole micro-panels (see there)
+  const int64_t KCU = KC / KG, NCP = NC / NR;
   const int64_t M = p.M, N = p.N, K = p.K;
   const Src* A = static_cast<const Src*>(p.a);
   const Src* B = static_cast<const Src*>(p.b);

@@ -1,0 +1,29 @@
+#!/bin/sh
+# Builds and runs tools/cpu_harness/portable_harness.cpp (gemm, attention, decode against float64).
+#   sh portable.sh               native x86-64 build, every tier this CPU runs (or: sh portable.sh avx2)
+#   ARCH=aarch64 sh portable.sh  cross-compiled with Debian's g++-aarch64-linux-gnu and run under
+#                                qemu-aarch64 (apt-get install g++-aarch64-linux-gnu qemu-user):
+#                                the portable path on aarch64, correctness only (no timing claims)
+set -e
+cd "$(dirname "$0")"
+SRC="portable_harness.cpp ../../csrc/cpu/cpu_features.cpp ../../csrc/cpu/gemm.cpp ../../csrc/cpu/attention.cpp
+     ../../csrc/cpu/decode.cpp ../../csrc/cpu/gemm_avx2.cpp ../../csrc/cpu/attention_avx2.cpp ../../csrc/cpu/decode_avx2.cpp"
+OUT=${TMPDIR:-/tmp}/pk_portable_harness
+if [ "${ARCH:-}" = aarch64 ]; then
+  # shellcheck disable=SC2086
+  aarch64-linux-gnu-g++ -std=c++17 -O2 -fno-math-errno -fopenmp -static -I../../csrc $SRC -o "$OUT.aarch64"
+  OMP_NUM_THREADS=2 qemu-aarch64 "$OUT.aarch64" "$@"
+else
+  # the AVX2 files get the extension's flags (CMakeLists.txt); one compile per file
+  objs=""
+  for f in $SRC; do
+    case "$f" in *_avx2.cpp) extra="-mavx2 -mfma -mf16c -mno-avx512f" ;; *) extra="" ;; esac
+    o="$OUT.$(basename "$f" .cpp).o"
+    # shellcheck disable=SC2086
+    g++ -std=c++17 -O3 -march=native $extra -fno-math-errno -fopenmp -I../../csrc -c "$f" -o "$o"
+    objs="$objs $o"
+  done
+  # shellcheck disable=SC2086
+  g++ -fopenmp $objs -o "$OUT"
+  OMP_NUM_THREADS=2 "$OUT" "$@"
+fi

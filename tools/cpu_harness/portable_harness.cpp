@@ -1,0 +1,177 @@
+// Correctness harness for the native CPU kernels through their entry points (csrc/cpu/cpu.h), without
+// Python: gemm, attention and decode on odd shapes, fp32 and bf16, against a float64 reference.
+// Its purpose is the tiers no local machine runs natively: built with Debian's aarch64 cross compiler
+// and run under qemu-user (tools/cpu_harness/aarch64.sh) it checks the portable path on aarch64;
+// correctness only: qemu timings say nothing about ARM hardware. On x86-64 it runs every tier the CPU
+// has (set_isa), or the one named by its first argument.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cpu/cpu.h"
+#include "cpu/scalar.h"
+
+using namespace pk;
+using namespace pk::cpu;
+
+namespace {
+
+std::mt19937 rng(1234);
+
+// Values rounded to the storage type (so the reference sees exactly what the kernel sees).
+struct Buf {
+  std::vector<float> f;      // the values
+  std::vector<uint16_t> h;   // bf16 storage, when bf16
+  bool bf;
+  Buf(size_t n, bool bf16, float offset = 0.f) : f(n), h(bf16 ? n : 0), bf(bf16) {
+    std::normal_distribution<float> nd(0.f, 1.f);
+    for (size_t i = 0; i < n; ++i) {
+      float v = nd(rng) + offset;
+      if (bf) {
+        h[i] = float_to_bf16(v);
+        v = bf16_to_float(h[i]);
+      }
+      f[i] = v;
+    }
+  }
+  void* ptr() { return bf ? static_cast<void*>(h.data()) : static_cast<void*>(f.data()); }
+  float at(size_t i) const { return bf ? bf16_to_float(h[i]) : f[i]; }
+};
+
+int failures = 0, checks = 0;
+
+void report(const char* what, double err, double ref, double tol) {
+  ++checks;
+  const double rel = err / std::max(ref, 1e-30);
+  if (!(rel <= tol)) {
+    ++failures;
+    std::printf("FAIL %s: relative error %.3g > %.3g\n", what, rel, tol);
+  }
+}
+
+void check_gemm(int64_t M, int64_t N, int64_t K, bool bf) {
+  Buf a(M * K, bf), b(K * N, bf, 0.1f), c(M * N, bf);
+  gemm(GemmParams{a.ptr(), b.ptr(), c.ptr(), M, N, K, bf ? DType::bf16 : DType::f32});
+  double err = 0, mref = 0;
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) {
+      double r = 0;
+      for (int64_t k = 0; k < K; ++k) r += double(a.f[i * K + k]) * b.f[k * N + j];
+      err = std::max(err, std::fabs(c.at(i * N + j) - r));
+      mref = std::max(mref, std::fabs(r));
+    }
+  char what[96];
+  std::snprintf(what, sizeof what, "gemm M%lld N%lld K%lld %s", (long long)M, (long long)N, (long long)K, bf ? "bf16" : "fp32");
+  report(what, err, mref, bf ? 2e-2 : 1e-5);
+}
+
+void check_attention(int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D, bool causal, bool bf) {
+  Buf q(B * Hq * S * D, bf), k(B * Hkv * S * D, bf), v(B * Hkv * S * D, bf, 0.5f), o(B * Hq * S * D, bf);
+  const float scale = 1.f / std::sqrt(float(D));
+  attention(AttentionParams{q.ptr(), k.ptr(), v.ptr(), o.ptr(), B, Hq, Hkv, S, D, scale, causal,
+                            bf ? DType::bf16 : DType::f32});
+  double err = 0, mref = 0;
+  const int64_t g = Hq / Hkv;
+  std::vector<double> s(S);
+  for (int64_t bh = 0; bh < B * Hq; ++bh)
+    for (int64_t i = 0; i < S; ++i) {
+      const int64_t kv = (bh / Hq) * Hkv + (bh % Hq) / g, n = causal ? i + 1 : S;
+      double mx = -1e300, l = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        double d = 0;
+        for (int64_t x = 0; x < D; ++x) d += double(q.f[(bh * S + i) * D + x]) * k.f[(kv * S + j) * D + x];
+        s[j] = d * scale;
+        mx = std::max(mx, s[j]);
+      }
+      for (int64_t j = 0; j < n; ++j) l += (s[j] = std::exp(s[j] - mx));
+      for (int64_t x = 0; x < D; ++x) {
+        double r = 0;
+        for (int64_t j = 0; j < n; ++j) r += s[j] * v.f[(kv * S + j) * D + x];
+        r /= l;
+        err = std::max(err, std::fabs(o.at((bh * S + i) * D + x) - r));
+        mref = std::max(mref, std::fabs(r));
+      }
+    }
+  char what[96];
+  std::snprintf(what, sizeof what, "attention B%lld Hq%lld Hkv%lld S%lld D%lld%s %s", (long long)B, (long long)Hq,
+                (long long)Hkv, (long long)S, (long long)D, causal ? " causal" : "", bf ? "bf16" : "fp32");
+  report(what, err, mref, bf ? 2e-2 : 1e-4);
+}
+
+void check_decode(int64_t B, int64_t Hq, int64_t Hkv, int64_t L, int64_t D, int64_t bs, bool paged, bool bf) {
+  std::vector<int32_t> lens(B), table;
+  for (int64_t b = 0; b < B; ++b) lens[b] = static_cast<int32_t>(std::max<int64_t>(1, L - b * L / (B + 1)));
+  const int64_t blk = paged ? bs : L, maxb = paged ? (L + bs - 1) / bs : 1, nblk = paged ? B * maxb + 2 : B;
+  if (paged) {  // blocks in reverse order, so that a wrong index shows
+    table.resize(B * maxb);
+    for (int64_t i = 0; i < B * maxb; ++i) table[i] = static_cast<int32_t>(nblk - 1 - i);
+  }
+  const int64_t rows = nblk * Hkv * blk;
+  Buf q(B * Hq * D, bf), k(rows * D, bf), v(rows * D, bf, 0.5f), o(B * Hq * D, bf);
+  const float scale = 1.f / std::sqrt(float(D));
+  const DecodeParams p{q.ptr(), k.ptr(), v.ptr(), o.ptr(), lens.data(), paged ? table.data() : nullptr, B, Hq, Hkv, D,
+                       nblk, blk, maxb, scale, bf ? DType::bf16 : DType::f32};
+  decode(p);
+  double err = 0, mref = 0;
+  const int64_t g = Hq / Hkv;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hq; ++h) {
+      const int64_t hk = h / g, n = lens[b];
+      auto row = [&](int64_t t) { return ((decode_block(p, b, t) * Hkv + hk) * blk + t % blk) * D; };
+      std::vector<double> s(n);
+      double mx = -1e300, l = 0;
+      for (int64_t t = 0; t < n; ++t) {
+        double d = 0;
+        for (int64_t x = 0; x < D; ++x) d += double(q.f[(b * Hq + h) * D + x]) * k.f[row(t) + x];
+        s[t] = d * scale;
+        mx = std::max(mx, s[t]);
+      }
+      for (auto& e : s) l += (e = std::exp(e - mx));
+      for (int64_t x = 0; x < D; ++x) {
+        double r = 0;
+        for (int64_t t = 0; t < n; ++t) r += s[t] * v.f[row(t) + x];
+        r /= l;
+        err = std::max(err, std::fabs(o.at((b * Hq + h) * D + x) - r));
+        mref = std::max(mref, std::fabs(r));
+      }
+    }
+  char what[112];
+  std::snprintf(what, sizeof what, "decode B%lld Hq%lld Hkv%lld L%lld D%lld %s %s", (long long)B, (long long)Hq,
+                (long long)Hkv, (long long)L, (long long)D, paged ? "paged" : "contig", bf ? "bf16" : "fp32");
+  report(what, err, mref, bf ? 2e-2 : 1e-4);
+}
+
+void run_all() {
+  for (bool bf : {false, true}) {
+    for (auto s : {std::vector<int64_t>{1, 1, 1}, {1, 1000, 65}, {3, 127, 1025}, {4, 1023, 129}, {7, 63, 127},
+                   {65, 127, 63}, {127, 65, 300}, {200, 300, 513}})
+      check_gemm(s[0], s[1], s[2], bf);
+    check_attention(1, 2, 1, 65, 64, false, bf);
+    check_attention(1, 4, 2, 130, 128, true, bf);
+    check_attention(2, 3, 3, 17, 64, true, bf);
+    check_decode(1, 1, 1, 1, 64, 16, false, bf);
+    check_decode(3, 8, 2, 300, 128, 16, true, bf);
+    check_decode(2, 10, 2, 700, 64, 7, true, bf);
+    check_decode(1, 6, 2, 1500, 128, 16, false, bf);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<Isa> tiers;
+  for (Isa t : {Isa::avx512, Isa::avx2, Isa::portable})
+    if (isa_supported(t) && (argc < 2 || std::strcmp(argv[1], isa_name(t)) == 0)) tiers.push_back(t);
+  for (Isa t : tiers) {
+    set_isa(t);
+    const int before = failures, cb = checks;
+    run_all();
+    std::printf("tier %s: %d of %d checks failed\n", isa_name(t), failures - before, checks - cb);
+  }
+  return failures == 0 && !tiers.empty() ? 0 : 1;
+}
