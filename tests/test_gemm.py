@@ -40,3 +40,15 @@ def test_gemm_is_deterministic():
 
     x = GemmProblem(129, 257, 513).make_inputs(torch.float32)
     assert torch.equal(pk.gemm(**x), pk.gemm(**x))
+
+
+# pk.linear: the gemm family's layout "nt" (b stored [N, K]), on every native CPU tier (conftest): the small-M
+# dot-product path (M <= 8), the packed drivers above it, and K tails that are no multiple of the vector width.
+LINEAR_SHAPES = [(1, 1, 1), (1, 33, 4095), (3, 65, 1000), (5, 7, 129), (8, 130, 17), (9, 64, 64), (65, 127, 63)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("mnk", LINEAR_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_linear_matches_reference(mnk, backend, dtype):
+    run_checked(GemmProblem(*mnk, layout="nt"), dtype, backend, "cpu")

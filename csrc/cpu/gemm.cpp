@@ -980,14 +980,117 @@ template <class T> void gemm_direct_avx512(const GemmParams& p) {
     guard.body_done(t);
   });
 }
+// ---- small-M linear (B stored [N, K]: pk.linear at decode sizes, M <= kDotMaxM) ---------------------------
+// Each output is the dot product of a row of A and a row of B, both contiguous in K, so B is streamed
+// exactly once, row after row, with nothing packed and no partial sums to combine: a thread takes blocks
+// of kDotRows rows of B (dynamically) and writes those columns of C itself. R rows of B at a time share
+// each load of A; M x R accumulators (R = 4 up to M = 4, else 2) stay under the 32 zmm registers.
+constexpr int64_t kDotMaxM = 8;
+constexpr int64_t kDotRows = 32;
+
+template <class T> PK_AVX512 inline __m512 load16(const T* p, __mmask16 m) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_maskz_loadu_ps(m, p);
+  } else {  // bf16 -> fp32: the 16 bits are the high half of the float
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+  }
+}
+
+template <class T> inline void store_out(T* c, float v) {
+  if constexpr (std::is_same_v<T, float>) {
+    *c = v;
+  } else {
+    *c = float_to_bf16(v);
+  }
+}
+
+template <class T, int M, int R>
+PK_AVX512 void dot_rows(const T* A, const T* B, int64_t K, int64_t N, int64_t n0, int64_t n1, T* C) {
+  for (int64_t n = n0; n < n1; n += R) {
+    const int r = static_cast<int>(std::min<int64_t>(R, n1 - n));
+    const T* b[R];
+    for (int j = 0; j < R; ++j) b[j] = B + (n + std::min(j, r - 1)) * K;  // a short block repeats its last row
+    __m512 acc[M][R];
+    for (int m = 0; m < M; ++m)
+      for (int j = 0; j < R; ++j) acc[m][j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 mk = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+      __m512 bv[R];
+      for (int j = 0; j < R; ++j) bv[j] = load16(b[j] + k, mk);
+      for (int m = 0; m < M; ++m) {
+        const __m512 av = load16(A + m * K + k, mk);
+        for (int j = 0; j < R; ++j) acc[m][j] = _mm512_fmadd_ps(av, bv[j], acc[m][j]);
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      for (int j = 0; j < r; ++j) store_out(C + m * N + n + j, _mm512_reduce_add_ps(acc[m][j]));
+  }
+}
+
+// bf16 with AVX512_BF16: vdpbf16ps multiplies 32 bf16 pairs into 16 fp32 lanes, no widening; the lane sums
+// of a dot product do not care which K lands in which lane.
+template <int M, int R>
+PK_AVX512BF16 void dot_rows_bf16dp(const u16* A, const u16* B, int64_t K, int64_t N, int64_t n0, int64_t n1, u16* C) {
+  for (int64_t n = n0; n < n1; n += R) {
+    const int r = static_cast<int>(std::min<int64_t>(R, n1 - n));
+    const u16* b[R];
+    for (int j = 0; j < R; ++j) b[j] = B + (n + std::min(j, r - 1)) * K;
+    __m512 acc[M][R];
+    for (int m = 0; m < M; ++m)
+      for (int j = 0; j < R; ++j) acc[m][j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) {
+      const __mmask32 mk = K - k >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << (K - k)) - 1);
+      __m512i bv[R];
+      for (int j = 0; j < R; ++j) bv[j] = _mm512_maskz_loadu_epi16(mk, b[j] + k);
+      for (int m = 0; m < M; ++m) {
+        const __m512i av = _mm512_maskz_loadu_epi16(mk, A + m * K + k);
+        for (int j = 0; j < R; ++j)
+          acc[m][j] = _mm512_dpbf16_ps(acc[m][j], reinterpret_cast<__m512bh>(av), reinterpret_cast<__m512bh>(bv[j]));
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      for (int j = 0; j < r; ++j) C[m * N + n + j] = float_to_bf16(_mm512_reduce_add_ps(acc[m][j]));
+  }
+}
+
+template <size_t... I> constexpr auto dot_table_bf16dp(std::index_sequence<I...>) {
+  using Fn = void (*)(const u16*, const u16*, int64_t, int64_t, int64_t, int64_t, u16*);
+  return std::array<Fn, sizeof...(I)>{&dot_rows_bf16dp<static_cast<int>(I) + 1, (I + 1 <= 4 ? 4 : 2)>...};
+}
+
+template <class T, size_t... I> constexpr auto dot_table(std::index_sequence<I...>) {
+  using Fn = void (*)(const T*, const T*, int64_t, int64_t, int64_t, int64_t, T*);
+  return std::array<Fn, sizeof...(I)>{&dot_rows<T, static_cast<int>(I) + 1, (I + 1 <= 4 ? 4 : 2)>...};
+}
+
+template <class T> void gemm_dot_avx512(const GemmParams& p) {
+  static constexpr auto dot = dot_table<T>(std::make_index_sequence<kDotMaxM>());
+  const T* A = static_cast<const T*>(p.a);
+  const T* B = static_cast<const T*>(p.b);
+  T* C = static_cast<T*>(p.c);
+  const int64_t N = p.N, K = p.K, items = cdiv(N, kDotRows);
+  auto kernel = dot[p.M - 1];
+  if constexpr (std::is_same_v<T, u16>) {
+    static constexpr auto dot_dp = dot_table_bf16dp(std::make_index_sequence<kDotMaxM>());
+    if (enabled().avx512_bf16) kernel = dot_dp[p.M - 1];
+  }
+  ContentionGuard guard(g_solo_direct, static_cast<int>(std::min<int64_t>(pick_threads(p), items)));
+  run_team(guard.threads(), [&](int t, int, Team& team) {
+    for (int64_t it; (it = team.grab()) < items;)
+      kernel(A, B, K, N, it * kDotRows, std::min(N, (it + 1) * kDotRows), C);
+    guard.body_done(t);
+  });
+}
 #endif  // PK_X86
 
 template <class Src> void gemm_typed(const GemmParams& p) {
   [[maybe_unused]] const Features f = enabled();  // the active ISA tier (cpu.h)
 #if defined(PK_X86)
-  if (!f.avx512f && f.avx2_fma) return gemm_avx2(p);
+  // The AVX2 tier packs B as [K, N] only: linear (B stored [N, K]) takes the portable drivers there.
+  if (!f.avx512f && f.avx2_fma && !p.transb) return gemm_avx2(p);
   if (f.avx512f) {
     if (p.M <= kDirectMaxM && !p.transb) return gemm_direct_avx512<Src>(p);  // direct reads B as [K, N]
+    if (p.M <= kDotMaxM && p.transb) return gemm_dot_avx512<Src>(p);        // rows of B are contiguous in K
     if constexpr (std::is_same_v<Src, u16>) {
       if (f.avx512_bf16) return gemm_packed<Bf16Avx512, u16>(p);
     }

@@ -8,7 +8,8 @@ R=results/cpu-zen4-2c
 
 # 1. The quick sweep, every CPU backend, peaks re-measured (journal next to the JSON).
 pykernels bench --sweep quick --refresh-peaks \
-    --backend native --backend torch --backend torch_compile --backend numpy \
+    --backend native --backend torch --backend torch_ops --backend torch_compile --backend numpy \
+    --backend jax --backend opencl \
     --json $R/quick.json -- -q > $R/quick.log 2>&1 || { tail -30 $R/quick.log; exit 1; }
 
 # 2. Penalty tables (terminal, Markdown, CSV) and the plots.
