@@ -6,8 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 R=results/cpu-zen4-2c
 
-# 1. The quick sweep, every CPU backend, peaks re-measured (journal next to the JSON).
-pykernels bench --sweep quick --refresh-peaks \
+# 1. The quick sweep, every CPU backend, peaks re-measured (journal next to the JSON). Cold caches (the
+#    last-level cache flushed before every timed call): the roofline's memory roof is DRAM bandwidth, and a
+#    warm GEMV of a 64 MB weight or a decode over a 1 MB cache reads part of it from L3, above that roof.
+pykernels bench --sweep quick --refresh-peaks --cold-cache \
     --backend native --backend torch --backend torch_ops --backend torch_compile --backend numpy \
     --backend jax --backend opencl \
     --json $R/quick.json -- -q > $R/quick.log 2>&1 || { tail -30 $R/quick.log; exit 1; }
