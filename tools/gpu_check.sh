@@ -40,6 +40,12 @@ nvcc --version | tail -1 | tee -a "$OUTDIR/gpu.txt"
 if want build; then
   echo "== build"
   start=$(date +%s)
+  # The GPU machine has no package registry: the pure-Python dependencies (rich, pytest-benchmark and what
+  # they need) come from a carried, git-ignored .whl/ folder made on a machine with one:
+  #   pip download rich pytest-benchmark threadpoolctl -d .whl
+  if [ -d .whl ]; then
+    pip install --no-index --find-links .whl rich pytest-benchmark threadpoolctl >"$OUTDIR/deps.log" 2>&1
+  fi
   pip install --no-build-isolation -e . >"$OUTDIR/build.log" 2>&1
   rc=$?
   tail -3 "$OUTDIR/build.log"
