@@ -113,11 +113,7 @@ def run_device(dev: dict, bench_args: list[str], journal_entries: list[dict], ca
             while True:
                 ended = proc.poll() is not None
                 for e in jt.read():
-                    st = e.get("status")
-                    if st in ("crashed", "hung"):  # the sweep's own watchdog / crash record (pytest_plugin)
-                        yield {"event": "case_failed", "key": e.get("key"), "reason": e.get("reason") or st}
-                    elif st != "started":  # 'started': the progress events say which case is in flight
-                        yield {"event": "case", "entry": e}
+                    yield {"event": "case", "entry": e}
                 for e in pt.read():
                     if e["event"] == "start":
                         inflight = {**e, "t": time.monotonic()}

@@ -13,6 +13,8 @@ pykernels bench --sweep quick --refresh-peaks --cold-cache \
     --backend native --backend torch --backend torch_ops --backend torch_compile --backend numpy \
     --backend jax --backend opencl \
     --json $R/quick.json -- -q > $R/quick.log 2>&1 || { tail -30 $R/quick.log; exit 1; }
+# pytest-benchmark indents its JSON by 4; the same data without the indentation stays under 1 MB in git.
+python -c "import json, sys; p = sys.argv[1]; d = json.load(open(p)); open(p, 'w').write(json.dumps(d, separators=(',', ':')) + '\n')" $R/quick.json
 
 # 2. Penalty tables (terminal, Markdown, CSV) and the plots.
 pykernels report $R/quick.json --md $R/report.md --csv $R/report.csv > $R/report.txt
