@@ -535,7 +535,7 @@ void set_cpu_isa_checked(const char* what, const std::string& name) {
     throw py::value_error(std::string(what) + ": unknown CPU ISA tier '" + name + "' (known: avx512, avx2, portable)");
   if (!pk::cpu::isa_supported(t)) {
     std::string have;
-    for (auto u : {pk::cpu::Isa::avx512, pk::cpu::Isa::avx2, pk::cpu::Isa::portable})
+    for (auto u : pk::cpu::kIsas)
       if (pk::cpu::isa_supported(u)) have += std::string(have.empty() ? "" : ", ") + pk::cpu::isa_name(u);
     throw py::value_error(std::string(what) + ": this CPU cannot run the '" + name + "' tier (it runs: " + have + ")");
   }
@@ -581,7 +581,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_isa", []() { return std::string(pk::cpu::isa_name(pk::cpu::active_isa())); });
   m.def("cpu_isas", []() {
     py::list l;
-    for (auto t : {pk::cpu::Isa::avx512, pk::cpu::Isa::avx2, pk::cpu::Isa::portable})
+    for (auto t : pk::cpu::kIsas)
       if (pk::cpu::isa_supported(t)) l.append(pk::cpu::isa_name(t));
     return l;
   });

@@ -18,7 +18,7 @@ _C = pytest.importorskip("pykernels._C")
 def test_tiers_listed_best_first_and_portable_always_there():
     isas = _C.cpu_isas()
     assert isas[-1] == "portable"
-    order = ["avx512", "avx2", "portable"]
+    order = ["amx", "avx512", "avx2", "portable"]
     assert isas == [t for t in order if t in isas]
     assert _C.cpu_isa() in isas
 
@@ -31,7 +31,7 @@ def test_set_cpu_isa_switches_and_rejects_bad_names():
             assert _C.cpu_isa() == t
         with pytest.raises(ValueError, match="name.*unknown CPU ISA tier 'sse9'"):
             _C.set_cpu_isa("sse9")
-        missing = [t for t in ("avx512", "avx2") if t not in _C.cpu_isas()]
+        missing = [t for t in ("amx", "avx512", "avx2") if t not in _C.cpu_isas()]
         for t in missing:
             with pytest.raises(ValueError, match=f"cannot run the '{t}' tier"):
                 _C.set_cpu_isa(t)

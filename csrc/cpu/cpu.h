@@ -15,10 +15,12 @@ const Features& features();  // what the CPU (and OS) can run
 
 // ISA tiers, chosen at run time: the best the CPU runs, or the one PYKERNELS_CPU_ISA (read when the
 // extension loads) or set_isa() asked for, so that one machine can test and time every tier.
+//   amx       avx512 plus AMX-BF16 tiles for bf16 GEMM: csrc/cpu/gemm_amx.cpp
 //   avx512    AVX-512F/BW/VL/DQ (+ AVX512_BF16 when present): csrc/cpu/{gemm,attention,decode}.cpp
 //   avx2      AVX2 + FMA micro-kernels: csrc/cpu/*_avx2.cpp (built with -mavx2 -mfma -mno-avx512f)
 //   portable  plain C++, vectorized by the compiler for the build's target
-enum class Isa : int { portable = 0, avx2 = 1, avx512 = 2 };
+enum class Isa : int { portable = 0, avx2 = 1, avx512 = 2, amx = 3 };
+inline constexpr Isa kIsas[] = {Isa::amx, Isa::avx512, Isa::avx2, Isa::portable};  // best first
 const char* isa_name(Isa t);
 bool parse_isa(const char* name, Isa* out);   // false for an unknown name
 bool isa_supported(Isa t);
@@ -45,5 +47,8 @@ int max_threads();
 void gemm_avx2(const GemmParams& p);
 void attention_avx2(const AttentionParams& p);
 void decode_avx2(const DecodeParams& p);
+
+// AMX tier (csrc/cpu/gemm_amx.cpp): bf16 GEMM, either B layout; callers check enabled().amx_bf16.
+void gemm_amx(const GemmParams& p);
 
 }  // namespace pk::cpu

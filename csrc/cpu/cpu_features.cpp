@@ -76,6 +76,7 @@ int max_threads() { return omp_get_max_threads(); }
 // ---- ISA tiers ---------------------------------------------------------------------------------------
 const char* isa_name(Isa t) {
   switch (t) {
+    case Isa::amx: return "amx";
     case Isa::avx512: return "avx512";
     case Isa::avx2: return "avx2";
     case Isa::portable: return "portable";
@@ -84,7 +85,7 @@ const char* isa_name(Isa t) {
 }
 
 bool parse_isa(const char* name, Isa* out) {
-  for (Isa t : {Isa::avx512, Isa::avx2, Isa::portable}) {
+  for (Isa t : kIsas) {
     if (std::strcmp(name, isa_name(t)) == 0) {
       *out = t;
       return true;
@@ -96,6 +97,7 @@ bool parse_isa(const char* name, Isa* out) {
 bool isa_supported(Isa t) {
   const Features& f = features();
   switch (t) {
+    case Isa::amx: return f.avx512f && f.avx2_fma && f.amx_bf16;
     case Isa::avx512: return f.avx512f && f.avx2_fma;
     case Isa::avx2: return f.avx2_fma;
     case Isa::portable: return true;
@@ -105,6 +107,7 @@ bool isa_supported(Isa t) {
 
 namespace {
 Isa best_isa() {
+  if (isa_supported(Isa::amx)) return Isa::amx;
   if (isa_supported(Isa::avx512)) return Isa::avx512;
   if (isa_supported(Isa::avx2)) return Isa::avx2;
   return Isa::portable;
@@ -126,7 +129,8 @@ void set_isa(Isa t) {
 Features enabled() {
   Features f = features();
   const Isa t = active_isa();
-  if (t != Isa::avx512) f.avx512f = f.avx512_bf16 = f.amx_bf16 = false;
+  if (t != Isa::amx) f.amx_bf16 = false;
+  if (t != Isa::amx && t != Isa::avx512) f.avx512f = f.avx512_bf16 = false;
   if (t == Isa::portable) f.avx2_fma = false;
   return f;
 }

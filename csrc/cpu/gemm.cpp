@@ -13,8 +13,8 @@
 //           32 columns = 28 zmm accumulators) runs over the tiles.
 //   bf16 uses vdpbf16ps on K-pairs when the CPU has AVX512_BF16, else it widens to fp32 and uses the
 //   fp32 kernel; a CPU without AVX-512 (or a non-x86 build) gets the same drivers with a plain C++
-//   micro-kernel that the compiler vectorizes for the build's target. No AMX path (not testable on
-//   the Zen 4 machine this was tuned on).
+//   micro-kernel that the compiler vectorizes for the build's target. On a CPU with AMX-BF16 (tier
+//   "amx"), bf16 with M >= kAmxMinM goes to the tile kernel of gemm_amx.cpp.
 // bf16 results are rounded to nearest even (as float_to_bf16 in scalar.h); when K spans several KC
 // blocks the bf16 partial sums are kept in an fp32 workspace, never in bf16.
 // No barrier sits inside a work loop (see Team): on a 2-core VM shared with other processes, a thread
@@ -62,6 +62,9 @@ constexpr int64_t kDirectPartialFloats = 16384;
 // Direct path work item: 64 rows of B (at N = 4096 fp32, one contiguous 1 MB run; 64 items at K = 4096,
 // so a thread that loses its core to another process simply takes fewer of them).
 constexpr int64_t kDirectRows = 64;
+// bf16 from this many rows on runs on AMX tiles when the tier has them (gemm_amx.cpp); below, the
+// GEMV-like shapes are bound by reading B and the AVX-512 paths read it without packing it first.
+constexpr int64_t kAmxMinM = 16;
 // Below this many FLOPs one thread does it all: an OpenMP fork/join costs a few microseconds.
 constexpr double kSerialFlops = 2.0e6;
 // One arena per calling thread is kept for packing buffers and the bf16 workspace, so repeated
@@ -1092,6 +1095,7 @@ template <class Src> void gemm_typed(const GemmParams& p) {
     if (p.M <= kDirectMaxM && !p.transb) return gemm_direct_avx512<Src>(p);  // direct reads B as [K, N]
     if (p.M <= kDotMaxM && p.transb) return gemm_dot_avx512<Src>(p);        // rows of B are contiguous in K
     if constexpr (std::is_same_v<Src, u16>) {
+      if (f.amx_bf16 && p.M >= kAmxMinM) return gemm_amx(p);
       if (f.avx512_bf16) return gemm_packed<Bf16Avx512, u16>(p);
     }
     return gemm_packed<F32Avx512, Src>(p);

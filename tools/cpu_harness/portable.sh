@@ -7,17 +7,21 @@
 set -e
 cd "$(dirname "$0")"
 SRC="portable_harness.cpp ../../csrc/cpu/cpu_features.cpp ../../csrc/cpu/gemm.cpp ../../csrc/cpu/attention.cpp
-     ../../csrc/cpu/decode.cpp ../../csrc/cpu/gemm_avx2.cpp ../../csrc/cpu/attention_avx2.cpp ../../csrc/cpu/decode_avx2.cpp"
+     ../../csrc/cpu/decode.cpp ../../csrc/cpu/gemm_avx2.cpp ../../csrc/cpu/attention_avx2.cpp ../../csrc/cpu/decode_avx2.cpp ../../csrc/cpu/gemm_amx.cpp"
 OUT=${TMPDIR:-/tmp}/pk_portable_harness
 if [ "${ARCH:-}" = aarch64 ]; then
   # shellcheck disable=SC2086
   aarch64-linux-gnu-g++ -std=c++17 -O2 -fno-math-errno -fopenmp -static -I../../csrc $SRC -o "$OUT.aarch64"
   OMP_NUM_THREADS=2 qemu-aarch64 "$OUT.aarch64" "$@"
 else
-  # the AVX2 files get the extension's flags (CMakeLists.txt); one compile per file
+  # the AVX2 and AMX files get the extension's flags (CMakeLists.txt); one compile per file
   objs=""
   for f in $SRC; do
-    case "$f" in *_avx2.cpp) extra="-mavx2 -mfma -mf16c -mno-avx512f" ;; *) extra="" ;; esac
+    case "$f" in
+      *_avx2.cpp) extra="-mavx2 -mfma -mf16c -mno-avx512f" ;;
+      *_amx.cpp) extra="-mamx-tile -mamx-bf16 -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16 -mfma" ;;
+      *) extra="" ;;
+    esac
     o="$OUT.$(basename "$f" .cpp).o"
     # shellcheck disable=SC2086
     g++ -std=c++17 -O3 -march=native $extra -fno-math-errno -fopenmp -I../../csrc -c "$f" -o "$o"
