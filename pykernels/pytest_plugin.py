@@ -700,6 +700,15 @@ def pytest_collection_finish(session):
     left, elapsed and estimated time left; a bar rewritten in place on a terminal, plain lines otherwise."""
     config = session.config
     st = config.stash.get(_STATE, None)
+    if (st and st["timing"] and not config.option.collectonly
+            and any(it.get_closest_marker("pykernels_bench") for it in session.items)):
+        # The device's fingerprint and peaks (probes, seconds on a machine without a cached calibration) before
+        # the first case starts, so that no case's clock (the fleet's per-case timeout, a watchdog) counts them.
+        # If they fail here (e.g. a device this machine lacks), the first case meets the error and reports it.
+        try:
+            _fingerprint(config), _peaks(config)
+        except Exception:  # noqa: BLE001 - reported by the first case, which calls them again
+            pass
     tr = config.pluginmanager.get_plugin("terminalreporter")
     if (not st or not st["timing"] or tr is None or config.getoption("verbose") > 0
             or config.getoption("pk_no_progress")):
