@@ -707,7 +707,7 @@ def pytest_collection_finish(session):
         # If they fail here (e.g. a device this machine lacks), the first case meets the error and reports it.
         try:
             _fingerprint(config), _peaks(config)
-        except Exception:  # noqa: BLE001 - reported by the first case, which calls them again
+        except Exception:  # noqa: BLE001, S110 - reported by the first case, which calls them again
             pass
     tr = config.pluginmanager.get_plugin("terminalreporter")
     if (not st or not st["timing"] or tr is None or config.getoption("verbose") > 0

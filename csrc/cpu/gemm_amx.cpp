@@ -3,8 +3,8 @@
 // result rounded to nearest even once at the end (as float_to_bf16 in scalar.h).
 //
 // Tiles: the 8 AMX tile registers all hold 16 rows x 64 bytes. One step of the inner loop takes
-// 32 values of K: A tiles tmm4 (rows 0-15) and tmm5 (rows 16-31) are 16 rows x 32 bf16, loaded
-// straight from row-major A; B tiles tmm6 (columns 0-15) and tmm7 (16-31) hold 16 K-pairs x 16
+// 32 values of K: A tiles tmm4 (rows 0-15) and tmm5 (rows 16-31) are 16 rows x 32 bf16 from A packed
+// once per call; B tiles tmm6 (columns 0-15) and tmm7 (16-31) hold 16 K-pairs x 16
 // columns in the pair-interleaved ("VNNI") order tdpbf16ps wants, from B packed once per call; the
 // four tdpbf16ps update a 32 x 32 fp32 block of C held in tmm0-3 (2 x 2 tiles, the blocking oneDNN
 // also uses for bf16: each loaded tile feeds two tdpbf16ps).
@@ -16,7 +16,7 @@
 //       the item's row slices pass over it;
 //   MB  rows per work item: the item's fp32 accumulator (MB x NB) stays in L2 too.
 // Work items (MB x NB blocks of C) are handed out dynamically after all threads have packed B.
-// Rows of A past M and K past K are never read: such slices are copied into a zero-padded scratch.
+// A and B are both packed once per call into tiles (zero-padded past M, N and K), by all threads.
 // Built with -mamx-tile -mamx-bf16 and AVX-512 (CMakeLists.txt); called only when features() has
 // amx_bf16 (CPUID + the OS's tile-data permission) and the active tier is "amx".
 #include "cpu/cpu.h"
@@ -33,6 +33,7 @@
 #include <memory>
 #include <new>
 
+#include "cpu/team.h"
 #include "cpu/vec.h"
 
 namespace pk::cpu {
@@ -64,6 +65,9 @@ class Keep {
   void* p_ = nullptr;
   size_t cap_ = 0;
 };
+// Calls on one thread while another process holds a core (team.h).
+team::SoloState g_solo_amx;
+
 // Larger needs are allocated for the call and freed.
 constexpr size_t kKeepMax = size_t(64) << 20;
 
@@ -88,22 +92,36 @@ void configure_tiles() {
 
 // Packed B: for each 32-column panel jp and each 32-deep K tile kt, two 1 KB tiles (columns 0-15,
 // 16-31 of the panel), tile element [r][c][e] = B[32 kt + 2 r + e][32 jp + 16 h + c], zero outside.
+// Ordered by K block, then panel, then K tile: what one K block of an item reads, panel after panel,
+// is one contiguous run (the L2 streamer and the software prefetch in run_item run ahead on it).
 constexpr int64_t kTileU16 = 512;  // 16 rows x 32 bf16
 
-// One panel of B stored [K, N] (row stride N).
-void pack_panel_kn(const u16* B, int64_t K, int64_t N, int64_t jp, int64_t Kt, u16* dst) {
-  for (int h = 0; h < 2; ++h) {
-    const int64_t n0 = jp * 32 + h * 16, nc = std::min<int64_t>(16, N - n0);
-    const __mmask16 m = vec::mask16(nc);
-    for (int64_t kt = 0; kt < Kt; ++kt) {
-      u16* t = dst + (kt * 2 + h) * kTileU16;
-      for (int r = 0; r < 16; ++r) {
-        const int64_t k = kt * 32 + 2 * r;
+// Offset (u16) of the tile pair (jp, kt) in packed B, with K blocks of kct tiles.
+inline int64_t b_at(int64_t jp, int64_t kt, int64_t Np, int64_t Kt, int64_t kct) {
+  const int64_t kt0 = kt / kct * kct, nk = std::min(kct, Kt - kt0);
+  return (kt0 * Np + jp * nk + (kt - kt0)) * 2 * kTileU16;
+}
+
+// K tile kt of B stored [K, N] (row stride N), panels [jp0, jp1); off(jp, kt) = where the tile pair goes
+// (u16 from dst). Rows are read front to back (two rows at a time, interleaved into K pairs) and each
+// 64-byte tile row is written whole. (Walking a panel down K instead would step 2N bytes per row: a new
+// page every row at N = 2048, measured 3x slower.)
+template <class Off>
+void pack_kn(const u16* B, int64_t K, int64_t N, int64_t kt, int64_t jp0, int64_t jp1, Off off, u16* dst) {
+  for (int r = 0; r < 16; ++r) {
+    const int64_t k = kt * 32 + 2 * r;
+    const u16* row0 = k < K ? B + k * N : nullptr;
+    const u16* row1 = k + 1 < K ? B + (k + 1) * N : nullptr;
+    for (int64_t jp = jp0; jp < jp1; ++jp) {
+      u16* t = dst + off(jp, kt) + r * 32;
+      for (int h = 0; h < 2; ++h) {
+        const int64_t n0 = jp * 32 + h * 16;
+        const __mmask16 m = vec::mask16(N - n0);
         const __m256i z = _mm256_setzero_si256();
-        const __m256i lo = (nc > 0 && k < K) ? _mm256_maskz_loadu_epi16(m, B + k * N + n0) : z;
-        const __m256i hi = (nc > 0 && k + 1 < K) ? _mm256_maskz_loadu_epi16(m, B + (k + 1) * N + n0) : z;
+        const __m256i lo = row0 ? _mm256_maskz_loadu_epi16(m, row0 + n0) : z;
+        const __m256i hi = row1 ? _mm256_maskz_loadu_epi16(m, row1 + n0) : z;
         const __m512i w = _mm512_or_si512(_mm512_cvtepu16_epi32(lo), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
-        _mm512_store_si512(t + r * 32, w);
+        _mm512_store_si512(t + h * kTileU16, w);
       }
     }
   }
@@ -132,19 +150,36 @@ inline void transpose16(__m512i v[16]) {
   }
 }
 
-// One panel of B stored [N, K] (row stride K): a K-pair of column n is one 32-bit word of row n,
-// so each tile is a 16 x 16 transpose of words.
-void pack_panel_nk(const u16* W, int64_t K, int64_t N, int64_t jp, int64_t Kt, u16* dst) {
+// Panel jp of B stored [N, K] (row stride K), K tiles [kt0, kt1): a K-pair of column n is one 32-bit
+// word of row n, so each tile is a 16 x 16 transpose of words.
+template <class Off>
+void pack_nk(const u16* W, int64_t K, int64_t N, int64_t jp, int64_t kt0, int64_t kt1, Off off, u16* dst) {
   for (int h = 0; h < 2; ++h) {
     const int64_t n0 = jp * 32 + h * 16;
-    for (int64_t kt = 0; kt < Kt; ++kt) {
+    for (int64_t kt = kt0; kt < kt1; ++kt) {
       const __mmask32 m = vec::mask32(K - kt * 32);
       __m512i v[16];
       for (int c = 0; c < 16; ++c)
         v[c] = n0 + c < N ? _mm512_maskz_loadu_epi16(m, W + (n0 + c) * K + kt * 32) : _mm512_setzero_si512();
       transpose16(v);
-      u16* t = dst + (kt * 2 + h) * kTileU16;
+      u16* t = dst + off(jp, kt) + h * kTileU16;
       for (int r = 0; r < 16; ++r) _mm512_store_si512(t + r * 32, v[r]);
+    }
+  }
+}
+
+// Packed A: for each 32-row slice i and K tile kt, two 1 KB tiles (rows 0-15, 16-31 of the slice), row r
+// of a tile = A[32 i + 16 h + r][32 kt .. 32 kt + 31], zero past M and K. Loading A tiles in place from
+// row-major A puts the 16 rows of a tile 2K bytes apart: at K = 2048 all in one L1d set (4 KB aliasing).
+// Measured on one Sapphire Rapids core at 2048^3: in place 14.1 ms of tile work + 1.1 ms packing B;
+// packed 12.6 + 1.9 ms.
+void pack_slice_a(const u16* A, int64_t M, int64_t K, int64_t i, int64_t Kt, u16* dst) {
+  for (int64_t kt = 0; kt < Kt; ++kt) {
+    const __mmask32 m = vec::mask32(K - kt * 32);
+    for (int64_t r = 0; r < 32; ++r) {
+      const int64_t row = i * 32 + r;
+      const __m512i v = row < M ? _mm512_maskz_loadu_epi16(m, A + row * K + kt * 32) : _mm512_setzero_si512();
+      _mm512_store_si512(dst + (kt * 2 + r / 16) * kTileU16 + (r % 16) * 32, v);
     }
   }
 }
@@ -158,23 +193,26 @@ struct Blocking {
 Blocking blocking(int64_t M, int64_t N, int64_t Kt, int nt) {
   const Caches& c = caches();
   Blocking b;
-  // A slice: 32 rows x 32 kct bf16 = 2 KB per K tile, half of L1d.
-  b.kct = std::clamp<int64_t>(c.l1d / 2 / 2048, 4, 32);
-  b.kct = std::min(b.kct, Kt);
-  // B block of an item: kct x nb bf16 = 2 KB per (K tile, 32 columns): a quarter of L2.
-  b.nb = std::clamp<int64_t>(c.l2 / 4 / (b.kct * 2048) * 32, 64, 1024);
-  // fp32 accumulator mb x nb: a quarter of L2.
-  b.mb = std::clamp<int64_t>(c.l2 / 4 / (b.nb * 4) / 32 * 32, 32, 512);
+  // K block: up to 2048 values (A slice and B panel 128 KB each, both read from L2 once they are there).
+  // Within a block the four C tiles stay in registers; only K > 2048 stores and reloads them per block.
+  b.kct = std::min<int64_t>(Kt, 64);
+  // Item's B block (kct x nb bf16, 2 KB per K tile and 32 columns): half of L2, where it is reused by
+  // every 32-row slice of the item. 2 MB L2 (Sapphire Rapids), K = 2048: nb = 256.
+  b.nb = std::clamp<int64_t>(c.l2 / 2 / (b.kct * 2048) * 32, 64, 1024);
+  // Rows per item: each B block fetched from L3 / memory feeds mb / 32 slices (and each A slice nb / 32
+  // panels): 512 x 256 reads 3 MB per 0.54 GFLOP at K = 2048. Above one K block the fp32 accumulator
+  // (mb x nb) must stay in L2 too: a quarter of it.
+  b.mb = Kt > b.kct ? std::clamp<int64_t>(c.l2 / 4 / (b.nb * 4) / 32 * 32, 32, 512) : 512;
   b.nb = std::min(b.nb, cdiv(N, 32) * 32);
   b.mb = std::min(b.mb, cdiv(M, 32) * 32);
-  // Enough items for the threads to share (4 each), splitting columns first, then rows.
+  // Enough items for the threads to share (4 each), splitting rows first (B blocks stay large), then columns.
   auto items = [&] { return cdiv(M, b.mb) * cdiv(N, b.nb); };
+  while (items() < 4 * nt && b.mb > 128) b.mb = cdiv(b.mb / 2, 32) * 32;
   while (items() < 4 * nt && b.nb > 64) b.nb = cdiv(b.nb / 2, 32) * 32;
-  while (items() < 4 * nt && b.mb > 32) b.mb = cdiv(b.mb / 2, 32) * 32;
   return b;
 }
 
-// C block (rows [r0, r0 + mrows), columns [c0, c0 + ncols)) of the item, from its fp32 accumulator.
+// 32 x ncols (<= 32) fp32 block at acc (row stride ld) -> the first mrows rows of C (bf16, stride N).
 void store_block(const float* acc, int64_t ld, int64_t mrows, int64_t ncols, u16* C, int64_t N) {
   for (int64_t r = 0; r < mrows; ++r)
     for (int64_t j = 0; j < ncols; j += 16)
@@ -184,45 +222,42 @@ void store_block(const float* acc, int64_t ld, int64_t mrows, int64_t ncols, u16
 struct Shared {
   const u16* A;
   u16* C;
-  const u16* Bp;
+  const u16* Ap;  // packed A (pack_slice_a)
+  const u16* Bp;  // packed B (pack_kn / pack_nk), or nullptr: each item packs its own block (local_b)
+  const u16* B;
+  bool transb, local_b;
   int64_t M, N, K, Kt, Np;
   Blocking blk;
-  std::atomic<int64_t> next{0};
 };
 
 // One item: rows [m0, m0 + mb) x panels [p0, p1) of C.
-void run_item(Shared& s, int64_t m0, int64_t p0, int64_t p1, Keep& keep) {
-  const int64_t M = s.M, N = s.N, K = s.K, Kt = s.Kt, kct = s.blk.kct;
-  const int64_t rows = std::min(s.blk.mb, M - m0), slices = cdiv(rows, 32), ldacc = (p1 - p0) * 32;
-  // Accumulator (slices*32 x ldacc fp32), then the A scratch (32 x kct*32 bf16).
-  const size_t acc_bytes = size_t(slices) * 32 * ldacc * 4;
-  char* mem = static_cast<char*>(keep.get(acc_bytes + size_t(32) * kct * 64));
+void run_item(const Shared& s, int64_t m0, int64_t p0, int64_t p1, Keep& keep) {
+  const int64_t M = s.M, N = s.N, Kt = s.Kt, kct = s.blk.kct;
+  const int64_t rows = std::min(s.blk.mb, M - m0), slices = cdiv(rows, 32);
+  // One K block: the C tiles go through a 32 x 32 scratch (L1) to C. Several: an fp32 accumulator for
+  // the item (slices*32 x ldacc), stored and reloaded per K block.
+  const bool one_block = kct >= Kt;
+  const int64_t ldacc = one_block ? 32 : (p1 - p0) * 32;
+  const size_t acc_bytes = one_block ? 32 * 32 * 4 : size_t(slices) * 32 * ldacc * 4;
+  char* mem = static_cast<char*>(keep.get(acc_bytes + (s.local_b ? size_t(p1 - p0) * kct * 2 * kTileU16 * 2 : 0)));
   float* acc = reinterpret_cast<float*>(mem);
-  u16* ascratch = reinterpret_cast<u16*>(mem + acc_bytes);
-  const bool k_full = K % 32 == 0;
+  u16* bl = reinterpret_cast<u16*>(mem + acc_bytes);  // this item's B block (local_b)
+  const int64_t ldc = ldacc * 4;
   for (int64_t kt0 = 0; kt0 < Kt; kt0 += kct) {
     const int64_t kt1 = std::min(Kt, kt0 + kct), nk = kt1 - kt0;
+    auto local = [&](int64_t jp, int64_t kt) { return ((jp - p0) * nk + (kt - kt0)) * 2 * kTileU16; };
+    if (s.local_b) {  // one row block: this item is the only reader of its B block, packed into L2 right here
+      if (s.transb) {
+        for (int64_t jp = p0; jp < p1; ++jp) pack_nk(s.B, s.K, N, jp, kt0, kt1, local, bl);
+      } else {
+        for (int64_t kt = kt0; kt < kt1; ++kt) pack_kn(s.B, s.K, N, kt, p0, p1, local, bl);
+      }
+    }
     for (int64_t i = 0; i < slices; ++i) {
       const int64_t r0 = m0 + i * 32, nr = std::min<int64_t>(32, M - r0);
-      const u16* a;
-      int64_t lda_bytes;
-      if (nr == 32 && (k_full || kt1 < Kt)) {
-        a = s.A + r0 * K + kt0 * 32;
-        lda_bytes = K * 2;
-      } else {  // rows past M or K past K: a zero-padded copy
-        const int64_t kv = std::min(K, kt1 * 32) - kt0 * 32;
-        for (int64_t r = 0; r < 32; ++r) {
-          u16* d = ascratch + r * nk * 32;
-          std::memset(d, 0, size_t(nk) * 64);
-          if (r < nr) std::memcpy(d, s.A + (r0 + r) * K + kt0 * 32, size_t(kv) * 2);
-        }
-        a = ascratch;
-        lda_bytes = nk * 64;
-      }
-      const int64_t a_step = lda_bytes / 2 * 16;  // 16 rows down, in u16
+      const u16* a = s.Ap + ((r0 / 32) * Kt + kt0) * 2 * kTileU16;
       for (int64_t jp = p0; jp < p1; ++jp) {
-        float* c = acc + i * 32 * ldacc + (jp - p0) * 32;
-        const int64_t ldc = ldacc * 4;
+        float* c = one_block ? acc : acc + i * 32 * ldacc + (jp - p0) * 32;
         if (kt0 == 0) {
           _tile_zero(0);
           _tile_zero(1);
@@ -234,18 +269,18 @@ void run_item(Shared& s, int64_t m0, int64_t p0, int64_t p1, Keep& keep) {
           _tile_loadd(2, c + 16 * ldacc, ldc);
           _tile_loadd(3, c + 16 * ldacc + 16, ldc);
         }
-        const u16* b = s.Bp + (jp * Kt + kt0) * 2 * kTileU16;
+        const u16* b = s.local_b ? bl + local(jp, kt0) : s.Bp + b_at(jp, kt0, s.Np, Kt, kct);
         const u16* ak = a;
         for (int64_t kt = 0; kt < nk; ++kt) {
-          _tile_loadd(4, ak, lda_bytes);
+          _tile_loadd(4, ak, 64);
           _tile_loadd(6, b, 64);
           _tile_dpbf16ps(0, 4, 6);
           _tile_loadd(7, b + kTileU16, 64);
           _tile_dpbf16ps(1, 4, 7);
-          _tile_loadd(5, ak + a_step, lda_bytes);
+          _tile_loadd(5, ak + kTileU16, 64);
           _tile_dpbf16ps(2, 5, 6);
           _tile_dpbf16ps(3, 5, 7);
-          ak += 32;
+          ak += 2 * kTileU16;
           b += 2 * kTileU16;
         }
         _tile_stored(0, c, ldc);
@@ -264,7 +299,7 @@ void run_item(Shared& s, int64_t m0, int64_t p0, int64_t p1, Keep& keep) {
 }  // namespace
 
 void gemm_amx(const GemmParams& p) {
-  const int64_t M = p.M, N = p.N, K = p.K, Kt = cdiv(K, 32), Np = cdiv(N, 32);
+  const int64_t M = p.M, N = p.N, K = p.K, Kt = cdiv(K, 32), Np = cdiv(N, 32), Ms = cdiv(M, 32);
   const double flops = 2.0 * double(M) * double(N) * double(K);
   const int nt = flops < 4.0e6 ? 1 : std::max(1, omp_get_max_threads());
   Shared s;
@@ -272,49 +307,54 @@ void gemm_amx(const GemmParams& p) {
   s.C = static_cast<u16*>(p.c);
   s.M = M, s.N = N, s.K = K, s.Kt = Kt, s.Np = Np;
   s.blk = blocking(M, N, Kt, nt);
-  const size_t bp_bytes = size_t(Np) * Kt * 2 * kTileU16 * 2;
+  s.B = static_cast<const u16*>(p.b);
+  s.transb = p.transb;
+  // With one row block, each B block has one reader: the items pack their own into L2 as they go (B read
+  // once, never written back). With several, B is packed once for all of them.
+  s.local_b = cdiv(M, s.blk.mb) == 1;
+  // Packed A (and B unless local_b), in one buffer kept by the calling thread (or, when large, the call's own).
+  const size_t slab = size_t(Kt) * 2 * kTileU16 * 2;  // bytes per 32-row slice of A / 32-column panel of B
+  const size_t bytes = slab * size_t(Ms + (s.local_b ? 0 : Np));
   thread_local Keep bkeep;
   std::unique_ptr<void, decltype(&std::free)> big(nullptr, &std::free);
-  void* bp;
-  if (bp_bytes > kKeepMax) {
-    big.reset(std::aligned_alloc(64, (bp_bytes + 63) / 64 * 64));
+  void* buf;
+  if (bytes > kKeepMax) {
+    big.reset(std::aligned_alloc(64, (bytes + 63) / 64 * 64));
     if (!big) throw std::bad_alloc();
-    bp = big.get();
+    buf = big.get();
   } else {
-    bp = bkeep.get(bp_bytes);
+    buf = bkeep.get(bytes);
   }
-  s.Bp = static_cast<const u16*>(bp);
+  u16* Ap = static_cast<u16*>(buf);
+  u16* Bp = s.local_b ? nullptr : Ap + slab / 2 * Ms;
+  s.Ap = Ap;
+  s.Bp = Bp;
   const int64_t pp = s.blk.nb / 32, col_items = cdiv(Np, pp), items = cdiv(M, s.blk.mb) * col_items;
-  const u16* B = static_cast<const u16*>(p.b);
-  u16* Bp = static_cast<u16*>(bp);
-  const bool transb = p.transb;
-  auto body = [&](int t, int n) {
+  const u16* A = s.A;
+  const u16* B = s.B;
+  const int64_t kct = s.blk.kct;
+  auto global = [&](int64_t jp, int64_t kt) { return b_at(jp, kt, Np, Kt, kct); };
+  // Units of packing: slices of A, then K tiles of B [K, N] or panels of B [N, K].
+  const int64_t b_units = s.local_b ? 0 : s.transb ? Np : Kt;
+  team::ContentionGuard guard(g_solo_amx, nt);
+  // One team, no OpenMP barrier (team.h): packing units and then items are handed out dynamically, so
+  // a thread whose core the OS lends to another process just does fewer of them.
+  team::run_team(guard.threads(), [&](int t, int, team::Team& tm) {
     configure_tiles();
-    for (int64_t jp = t; jp < Np; jp += n) {
-      u16* dst = Bp + jp * Kt * 2 * kTileU16;
-      if (transb) pack_panel_nk(B, K, N, jp, Kt, dst);
-      else pack_panel_kn(B, K, N, jp, Kt, dst);
-    }
-  };
-  auto work = [&]() {
     thread_local Keep keep;
-    for (int64_t it; (it = s.next.fetch_add(1, std::memory_order_relaxed)) < items;) {
+    for (int64_t u; (u = tm.grab()) < Ms + b_units;) {
+      if (u < Ms) pack_slice_a(A, M, K, u, Kt, Ap + u * (slab / 2));
+      else if (s.transb) pack_nk(B, K, N, u - Ms, 0, Kt, global, Bp);
+      else pack_kn(B, K, N, u - Ms, 0, Np, global, Bp);
+    }
+    guard.barrier(tm, t);  // every unit packed; resets the ticket for the items
+    for (int64_t it; (it = tm.grab()) < items;) {
       const int64_t mi = it / col_items, ci = it % col_items;
       run_item(s, mi * s.blk.mb, ci * pp, std::min(Np, (ci + 1) * pp), keep);
     }
     _tile_release();
-  };
-  if (nt == 1 || omp_in_parallel()) {
-    body(0, 1);
-    work();
-    return;
-  }
-#pragma omp parallel num_threads(nt)
-  {
-    body(omp_get_thread_num(), omp_get_num_threads());
-#pragma omp barrier
-    work();
-  }
+    guard.body_done(t);
+  });
 }
 
 }  // namespace pk::cpu

@@ -165,7 +165,7 @@ void run_all() {
 
 int main(int argc, char** argv) {
   std::vector<Isa> tiers;
-  for (Isa t : {Isa::avx512, Isa::avx2, Isa::portable})
+  for (Isa t : kIsas)
     if (isa_supported(t) && (argc < 2 || std::strcmp(argv[1], isa_name(t)) == 0)) tiers.push_back(t);
   for (Isa t : tiers) {
     set_isa(t);
