@@ -51,6 +51,20 @@ def target(case) -> float:
     return TARGET[p.family]
 
 
+def target21(family: str, dtype: str, params: dict) -> tuple[str, float] | None:
+    """Issue 21's targets for the row: ('peak', fraction of the dtype's compute peak probe) or ('read', fraction
+    of the read bandwidth of the same rounds); None where the issue sets none."""
+    if family == "gemm" and params.get("M") == 2048:
+        return ("peak", 0.90 if dtype == "bfloat16" else 0.85)
+    if family == "gemm" and params.get("M") == 1 and params.get("K") == 4096:
+        return ("read", 0.85)
+    if family == "attention" and params.get("S") == 2048:
+        return ("peak", 0.75 if dtype == "bfloat16" else 0.80)
+    if family == "decode" and params.get("B") == 8:
+        return ("read", 0.85)
+    return None
+
+
 def memory_bound(case) -> bool:
     return case.family == "decode" or (case.family == "gemm" and case.problem.M <= 16)
 
@@ -140,11 +154,22 @@ def main(argv=None) -> int:
         else:
             r["pct_copy_bw"] = r["pct_read_bw"] = None
         r["met"] = r["ratio"] >= r["target"] and (r["family"] != "decode" or r["pct_copy_bw"] >= 80.0)
+    # Compute peaks: the native probes (cached per machine; pykernels info --peaks --refresh-peaks re-measures).
+    peaks = device.peaks("cpu", sorted({r["dtype"] for r in rows}))
+    for r in rows:
+        pk_fl = (peaks.get("flops", {}).get(r["dtype"]) or {}).get("flops_per_s")
+        r["peak_flops_per_s"] = pk_fl
+        r["pct_peak"] = 100.0 * r["flops"] / r["native"]["median_s"] / pk_fl if pk_fl else None
+        t21 = target21(r["family"], r["dtype"], r["params"])
+        r["target21"] = t21
+        if t21:
+            got = r["pct_peak"] if t21[0] == "peak" else r.get("pct_read_bw")
+            r["met21"] = got is not None and got >= 100 * t21[1] and r["ratio"] >= 1.0
     fp = device.fingerprint("cpu")
     doc = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "device": fp,
            "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "bandwidth_start": bw0,
-           "bandwidth_end": bw1, "copy_bytes_per_s": copy_bw, "rows": rows}
+           "bandwidth_end": bw1, "copy_bytes_per_s": copy_bw, "peaks_flops": peaks.get("flops"), "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
@@ -170,10 +195,21 @@ def _geomean(xs: list[float]) -> float:
     return math.exp(sum(math.log(x) for x in xs) / len(xs))
 
 
+def _pct(x) -> str:
+    return "" if x is None else f"{x:.0f}%"
+
+
+def _t21(t) -> str:
+    if not t:
+        return ""
+    return f"≥ {100 * t[1]:.0f}% of {'peak' if t[0] == 'peak' else 'read'}, ≥ 1.00×"
+
+
 def to_markdown(doc: dict) -> str:
     lines = [("| family | dtype | shape | native | torch | speedup native over torch (×, p20–p80 range) | "
-              "torch's penalty vs native | target | native GB/s: % of copy, of read (same rounds) | met |"),
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+              "torch's penalty vs native | target | native GB/s: % of copy, of read (same rounds) | met | "
+              "native: % of compute peak (probe) | issue-21 target | met 21 |"),
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|"]
     order = {"gemm": 0, "attention": 1, "decode": 2}
     for r in sorted(doc["rows"], key=lambda r: (order.get(r["family"], 9), r["dtype"], natural_key(r["shape"]))):
         tn, tt = r["native"]["median_s"], r["torch"]["median_s"]
@@ -186,7 +222,8 @@ def to_markdown(doc: dict) -> str:
         tgt = f"≥ {r['target']:.2f}×" + (", ≥ 80% copy" if r["family"] == "decode" else "")
         lines.append(f"| {r['family']} | {r['dtype']} | {r['shape']} | {tn * 1e3:.3f} ms | {tt * 1e3:.3f} ms | "
                      f"**{r['ratio']:.2f}×** ({lo:.2f}–{hi:.2f}) | {100 * (1 - 1 / r['ratio']):.0f}% | {tgt} | {thr} | "
-                     f"{'yes' if r['met'] else 'NO'} |")
+                     f"{'yes' if r['met'] else 'NO'} | {_pct(r.get('pct_peak'))} | {_t21(r.get('target21'))} | "
+                     f"{'' if not r.get('target21') else 'yes' if r.get('met21') else 'NO'} |")
     fams = list(dict.fromkeys(r["family"] for r in doc["rows"]))
     lines += ["", "| family | shapes | geometric mean of the speedup native over torch | torch's penalty vs native | met |",
               "|---|---:|---:|---:|---:|"]
@@ -204,6 +241,12 @@ def to_markdown(doc: dict) -> str:
               "per-round ratio, the GB/s beside it are medians. The best copy bandwidth of the "
               f"probes at the start and the end of the run: {bw / 1e9:.1f} GB/s. "
               f"torch {doc['torch']}, {doc['threads']} threads, {doc['time_utc']}."),
+              *([("% of compute peak: native FLOP/s over the dtype's peak from the native probes of this machine "
+                  "(docs/probes.md: register-resident FMA / vdpbf16ps / AMX tdpbf16ps loops on every thread): "
+                  + ", ".join(f"{k} {v['flops_per_s'] / 1e9:.0f} GFLOP/s ({v.get('instruction', '').split()[0]})"
+                              for k, v in doc["peaks_flops"].items() if v and v.get("flops_per_s"))
+                  + ". Issue-21 targets: % of that peak or of the read bandwidth of the same rounds, and ≥ 1.00× "
+                  "torch.")] if doc.get("peaks_flops") else []),
               f"Command: `{doc['command']}`", ""]
     return "\n".join(lines)
 
