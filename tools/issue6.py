@@ -26,8 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
-import re
 import shlex
 import statistics
 import sys
@@ -89,7 +89,9 @@ def main(argv=None) -> int:
     ap.add_argument("--from-json", default=None, metavar="FILE",
                     help="measure nothing: write OUT.md from this earlier OUT.json (the current convention)")
     ap.add_argument("--readme", default=None, metavar="FILE",
-                    help="paste OUT.md between the issue6-table markers of FILE (the README)")
+                    help="paste OUT.md between the BLOCK markers of FILE (the README)")
+    ap.add_argument("--block", default="issue6-table",
+                    help="the README block: <!-- BLOCK ... --> ... <!-- /BLOCK --> (one per CPU; default %(default)s)")
     ap.add_argument("--overhead", action="store_true",
                     help="instead: the issue-21 fixed-cost table (small shapes, pk.gemm - prepared), tools/overhead.py")
     args = ap.parse_args(argv)
@@ -105,12 +107,13 @@ def main(argv=None) -> int:
         out = Path(args.out)
         out.with_suffix(".md").write_text(to_markdown(doc))
         if args.readme:
-            paste(Path(args.readme), out.with_suffix(".md"))
+            paste(Path(args.readme), out.with_suffix(".md"), args.block)
         print(to_markdown(doc))
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = [c for c in sweeps.sweep("quick") if not args.kernel or c.family in args.kernel]
+    load0 = os.getloadavg()[0]
     bw0 = bandwidth()
     nbytes_bw = 256 << 20
     src = torch.ones(nbytes_bw // 4)
@@ -169,26 +172,24 @@ def main(argv=None) -> int:
     doc = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "device": fp,
            "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "bandwidth_start": bw0,
-           "bandwidth_end": bw1, "copy_bytes_per_s": copy_bw, "peaks_flops": peaks.get("flops"), "rows": rows}
+           "bandwidth_end": bw1, "copy_bytes_per_s": copy_bw, "peaks_flops": peaks.get("flops"),
+           "load_avg_1min": [load0, os.getloadavg()[0]], "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
     out.with_suffix(".md").write_text(to_markdown(doc))
     if args.readme:
-        paste(Path(args.readme), out.with_suffix(".md"))
+        paste(Path(args.readme), out.with_suffix(".md"), args.block)
     print(to_markdown(doc))
     return 0
 
 
-_BLOCK = re.compile(r"(<!-- issue6-table[^\n]*-->\n)(.*?)(<!-- /issue6-table -->)", re.DOTALL)
+def paste(readme: Path, md: Path, block: str = "issue6-table") -> None:
+    """Replace the README's block (markers kept) with the Markdown file: tools/readme_results.py's paste."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import readme_results
 
-
-def paste(readme: Path, md: Path) -> None:
-    """Replace the README's issue6-table block with the Markdown file (markers kept)."""
-    text = readme.read_text()
-    if not _BLOCK.search(text):
-        raise SystemExit(f"{readme}: no <!-- issue6-table --> ... <!-- /issue6-table --> block")
-    readme.write_text(_BLOCK.sub(lambda m: m.group(1) + md.read_text() + m.group(3), text, count=1))
+    readme_results.paste(str(readme), block, md.read_text())
 
 
 def _geomean(xs: list[float]) -> float:
@@ -240,7 +241,9 @@ def to_markdown(doc: dict) -> str:
               "timed in the same rounds as native and torch for that row; the % is the median over rounds of the "
               "per-round ratio, the GB/s beside it are medians. The best copy bandwidth of the "
               f"probes at the start and the end of the run: {bw / 1e9:.1f} GB/s. "
-              f"torch {doc['torch']}, {doc['threads']} threads, {doc['time_utc']}."),
+              f"torch {doc['torch']}, {doc['threads']} threads, {doc['time_utc']}"
+              + (", load average (1 min) at the start and the end: {:.1f}, {:.1f}.".format(*doc["load_avg_1min"])
+                 if doc.get("load_avg_1min") else ".")),
               *([("% of compute peak: native FLOP/s over the dtype's peak from the native probes of this machine "
                   "(docs/probes.md: register-resident FMA / vdpbf16ps / AMX tdpbf16ps loops on every thread): "
                   + ", ".join(f"{k} {v['flops_per_s'] / 1e9:.0f} GFLOP/s ({v.get('instruction', '').split()[0]})"
