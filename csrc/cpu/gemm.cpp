@@ -959,8 +959,7 @@ template <class T> void gemm_dot_avx512(const GemmParams& p) {
 template <class Src> void gemm_typed(const GemmParams& p) {
   [[maybe_unused]] const Features f = enabled();  // the active ISA tier (cpu.h)
 #if defined(PK_X86)
-  // The AVX2 tier packs B as [K, N] only: linear (B stored [N, K]) takes the portable drivers there.
-  if (!f.avx512f && f.avx2_fma && !p.transb) return gemm_avx2(p);
+  if (!f.avx512f && f.avx2_fma) return gemm_avx2(p);
   if (f.avx512f) {
     if (p.M <= kDirectMaxM && !p.transb) return gemm_direct_avx512<Src>(p);  // direct reads B as [K, N]
     if (p.M <= kDotMaxM && p.transb) return gemm_dot_avx512<Src>(p);        // rows of B are contiguous in K

@@ -2,12 +2,14 @@
 // f32 and bf16 in/out. Built with -mavx2 -mfma -mno-avx512f (CMakeLists.txt).
 //
 // Paths:
+//   dot     M <= 4 with B stored [N, K] (linear): dot products along K, each row of B read once.
 //   direct  M <= 4 (decode batches): B streamed once, never packed (bf16 widened in registers); items
 //           of 64 rows of B go to the threads dynamically, each adds 4 rows of B per pass into a
 //           private fp32 partial of the C rows; the partials are summed at the end.
 //   packed  BLIS-style: work items are (MC rows x NC columns) blocks of C, handed out dynamically;
 //           per item and K block (KC) the rows of A are packed into [k][6] panels and B into [k][16]
-//           panels (bf16 widened to fp32 while packing), and the 6 x 16 micro-kernel runs over the
+//           panels (bf16 widened to fp32 while packing; from B^T when B is stored [N, K], transb), and
+//           the 6 x 16 micro-kernel runs over the
 //           tiles: 12 ymm accumulators + 2 B vectors + 1 broadcast = 15 of the 16 ymm registers.
 //           Each k step: 2 loads of B, 6 broadcasts, 12 FMAs (2 FMA pipes: 6 cycles).
 // Block sizes come from the caches the CPU reports (cpu.h caches()), not from constants:
@@ -126,6 +128,26 @@ template <class T> void pack_b(const T* b, int64_t ldb, int64_t kc, int64_t nc, 
   }
 }
 
+// B stored [N, K] (a linear layer's weight, GemmParams::transb; row stride ldb = K): the same panels as
+// pack_b from B^T. Per panel, 8 K values of each of its 16 rows are loaded (contiguous) and scattered
+// into the panel's [k][16] order.
+template <class T> void pack_bt(const T* w, int64_t ldb, int64_t kc, int64_t nc, float* dst) {
+  for (int64_t q = 0; q * NR < nc; ++q) {
+    const int64_t nr = std::min<int64_t>(NR, nc - q * NR);
+    float* d = dst + q * kc * NR;
+    int64_t k = 0;
+    for (; k + 8 <= kc; k += 8) {
+      alignas(32) float t[NR][8];
+      for (int j = 0; j < NR; ++j)
+        _mm256_store_ps(t[j], j < nr ? avx2::load8(w + (q * NR + j) * ldb + k) : _mm256_setzero_ps());
+      for (int kk = 0; kk < 8; ++kk)
+        for (int j = 0; j < NR; ++j) d[(k + kk) * NR + j] = t[j][kk];
+    }
+    for (; k < kc; ++k)
+      for (int j = 0; j < NR; ++j) d[k * NR + j] = j < nr ? ldf(w, (q * NR + j) * ldb + k) : 0.f;
+  }
+}
+
 // ---- 6 x 16 micro-kernel ---------------------------------------------------------------------------
 // c[r][j] (+)= sum_k a[k][r] * b[k][j]; all 6 x 16 values are written (c must have room).
 template <bool Acc> void kernel(const float* a, const float* b, int64_t kc, float* c, int64_t ldc) {
@@ -215,7 +237,8 @@ template <class T> void gemm_packed(const GemmParams& p) {
         const int64_t kc = std::min(KC, K - k0);
         for (int64_t i = 0; i < mc; i += MR)
           pack_a(A + (i0 + i) * K + k0, K, static_cast<int>(std::min<int64_t>(MR, mc - i)), kc, ap + i * kc);
-        pack_b(B + k0 * N + j0, N, kc, nc, bp);
+        if (p.transb) pack_bt(B + j0 * K + k0, K, kc, nc, bp);
+        else pack_b(B + k0 * N + j0, N, kc, nc, bp);
         for (int64_t j = 0; j < nc; j += NR)
           for (int64_t i = 0; i < mc; i += MR)
             tile(ap + i * kc, bp + j * kc, kc, c + i * ldc + j, ldc, static_cast<int>(std::min<int64_t>(MR, mc - i)),
@@ -318,7 +341,70 @@ template <int M, class T> void gemm_direct(const GemmParams& p) {
   }
 }
 
+// ---- linear, M <= 4 (B stored [N, K]): dot products ---------------------------------------------------
+// C[m][n] = A[m] . W[n], both rows contiguous in K: NU rows of W at a time against all M rows of A,
+// M x NU ymm accumulators (<= 8) summed horizontally at the end. Items are blocks of 64 rows of W,
+// handed out dynamically; each row of W is read once.
+template <int M, class T> void gemm_dot(const GemmParams& p) {
+  constexpr int NU = M <= 2 ? 4 : 2;
+  constexpr int64_t kRows = 64;
+  const int64_t N = p.N, K = p.K, K8 = K / 8 * 8, items = cdiv(N, kRows);
+  const T* A = static_cast<const T*>(p.a);
+  const T* W = static_cast<const T*>(p.b);
+  const int nt = static_cast<int>(std::min<int64_t>(pick_threads(p), items));
+  auto store = [&](int64_t m, int64_t n, float v) {
+    if constexpr (std::is_same_v<T, float>) static_cast<float*>(p.c)[m * N + n] = v;
+    else static_cast<u16*>(p.c)[m * N + n] = float_to_bf16(v);
+  };
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t n1 = std::min(N, (it + 1) * kRows);
+    int64_t n = it * kRows;
+    for (; n + NU <= n1; n += NU) {
+      __m256 acc[M][NU];
+      for (int m = 0; m < M; ++m)
+        for (int u = 0; u < NU; ++u) acc[m][u] = _mm256_setzero_ps();
+      for (int64_t k = 0; k < K8; k += 8) {
+        __m256 w[NU];
+        for (int u = 0; u < NU; ++u) w[u] = avx2::load8(W + (n + u) * K + k);
+        for (int m = 0; m < M; ++m) {
+          const __m256 a = avx2::load8(A + m * K + k);
+          for (int u = 0; u < NU; ++u) acc[m][u] = _mm256_fmadd_ps(a, w[u], acc[m][u]);
+        }
+      }
+      for (int m = 0; m < M; ++m)
+        for (int u = 0; u < NU; ++u) {
+          const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[m][u]), _mm256_extractf128_ps(acc[m][u], 1));
+          const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
+          float v = _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
+          for (int64_t k = K8; k < K; ++k) v += ldf(A, m * K + k) * ldf(W, (n + u) * K + k);
+          store(m, n + u, v);
+        }
+    }
+    for (; n < n1; ++n)  // fewer than NU rows of W left in the item
+      for (int m = 0; m < M; ++m) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t k = 0; k < K8; k += 8)
+          acc = _mm256_fmadd_ps(avx2::load8(A + m * K + k), avx2::load8(W + n * K + k), acc);
+        alignas(32) float t[8];
+        _mm256_store_ps(t, acc);
+        float v = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+        for (int64_t k = K8; k < K; ++k) v += ldf(A, m * K + k) * ldf(W, n * K + k);
+        store(m, n, v);
+      }
+  }
+}
+
 template <class T> void gemm_typed(const GemmParams& p) {
+  if (p.transb) {
+    switch (p.M) {
+      case 1: return gemm_dot<1, T>(p);
+      case 2: return gemm_dot<2, T>(p);
+      case 3: return gemm_dot<3, T>(p);
+      case 4: return gemm_dot<4, T>(p);
+      default: return gemm_packed<T>(p);
+    }
+  }
   switch (p.M) {
     case 1: return gemm_direct<1, T>(p);
     case 2: return gemm_direct<2, T>(p);
