@@ -64,7 +64,7 @@ _fuzz_profiles()
 
 # ---- native CPU ISA tiers (csrc/cpu/cpu.h) ---------------------------------------------------------------
 # The correctness matrix of these files runs the native backend once per tier this CPU can run
-# (avx512, avx2, portable); PYKERNELS_CPU_ISA pins it to that one tier. Other backends run once.
+# (amx, avx512, avx2, portable); PYKERNELS_CPU_ISA pins it to that one tier. Other backends run once.
 _ISA_FILES = {"test_gemm.py", "test_attention.py", "test_decode.py"}
 
 
