@@ -30,6 +30,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -169,40 +170,98 @@ inline void pv_block(const u16* p, const u16* vt, int64_t nkc, float* o) {
   }
 }
 
-// Online softmax of one row of scores (keys kt0 .. kt0 + kBk - 1; lim = keys of the tile the row
-// sees): updates m, l, writes the row's bf16 probabilities and rescales its accumulator row.
+// 2^x for x <= 0 (and garbage in lanes the caller masks afterwards): the range reduction of
+// attn::exp2_ps without its clamps, and a degree-5 polynomial (truncation error 2.4e-6, far below
+// the bf16 rounding of P). x far below -150 gives 0 through vscalefps.
+PK_ALWAYS_INLINE __m512 exp2_neg(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.3333558146428443e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Lane i = max of the 16 lanes of a[i]: the transposed reduction of attn::hsum16 with max.
+template <int I>
+PK_ALWAYS_INLINE __m512 max_combine(__m512 x, __m512 y) {
+  return _mm512_max_ps(_mm512_permutex2var_ps(x, _mm512_load_si512(attn::kHsumPerm[I].a), y),
+                       _mm512_permutex2var_ps(x, _mm512_load_si512(attn::kHsumPerm[I].b), y));
+}
+PK_ALWAYS_INLINE __m512 hmax16(const __m512* a) {
+  __m512 l1[8], l2[4], l3[2];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) l1[i] = max_combine<0>(a[2 * i], a[2 * i + 1]);
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) l2[i] = max_combine<1>(l1[2 * i], l1[2 * i + 1]);
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i) l3[i] = max_combine<2>(l2[2 * i], l2[2 * i + 1]);
+  return max_combine<3>(l3[0], l3[1]);
+}
+
+// Online softmax of 16 rows of raw scores s (stride kBk; keys kt0 .. kt0 + kBk - 1), the 16 rows in
+// the lanes of m, l: lim[r] = keys of the tile row r sees. Scores are Q'.K with Q' = sign(c) Q, so
+// c s = |c| s' and the max of |c| s' is |c| times the max of s'. Updates m, l, writes the bf16
+// probabilities p (stride kBk) and rescales the accumulator rows o (stride D) by 2^(m_old - m_new).
+// Two passes over the scores (L1-resident): row maxima, then exponentials and row sums; the
+// reductions of both are transposed ones over all 16 rows (~3 ops per row each).
 template <int D>
-inline void softmax_row(const float* s, int64_t lim, float c, float* m, float* l, u16* p, float* o) {
-  const __m512 vc = _mm512_set1_ps(c), ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  __m512 x[kNv];
-#pragma GCC unroll 8
-  for (int v = 0; v < kNv; ++v) x[v] = _mm512_mul_ps(_mm512_load_ps(s + 16 * v), vc);
-  if (lim < kBk) {
-#pragma GCC unroll 8
-    for (int v = 0; v < kNv; ++v) x[v] = _mm512_mask_mov_ps(ninf, vec::mask16(lim - 16 * v), x[v]);
+PK_ALWAYS_INLINE void softmax16(const float* s, const int64_t* lim, float ac, float* m, float* l, u16* p, float* o) {
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), vc = _mm512_set1_ps(ac);
+  __m512 acc[16];
+#pragma GCC unroll 16
+  for (int r = 0; r < 16; ++r) {
+    const float* sr = s + r * kBk;
+    if (lim[r] < kBk) {
+      acc[r] = _mm512_mask_mov_ps(ninf, vec::mask16(lim[r]), _mm512_load_ps(sr));
+#pragma GCC unroll 16
+      for (int v = 1; v < kNv; ++v)
+        acc[r] = _mm512_mask_max_ps(acc[r], vec::mask16(lim[r] - 16 * v), acc[r], _mm512_load_ps(sr + 16 * v));
+    } else {
+      acc[r] = _mm512_load_ps(sr);
+#pragma GCC unroll 16
+      for (int v = 1; v < kNv; ++v) acc[r] = _mm512_max_ps(acc[r], _mm512_load_ps(sr + 16 * v));
+    }
   }
-  __m512 mx = x[0];
-#pragma GCC unroll 8
-  for (int v = 1; v < kNv; ++v) mx = _mm512_max_ps(mx, x[v]);
-  const float m_old = *m, m_new = std::max(m_old, _mm512_reduce_max_ps(mx));
+  const __m512 m_old = _mm512_loadu_ps(m);
+  // max(NaN-free scaled max, m_old); a row with every key of the tile masked keeps m_old.
+  const __m512 m_new = _mm512_max_ps(_mm512_mul_ps(hmax16(acc), vc), m_old);
   // A row with every key masked so far keeps m = -inf; subtracting 0 then keeps p = 0, not NaN.
-  const float mu = m_new == -std::numeric_limits<float>::infinity() ? 0.f : m_new;
-  const float alpha = attn::exp2_ss(m_old - mu);
-  const __m512 vm = _mm512_set1_ps(mu);
+  const __m512 mu = _mm512_mask_mov_ps(m_new, _mm512_cmp_ps_mask(m_new, ninf, _CMP_EQ_OQ), _mm512_setzero_ps());
+  const __m512 alpha = attn::exp2_ps(_mm512_sub_ps(m_old, mu));
+  alignas(64) float mus[16];
+  _mm512_store_ps(mus, mu);
+#pragma GCC unroll 16
+  for (int r = 0; r < 16; ++r) {
+    const float* sr = s + r * kBk;
+    const __m512 vm = _mm512_set1_ps(mus[r]);
+    acc[r] = _mm512_setzero_ps();
 #pragma GCC unroll 8
-  for (int v = 0; v < kNv; ++v) x[v] = attn::exp2_ps(_mm512_sub_ps(x[v], vm));
-  __m512 sum = x[0];
+    for (int v = 0; v < kNv; v += 2) {
+      __m512 x0 = exp2_neg(_mm512_fmsub_ps(_mm512_load_ps(sr + 16 * v), vc, vm));
+      __m512 x1 = exp2_neg(_mm512_fmsub_ps(_mm512_load_ps(sr + 16 * v + 16), vc, vm));
+      if (lim[r] < kBk) {
+        x0 = _mm512_maskz_mov_ps(vec::mask16(lim[r] - 16 * v), x0);
+        x1 = _mm512_maskz_mov_ps(vec::mask16(lim[r] - 16 * v - 16), x1);
+      }
+      acc[r] = _mm512_add_ps(acc[r], _mm512_add_ps(x0, x1));
+      _mm512_store_si512(p + r * kBk + 16 * v, (__m512i)_mm512_cvtne2ps_pbh(x1, x0));
+    }
+  }
+  _mm512_storeu_ps(l, _mm512_fmadd_ps(_mm512_loadu_ps(l), alpha, attn::hsum16(acc)));
+  _mm512_storeu_ps(m, m_new);
+  // Rescale the accumulator rows whose max moved (alpha exactly 1 otherwise: 2^0 is exact).
+  alignas(64) float al[16];
+  _mm512_store_ps(al, alpha);
+  for (unsigned k = _mm512_cmp_ps_mask(alpha, _mm512_set1_ps(1.f), _CMP_NEQ_UQ); k; k &= k - 1) {
+    const int r = __builtin_ctz(k);
+    const __m512 va = _mm512_set1_ps(al[r]);
+    float* orow = o + r * D;
 #pragma GCC unroll 8
-  for (int v = 1; v < kNv; ++v) sum = _mm512_add_ps(sum, x[v]);
-  *l = *l * alpha + _mm512_reduce_add_ps(sum);
-  *m = m_new;
-#pragma GCC unroll 8
-  for (int v = 0; v < kNv; v += 2)
-    _mm512_store_si512(p + 16 * v, (__m512i)_mm512_cvtne2ps_pbh(x[v + 1], x[v]));
-  if (alpha != 1.f) {
-    const __m512 va = _mm512_set1_ps(alpha);
-#pragma GCC unroll 8
-    for (int e = 0; e < D / 16; ++e) _mm512_store_ps(o + 16 * e, _mm512_mul_ps(_mm512_load_ps(o + 16 * e), va));
+    for (int e = 0; e < D / 16; ++e) _mm512_store_ps(orow + 16 * e, _mm512_mul_ps(_mm512_load_ps(orow + 16 * e), va));
   }
 }
 
@@ -214,10 +273,13 @@ void item(const Ctx& x, int64_t bkv, int64_t q0, const Scratch& sc) {
     const u16* src = x.q + ((b * x.Hq + hkv * g + hh) * S + q0) * D;
     for (int64_t i = 0; i < np; ++i) {
       const int64_t r = hh * np + i;
-      if (i < nq)
-        std::memcpy(sc.q + r * D, src + i * D, D * 2);
-      else
-        std::memset(sc.q + r * D, 0, D * 2);
+      // Q' = sign(c) Q (exact in bf16: the sign bit), so that the scores scale by |c| (softmax16).
+      const __m512i flip = _mm512_set1_epi16(x.c < 0 ? int16_t(0x8000) : 0);
+#pragma GCC unroll 4
+      for (int e = 0; e < D / 32; ++e)
+        _mm512_store_si512(sc.q + r * D + 32 * e,
+                           i < nq ? _mm512_xor_si512(_mm512_loadu_si512(src + i * D + 32 * e), flip)
+                                  : _mm512_setzero_si512());
       std::memset(sc.o + r * D, 0, D * 4);
       sc.m[r] = -std::numeric_limits<float>::infinity();
       sc.l[r] = 0.f;
@@ -239,13 +301,15 @@ void item(const Ctx& x, int64_t bkv, int64_t q0, const Scratch& sc) {
         const int64_t kvis = std::min(S, x.causal ? pos_hi + 1 : S) - kt0;
         const int64_t nkb = std::min<int64_t>(kBk / 32, (kvis + 31) / 32);
         qk_block<D>(sc.q + r0 * D, kt, nkb, sc.s);
+        int64_t lim[kRb];
         for (int64_t r = 0; r < kRb; ++r) {
           // Rows past the last position (padding, never stored) borrow that position.
           const int64_t pos = q0 + std::min(i0 + r, nq - 1);
-          const int64_t lim = (x.causal ? std::min(S, pos + 1) : S) - kt0;
-          softmax_row<D>(sc.s + r * kBk, lim, x.c, sc.m + r0 + r, sc.l + r0 + r, sc.p + r * kBk,
-                         sc.o + (r0 + r) * D);
+          lim[r] = (x.causal ? std::min(S, pos + 1) : S) - kt0;
         }
+        for (int64_t h = 0; h < kRb; h += 16)
+          softmax16<D>(sc.s + h * kBk, lim + h, std::fabs(x.c), sc.m + r0 + h, sc.l + r0 + h, sc.p + h * kBk,
+                       sc.o + (r0 + h) * D);
         pv_block<D>(sc.p, vt, nkb, sc.o + r0 * D);
       }
     }
