@@ -5,9 +5,36 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <new>
 
 namespace pk::cpu::amx {
+
+// Scratch kept per thread between calls (a fresh multi-MB buffer per call costs thousands of page
+// faults); 64-byte aligned, contents undefined.
+class Keep {
+ public:
+  void* get(size_t bytes) {
+    if (bytes > cap_) {
+      std::free(p_);
+      cap_ = (bytes + 4095) / 4096 * 4096;
+      p_ = std::aligned_alloc(64, cap_);
+      if (!p_) {
+        cap_ = 0;
+        throw std::bad_alloc();
+      }
+    }
+    return p_;
+  }
+  ~Keep() { std::free(p_); }
+
+ private:
+  void* p_ = nullptr;
+  size_t cap_ = 0;
+};
+// Larger needs are allocated for the call and freed.
+constexpr size_t kKeepMax = size_t(64) << 20;
 
 struct alignas(64) TileConfig {
   uint8_t palette;

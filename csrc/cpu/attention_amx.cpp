@@ -49,7 +49,7 @@ using attn::AlignedBuf;
 // O += P V pass over each 32 x 32 accumulator block (each tile load/store of the accumulator feeds
 // 8 tdpbf16ps); the packed K and V tiles (16 KB each at D = 128) stay in L1/L2 while the item's row
 // blocks pass over them, and one row of scores is 4 zmm.
-constexpr int64_t kBk = 64;
+constexpr int64_t kBk = 128;
 constexpr int64_t kNv = kBk / 16;  // zmm per row of scores
 // Rows per AMX block: two A tiles of 16 rows.
 constexpr int64_t kRb = 32;
@@ -332,28 +332,35 @@ void run(const AttentionParams& p) {
   const int64_t ntiles = (S + kBk - 1) / kBk, nbkv = p.B * Hkv;
   const u16* K = static_cast<const u16*>(p.k);
   const u16* V = static_cast<const u16*>(p.v);
-  const size_t tile_bytes = size_t(kBk) * D * 2;
-  AlignedBuf kbuf(size_t(nbkv * ntiles) * tile_bytes), vbuf(size_t(nbkv * ntiles) * tile_bytes);
+  const size_t pack_bytes = size_t(nbkv * ntiles) * kBk * D * 2;  // packed K, then packed V
+  thread_local amx::Keep keep;
+  AlignedBuf big(2 * pack_bytes > amx::kKeepMax ? 2 * pack_bytes : 0);
+  u16* const kpack = static_cast<u16*>(2 * pack_bytes > amx::kKeepMax ? big.as<void>() : keep.get(2 * pack_bytes));
+  u16* const vpack = kpack + pack_bytes / 2;
   // The same threshold as attention.cpp: one thread up to 2^20 query-row x padded-key x D steps.
   const bool par = p.B * p.Hq * S * ntiles * kBk * D > (int64_t(1) << 20);
 #pragma omp parallel for schedule(static) if (par)
   for (int64_t it = 0; it < nbkv * ntiles; ++it) {
     const int64_t bkv = it / ntiles, t = it % ntiles, kt0 = t * kBk, nk = std::min(kBk, S - kt0);
     const int64_t row0 = bkv * S + kt0;  // first row of the tile in k, v
-    pack_k<D>(K + row0 * D, nk, kbuf.as<u16>() + it * kBk * D);
-    pack_v<D>(V + row0 * D, nk, vbuf.as<u16>() + it * kBk * D);
+    pack_k<D>(K + row0 * D, nk, kpack + it * kBk * D);
+    pack_v<D>(V + row0 * D, nk, vpack + it * kBk * D);
   }
 
-  Ctx x{static_cast<const u16*>(p.q), static_cast<u16*>(p.o), kbuf.as<u16>(), vbuf.as<u16>(), p.Hq, Hkv, S, g,
+  Ctx x{static_cast<const u16*>(p.q), static_cast<u16*>(p.o), kpack, vpack, p.Hq, Hkv, S, g,
         ntiles, 0, p.scale * attn::kLog2e, p.causal};
   x.npos = std::max<int64_t>(kRb, kRows / g / kRb * kRb);
   const int64_t nqb = (S + x.npos - 1) / x.npos, nitems = nbkv * nqb, rows = g * x.npos;
 #pragma omp parallel if (par)
   {
-    AlignedBuf qb(size_t(rows * D * 2)), ob(size_t(rows * D * 4)), ml(size_t(2 * rows * 4)),
-        sb(size_t(kRb * kBk * 4)), pb(size_t(kRb * kBk * 2));
-    const Scratch sc{qb.as<u16>(), ob.as<float>(), ml.as<float>(), ml.as<float>() + rows, sb.as<float>(),
-                     pb.as<u16>()};
+    // Per-thread scratch, kept between calls: Q copy, O, m and l of the item; S and P of a row block.
+    thread_local amx::Keep scratch;
+    const size_t qo = size_t(rows) * D * 2, oo = size_t(rows) * D * 4, mo = size_t(rows) * 4, so = kRb * kBk * 4;
+    char* mem = static_cast<char*>(scratch.get(qo + oo + 2 * mo + so + kRb * kBk * 2));
+    const Scratch sc{reinterpret_cast<u16*>(mem), reinterpret_cast<float*>(mem + qo),
+                     reinterpret_cast<float*>(mem + qo + oo), reinterpret_cast<float*>(mem + qo + oo + mo),
+                     reinterpret_cast<float*>(mem + qo + oo + 2 * mo),
+                     reinterpret_cast<u16*>(mem + qo + oo + 2 * mo + so)};
     amx::configure_tiles();
     // Items of one kv head are consecutive (the threads share its packed K/V in L2/L3); within a
     // head the heaviest (last, under a causal mask) query block goes first.
