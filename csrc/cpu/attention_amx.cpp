@@ -171,17 +171,16 @@ inline void pv_block(const u16* p, const u16* vt, int64_t nkc, float* o) {
 }
 
 // 2^x for x <= 0 (and garbage in lanes the caller masks afterwards): the range reduction of
-// attn::exp2_ps without its clamps, and a degree-5 polynomial (truncation error 2.4e-6, far below
-// the bf16 rounding of P). x far below -150 gives 0 through vscalefps.
+// attn::exp2_ps without its clamps (x far below -150 gives 0 through vscalefps), and a degree-3
+// polynomial fitted to 2^f on [-1/2, 1/2] for relative error (max 7.5e-5, 27x below the half-ulp
+// 2^-9 of the bf16 rounding every p then goes through; the AVX-512 path's degree 6 buys nothing here).
 PK_ALWAYS_INLINE __m512 exp2_neg(__m512 x) {
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.3333558146428443e-3f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  __m512 p = _mm512_set1_ps(0.05517132207751274f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24261054396629333f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6932609677314758f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999281167984009f));
   return _mm512_scalef_ps(p, n);
 }
 
