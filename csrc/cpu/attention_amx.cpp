@@ -49,7 +49,7 @@ using attn::AlignedBuf;
 // O += P V pass over each 32 x 32 accumulator block (each tile load/store of the accumulator feeds
 // 8 tdpbf16ps); the packed K and V tiles (16 KB each at D = 128) stay in L1/L2 while the item's row
 // blocks pass over them, and one row of scores is 4 zmm.
-constexpr int64_t kBk = 128;
+constexpr int64_t kBk = 64;
 constexpr int64_t kNv = kBk / 16;  // zmm per row of scores
 // Rows per AMX block: two A tiles of 16 rows.
 constexpr int64_t kRb = 32;
