@@ -51,3 +51,22 @@ def test_attention_explicit_scale():
     assert rel_error(out, ref) < 1e-4
     # A different scale must give a different answer (the scale is not ignored).
     assert rel_error(pk.attention(**x, causal=True), ref) > 1e-3
+
+
+@pytest.mark.parametrize("backend", ["native"])
+@pytest.mark.parametrize("scale", [0.3, -0.2], ids=["scale0.3", "scale-0.2"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_attention_bf16_explicit_scale(causal, scale, backend):
+    # bf16 on every native tier (amx included) with a non-default scale, a negative one too (the AMX path
+    # folds the sign of the scale into Q), GQA 2 and a length that is no multiple of any tile.
+    import pykernels as pk
+    from pykernels.harness import verify
+    from pykernels.kernels import rel_error
+
+    p = AttentionProblem(1, 4, 2, 97, 128, causal=causal)
+    x = p.make_inputs(torch.bfloat16)
+    ref = verify.FAMILIES["attention"].reference(**x, causal=causal, scale=scale)
+    out = pk.attention(**x, causal=causal, scale=scale, backend=backend)
+    assert out.dtype == torch.bfloat16
+    assert rel_error(out, ref) < 2e-2
+    assert rel_error(pk.attention(**x, causal=causal, backend=backend), ref) > 5e-2

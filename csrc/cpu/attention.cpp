@@ -9,6 +9,7 @@
 //   O  = alpha O + P V   into fp32 accumulators (the rescale rides on the accumulator load)
 // Paths, chosen at run time from CPUID (cpu_features.cpp):
 //   fp32 (AVX-512F)       K pre-transposed per tile to [D][64]; V read in place.
+//   bf16 + AMX (tier amx) tiles for both products: attention_amx.cpp.
 //   bf16 + AVX512_BF16    vdpbf16ps for both products: K packed to [D/2][64] bf16 pairs, V to
 //                          [32][D] row pairs, P rounded to bf16 (as FlashAttention-2 does on GPUs).
 //   bf16, AVX-512F only   K, V widened to fp32 in the packing pass, then the fp32 path.
@@ -515,6 +516,8 @@ void dispatch(const AttentionParams& p) {
   const Features f = enabled();  // the active ISA tier (cpu.h)
   if (!f.avx512f && f.avx2_fma) return attention_avx2(p);
   if (!f.avx512f) return run_scalar<T>(p);
+  if constexpr (std::is_same_v<T, bf16>)
+    if (f.amx_bf16) return attention_amx(p);  // AMX tiles for both products (attention_amx.cpp)
   const bool dp = std::is_same_v<T, bf16> && f.avx512_bf16;
   if (p.D == 64) return run_avx512<T, 64>(p, dp);
   return run_avx512<T, 128>(p, dp);

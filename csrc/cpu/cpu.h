@@ -15,7 +15,7 @@ const Features& features();  // what the CPU (and OS) can run
 
 // ISA tiers, chosen at run time: the best the CPU runs, or the one PYKERNELS_CPU_ISA (read when the
 // extension loads) or set_isa() asked for, so that one machine can test and time every tier.
-//   amx       avx512 plus AMX-BF16 tiles for bf16 GEMM: csrc/cpu/gemm_amx.cpp
+//   amx       avx512 plus AMX-BF16 tiles for bf16 GEMM and attention: csrc/cpu/*_amx.cpp
 //   avx512    AVX-512F/BW/VL/DQ (+ AVX512_BF16 when present): csrc/cpu/{gemm,attention,decode}.cpp
 //   avx2      AVX2 + FMA micro-kernels: csrc/cpu/*_avx2.cpp (built with -mavx2 -mfma -mno-avx512f)
 //   portable  plain C++, vectorized by the compiler for the build's target
@@ -48,7 +48,8 @@ void gemm_avx2(const GemmParams& p);
 void attention_avx2(const AttentionParams& p);
 void decode_avx2(const DecodeParams& p);
 
-// AMX tier (csrc/cpu/gemm_amx.cpp): bf16 GEMM, either B layout; callers check enabled().amx_bf16.
-void gemm_amx(const GemmParams& p);
+// AMX tier (csrc/cpu/*_amx.cpp); callers check enabled().amx_bf16.
+void gemm_amx(const GemmParams& p);            // bf16 GEMM, either B layout (gemm_amx.cpp)
+void attention_amx(const AttentionParams& p);  // bf16 flash attention, D 64 or 128 (attention_amx.cpp)
 
 }  // namespace pk::cpu

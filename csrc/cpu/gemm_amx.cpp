@@ -33,6 +33,7 @@
 #include <memory>
 #include <new>
 
+#include "cpu/amx_common.h"
 #include "cpu/team.h"
 #include "cpu/vec.h"
 
@@ -40,60 +41,20 @@ namespace pk::cpu {
 namespace {
 
 using u16 = uint16_t;
-using u32 = uint32_t;
+using amx::configure_tiles;
+using amx::Keep;
+using amx::kKeepMax;
+using amx::transpose16;
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Scratch kept per thread between calls (a fresh 8 MB buffer per call costs ~2000 page faults).
-class Keep {
- public:
-  void* get(size_t bytes) {
-    if (bytes > cap_) {
-      std::free(p_);
-      cap_ = (bytes + 4095) / 4096 * 4096;
-      p_ = std::aligned_alloc(64, cap_);
-      if (!p_) {
-        cap_ = 0;
-        throw std::bad_alloc();
-      }
-    }
-    return p_;
-  }
-  ~Keep() { std::free(p_); }
-
- private:
-  void* p_ = nullptr;
-  size_t cap_ = 0;
-};
 // Calls on one thread while another process holds a core (team.h).
 team::SoloState g_solo_amx;
-
-// Larger needs are allocated for the call and freed.
-constexpr size_t kKeepMax = size_t(64) << 20;
-
-struct alignas(64) TileConfig {
-  uint8_t palette;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-void configure_tiles() {
-  TileConfig c;
-  std::memset(&c, 0, sizeof c);
-  c.palette = 1;
-  for (int i = 0; i < 8; ++i) {
-    c.colsb[i] = 64;
-    c.rows[i] = 16;
-  }
-  _tile_loadconfig(&c);
-}
 
 // Packed B: for each 32-column panel jp and each 32-deep K tile kt, two 1 KB tiles (columns 0-15,
 // 16-31 of the panel), tile element [r][c][e] = B[32 kt + 2 r + e][32 jp + 16 h + c], zero outside.
 // Ordered by K block, then panel, then K tile: what one K block of an item reads, panel after panel,
-// is one contiguous run (the L2 streamer and the software prefetch in run_item run ahead on it).
+// is one contiguous run (the L2 streamer runs ahead on it).
 constexpr int64_t kTileU16 = 512;  // 16 rows x 32 bf16
 
 // Offset (u16) of the tile pair (jp, kt) in packed B, with K blocks of kct tiles.
@@ -124,29 +85,6 @@ void pack_kn(const u16* B, int64_t K, int64_t N, int64_t kt, int64_t jp0, int64_
         _mm512_store_si512(t + h * kTileU16, w);
       }
     }
-  }
-}
-
-// 16 x 16 transpose of 32-bit words, in place.
-inline void transpose16(__m512i v[16]) {
-  __m512i a[16], b[16];
-  for (int i = 0; i < 8; ++i) {
-    a[2 * i] = _mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
-    a[2 * i + 1] = _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
-  }
-  for (int g = 0; g < 4; ++g) {  // rows 4g .. 4g+3; b[4g + j] holds column j + 4L in 128-bit lane L
-    b[4 * g + 0] = _mm512_unpacklo_epi64(a[4 * g], a[4 * g + 2]);
-    b[4 * g + 1] = _mm512_unpackhi_epi64(a[4 * g], a[4 * g + 2]);
-    b[4 * g + 2] = _mm512_unpacklo_epi64(a[4 * g + 1], a[4 * g + 3]);
-    b[4 * g + 3] = _mm512_unpackhi_epi64(a[4 * g + 1], a[4 * g + 3]);
-  }
-  for (int j = 0; j < 4; ++j) {
-    const __m512i c = _mm512_shuffle_i32x4(b[j], b[4 + j], 0x88), d = _mm512_shuffle_i32x4(b[j], b[4 + j], 0xDD);
-    const __m512i e = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0x88), f = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0xDD);
-    v[j] = _mm512_shuffle_i32x4(c, e, 0x88);
-    v[j + 8] = _mm512_shuffle_i32x4(c, e, 0xDD);
-    v[j + 4] = _mm512_shuffle_i32x4(d, f, 0x88);
-    v[j + 12] = _mm512_shuffle_i32x4(d, f, 0xDD);
   }
 }
 

@@ -7,7 +7,8 @@
 set -e
 cd "$(dirname "$0")"
 SRC="portable_harness.cpp ../../csrc/cpu/cpu_features.cpp ../../csrc/cpu/gemm.cpp ../../csrc/cpu/attention.cpp
-     ../../csrc/cpu/decode.cpp ../../csrc/cpu/gemm_avx2.cpp ../../csrc/cpu/attention_avx2.cpp ../../csrc/cpu/decode_avx2.cpp ../../csrc/cpu/gemm_amx.cpp"
+     ../../csrc/cpu/decode.cpp ../../csrc/cpu/gemm_avx2.cpp ../../csrc/cpu/attention_avx2.cpp ../../csrc/cpu/decode_avx2.cpp ../../csrc/cpu/gemm_amx.cpp
+     ../../csrc/cpu/attention_amx.cpp"
 OUT=${TMPDIR:-/tmp}/pk_portable_harness
 if [ "${ARCH:-}" = aarch64 ]; then
   # shellcheck disable=SC2086

@@ -154,6 +154,9 @@ void run_all() {
     check_attention(1, 2, 1, 65, 64, false, bf);
     check_attention(1, 4, 2, 130, 128, true, bf);
     check_attention(2, 3, 3, 17, 64, true, bf);
+    check_attention(1, 1, 1, 1, 128, false, bf);
+    check_attention(1, 8, 1, 33, 128, true, bf);
+    check_attention(2, 4, 2, 97, 64, false, bf);
     check_decode(1, 1, 1, 1, 64, 16, false, bf);
     check_decode(3, 8, 2, 300, 128, 16, true, bf);
     check_decode(2, 10, 2, 700, 64, 7, true, bf);
