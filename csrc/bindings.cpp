@@ -7,6 +7,9 @@
 
 #include <cmath>
 #include <cstdint>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
 #include <limits>
 #include <stdexcept>
 #include <functional>
@@ -54,6 +57,22 @@ int64_t checked_bytes(const std::string& fn, const char* name, std::initializer_
       fail(fn, std::string("operand '") + name + "' is too large (its byte size overflows)");
   }
   return n;
+}
+
+// Evicts [p, p + nbytes) from every cache level (clflush per 64-byte line), for cold-cache timing of one
+// operand without flushing anything else (code, other data). False where the ISA has no such instruction.
+bool evict_cpu(std::uintptr_t p, int64_t nbytes) {
+  check_ptr("evict_cpu", "ptr", p);
+  if (nbytes < 0 || nbytes > kMaxBytes)
+    fail("evict_cpu", "argument 'nbytes' must be in 0 .. 2^48, got " + std::to_string(nbytes));
+#if defined(__x86_64__) || defined(_M_X64)
+  const std::uintptr_t end = p + static_cast<std::uintptr_t>(nbytes);
+  for (std::uintptr_t a = p & ~std::uintptr_t(63); a < end; a += 64) _mm_clflush(reinterpret_cast<const void*>(a));
+  _mm_mfence();
+  return true;
+#else
+  return false;
+#endif
 }
 
 DType check_dtype(const std::string& fn, int dtype) {
@@ -573,11 +592,16 @@ PYBIND11_MODULE(_C, m) {
     d["avx512f"] = f.avx512f;
     d["avx512_bf16"] = f.avx512_bf16;
     d["amx_bf16"] = f.amx_bf16;
+    // the compute-bound bf16 paths of the avx512 tier use vdpbf16ps only where it beats widening to fp32
+    // (cpu.h bf16_dot_pays)
+    d["bf16_dot_used"] = pk::cpu::bf16_dot_pays();
+    d["bf16_dot_source"] = std::string(pk::cpu::bf16_dot_source());
     return d;
   });
   // ISA tiers (csrc/cpu/cpu.h). PYKERNELS_CPU_ISA=avx512|avx2|portable, read here once, picks the tier
   // for the process; an unknown or unsupported name makes the import fail (pybind11 turns the ValueError
   // raised in module init into an ImportError with the same message; backend native then reports it).
+  m.def("evict_cpu", &evict_cpu, py::arg("ptr"), py::arg("nbytes"));
   m.def("cpu_isa", []() { return std::string(pk::cpu::isa_name(pk::cpu::active_isa())); });
   m.def("cpu_isas", []() {
     py::list l;
@@ -596,6 +620,8 @@ PYBIND11_MODULE(_C, m) {
     return d;
   });
   if (const char* env = std::getenv("PYKERNELS_CPU_ISA"); env && *env) set_cpu_isa_checked("PYKERNELS_CPU_ISA", env);
+  // PYKERNELS_BF16_DOT=on|off|auto: a bad value fails the import, as PYKERNELS_CPU_ISA does
+  if (const char* env = std::getenv("PYKERNELS_BF16_DOT"); env && *env) (void)pk::cpu::bf16_dot_pays();
   m.def("build_info", []() {
     py::dict d;
 #if defined(PK_WITH_CUDA)

@@ -83,3 +83,37 @@ def test_tiers_agree_with_each_other(dtype):
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     for t, o in outs.items():
         assert float((o - ref).abs().max() / ref.abs().max()) < tol, t
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_bf16_dot_override_runs_both_bf16_paths(mode):
+    """PYKERNELS_BF16_DOT picks vdpbf16ps or widening for the compute-bound bf16 paths of the avx512 tier (by
+    default a short calibration decides, cpu.h bf16_dot_pays): both give the right answer, on whichever CPU."""
+    if "avx512" not in _C.cpu_isas():
+        pytest.skip("this CPU has no avx512 tier")
+    code = """
+import torch, pykernels as pk
+from pykernels import _C
+_C.set_cpu_isa("avx512")
+f = _C.cpu_features()
+assert f["bf16_dot_source"] == "PYKERNELS_BF16_DOT", f
+assert f["bf16_dot_used"] == (MODE == "on" and f["avx512_bf16"]), f
+g = torch.Generator().manual_seed(0)
+a, b = torch.randn(130, 300, generator=g).bfloat16(), torch.randn(300, 70, generator=g).bfloat16()
+ref = a.double() @ b.double()
+assert float((pk.gemm(a, b).double() - ref).abs().max() / ref.abs().max()) < 2e-2
+q, k, v = (torch.randn(1, 2, 97, 64, generator=g).bfloat16() for _ in range(3))
+s = (q.double() @ k.double().transpose(-1, -2)) / 8.0
+ref = torch.softmax(s, -1) @ v.double()
+assert float((pk.attention(q, k, v).double() - ref).abs().max()) < 3e-2
+print("ok")
+""".replace("MODE", repr(mode))
+    env = dict(os.environ, PYKERNELS_BF16_DOT=mode)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_bf16_dot_bad_value_fails_the_import():
+    env = dict(os.environ, PYKERNELS_BF16_DOT="sometimes")
+    bad = subprocess.run([sys.executable, "-c", "import pykernels._C"], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "PYKERNELS_BF16_DOT: expected on, off or auto" in bad.stderr

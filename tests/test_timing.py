@@ -374,3 +374,26 @@ def test_microarch_names():
     assert device.cpu_microarch({"vendor_id": "Foo"}) is None
     assert device.device_label({"type": "cpu", "name": "AMD EPYC", "microarch": "Zen 3", "threads": 2}) == \
         "cpu: AMD EPYC Zen 3 (2 threads)"
+
+
+def test_evict_cpu_flushes_given_tensors_and_checks_its_arguments():
+    """timing.evict (cold metering of a decode step's weights) evicts exactly the tensors given; the native
+    entry point rejects a null pointer and a negative size with a ValueError naming the argument."""
+    import platform
+
+    import torch
+
+    from pykernels.harness import timing
+
+    _C = pytest.importorskip("pykernels._C")
+    t = torch.ones(1 << 16)
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    assert timing.evict([t, torch.empty(0), t[::2]]) is x86
+    assert torch.equal(t, torch.ones(1 << 16))  # evicting changes no value
+    with pytest.raises(ValueError, match="argument 'ptr' is a null pointer"):
+        _C.evict_cpu(0, 64)
+    with pytest.raises(ValueError, match="argument 'nbytes'"):
+        _C.evict_cpu(t.data_ptr(), -1)
+    opts = timing.TimingOptions(budget_s=0.05, min_rounds=3, flush=True, evict=(t,))
+    st = timing.time_round_robin_cpu([lambda: t.sum()], opts)[0]
+    assert st.flush and st.rounds >= 3 and st.median_s > 0

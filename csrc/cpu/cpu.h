@@ -29,6 +29,14 @@ void set_isa(Isa t);                          // std::invalid_argument if the CP
 // features() restricted to the active tier: the kernels dispatch on this.
 Features enabled();
 
+// Whether vdpbf16ps (two bf16 multiply-adds per fp32 lane) beats widening bf16 to fp32 and vfmadd231ps on
+// this core: the compute-bound bf16 paths of the avx512 tier (packed GEMM, attention) ask this; the
+// memory-bound ones (decode, small-M GEMM) use vdpbf16ps wherever it exists (fewer instructions per byte). Zen 4: vdpbf16ps 64 FLOP/cycle against 32 for the FMA; Sapphire Rapids: 29 against 59. Decided
+// once per process by timing both probe loops on one thread for a few milliseconds (probes.cpp), unless
+// PYKERNELS_BF16_DOT=on|off (read once; anything else throws std::invalid_argument) says so.
+bool bf16_dot_pays();
+const char* bf16_dot_source();  // "measured", "PYKERNELS_BF16_DOT" or "no AVX512_BF16"
+
 // Cache sizes per core in bytes (data/unified), from CPUID leaf 4 (Intel) / 0x8000001D (AMD) or
 // sysfs; 32 KB / 1 MB / 32 MB when neither answers. l3 is the whole shared cache.
 struct Caches {

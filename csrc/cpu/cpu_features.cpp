@@ -1,6 +1,7 @@
 // Run-time CPU feature detection: the kernels pick their AVX-512 / BF16 / AMX path from this, so a
 // binary built on one x86-64 machine never executes an instruction another one lacks.
 #include "cpu/cpu.h"
+#include "cpu/probes.h"
 
 #include <omp.h>
 
@@ -125,6 +126,36 @@ void set_isa(Isa t) {
     throw std::invalid_argument(std::string("this CPU cannot run the '") + isa_name(t) + "' tier");
   active_slot().store(static_cast<int>(t), std::memory_order_relaxed);
 }
+
+namespace {
+struct DotChoice {
+  bool pays;
+  const char* source;
+};
+const DotChoice& dot_choice() {
+  static const DotChoice c = []() -> DotChoice {
+    if (const char* e = std::getenv("PYKERNELS_BF16_DOT"); e && *e) {
+      if (std::strcmp(e, "on") == 0) return {features().avx512_bf16, "PYKERNELS_BF16_DOT"};
+      if (std::strcmp(e, "off") == 0) return {false, "PYKERNELS_BF16_DOT"};
+      if (std::strcmp(e, "auto") != 0)
+        throw std::invalid_argument(std::string("PYKERNELS_BF16_DOT: expected on, off or auto, got '") + e + "'");
+    }
+    if (!features().avx512_bf16) return {false, "no AVX512_BF16"};
+    try {  // FLOP per second of thread CPU time, one thread, a few ms each: robust to a shared machine
+      const double dp = probe_compute("avx512_bf16", 1, 0.004).flops_cpu_time;
+      const double fma = probe_compute("avx512_fp32", 1, 0.004).flops_cpu_time;
+      // widening costs instructions too: vdpbf16ps must do clearly more than the FMA to pay
+      return {dp >= 1.5 * fma, "measured"};
+    } catch (const std::exception&) {
+      return {true, "measured"};
+    }
+  }();
+  return c;
+}
+}  // namespace
+
+bool bf16_dot_pays() { return dot_choice().pays; }
+const char* bf16_dot_source() { return dot_choice().source; }
 
 Features enabled() {
   Features f = features();

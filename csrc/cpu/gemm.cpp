@@ -965,7 +965,7 @@ template <class Src> void gemm_typed(const GemmParams& p) {
     if (p.M <= kDotMaxM && p.transb) return gemm_dot_avx512<Src>(p);        // rows of B are contiguous in K
     if constexpr (std::is_same_v<Src, u16>) {
       if (f.amx_bf16 && p.M >= kAmxMinM) return gemm_amx(p);
-      if (f.avx512_bf16) return gemm_packed<Bf16Avx512, u16>(p);
+      if (f.avx512_bf16 && bf16_dot_pays()) return gemm_packed<Bf16Avx512, u16>(p);
     }
     return gemm_packed<F32Avx512, Src>(p);
   }

@@ -41,6 +41,9 @@ class TimingOptions:
     cuda_graph_below_s: float = 50e-6  # CUDA: kernels shorter than this are timed as a CUDA graph of k calls
     settle_s: float = 0.0           # CPU timer only (time_cuda ignores it): sleep this long before the warmup, so
                                     # that thread pools of whatever ran before (a BLAS spinning) are idle again
+    evict: tuple | None = None      # CPU, with flush: instead of the buffer, evict exactly these tensors' bytes
+                                    # from every cache level before each call (evict(); code and other data
+                                    # stay cached, as in a model streaming its weights); () = evict nothing
 
 
 # What the sweeps and validate wait before each CPU case (TimingOptions.settle_s): OpenBLAS spins ~0.1 s.
@@ -142,6 +145,28 @@ def should_stop(samples: list[float], elapsed_s: float, opts: TimingOptions) -> 
     if elapsed_s >= opts.budget_s:
         return "budget"
     return ""
+
+
+def evict(tensors) -> bool:
+    """Evicts the bytes of each CPU tensor's storage from every cache level (clflush per line, native
+    `_C.evict_cpu`); other tensors and the code stay where they are. False when it cannot (no native module,
+    not x86-64): the caller then falls back to flushing the whole cache with a buffer."""
+    try:
+        from .. import _C
+    except ImportError:
+        return False
+    ok = True
+    for t in tensors:
+        if t.device.type != "cpu" or t.numel() == 0:
+            continue
+        st = t.untyped_storage()
+        ok = _C.evict_cpu(st.data_ptr(), st.nbytes()) and ok
+    return ok
+
+
+def _evicts(opts: TimingOptions) -> bool:
+    """opts asks for cold calls by evicting given tensors, and this machine can (checked once per options)."""
+    return bool(opts.flush) and opts.evict is not None and (not opts.evict or evict(opts.evict))
 
 
 def flush_size(cache_bytes: int, factor: int = 2, minimum: int = 4 << 20) -> int:
@@ -261,10 +286,12 @@ def time_cpu(fn: Callable[[], object], opts: TimingOptions | None = None,
 def _measure_cpu(fn, opts: TimingOptions, clock, t_last: float) -> Stats:
     """One set of samples of `fn` (see time_cpu); t_last: a warm call's duration, for the batch size."""
     flush_buf = None
+    by_evict = _evicts(opts)
     if opts.flush:
         import torch
 
-        flush_buf = torch.empty(flush_size(cpu_llc_bytes()) // 4, dtype=torch.float32)
+        if not by_evict:
+            flush_buf = torch.empty(flush_size(cpu_llc_bytes()) // 4, dtype=torch.float32)
         k = 1
     else:
         k = calls_per_sample(t_last, opts.min_sample_s)
@@ -275,6 +302,8 @@ def _measure_cpu(fn, opts: TimingOptions, clock, t_last: float) -> Stats:
     while not stop:
         if flush_buf is not None:
             flush_buf.fill_(float(len(samples)))
+        elif by_evict:
+            evict(opts.evict)
         t0 = clock()
         for _ in range(k):
             fn()
@@ -295,8 +324,10 @@ def time_round_robin_cpu(fns: list[Callable[[], object]], opts: TimingOptions | 
     # Read rather than written (as time_cpu does): the evicting lines stay clean, so the timed call pays
     # for its own misses and not for writing back the flush buffer, as in a model whose earlier layers'
     # weights (clean) are what fills the cache.
+    # opts.evict (with flush): instead of the buffer, exactly those tensors are evicted before every call.
     flush_buf = None
-    if opts.flush:
+    by_evict = _evicts(opts)
+    if opts.flush and not by_evict:
         import torch
 
         flush_buf = torch.ones(flush_size(cpu_llc_bytes()) // 4, dtype=torch.float32)
@@ -306,6 +337,8 @@ def time_round_robin_cpu(fns: list[Callable[[], object]], opts: TimingOptions | 
         for i, f in enumerate(fns):
             if flush_buf is not None:
                 flush_buf.sum()
+            elif by_evict:
+                evict(opts.evict)
             t0 = time.perf_counter_ns()
             f()
             samples[i].append((time.perf_counter_ns() - t0) * 1e-9)

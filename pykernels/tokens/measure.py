@@ -29,15 +29,32 @@ from . import energy, stepops
 # of ref-7b-2k's prefill GEMMs (up to 370 GFLOP) would take minutes. Above this many FLOPs the output is
 # not checked (recorded as checked: false) unless the caller insists.
 CHECK_MAX_FLOPS = 2e10
+# How "cold" is made (recorded): the decode step's weights and KV cache evicted before each call.
+COLD_METHOD = "evict operands (clflush of the weights / KV cache; activations and code stay cached)"
 
 
-def time_cases(fns: list, *, budget_s: float, device: str, cold: bool = False) -> list[dict]:
+# Operands a decode step finds in cache all the same: the activation it was just handed (a GEMM's `a`, the
+# query of decode). Everything else a decode-step kernel reads (weights, the KV cache) is evicted before
+# each timed call when metering cold.
+HOT_OPERANDS = ("a", "q", "context_lens", "block_table")
+
+
+def cold_operands(inputs: dict) -> tuple:
+    """The tensors of a problem's inputs that a decode step reads from memory (see HOT_OPERANDS)."""
+    return tuple(v for k, v in inputs.items() if isinstance(v, torch.Tensor) and k not in HOT_OPERANDS)
+
+
+def time_cases(fns: list, *, budget_s: float, device: str, cold: bool = False, evict: tuple | None = None
+               ) -> list[dict]:
     """Stats (timing.Stats as dicts) of each zero-argument callable with the harness's timer. On the CPU the
     backends are timed in turns (timing.time_round_robin_cpu: one call of each per round) so that a busy
     spell on a shared machine slows every backend's samples alike and the ratios hold; on a GPU each is
     timed alone with CUDA events, L2 flush and graph batching (timing.time_callable)."""
-    # cold: caches flushed before every call (timing.time_round_robin_cpu / time_callable with flush)
-    opts = timing.TimingOptions(budget_s=budget_s, min_rounds=3, flush=True if cold else None)
+    # cold: before every call, the `evict` tensors are evicted from the caches (CPU: timing.evict; code, the
+    # activations and the rest stay cached, as in a step that streams its weights), or, without `evict` (and
+    # on a GPU), the whole cache is flushed with a buffer (timing.time_round_robin_cpu / time_callable)
+    opts = timing.TimingOptions(budget_s=budget_s, min_rounds=3, flush=True if cold else None,
+                                evict=evict if cold else None)
     if device.startswith("cuda"):
         return [timing.time_callable(f, device, opts).as_dict() for f in fns]
     return [st.as_dict() for st in timing.time_round_robin_cpu(fns, opts)]
@@ -129,10 +146,11 @@ def measure(
     A backend that does not support a case gets no record (the report shows it incomplete) and the reason
     is printed and kept in the file's `skipped` list. A wrong output is recorded ok: false (never ranked).
 
-    cold (default): the kernels of a decode step are timed with cold caches (a buffer of 2x the last-level
-    cache read before every call), as in a model that streams each layer's weights and KV cache from
-    memory once per step; prefill kernels stay warm (their weights are reused by P rows). Each record says
-    which (`cold`). step_ops: also time the rest of a step (tokens/stepops.py) with torch, per dtype."""
+    cold (default): the kernels of a decode step are timed with their weights and KV cache evicted from
+    every cache level before every call (timing.evict; where that is impossible, a buffer of 2x the
+    last-level cache is read instead), as in a model that streams each layer's weights and KV cache from
+    memory once per step, with the activations and the code still cached; prefill kernels stay warm (their
+    weights are reused by P rows). Each record says which (`cold`, `cold_method`). step_ops: also time the rest of a step (tokens/stepops.py) with torch, per dtype."""
     bes = [registry.get(b) for b in backends]
     meter, meter_reason = energy.meter_for(device)
     benches, skipped = [], []
@@ -173,9 +191,11 @@ def measure(
                 continue
             is_cold = cold and prob in decode_problems
             all_stats = time_cases([c[1] for c in cases], budget_s=budget_s * len(cases), device=device,
-                                   cold=is_cold)
+                                   cold=is_cold, evict=cold_operands(inputs))
             for (be, fn, extra), stats in zip(cases, all_stats):
                 extra["cold"] = is_cold
+                if is_cold:
+                    extra["cold_method"] = COLD_METHOD
                 if meter is not None:
                     extra.update(_energy_per_call(fn, meter, seconds=min(budget_s, 1.0), device=device))
                 else:
@@ -221,6 +241,7 @@ def measure(
             "dtypes": list(dtypes),
             "backends": list(backends),
             "cold": bool(cold),  # decode-step kernels timed with cold caches
+            "cold_method": COLD_METHOD if cold else None,
             "step_ops": rest,
             "command": command,
             "skipped": skipped,
@@ -236,14 +257,18 @@ def measure(
 def measure_step_ops(workload, dtype, *, device: str = "cpu", budget_s: float = 1.0, cold: bool = True,
                      log=print) -> list[dict]:
     """Times the rest of a step (stepops.step_ops) with torch eager ops, one row each; decode rows cold
-    when `cold` (their operands are a few KB to MB, but a step reaches them after a layer's weights)."""
+    when `cold`: what a step reads from memory (a norm's weight, the KV cache of an append, the embedding
+    table) is evicted before each call, while the activations, just written by the previous op, and the
+    eager stack's code stay cached."""
     out = []
     extra, total = stepops.dispatch_ops_per_layer(workload, dtype, device)
     for op in stepops.step_ops(workload):
         fn = stepops.build(op, workload, dtype, device, dispatch_ops=extra)
         fn()
         is_cold = cold and op.phase == "decode"
-        st = time_cases([fn], budget_s=budget_s, device=device, cold=is_cold)[0]
+        # what the op reads from memory in a step (stepops.build: its weight, the KV cache); () = nothing
+        st = time_cases([fn], budget_s=budget_s, device=device, cold=is_cold,
+                        evict=tuple(getattr(fn, "cold_operands", ())))[0]
         out.append({"phase": op.phase, "name": op.name, "count": op.count, "shape": op.shape,
                     "dtype": dtype_name(dtype), "device": device, "median_s": st["median_s"],
                     "min_s": st.get("min_s", st["median_s"]),

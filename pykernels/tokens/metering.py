@@ -730,8 +730,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         "--no-check", action="store_true", help="do not check outputs against the float64 reference"
     )
     g.add_argument("--warm", action="store_true",
-                   help="time decode-step kernels with warm caches (default: cold, each call after a buffer of "
-                   "2x the last-level cache is read)")
+                   help="time decode-step kernels with warm caches (default: cold, their weights and KV cache "
+                   "evicted from every cache level before each call)")
     g.add_argument("--no-step-ops", action="store_true",
                    help="do not time the rest of a step (norms, rotary, SiLU, residuals, cache append, argmax)")
     g.add_argument("--check", choices=("hf",), default=None,
@@ -830,7 +830,7 @@ def run(args) -> int:
         t = "?" if threads is None else threads
         colds = {bool(sec.get("cold")) for _, sec in recs}
         notes.append(f"Measured with {t} thread{'' if t == 1 else 's'} (torch and OpenMP); decode-step kernels timed "
-                     + ("with cold caches (a buffer of 2× the last-level cache read before every call)"
+                     + ("with cold caches (their weights and KV cache evicted before every call)"
                         if colds == {True} else "warm" if colds == {False} else "cold in some files, warm in others")
                      + ", prefill kernels warm.")
     coverage = None

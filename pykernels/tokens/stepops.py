@@ -94,10 +94,10 @@ def build(op: StepOp, workload, dtype: torch.dtype, device: str = "cpu", seed: i
     if op.name == "embedding":
         table = t(m.vocab, m.hidden)
         ids = torch.randint(0, m.vocab, (T,), generator=g).to(device)
-        return lambda: F.embedding(ids, table)
+        return _cold(lambda: F.embedding(ids, table), table)
     if op.name == "rmsnorm":
         x, w = t(T, m.hidden), t(m.hidden, offset=1.0)
-        return lambda: _layer._rms_norm(x, w)
+        return _cold(lambda: _layer._rms_norm(x, w), w)
     if op.name == "rotary":
         q, k = t(T, m.heads, m.head_dim), t(T, m.kv_heads, m.head_dim)
         cos, sin = t(T, 1, m.head_dim), t(T, 1, m.head_dim)
@@ -127,6 +127,13 @@ def build(op: StepOp, workload, dtype: torch.dtype, device: str = "cpu", seed: i
     raise ValueError(f"unknown step op {op.name!r}")
 
 
+def _cold(fn, *tensors):
+    """fn with `cold_operands`: what a decode step reads from memory (a weight, the KV cache), evicted before
+    each call when metering cold (tokens/measure.py); the rest (activations just written) stays cached."""
+    fn.cold_operands = tensors
+    return fn
+
+
 def _kv_append(kind: str, workload, t, device):
     m, B, L = workload.model, workload.batch, workload.context
     Hkv, D = m.kv_heads, m.head_dim
@@ -140,7 +147,7 @@ def _kv_append(kind: str, workload, t, device):
             vc[:, :, pos] = v
 
         run.tensors = {"k_cache": kc, "v_cache": vc, "k": k, "v": v}  # for the tests
-        return run
+        return _cold(run, kc, vc)
     if kind == "paged":
         per_seq = -(-L // PAGE)
         kc, vc = t(B * per_seq, Hkv, PAGE, D), t(B * per_seq, Hkv, PAGE, D)
@@ -152,11 +159,11 @@ def _kv_append(kind: str, workload, t, device):
             vc[block, :, slot] = v
 
         run.tensors = {"k_cache": kc, "v_cache": vc, "k": k, "v": v, "block": block, "slot": slot}
-        return run
+        return _cold(run, kc, vc)
     if kind == "cat":  # the cache grows by one position: the L-1 cached ones are copied into a new tensor
         kc, vc = t(B, Hkv, L - 1, D), t(B, Hkv, L - 1, D)
         k4, v4 = k[:, :, None], v[:, :, None]
-        return lambda: (torch.cat((kc, k4), dim=2), torch.cat((vc, v4), dim=2))
+        return _cold(lambda: (torch.cat((kc, k4), dim=2), torch.cat((vc, v4), dim=2)), kc, vc)
     raise ValueError(f"argument 'kv_append' must be one of {', '.join(KV_APPENDS)}, got {kind!r}")
 
 
