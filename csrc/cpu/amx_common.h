@@ -9,6 +9,8 @@
 #include <cstring>
 #include <new>
 
+#include "cpu/vec.h"
+
 namespace pk::cpu::amx {
 
 // Scratch kept per thread between calls (a fresh multi-MB buffer per call costs thousands of page
@@ -57,27 +59,6 @@ inline void configure_tiles() {
   _tile_loadconfig(&c);
 }
 
-// 16 x 16 transpose of 32-bit words, in place: afterwards lane c of v[r] is what lane r of v[c] was.
-inline void transpose16(__m512i v[16]) {
-  __m512i a[16], b[16];
-  for (int i = 0; i < 8; ++i) {
-    a[2 * i] = _mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
-    a[2 * i + 1] = _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
-  }
-  for (int g = 0; g < 4; ++g) {  // rows 4g .. 4g+3; b[4g + j] holds column j + 4L in 128-bit lane L
-    b[4 * g + 0] = _mm512_unpacklo_epi64(a[4 * g], a[4 * g + 2]);
-    b[4 * g + 1] = _mm512_unpackhi_epi64(a[4 * g], a[4 * g + 2]);
-    b[4 * g + 2] = _mm512_unpacklo_epi64(a[4 * g + 1], a[4 * g + 3]);
-    b[4 * g + 3] = _mm512_unpackhi_epi64(a[4 * g + 1], a[4 * g + 3]);
-  }
-  for (int j = 0; j < 4; ++j) {
-    const __m512i c = _mm512_shuffle_i32x4(b[j], b[4 + j], 0x88), d = _mm512_shuffle_i32x4(b[j], b[4 + j], 0xDD);
-    const __m512i e = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0x88), f = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0xDD);
-    v[j] = _mm512_shuffle_i32x4(c, e, 0x88);
-    v[j + 8] = _mm512_shuffle_i32x4(c, e, 0xDD);
-    v[j + 4] = _mm512_shuffle_i32x4(d, f, 0x88);
-    v[j + 12] = _mm512_shuffle_i32x4(d, f, 0xDD);
-  }
-}
+using vec::transpose16;  // vec.h
 
 }  // namespace pk::cpu::amx

@@ -386,13 +386,21 @@ PK_AVX512BF16 void item_bf16(const Ctx& x, int64_t bkv, int64_t q0, const Scratc
 
 // ---- packing (plain C++: runs once per call, O(S*D) next to the O(S*S*D) products) ---------------
 
-// dst[w][j] = src row j, word w (j < nk), 0 for j in [nk, kBk): a 32-bit transpose of one K tile.
-template <typename W>
-void transpose_tile(const W* src, int64_t nw, int64_t nk, W* dst) {
+// dst[w][j] = src row j, word w (j < nk), 0 for j in [nk, kBk): a 32-bit transpose of one K tile, in
+// 16 x 16 blocks of words (nw is D or D/2: a multiple of 16). Scalar, it cost ~3 us per head at D = 64,
+// most of a call at S = 16 (0.11 ms for 16 heads against 0.02 for torch).
+#if defined(__x86_64__)
+PK_AVX512 void transpose_tile(const uint32_t* src, int64_t nw, int64_t nk, uint32_t* dst) {
   for (int64_t j0 = 0; j0 < kBk; j0 += 16)
-    for (int64_t w = 0; w < nw; ++w)
-      for (int64_t j = j0; j < j0 + 16; ++j) dst[w * kBk + j] = j < nk ? src[j * nw + w] : W(0);
+    for (int64_t w0 = 0; w0 < nw; w0 += 16) {
+      __m512i v[16];
+      for (int r = 0; r < 16; ++r)
+        v[r] = j0 + r < nk ? _mm512_loadu_si512(src + (j0 + r) * nw + w0) : _mm512_setzero_si512();
+      vec::transpose16(v);
+      for (int c = 0; c < 16; ++c) _mm512_store_si512(dst + (w0 + c) * kBk + j0, v[c]);
+    }
 }
+#endif
 
 template <typename T, int D>
 void run_avx512(const AttentionParams& p, bool dp) {

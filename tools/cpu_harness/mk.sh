@@ -4,4 +4,4 @@
 set -e
 cd "$(dirname "$0")"
 g++ -std=c++17 -O3 -march=native -fno-math-errno -fopenmp -I../../csrc decode_harness.cpp \
-    ../../csrc/cpu/cpu_features.cpp -o decode_hb "$@"
+    ../../csrc/cpu/cpu_features.cpp ../../csrc/cpu/probes.cpp -o decode_hb "$@"

@@ -6,7 +6,7 @@
 #                                the portable path on aarch64, correctness only (no timing claims)
 set -e
 cd "$(dirname "$0")"
-SRC="portable_harness.cpp ../../csrc/cpu/cpu_features.cpp ../../csrc/cpu/gemm.cpp ../../csrc/cpu/attention.cpp
+SRC="portable_harness.cpp ../../csrc/cpu/cpu_features.cpp ../../csrc/cpu/probes.cpp ../../csrc/cpu/gemm.cpp ../../csrc/cpu/attention.cpp
      ../../csrc/cpu/decode.cpp ../../csrc/cpu/gemm_avx2.cpp ../../csrc/cpu/attention_avx2.cpp ../../csrc/cpu/decode_avx2.cpp ../../csrc/cpu/gemm_amx.cpp
      ../../csrc/cpu/attention_amx.cpp"
 OUT=${TMPDIR:-/tmp}/pk_portable_harness
