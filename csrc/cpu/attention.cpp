@@ -451,6 +451,7 @@ void run_avx512(const AttentionParams& p, bool dp) {
   const int64_t rows = round_up(g * x.npos, kMr);
 #pragma omp parallel if (par)
   {
+    const attn::FlushDenormals ftz;
     AlignedBuf qb(static_cast<size_t>(rows * D * 4)), ob(static_cast<size_t>(rows * D * 4)),
         ml(static_cast<size_t>(3 * rows * 4)), pb(static_cast<size_t>(rows * kBk * 4));
     const Scratch sc{qb.as<float>(), ob.as<float>(), ml.as<float>(), ml.as<float>() + rows, ml.as<float>() + 2 * rows,

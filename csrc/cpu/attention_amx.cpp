@@ -364,6 +364,7 @@ void run(const AttentionParams& p) {
                      reinterpret_cast<float*>(mem + qo + oo + 2 * mo),
                      reinterpret_cast<u16*>(mem + qo + oo + 2 * mo + so)};
     amx::configure_tiles();
+    const attn::FlushDenormals ftz;
     // Items of one kv head are consecutive (the threads share its packed K/V in L2/L3); within a
     // head the heaviest (last, under a causal mask) query block goes first.
 #pragma omp for schedule(dynamic, 1)

@@ -687,6 +687,7 @@ void run_avx512(const DecodeParams& p) {
   const int64_t nitems = static_cast<int64_t>(items.size()), hs = nh * g;
 #pragma omp parallel num_threads(nt)
   {
+    const attn::FlushDenormals ftz;
     AlignedBuf qb(static_cast<size_t>(hs * D * 4)), qqb(use_quad<KD>(g) ? static_cast<size_t>(hs * D * 4) : 0),
         ob(static_cast<size_t>(hs * D * 4)),
         sb(static_cast<size_t>(g * kT * 4)), mb(static_cast<size_t>((hs + g) * 4)), tb(static_cast<size_t>(D * 4));
