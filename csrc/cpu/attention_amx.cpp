@@ -188,21 +188,7 @@ PK_ALWAYS_INLINE __m512 exp2_neg(__m512 x) {
 }
 
 // Lane i = max of the 16 lanes of a[i]: the transposed reduction of attn::hsum16 with max.
-template <int I>
-PK_ALWAYS_INLINE __m512 max_combine(__m512 x, __m512 y) {
-  return _mm512_max_ps(_mm512_permutex2var_ps(x, _mm512_load_si512(attn::kHsumPerm[I].a), y),
-                       _mm512_permutex2var_ps(x, _mm512_load_si512(attn::kHsumPerm[I].b), y));
-}
-PK_ALWAYS_INLINE __m512 hmax16(const __m512* a) {
-  __m512 l1[8], l2[4], l3[2];
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) l1[i] = max_combine<0>(a[2 * i], a[2 * i + 1]);
-#pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) l2[i] = max_combine<1>(l1[2 * i], l1[2 * i + 1]);
-#pragma GCC unroll 2
-  for (int i = 0; i < 2; ++i) l3[i] = max_combine<2>(l2[2 * i], l2[2 * i + 1]);
-  return max_combine<3>(l3[0], l3[1]);
-}
+PK_ALWAYS_INLINE __m512 hmax16(const __m512* a) { return attn::reduce16<attn::MaxOp>(a); }
 
 // Online softmax of 16 rows of raw scores s (stride kBk; keys kt0 .. kt0 + kBk - 1), the 16 rows in
 // the lanes of m, l: lim[r] = keys of the tile row r sees. Scores are Q'.K with Q' = sign(c) Q, so

@@ -106,21 +106,30 @@ constexpr HsumPerm make_hsum_perm(int m) {
 }
 alignas(64) inline constexpr HsumPerm kHsumPerm[4] = {make_hsum_perm(1), make_hsum_perm(2), make_hsum_perm(4),
                                                       make_hsum_perm(8)};
-template <int I>
+struct AddOp {
+  PK_AVX512 PK_ALWAYS_INLINE __m512 operator()(__m512 x, __m512 y) const { return _mm512_add_ps(x, y); }
+};
+struct MaxOp {
+  PK_AVX512 PK_ALWAYS_INLINE __m512 operator()(__m512 x, __m512 y) const { return _mm512_max_ps(x, y); }
+};
+template <class Op, int I>
 PK_AVX512 PK_ALWAYS_INLINE __m512 combine_(__m512 x, __m512 y) {
-  return _mm512_add_ps(_mm512_permutex2var_ps(x, _mm512_load_si512(kHsumPerm[I].a), y),
-                       _mm512_permutex2var_ps(x, _mm512_load_si512(kHsumPerm[I].b), y));
+  return Op{}(_mm512_permutex2var_ps(x, _mm512_load_si512(kHsumPerm[I].a), y),
+              _mm512_permutex2var_ps(x, _mm512_load_si512(kHsumPerm[I].b), y));
 }
-PK_AVX512 PK_ALWAYS_INLINE __m512 hsum16(const __m512* a) {
+// The transposed reduction with any associative Op (AddOp: sums, MaxOp: maxima).
+template <class Op>
+PK_AVX512 PK_ALWAYS_INLINE __m512 reduce16(const __m512* a) {
   __m512 l1[8], l2[4], l3[2];
 #pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) l1[i] = combine_<0>(a[2 * i], a[2 * i + 1]);
+  for (int i = 0; i < 8; ++i) l1[i] = combine_<Op, 0>(a[2 * i], a[2 * i + 1]);
 #pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) l2[i] = combine_<1>(l1[2 * i], l1[2 * i + 1]);
+  for (int i = 0; i < 4; ++i) l2[i] = combine_<Op, 1>(l1[2 * i], l1[2 * i + 1]);
 #pragma GCC unroll 2
-  for (int i = 0; i < 2; ++i) l3[i] = combine_<2>(l2[2 * i], l2[2 * i + 1]);
-  return combine_<3>(l3[0], l3[1]);
+  for (int i = 0; i < 2; ++i) l3[i] = combine_<Op, 2>(l2[2 * i], l2[2 * i + 1]);
+  return combine_<Op, 3>(l3[0], l3[1]);
 }
+PK_AVX512 PK_ALWAYS_INLINE __m512 hsum16(const __m512* a) { return reduce16<AddOp>(a); }
 
 #endif
 
