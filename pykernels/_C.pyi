@@ -27,7 +27,8 @@ def prepare_attention(q: int, k: int, v: int, o: int, B: int, Hq: int, Hkv: int,
 def prepare_decode(q: int, k_cache: int, v_cache: int, o: int, context_lens: int, block_table: int, B: int,
                    Hq: int, Hkv: int, D: int, num_blocks: int, block_size: int, max_blocks: int, scale: float,
                    dtype: int, out: object, keep: object) -> Callable[[], Any]: ...
-def cpu_features() -> dict[str, bool]: ...
+def cpu_features() -> dict[str, bool | str]: ...  # ISA flags; bf16_dot_used / bf16_dot_source (PYKERNELS_BF16_DOT)
+def evict_cpu(ptr: int, nbytes: int) -> bool: ...  # clflush [ptr, ptr + nbytes); False off x86-64 (timing.evict)
 def build_info() -> dict[str, object]: ...
 
 # Hardware peak probes (csrc/cpu/probes.cpp, csrc/cuda/probes.cu; the CUDA ones are unverified on a GPU).
