@@ -5,9 +5,9 @@
 For each case the native backend is timed on every tier this CPU runs (switched with _C.set_cpu_isa
 between calls) and torch beside it, round-robin (one call of each per round), so that a busy spell on a
 shared machine slows all alike. Reported: medians, ratios native(tier)/torch of the same rounds, and for
-the compute-bound rows the fraction of an FMA-loop peak measured at the start by a register-resident C
-loop (12 independent accumulators per thread, compiled here with the system C compiler: AVX2 ymm FMA and
-AVX-512 zmm FMA; Zen 4 runs both at 32 fp32 FLOP/cycle/core). Memory-bound rows (decode, M = 1 GEMM)
+the compute-bound rows the fraction of the peak of the matching native probe (docs/probes.md), measured at
+the start on every thread: avx2_fp32 for the avx2 tier, avx512_fp32 for fp32 (and for bf16 where the
+avx512 tier widens it), avx512_bf16 (vdpbf16ps) or amx_bf16 (tdpbf16ps) for bf16. Memory-bound rows (decode, M = 1 GEMM)
 also get a read-bandwidth loop (torch sum of 256 MiB) timed in the same rounds: % of read bandwidth is
 the median over rounds of (kernel bytes/s) / (read bytes/s). Outputs are checked against torch's.
 """
@@ -15,11 +15,8 @@ the median over rounds of (kernel bytes/s) / (read bytes/s). Outputs are checked
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,60 +26,28 @@ import pykernels as pk
 from pykernels import _C
 from pykernels.kernels import AttentionProblem, DecodeProblem, GemmProblem
 
-_FMA_LOOP = r"""
-#include <immintrin.h>
-#include <omp.h>
-#include <stdio.h>
-#include <stdlib.h>
-#define N 12
-__attribute__((target("avx2,fma"))) static double ymm(long it) {
-  double t0 = omp_get_wtime();
-  #pragma omp parallel
-  {
-    __m256 a[N]; for (int i = 0; i < N; ++i) a[i] = _mm256_set1_ps(1.0f + i * 1e-3f);
-    const __m256 b = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
-    for (long k = 0; k < it; ++k) for (int i = 0; i < N; ++i) a[i] = _mm256_fmadd_ps(a[i], b, c);
-    float s = 0; for (int i = 0; i < N; ++i) s += a[i][0];
-    if (s == 42.f) printf("x");
-  }
-  return omp_get_wtime() - t0;
-}
-__attribute__((target("avx512f"))) static double zmm(long it) {
-  double t0 = omp_get_wtime();
-  #pragma omp parallel
-  {
-    __m512 a[N]; for (int i = 0; i < N; ++i) a[i] = _mm512_set1_ps(1.0f + i * 1e-3f);
-    const __m512 b = _mm512_set1_ps(0.999999f), c = _mm512_set1_ps(1e-7f);
-    for (long k = 0; k < it; ++k) for (int i = 0; i < N; ++i) a[i] = _mm512_fmadd_ps(a[i], b, c);
-    float s = 0; for (int i = 0; i < N; ++i) s += a[i][0];
-    if (s == 42.f) printf("x");
-  }
-  return omp_get_wtime() - t0;
-}
-int main(int argc, char** argv) {
-  long it = 20000000; int nt = omp_get_max_threads(); int z = argc > 1 && argv[1][0] == 'z';
-  double best = 1e30;
-  for (int r = 0; r < 5; ++r) { double t = z ? zmm(it) : ymm(it); if (t < best) best = t; }
-  printf("%g\n", (double)it * N * (z ? 16 : 8) * 2 * nt / best);
-  return 0;
-}
-"""
+
+def probe_kind(tier: str, dtype: torch.dtype) -> str:
+    """The native probe (docs/probes.md) whose loop is what this tier's kernels run for this dtype."""
+    if tier == "avx2":
+        return "avx2_fp32"
+    if dtype == torch.bfloat16:
+        if tier == "amx":
+            return "amx_bf16"
+        return "avx512_bf16" if _C.cpu_features().get("bf16_dot_used") else "avx512_fp32"
+    return "avx512_fp32"
 
 
-def fma_peaks() -> dict:
-    cc = shutil.which("gcc") or shutil.which("cc")
-    if not cc:
-        return {}
-    out = {}
-    with tempfile.TemporaryDirectory() as d:
-        src, exe = Path(d) / "fma.c", Path(d) / "fma"
-        src.write_text(_FMA_LOOP)
-        subprocess.run([cc, "-O2", "-fopenmp", str(src), "-o", str(exe)], check=True)
-        out["avx2"] = float(subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout)
-        if "avx512" in _C.cpu_isas():
-            out["avx512"] = float(subprocess.run([str(exe), "z"], capture_output=True, text=True,
-                                                 check=True).stdout)
-    return out
+_PEAKS: dict[str, float] = {}
+
+
+def peak(tier: str, dtype: torch.dtype) -> tuple[str, float]:
+    """(probe kind, FLOP/s on every thread: the larger of the wall and thread-CPU-time figures, as device.py)."""
+    kind = probe_kind(tier, dtype)
+    if kind not in _PEAKS:
+        r = _C.probe_compute(kind, None, 0.3)
+        _PEAKS[kind] = max(r["flops"], r["flops_cpu_time"])
+    return kind, _PEAKS[kind]
 
 
 def cases(only: set[str]):
@@ -118,12 +83,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     tiers = [t for t in args.tiers.split(",") if t]
     only = set(args.only.split(","))
-    peaks = fma_peaks()
+    for t in tiers:  # measured before the cases, on an idle machine
+        for dt in (torch.float32, torch.bfloat16):
+            peak(t, dt)
     src = torch.empty(64 << 20, dtype=torch.float32).fill_(1.0)  # 256 MiB read loop
     read_bytes = src.numel() * 4
     lines = [f"# native tiers vs torch ({torch.get_num_threads()} threads, torch {torch.__version__})", "",
              f"command: `python tools/isa_tiers.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
-             "FMA-loop peaks (GFLOP/s): " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in peaks.items()), "",
+             "Peaks (native probes, GFLOP/s): " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in _PEAKS.items()), "",
              "| case | dtype | " + " | ".join(f"{t} ms | {t}/torch | {t} % peak or read-bw" for t in tiers)
              + " | torch ms |", "|" + " --- |" * (3 + 3 * len(tiers))]
     default = _C.cpu_isa()
@@ -158,8 +125,8 @@ def main(argv=None) -> int:
                                          for tn, tr in zip(samples[t], samples["read"]))
                 extra = f"{100 * frac:.0f}% read"
             else:
-                pk_ = peaks.get(t) or peaks.get("avx2")
-                extra = f"{100 * prob.flops() / med[t] / pk_:.0f}%" if pk_ else "n/a"
+                kind, pk_ = peak(t, dt)
+                extra = f"{100 * prob.flops() / med[t] / pk_:.0f}% of {kind}"
             row += f" {1e3 * med[t]:.2f} | {ratio:.2f} | {extra} |"
         row += f" {1e3 * med['torch']:.2f} |"
         print(row, flush=True)
