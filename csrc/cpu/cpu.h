@@ -30,8 +30,10 @@ void set_isa(Isa t);                          // std::invalid_argument if the CP
 Features enabled();
 
 // Whether vdpbf16ps (two bf16 multiply-adds per fp32 lane) beats widening bf16 to fp32 and vfmadd231ps on
-// this core: the compute-bound bf16 paths of the avx512 tier (packed GEMM, attention) ask this; the
-// memory-bound ones (decode, small-M GEMM) use vdpbf16ps wherever it exists (fewer instructions per byte). Zen 4: vdpbf16ps 64 FLOP/cycle against 32 for the FMA; Sapphire Rapids: 29 against 59. Decided
+// this core: the bf16 paths of the avx512 tier that do many multiply-adds per byte (packed GEMM,
+// attention, and decode, whose GQA rows reuse each K/V element for several heads: on Sapphire Rapids
+// B8 Hkv8 widened read at 61-72% of a read loop against 55-69% with vdpbf16ps) ask this; the small-M GEMM
+// paths (one multiply-add per weight byte or so) use vdpbf16ps wherever it exists. Zen 4: vdpbf16ps 64 FLOP/cycle against 32 for the FMA; Sapphire Rapids: 29 against 59. Decided
 // once per process by timing both probe loops on one thread for a few milliseconds (probes.cpp), unless
 // PYKERNELS_BF16_DOT=on|off (read once; anything else throws std::invalid_argument) says so.
 bool bf16_dot_pays();

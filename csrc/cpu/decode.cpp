@@ -762,7 +762,7 @@ void dispatch(const DecodeParams& p) {
     if constexpr (std::is_same_v<T, float>) {
       return p.D == 64 ? run_avx512<float, Kind::f32, 64>(p) : run_avx512<float, Kind::f32, 128>(p);
     } else {
-      if (f.avx512_bf16)
+      if (f.avx512_bf16 && bf16_dot_pays())
         return p.D == 64 ? run_avx512<bf16, Kind::bf16_dp, 64>(p) : run_avx512<bf16, Kind::bf16_dp, 128>(p);
       return p.D == 64 ? run_avx512<bf16, Kind::bf16_w, 64>(p) : run_avx512<bf16, Kind::bf16_w, 128>(p);
     }
