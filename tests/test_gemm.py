@@ -53,3 +53,16 @@ LINEAR_SHAPES = [(1, 1, 1), (1, 33, 4095), (3, 65, 1000), (5, 7, 129), (8, 130, 
 @pytest.mark.parametrize("mnk", LINEAR_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_linear_matches_reference(mnk, backend, dtype):
     run_checked(GemmProblem(*mnk, layout="nt"), dtype, backend, "cpu")
+
+
+# The AMX tier's blockings (csrc/cpu/gemm_amx.cpp), on every native tier: several K blocks with the fp32
+# accumulator, one row block packing its own B blocks (wide columns for B [K, N]), and several row blocks.
+BLOCK_SHAPES = [(33, 4100, 700, "nn"), (20, 70, 2100, "nt"), (20, 70, 2100, "nn"), (600, 300, 2200, "nn"),
+                (600, 300, 2200, "nt"), (130, 4096, 1000, "nn")]
+
+
+@pytest.mark.parametrize("backend", ["native"])
+@pytest.mark.parametrize("mnkl", BLOCK_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gemm_block_paths_bf16(mnkl, backend):
+    M, N, K, layout = mnkl
+    run_checked(GemmProblem(M, N, K, layout=layout), torch.bfloat16, backend, "cpu")

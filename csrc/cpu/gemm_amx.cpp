@@ -9,14 +9,15 @@
 // four tdpbf16ps update a 32 x 32 fp32 block of C held in tmm0-3 (2 x 2 tiles, the blocking oneDNN
 // also uses for bf16: each loaded tile feeds two tdpbf16ps).
 //
-// Blocking, from the cache sizes the CPU reports (caches()):
-//   KC  K values per block: a 32-row slice of A (32 x KC bf16) stays in L1d while it meets every
-//       32-column panel of the item's B block;
-//   NB  columns per work item: the item's B block for one K block (KC x NB bf16) stays in L2 while
-//       the item's row slices pass over it;
-//   MB  rows per work item: the item's fp32 accumulator (MB x NB) stays in L2 too.
-// Work items (MB x NB blocks of C) are handed out dynamically after all threads have packed B.
-// A and B are both packed once per call into tiles (zero-padded past M, N and K), by all threads.
+// Blocking, from the cache sizes the CPU reports (caches(); see blocking()):
+//   K blocks of up to 2048 values stay in the four C tiles (no fp32 round trip; longer K stores and
+//   reloads them per block); the block's A slice (32 rows) and B panel (32 columns), 128 KB each, come
+//   from L2, which is what bounds a core on Sapphire Rapids (notes/cpu_gemm.md);
+//   NB columns per work item: the item's B block for one K block stays in half of L2 while the item's
+//   32-row slices pass over it; MB rows per item (512): each B block fetched from L3 feeds 16 slices.
+// A is packed once per call into tiles; B too when several row blocks share it, by all threads, before
+// the items (MB x NB blocks of C, handed out dynamically). With one row block (small M) each item packs
+// its own B block into L2 as it goes (B read once, never written back). Padding past M, N and K is zero.
 // Built with -mamx-tile -mamx-bf16 and AVX-512 (CMakeLists.txt); called only when features() has
 // amx_bf16 (CPUID + the OS's tile-data permission) and the active tier is "amx".
 #include "cpu/cpu.h"
