@@ -557,16 +557,25 @@ struct F32Avx512 {
   static_assert(KC * MR * 4 <= 16 * 1024, "A micro-panel should take at most half of a 32 KB L1");
   static_assert(KC * NC * 4 <= 512 * 1024, "B block should take at most half of a 1 MB L2");
 
+  // R (<= 14) rows x kc of A -> dst[k][R]: 16 K values of every row at a time, transposed in registers
+  // (vec::transpose16; a scalar loop was ~4 us of a 30 us 128^3 GEMM on Sapphire Rapids).
   template <class Src> PK_AVX512 static void pack_a(const Src* src, int64_t lda, int R, int64_t kc, float* dst) {
-    for (int r = 0; r < R; ++r) {
-      const Src* s = src + r * lda;
-      for (int64_t k = 0; k < kc; ++k) {
-        if constexpr (std::is_same_v<Src, float>) {
-          dst[k * R + r] = s[k];
+    const __mmask16 rows = vec::mask16(R);
+    for (int64_t k0 = 0; k0 < kc; k0 += 16) {
+      const int64_t n = std::min<int64_t>(16, kc - k0);
+      const __mmask16 m = vec::mask16(n);
+      __m512i v[16];
+      for (int r = 0; r < 16; ++r) {
+        if (r >= R) {
+          v[r] = _mm512_setzero_si512();
+        } else if constexpr (std::is_same_v<Src, float>) {
+          v[r] = _mm512_castps_si512(_mm512_maskz_loadu_ps(m, src + r * lda + k0));
         } else {
-          dst[k * R + r] = bf16_to_float(s[k]);
+          v[r] = _mm512_castps_si512(vec::load_bf16(src + r * lda + k0, n));
         }
       }
+      vec::transpose16(v);
+      for (int64_t c = 0; c < n; ++c) _mm512_mask_storeu_ps(dst + (k0 + c) * R, rows, _mm512_castsi512_ps(v[c]));
     }
   }
   template <class Src> PK_AVX512 static void pack_b(const Src* src, int64_t ldb, int64_t kc, int64_t r0, int64_t r1,
