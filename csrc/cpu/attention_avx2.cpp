@@ -150,20 +150,7 @@ void item(const AttentionParams& p, int64_t bh, int64_t q0, const Scratch& sc) {
       float* s = sc.s + r * kBk;
       const int64_t lim = p.causal ? std::min(nj, q0 + std::min(r, nq - 1) + 1 - j0) : nj;  // keys < lim
       for (int64_t j = std::max<int64_t>(lim, 0); j < kBk; ++j) s[j] = ninf;
-      __m256 mx = _mm256_set1_ps(sc.m[r]);
-      for (int64_t j = 0; j < kBk; j += 8) mx = _mm256_max_ps(mx, _mm256_load_ps(s + j));
-      alignas(32) float mv[8];
-      _mm256_store_ps(mv, mx);
-      const float mnew = *std::max_element(mv, mv + 8);
-      __m256 sum = _mm256_setzero_ps();
-      for (int64_t j = 0; j < kBk; j += 8) {
-        const __m256 e = avx2::exp2_ps(_mm256_sub_ps(_mm256_load_ps(s + j), _mm256_set1_ps(mnew)));
-        _mm256_store_ps(s + j, e);
-        sum = _mm256_add_ps(sum, e);
-      }
-      sc.alpha[r] = _mm256_cvtss_f32(avx2::exp2_ps(_mm256_set1_ps(sc.m[r] - mnew)));
-      sc.l[r] = sc.l[r] * sc.alpha[r] + avx2::hsum(sum);
-      sc.m[r] = mnew;
+      avx2::online_softmax(s, kBk, sc.m[r], sc.l[r], sc.alpha[r]);
     }
     for (int64_t r = 0; r < nq; r += 6)
       pv_rows<D>(static_cast<int>(std::min<int64_t>(6, nq - r)), sc.o + r * D, sc.s + r * kBk, sc.alpha + r, vt, nj);

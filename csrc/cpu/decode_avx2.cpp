@@ -132,20 +132,7 @@ void tile_compute(const Scratch& sc, const R* const* kr, const R* const* vr, con
   for (int64_t h = 0; h < g; ++h) {
     float* s = sc.s + h * kT;
     for (int64_t j = nj; j < round_up(nj, 8); ++j) s[j] = -std::numeric_limits<float>::infinity();
-    __m256 mx = _mm256_set1_ps(sc.m[h]);
-    for (int64_t j = 0; j < nj; j += 8) mx = _mm256_max_ps(mx, _mm256_load_ps(s + j));
-    alignas(32) float mv[8];
-    _mm256_store_ps(mv, mx);
-    const float mnew = *std::max_element(mv, mv + 8);
-    __m256 sum = _mm256_setzero_ps();
-    for (int64_t j = 0; j < nj; j += 8) {
-      const __m256 e = avx2::exp2_ps(_mm256_sub_ps(_mm256_load_ps(s + j), _mm256_set1_ps(mnew)));
-      _mm256_store_ps(s + j, e);
-      sum = _mm256_add_ps(sum, e);
-    }
-    sc.alpha[h] = exp2_s(sc.m[h] - mnew);
-    sc.l[h] = sc.l[h] * sc.alpha[h] + avx2::hsum(sum);
-    sc.m[h] = mnew;
+    avx2::online_softmax(s, round_up(nj, 8), sc.m[h], sc.l[h], sc.alpha[h]);
   }
   // o = alpha o + P V, 2 heads x 32 columns at a time.
   int64_t h = 0;

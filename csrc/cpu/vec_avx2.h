@@ -66,6 +66,32 @@ inline __m256 hsum8(const __m256 (&a)[8]) {
   const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
+// Max of the 8 lanes.
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// One online-softmax step (base 2) of a row whose new scores are s[0, n), n a multiple of 8, masked ones
+// -inf: m' = max(m, s); s becomes 2^(s - m'); alpha = 2^(m - m') rescales what the row had summed;
+// l = l * alpha + sum of the new weights; m = m'. (attention_avx2.cpp per query row, decode_avx2.cpp per head.)
+inline void online_softmax(float* s, int64_t n, float& m, float& l, float& alpha) {
+  __m256 mx = _mm256_set1_ps(m);
+  for (int64_t j = 0; j < n; j += 8) mx = _mm256_max_ps(mx, _mm256_load_ps(s + j));
+  const float mnew = hmax(mx);
+  const __m256 vm = _mm256_set1_ps(mnew);
+  __m256 sum = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; j += 8) {
+    const __m256 e = exp2_ps(_mm256_sub_ps(_mm256_load_ps(s + j), vm));
+    _mm256_store_ps(s + j, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  alpha = _mm256_cvtss_f32(exp2_ps(_mm256_set1_ps(m - mnew)));
+  l = l * alpha + hsum(sum);
+  m = mnew;
+}
 
 }  // namespace pk::cpu::avx2
 #endif
