@@ -33,11 +33,12 @@ Features enabled();
 // this core: the bf16 paths of the avx512 tier that do many multiply-adds per byte (packed GEMM,
 // attention, and decode, whose GQA rows reuse each K/V element for several heads: on Sapphire Rapids
 // B8 Hkv8 widened read at 61-72% of a read loop against 55-69% with vdpbf16ps) ask this; the small-M GEMM
-// paths (one multiply-add per weight byte or so) use vdpbf16ps wherever it exists. Zen 4: vdpbf16ps 64 FLOP/cycle against 32 for the FMA; Sapphire Rapids: 29 against 59. Decided
-// once per process by timing both probe loops on one thread for a few milliseconds (probes.cpp), unless
+// paths (one multiply-add per weight byte or so) use vdpbf16ps wherever it exists. Zen 4: vdpbf16ps
+// 64 FLOP/cycle against 32 for the FMA; Sapphire Rapids: 29 against 59. Decided once per process by
+// timing both probe loops on one thread for a few milliseconds (probes.cpp), unless
 // PYKERNELS_BF16_DOT=on|off (read once; anything else throws std::invalid_argument) says so.
 bool bf16_dot_pays();
-const char* bf16_dot_source();  // "measured", "PYKERNELS_BF16_DOT" or "no AVX512_BF16"
+const char* bf16_dot_source();  // "measured", "PYKERNELS_BF16_DOT", "no AVX512_BF16" or a default
 
 // Cache sizes per core in bytes (data/unified), from CPUID leaf 4 (Intel) / 0x8000001D (AMD) or
 // sysfs; 32 KB / 1 MB / 32 MB when neither answers. l3 is the whole shared cache.

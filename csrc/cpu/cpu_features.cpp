@@ -147,7 +147,7 @@ const DotChoice& dot_choice() {
       // widening costs instructions too: vdpbf16ps must do clearly more than the FMA to pay
       return {dp >= 1.5 * fma, "measured"};
     } catch (const std::exception&) {
-      return {true, "measured"};
+      return {true, "default: the probes could not run"};
     }
   }();
   return c;
