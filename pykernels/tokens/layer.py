@@ -42,10 +42,11 @@ _ROPE_BASE = 10000.0
 
 
 def _rms_norm(x, w):
-    if hasattr(F, "rms_norm"):  # torch >= 2.4: one fused op
-        return F.rms_norm(x, (x.shape[-1],), w, _EPS)
+    """RMSNorm as Llama's reference code and transformers' LlamaRMSNorm compute it: in fp32, cast back to the
+    input's dtype, times the weight: the formulation eager Llama stacks run (F.rms_norm, where torch has it,
+    rounds differently in bf16 and dispatches other ops)."""
     xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + _EPS)).to(x.dtype) * w
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + _EPS)).to(x.dtype)
 
 
 def _rope(x, cos, sin):

@@ -1,9 +1,10 @@
 """The rest of a step: the torch ops between a decoder's kernels, timed on the model's shapes.
 
 A Llama-shaped step runs, besides its GEMMs and attention: RMSNorm (2 per layer + 1 final), the rotary
-embedding of q and k, SiLU(gate) * up, two residual adds per layer, the KV-cache append, the embedding
-lookup and the argmax over the vocabulary (greedy sampling); and in an eager framework each op, view and
-reshape pays a dispatch cost of its own. `pykernels tokens --measure` times each of these as one row
+embedding of q and k, SiLU(gate) * up, two residual adds per layer, in a prefill the copy of the attention
+output from head-major back to token-major rows (the O projection's input), the KV-cache append, the
+embedding lookup and the argmax over the vocabulary (greedy sampling); and in an eager framework each op,
+view and reshape pays a dispatch cost of its own. `pykernels tokens --measure` times each of these as one row
 (torch eager ops: what every backend of this suite runs between its kernels, see tokens/layer.py), and the
 report shows them beside the kernels, so that the kernels' share of a step is visible.
 
@@ -33,7 +34,7 @@ PAGE = 16  # block size of the paged cache append (vLLM's default)
 
 @dataclass(frozen=True)
 class StepOp:
-    name: str  # rmsnorm, rotary, silu_mul, residual_add, kv_append_inplace, ..., argmax, embedding, dispatch
+    name: str  # rmsnorm, rotary, silu_mul, residual_add, head_transpose, kv_append_*, argmax, embedding, dispatch
     phase: str  # "prefill" or "decode"
     count: int  # calls per phase (layers included)
     shape: str  # what it runs on, for the table
@@ -56,6 +57,9 @@ def step_ops(workload) -> list[StepOp]:
             StepOp("silu_mul", phase, n, f"[{T}, {2 * m.ffn}] -> [{T}, {m.ffn}]"),
             StepOp("residual_add", phase, 2 * n, f"[{T}, {m.hidden}]"),
         ]
+        if phase == "prefill":  # a decode step's attention output [B, Hq, D] is token-major already
+            out.append(StepOp("head_transpose", phase, n, f"[1, {m.heads}, {T}, {m.head_dim}] -> "
+                              f"[{T}, {m.heads * m.head_dim}]"))
         if phase == "decode":
             B, L = workload.batch, workload.context
             cache = f"K and V [{B}, {m.kv_heads}, {L}, {m.head_dim}]"
@@ -91,26 +95,36 @@ def build(op: StepOp, workload, dtype: torch.dtype, device: str = "cpu", seed: i
     def t(*shape, offset=0.0):
         return randn(shape, g, offset=offset).to(device=device, dtype=dtype)
 
+    # operands(fn, read, rest): `read` is what a decode step reads from memory, `rest` the activations; a
+    # prefill's are all in memory (measure.cold_operands)
+    pre = op.phase == "prefill"
+
+    def operands(fn, read=(), rest=()):  # fn with its cold_operands
+        return _cold(fn, *read, *(rest if pre else ()))
+
     if op.name == "embedding":
         table = t(m.vocab, m.hidden)
         ids = torch.randint(0, m.vocab, (T,), generator=g).to(device)
-        return _cold(lambda: F.embedding(ids, table), table)
+        return operands(lambda: F.embedding(ids, table), (table,), (ids,))
     if op.name == "rmsnorm":
         x, w = t(T, m.hidden), t(m.hidden, offset=1.0)
-        return _cold(lambda: _layer._rms_norm(x, w), w)
+        return operands(lambda: _layer._rms_norm(x, w), (w,), (x,))
     if op.name == "rotary":
         q, k = t(T, m.heads, m.head_dim), t(T, m.kv_heads, m.head_dim)
         cos, sin = t(T, 1, m.head_dim), t(T, 1, m.head_dim)
-        return lambda: _rope_qk(q, k, cos, sin)
+        return operands(lambda: _rope_qk(q, k, cos, sin), (), (q, k, cos, sin))
     if op.name == "silu_mul":
         gu, f = t(T, 2 * m.ffn), m.ffn
-        return lambda: F.silu(gu[:, :f]) * gu[:, f:]
+        return operands(lambda: F.silu(gu[:, :f]) * gu[:, f:], (), (gu,))
     if op.name == "residual_add":
         x, y = t(T, m.hidden), t(T, m.hidden)
-        return lambda: x + y
+        return operands(lambda: x + y, (), (x, y))
+    if op.name == "head_transpose":  # the attention output back to token-major rows for the O projection
+        a, H, D = t(1, m.heads, T, m.head_dim), m.heads, m.head_dim
+        return operands(lambda: a[0].transpose(0, 1).reshape(T, H * D), (), (a,))
     if op.name == "argmax":
         logits = t(1 if op.phase == "prefill" else T, m.vocab)
-        return lambda: logits.argmax(-1)
+        return operands(lambda: logits.argmax(-1), (), (logits,))
     if op.name.startswith("kv_append_"):
         return _kv_append(op.name[len("kv_append_"):], workload, t, device)
     if op.name == "dispatch":
@@ -128,8 +142,9 @@ def build(op: StepOp, workload, dtype: torch.dtype, device: str = "cpu", seed: i
 
 
 def _cold(fn, *tensors):
-    """fn with `cold_operands`: what a decode step reads from memory (a weight, the KV cache), evicted before
-    each call when metering cold (tokens/measure.py); the rest (activations just written) stays cached."""
+    """fn with `cold_operands`: what a step reads from memory (decode: a weight, the KV cache; prefill: every
+    operand), evicted before each call when metering cold (tokens/measure.py); the rest (a decode step's
+    activations, just written) stays cached."""
     fn.cold_operands = tensors
     return fn
 
