@@ -72,6 +72,8 @@ struct Scratch {
 #if defined(__x86_64__)
 
 // Masks the scores of keys outside [0, S) and, if causal, keys after each row's position.
+// Only the first NV vectors of 16 keys are live (NV < 4: a short last tile, see item_f32).
+template <int NV = 4>
 PK_AVX512 PK_ALWAYS_INLINE void mask_scores(__m512 (&s)[kMr][4], int64_t kt0, int64_t S, bool causal,
                                             const int64_t (&pos)[kMr]) {
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -79,32 +81,54 @@ PK_AVX512 PK_ALWAYS_INLINE void mask_scores(__m512 (&s)[kMr][4], int64_t kt0, in
   for (int r = 0; r < kMr; ++r) {
     const int64_t lim = (causal ? std::min(S, pos[r] + 1) : S) - kt0;
 #pragma GCC unroll 4
-    for (int v = 0; v < 4; ++v) s[r][v] = _mm512_mask_mov_ps(ninf, vec::mask16(lim - 16 * v), s[r][v]);
+    for (int v = 0; v < NV; ++v) s[r][v] = _mm512_mask_mov_ps(ninf, vec::mask16(lim - 16 * v), s[r][v]);
   }
 }
 
 // Online softmax over one 4 x 64 tile of base-2 scores: updates m and l, turns s into
 // probabilities, and returns in alpha the factor that rescales the old accumulators.
+template <int NV = 4>
 PK_AVX512 PK_ALWAYS_INLINE void softmax_tile(__m512 (&s)[kMr][4], float* m, float* l, float* alpha) {
 #pragma GCC unroll 4
   for (int r = 0; r < kMr; ++r) {
-    const __m512 mx = _mm512_max_ps(_mm512_max_ps(s[r][0], s[r][1]), _mm512_max_ps(s[r][2], s[r][3]));
+    __m512 mx = s[r][0];
+#pragma GCC unroll 4
+    for (int v = 1; v < NV; ++v) mx = _mm512_max_ps(mx, s[r][v]);
     const float m_new = std::max(m[r], _mm512_reduce_max_ps(mx));
     // A row with every key masked so far keeps m = -inf; subtracting 0 then keeps p = 0, not NaN.
     const float mu = m_new == -std::numeric_limits<float>::infinity() ? 0.f : m_new;
     alpha[r] = attn::exp2_ss(m[r] - mu);
     const __m512 vm = _mm512_set1_ps(mu);
 #pragma GCC unroll 4
-    for (int v = 0; v < 4; ++v) s[r][v] = attn::exp2_ps(_mm512_sub_ps(s[r][v], vm));
-    const __m512 sum = _mm512_add_ps(_mm512_add_ps(s[r][0], s[r][1]), _mm512_add_ps(s[r][2], s[r][3]));
+    for (int v = 0; v < NV; ++v) s[r][v] = attn::exp2_ps(_mm512_sub_ps(s[r][v], vm));
+    __m512 sum = s[r][0];
+#pragma GCC unroll 4
+    for (int v = 1; v < NV; ++v) sum = _mm512_add_ps(sum, s[r][v]);
     l[r] = l[r] * alpha[r] + _mm512_reduce_add_ps(sum);
     m[r] = m_new;
   }
 }
 
-// S[4][64] = Q[4][D] . Kt[D][64] (fp32; Q already multiplied by scale*log2 e).
-template <int D>
+// S[4][64] = Q[4][D] . Kt[D][64] (fp32; Q already multiplied by scale*log2 e). NV < 4: only the first
+// NV x 16 keys (a short last tile; the others are left unset and never read).
+template <int D, int NV = 4>
 PK_AVX512 PK_ALWAYS_INLINE void qk_f32(const float* q, const float* kt, __m512 (&s)[kMr][4]) {
+  if constexpr (NV < 4) {
+#pragma GCC unroll 4
+    for (int r = 0; r < kMr; ++r) {
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) s[r][v] = _mm512_setzero_ps();
+    }
+#pragma GCC unroll 4
+    for (int d = 0; d < D; ++d)
+#pragma GCC unroll 4
+      for (int r = 0; r < kMr; ++r) {
+        const __m512 qb = _mm512_set1_ps(q[r * D + d]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) s[r][v] = _mm512_fmadd_ps(qb, _mm512_load_ps(kt + d * kBk + 16 * v), s[r][v]);
+      }
+    return;
+  }
 #pragma GCC unroll 4
   for (int r = 0; r < kMr; ++r)
 #pragma GCC unroll 4
@@ -292,21 +316,33 @@ PK_AVX512 void item_f32(const Ctx& x, int64_t bkv, int64_t q0, const Scratch& sc
     // Phase 1, scores and softmax of every micro-block; phase 2, P.V of every micro-block. Split so
     // that a micro-block's softmax (a latency chain of reductions and the exp polynomial) overlaps
     // the next micro-block's independent Q.K^T FMAs instead of stalling its own P.V (+4% at S=2048).
-    for (int64_t hh = 0; hh < g; ++hh) {
-      for (int64_t i0 = 0; i0 < nq; i0 += kMr) {
-        const int64_t r0 = hh * np + i0;
-        int64_t pos[kMr];
-        row_positions(q0, i0, nq, pos);
-        if (x.causal && kt0 > pos[kMr - 1]) continue;  // every key of the tile is in these rows' future
-        __m512 s[kMr][4];
-        qk_f32<D>(sc.q + r0 * D, kt, s);
-        if (kt0 + kBk > S || (x.causal && kt0 + kBk - 1 > pos[0])) mask_scores(s, kt0, S, x.causal, pos);
-        softmax_tile(s, sc.m + r0, sc.l + r0, sc.a + r0);
+    // A tile of nk < 64 keys (the last one, or the only one when S < 64) computes ceil(nk / 16) vectors
+    // of scores, not 4: at S = 16 the score and softmax work drops 4-fold.
+    const auto scores = [&](auto nv) {
+      constexpr int NV = decltype(nv)::value;
+      for (int64_t hh = 0; hh < g; ++hh) {
+        for (int64_t i0 = 0; i0 < nq; i0 += kMr) {
+          const int64_t r0 = hh * np + i0;
+          int64_t pos[kMr];
+          row_positions(q0, i0, nq, pos);
+          if (x.causal && kt0 > pos[kMr - 1]) continue;  // every key of the tile is in these rows' future
+          __m512 s[kMr][4];
+          qk_f32<D, NV>(sc.q + r0 * D, kt, s);
+          if (kt0 + 16 * NV > S || (x.causal && kt0 + 16 * NV - 1 > pos[0]))
+            mask_scores<NV>(s, kt0, S, x.causal, pos);
+          softmax_tile<NV>(s, sc.m + r0, sc.l + r0, sc.a + r0);
 #pragma GCC unroll 4
-        for (int r = 0; r < kMr; ++r)
+          for (int r = 0; r < kMr; ++r)
 #pragma GCC unroll 4
-          for (int v = 0; v < 4; ++v) _mm512_store_ps(sc.p + (r0 + r) * kBk + 16 * v, s[r][v]);
+            for (int v = 0; v < NV; ++v) _mm512_store_ps(sc.p + (r0 + r) * kBk + 16 * v, s[r][v]);
+        }
       }
+    };
+    switch ((nk + 15) / 16) {
+      case 1: scores(std::integral_constant<int, 1>{}); break;
+      case 2: scores(std::integral_constant<int, 2>{}); break;
+      case 3: scores(std::integral_constant<int, 3>{}); break;
+      default: scores(std::integral_constant<int, 4>{}); break;
     }
     for (int64_t hh = 0; hh < g; ++hh) {
       for (int64_t i0 = 0; i0 < nq; i0 += kMr) {
@@ -386,12 +422,13 @@ PK_AVX512BF16 void item_bf16(const Ctx& x, int64_t bkv, int64_t q0, const Scratc
 
 // ---- packing (plain C++: runs once per call, O(S*D) next to the O(S*S*D) products) ---------------
 
-// dst[w][j] = src row j, word w (j < nk), 0 for j in [nk, kBk): a 32-bit transpose of one K tile, in
-// 16 x 16 blocks of words (nw is D or D/2: a multiple of 16). Scalar, it cost ~3 us per head at D = 64,
-// most of a call at S = 16 (0.11 ms for 16 heads against 0.02 for torch).
+// dst[w][j] = src row j, word w (j < nk), 0 for j in [nk, jend): a 32-bit transpose of one K tile, in
+// 16 x 16 blocks of words (nw is D or D/2: a multiple of 16); jend is kBk, or for a reader of only the
+// live score vectors (qk_f32<D, NV>) nk rounded up to 16. Scalar, it cost ~3 us per head at D = 64, most
+// of a call at S = 16 (0.11 ms for 16 heads against 0.02 for torch).
 #if defined(__x86_64__)
-PK_AVX512 void transpose_tile(const uint32_t* src, int64_t nw, int64_t nk, uint32_t* dst) {
-  for (int64_t j0 = 0; j0 < kBk; j0 += 16)
+PK_AVX512 void transpose_tile(const uint32_t* src, int64_t nw, int64_t nk, uint32_t* dst, int64_t jend = kBk) {
+  for (int64_t j0 = 0; j0 < jend; j0 += 16)
     for (int64_t w0 = 0; w0 < nw; w0 += 16) {
       __m512i v[16];
       for (int r = 0; r < 16; ++r)
@@ -416,7 +453,10 @@ void run_avx512(const AttentionParams& p, bool dp) {
   // One thread up to 2^20 query-row x padded-key x D steps (~4 MFLOP, ~57 us on one Zen 4 core). Measured on
   // the loaded 2-core VM (fp32, B1, D64, 2 threads vs 1): S16 H4-H16 took 1.4-1.7x longer, S32 H8-H16 broke
   // even (0.96-1.03x faster), S64 H2-H4 was 1.16-1.25x faster (left on one thread), S128 H2 1.8x faster.
-  const bool par = p.B * p.Hq * S * ntiles * kBk * D > (int64_t(1) << 20);
+  // Keys counted as the score vectors computed (a short last tile: its live vectors only). On the
+  // Sapphire Rapids VM, S16 D64 with 64 heads (2^20 such steps) took the same on 1 and 2 threads.
+  const int64_t keys = (ntiles - 1) * kBk + round_up(S - (ntiles - 1) * kBk, 16);
+  const bool par = p.B * p.Hq * S * keys * D > (int64_t(1) << 20);
 #pragma omp parallel for schedule(static) if (par)
   for (int64_t it = 0; it < nbkv * ntiles; ++it) {
     const int64_t bkv = it / ntiles, t = it % ntiles, kt0 = t * kBk, nk = std::min(kBk, S - kt0);
@@ -439,8 +479,9 @@ void run_avx512(const AttentionParams& p, bool dp) {
       const bf16* v = static_cast<const bf16*>(p.v) + row0 * D;
       float* vdst = vbuf.as<float>() + row0 * D;
       for (int64_t e = 0; e < nk * D; ++e) vdst[e] = bf16_to_float(v[e].bits);
-    } else {
-      transpose_tile(static_cast<const uint32_t*>(p.k) + row0 * D, D, nk, kbuf.as<uint32_t>() + it * D * kBk);
+    } else {  // item_f32 reads only the live score vectors of a short tile
+      transpose_tile(static_cast<const uint32_t*>(p.k) + row0 * D, D, nk, kbuf.as<uint32_t>() + it * D * kBk,
+                     round_up(nk, 16));
     }
   }
 
