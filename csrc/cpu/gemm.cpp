@@ -223,6 +223,12 @@ constexpr int64_t kRowItemPanels = 8;
 // 4096 x 8192); else each item packs its own L2-sized blocks (B packed again for every item: with
 // that alone, fp32 1024^3 on 2 threads measured 0.82 of torch on a quiet machine).
 constexpr int64_t kSharedPackedBBytes = int64_t(128) << 20;
+// Up to this many bytes of packed B every thread packs all of B for itself: no barrier between the
+// packing and the products (a thread that starts late on a shared VM only takes fewer items) and no
+// reads from the other core's L2. Sapphire Rapids VM, fp32, 2 threads, shared vs private: 128^3 27.9 vs
+// 16.4 us (torch 16.6), 192^3 59.8 vs 46.5, 256^3 123 vs 102, 512^3 761 vs 753, 1024^3 (4 MB) 6.53 vs
+// 6.23 ms; above, packing all of B twice starts to cost (2048^3: 16 MB).
+constexpr int64_t kPrivatePackedBBytes = int64_t(4) << 20;
 // gemm_slabs: per-thread fp32 partial of C, M x W floats, at most 256 KB (L2 holds it and the slab).
 constexpr int64_t kSlabPartialFloats = 64 * 1024;
 // gemm_slabs: a slab of B (KS rows x W columns) packed at once: at most 512 KB, half of L2.
@@ -274,13 +280,15 @@ template <class P, class Src> void gemm_rows(const GemmParams& p) {
   const int64_t items = static_cast<int64_t>(bounds.size()) - 1;
   nt = static_cast<int>(std::min<int64_t>(nt, items));
 
-  // B packed once for all items when it fits (one barrier), else per item into an L2-sized block.
+  // B packed once for all items when it fits (one barrier; small: once per thread, no barrier), else per
+  // item into an L2-sized block. A fresh Team starts its ticket at 0, so the first dynamic loop needs no barrier.
   const int64_t kblocks = cdiv(K, KC), b_all = kblocks * np * KCU * NR;
   const bool shared_b = b_all * int64_t(sizeof(E)) <= kSharedPackedBBytes;
+  const bool private_b = shared_b && nt > 1 && b_all * int64_t(sizeof(E)) <= kPrivatePackedBBytes;
 
   Carver cv;
   const size_t a_off = cv.take<E>(nt * kRowItemPanels * MR * KCU);
-  const size_t b_off = cv.take<E>(shared_b ? b_all : nt * NCP * KCU * NR);
+  const size_t b_off = cv.take<E>(private_b ? nt * b_all : shared_b ? b_all : nt * NCP * KCU * NR);
   const size_t w_off = cv.take<float>(bf16_out && multi_k ? M * N : 0);
   std::unique_ptr<AlignedBuf> per_call;
   char* base = static_cast<char*>(arena(cv.off, per_call));
@@ -288,14 +296,14 @@ template <class P, class Src> void gemm_rows(const GemmParams& p) {
 
   run_team(nt, [&](int t, int nt, Team& team) {
     E* ap = reinterpret_cast<E*>(base + a_off) + t * kRowItemPanels * MR * KCU;
-    E* bp = reinterpret_cast<E*>(base + b_off) + (shared_b ? 0 : t * NCP * KCU * NR);
-    if (shared_b) {  // each thread packs a share of the rows of every K block: whole rows of B
+    E* bp = reinterpret_cast<E*>(base + b_off) + (private_b ? t * b_all : shared_b ? 0 : t * NCP * KCU * NR);
+    if (shared_b) {  // each thread packs a share of the rows of every K block (whole rows of B), or all
       for (int64_t kb = 0; kb < kblocks; ++kb) {
         const int64_t k0 = kb * KC, kc = std::min(KC, K - k0), kcu = cdiv(kc, KG);
-        const int64_t u0 = kcu * t / nt, u1 = kcu * (t + 1) / nt;
+        const int64_t u0 = private_b ? 0 : kcu * t / nt, u1 = private_b ? kcu : kcu * (t + 1) / nt;
         pack_b_any<P, Src>(p.transb, B, N, K, k0, 0, kc, u0 * KG, std::min(kc, u1 * KG), N, bp + kb * np * KCU * NR);
       }
-      team.barrier();
+      if (!private_b) team.barrier();
     }
     for (int64_t it; (it = team.grab()) < items;) {
       const int64_t i0 = bounds[it], i1 = bounds[it + 1];
