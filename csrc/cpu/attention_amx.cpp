@@ -195,23 +195,25 @@ PK_ALWAYS_INLINE __m512 hmax16(const __m512* a) { return attn::reduce16<attn::Ma
 // c s = |c| s' and the max of |c| s' is |c| times the max of s'. Updates m, l, writes the bf16
 // probabilities p (stride kBk) and rescales the accumulator rows o (stride D) by 2^(m_old - m_new).
 // Two passes over the scores (L1-resident): row maxima, then exponentials and row sums; the
-// reductions of both are transposed ones over all 16 rows (~3 ops per row each).
-template <int D>
+// reductions of both are transposed ones over all 16 rows (~3 ops per row each). NV: the vectors of 16
+// keys computed (kNv, or 2 when only the first 32-key block was: S <= 32, or a causal diagonal tile);
+// lim < 16 NV for every row then, and the keys past NV x 16 are neither read nor written.
+template <int D, int NV = kNv>
 PK_ALWAYS_INLINE void softmax16(const float* s, const int64_t* lim, float ac, float* m, float* l, u16* p, float* o) {
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), vc = _mm512_set1_ps(ac);
   __m512 acc[16];
 #pragma GCC unroll 16
   for (int r = 0; r < 16; ++r) {
     const float* sr = s + r * kBk;
-    if (lim[r] < kBk) {
+    if (lim[r] < 16 * NV) {
       acc[r] = _mm512_mask_mov_ps(ninf, vec::mask16(lim[r]), _mm512_load_ps(sr));
 #pragma GCC unroll 16
-      for (int v = 1; v < kNv; ++v)
+      for (int v = 1; v < NV; ++v)
         acc[r] = _mm512_mask_max_ps(acc[r], vec::mask16(lim[r] - 16 * v), acc[r], _mm512_load_ps(sr + 16 * v));
     } else {
       acc[r] = _mm512_load_ps(sr);
 #pragma GCC unroll 16
-      for (int v = 1; v < kNv; ++v) acc[r] = _mm512_max_ps(acc[r], _mm512_load_ps(sr + 16 * v));
+      for (int v = 1; v < NV; ++v) acc[r] = _mm512_max_ps(acc[r], _mm512_load_ps(sr + 16 * v));
     }
   }
   const __m512 m_old = _mm512_loadu_ps(m);
@@ -228,10 +230,10 @@ PK_ALWAYS_INLINE void softmax16(const float* s, const int64_t* lim, float ac, fl
     const __m512 vm = _mm512_set1_ps(mus[r]);
     acc[r] = _mm512_setzero_ps();
 #pragma GCC unroll 8
-    for (int v = 0; v < kNv; v += 2) {
+    for (int v = 0; v < NV; v += 2) {
       __m512 x0 = exp2_neg(_mm512_fmsub_ps(_mm512_load_ps(sr + 16 * v), vc, vm));
       __m512 x1 = exp2_neg(_mm512_fmsub_ps(_mm512_load_ps(sr + 16 * v + 16), vc, vm));
-      if (lim[r] < kBk) {
+      if (lim[r] < 16 * NV) {
         x0 = _mm512_maskz_mov_ps(vec::mask16(lim[r] - 16 * v), x0);
         x1 = _mm512_maskz_mov_ps(vec::mask16(lim[r] - 16 * v - 16), x1);
       }
@@ -295,9 +297,14 @@ void item(const Ctx& x, int64_t bkv, int64_t q0, const Scratch& sc) {
           const int64_t pos = q0 + std::min(i0 + r, nq - 1);
           lim[r] = (x.causal ? std::min(S, pos + 1) : S) - kt0;
         }
-        for (int64_t h = 0; h < kRb; h += 16)
-          softmax16<D>(sc.s + h * kBk, lim + h, std::fabs(x.c), sc.m + r0 + h, sc.l + r0 + h, sc.p + h * kBk,
-                       sc.o + (r0 + h) * D);
+        for (int64_t h = 0; h < kRb; h += 16) {
+          if (nkb == 1)
+            softmax16<D, 2>(sc.s + h * kBk, lim + h, std::fabs(x.c), sc.m + r0 + h, sc.l + r0 + h, sc.p + h * kBk,
+                            sc.o + (r0 + h) * D);
+          else
+            softmax16<D>(sc.s + h * kBk, lim + h, std::fabs(x.c), sc.m + r0 + h, sc.l + r0 + h, sc.p + h * kBk,
+                         sc.o + (r0 + h) * D);
+        }
         pv_block<D>(sc.p, vt, nkb, sc.o + r0 * D);
       }
     }
