@@ -596,6 +596,8 @@ PYBIND11_MODULE(_C, m) {
     // (cpu.h bf16_dot_pays)
     d["bf16_dot_used"] = pk::cpu::bf16_dot_pays();
     d["bf16_dot_source"] = std::string(pk::cpu::bf16_dot_source());
+    d["zmm_fma_full_width"] = pk::cpu::zmm_fma_full_width();
+    d["zmm_fma_source"] = std::string(pk::cpu::zmm_fma_source());
     return d;
   });
   // ISA tiers (csrc/cpu/cpu.h). PYKERNELS_CPU_ISA=avx512|avx2|portable, read here once, picks the tier

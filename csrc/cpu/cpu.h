@@ -40,6 +40,13 @@ Features enabled();
 bool bf16_dot_pays();
 const char* bf16_dot_source();  // "measured", "PYKERNELS_BF16_DOT", "no AVX512_BF16" or a default
 
+// Whether a zmm FMA runs at twice the FLOP rate of a ymm one on this core (two full-width 512-bit FMA
+// pipes: Sapphire Rapids 59 against 30 FLOP/cycle) rather than at the same rate (Zen 4 splits it into two
+// 256-bit halves). The small-M GEMM's direct path (gemm.cpp) then stays memory-bound up to 8 rows instead
+// of 4. Decided once per process by timing the two probe loops on one thread for a few milliseconds.
+bool zmm_fma_full_width();
+const char* zmm_fma_source();  // "measured", "no AVX-512" or a default
+
 // Cache sizes per core in bytes (data/unified), from CPUID leaf 4 (Intel) / 0x8000001D (AMD) or
 // sysfs; 32 KB / 1 MB / 32 MB when neither answers. l3 is the whole shared cache.
 struct Caches {

@@ -152,10 +152,25 @@ const DotChoice& dot_choice() {
   }();
   return c;
 }
+const DotChoice& zmm_choice() {
+  static const DotChoice c = []() -> DotChoice {
+    if (!features().avx512f || !features().avx2_fma) return {false, "no AVX-512"};
+    try {  // as dot_choice: FLOP per second of thread CPU time, one thread, a few ms each
+      const double zmm = probe_compute("avx512_fp32", 1, 0.004).flops_cpu_time;
+      const double ymm = probe_compute("avx2_fp32", 1, 0.004).flops_cpu_time;
+      return {zmm >= 1.5 * ymm, "measured"};
+    } catch (const std::exception&) {
+      return {false, "default: the probes could not run"};
+    }
+  }();
+  return c;
+}
 }  // namespace
 
 bool bf16_dot_pays() { return dot_choice().pays; }
 const char* bf16_dot_source() { return dot_choice().source; }
+bool zmm_fma_full_width() { return zmm_choice().pays; }
+const char* zmm_fma_source() { return zmm_choice().source; }
 
 Features enabled() {
   Features f = features();

@@ -62,7 +62,15 @@ using u32 = uint32_t;
 // ---- tunables (measured on the 2-core Zen 4 VM: 32 KB L1d, 1 MB L2 per core) ---------------------
 // Up to this many rows the direct path wins: each 64 B of B feeds M FMAs, so for M <= 4 the core
 // waits on DRAM (~24 GB/s per core) long before its FMA port is busy; packing B would only add work.
+// With two full-width zmm FMA pipes (zmm_fma_full_width(): Sapphire Rapids) up to kDirectMaxMWide:
+// there, fp32 K = N = 4096, 2 threads, M = 8 took 1.6 ms direct against 2.7 through the slabs (torch
+// 2.55); M = 12 / 16 direct were slower than the slabs (3.2 / 4.3 against 3.0 / 3.9 ms).
 constexpr int64_t kDirectMaxM = 4;
+constexpr int64_t kDirectMaxMWide = 8;
+inline int64_t direct_max_m() {
+  static const int64_t m = zmm_fma_full_width() ? kDirectMaxMWide : kDirectMaxM;
+  return m;
+}
 // Direct path: per-thread fp32 partial of C: M x W floats with W = 16384 / M columns (64 KB, in L2).
 // 16 KB partials (shorter rows of B per pass) measured 10-25% slower at M = 4, K = N = 4096.
 constexpr int64_t kDirectPartialFloats = 16384;
@@ -78,8 +86,9 @@ constexpr double kSerialFlops = 2.0e6;
 // calls do not page-fault fresh memory (16 MB of workspace = 4096 faults, ~2 ms, at 2048^3 bf16);
 // larger needs are allocated per call and freed.
 constexpr size_t kArenaKeepBytes = size_t(64) << 20;
-static_assert(kDirectMaxM >= 1 && kDirectMaxM <= 8, "direct kernels are instantiated for M = 1..8");
-static_assert(kDirectPartialFloats / kDirectMaxM >= 1024 && kDirectRows % 8 == 0,
+static_assert(kDirectMaxM >= 1 && kDirectMaxM <= kDirectMaxMWide && kDirectMaxMWide <= 8,
+              "direct kernels are instantiated for M = 1..8");
+static_assert(kDirectPartialFloats / kDirectMaxMWide >= 1024 && kDirectRows % 8 == 0,
               "direct partial must hold >= 1024 columns; items must hold whole U-row steps");
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -692,7 +701,7 @@ PK_AVX512 inline void add_to(float* dst, const float* src, int64_t n) {  // n % 
   for (int64_t i = 0; i < n; i += 16) _mm512_store_ps(dst + i, _mm512_add_ps(_mm512_load_ps(dst + i), _mm512_load_ps(src + i)));
 }
 
-// ---- direct path (M <= kDirectMaxM): no packing, B read exactly once. Work items are blocks of
+// ---- direct path (M <= direct_max_m()): no packing, B read exactly once. Work items are blocks of
 // kDirectRows whole rows of B (for a full-width chunk: one contiguous run of memory) handed out
 // dynamically; each thread accumulates its items into a private fp32 partial C (M x W, in L2); the
 // partials are summed at the end. Inside an item, U rows of B are in flight at a time; an item is
@@ -834,7 +843,7 @@ PK_AVX512 void direct_reduce(const float* part, int64_t stride, int nt, int64_t 
 }
 
 template <class T> void gemm_direct_avx512(const GemmParams& p) {
-  static constexpr auto direct = direct_table<T>(std::make_index_sequence<kDirectMaxM>());
+  static constexpr auto direct = direct_table<T>(std::make_index_sequence<kDirectMaxMWide>());
   const int64_t M = p.M, N = p.N, K = p.K;
   const T* A = static_cast<const T*>(p.a);
   const T* B = static_cast<const T*>(p.b);
@@ -978,7 +987,7 @@ template <class Src> void gemm_typed(const GemmParams& p) {
 #if defined(PK_X86)
   if (!f.avx512f && f.avx2_fma) return gemm_avx2(p);
   if (f.avx512f) {
-    if (p.M <= kDirectMaxM && !p.transb) return gemm_direct_avx512<Src>(p);  // direct reads B as [K, N]
+    if (p.M <= direct_max_m() && !p.transb) return gemm_direct_avx512<Src>(p);  // direct reads B as [K, N]
     if (p.M <= kDotMaxM && p.transb) return gemm_dot_avx512<Src>(p);        // rows of B are contiguous in K
     if constexpr (std::is_same_v<Src, u16>) {
       if (f.amx_bf16 && p.M >= kAmxMinM) return gemm_amx(p);
