@@ -11,6 +11,8 @@ SHAPES = [
     (1, 4096, 4096),       # GEMV path
     (4, 1025, 1023),
     (7, 63, 127),
+    (12, 1500, 130),       # direct path in two passes of rows (zmm at full width), two column chunks; AMX M < 16
+    (15, 129, 1030),
     (16, 256, 1000),
     (64, 64, 64),
     (65, 127, 63),

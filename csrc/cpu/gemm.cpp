@@ -14,7 +14,7 @@
 //   bf16 uses vdpbf16ps on K-pairs when the CPU has AVX512_BF16, else it widens to fp32 and uses the
 //   fp32 kernel; a CPU without AVX-512 (or a non-x86 build) gets the same drivers with a plain C++
 //   micro-kernel that the compiler vectorizes for the build's target. On a CPU with AMX-BF16 (tier
-//   "amx"), bf16 with M >= kAmxMinM goes to the tile kernel of gemm_amx.cpp.
+//   "amx"), bf16 with M > direct_max_m() goes to the tile kernel of gemm_amx.cpp.
 // bf16 results are rounded to nearest even (as float_to_bf16 in scalar.h); when K spans several KC
 // blocks the bf16 partial sums are kept in an fp32 workspace, never in bf16.
 // No barrier sits inside a work loop (see Team): on a 2-core VM shared with other processes, a thread
@@ -71,15 +71,24 @@ inline int64_t direct_max_m() {
   static const int64_t m = zmm_fma_full_width() ? kDirectMaxMWide : kDirectMaxM;
   return m;
 }
+// With full-width zmm FMA, up to twice that many rows still take the direct path, in passes of
+// direct_max_m() rows over each item of B (64 rows x up to 1024 columns: in L2 for the later passes):
+// fp32, K = N = 4096, Sapphire Rapids: M = 9 / 14 / 16 2.4 / 2.9 / 3.4 ms against 3.1 / 3.6 / 3.8 through
+// the slabs (torch 3.0 / 3.3 / 3.5).
+inline int64_t direct_two_pass_max_m() {
+  static const int64_t m = zmm_fma_full_width() ? 2 * kDirectMaxMWide : kDirectMaxM;
+  return m;
+}
 // Direct path: per-thread fp32 partial of C: M x W floats with W = 16384 / M columns (64 KB, in L2).
 // 16 KB partials (shorter rows of B per pass) measured 10-25% slower at M = 4, K = N = 4096.
 constexpr int64_t kDirectPartialFloats = 16384;
 // Direct path work item: 64 rows of B (at N = 4096 fp32, one contiguous 1 MB run; 64 items at K = 4096,
 // so a thread that loses its core to another process simply takes fewer of them).
 constexpr int64_t kDirectRows = 64;
-// bf16 from this many rows on runs on AMX tiles when the tier has them (gemm_amx.cpp); below, the
-// GEMV-like shapes are bound by reading B and the AVX-512 paths read it without packing it first.
-constexpr int64_t kAmxMinM = 16;
+// bf16 above direct_max_m() rows runs on AMX tiles when the tier has them (gemm_amx.cpp; M < 16 pads
+// the tiles); up to there the GEMV-like shapes are bound by reading B and the direct path reads it
+// without packing it first. Sapphire Rapids, K = N = 4096, 2 threads: M = 10 / 14 took 1.6 ms on AMX
+// against 2.4-3.0 through the widening packed path (torch 1.35-1.47); M = 16 2.06 (torch 1.9-2.0).
 // Below this many FLOPs one thread does it all: an OpenMP fork/join costs a few microseconds.
 constexpr double kSerialFlops = 2.0e6;
 // One arena per calling thread is kept for packing buffers and the bf16 workspace, so repeated
@@ -848,7 +857,8 @@ template <class T> void gemm_direct_avx512(const GemmParams& p) {
   const T* A = static_cast<const T*>(p.a);
   const T* B = static_cast<const T*>(p.b);
   T* C = static_cast<T*>(p.c);
-  const int64_t W = std::min(cdiv(N, 32) * 32, kDirectPartialFloats / M / 32 * 32);  // chunk of columns
+  const int64_t pass = std::min<int64_t>(M, direct_max_m());  // rows per pass over an item of B
+  const int64_t W = std::min(cdiv(N, 32) * 32, std::max<int64_t>(32, kDirectPartialFloats / M / 32 * 32));
   const int64_t items = cdiv(K, kDirectRows);
   ContentionGuard guard(g_solo_direct, static_cast<int>(std::min<int64_t>(pick_threads(p), items)));
   const int nt = guard.threads();
@@ -865,7 +875,11 @@ template <class T> void gemm_direct_avx512(const GemmParams& p) {
       std::memset(part, 0, sizeof(float) * M * wp);
       for (int64_t it; (it = team.grab()) < items;) {
         const int64_t k = it * kDirectRows;
-        direct[M - 1](A + k, K, B + k * N + j0, N, std::min(kDirectRows, K - k), w, part, tmp);
+        for (int64_t m0 = 0; m0 < M; m0 += pass) {  // later passes find the item's rows of B in L2
+          const int64_t mm = std::min(pass, M - m0);
+          direct[mm - 1](A + m0 * K + k, K, B + k * N + j0, N, std::min(kDirectRows, K - k), w, part + m0 * wp,
+                         tmp + m0 * wp);
+        }
       }
       guard.barrier(team, t);
       const bool last = j0 + W >= N;  // as in gemm_slabs: the last sum is thread 0's alone
@@ -990,7 +1004,10 @@ template <class Src> void gemm_typed(const GemmParams& p) {
     if (p.M <= direct_max_m() && !p.transb) return gemm_direct_avx512<Src>(p);  // direct reads B as [K, N]
     if (p.M <= kDotMaxM && p.transb) return gemm_dot_avx512<Src>(p);        // rows of B are contiguous in K
     if constexpr (std::is_same_v<Src, u16>) {
-      if (f.amx_bf16 && p.M >= kAmxMinM) return gemm_amx(p);
+      if (f.amx_bf16 && p.M > direct_max_m()) return gemm_amx(p);
+    }
+    if (p.M <= direct_two_pass_max_m() && !p.transb) return gemm_direct_avx512<Src>(p);
+    if constexpr (std::is_same_v<Src, u16>) {
       if (f.avx512_bf16 && bf16_dot_pays()) return gemm_packed<Bf16Avx512, u16>(p);
     }
     return gemm_packed<F32Avx512, Src>(p);
