@@ -37,6 +37,7 @@ COLD_METHOD = ("evict operands (clflush: decode, the weights / KV cache, activat
 ROTATE_METHOD = ("rotating copies of the weights / KV cache, {copies} copies, {mb:.0f} MB in all (2x the last-level "
                  "cache): each call streams them from memory, as a step of a model larger than the cache does")
 MAX_COPIES = 512  # copies of one problem's cold operands at most (a small weight in a large step)
+MAX_WINDOW_BYTES = 4 << 30  # the copies of one problem span at most this much (a CPU reporting a huge L3)
 
 
 # Operands a decode step finds in cache all the same: the activation it was just handed (a GEMM's `a`, the
@@ -235,7 +236,8 @@ def measure(
     rotate = cold and not device.startswith("cuda")
     for dt_name in dtypes:
         dtype = dtype_of(dt_name)
-        window = 2 * timing.cpu_llc_bytes() if rotate else 0  # the rotating copies span this many bytes
+        # the rotating copies span this many bytes
+        window = min(2 * timing.cpu_llc_bytes(), MAX_WINDOW_BYTES) if rotate else 0
         for prob in workload.problems():
             if start:  # live progress: which problem, how many are left
                 start(f"{dt_name} {prob.family} {prob.label()}", total)
