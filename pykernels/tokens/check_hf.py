@@ -85,8 +85,9 @@ def to_markdown(rows: list[dict], command: str = "", note: str = "") -> str:
         *([note, ""] if note else []),
         (f"Ratio = measured ÷ predicted. Target: TTFT within {TTFT_TARGET:.0%}, TPOT within {TPOT_TARGET:.0%}. "
          "Predicted = the torch backend's kernels (timed cold) + the rest of the step (KV append as "
-         "torch.cat) + the stack's overhead (its step at minimal shapes, nothing to compute). Headline: medians; beside it the "
-         "same from the fastest calls (contention only adds time: the cross-check on a shared machine)."),
+         "torch.cat) + the stack's overhead (its step at minimal shapes, nothing to compute). Headline: "
+         "medians; beside it the same from the fastest calls (contention only adds time: the cross-check on "
+         "a shared machine)."),
         "",
         ("| model | layers | dtype | batch | prompt | context | threads | TTFT ms measured | predicted | ratio "
          "| TPOT ms measured | predicted | ratio | ratios of minimums (TTFT / TPOT) |"),
@@ -248,11 +249,11 @@ def overhead_s(model, workload, dtype) -> dict[str, float]:
     attention-interface choice, the cache's bookkeeping, positions and masks).
 
     It replaces the dispatch row (views of a small tensor x the ops that are neither kernels nor rows: 0.02
-    ms per decode step of the tiny model), which missed most of it. On the Sapphire Rapids VM, transformers' decode step of the tiny
-    model took 2.2 ms (bf16, batch 1 and 8) more than its kernels and rows timed one by one, and this
-    overhead measured 1.8 / 2.1 ms; of it, replaying the same aten ops from a plain loop took 1.1 / 1.5 ms,
-    the Python around them 0.6 ms. The kernels' and rows' own timings hold their ops' dispatch too (a few
-    µs each, some ten per layer): counted twice, a little."""
+    ms per decode step of the tiny model), which missed most of it. On the Sapphire Rapids VM,
+    transformers' decode step of the tiny model took 2.2 ms (bf16, batch 1 and 8) more than its kernels and
+    rows timed one by one, and this overhead measured 1.8 / 2.1 ms; of it, replaying the same aten ops from
+    a plain loop took 1.1 / 1.5 ms, the Python around them 0.6 ms. The kernels' and rows' own timings hold
+    their ops' dispatch too (a few µs each, some ten per layer): counted twice, a little."""
     small = derive(minimal_model(model), prompt=min(16, workload.prompt), context=min(16, workload.context),
                    batch=workload.batch, fused=False)
     hf = build_hf(small.model, dtype, 40)

@@ -217,12 +217,12 @@ def measure(
 
     cold (default): on the CPU the kernels of a decode step rotate through copies of their weights and KV
     cache spanning twice the last-level cache (rotating_inputs), as in a model that streams each layer's
-    weights and KV cache from memory once per step, with the activation and the code still cached; a prefill kernel (and a decode
-    kernel on a GPU) is timed with its operands evicted from every cache level before every call
-    (cold_operands, timing.evict; where that is impossible, a buffer of 2x the last-level cache is read
-    instead). Each record says which (`cold`, `cold_method`). step_ops: also time
-    the rest of a step (tokens/stepops.py) with torch, per dtype. The allocator is pinned first
-    (pin_allocator; recorded as `allocator`)."""
+    weights and KV cache from memory once per step, with the activation and the code still cached; a
+    prefill kernel (and a decode kernel on a GPU) is timed with its operands evicted from every cache level
+    before every call (cold_operands, timing.evict; where that is impossible, a buffer of 2x the last-level
+    cache is read instead). Each record says which (`cold`, `cold_method`). step_ops: also time the rest of
+    a step (tokens/stepops.py) with torch, per dtype. The allocator is pinned first (pin_allocator;
+    recorded as `allocator`)."""
     allocator = pin_allocator()
     bes = [registry.get(b) for b in backends]
     meter, meter_reason = energy.meter_for(device)
@@ -234,10 +234,9 @@ def measure(
     decode_problems = {c.problem for c in workload.decode.calls}
     rest = []
     rotate = cold and not device.startswith("cuda")
+    window = min(2 * timing.cpu_llc_bytes(), MAX_WINDOW_BYTES) if rotate else 0  # the copies span this much
     for dt_name in dtypes:
         dtype = dtype_of(dt_name)
-        # the rotating copies span this many bytes
-        window = min(2 * timing.cpu_llc_bytes(), MAX_WINDOW_BYTES) if rotate else 0
         for prob in workload.problems():
             if start:  # live progress: which problem, how many are left
                 start(f"{dt_name} {prob.family} {prob.label()}", total)
