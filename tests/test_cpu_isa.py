@@ -117,3 +117,14 @@ def test_bf16_dot_bad_value_fails_the_import():
     env = dict(os.environ, PYKERNELS_BF16_DOT="sometimes")
     bad = subprocess.run([sys.executable, "-c", "import pykernels._C"], env=env, capture_output=True, text=True)
     assert bad.returncode != 0 and "PYKERNELS_BF16_DOT: expected on, off or auto" in bad.stderr
+
+
+def test_zmm_fma_width_is_measured_where_avx512():
+    from pykernels import _C
+
+    f = _C.cpu_features()
+    assert isinstance(f["zmm_fma_full_width"], bool)
+    if f["avx512f"] and f["avx2_fma"]:
+        assert f["zmm_fma_source"] in ("measured", "default: the probes could not run"), f
+    else:
+        assert f["zmm_fma_source"] == "no AVX-512" and f["zmm_fma_full_width"] is False, f

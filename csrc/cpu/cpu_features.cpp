@@ -128,12 +128,24 @@ void set_isa(Isa t) {
 }
 
 namespace {
-struct DotChoice {
-  bool pays;
+// A decision made once per process from the probe loops (probes.cpp), or why it was not measured.
+struct Choice {
+  bool yes;
   const char* source;
 };
-const DotChoice& dot_choice() {
-  static const DotChoice c = []() -> DotChoice {
+// Whether probe loop `a` does at least 1.5x the FLOP of loop `b` per second of thread CPU time (one
+// thread, a few ms each: robust to a shared machine); `fallback` when the probes cannot run.
+Choice faster(const char* a, const char* b, bool fallback) {
+  try {
+    const double fa = probe_compute(a, 1, 0.004).flops_cpu_time;
+    const double fb = probe_compute(b, 1, 0.004).flops_cpu_time;
+    return {fa >= 1.5 * fb, "measured"};
+  } catch (const std::exception&) {
+    return {fallback, "default: the probes could not run"};
+  }
+}
+const Choice& dot_choice() {
+  static const Choice c = []() -> Choice {
     if (const char* e = std::getenv("PYKERNELS_BF16_DOT"); e && *e) {
       if (std::strcmp(e, "on") == 0) return {features().avx512_bf16, "PYKERNELS_BF16_DOT"};
       if (std::strcmp(e, "off") == 0) return {false, "PYKERNELS_BF16_DOT"};
@@ -141,35 +153,23 @@ const DotChoice& dot_choice() {
         throw std::invalid_argument(std::string("PYKERNELS_BF16_DOT: expected on, off or auto, got '") + e + "'");
     }
     if (!features().avx512_bf16) return {false, "no AVX512_BF16"};
-    try {  // FLOP per second of thread CPU time, one thread, a few ms each: robust to a shared machine
-      const double dp = probe_compute("avx512_bf16", 1, 0.004).flops_cpu_time;
-      const double fma = probe_compute("avx512_fp32", 1, 0.004).flops_cpu_time;
-      // widening costs instructions too: vdpbf16ps must do clearly more than the FMA to pay
-      return {dp >= 1.5 * fma, "measured"};
-    } catch (const std::exception&) {
-      return {true, "default: the probes could not run"};
-    }
+    // widening costs instructions too: vdpbf16ps must do clearly more than the FMA to pay
+    return faster("avx512_bf16", "avx512_fp32", true);
   }();
   return c;
 }
-const DotChoice& zmm_choice() {
-  static const DotChoice c = []() -> DotChoice {
+const Choice& zmm_choice() {
+  static const Choice c = []() -> Choice {
     if (!features().avx512f || !features().avx2_fma) return {false, "no AVX-512"};
-    try {  // as dot_choice: FLOP per second of thread CPU time, one thread, a few ms each
-      const double zmm = probe_compute("avx512_fp32", 1, 0.004).flops_cpu_time;
-      const double ymm = probe_compute("avx2_fp32", 1, 0.004).flops_cpu_time;
-      return {zmm >= 1.5 * ymm, "measured"};
-    } catch (const std::exception&) {
-      return {false, "default: the probes could not run"};
-    }
+    return faster("avx512_fp32", "avx2_fp32", false);  // 2x on full-width pipes, 1x on split ones
   }();
   return c;
 }
 }  // namespace
 
-bool bf16_dot_pays() { return dot_choice().pays; }
+bool bf16_dot_pays() { return dot_choice().yes; }
 const char* bf16_dot_source() { return dot_choice().source; }
-bool zmm_fma_full_width() { return zmm_choice().pays; }
+bool zmm_fma_full_width() { return zmm_choice().yes; }
 const char* zmm_fma_source() { return zmm_choice().source; }
 
 Features enabled() {
