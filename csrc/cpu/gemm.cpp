@@ -238,9 +238,14 @@ constexpr int64_t kSmallPanels = 8;
 // end (guided) so that threads finish together.
 constexpr int64_t kRowItemPanels = 8;
 // gemm_rows: B is packed once, by all threads, before the items when it takes at most this much (fp32
-// 4096 x 8192); else each item packs its own L2-sized blocks (B packed again for every item: with
-// that alone, fp32 1024^3 on 2 threads measured 0.82 of torch on a quiet machine).
-constexpr int64_t kSharedPackedBBytes = int64_t(128) << 20;
+// 2048 x 4096); else each item packs its own L2-sized blocks (B packed again for every item: with
+// that alone, fp32 1024^3 on 2 threads measured 0.82 of torch on a quiet Zen 4). 128 MB before: a packed
+// B above the 64 MB arena was freshly mapped on every call (16K page faults at 64 MB), and writing all of
+// B out and reading it back costs more than packing blocks as they are needed once B outgrows the
+// caches. Sapphire Rapids VM, fp32, 2 threads, shared (128 MB limit) / per item: M = 128, N = K = 4096
+// 40 / 17.4 ms (torch 13.3; 27 ms shared with an arena kept large enough), M = 512 85 / 60 ms (torch 49);
+// 2048^3 shared (16 MB) 0.81-0.88 of torch, per item 0.81.
+constexpr int64_t kSharedPackedBBytes = int64_t(32) << 20;
 // Up to this many bytes of packed B every thread packs all of B for itself: no barrier between the
 // packing and the products (a thread that starts late on a shared VM only takes fewer items) and no
 // reads from the other core's L2. Sapphire Rapids VM, fp32, 2 threads, shared vs private: 128^3 27.9 vs
@@ -290,12 +295,24 @@ template <class P, class Src> void gemm_rows(const GemmParams& p) {
   auto cols = [&](int64_t j) { return static_cast<int>(std::min(NR, N - j * NR)); };
 
   int nt = pick_threads(p);
-  std::vector<int64_t> bounds{0};  // item it = row panels [bounds[it], bounds[it+1])
-  while (bounds.back() < mp) {
-    const int64_t left = mp - bounds.back();
-    bounds.push_back(bounds.back() + std::clamp<int64_t>(cdiv(left, 3 * int64_t(nt)), 1, kRowItemPanels));
+  // Items are (group of row panels) x (block of NCP column panels). With one column block, row groups
+  // of up to kRowItemPanels panels, small enough for ~3 items per thread; with several, groups of up to
+  // kRowItemPanels panels balanced in size, and the items of one column block are consecutive, so that
+  // the threads work on the same block of B at the same time (read from memory once). Rows only, a
+  // short wide GEMM streamed all of B once per row item: fp32 M = 128 / 512, N = K = 4096 took 55-65 /
+  // 128 ms against torch's 15 / 51 (Sapphire Rapids VM, 2 threads).
+  const int64_t ncb = cdiv(np, NCP);
+  std::vector<int64_t> bounds{0};  // row group g = row panels [bounds[g], bounds[g+1])
+  if (ncb == 1) {
+    while (bounds.back() < mp) {
+      const int64_t left = mp - bounds.back();
+      bounds.push_back(bounds.back() + std::clamp<int64_t>(cdiv(left, 3 * int64_t(nt)), 1, kRowItemPanels));
+    }
+  } else {
+    const int64_t groups = cdiv(mp, kRowItemPanels);
+    for (int64_t g = 1; g <= groups; ++g) bounds.push_back(mp * g / groups);
   }
-  const int64_t items = static_cast<int64_t>(bounds.size()) - 1;
+  const int64_t ngroups = static_cast<int64_t>(bounds.size()) - 1, items = ngroups * ncb;
   nt = static_cast<int>(std::min<int64_t>(nt, items));
 
   // B packed once for all items when it fits (one barrier; small: once per thread, no barrier), else per
@@ -324,14 +341,15 @@ template <class P, class Src> void gemm_rows(const GemmParams& p) {
       if (!private_b) team.barrier();
     }
     for (int64_t it; (it = team.grab()) < items;) {
-      const int64_t i0 = bounds[it], i1 = bounds[it + 1];
+      const int64_t g = it % ngroups, cb = it / ngroups;
+      const int64_t i0 = bounds[g], i1 = bounds[g + 1];
       for (int64_t k0 = 0; k0 < K; k0 += KC) {
         const int64_t kc = std::min(KC, K - k0), kcu = cdiv(kc, KG);
         Out o{static_cast<float*>(p.c), N, nullptr, 0, k0 > 0, false};
         if (bf16_out) o = Out{multi_k ? ws : nullptr, N, static_cast<u16*>(p.c), N, k0 > 0, k0 + KC >= K};
         for (int64_t i = i0; i < i1; ++i)
           P::template pack_a<Src>(A + row0(i) * K + k0, K, rows(i), kc, ap + (row0(i) - row0(i0)) * kcu);
-        for (int64_t jb = 0; jb < np; jb += NCP) {
+        for (int64_t jb = cb * NCP; jb < std::min(np, (cb + 1) * NCP); jb += NCP) {
           const int64_t je = std::min(jb + NCP, np);
           const E* b = bp + (k0 / KC) * np * KCU * NR + jb * kcu * NR;
           if (!shared_b) {
