@@ -47,7 +47,8 @@ def test_gemm_is_deterministic():
 # pk.linear: the gemm family's layout "nt" (b stored [N, K]), on every native CPU tier (conftest): the small-M
 # dot-product path (M <= 8), the packed drivers and the AMX tiles above it (several K blocks), and K tails that are no multiple of the vector width.
 LINEAR_SHAPES = [(1, 1, 1), (1, 33, 4095), (3, 65, 1000), (5, 7, 129), (8, 130, 17), (9, 64, 64), (65, 127, 63),
-                 (40, 300, 777), (16, 33, 32), (2, 67, 70), (4, 5, 9)]
+                 (40, 300, 777), (16, 33, 32), (2, 67, 70), (4, 5, 9),
+                 (20, 1100, 300)]  # computed as C^T = B . A^T (gemm_nt_swapped): several K blocks
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
