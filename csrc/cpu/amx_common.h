@@ -1,5 +1,6 @@
 // Helpers of the AMX kernels (csrc/cpu/*_amx.cpp): the tile configuration they all use and a 16 x 16
-// transpose of 32-bit words (the pair-interleaved "VNNI" packing of a B operand stored row by row).
+// transpose of 32-bit words (the pair-interleaved "VNNI" packing of a B operand stored row by row); their
+// scratch comes from scratch.h.
 // Include only from files built with -mamx-tile -mamx-bf16 and AVX-512 (CMakeLists.txt), x86-64 only.
 #pragma once
 #include <immintrin.h>
@@ -9,34 +10,10 @@
 #include <cstring>
 #include <new>
 
+#include "cpu/scratch.h"
 #include "cpu/vec.h"
 
 namespace pk::cpu::amx {
-
-// Scratch kept per thread between calls (a fresh multi-MB buffer per call costs thousands of page
-// faults); 64-byte aligned, contents undefined.
-class Keep {
- public:
-  void* get(size_t bytes) {
-    if (bytes > cap_) {
-      std::free(p_);
-      cap_ = (bytes + 4095) / 4096 * 4096;
-      p_ = std::aligned_alloc(64, cap_);
-      if (!p_) {
-        cap_ = 0;
-        throw std::bad_alloc();
-      }
-    }
-    return p_;
-  }
-  ~Keep() { std::free(p_); }
-
- private:
-  void* p_ = nullptr;
-  size_t cap_ = 0;
-};
-// Larger needs are allocated for the call and freed.
-constexpr size_t kKeepMax = size_t(64) << 20;
 
 struct alignas(64) TileConfig {
   uint8_t palette;

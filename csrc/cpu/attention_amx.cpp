@@ -43,7 +43,6 @@ namespace pk::cpu {
 namespace {
 
 using u16 = uint16_t;
-using attn::AlignedBuf;
 
 // Keys per K/V tile. 64 keys: two 32-key blocks per S = Q K^T pass and two 32-deep steps per
 // O += P V pass over each 32 x 32 accumulator block (each tile load/store of the accumulator feeds
@@ -328,9 +327,9 @@ void run(const AttentionParams& p) {
   const u16* K = static_cast<const u16*>(p.k);
   const u16* V = static_cast<const u16*>(p.v);
   const size_t pack_bytes = size_t(nbkv * ntiles) * kBk * D * 2;  // packed K, then packed V
-  thread_local amx::Keep keep;
-  AlignedBuf big(2 * pack_bytes > amx::kKeepMax ? 2 * pack_bytes : 0);
-  u16* const kpack = static_cast<u16*>(2 * pack_bytes > amx::kKeepMax ? big.as<void>() : keep.get(2 * pack_bytes));
+  thread_local Keep keep;
+  const CallBuffer packs(keep, 2 * pack_bytes);
+  u16* const kpack = packs.as<u16>();
   u16* const vpack = kpack + pack_bytes / 2;
   // The same threshold as attention.cpp: one thread up to 2^20 query-row x padded-key x D steps.
   const bool par = p.B * p.Hq * S * ntiles * kBk * D > (int64_t(1) << 20);
@@ -349,7 +348,7 @@ void run(const AttentionParams& p) {
 #pragma omp parallel if (par)
   {
     // Per-thread scratch, kept between calls: Q copy, O, m and l of the item; S and P of a row block.
-    thread_local amx::Keep scratch;
+    thread_local Keep scratch;
     const size_t qo = size_t(rows) * D * 2, oo = size_t(rows) * D * 4, mo = size_t(rows) * 4, so = kRb * kBk * 4;
     char* mem = static_cast<char*>(scratch.get(qo + oo + 2 * mo + so + kRb * kBk * 2));
     const Scratch sc{reinterpret_cast<u16*>(mem), reinterpret_cast<float*>(mem + qo),

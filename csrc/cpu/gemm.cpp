@@ -40,6 +40,7 @@
 
 #include "cpu/cpu.h"
 #include "cpu/scalar.h"
+#include "cpu/scratch.h"
 #include "cpu/team.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -91,10 +92,6 @@ constexpr int64_t kDirectRows = 64;
 // against 2.4-3.0 through the widening packed path (torch 1.35-1.47); M = 16 2.06 (torch 1.9-2.0).
 // Below this many FLOPs one thread does it all: an OpenMP fork/join costs a few microseconds.
 constexpr double kSerialFlops = 2.0e6;
-// One arena per calling thread is kept for packing buffers and the bf16 workspace, so repeated
-// calls do not page-fault fresh memory (16 MB of workspace = 4096 faults, ~2 ms, at 2048^3 bf16);
-// larger needs are allocated per call and freed.
-constexpr size_t kArenaKeepBytes = size_t(64) << 20;
 static_assert(kDirectMaxM >= 1 && kDirectMaxM <= kDirectMaxMWide && kDirectMaxMWide <= 8,
               "direct kernels are instantiated for M = 1..8");
 static_assert(kDirectPartialFloats / kDirectMaxMWide >= 1024 && kDirectRows % 8 == 0,
@@ -103,30 +100,10 @@ static_assert(kDirectPartialFloats / kDirectMaxMWide >= 1024 && kDirectRows % 8 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---- memory -----------------------------------------------------------------------------------------
-struct AlignedBuf {
-  void* p = nullptr;
-  size_t bytes = 0;
-  explicit AlignedBuf(size_t n) : bytes((n + 63) / 64 * 64 + 64) {
-    p = std::aligned_alloc(64, bytes);
-    if (!p) throw std::bad_alloc();
-  }
-  ~AlignedBuf() { std::free(p); }
-  AlignedBuf(const AlignedBuf&) = delete;
-  AlignedBuf& operator=(const AlignedBuf&) = delete;
-};
-
-// Returns 64-byte aligned scratch of at least `bytes`, valid until the next call on this thread.
-void* arena(size_t bytes, std::unique_ptr<AlignedBuf>& per_call) {
-  thread_local std::unique_ptr<AlignedBuf> keep;
-  if (bytes > kArenaKeepBytes) {
-    per_call = std::make_unique<AlignedBuf>(bytes);
-    return per_call->p;
-  }
-  if (!keep || keep->bytes < bytes) {
-    keep.reset();
-    keep = std::make_unique<AlignedBuf>(bytes);
-  }
-  return keep->p;
+// The drivers' packing buffers and workspace: kept by the calling thread between calls (scratch.h).
+inline Keep& arena() {
+  thread_local Keep keep;
+  return keep;
 }
 
 // Carves 64-byte aligned pieces out of one allocation.
@@ -325,8 +302,8 @@ template <class P, class Src> void gemm_rows(const GemmParams& p) {
   const size_t a_off = cv.take<E>(nt * kRowItemPanels * MR * KCU);
   const size_t b_off = cv.take<E>(private_b ? nt * b_all : shared_b ? b_all : nt * NCP * KCU * NR);
   const size_t w_off = cv.take<float>(bf16_out && multi_k ? M * N : 0);
-  std::unique_ptr<AlignedBuf> per_call;
-  char* base = static_cast<char*>(arena(cv.off, per_call));
+  const CallBuffer scratch(arena(), cv.off);
+  char* base = scratch.as<char>();
   float* ws = reinterpret_cast<float*>(base + w_off);
 
   run_team(nt, [&](int t, int nt, Team& team) {
@@ -392,8 +369,8 @@ template <class P, class Src> void gemm_slabs(const GemmParams& p) {
   const size_t a_off = cv.take<E>(nt * mp * MR * KSU);
   const size_t b_off = cv.take<E>(nt * W * KSU);
   const size_t c_off = cv.take<float>(nt * M * W);
-  std::unique_ptr<AlignedBuf> per_call;
-  char* base = static_cast<char*>(arena(cv.off, per_call));
+  const CallBuffer scratch(arena(), cv.off);
+  char* base = scratch.as<char>();
   float* parts = reinterpret_cast<float*>(base + c_off);
 
   run_team(nt, [&](int t, int nt, Team& team) {
@@ -883,8 +860,8 @@ template <class T> void gemm_direct_avx512(const GemmParams& p) {
   const int64_t stride = M * W;  // floats per thread partial
   Carver cv;
   cv.take<float>(2 * nt * stride);
-  std::unique_ptr<AlignedBuf> per_call;
-  float* parts = static_cast<float*>(arena(cv.off, per_call));  // nt partials, then nt item buffers
+  const CallBuffer scratch(arena(), cv.off);
+  float* parts = scratch.as<float>();  // nt partials, then nt item buffers
   run_team(nt, [&](int t, int nt, Team& team) {
     float* part = parts + t * stride;
     float* tmp = parts + (nt + t) * stride;
@@ -1030,23 +1007,30 @@ template <class Src> void gemm_packed_avx512(const GemmParams& p) {
 constexpr int64_t kSwapMaxM = 256;
 template <class Src> void gemm_nt_swapped(const GemmParams& p) {
   const int64_t M = p.M, N = p.N;
-  thread_local std::vector<Src> keep;
-  std::vector<Src> per_call;
-  std::vector<Src>& ct = size_t(M * N) * sizeof(Src) <= kArenaKeepBytes ? keep : per_call;
-  if (ct.size() < size_t(M * N)) ct.resize(size_t(M * N));
+  thread_local Keep keep;  // not arena(): the packed GEMM below uses that
+  const CallBuffer scratch(keep, size_t(M * N) * sizeof(Src));
+  Src* ct = scratch.as<Src>();
   GemmParams q = p;
   q.a = p.b;
   q.b = p.a;
-  q.c = ct.data();
+  q.c = ct;
   q.M = N;
   q.N = M;
   q.transb = true;
   gemm_packed_avx512<Src>(q);
+  // C^T [N][M] -> C [M][N], blocks of 64 rows of C^T (an M x 64 transpose stays in L1), shared by the
+  // threads of the GEMM
+  constexpr int64_t kBlock = 64;
   Src* C = static_cast<Src*>(p.c);
-  constexpr int64_t kBlock = 64;  // C^T rows per block: its M x 64 transpose stays in L1
-  for (int64_t n0 = 0; n0 < N; n0 += kBlock)
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = n0; n < std::min(N, n0 + kBlock); ++n) C[m * N + n] = ct[size_t(n * M + m)];
+  const int64_t blocks = cdiv(N, kBlock);
+  run_team(static_cast<int>(std::min<int64_t>(pick_threads(p), blocks)), [&](int, int, Team& team) {
+    for (int64_t bi; (bi = team.grab()) < blocks;) {
+      const int64_t n0 = bi * kBlock, n1 = std::min(N, n0 + kBlock);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = n0; n < n1; ++n) C[m * N + n] = ct[n * M + m];
+    }
+    team.barrier();
+  });
 }
 
 template <class Src> void gemm_typed(const GemmParams& p) {

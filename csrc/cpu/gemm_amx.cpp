@@ -43,8 +43,6 @@ namespace {
 
 using u16 = uint16_t;
 using amx::configure_tiles;
-using amx::Keep;
-using amx::kKeepMax;
 using amx::transpose16;
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -267,16 +265,8 @@ void gemm_amx(const GemmParams& p) {
   const size_t slab = size_t(Kt) * 2 * kTileU16 * 2;  // bytes per 32-row slice of A / 32-column panel of B
   const size_t bytes = slab * size_t(Ms + (s.local_b ? 0 : Np));
   thread_local Keep bkeep;
-  std::unique_ptr<void, decltype(&std::free)> big(nullptr, &std::free);
-  void* buf;
-  if (bytes > kKeepMax) {
-    big.reset(std::aligned_alloc(64, (bytes + 63) / 64 * 64));
-    if (!big) throw std::bad_alloc();
-    buf = big.get();
-  } else {
-    buf = bkeep.get(bytes);
-  }
-  u16* Ap = static_cast<u16*>(buf);
+  const CallBuffer buf(bkeep, bytes);
+  u16* Ap = buf.as<u16>();
   u16* Bp = s.local_b ? nullptr : Ap + slab / 2 * Ms;
   s.Ap = Ap;
   s.Bp = Bp;
