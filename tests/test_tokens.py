@@ -676,6 +676,7 @@ def test_rereport_uses_the_recorded_workload(tmp_path, capsys):
     assert "# Tokens: micro — prompt 8, decode at context 24, batch 3" in text and "incomplete" not in text
     n = torch.get_num_threads()
     assert f"Measured with {n} thread{'' if n == 1 else 's'}" in text and "cold caches" in text
+    assert "rotating copies" in text  # the method the measurement recorded
     # an explicit argument wins
     assert tokens.main([str(out), "--model", str(model_file), "--batch", "2", "--md", str(md)]) == 0  # prefill
     text = md.read_text()

@@ -293,7 +293,7 @@ template <class P, class Src> void gemm_rows(const GemmParams& p) {
   nt = static_cast<int>(std::min<int64_t>(nt, items));
 
   // B packed once for all items when it fits (one barrier; small: once per thread, no barrier), else per
-  // item into an L2-sized block. A fresh Team starts its ticket at 0, so the first dynamic loop needs no barrier.
+  // item into an L2-sized block.
   const int64_t kblocks = cdiv(K, KC), b_all = kblocks * np * KCU * NR;
   const bool shared_b = b_all * int64_t(sizeof(E)) <= kSharedPackedBBytes;
   const bool private_b = shared_b && nt > 1 && b_all * int64_t(sizeof(E)) <= kPrivatePackedBBytes;

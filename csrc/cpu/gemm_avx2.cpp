@@ -374,9 +374,7 @@ template <int M, class T> void gemm_dot(const GemmParams& p) {
       }
       for (int m = 0; m < M; ++m)
         for (int u = 0; u < NU; ++u) {
-          const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[m][u]), _mm256_extractf128_ps(acc[m][u], 1));
-          const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
-          float v = _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
+          float v = avx2::hsum(acc[m][u]);
           for (int64_t k = K8; k < K; ++k) v += ldf(A, m * K + k) * ldf(W, (n + u) * K + k);
           store(m, n + u, v);
         }
@@ -386,9 +384,7 @@ template <int M, class T> void gemm_dot(const GemmParams& p) {
         __m256 acc = _mm256_setzero_ps();
         for (int64_t k = 0; k < K8; k += 8)
           acc = _mm256_fmadd_ps(avx2::load8(A + m * K + k), avx2::load8(W + n * K + k), acc);
-        alignas(32) float t[8];
-        _mm256_store_ps(t, acc);
-        float v = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+        float v = avx2::hsum(acc);
         for (int64_t k = K8; k < K; ++k) v += ldf(A, m * K + k) * ldf(W, n * K + k);
         store(m, n, v);
       }

@@ -46,7 +46,8 @@ template <class Pred> void wait_until(Pred done) {
 }
 
 // A barrier plus a shared ticket counter for dynamically scheduled loops: `while ((i = grab()) < n)`.
-// The last thread into a barrier resets the ticket, so every dynamic loop must follow a barrier.
+// The ticket starts at 0 and the last thread into a barrier resets it, so a dynamic loop must be the
+// team's first or follow a barrier.
 class Team {
  public:
   explicit Team(int nt) : nt_(nt) {}
@@ -97,8 +98,8 @@ template <class F> void run_team(int nt, F&& body) {
 // Contention guard for short calls (gemm.cpp: the memory-bound direct and slabs paths; gemm_amx.cpp).
 // On a 2-core VM, when another process holds one of the cores, the partner thread is often started
 // late or preempted in the middle of an item, and thread 0 then waits a scheduler tick (4 ms) for it,
-// at a barrier or in the OpenMP join. Measured, fp32 M = 1, K = N = 4096 with one busy process beside it: 8-12 ms on 2
-// threads against 2.9 ms on 1 (torch's single-thread GEMV: 3.0-3.3 ms). So thread 0 times its waits
+// at a barrier or in the OpenMP join. Measured, fp32 M = 1, K = N = 4096 with one busy process beside
+// it: 8-12 ms on 2 threads against 2.9 ms on 1 (torch's single-thread GEMV: 3.0-3.3 ms). So thread 0 times its waits
 // for the others; when they take more than a quarter of a call (and > 200 us), the next `backoff`
 // calls of that path run on one thread, then 2 threads are tried again; the backoff doubles (up to
 // kSoloMax) while the waits persist and is reset by a call without them.

@@ -730,8 +730,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         "--no-check", action="store_true", help="do not check outputs against the float64 reference"
     )
     g.add_argument("--warm", action="store_true",
-                   help="time kernels with warm caches (default: cold, a decode-step kernel's weights and KV cache "
-                   "evicted from every cache level before each call, a prefill kernel's every operand)")
+                   help="time kernels with warm caches (default: cold, a decode-step kernel rotating through copies of "
+                   "its weights and KV cache larger than the last-level cache, a prefill kernel's every operand "
+                   "evicted before each call)")
     g.add_argument("--no-step-ops", action="store_true",
                    help="do not time the rest of a step (norms, rotary, SiLU, residuals, cache append, argmax)")
     g.add_argument("--check", choices=("hf",), default=None,
@@ -829,9 +830,10 @@ def run(args) -> int:
     if recs:
         t = "?" if threads is None else threads
         colds = {bool(sec.get("cold")) for _, sec in recs}
+        methods = {sec.get("cold_method") for _, sec in recs if sec.get("cold")}  # as the measurement recorded it
+        how = f" ({methods.pop()})" if len(methods) == 1 and None not in methods else ""
         notes.append(f"Measured with {t} thread{'' if t == 1 else 's'} (torch and OpenMP); kernels timed "
-                     + ("with cold caches (decode: their weights and KV cache evicted before every call; prefill: "
-                        "all their operands)" if colds == {True}
+                     + (f"with cold caches{how}" if colds == {True}
                         else "warm" if colds == {False} else "cold in some files, warm in others") + ".")
     coverage = None
     if args.layer_results:
