@@ -10,11 +10,12 @@
 // also uses for bf16: each loaded tile feeds two tdpbf16ps).
 //
 // Blocking, from the cache sizes the CPU reports (caches(); see blocking()):
-//   K blocks of up to 2048 values stay in the four C tiles (no fp32 round trip; longer K stores and
-//   reloads them per block); the block's A slice (32 rows) and B panel (32 columns), 128 KB each, come
-//   from L2, which is what bounds a core on Sapphire Rapids (notes/cpu_gemm.md);
-//   NB columns per work item: the item's B block for one K block stays in half of L2 while the item's
-//   32-row slices pass over it; MB rows per item (512): each B block fetched from L3 feeds 16 slices.
+//   K blocks small enough that a 32-row A slice of the block takes a third of L1d (256 values on a
+//   48 KB L1d): the slice stays in L1d while it meets every B panel of the item, whose tiles stream
+//   from L2; the C tiles go through an fp32 accumulator per K block (notes/cpu_gemm.md);
+//   NB columns per work item: the item's B block for one K block takes an eighth of L2, MB rows (256)
+//   so that the item's accumulator takes a quarter; each B block fetched from L3 feeds MB / 32 slices.
+//   The next A slice (into L1d) and the next K block's B block (into L2) are prefetched in shares.
 // A is packed once per call into tiles; B too when several row blocks share it, by all threads, before
 // the items (MB x NB blocks of C, handed out dynamically). With one row block (small M) each item packs
 // its own B block into L2 as it goes (B read once, never written back). Padding past M, N and K is zero.
@@ -130,16 +131,19 @@ struct Blocking {
 Blocking blocking(int64_t M, int64_t N, int64_t Kt, int nt, bool transb) {
   const Caches& c = caches();
   Blocking b;
-  // K block: up to 2048 values (A slice and B panel 128 KB each, both read from L2 once they are there).
-  // Within a block the four C tiles stay in registers; only K > 2048 stores and reloads them per block.
-  b.kct = std::min<int64_t>(Kt, 64);
-  // Item's B block (kct x nb bf16, 2 KB per K tile and 32 columns): half of L2, where it is reused by
-  // every 32-row slice of the item. 2 MB L2 (Sapphire Rapids), K = 2048: nb = 256.
-  b.nb = std::clamp<int64_t>(c.l2 / 2 / (b.kct * 2048) * 32, 64, 1024);
-  // Rows per item: each B block fetched from L3 / memory feeds mb / 32 slices (and each A slice nb / 32
-  // panels): 512 x 256 reads 3 MB per 0.54 GFLOP at K = 2048. Above one K block the fp32 accumulator
-  // (mb x nb) must stay in L2 too: a quarter of it.
-  b.mb = Kt > b.kct ? std::clamp<int64_t>(c.l2 / 4 / (b.nb * 4) / 32 * 32, 32, 512) : 512;
+  // K block: the 32-row A slice of one K block (2 KB per K tile) takes a third of L1d, so that it and
+  // the next slice (prefetched while this one runs) stay there while the B tiles stream from L2: 8 K
+  // tiles (256 values) on a 48 KB L1d. Each block goes through the fp32 accumulator (a tile load and
+  // store per 32 tdpbf16ps). Measured on one Sapphire Rapids core, 2048^3: K blocks of 2048 values kept
+  // in the tiles (A slice and B panel both from L2) 13.5 ms of tile work, 256-value blocks with the
+  // prefetches 11.6 ms; 384 / 512 values 14.5 / 18.3 ms (the two slices no longer fit L1d).
+  b.kct = std::clamp<int64_t>(c.l1d / 3 / 2048, 2, 64);
+  // Item's B block (kct x nb bf16, 2 KB per K tile and 32 columns), an eighth of L2 (the next K block's
+  // is prefetched into L2 beside it), and its fp32 accumulator (mb x nb), a quarter: 2 MB L2 -> 512
+  // columns x 256 rows; each B block fetched from L3 feeds mb / 32 slices.
+  b.nb = std::clamp<int64_t>(c.l2 / 8 / (b.kct * 2048) * 32, 64, 1024);
+  b.mb = std::clamp<int64_t>(c.l2 / 4 / (b.nb * 4) / 32 * 32, 32, 512);
+  b.kct = std::min(b.kct, Kt);
   b.nb = std::min(b.nb, cdiv(N, 32) * 32);
   b.mb = std::min(b.mb, cdiv(M, 32) * 32);
   if (!transb && M <= std::min<int64_t>(b.mb, 128) && N >= 64 * nt) {
@@ -179,21 +183,29 @@ struct Shared {
   Blocking blk;
 };
 
+// Prefetches [from, to) of the `lines` 64-byte lines at p into the given cache level: one share of a
+// block spread over the tile steps that run before it is needed.
+template <int Hint> inline void prefetch_share(const void* p, int64_t lines, int64_t from, int64_t to) {
+  const char* q = static_cast<const char*>(p);
+  for (int64_t l = from; l < std::min(lines, to); ++l) _mm_prefetch(q + l * 64, static_cast<_mm_hint>(Hint));
+}
+
 // One item: rows [m0, m0 + mb) x panels [p0, p1) of C.
 void run_item(const Shared& s, int64_t m0, int64_t p0, int64_t p1, Keep& keep) {
-  const int64_t M = s.M, N = s.N, Kt = s.Kt, kct = s.blk.kct;
+  const int64_t M = s.M, N = s.N, Kt = s.Kt, kct = s.blk.kct, np = p1 - p0;
   const int64_t rows = std::min(s.blk.mb, M - m0), slices = cdiv(rows, 32);
   // One K block: the C tiles go through a 32 x 32 scratch (L1) to C. Several: an fp32 accumulator for
-  // the item (slices*32 x ldacc), stored and reloaded per K block.
+  // the item, one 32 x 32 block (4 KB) per (slice, panel), stored and reloaded per K block. (A row-major
+  // accumulator put the 16 rows of a C tile 2 KB apart: two L1d sets.)
   const bool one_block = kct >= Kt;
-  const int64_t ldacc = one_block ? 32 : (p1 - p0) * 32;
-  const size_t acc_bytes = one_block ? 32 * 32 * 4 : size_t(slices) * 32 * ldacc * 4;
-  char* mem = static_cast<char*>(keep.get(acc_bytes + (s.local_b ? size_t(p1 - p0) * kct * 2 * kTileU16 * 2 : 0)));
+  const size_t acc_bytes = size_t(one_block ? 1 : slices * np) * 32 * 32 * 4;
+  char* mem = static_cast<char*>(keep.get(acc_bytes + (s.local_b ? size_t(np) * kct * 2 * kTileU16 * 2 : 0)));
   float* acc = reinterpret_cast<float*>(mem);
   u16* bl = reinterpret_cast<u16*>(mem + acc_bytes);  // this item's B block (local_b)
-  const int64_t ldc = ldacc * 4;
+  constexpr int64_t ldc = 32 * 4;
+  auto slice_a = [&](int64_t i, int64_t kt) { return s.Ap + ((m0 / 32 + i) * Kt + kt) * 2 * kTileU16; };
   for (int64_t kt0 = 0; kt0 < Kt; kt0 += kct) {
-    const int64_t kt1 = std::min(Kt, kt0 + kct), nk = kt1 - kt0;
+    const int64_t kt1 = std::min(Kt, kt0 + kct), nk = kt1 - kt0, nk_next = std::min(kct, Kt - kt1);
     auto local = [&](int64_t jp, int64_t kt) { return ((jp - p0) * nk + (kt - kt0)) * 2 * kTileU16; };
     if (s.local_b) {  // one row block: this item is the only reader of its B block, packed into L2 right here
       if (s.transb) {
@@ -202,11 +214,21 @@ void run_item(const Shared& s, int64_t m0, int64_t p0, int64_t p1, Keep& keep) {
         for (int64_t kt = kt0; kt < kt1; ++kt) pack_kn(s.B, s.K, N, kt, p0, p1, local, bl);
       }
     }
+    // Software prefetches, spread over the (slice, panel) steps: the next A slice into L1d (a share per
+    // panel) and the next K block's B block into L2 (a share per step). The hardware prefetchers left
+    // the first panel of every slice and the first slice of every K block waiting on L3 / memory.
+    const u16* b_next = nk_next > 0 && !s.local_b ? s.Bp + b_at(p0, kt1, s.Np, Kt, kct) : nullptr;
+    const int64_t b_lines = np * nk_next * 32, b_share = cdiv(b_lines, slices * np);
     for (int64_t i = 0; i < slices; ++i) {
       const int64_t r0 = m0 + i * 32, nr = std::min<int64_t>(32, M - r0);
-      const u16* a = s.Ap + ((r0 / 32) * Kt + kt0) * 2 * kTileU16;
+      const u16* a = slice_a(i, kt0);
+      const u16* a_next = i + 1 < slices ? slice_a(i + 1, kt0) : nk_next > 0 ? slice_a(0, kt1) : nullptr;
+      const int64_t a_lines = (i + 1 < slices ? nk : nk_next) * 32, a_share = cdiv(a_lines, np);
       for (int64_t jp = p0; jp < p1; ++jp) {
-        float* c = one_block ? acc : acc + i * 32 * ldacc + (jp - p0) * 32;
+        const int64_t step = i * np + (jp - p0);
+        if (a_next) prefetch_share<_MM_HINT_T0>(a_next, a_lines, (jp - p0) * a_share, (jp - p0 + 1) * a_share);
+        if (b_next) prefetch_share<_MM_HINT_T1>(b_next, b_lines, step * b_share, (step + 1) * b_share);
+        float* c = one_block ? acc : acc + step * 32 * 32;
         if (kt0 == 0) {
           _tile_zero(0);
           _tile_zero(1);
@@ -215,8 +237,8 @@ void run_item(const Shared& s, int64_t m0, int64_t p0, int64_t p1, Keep& keep) {
         } else {
           _tile_loadd(0, c, ldc);
           _tile_loadd(1, c + 16, ldc);
-          _tile_loadd(2, c + 16 * ldacc, ldc);
-          _tile_loadd(3, c + 16 * ldacc + 16, ldc);
+          _tile_loadd(2, c + 16 * 32, ldc);
+          _tile_loadd(3, c + 16 * 32 + 16, ldc);
         }
         const u16* b = s.local_b ? bl + local(jp, kt0) : s.Bp + b_at(jp, kt0, s.Np, Kt, kct);
         const u16* ak = a;
@@ -234,11 +256,11 @@ void run_item(const Shared& s, int64_t m0, int64_t p0, int64_t p1, Keep& keep) {
         }
         _tile_stored(0, c, ldc);
         _tile_stored(1, c + 16, ldc);
-        _tile_stored(2, c + 16 * ldacc, ldc);
-        _tile_stored(3, c + 16 * ldacc + 16, ldc);
+        _tile_stored(2, c + 16 * 32, ldc);
+        _tile_stored(3, c + 16 * 32 + 16, ldc);
         if (kt1 == Kt) {
           const int64_t c0 = jp * 32;
-          store_block(c, ldacc, nr, std::min<int64_t>(32, N - c0), s.C + r0 * N + c0, N);
+          store_block(c, 32, nr, std::min<int64_t>(32, N - c0), s.C + r0 * N + c0, N);
         }
       }
     }
