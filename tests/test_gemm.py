@@ -61,10 +61,10 @@ def test_linear_matches_reference(mnk, backend, dtype):
 # The AMX tier's blockings (csrc/cpu/gemm_amx.cpp), on every native tier: several K blocks with the fp32
 # accumulator, one row block packing its own B blocks (wide columns for B [K, N]), and several row blocks
 # (and column blocks, with a short last K block); M <= 32 with B [K, N] splits K between the threads
-# (12 x 1100 x 700: the half-slice tiles).
+# (12 x 1100 x 700: the half-slice tiles; 16 x 2048 x 8192: 32 chunks, so that every thread adds a partial).
 BLOCK_SHAPES = [(33, 4100, 700, "nn"), (20, 70, 2100, "nt"), (20, 70, 2100, "nn"), (600, 300, 2200, "nn"),
                 (600, 300, 2200, "nt"), (130, 4096, 1000, "nn"), (520, 1100, 600, "nn"),
-                (12, 1100, 700, "nn")]
+                (12, 1100, 700, "nn"), (16, 2048, 8192, "nn")]
 
 
 @pytest.mark.parametrize("backend", ["native"])
