@@ -14,7 +14,7 @@
 //   bf16 uses vdpbf16ps on K-pairs when the CPU has AVX512_BF16, else it widens to fp32 and uses the
 //   fp32 kernel; a CPU without AVX-512 (or a non-x86 build) gets the same drivers with a plain C++
 //   micro-kernel that the compiler vectorizes for the build's target. On a CPU with AMX-BF16 (tier
-//   "amx"), bf16 with M > direct_max_m() goes to the tile kernel of gemm_amx.cpp.
+//   "amx"), bf16 with M > direct_max_m() (linear: M >= kAmxLinearMinM) goes to the tile kernel of gemm_amx.cpp.
 // bf16 results are rounded to nearest even (as float_to_bf16 in scalar.h); when K spans several KC
 // blocks the bf16 partial sums are kept in an fp32 workspace, never in bf16.
 // No barrier sits inside a work loop (see Team): on a 2-core VM shared with other processes, a thread
@@ -894,6 +894,11 @@ template <class T> void gemm_direct_avx512(const GemmParams& p) {
 // of kDotRows rows of B (dynamically) and writes those columns of C itself. R rows of B at a time share
 // each load of A; M x R accumulators (R = 4 up to M = 4, else 2) stay under the 32 zmm registers.
 constexpr int64_t kDotMaxM = 8;
+// bf16 linear from this many rows runs on AMX tiles where the tier has them: vdpbf16ps issues at half
+// the fp32 FMA rate on Sapphire Rapids, so the dot path turns compute-bound. N = K = 4096, 2 threads,
+// Sapphire Rapids VM: M = 2 / 4 / 5 / 6 / 8 took 0.60 / 0.85 / 1.14 / 1.31 / 1.69 ms on the dot path and
+// 1.12 / 1.08 / 1.09 / 1.12 / 1.16 ms on AMX (torch 1.03-1.09).
+constexpr int64_t kAmxLinearMinM = 5;
 constexpr int64_t kDotRows = 32;
 
 template <class T> PK_AVX512 inline __m512 load16(const T* p, __mmask16 m) {
@@ -1039,6 +1044,9 @@ template <class Src> void gemm_typed(const GemmParams& p) {
   if (!f.avx512f && f.avx2_fma) return gemm_avx2(p);
   if (f.avx512f) {
     if (p.M <= direct_max_m() && !p.transb) return gemm_direct_avx512<Src>(p);  // direct reads B as [K, N]
+    if constexpr (std::is_same_v<Src, u16>) {
+      if (f.amx_bf16 && p.transb && p.M >= kAmxLinearMinM) return gemm_amx(p);
+    }
     if (p.M <= kDotMaxM && p.transb) return gemm_dot_avx512<Src>(p);        // rows of B are contiguous in K
     if constexpr (std::is_same_v<Src, u16>) {
       if (f.amx_bf16 && p.M > direct_max_m()) return gemm_amx(p);
