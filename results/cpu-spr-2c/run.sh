@@ -6,7 +6,9 @@
 #   2. overhead.*  the fixed costs of small shapes (prepared calls, pk.gemm minus the prepared call)
 #   3. validate/   pykernels validate --backend native (with the performance section)
 #   4. tokens-check/  pykernels tokens --check hf (transformers' Llama) for tiny and ref-7b-2k cut to 2
-#                  layers, fp32 and bf16, batch 1 and 8 (pip install -e ".[hf]")
+#                  layers, fp32 and bf16, batch 1 and 8 (pip install -e ".[hf]"); it times the torch
+#                  backend only, so a change of the native kernels leaves it as it was
+#   5. isa_tiers.md  every native tier (amx, avx512, avx2 forced) against torch on the quick sweep's cases
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 R=results/cpu-spr-2c
@@ -22,3 +24,4 @@ for B in 1 8; do
     python -m pykernels.tokens --check hf --model ref-7b-2k --layers 2 --prompt 512 --context 512 --batch $B \
         --dtype float32 --dtype bfloat16 --out $C > $C/ref-7b-2k-L2-b$B.log || true
 done
+python tools/isa_tiers.py --rounds 5 --out $R/isa_tiers.md > $R/isa_tiers.log
