@@ -151,10 +151,14 @@ Blocking blocking(int64_t M, int64_t N, int64_t Kt, int nt, bool transb) {
     // the fp32 accumulator of several K blocks, M x nb, stays <= 1 MB). Wide column blocks,
     // two per thread, so that the item reads B [K, N] in long runs of its rows (256 columns = 512 bytes
     // of each row at N = 4096 meant a new page every row: 2.4 ms for M = 32, N = K = 4096, against 1.6
-    // ms from B stored [N, K]); K blocks then shrink so that the packed block stays in half of L2. (B
-    // stored [N, K] reads whole K runs of its rows either way; wide blocks measured slower there.)
+    // ms from B stored [N, K]); K blocks then shrink so that the packed block takes a quarter of L2
+    // (the rows of B being packed pass through L2 beside it): with half of L2, M = 40 / 64 / 96 / 128,
+    // N = K = 4096 took 1.99-2.03 / 2.16-2.33 / 2.76-2.79 / 3.23-3.44 ms, with a quarter 1.66-1.72 /
+    // 1.82-1.90 / 2.26-2.39 / 2.66-2.70 (torch 1.64-1.71 / 1.99-2.03 / 2.32-2.47 / 2.80-2.87; an eighth or a
+    // sixteenth the same, a prefetch of the next block's rows 40% slower). (B stored [N, K] reads whole
+    // K runs of its rows either way; wide blocks measured slower there.)
     b.nb = std::min<int64_t>(cdiv(cdiv(N, 2 * nt), 32) * 32, 4096);
-    b.kct = std::clamp<int64_t>(c.l2 / 2 / (b.nb / 32 * 2048), 4, 64);
+    b.kct = std::clamp<int64_t>(c.l2 / 4 / (b.nb / 32 * 2048), 4, 64);
     b.kct = std::min(b.kct, Kt);
     return b;
   }
