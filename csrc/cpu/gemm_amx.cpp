@@ -205,6 +205,50 @@ template <int Hint> inline void prefetch_share(const void* p, int64_t lines, int
   for (int64_t l = from; l < std::min(lines, to); ++l) _mm_prefetch(q + l * 64, static_cast<_mm_hint>(Hint));
 }
 
+// The four C tiles (tmm0-3) hold a 32 x 32 fp32 block; in memory it is 32 rows of 128 bytes. Half: rows
+// 16-31 are padding (M <= 16) and their tiles are neither loaded, computed nor stored.
+template <bool Half = false> inline void load_c(const float* c) {
+  _tile_loadd(0, c, 128);
+  _tile_loadd(1, c + 16, 128);
+  if constexpr (!Half) {
+    _tile_loadd(2, c + 16 * 32, 128);
+    _tile_loadd(3, c + 16 * 32 + 16, 128);
+  }
+}
+template <bool Half = false> inline void store_c(float* c) {
+  _tile_stored(0, c, 128);
+  _tile_stored(1, c + 16, 128);
+  if constexpr (!Half) {
+    _tile_stored(2, c + 16 * 32, 128);
+    _tile_stored(3, c + 16 * 32 + 16, 128);
+  }
+}
+inline void zero_c() {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+}
+
+// C tiles += nk K tiles of a packed A slice (a: two tiles per K tile) times a packed B panel (b: two
+// tiles per K tile); each loaded tile feeds two tdpbf16ps.
+template <bool Half = false> inline void tile_steps(const u16* a, const u16* b, int64_t nk) {
+  for (int64_t kt = 0; kt < nk; ++kt) {
+    _tile_loadd(4, a, 64);
+    _tile_loadd(6, b, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(7, b + kTileU16, 64);
+    _tile_dpbf16ps(1, 4, 7);
+    if constexpr (!Half) {
+      _tile_loadd(5, a + kTileU16, 64);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    a += 2 * kTileU16;
+    b += 2 * kTileU16;
+  }
+}
+
 // One item: rows [m0, m0 + mb) x panels [p0, p1) of C.
 void run_item(const Shared& s, int64_t m0, int64_t p0, int64_t p1, Keep& keep) {
   const int64_t M = s.M, N = s.N, Kt = s.Kt, kct = s.blk.kct, np = p1 - p0;
@@ -217,7 +261,6 @@ void run_item(const Shared& s, int64_t m0, int64_t p0, int64_t p1, Keep& keep) {
   char* mem = static_cast<char*>(keep.get(acc_bytes + (s.local_b ? size_t(np) * kct * 2 * kTileU16 * 2 : 0)));
   float* acc = reinterpret_cast<float*>(mem);
   u16* bl = reinterpret_cast<u16*>(mem + acc_bytes);  // this item's B block (local_b)
-  constexpr int64_t ldc = 32 * 4;
   auto slice_a = [&](int64_t i, int64_t kt) { return s.Ap + ((m0 / 32 + i) * Kt + kt) * 2 * kTileU16; };
   for (int64_t kt0 = 0; kt0 < Kt; kt0 += kct) {
     const int64_t kt1 = std::min(Kt, kt0 + kct), nk = kt1 - kt0, nk_next = std::min(kct, Kt - kt1);
@@ -245,34 +288,12 @@ void run_item(const Shared& s, int64_t m0, int64_t p0, int64_t p1, Keep& keep) {
         if (b_next) prefetch_share<_MM_HINT_T1>(b_next, b_lines, step * b_share, (step + 1) * b_share);
         float* c = one_block ? acc : acc + step * 32 * 32;
         if (kt0 == 0) {
-          _tile_zero(0);
-          _tile_zero(1);
-          _tile_zero(2);
-          _tile_zero(3);
+          zero_c();
         } else {
-          _tile_loadd(0, c, ldc);
-          _tile_loadd(1, c + 16, ldc);
-          _tile_loadd(2, c + 16 * 32, ldc);
-          _tile_loadd(3, c + 16 * 32 + 16, ldc);
+          load_c(c);
         }
-        const u16* b = s.local_b ? bl + local(jp, kt0) : s.Bp + b_at(jp, kt0, s.Np, Kt, kct);
-        const u16* ak = a;
-        for (int64_t kt = 0; kt < nk; ++kt) {
-          _tile_loadd(4, ak, 64);
-          _tile_loadd(6, b, 64);
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_loadd(7, b + kTileU16, 64);
-          _tile_dpbf16ps(1, 4, 7);
-          _tile_loadd(5, ak + kTileU16, 64);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
-          ak += 2 * kTileU16;
-          b += 2 * kTileU16;
-        }
-        _tile_stored(0, c, ldc);
-        _tile_stored(1, c + 16, ldc);
-        _tile_stored(2, c + 16 * 32, ldc);
-        _tile_stored(3, c + 16 * 32 + 16, ldc);
+        tile_steps(a, s.local_b ? bl + local(jp, kt0) : s.Bp + b_at(jp, kt0, s.Np, Kt, kct), nk);
+        store_c(c);
         if (kt1 == Kt) {
           const int64_t c0 = jp * 32;
           store_block(c, 32, nr, std::min<int64_t>(32, N - c0), s.C + r0 * N + c0, N);
@@ -319,40 +340,20 @@ void gemm_amx_ksplit(const GemmParams& p, int nt) {
       pack_slice_a(A, M, K, 0, kt0, kt1, al);
       for (int64_t jp = 0; jp < Np; ++jp) {
         float* c = acc + jp * 32 * 32;
-        if (!used[t]) {
-          _tile_zero(0);
-          _tile_zero(1);
-          _tile_zero(2);
-          _tile_zero(3);
-        } else {
-          _tile_loadd(0, c, 128);
-          _tile_loadd(1, c + 16, 128);
-          if (!half) {
-            _tile_loadd(2, c + 16 * 32, 128);
-            _tile_loadd(3, c + 16 * 32 + 16, 128);
-          }
-        }
         const u16* b = bl + local(jp, kt0);
-        const u16* ak = al;
-        for (int64_t kt = 0; kt < nk; ++kt) {
-          _tile_loadd(4, ak, 64);
-          _tile_loadd(6, b, 64);
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_loadd(7, b + kTileU16, 64);
-          _tile_dpbf16ps(1, 4, 7);
-          if (!half) {
-            _tile_loadd(5, ak + kTileU16, 64);
-            _tile_dpbf16ps(2, 5, 6);
-            _tile_dpbf16ps(3, 5, 7);
-          }
-          ak += 2 * kTileU16;
-          b += 2 * kTileU16;
+        if (!used[t]) {
+          zero_c();
+        } else if (half) {
+          load_c<true>(c);
+        } else {
+          load_c(c);
         }
-        _tile_stored(0, c, 128);
-        _tile_stored(1, c + 16, 128);
-        if (!half) {
-          _tile_stored(2, c + 16 * 32, 128);
-          _tile_stored(3, c + 16 * 32 + 16, 128);
+        if (half) {
+          tile_steps<true>(al, b, nk);
+          store_c<true>(c);
+        } else {
+          tile_steps(al, b, nk);
+          store_c(c);
         }
       }
       used[t] = true;
