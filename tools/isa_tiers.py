@@ -1,6 +1,13 @@
 """Native CPU ISA tiers against torch, timed in turns in one process (issue 21).
 
-    python tools/isa_tiers.py [--rounds 5] [--only gemm,decode,attention] [--out notes/isa_tiers.md]
+    python tools/isa_tiers.py [--rounds 5] [--only gemm,decode,attention] [--dtype float32] [--out FILE]
+    python tools/isa_tiers.py --tiers avx2 --torch-isa avx2 --dtype float32 --out FILE
+
+--torch-isa avx2 caps torch to the same ISA as the tier it is compared with, so that "the AVX2 tier
+against torch" on an AVX-512 machine means what it would on an AVX2-only one: it sets, before torch is
+imported, ATEN_CPU_CAPABILITY=avx2 (ATen's vectorized kernels: SDPA, reductions), ONEDNN_MAX_CPU_ISA=AVX2
+and MKL_ENABLE_INSTRUCTIONS=AVX2 (torch's fp32 GEMM is MKL's: without the last one it stays on AVX-512).
+torch's bf16 GEMM has no AVX2 kernel (2048^3 took 56 s on the Sapphire Rapids VM), hence --dtype.
 
 For each case the native backend is timed on every tier this CPU runs (switched with _C.set_cpu_isa
 between calls) and torch beside it, round-robin (one call of each per round), so that a busy spell on a
@@ -15,10 +22,17 @@ the median over rounds of (kernel bytes/s) / (read bytes/s). Outputs are checked
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
+
+# The ISA caps torch, MKL and oneDNN read once, when they load: set them before torch is imported.
+TORCH_ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                          "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
+if "--torch-isa" in sys.argv[1:-1]:
+    os.environ.update(TORCH_ISA_ENV[sys.argv[sys.argv.index("--torch-isa") + 1]])
 
 import torch
 
@@ -50,7 +64,11 @@ def peak(tier: str, dtype: torch.dtype) -> tuple[str, float]:
     return kind, _PEAKS[kind]
 
 
-def cases(only: set[str]):
+def cases(only: set[str], dtypes: list[torch.dtype]):
+    return [c for c in all_cases(only) if c[2] in dtypes]
+
+
+def all_cases(only: set[str]):
     f32, bf16 = torch.float32, torch.bfloat16
     if "gemm" in only:
         for dt in (f32, bf16):
@@ -79,22 +97,33 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--only", default="gemm,decode,attention")
     ap.add_argument("--tiers", default=",".join(t for t in _C.cpu_isas() if t != "portable"))
+    ap.add_argument("--dtype", action="append", choices=["float32", "bfloat16"], default=None,
+                    help="only this dtype (repeatable; default both)")
+    ap.add_argument("--torch-isa", choices=sorted(TORCH_ISA_ENV), default=None,
+                    help="cap torch (ATen, oneDNN, MKL) to this ISA: see above")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.torch_isa and torch.backends.cpu.get_cpu_capability().lower() != args.torch_isa:
+        ap.error(f"--torch-isa {args.torch_isa}: torch runs {torch.backends.cpu.get_cpu_capability()} "
+                 "(the caps are set only when the script is run as a program, before torch is imported)")
+    dtypes = [getattr(torch, d) for d in (args.dtype or ["float32", "bfloat16"])]
     tiers = [t for t in args.tiers.split(",") if t]
     only = set(args.only.split(","))
     for t in tiers:  # measured before the cases, on an idle machine
-        for dt in (torch.float32, torch.bfloat16):
+        for dt in dtypes:
             peak(t, dt)
     src = torch.empty(64 << 20, dtype=torch.float32).fill_(1.0)  # 256 MiB read loop
     read_bytes = src.numel() * 4
-    lines = [f"# native tiers vs torch ({torch.get_num_threads()} threads, torch {torch.__version__})", "",
+    caps = ", ".join(f"{k}={v}" for k, v in TORCH_ISA_ENV.get(args.torch_isa, {}).items())
+    capped = (f", torch capped to {args.torch_isa} ({caps})" if args.torch_isa
+              else f", torch on {torch.backends.cpu.get_cpu_capability()}")
+    lines = [f"# native tiers vs torch ({torch.get_num_threads()} threads, torch {torch.__version__}{capped})", "",
              f"command: `python tools/isa_tiers.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
              "Peaks (native probes, GFLOP/s): " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in _PEAKS.items()), "",
              "| case | dtype | " + " | ".join(f"{t} ms | {t}/torch | {t} % peak or read-bw" for t in tiers)
              + " | torch ms |", "|" + " --- |" * (3 + 3 * len(tiers))]
     default = _C.cpu_isa()
-    for family, prob, dt in cases(only):
+    for family, prob, dt in cases(only, dtypes):
         x = prob.make_inputs(dt, seed=0)
         kw = {**x, **prob.call_kwargs()}
         fns = {"torch": pk.prepare(family, backend="torch", **kw)}
