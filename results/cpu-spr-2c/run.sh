@@ -8,7 +8,8 @@
 #   4. tokens-check/  pykernels tokens --check hf (transformers' Llama) for tiny and ref-7b-2k cut to 2
 #                  layers, fp32 and bf16, batch 1 and 8 (pip install -e ".[hf]"); it times the torch
 #                  backend only, so a change of the native kernels leaves it as it was
-#   5. isa_tiers.md  every native tier (amx, avx512, avx2 forced) against torch on the quick sweep's cases
+#   5. isa_tiers.md  every native tier (amx, avx512, avx2 forced) against torch on the quick sweep's cases;
+#      isa_tiers_avx2.md  the avx2 tier against torch capped to AVX2 (ATen, oneDNN, MKL), fp32
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 R=results/cpu-spr-2c
@@ -25,3 +26,5 @@ for B in 1 8; do
         --dtype float32 --dtype bfloat16 --out $C > $C/ref-7b-2k-L2-b$B.log || true
 done
 python tools/isa_tiers.py --rounds 5 --out $R/isa_tiers.md > $R/isa_tiers.log
+python tools/isa_tiers.py --tiers avx2 --torch-isa avx2 --dtype float32 --rounds 5 \
+    --out $R/isa_tiers_avx2.md > $R/isa_tiers_avx2.log
