@@ -128,3 +128,28 @@ def test_zmm_fma_width_is_measured_where_avx512():
         assert f["zmm_fma_source"] in ("measured", "default: the probes could not run"), f
     else:
         assert f["zmm_fma_source"] == "no AVX-512" and f["zmm_fma_full_width"] is False, f
+
+
+def test_isa_tiers_tool_caps_torch_to_the_tier_it_is_compared_with(tmp_path):
+    """tools/isa_tiers.py --torch-isa avx2 runs torch on AVX2 (the caps must be set before torch loads:
+    the tool does that when run as a program, and refuses when torch is already on another ISA)."""
+    if "avx2" not in _C.cpu_isas():
+        pytest.skip("this CPU has no AVX2 tier")
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "isa_tiers.py")
+    out = tmp_path / "tiers.md"
+    r = subprocess.run([sys.executable, tool, "--tiers", "avx2", "--torch-isa", "avx2", "--only", "gemm",
+                        "--dtype", "float32", "--rounds", "1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    text = out.read_text()
+    assert "torch capped to avx2 (ATEN_CPU_CAPABILITY=avx2" in text and "MKL_ENABLE_INSTRUCTIONS=AVX2" in text
+    assert "| gemm M2048-N2048-K2048 | float32 |" in text and "bfloat16" not in text
+    if torch.backends.cpu.get_cpu_capability().lower() != "avx2":  # this process's torch is not capped
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("isa_tiers_tool", tool)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        with pytest.raises(SystemExit) as e:
+            mod.main(["--torch-isa", "avx2", "--tiers", "avx2", "--out", str(out)])
+        assert e.value.code == 2
