@@ -149,7 +149,10 @@ void check_decode(int64_t B, int64_t Hq, int64_t Hkv, int64_t L, int64_t D, int6
 void run_all() {
   for (bool bf : {false, true}) {
     for (auto s : {std::vector<int64_t>{1, 1, 1}, {1, 1000, 65}, {3, 127, 1025}, {4, 1023, 129}, {7, 63, 127},
-                   {65, 127, 63}, {127, 65, 300}, {200, 300, 513}})
+                   {65, 127, 63}, {127, 65, 300}, {200, 300, 513},
+                   // AMX paths (gemm_amx.cpp): the K split (M <= 32; M <= 16 skips the padding tiles),
+                   // one row block with several K blocks, row and column blocks
+                   {20, 900, 700}, {12, 2048, 1500}, {40, 1100, 600}, {300, 700, 900}})
       check_gemm(s[0], s[1], s[2], bf);
     check_attention(1, 2, 1, 65, 64, false, bf);
     check_attention(1, 4, 2, 130, 128, true, bf);
