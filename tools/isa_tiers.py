@@ -31,8 +31,10 @@ from pathlib import Path
 # The ISA caps torch, MKL and oneDNN read once, when they load: set them before torch is imported.
 TORCH_ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
                           "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
-if "--torch-isa" in sys.argv[1:-1]:
-    os.environ.update(TORCH_ISA_ENV[sys.argv[sys.argv.index("--torch-isa") + 1]])
+for _i, _a in enumerate(sys.argv[1:], 1):  # "--torch-isa avx2" or "--torch-isa=avx2"; argparse checks it later
+    _isa = _a.split("=", 1)[1] if _a.startswith("--torch-isa=") else (
+        sys.argv[_i + 1] if _a == "--torch-isa" and _i + 1 < len(sys.argv) else None)
+    os.environ.update(TORCH_ISA_ENV.get(_isa, {}))
 
 import torch
 

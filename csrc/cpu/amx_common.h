@@ -6,9 +6,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
-#include <new>
 
 #include "cpu/scratch.h"
 #include "cpu/vec.h"

@@ -29,8 +29,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
-#include <new>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -1044,13 +1042,10 @@ template <class Src> void gemm_typed(const GemmParams& p) {
   if (!f.avx512f && f.avx2_fma) return gemm_avx2(p);
   if (f.avx512f) {
     if (p.M <= direct_max_m() && !p.transb) return gemm_direct_avx512<Src>(p);  // direct reads B as [K, N]
-    if constexpr (std::is_same_v<Src, u16>) {
-      if (f.amx_bf16 && p.transb && p.M >= kAmxLinearMinM) return gemm_amx(p);
+    if constexpr (std::is_same_v<Src, u16>) {  // bf16 past the direct path (linear: from kAmxLinearMinM)
+      if (f.amx_bf16 && (!p.transb || p.M >= kAmxLinearMinM)) return gemm_amx(p);
     }
     if (p.M <= kDotMaxM && p.transb) return gemm_dot_avx512<Src>(p);        // rows of B are contiguous in K
-    if constexpr (std::is_same_v<Src, u16>) {
-      if (f.amx_bf16 && p.M > direct_max_m()) return gemm_amx(p);
-    }
     if (p.transb && p.M <= kSwapMaxM && p.N >= 4 * p.M) return gemm_nt_swapped<Src>(p);
     if (p.M <= direct_two_pass_max_m() && !p.transb) return gemm_direct_avx512<Src>(p);
     return gemm_packed_avx512<Src>(p);

@@ -28,12 +28,7 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <memory>
-#include <new>
 
 #include "cpu/amx_common.h"
 #include "cpu/team.h"

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -36,7 +34,6 @@ import torch
 from ..harness import timing
 from ..kernels import dtype_of
 from ..kernels._common import dtype_name
-from . import stepops
 from .models import derive
 
 TTFT_TARGET = 0.10
@@ -231,17 +228,6 @@ def minimal_model(model):
     return replace(model, hidden=64, heads=4 * group, kv_heads=4, head_dim=16, ffn=128, vocab=256)
 
 
-def _median_s(fn, calls: int = 200) -> float:
-    for _ in range(10):
-        fn()
-    ts = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 def overhead_s(model, workload, dtype) -> dict[str, float]:
     """{phase: seconds}: transformers' prefill and decode step of the same architecture at minimal shapes
     (minimal_model; same layers and batch, prompt and context 16): the stack's cost of a step with nothing
@@ -258,7 +244,8 @@ def overhead_s(model, workload, dtype) -> dict[str, float]:
                    batch=workload.batch, fused=False)
     hf = build_hf(small.model, dtype, 40)
     prefill, decode = hf_callables(hf, small)
-    return {"prefill": _median_s(prefill), "decode": _median_s(decode)}
+    opts = timing.TimingOptions(budget_s=1.0, min_rounds=100)
+    return {"prefill": timing.time_cpu(prefill, opts).median_s, "decode": timing.time_cpu(decode, opts).median_s}
 
 
 def run_check(args, workload) -> int:
@@ -288,9 +275,6 @@ def run_check(args, workload) -> int:
         prefill, decode = hf_callables(hf, workload)
         prefill()
         decode()
-        ops_decode = stepops.count_ops(decode) / workload.model.layers
-        ops_prefill = stepops.count_ops(prefill) / workload.model.layers
-        hf_ops = {"decode": ops_decode, "prefill": ops_prefill}
         over = overhead_s(workload.model, workload, dtype)
         pred = predict(workload, doc, over).get(dtype_name(dtype), {})
         pred_min = predict(workload, fastest(doc), over).get(dtype_name(dtype), {})
@@ -304,7 +288,7 @@ def run_check(args, workload) -> int:
         mins = ratio_row(model="", layers=0, dtype="", batch=0, prompt=0, context=0, threads=0,
                          measured_ttft_s=st_pre.min_s, predicted_ttft_s=pred_min.get("prefill"),
                          measured_tpot_s=st_dec.min_s, predicted_tpot_s=pred_min.get("decode"))
-        row.update(hf_ops_per_layer=hf_ops, overhead_s=over, ttft_cv=st_pre.cv, tpot_cv=st_dec.cv,
+        row.update(overhead_s=over, ttft_cv=st_pre.cv, tpot_cv=st_dec.cv,
                    page_faults_per_call=faults,
                    allocator=doc["pykernels_tokens"].get("allocator"),
                    ttft_ratio_of_minimums=mins["ttft_ratio"], tpot_ratio_of_minimums=mins["tpot_ratio"])

@@ -270,14 +270,15 @@ def measure(
             if not cases:
                 continue
             is_cold, rotated = cold, len(sets) > 1
+            rotate_method = ROTATE_METHOD.format(copies=len(sets), mb=sum(
+                t.untyped_storage().nbytes() for t in cold_operands(inputs)) * len(sets) / 1e6) if rotated else None
             all_stats = time_cases([c[1] for c in cases], budget_s=budget_s * len(cases), device=device,
                                    cold=is_cold and not rotated, evict=cold_operands(inputs, phase),
                                    min_rounds=max(3, len(sets)))  # rotating: at least once through the copies
             for (be, fn, extra), stats in zip(cases, all_stats):
                 extra["cold"] = is_cold
                 if rotated:
-                    mb = sum(t.untyped_storage().nbytes() for t in cold_operands(inputs)) * len(sets) / 1e6
-                    extra["cold_method"] = ROTATE_METHOD.format(copies=len(sets), mb=mb)
+                    extra["cold_method"] = rotate_method
                 elif is_cold:
                     extra["cold_method"] = COLD_METHOD
                 if meter is not None:
