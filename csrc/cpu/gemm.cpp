@@ -992,7 +992,6 @@ template <class T> void gemm_dot_avx512(const GemmParams& p) {
     guard.body_done(t);
   });
 }
-#endif  // PK_X86
 
 // The packed avx512 paths for a problem (the policy as gemm_typed picks it).
 template <class Src> void gemm_packed_avx512(const GemmParams& p) {
@@ -1035,6 +1034,7 @@ template <class Src> void gemm_nt_swapped(const GemmParams& p) {
     team.barrier();
   });
 }
+#endif  // PK_X86
 
 template <class Src> void gemm_typed(const GemmParams& p) {
   [[maybe_unused]] const Features f = enabled();  // the active ISA tier (cpu.h)
