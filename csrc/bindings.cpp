@@ -547,17 +547,22 @@ py::cpp_function prepare_decode(std::uintptr_t q, std::uintptr_t k_cache, std::u
   });
 }
 
+// The tier names, best first: all of them, or those this CPU runs.
+std::string isa_names(bool supported_only) {
+  std::string out;
+  for (auto u : pk::cpu::kIsas)
+    if (!supported_only || pk::cpu::isa_supported(u)) out += std::string(out.empty() ? "" : ", ") + pk::cpu::isa_name(u);
+  return out;
+}
+
 // Selects an ISA tier by name; ValueError naming `what` (the argument or the environment variable).
 void set_cpu_isa_checked(const char* what, const std::string& name) {
   pk::cpu::Isa t;
   if (!pk::cpu::parse_isa(name.c_str(), &t))
-    throw py::value_error(std::string(what) + ": unknown CPU ISA tier '" + name + "' (known: avx512, avx2, portable)");
-  if (!pk::cpu::isa_supported(t)) {
-    std::string have;
-    for (auto u : pk::cpu::kIsas)
-      if (pk::cpu::isa_supported(u)) have += std::string(have.empty() ? "" : ", ") + pk::cpu::isa_name(u);
-    throw py::value_error(std::string(what) + ": this CPU cannot run the '" + name + "' tier (it runs: " + have + ")");
-  }
+    throw py::value_error(std::string(what) + ": unknown CPU ISA tier '" + name + "' (known: " + isa_names(false) + ")");
+  if (!pk::cpu::isa_supported(t))
+    throw py::value_error(std::string(what) + ": this CPU cannot run the '" + name + "' tier (it runs: " +
+                          isa_names(true) + ")");
   pk::cpu::set_isa(t);
 }
 
@@ -589,6 +594,7 @@ PYBIND11_MODULE(_C, m) {
     const auto& f = pk::cpu::features();
     py::dict d;
     d["avx2_fma"] = f.avx2_fma;
+    d["neon"] = f.neon;
     d["avx512f"] = f.avx512f;
     d["avx512_bf16"] = f.avx512_bf16;
     d["amx_bf16"] = f.amx_bf16;
@@ -600,7 +606,7 @@ PYBIND11_MODULE(_C, m) {
     d["zmm_fma_source"] = std::string(pk::cpu::zmm_fma_source());
     return d;
   });
-  // ISA tiers (csrc/cpu/cpu.h). PYKERNELS_CPU_ISA=avx512|avx2|portable, read here once, picks the tier
+  // ISA tiers (csrc/cpu/cpu.h). PYKERNELS_CPU_ISA=amx|avx512|avx2|neon|portable, read here once, picks the tier
   // for the process; an unknown or unsupported name makes the import fail (pybind11 turns the ValueError
   // raised in module init into an ImportError with the same message; backend native then reports it).
   m.def("evict_cpu", &evict_cpu, py::arg("ptr"), py::arg("nbytes"));

@@ -18,7 +18,7 @@ _C = pytest.importorskip("pykernels._C")
 def test_tiers_listed_best_first_and_portable_always_there():
     isas = _C.cpu_isas()
     assert isas[-1] == "portable"
-    order = ["amx", "avx512", "avx2", "portable"]
+    order = ["amx", "avx512", "avx2", "neon", "portable"]
     assert isas == [t for t in order if t in isas]
     assert _C.cpu_isa() in isas
 
@@ -31,7 +31,7 @@ def test_set_cpu_isa_switches_and_rejects_bad_names():
             assert _C.cpu_isa() == t
         with pytest.raises(ValueError, match="name.*unknown CPU ISA tier 'sse9'"):
             _C.set_cpu_isa("sse9")
-        missing = [t for t in ("amx", "avx512", "avx2") if t not in _C.cpu_isas()]
+        missing = [t for t in ("amx", "avx512", "avx2", "neon") if t not in _C.cpu_isas()]
         for t in missing:
             with pytest.raises(ValueError, match=f"cannot run the '{t}' tier"):
                 _C.set_cpu_isa(t)
@@ -153,3 +153,20 @@ def test_isa_tiers_tool_caps_torch_to_the_tier_it_is_compared_with(tmp_path):
         with pytest.raises(SystemExit) as e:
             mod.main(["--torch-isa", "avx2", "--tiers", "avx2", "--out", str(out)])
         assert e.value.code == 2
+
+
+@pytest.mark.slow
+def test_aarch64_tiers_pass_the_cpp_harness_under_qemu():
+    """The neon and portable tiers on aarch64: cross-compiled and run under qemu-user by the C++ harness
+    (gemm both B layouts, attention, decode against float64). Correctness only: qemu says nothing of speed."""
+    import shutil
+
+    missing = [t for t in ("aarch64-linux-gnu-g++", "qemu-aarch64") if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} not installed (apt-get install g++-aarch64-linux-gnu qemu-user)")
+    script = os.path.join(os.path.dirname(__file__), "..", "tools", "cpu_harness", "portable.sh")
+    r = subprocess.run(["sh", script], env=dict(os.environ, ARCH="aarch64"), capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for tier in ("neon", "portable"):
+        assert f"tier {tier}: 0 of " in r.stdout, r.stdout[-3000:]

@@ -10,6 +10,7 @@ struct Features {
   bool avx512f;      // F + BW + VL + DQ
   bool avx512_bf16;
   bool amx_bf16;     // CPUID says so and the OS granted the tile-data permission
+  bool neon;         // aarch64 Advanced SIMD (part of every ARMv8-A CPU)
 };
 const Features& features();  // what the CPU (and OS) can run
 
@@ -18,9 +19,10 @@ const Features& features();  // what the CPU (and OS) can run
 //   amx       avx512 plus AMX-BF16 tiles for bf16 GEMM and attention: csrc/cpu/*_amx.cpp
 //   avx512    AVX-512F/BW/VL/DQ (+ AVX512_BF16 when present): csrc/cpu/{gemm,attention,decode}.cpp
 //   avx2      AVX2 + FMA micro-kernels: csrc/cpu/*_avx2.cpp (built with -mavx2 -mfma -mno-avx512f)
+//   neon      aarch64 builds: NEON (Advanced SIMD) micro-kernels: csrc/cpu/*_neon.cpp and gemm.cpp's F32Neon
 //   portable  plain C++, vectorized by the compiler for the build's target
-enum class Isa : int { portable = 0, avx2 = 1, avx512 = 2, amx = 3 };
-inline constexpr Isa kIsas[] = {Isa::amx, Isa::avx512, Isa::avx2, Isa::portable};  // best first
+enum class Isa : int { portable = 0, avx2 = 1, avx512 = 2, amx = 3, neon = 4 };
+inline constexpr Isa kIsas[] = {Isa::amx, Isa::avx512, Isa::avx2, Isa::neon, Isa::portable};  // best first
 const char* isa_name(Isa t);
 bool parse_isa(const char* name, Isa* out);   // false for an unknown name
 bool isa_supported(Isa t);
@@ -65,6 +67,11 @@ int max_threads();
 void gemm_avx2(const GemmParams& p);
 void attention_avx2(const AttentionParams& p);
 void decode_avx2(const DecodeParams& p);
+
+// NEON tier (aarch64 builds; csrc/cpu/*_neon.cpp, empty elsewhere); callers check enabled().neon. The GEMM's
+// NEON micro-kernel is a policy of gemm.cpp's drivers (F32Neon there).
+void attention_neon(const AttentionParams& p);  // D 64 or 128, fp32 and bf16
+void decode_neon(const DecodeParams& p);        // D 64 or 128, fp32 and bf16
 
 // AMX tier (csrc/cpu/*_amx.cpp); callers check enabled().amx_bf16.
 void gemm_amx(const GemmParams& p);            // bf16 GEMM, either B layout (gemm_amx.cpp)

@@ -37,7 +37,7 @@ bool request_amx_permission() {
 #endif
 
 Features detect() {
-  Features f{false, false, false, false};
+  Features f{false, false, false, false, false};
 #if defined(__x86_64__)
   unsigned a, b, c, d;
   if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
@@ -61,6 +61,8 @@ Features detect() {
   f.avx512f = zmm_os && avx512f && avx512dq && avx512bw && avx512vl;
   f.avx512_bf16 = f.avx512f && avx512bf16;
   f.amx_bf16 = tile_os && amx_tile && amx_bf16 && request_amx_permission();
+#elif defined(__aarch64__)
+  f.neon = true;  // Advanced SIMD is mandatory in ARMv8-A (and in the Linux aarch64 ABI)
 #endif
   return f;
 }
@@ -80,6 +82,7 @@ const char* isa_name(Isa t) {
     case Isa::amx: return "amx";
     case Isa::avx512: return "avx512";
     case Isa::avx2: return "avx2";
+    case Isa::neon: return "neon";
     case Isa::portable: return "portable";
   }
   return "unknown";
@@ -101,6 +104,7 @@ bool isa_supported(Isa t) {
     case Isa::amx: return f.avx512f && f.avx2_fma && f.amx_bf16;
     case Isa::avx512: return f.avx512f && f.avx2_fma;
     case Isa::avx2: return f.avx2_fma;
+    case Isa::neon: return f.neon;
     case Isa::portable: return true;
   }
   return false;
@@ -111,6 +115,7 @@ Isa best_isa() {
   if (isa_supported(Isa::amx)) return Isa::amx;
   if (isa_supported(Isa::avx512)) return Isa::avx512;
   if (isa_supported(Isa::avx2)) return Isa::avx2;
+  if (isa_supported(Isa::neon)) return Isa::neon;
   return Isa::portable;
 }
 std::atomic<int>& active_slot() {
@@ -178,6 +183,7 @@ Features enabled() {
   if (t != Isa::amx) f.amx_bf16 = false;
   if (t != Isa::amx && t != Isa::avx512) f.avx512f = f.avx512_bf16 = false;
   if (t == Isa::portable) f.avx2_fma = false;
+  if (t != Isa::neon) f.neon = false;
   return f;
 }
 

@@ -44,6 +44,8 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #define PK_X86 1
 #include "cpu/vec.h"
+#elif defined(__aarch64__)
+#include <arm_neon.h>
 #endif
 
 namespace pk::cpu {
@@ -406,13 +408,8 @@ template <class P, class Src> void gemm_packed(const GemmParams& p) {
   gemm_rows<P, Src>(p);
 }
 
-// ---- portable policy: plain C++, vectorized by the compiler for the build's target ---------------
-struct Portable {
-  using Elem = float;
-  using TileFn = void (*)(const float*, const float*, int64_t, const Out&, int64_t, int64_t, int);
-  // 6 x 16 floats = 96 accumulators: 12 ymm with AVX2 (room left for B and the broadcast).
-  static constexpr int64_t MR = 6, NR = 16, KG = 1, KC = 256, NC = 512;
-
+// ---- packing in plain C++ (fp32 panels, bf16 widened), for the portable and NEON policies -------------
+template <int64_t NR> struct PlainPack {
   template <class Src> static float ld(const Src* s, int64_t i) {
     if constexpr (std::is_same_v<Src, float>) {
       return s[i];
@@ -442,14 +439,8 @@ struct Portable {
       }
     }
   }
-  template <int R> static void tile_r(const float* a, const float* b, int64_t kcu, const Out& o, int64_t row,
-                                      int64_t col, int nc) {
-    float acc[R][NR] = {};
-    for (int64_t k = 0; k < kcu; ++k)
-      for (int r = 0; r < R; ++r) {
-        const float av = a[k * R + r];
-        for (int j = 0; j < NR; ++j) acc[r][j] += av * b[k * NR + j];
-      }
+  // rows r < R, columns j < nc of a tile's fp32 results into the output (see Out)
+  template <int R, int W> static void store_tile(const float (&acc)[R][W], const Out& o, int64_t row, int64_t col, int nc) {
     for (int r = 0; r < R; ++r)
       for (int j = 0; j < nc; ++j) {
         float v = acc[r][j];
@@ -462,6 +453,94 @@ struct Portable {
       }
   }
 };
+
+// ---- portable policy: plain C++, vectorized by the compiler for the build's target ---------------
+struct Portable : PlainPack<16> {
+  using Elem = float;
+  using TileFn = void (*)(const float*, const float*, int64_t, const Out&, int64_t, int64_t, int);
+  // 6 x 16 floats = 96 accumulators: 12 ymm with AVX2 (room left for B and the broadcast).
+  static constexpr int64_t MR = 6, NR = 16, KG = 1, KC = 256, NC = 512;
+
+  template <int R> static void tile_r(const float* a, const float* b, int64_t kcu, const Out& o, int64_t row,
+                                      int64_t col, int nc) {
+    float acc[R][NR] = {};
+    for (int64_t k = 0; k < kcu; ++k)
+      for (int r = 0; r < R; ++r) {
+        const float av = a[k * R + r];
+        for (int j = 0; j < NR; ++j) acc[r][j] += av * b[k * NR + j];
+      }
+    store_tile<R, NR>(acc, o, row, col, nc);
+  }
+};
+
+#if defined(__aarch64__)
+// ---- NEON policy (tier "neon", aarch64) ------------------------------------------------------------
+// 8 x 12 fp32 micro-tile: 24 accumulators (q registers of 4 floats) + 3 of B + 2 of A = 29 of the 32
+// vector registers. Each k step: 3 loads of B, 2 loads of A (8 rows; shorter tiles broadcast each row's
+// value with ld1r), 24 fmla by element. bf16 is widened to fp32 while packing (PlainPack); aarch64 has
+// no bf16 multiply-add before ARMv8.6 (BFDOT / BFMMLA), so this tier does not assume one.
+// Verified for correctness only (cross-compiled, run under qemu-aarch64 by tools/cpu_harness): never
+// timed on ARM hardware.
+struct F32Neon : PlainPack<12> {
+  using Elem = float;
+  using TileFn = void (*)(const float*, const float*, int64_t, const Out&, int64_t, int64_t, int);
+  static constexpr int64_t MR = 8, NR = 12, KG = 1, KC = 256, NC = 512;
+  static_assert(MR * NR / 4 + NR / 4 + 2 <= 32, "accumulators + B + A must fit the 32 vector registers");
+
+  template <int R> static void tile_r(const float* a, const float* b, int64_t kcu, const Out& o, int64_t row,
+                                      int64_t col, int nc) {
+    float32x4_t acc[R][3];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = acc[r][2] = vdupq_n_f32(0.f);
+    for (int64_t k = 0; k < kcu; ++k) {
+      const float* bk = b + k * NR;
+      const float32x4_t b0 = vld1q_f32(bk), b1 = vld1q_f32(bk + 4), b2 = vld1q_f32(bk + 8);
+      if constexpr (R == 8) {
+        const float32x4_t a0 = vld1q_f32(a + k * 8), a1 = vld1q_f32(a + k * 8 + 4);
+        fma_row<0>(acc[0], b0, b1, b2, a0);
+        fma_row<1>(acc[1], b0, b1, b2, a0);
+        fma_row<2>(acc[2], b0, b1, b2, a0);
+        fma_row<3>(acc[3], b0, b1, b2, a0);
+        fma_row<0>(acc[4], b0, b1, b2, a1);
+        fma_row<1>(acc[5], b0, b1, b2, a1);
+        fma_row<2>(acc[6], b0, b1, b2, a1);
+        fma_row<3>(acc[7], b0, b1, b2, a1);
+      } else {
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          const float32x4_t av = vld1q_dup_f32(a + k * R + r);
+          acc[r][0] = vfmaq_f32(acc[r][0], b0, av);
+          acc[r][1] = vfmaq_f32(acc[r][1], b1, av);
+          acc[r][2] = vfmaq_f32(acc[r][2], b2, av);
+        }
+      }
+    }
+    if (nc == NR && !o.to_bf16) {  // full fp32 tile: vector loads and stores of C
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        float* c = o.f + (row + r) * o.ldf + col;
+#pragma GCC unroll 3
+        for (int v = 0; v < 3; ++v) vst1q_f32(c + 4 * v, o.acc ? vaddq_f32(acc[r][v], vld1q_f32(c + 4 * v)) : acc[r][v]);
+      }
+      return;
+    }
+    float t[R][NR];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 3
+      for (int v = 0; v < 3; ++v) vst1q_f32(&t[r][4 * v], acc[r][v]);
+    store_tile<R, NR>(t, o, row, col, nc);
+  }
+
+ private:
+  template <int L>
+  static inline void fma_row(float32x4_t (&c)[3], float32x4_t b0, float32x4_t b1, float32x4_t b2, float32x4_t a) {
+    c[0] = vfmaq_laneq_f32(c[0], b0, a, L);
+    c[1] = vfmaq_laneq_f32(c[1], b1, a, L);
+    c[2] = vfmaq_laneq_f32(c[2], b2, a, L);
+  }
+};
+#endif  // __aarch64__
 
 // Portable direct path for small M: C rows accumulate in a chunk buffer, B rows are streamed.
 template <class Src> void gemm_direct_portable(const GemmParams& p) {
@@ -1052,6 +1131,9 @@ template <class Src> void gemm_typed(const GemmParams& p) {
   }
 #endif
   if (p.M <= kDirectMaxM && !p.transb) return gemm_direct_portable<Src>(p);
+#if defined(__aarch64__)
+  if (f.neon) return gemm_packed<F32Neon, Src>(p);
+#endif
   return gemm_packed<Portable, Src>(p);
 }
 

@@ -8,11 +8,11 @@ set -e
 cd "$(dirname "$0")"
 SRC="portable_harness.cpp ../../csrc/cpu/cpu_features.cpp ../../csrc/cpu/probes.cpp ../../csrc/cpu/gemm.cpp ../../csrc/cpu/attention.cpp
      ../../csrc/cpu/decode.cpp ../../csrc/cpu/gemm_avx2.cpp ../../csrc/cpu/attention_avx2.cpp ../../csrc/cpu/decode_avx2.cpp ../../csrc/cpu/gemm_amx.cpp
-     ../../csrc/cpu/attention_amx.cpp"
+     ../../csrc/cpu/attention_amx.cpp ../../csrc/cpu/attention_neon.cpp ../../csrc/cpu/decode_neon.cpp"
 OUT=${TMPDIR:-/tmp}/pk_portable_harness
 if [ "${ARCH:-}" = aarch64 ]; then
   # shellcheck disable=SC2086
-  aarch64-linux-gnu-g++ -std=c++17 -O2 -fno-math-errno -fopenmp -static -I../../csrc $SRC -o "$OUT.aarch64"
+  aarch64-linux-gnu-g++ -std=c++17 -O3 -fno-math-errno -fopenmp -static -I../../csrc $SRC -o "$OUT.aarch64"
   OMP_NUM_THREADS=2 qemu-aarch64 "$OUT.aarch64" "$@"
 else
   # the AVX2 and AMX files get the extension's flags (CMakeLists.txt); one compile per file

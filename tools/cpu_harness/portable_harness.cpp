@@ -54,19 +54,23 @@ void report(const char* what, double err, double ref, double tol) {
   }
 }
 
-void check_gemm(int64_t M, int64_t N, int64_t K, bool bf) {
+// transb: B stored [N, K] (pk.linear), element (k, n) at b[n * K + k]
+void check_gemm(int64_t M, int64_t N, int64_t K, bool bf, bool transb = false) {
   Buf a(M * K, bf), b(K * N, bf, 0.1f), c(M * N, bf);
-  gemm(GemmParams{a.ptr(), b.ptr(), c.ptr(), M, N, K, bf ? DType::bf16 : DType::f32});
+  GemmParams p{a.ptr(), b.ptr(), c.ptr(), M, N, K, bf ? DType::bf16 : DType::f32};
+  p.transb = transb;
+  gemm(p);
   double err = 0, mref = 0;
   for (int64_t i = 0; i < M; ++i)
     for (int64_t j = 0; j < N; ++j) {
       double r = 0;
-      for (int64_t k = 0; k < K; ++k) r += double(a.f[i * K + k]) * b.f[k * N + j];
+      for (int64_t k = 0; k < K; ++k) r += double(a.f[i * K + k]) * b.f[transb ? j * K + k : k * N + j];
       err = std::max(err, std::fabs(c.at(i * N + j) - r));
       mref = std::max(mref, std::fabs(r));
     }
   char what[96];
-  std::snprintf(what, sizeof what, "gemm M%lld N%lld K%lld %s", (long long)M, (long long)N, (long long)K, bf ? "bf16" : "fp32");
+  std::snprintf(what, sizeof what, "gemm M%lld N%lld K%lld %s%s", (long long)M, (long long)N, (long long)K,
+                bf ? "bf16" : "fp32", transb ? " transb" : "");
   report(what, err, mref, bf ? 2e-2 : 1e-5);
 }
 
@@ -153,7 +157,7 @@ void run_all() {
                    // AMX paths (gemm_amx.cpp): the K split (M <= 32; M <= 16 skips the padding tiles),
                    // one row block with several K blocks, row and column blocks
                    {20, 900, 700}, {12, 2048, 1500}, {40, 1100, 600}, {300, 700, 900}})
-      check_gemm(s[0], s[1], s[2], bf);
+      for (bool transb : {false, true}) check_gemm(s[0], s[1], s[2], bf, transb);
     check_attention(1, 2, 1, 65, 64, false, bf);
     check_attention(1, 4, 2, 130, 128, true, bf);
     check_attention(2, 3, 3, 17, 64, true, bf);
