@@ -9,7 +9,8 @@ cd "$(dirname "$0")"
 SRC="portable_harness.cpp ../../csrc/cpu/cpu_features.cpp ../../csrc/cpu/probes.cpp ../../csrc/cpu/gemm.cpp ../../csrc/cpu/attention.cpp
      ../../csrc/cpu/decode.cpp ../../csrc/cpu/gemm_avx2.cpp ../../csrc/cpu/attention_avx2.cpp ../../csrc/cpu/decode_avx2.cpp ../../csrc/cpu/gemm_amx.cpp
      ../../csrc/cpu/attention_amx.cpp ../../csrc/cpu/attention_neon.cpp ../../csrc/cpu/decode_neon.cpp"
-OUT=${TMPDIR:-/tmp}/pk_portable_harness
+OUT=${TMPDIR:-/tmp}/pk_portable_harness.$$  # one per run: runs side by side do not share binaries
+trap 'rm -f "$OUT" "$OUT".*' EXIT
 if [ "${ARCH:-}" = aarch64 ]; then
   # shellcheck disable=SC2086
   aarch64-linux-gnu-g++ -std=c++17 -O3 -fno-math-errno -fopenmp -static -I../../csrc $SRC -o "$OUT.aarch64"
