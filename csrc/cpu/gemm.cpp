@@ -583,6 +583,96 @@ template <class Src> void gemm_direct_portable(const GemmParams& p) {
   });
 }
 
+// ---- small-M linear (B stored [N, K]: pk.linear at decode sizes, M <= kDotMaxM) ---------------------------
+// Each output is the dot product of a row of A and a row of B, both contiguous in K, so B is streamed
+// exactly once, row after row, with nothing packed and no partial sums to combine: a thread takes blocks
+// of kDotRows rows of B (dynamically) and writes those columns of C itself. R rows of B at a time share
+// each load of A; M x R accumulators stay in the vector registers (AVX-512: R = 4 up to M = 4, else 2, of
+// 32 zmm; NEON: 16 q registers of accumulators, R = 8 / 4 / 2 up to M = 2 / 4 / 8).
+constexpr int64_t kDotMaxM = 8;
+constexpr int64_t kDotRows = 32;
+template <class T> using DotFn = void (*)(const T* A, const T* B, int64_t K, int64_t N, int64_t n0, int64_t n1, T* C);
+
+template <class T> inline void store_out(T* c, float v) {
+  if constexpr (std::is_same_v<T, float>) {
+    *c = v;
+  } else {
+    *c = float_to_bf16(v);
+  }
+}
+
+// The dot path's threads: blocks of kDotRows rows of B handed out dynamically, each computed by `kernel`
+// (M rows of A against rows [n0, n1) of B into those columns of C).
+template <class T> void run_dot(const GemmParams& p, DotFn<T> kernel) {
+  const T* A = static_cast<const T*>(p.a);
+  const T* B = static_cast<const T*>(p.b);
+  T* C = static_cast<T*>(p.c);
+  const int64_t N = p.N, K = p.K, items = cdiv(N, kDotRows);
+  ContentionGuard guard(g_solo_direct, static_cast<int>(std::min<int64_t>(pick_threads(p), items)));
+  run_team(guard.threads(), [&](int t, int, Team& team) {
+    for (int64_t it; (it = team.grab()) < items;)
+      kernel(A, B, K, N, it * kDotRows, std::min(N, (it + 1) * kDotRows), C);
+    guard.body_done(t);
+  });
+}
+
+#if defined(__aarch64__)
+// NEON dot path: 4 K values per q register; the lanes are summed once per output at the end, and the
+// last K % 4 values are added in scalar.
+template <class T> inline float32x4_t load4(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return vld1q_f32(p);
+  } else {  // bf16 -> fp32: the 16 bits are the high half of the float
+    return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16));
+  }
+}
+
+template <class T, int M, int R> void dot_rows_neon(const T* A, const T* B, int64_t K, int64_t N, int64_t n0, int64_t n1, T* C) {
+  const int64_t K4 = K / 4 * 4;
+  for (int64_t n = n0; n < n1; n += R) {
+    const int r = static_cast<int>(std::min<int64_t>(R, n1 - n));
+    const T* b[R];
+    for (int j = 0; j < R; ++j) b[j] = B + (n + std::min(j, r - 1)) * K;  // a short block repeats its last row
+    float32x4_t acc[M][R];
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+      for (int j = 0; j < R; ++j) acc[m][j] = vdupq_n_f32(0.f);
+    for (int64_t k = 0; k < K4; k += 4) {
+      float32x4_t bv[R];
+#pragma GCC unroll 8
+      for (int j = 0; j < R; ++j) bv[j] = load4(b[j] + k);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        const float32x4_t av = load4(A + m * K + k);
+#pragma GCC unroll 8
+        for (int j = 0; j < R; ++j) acc[m][j] = vfmaq_f32(acc[m][j], av, bv[j]);
+      }
+    }
+    float sums[M][R];  // lane sums with constant indices first: acc stays in registers through the loop
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+      for (int j = 0; j < R; ++j) sums[m][j] = vaddvq_f32(acc[m][j]);
+    for (int m = 0; m < M; ++m)
+      for (int j = 0; j < r; ++j) {
+        float v = sums[m][j];
+        for (int64_t k = K4; k < K; ++k) v += PlainPack<1>::ld(A, m * K + k) * PlainPack<1>::ld(b[j], k);
+        store_out(C + m * N + n + j, v);
+      }
+  }
+}
+
+template <class T, size_t... I> constexpr auto dot_table_neon(std::index_sequence<I...>) {
+  return std::array<DotFn<T>, sizeof...(I)>{&dot_rows_neon<T, static_cast<int>(I) + 1, (I < 2 ? 8 : I < 4 ? 4 : 2)>...};
+}
+
+template <class T> void gemm_dot_neon(const GemmParams& p) {
+  static constexpr auto dot = dot_table_neon<T>(std::make_index_sequence<kDotMaxM>());
+  run_dot<T>(p, dot[p.M - 1]);
+}
+#endif  // __aarch64__
+
 #if defined(PK_X86)
 // =====================================================================================================
 // AVX-512
@@ -965,18 +1055,11 @@ template <class T> void gemm_direct_avx512(const GemmParams& p) {
     guard.body_done(t);
   });
 }
-// ---- small-M linear (B stored [N, K]: pk.linear at decode sizes, M <= kDotMaxM) ---------------------------
-// Each output is the dot product of a row of A and a row of B, both contiguous in K, so B is streamed
-// exactly once, row after row, with nothing packed and no partial sums to combine: a thread takes blocks
-// of kDotRows rows of B (dynamically) and writes those columns of C itself. R rows of B at a time share
-// each load of A; M x R accumulators (R = 4 up to M = 4, else 2) stay under the 32 zmm registers.
-constexpr int64_t kDotMaxM = 8;
 // bf16 linear from this many rows runs on AMX tiles where the tier has them: vdpbf16ps issues at half
 // the fp32 FMA rate on Sapphire Rapids, so the dot path turns compute-bound. N = K = 4096, 2 threads,
 // Sapphire Rapids VM: M = 2 / 4 / 5 / 6 / 8 took 0.60 / 0.85 / 1.14 / 1.31 / 1.69 ms on the dot path and
 // 1.12 / 1.08 / 1.09 / 1.12 / 1.16 ms on AMX (torch 1.03-1.09).
 constexpr int64_t kAmxLinearMinM = 5;
-constexpr int64_t kDotRows = 32;
 
 template <class T> PK_AVX512 inline __m512 load16(const T* p, __mmask16 m) {
   if constexpr (std::is_same_v<T, float>) {
@@ -986,13 +1069,6 @@ template <class T> PK_AVX512 inline __m512 load16(const T* p, __mmask16 m) {
   }
 }
 
-template <class T> inline void store_out(T* c, float v) {
-  if constexpr (std::is_same_v<T, float>) {
-    *c = v;
-  } else {
-    *c = float_to_bf16(v);
-  }
-}
 
 template <class T, int M, int R>
 PK_AVX512 void dot_rows(const T* A, const T* B, int64_t K, int64_t N, int64_t n0, int64_t n1, T* C) {
@@ -1055,21 +1131,12 @@ template <class T, size_t... I> constexpr auto dot_table(std::index_sequence<I..
 
 template <class T> void gemm_dot_avx512(const GemmParams& p) {
   static constexpr auto dot = dot_table<T>(std::make_index_sequence<kDotMaxM>());
-  const T* A = static_cast<const T*>(p.a);
-  const T* B = static_cast<const T*>(p.b);
-  T* C = static_cast<T*>(p.c);
-  const int64_t N = p.N, K = p.K, items = cdiv(N, kDotRows);
   auto kernel = dot[p.M - 1];
   if constexpr (std::is_same_v<T, u16>) {
     static constexpr auto dot_dp = dot_table_bf16dp(std::make_index_sequence<kDotMaxM>());
     if (enabled().avx512_bf16) kernel = dot_dp[p.M - 1];
   }
-  ContentionGuard guard(g_solo_direct, static_cast<int>(std::min<int64_t>(pick_threads(p), items)));
-  run_team(guard.threads(), [&](int t, int, Team& team) {
-    for (int64_t it; (it = team.grab()) < items;)
-      kernel(A, B, K, N, it * kDotRows, std::min(N, (it + 1) * kDotRows), C);
-    guard.body_done(t);
-  });
+  run_dot<T>(p, kernel);
 }
 
 // The packed avx512 paths for a problem (the policy as gemm_typed picks it).
@@ -1132,6 +1199,7 @@ template <class Src> void gemm_typed(const GemmParams& p) {
 #endif
   if (p.M <= kDirectMaxM && !p.transb) return gemm_direct_portable<Src>(p);
 #if defined(__aarch64__)
+  if (f.neon && p.transb && p.M <= kDotMaxM) return gemm_dot_neon<Src>(p);  // rows of B are contiguous in K
   if (f.neon) return gemm_packed<F32Neon, Src>(p);
 #endif
   return gemm_packed<Portable, Src>(p);
