@@ -13,7 +13,9 @@
 //           32 columns = 28 zmm accumulators) runs over the tiles.
 //   bf16 uses vdpbf16ps on K-pairs when the CPU has AVX512_BF16, else it widens to fp32 and uses the
 //   fp32 kernel; a CPU without AVX-512 (or a non-x86 build) gets the same drivers with a plain C++
-//   micro-kernel that the compiler vectorizes for the build's target. On a CPU with AMX-BF16 (tier
+//   micro-kernel that the compiler vectorizes for the build's target, except on aarch64 (tier "neon"):
+//   NEON kernels for the direct path, the dot path (linear, M <= 8) and the 8 x 12 micro-kernel of the
+//   packed drivers (F32Neon), verified under qemu-aarch64 only, never timed on ARM. On a CPU with AMX-BF16 (tier
 //   "amx"), bf16 with M > direct_max_m() (linear: M >= kAmxLinearMinM) goes to the tile kernel of gemm_amx.cpp.
 // bf16 results are rounded to nearest even (as float_to_bf16 in scalar.h); when K spans several KC
 // blocks the bf16 partial sums are kept in an fp32 workspace, never in bf16.
@@ -671,6 +673,70 @@ template <class T> void gemm_dot_neon(const GemmParams& p) {
   static constexpr auto dot = dot_table_neon<T>(std::make_index_sequence<kDotMaxM>());
   run_dot<T>(p, dot[p.M - 1]);
 }
+
+// NEON direct path for M <= kDirectMaxM (B stored [K, N]): items of kDirectNeonCols columns go to the
+// threads dynamically; per item the M rows of C accumulate in an fp32 partial in L1 while B streams past
+// 4 rows at a time (4 contiguous runs), each q register of B feeding M fmla by element (the 4 K values of
+// a row of A in one register). Nothing is packed; every element of B is read once.
+constexpr int64_t kDirectNeonCols = 512;
+template <int M, class Src>
+void direct_rows_neon(const Src* A, const Src* B, int64_t K, int64_t N, int64_t j0, int64_t w, Src* C) {
+  float part[M][kDirectNeonCols];
+  for (int m = 0; m < M; ++m) std::fill(part[m], part[m] + w, 0.f);
+  const int64_t w4 = w / 4 * 4;
+  int64_t k = 0;
+  for (; k + 4 <= K; k += 4) {
+    float32x4_t a[M];
+    for (int m = 0; m < M; ++m) {
+      float t[4];
+      for (int u = 0; u < 4; ++u) t[u] = PlainPack<1>::ld(A, m * K + k + u);
+      a[m] = vld1q_f32(t);
+    }
+    const Src* b = B + k * N + j0;
+    for (int64_t j = 0; j < w4; j += 4) {
+      const float32x4_t b0 = load4(b + j), b1 = load4(b + N + j), b2 = load4(b + 2 * N + j), b3 = load4(b + 3 * N + j);
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m) {
+        float32x4_t c = vld1q_f32(part[m] + j);
+        c = vfmaq_laneq_f32(c, b0, a[m], 0);
+        c = vfmaq_laneq_f32(c, b1, a[m], 1);
+        c = vfmaq_laneq_f32(c, b2, a[m], 2);
+        c = vfmaq_laneq_f32(c, b3, a[m], 3);
+        vst1q_f32(part[m] + j, c);
+      }
+    }
+    for (int64_t j = w4; j < w; ++j)
+      for (int m = 0; m < M; ++m)
+        for (int u = 0; u < 4; ++u) part[m][j] += PlainPack<1>::ld(A, m * K + k + u) * PlainPack<1>::ld(b + u * N, j);
+  }
+  for (; k < K; ++k)  // the last K % 4 rows of B
+    for (int m = 0; m < M; ++m) {
+      const float av = PlainPack<1>::ld(A, m * K + k);
+      for (int64_t j = 0; j < w; ++j) part[m][j] += av * PlainPack<1>::ld(B + k * N + j0, j);
+    }
+  for (int m = 0; m < M; ++m)
+    for (int64_t j = 0; j < w; ++j) store_out(C + m * N + j0 + j, part[m][j]);
+}
+
+template <class Src> void gemm_direct_neon(const GemmParams& p) {
+  using Fn = void (*)(const Src*, const Src*, int64_t, int64_t, int64_t, int64_t, Src*);
+  static constexpr Fn rows[] = {&direct_rows_neon<1, Src>, &direct_rows_neon<2, Src>, &direct_rows_neon<3, Src>,
+                                &direct_rows_neon<4, Src>};
+  static_assert(sizeof(rows) / sizeof(rows[0]) == kDirectMaxM, "one kernel per row count");
+  const Src* A = static_cast<const Src*>(p.a);
+  const Src* B = static_cast<const Src*>(p.b);
+  Src* C = static_cast<Src*>(p.c);
+  const int64_t N = p.N, K = p.K, items = cdiv(N, kDirectNeonCols);
+  const Fn kernel = rows[p.M - 1];
+  ContentionGuard guard(g_solo_direct, static_cast<int>(std::min<int64_t>(pick_threads(p), items)));
+  run_team(guard.threads(), [&](int t, int, Team& team) {
+    for (int64_t it; (it = team.grab()) < items;) {
+      const int64_t j0 = it * kDirectNeonCols;
+      kernel(A, B, K, N, j0, std::min(kDirectNeonCols, N - j0), C);
+    }
+    guard.body_done(t);
+  });
+}
 #endif  // __aarch64__
 
 #if defined(PK_X86)
@@ -1197,9 +1263,12 @@ template <class Src> void gemm_typed(const GemmParams& p) {
     return gemm_packed_avx512<Src>(p);
   }
 #endif
+#if defined(__aarch64__)
+  if (f.neon && p.M <= kDirectMaxM && !p.transb) return gemm_direct_neon<Src>(p);
+  if (f.neon && p.transb && p.M <= kDotMaxM) return gemm_dot_neon<Src>(p);  // rows of B are contiguous in K
+#endif
   if (p.M <= kDirectMaxM && !p.transb) return gemm_direct_portable<Src>(p);
 #if defined(__aarch64__)
-  if (f.neon && p.transb && p.M <= kDotMaxM) return gemm_dot_neon<Src>(p);  // rows of B are contiguous in K
   if (f.neon) return gemm_packed<F32Neon, Src>(p);
 #endif
   return gemm_packed<Portable, Src>(p);
