@@ -13,6 +13,7 @@
 //   bf16 + AVX512_BF16    vdpbf16ps for both products: K packed to [D/2][64] bf16 pairs, V to
 //                          [32][D] row pairs, P rounded to bf16 (as FlashAttention-2 does on GPUs).
 //   bf16, AVX-512F only   K, V widened to fp32 in the packing pass, then the fp32 path.
+//   NEON (tier neon)      aarch64: blocked NEON flash attention, fp32 (bf16 widened): attention_neon.cpp.
 //   no AVX-512            portable scalar online softmax (correct, not fast).
 // Inputs were checked by csrc/bindings.cpp. All index arithmetic is 64-bit.
 #include <algorithm>
@@ -565,6 +566,9 @@ template <typename T>
 void dispatch(const AttentionParams& p) {
   const Features f = enabled();  // the active ISA tier (cpu.h)
   if (!f.avx512f && f.avx2_fma) return attention_avx2(p);
+#if defined(__aarch64__)  // attention_neon.cpp is empty elsewhere
+  if (f.neon) return attention_neon(p);
+#endif
   if (!f.avx512f) return run_scalar<T>(p);
   if constexpr (std::is_same_v<T, bf16>)
     if (f.amx_bf16) return attention_amx(p);  // AMX tiles for both products (attention_amx.cpp)
