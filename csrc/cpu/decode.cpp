@@ -22,7 +22,8 @@
 //                  (mask), accumulated de-interleaved and re-interleaved once at the end.
 // Paths, chosen at run time from CPUID (cpu_features.cpp): fp32 (AVX-512F); bf16 with AVX512_BF16
 // (vdpbf16ps for q.K, exact products); bf16 with AVX-512F only (K widened like V); no AVX-512 or a
-// head dim other than 64/128: portable scalar online softmax (correct, not fast).
+// head dim other than 64/128: portable scalar online softmax (correct, not fast). aarch64 (tier neon),
+// D 64/128: decode_neon.cpp (NEON, heads in the lanes for q.K; fp32 fmla, bf16 widened in registers).
 // Rows past a sequence's length (and blocks it does not own) are never read, so whatever they hold
 // (NaN included) cannot reach the output. Inputs were checked by csrc/bindings.cpp (context_lens in
 // 1..capacity, block-table entries in range). All index arithmetic is 64-bit.
@@ -767,6 +768,9 @@ void dispatch(const DecodeParams& p) {
       return p.D == 64 ? run_avx512<bf16, Kind::bf16_w, 64>(p) : run_avx512<bf16, Kind::bf16_w, 128>(p);
     }
   }
+#endif
+#if defined(__aarch64__)
+  if (enabled().neon && (p.D == 64 || p.D == 128)) return decode_neon(p);
 #endif
   run_scalar<T>(p);
 }

@@ -1,8 +1,466 @@
-// CPU decode, NEON tier (aarch64): see cpu.h. Empty on other architectures.
+// CPU decode, NEON tier (aarch64): see cpu.h and decode.cpp for the problem (one query token per
+// sequence against a contiguous or paged KV cache). Empty on other architectures. ARMv8.0 Advanced SIMD
+// only (no SVE, no BF16 extension): bf16 is widened to fp32 in registers with a 16-bit shift (shll) and
+// every multiply-add is an fp32 fmla; bf16 outputs are rounded to nearest even like float_to_bf16.
+//
+// The design is decode_avx2.cpp's, on 4-wide q registers (32 of them). Memory-bound: every K/V row of
+// the context is read once. Work item = (sequence, kv head, context chunk), run over OpenMP threads
+// (dynamic); an item computes all g = Hq/Hkv query heads of the GQA group, so each K/V row comes from
+// memory once and serves the g heads from registers or L1. Contexts are split into chunks only when the
+// (sequence, kv head) units alone cannot keep every thread busy; chunks leave partials (m, l, o) merged
+// by a second pass (log-sum-exp, base 2). Per tile of kT = 32 tokens (row pointers resolved page by page
+// through the block table; rows past the tile's end repeat its first, their scores masked):
+//   S = q K^T    heads in the lanes: a quad of 4 query heads is stored transposed (qq[d][head]), so one
+//                4-column piece of a K row feeds 4 fmla by element (one per column) into the token's
+//                accumulator, whose lanes are the 4 heads' scores: 8 tokens = 8 accumulators, no
+//                horizontal sums, each K piece loaded (and widened) once per quad; a 4x4 transpose
+//                (trn1/trn2) stores them per head. A remainder of 2 or 3 heads runs as a quad with zero
+//                query lanes; a single remainder head (g = 1, 5, ...) has the tokens in the lanes: 8 dot
+//                accumulators, reduced by pairwise adds (faddp)
+//   softmax      online, base 2 (q carries scale * log2 e); fmax/fmaxv keep a NaN score, so it reaches
+//                m, l and o; an all -inf tile keeps m = -inf without producing NaN
+//   o = a o + P V  blocks of 4 heads x 16 columns = 16 accumulators; per 4 tokens one load of each head's
+//                4 probabilities, then fmla by element (lane = token) against each V row's 4 vectors
+// The next tile's K and V rows are prefetched while this tile's scores are computed.
+// Verified for correctness only (cross-compiled, run under qemu-aarch64 by tools/cpu_harness): never
+// timed on ARM hardware.
 #include "cpu/cpu.h"
 
 #if defined(__aarch64__)
 #include <arm_neon.h>
+#include <omp.h>
 
-namespace pk::cpu {}  // namespace pk::cpu
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/attn_common.h"
+#include "cpu/scalar.h"
+
+namespace pk::cpu {
+namespace {
+
+using u16 = uint16_t;
+using attn::AlignedBuf;
+using attn::round_up;
+
+#define PK_NEON_INLINE inline __attribute__((always_inline))
+
+constexpr int64_t kT = 32;           // tokens per tile: K and V tiles of 16 KB each at D = 128 fp32
+constexpr int kTT = 8;               // tokens per q.K step (8 accumulators)
+constexpr int kG = 4;                // heads per quad (q.K) and per P.V block
+constexpr int kCols = 16;            // columns per P.V block: 4 heads x 4 vectors = 16 accumulators
+constexpr int64_t kMinChunk = 256;   // shortest context chunk worth a partial (as decode.cpp)
+constexpr int64_t kMinParallelBytes = 256 * 1024;  // below: one thread (a fork/join costs more)
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+static_assert(kT % kTT == 0 && kTT == 8, "scores are computed 8 tokens at a time");
+
+struct Ctx {
+  const DecodeParams* p;
+  int64_t g, chunk, nchunk;
+  int64_t nquad;  // quads of heads in the lanes (the last one may hold 2 or 3)
+  int64_t hq;     // heads [0, hq) run in quads, [hq, g) one by one (at most one)
+  float c;        // scale * log2(e)
+  float* part;    // [B*Hkv][nchunk][g][D + 2] (o[D], m, l), or null
+};
+
+// ---- registers ------------------------------------------------------------------------------------
+
+// 4 values at p as fp32 (bf16 widened exactly: a 16-bit shift).
+PK_NEON_INLINE float32x4_t load4(const float* p) { return vld1q_f32(p); }
+PK_NEON_INLINE float32x4_t load4(const u16* p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
+
+// 16 values at p as 4 fp32 vectors.
+PK_NEON_INLINE void load16(const float* p, float32x4_t (&v)[4]) {
+  v[0] = vld1q_f32(p);
+  v[1] = vld1q_f32(p + 4);
+  v[2] = vld1q_f32(p + 8);
+  v[3] = vld1q_f32(p + 12);
+}
+PK_NEON_INLINE void load16(const u16* p, float32x4_t (&v)[4]) {
+  const uint16x8_t a = vld1q_u16(p), b = vld1q_u16(p + 8);
+  v[0] = vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(a), 16));
+  v[1] = vreinterpretq_f32_u32(vshll_high_n_u16(a, 16));
+  v[2] = vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(b), 16));
+  v[3] = vreinterpretq_f32_u32(vshll_high_n_u16(b, 16));
+}
+
+// 4 floats -> 4 bf16, round to nearest even, NaN kept quiet (bit-identical to float_to_bf16).
+PK_NEON_INLINE uint16x4_t narrow_bf16(float32x4_t x) {
+  const uint32x4_t u = vreinterpretq_u32_f32(x);
+  const uint32x4_t lsb = vandq_u32(vshrq_n_u32(u, 16), vdupq_n_u32(1));
+  const uint32x4_t r = vaddq_u32(u, vaddq_u32(lsb, vdupq_n_u32(0x7fff)));
+  const uint32x4_t ord = vceqq_f32(x, x);  // all ones except on NaN
+  return vshrn_n_u32(vbslq_u32(ord, r, vorrq_u32(u, vdupq_n_u32(0x00400000))), 16);
+}
+
+// Stores 4 floats at p (bf16: rounded).
+PK_NEON_INLINE void store4(float* p, float32x4_t v) { vst1q_f32(p, v); }
+PK_NEON_INLINE void store4(u16* p, float32x4_t v) { vst1_u16(p, narrow_bf16(v)); }
+
+// 2^x for 4 lanes: x = n + f, f in [-0.5, 0.5], degree-6 Taylor polynomial of 2^f (~1 ulp), 2^n by
+// adding n to the exponent field (as vec_avx2.h). x < -126 gives exactly 0 (so -inf, a masked score,
+// gives 0); NaN stays NaN (fmax/fmin return a NaN operand, and n converts to 0).
+PK_NEON_INLINE float32x4_t exp2_ps(float32x4_t x) {
+  const uint32x4_t lo = vcltq_f32(x, vdupq_n_f32(-126.f));
+  x = vmaxq_f32(x, vdupq_n_f32(-126.f));
+  x = vminq_f32(x, vdupq_n_f32(127.f));
+  const float32x4_t n = vrndnq_f32(x);
+  const float32x4_t f = vsubq_f32(x, n);
+  float32x4_t p = vdupq_n_f32(1.5403530393381606e-4f);
+  p = vfmaq_f32(vdupq_n_f32(1.3333558146428443e-3f), p, f);
+  p = vfmaq_f32(vdupq_n_f32(9.6181291076284772e-3f), p, f);
+  p = vfmaq_f32(vdupq_n_f32(5.5504108664821580e-2f), p, f);
+  p = vfmaq_f32(vdupq_n_f32(2.4022650695910071e-1f), p, f);
+  p = vfmaq_f32(vdupq_n_f32(6.9314718055994531e-1f), p, f);
+  p = vfmaq_f32(vdupq_n_f32(1.0f), p, f);
+  const int32x4_t e = vshlq_n_s32(vcvtq_s32_f32(n), 23);
+  const float32x4_t r = vreinterpretq_f32_s32(vaddq_s32(vreinterpretq_s32_f32(p), e));
+  return vreinterpretq_f32_u32(vbicq_u32(vreinterpretq_u32_f32(r), lo));
+}
+PK_NEON_INLINE float exp2_s(float x) { return vgetq_lane_f32(exp2_ps(vdupq_n_f32(x)), 0); }
+
+// ---- rows ----------------------------------------------------------------------------------------
+
+// Row pointers of tokens [j0, j0 + nj) of (sequence b, kv head hk): one block-table lookup and one
+// division per run of rows inside a block, not per token.
+template <class T>
+void tile_rows(const DecodeParams& p, const T* base, int64_t b, int64_t hk, int64_t j0, int64_t nj, const T** out) {
+  for (int64_t t = j0; t < j0 + nj;) {
+    const int64_t blk = decode_block(p, b, t), r = t % p.block_size;
+    const int64_t run = std::min(p.block_size - r, j0 + nj - t);
+    const T* row = base + ((blk * p.Hkv + hk) * p.block_size + r) * p.D;
+    for (int64_t i = 0; i < run; ++i) out[t - j0 + i] = row + i * p.D;
+    t += run;
+  }
+}
+
+template <int D, class T> PK_NEON_INLINE void prefetch_row(const T* r) {
+  constexpr int kLines = D * int(sizeof(T)) / 64;
+  for (int i = 0; i < kLines; ++i) __builtin_prefetch(reinterpret_cast<const char*>(r) + 64 * i, 0, 3);
+}
+
+// ---- q . K ---------------------------------------------------------------------------------------
+
+// Scores of a quad of heads (qq[4 d + h] = prepared q of head h, column d) for the 8 rows kr[0..8):
+// s[h * kT + t] for the first nh heads of the quad.
+template <int D, class T>
+PK_NEON_INLINE void scores_quad(const float* qq, const T* const* kr, int64_t nh, float* s) {
+  float32x4_t acc[kTT];
+#pragma GCC unroll 8
+  for (int t = 0; t < kTT; ++t) acc[t] = vdupq_n_f32(0.f);
+#pragma GCC unroll 2
+  for (int c = 0; c < D; c += 4) {
+    const float32x4_t q0 = vld1q_f32(qq + 4 * c), q1 = vld1q_f32(qq + 4 * c + 4);
+    const float32x4_t q2 = vld1q_f32(qq + 4 * c + 8), q3 = vld1q_f32(qq + 4 * c + 12);
+#pragma GCC unroll 8
+    for (int t = 0; t < kTT; ++t) {
+      const float32x4_t k = load4(kr[t] + c);
+      acc[t] = vfmaq_laneq_f32(acc[t], q0, k, 0);
+      acc[t] = vfmaq_laneq_f32(acc[t], q1, k, 1);
+      acc[t] = vfmaq_laneq_f32(acc[t], q2, k, 2);
+      acc[t] = vfmaq_laneq_f32(acc[t], q3, k, 3);
+    }
+  }
+  // 4x4 transposes: acc[t] lane h -> head h's vector, lane t.
+#pragma GCC unroll 2
+  for (int half = 0; half < 2; ++half) {
+    const float32x4_t* a = acc + 4 * half;
+    const float64x2_t t0 = vreinterpretq_f64_f32(vtrn1q_f32(a[0], a[1]));
+    const float64x2_t t1 = vreinterpretq_f64_f32(vtrn2q_f32(a[0], a[1]));
+    const float64x2_t t2 = vreinterpretq_f64_f32(vtrn1q_f32(a[2], a[3]));
+    const float64x2_t t3 = vreinterpretq_f64_f32(vtrn2q_f32(a[2], a[3]));
+    const float32x4_t h[4] = {vreinterpretq_f32_f64(vtrn1q_f64(t0, t2)), vreinterpretq_f32_f64(vtrn1q_f64(t1, t3)),
+                              vreinterpretq_f32_f64(vtrn2q_f64(t0, t2)), vreinterpretq_f32_f64(vtrn2q_f64(t1, t3))};
+    vst1q_f32(s + 4 * half, h[0]);
+    if (nh > 1) vst1q_f32(s + kT + 4 * half, h[1]);
+    if (nh > 2) vst1q_f32(s + 2 * kT + 4 * half, h[2]);
+    if (nh > 3) vst1q_f32(s + 3 * kT + 4 * half, h[3]);
+  }
+}
+
+// Lane i = sum of the 4 lanes of a_i (pairwise adds).
+PK_NEON_INLINE float32x4_t hsum4(float32x4_t a0, float32x4_t a1, float32x4_t a2, float32x4_t a3) {
+  return vpaddq_f32(vpaddq_f32(a0, a1), vpaddq_f32(a2, a3));
+}
+
+// Scores of one head (prepared row q) for the 8 rows kr[0..8): s[0..8).
+template <int D, class T>
+PK_NEON_INLINE void scores_one(const float* q, const T* const* kr, float* s) {
+  float32x4_t acc[kTT];
+#pragma GCC unroll 8
+  for (int t = 0; t < kTT; ++t) acc[t] = vdupq_n_f32(0.f);
+#pragma GCC unroll 4
+  for (int c = 0; c < D; c += 4) {
+    const float32x4_t qv = vld1q_f32(q + c);
+#pragma GCC unroll 8
+    for (int t = 0; t < kTT; ++t) acc[t] = vfmaq_f32(acc[t], qv, load4(kr[t] + c));
+  }
+  vst1q_f32(s, hsum4(acc[0], acc[1], acc[2], acc[3]));
+  vst1q_f32(s + 4, hsum4(acc[4], acc[5], acc[6], acc[7]));
+}
+
+// ---- softmax -------------------------------------------------------------------------------------
+
+// One online-softmax step (base 2) of a head whose new scores are s[0, n), n a multiple of 4, masked ones
+// -inf: m' = max(m, s); s becomes 2^(s - m'); alpha = 2^(m - m') rescales what the head had summed;
+// l = l * alpha + sum of the new weights. fmax/fmaxv propagate NaN, so a NaN score makes m, l and o NaN
+// (as the other tiers). All scores -inf so far: m stays -inf and 0 is subtracted (p = 0, not NaN).
+PK_NEON_INLINE void online_softmax(float* s, int64_t n, float& m, float& l, float& alpha) {
+  float32x4_t mx = vdupq_n_f32(m);
+  for (int64_t j = 0; j < n; j += 4) mx = vmaxq_f32(mx, vld1q_f32(s + j));
+  const float mnew = vmaxvq_f32(mx);
+  const float mu = mnew == kNegInf ? 0.f : mnew;
+  const float32x4_t vm = vdupq_n_f32(mu);
+  float32x4_t sum = vdupq_n_f32(0.f);
+  for (int64_t j = 0; j < n; j += 4) {
+    const float32x4_t e = exp2_ps(vsubq_f32(vld1q_f32(s + j), vm));
+    vst1q_f32(s + j, e);
+    sum = vaddq_f32(sum, e);
+  }
+  alpha = exp2_s(m - mu);
+  l = l * alpha + vaddvq_f32(sum);
+  m = mnew;
+}
+
+// ---- P . V ---------------------------------------------------------------------------------------
+
+// One V row (16 columns at r) times lane L of each head's probability vector pw[h].
+template <int G, int L, class T>
+PK_NEON_INLINE void pv_row(float32x4_t (&acc)[G][4], const float32x4_t (&pw)[G], const T* r) {
+  float32x4_t v[4];
+  load16(r, v);
+#pragma GCC unroll 4
+  for (int h = 0; h < G; ++h)
+#pragma GCC unroll 4
+    for (int x = 0; x < 4; ++x) acc[h][x] = vfmaq_laneq_f32(acc[h][x], v[x], pw[h], L);
+}
+
+// o[h][c0, c0 + 16) = alpha[h] o[h][...] + sum_j p[h][j] V[j][...] for G (1..4) heads: rows of o stride
+// D, of p stride kT.
+template <int G, class T>
+PK_NEON_INLINE void pv_block(float* o, int64_t D, const float* p, const float* alpha, const T* const* vr,
+                             int64_t nj, int c0) {
+  float32x4_t acc[G][4];
+#pragma GCC unroll 4
+  for (int h = 0; h < G; ++h) {
+    const float32x4_t a = vdupq_n_f32(alpha[h]);
+#pragma GCC unroll 4
+    for (int x = 0; x < 4; ++x) acc[h][x] = vmulq_f32(a, vld1q_f32(o + h * D + c0 + 4 * x));
+  }
+  int64_t j = 0;
+  for (; j + 4 <= nj; j += 4) {
+    float32x4_t pw[G];
+#pragma GCC unroll 4
+    for (int h = 0; h < G; ++h) pw[h] = vld1q_f32(p + h * kT + j);
+    pv_row<G, 0>(acc, pw, vr[j] + c0);
+    pv_row<G, 1>(acc, pw, vr[j + 1] + c0);
+    pv_row<G, 2>(acc, pw, vr[j + 2] + c0);
+    pv_row<G, 3>(acc, pw, vr[j + 3] + c0);
+  }
+  for (; j < nj; ++j) {  // the tile's last 1-3 tokens (rows past nj are never read here)
+    float32x4_t v[4];
+    load16(vr[j] + c0, v);
+#pragma GCC unroll 4
+    for (int h = 0; h < G; ++h) {
+      const float w = p[h * kT + j];
+#pragma GCC unroll 4
+      for (int x = 0; x < 4; ++x) acc[h][x] = vfmaq_n_f32(acc[h][x], v[x], w);
+    }
+  }
+#pragma GCC unroll 4
+  for (int h = 0; h < G; ++h)
+#pragma GCC unroll 4
+    for (int x = 0; x < 4; ++x) vst1q_f32(o + h * D + c0 + 4 * x, acc[h][x]);
+}
+
+// ---- one work item, the merge, the driver --------------------------------------------------------
+
+struct Scratch {
+  float *q;   // [g][D] prepared query (fp32, times scale * log2 e)
+  float *qq;  // [nquad][D][4] the same, heads in the lanes (zero lanes past g)
+  float *o;   // [g][D] accumulators
+  float *s;   // [g][kT] scores, then probabilities, of the current tile
+  float *m, *l, *alpha;  // [g] each
+};
+
+// One tile: S = q K^T, online softmax, o = alpha o + P V. kn/vn are the next tile's nn rows, prefetched here.
+template <int D, class T>
+void tile_compute(const Ctx& x, const Scratch& sc, const T* const* kr, const T* const* vr, const T* const* kn,
+                  const T* const* vn, int64_t nj, int64_t nn) {
+  const int64_t g = x.g;
+  for (int64_t j = 0; j < nj; j += kTT) {
+    for (int64_t u = j; u < std::min<int64_t>(j + kTT, nn); ++u) {
+      prefetch_row<D>(kn[u]);
+      prefetch_row<D>(vn[u]);
+    }
+    for (int64_t u = 0; u < x.nquad; ++u)
+      scores_quad<D>(sc.qq + u * kG * D, kr + j, std::min<int64_t>(kG, g - kG * u), sc.s + kG * u * kT + j);
+    for (int64_t h = x.hq; h < g; ++h) scores_one<D>(sc.q + h * D, kr + j, sc.s + h * kT + j);
+  }
+  const int64_t ns = round_up(nj, 4);
+  for (int64_t h = 0; h < g; ++h) {
+    float* s = sc.s + h * kT;
+    for (int64_t j = nj; j < round_up(nj, kTT); ++j) s[j] = kNegInf;  // padding rows: weight 0
+    online_softmax(s, ns, sc.m[h], sc.l[h], sc.alpha[h]);
+  }
+  int64_t h = 0;
+  for (; h + kG <= g; h += kG)
+    for (int c0 = 0; c0 < D; c0 += kCols) pv_block<kG>(sc.o + h * D, D, sc.s + h * kT, sc.alpha + h, vr, nj, c0);
+  auto rest = [&](auto G) {
+    for (int c0 = 0; c0 < D; c0 += kCols) pv_block<G.value>(sc.o + h * D, D, sc.s + h * kT, sc.alpha + h, vr, nj, c0);
+  };
+  switch (g - h) {
+    case 3: rest(std::integral_constant<int, 3>()); break;
+    case 2: rest(std::integral_constant<int, 2>()); break;
+    case 1: rest(std::integral_constant<int, 1>()); break;
+    default: break;
+  }
+}
+
+// Writes the g head rows of o, each times 1 / l[h], to dst (rows of D).
+template <int D, class T> void store_rows(T* dst, const float* o, const float* l, int64_t g) {
+  for (int64_t h = 0; h < g; ++h) {
+    const float32x4_t inv = vdupq_n_f32(1.f / l[h]);
+    for (int d = 0; d < D; d += 4) store4(dst + h * D + d, vmulq_f32(vld1q_f32(o + h * D + d), inv));
+  }
+}
+
+// One work item: the g query heads of kv head hk of sequence b, tokens of chunk ci.
+template <class T, int D> void item(const Ctx& x, int64_t b, int64_t hk, int64_t ci, const Scratch& sc) {
+  const DecodeParams& p = *x.p;
+  const int64_t g = x.g, n = p.context_lens[b], t0 = ci * x.chunk, t1 = std::min(n, t0 + x.chunk);
+  const T* Q = static_cast<const T*>(p.q) + (b * p.Hq + hk * g) * D;
+  const T* K = static_cast<const T*>(p.k);
+  const T* V = static_cast<const T*>(p.v);
+  const float32x4_t vc = vdupq_n_f32(x.c);
+  for (int64_t h = 0; h < g; ++h) {
+    for (int d = 0; d < D; d += 4) {
+      vst1q_f32(sc.q + h * D + d, vmulq_f32(load4(Q + h * D + d), vc));
+      vst1q_f32(sc.o + h * D + d, vdupq_n_f32(0.f));
+    }
+    sc.m[h] = kNegInf;
+    sc.l[h] = 0.f;
+  }
+  for (int64_t u = 0; u < x.nquad; ++u)  // qq[u][d][lane] = q[4u + lane][d], zero past g
+    for (int d = 0; d < D; ++d)
+      for (int i = 0; i < kG; ++i) {
+        const int64_t h = kG * u + i;
+        sc.qq[(u * D + d) * kG + i] = h < g ? sc.q[h * D + d] : 0.f;
+      }
+  const T* kr[kT];
+  const T* vr[kT];
+  const T* kn[kT];  // the next tile's rows
+  const T* vn[kT];
+  tile_rows(p, K, b, hk, t0, std::min(kT, t1 - t0), kn);
+  tile_rows(p, V, b, hk, t0, std::min(kT, t1 - t0), vn);
+  for (int64_t j0 = t0; j0 < t1; j0 += kT) {
+    const int64_t nj = std::min(kT, t1 - j0), nn = std::max<int64_t>(0, std::min(kT, t1 - j0 - kT));
+    for (int64_t j = 0; j < kT; ++j) {  // rows past the tile's end repeat its first (scores masked)
+      kr[j] = kn[j < nj ? j : 0];
+      vr[j] = vn[j < nj ? j : 0];
+    }
+    tile_rows(p, K, b, hk, j0 + kT, nn, kn);
+    tile_rows(p, V, b, hk, j0 + kT, nn, vn);
+    tile_compute<D, T>(x, sc, kr, vr, kn, vn, nj, nn);
+  }
+  if (x.part == nullptr || n <= x.chunk) {  // the sequence's only item: the output directly
+    store_rows<D>(static_cast<T*>(p.o) + (b * p.Hq + hk * g) * D, sc.o, sc.l, g);
+    return;
+  }
+  float* part = x.part + ((b * p.Hkv + hk) * x.nchunk + ci) * g * (D + 2);
+  for (int64_t h = 0; h < g; ++h) {
+    std::copy(sc.o + h * D, sc.o + h * D + D, part + h * (D + 2));
+    part[h * (D + 2) + D] = sc.m[h];
+    part[h * (D + 2) + D + 1] = sc.l[h];
+  }
+}
+
+// Merges the chunk partials of (b, hk) for its g heads into the output (log-sum-exp, base 2). A NaN
+// partial (m, l or o) makes its weight or its sum NaN, so the NaN reaches the output.
+template <class T, int D> void merge(const Ctx& x, int64_t b, int64_t hk, float* acc) {
+  const DecodeParams& p = *x.p;
+  const int64_t g = x.g, n = p.context_lens[b];
+  if (n <= x.chunk) return;  // written by its only item
+  const int64_t nc = (n + x.chunk - 1) / x.chunk;
+  const float* part = x.part + (b * p.Hkv + hk) * x.nchunk * g * (D + 2);
+  T* O = static_cast<T*>(p.o) + (b * p.Hq + hk * g) * D;
+  for (int64_t h = 0; h < g; ++h) {
+    float M = kNegInf;
+    for (int64_t c = 0; c < nc; ++c) M = std::max(M, part[(c * g + h) * (D + 2) + D]);
+    const float mu = M == kNegInf ? 0.f : M;
+    float L = 0.f;
+    for (int d = 0; d < D; d += 4) vst1q_f32(acc + d, vdupq_n_f32(0.f));
+    for (int64_t c = 0; c < nc; ++c) {
+      const float* r = part + (c * g + h) * (D + 2);
+      const float w = exp2_s(r[D] - mu);
+      L += w * r[D + 1];
+      for (int d = 0; d < D; d += 4) vst1q_f32(acc + d, vfmaq_n_f32(vld1q_f32(acc + d), vld1q_f32(r + d), w));
+    }
+    store_rows<D>(O + h * D, acc, &L, 1);
+  }
+}
+
+template <class T, int D> void run(const DecodeParams& p) {
+  const int64_t B = p.B, Hkv = p.Hkv, g = p.Hq / p.Hkv, units = B * Hkv;
+  int64_t maxlen = 0, tokens = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    maxlen = std::max<int64_t>(maxlen, p.context_lens[b]);
+    tokens += p.context_lens[b];
+  }
+  int nt = omp_in_parallel() ? 1 : omp_get_max_threads();
+  if (2 * tokens * Hkv * D * static_cast<int64_t>(sizeof(T)) < kMinParallelBytes) nt = 1;
+  int64_t chunk = maxlen, nchunk = 1;
+  if (units < 2 * nt) {  // split-K over the context: ~4 items per thread
+    const int64_t want = (4 * nt + units - 1) / units;
+    chunk = std::max(kMinChunk, round_up((maxlen + want - 1) / want, kT));
+    nchunk = (maxlen + chunk - 1) / chunk;
+  }
+  // Quads: every full one, plus a last one of 2 or 3 heads; a single remaining head goes alone.
+  const int64_t nquad = g / kG + (g % kG >= 2 ? 1 : 0), hq = std::min(g, kG * nquad);
+  AlignedBuf part(nchunk > 1 ? static_cast<size_t>(units * nchunk * g * (D + 2) * 4) : 0);
+  const Ctx x{&p, g, chunk, nchunk, nquad, hq, p.scale * attn::kLog2e, nchunk > 1 ? part.as<float>() : nullptr};
+  std::vector<int64_t> items;
+  items.reserve(static_cast<size_t>(units * nchunk));
+  for (int64_t u = 0; u < units; ++u)
+    for (int64_t c = 0; c < (p.context_lens[u / Hkv] + chunk - 1) / chunk; ++c) items.push_back(u * nchunk + c);
+  const int64_t nitems = static_cast<int64_t>(items.size());
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    AlignedBuf qb(static_cast<size_t>(g * D * 4)), qqb(static_cast<size_t>(std::max<int64_t>(nquad, 1) * kG * D * 4)),
+        ob(static_cast<size_t>(g * D * 4)), sb(static_cast<size_t>(round_up(g, kG) * kT * 4)),
+        mb(static_cast<size_t>(3 * g * 4)), tb(static_cast<size_t>(D * 4));
+    const Scratch sc{qb.as<float>(), qqb.as<float>(), ob.as<float>(), sb.as<float>(),
+                     mb.as<float>(), mb.as<float>() + g, mb.as<float>() + 2 * g};
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < nitems; ++i) {
+      const int64_t u = items[i] / nchunk;
+      item<T, D>(x, u / Hkv, u % Hkv, items[i] % nchunk, sc);
+    }
+    if (nchunk > 1) {
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t u = 0; u < units; ++u) merge<T, D>(x, u / Hkv, u % Hkv, tb.as<float>());
+    }
+  }
+}
+
+template <class T> void dispatch(const DecodeParams& p) {
+  if (p.D == 64) return run<T, 64>(p);
+  if (p.D == 128) return run<T, 128>(p);
+  throw std::invalid_argument("the NEON decode supports head dims 64 and 128, got " + std::to_string(p.D));
+}
+
+}  // namespace
+
+void decode_neon(const DecodeParams& p) {
+  if (p.dtype == DType::f32) return dispatch<float>(p);
+  if (p.dtype == DType::bf16) return dispatch<u16>(p);
+  throw std::invalid_argument(std::string("native cpu decode does not support dtype ") + dtype_name(p.dtype));
+}
+
+}  // namespace pk::cpu
 #endif  // __aarch64__
