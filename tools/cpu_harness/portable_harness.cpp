@@ -152,7 +152,7 @@ void check_decode(int64_t B, int64_t Hq, int64_t Hkv, int64_t L, int64_t D, int6
 
 void run_all() {
   for (bool bf : {false, true}) {
-    for (auto s : {std::vector<int64_t>{1, 1, 1}, {1, 1000, 65}, {3, 127, 1025}, {4, 1023, 129}, {7, 63, 127},
+    for (auto s : {std::vector<int64_t>{1, 1, 1}, {1, 1000, 65}, {2, 37, 6}, {3, 127, 1025}, {4, 1023, 129}, {7, 63, 127}, {8, 45, 203},
                    {65, 127, 63}, {127, 65, 300}, {200, 300, 513},
                    // AMX paths (gemm_amx.cpp): the K split (M <= 32; M <= 16 skips the padding tiles),
                    // one row block with several K blocks, row and column blocks
@@ -164,10 +164,35 @@ void run_all() {
     check_attention(1, 1, 1, 1, 128, false, bf);
     check_attention(1, 8, 1, 33, 128, true, bf);
     check_attention(2, 4, 2, 97, 64, false, bf);
+    // NEON tier (attention_neon.cpp: 12-row micro-blocks, 8-key steps, 64-key tiles, 48-row items): S = 1,
+    // S off every block size, just past a row block (49) and a key tile (65), GQA 2/4/8, B > 1, and S = 600
+    // (10 key tiles, many row blocks on both threads)
+    check_attention(1, 1, 1, 1, 64, true, bf);
+    check_attention(2, 2, 1, 13, 128, false, bf);
+    check_attention(1, 4, 1, 49, 64, true, bf);
+    check_attention(2, 2, 2, 65, 128, true, bf);
+    check_attention(1, 8, 2, 600, 64, true, bf);
+    check_attention(2, 2, 1, 600, 128, false, bf);
+    check_attention(1, 3, 3, 600, 128, true, bf);
     check_decode(1, 1, 1, 1, 64, 16, false, bf);
     check_decode(3, 8, 2, 300, 128, 16, true, bf);
     check_decode(2, 10, 2, 700, 64, 7, true, bf);
     check_decode(1, 6, 2, 1500, 128, 16, false, bf);
+    // NEON tier (decode_neon.cpp: quads of heads in the lanes, a padded quad for 2-3 heads, one head alone
+    // for g = 1, 5, 9; 32-token tiles, 8-token q.K steps, 4-token P.V steps): g = 1, 2, 4, 7, 8, 32, L = 1,
+    // block sizes 1/5/16/32, tails of 1-7 tokens, context splits (2 threads: B*Hkv < 4) with ragged lens
+    // where some sequences fit one chunk (L 300 -> 300, 225, 150 against a 256-token chunk)
+    check_decode(3, 4, 4, 129, 128, 16, false, bf);
+    check_decode(2, 4, 2, 95, 64, 5, true, bf);
+    check_decode(2, 8, 2, 333, 64, 16, true, bf);
+    check_decode(1, 7, 1, 61, 128, 16, true, bf);
+    check_decode(2, 16, 2, 517, 128, 32, true, bf);
+    check_decode(2, 8, 2, 1, 128, 16, true, bf);
+    check_decode(2, 4, 4, 3, 64, 1, true, bf);
+    check_decode(3, 4, 1, 300, 128, 16, false, bf);
+    check_decode(1, 4, 1, 3001, 64, 16, false, bf);
+    check_decode(1, 32, 1, 3000, 128, 16, true, bf);
+    check_decode(1, 9, 1, 1029, 64, 7, true, bf);
   }
 }
 
