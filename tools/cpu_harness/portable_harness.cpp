@@ -1,9 +1,11 @@
 // Correctness harness for the native CPU kernels through their entry points (csrc/cpu/cpu.h), without
 // Python: gemm, attention and decode on odd shapes, fp32 and bf16, against a float64 reference.
 // Its purpose is the tiers no local machine runs natively: built with Debian's aarch64 cross compiler
-// and run under qemu-user (tools/cpu_harness/aarch64.sh) it checks the portable path on aarch64;
+// and run under qemu-user (ARCH=aarch64 sh portable.sh) it checks the portable path on aarch64;
 // correctness only: qemu timings say nothing about ARM hardware. On x86-64 it runs every tier the CPU
-// has (set_isa), or the one named by its first argument.
+// has (set_isa), or the one named by its first argument. Each case's reference is computed once and every
+// tier's output (poisoned with NaN before the call) is compared with it.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -43,14 +45,35 @@ struct Buf {
   float at(size_t i) const { return bf ? bf16_to_float(h[i]) : f[i]; }
 };
 
-int failures = 0, checks = 0;
+struct Tally {
+  int failures = 0, checks = 0;
+};
+std::vector<Isa> tiers;  // the tiers under test
+Tally tally[8];          // per tier (indexed by Isa)
 
-void report(const char* what, double err, double ref, double tol) {
-  ++checks;
-  const double rel = err / std::max(ref, 1e-30);
-  if (!(rel <= tol)) {
-    ++failures;
-    std::printf("FAIL %s: relative error %.3g > %.3g\n", what, rel, tol);
+// Runs `run` on every tier, its output `out` poisoned with NaN first (an element the kernel does not write
+// fails), and compares with the float64 reference: max |out - ref| over max |ref|, a NaN anywhere fails.
+// The reference is computed once for all tiers (under qemu it costs more than the kernels).
+template <class Run> void each_tier(const char* what, Buf& out, const std::vector<double>& ref, double tol, Run run) {
+  double mref = 0;
+  for (double r : ref) mref = std::max(mref, std::fabs(r));
+  for (Isa t : tiers) {
+    set_isa(t);
+    std::fill(out.f.begin(), out.f.end(), NAN);
+    std::fill(out.h.begin(), out.h.end(), uint16_t(0x7fc0));
+    run();
+    double err = 0;
+    for (size_t i = 0; i < ref.size(); ++i) {
+      const double d = std::fabs(out.at(i) - ref[i]);
+      if (!(d <= err)) err = d;  // NaN sticks
+    }
+    Tally& c = tally[static_cast<int>(t)];
+    ++c.checks;
+    const double rel = err / std::max(mref, 1e-30);
+    if (!(rel <= tol)) {
+      ++c.failures;
+      std::printf("FAIL %s %s: relative error %.3g > %.3g\n", isa_name(t), what, rel, tol);
+    }
   }
 }
 
@@ -59,27 +82,25 @@ void check_gemm(int64_t M, int64_t N, int64_t K, bool bf, bool transb = false) {
   Buf a(M * K, bf), b(K * N, bf, 0.1f), c(M * N, bf);
   GemmParams p{a.ptr(), b.ptr(), c.ptr(), M, N, K, bf ? DType::bf16 : DType::f32};
   p.transb = transb;
-  gemm(p);
-  double err = 0, mref = 0;
+  std::vector<double> ref(M * N);
   for (int64_t i = 0; i < M; ++i)
     for (int64_t j = 0; j < N; ++j) {
       double r = 0;
       for (int64_t k = 0; k < K; ++k) r += double(a.f[i * K + k]) * b.f[transb ? j * K + k : k * N + j];
-      err = std::max(err, std::fabs(c.at(i * N + j) - r));
-      mref = std::max(mref, std::fabs(r));
+      ref[i * N + j] = r;
     }
   char what[96];
   std::snprintf(what, sizeof what, "gemm M%lld N%lld K%lld %s%s", (long long)M, (long long)N, (long long)K,
                 bf ? "bf16" : "fp32", transb ? " transb" : "");
-  report(what, err, mref, bf ? 2e-2 : 1e-5);
+  each_tier(what, c, ref, bf ? 2e-2 : 1e-5, [&] { gemm(p); });
 }
 
 void check_attention(int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D, bool causal, bool bf) {
   Buf q(B * Hq * S * D, bf), k(B * Hkv * S * D, bf), v(B * Hkv * S * D, bf, 0.5f), o(B * Hq * S * D, bf);
   const float scale = 1.f / std::sqrt(float(D));
-  attention(AttentionParams{q.ptr(), k.ptr(), v.ptr(), o.ptr(), B, Hq, Hkv, S, D, scale, causal,
-                            bf ? DType::bf16 : DType::f32});
-  double err = 0, mref = 0;
+  const AttentionParams p{q.ptr(), k.ptr(), v.ptr(), o.ptr(), B, Hq, Hkv, S, D, scale, causal,
+                          bf ? DType::bf16 : DType::f32};
+  std::vector<double> ref(B * Hq * S * D);
   const int64_t g = Hq / Hkv;
   std::vector<double> s(S);
   for (int64_t bh = 0; bh < B * Hq; ++bh)
@@ -96,15 +117,13 @@ void check_attention(int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D, b
       for (int64_t x = 0; x < D; ++x) {
         double r = 0;
         for (int64_t j = 0; j < n; ++j) r += s[j] * v.f[(kv * S + j) * D + x];
-        r /= l;
-        err = std::max(err, std::fabs(o.at((bh * S + i) * D + x) - r));
-        mref = std::max(mref, std::fabs(r));
+        ref[(bh * S + i) * D + x] = r / l;
       }
     }
   char what[96];
   std::snprintf(what, sizeof what, "attention B%lld Hq%lld Hkv%lld S%lld D%lld%s %s", (long long)B, (long long)Hq,
                 (long long)Hkv, (long long)S, (long long)D, causal ? " causal" : "", bf ? "bf16" : "fp32");
-  report(what, err, mref, bf ? 2e-2 : 1e-4);
+  each_tier(what, o, ref, bf ? 2e-2 : 1e-4, [&] { attention(p); });
 }
 
 void check_decode(int64_t B, int64_t Hq, int64_t Hkv, int64_t L, int64_t D, int64_t bs, bool paged, bool bf) {
@@ -120,8 +139,7 @@ void check_decode(int64_t B, int64_t Hq, int64_t Hkv, int64_t L, int64_t D, int6
   const float scale = 1.f / std::sqrt(float(D));
   const DecodeParams p{q.ptr(), k.ptr(), v.ptr(), o.ptr(), lens.data(), paged ? table.data() : nullptr, B, Hq, Hkv, D,
                        nblk, blk, maxb, scale, bf ? DType::bf16 : DType::f32};
-  decode(p);
-  double err = 0, mref = 0;
+  std::vector<double> ref(B * Hq * D);
   const int64_t g = Hq / Hkv;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < Hq; ++h) {
@@ -139,15 +157,13 @@ void check_decode(int64_t B, int64_t Hq, int64_t Hkv, int64_t L, int64_t D, int6
       for (int64_t x = 0; x < D; ++x) {
         double r = 0;
         for (int64_t t = 0; t < n; ++t) r += s[t] * v.f[row(t) + x];
-        r /= l;
-        err = std::max(err, std::fabs(o.at((b * Hq + h) * D + x) - r));
-        mref = std::max(mref, std::fabs(r));
+        ref[(b * Hq + h) * D + x] = r / l;
       }
     }
   char what[112];
   std::snprintf(what, sizeof what, "decode B%lld Hq%lld Hkv%lld L%lld D%lld %s %s", (long long)B, (long long)Hq,
                 (long long)Hkv, (long long)L, (long long)D, paged ? "paged" : "contig", bf ? "bf16" : "fp32");
-  report(what, err, mref, bf ? 2e-2 : 1e-4);
+  each_tier(what, o, ref, bf ? 2e-2 : 1e-4, [&] { decode(p); });
 }
 
 void run_all() {
@@ -199,14 +215,14 @@ void run_all() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::vector<Isa> tiers;
   for (Isa t : kIsas)
     if (isa_supported(t) && (argc < 2 || std::strcmp(argv[1], isa_name(t)) == 0)) tiers.push_back(t);
+  run_all();
+  int failures = 0;
   for (Isa t : tiers) {
-    set_isa(t);
-    const int before = failures, cb = checks;
-    run_all();
-    std::printf("tier %s: %d of %d checks failed\n", isa_name(t), failures - before, checks - cb);
+    const Tally& c = tally[static_cast<int>(t)];
+    std::printf("tier %s: %d of %d checks failed\n", isa_name(t), c.failures, c.checks);
+    failures += c.failures;
   }
   return failures == 0 && !tiers.empty() ? 0 : 1;
 }
