@@ -28,7 +28,6 @@
 #include "cpu/cpu.h"
 
 #if defined(__aarch64__)
-#include <arm_neon.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -42,6 +41,7 @@
 #include "cpu/scalar.h"
 #include "cpu/scratch.h"
 #include "cpu/team.h"
+#include "cpu/vec_neon.h"
 
 namespace pk::cpu {
 namespace {
@@ -59,49 +59,10 @@ static_assert(kMr * kNk / 4 + kMr / 4 + kNk / 4 <= 32, "score accumulators + Q +
 static_assert(kMr * kNc / 4 + kMr / 4 + kNc / 4 <= 32, "P.V accumulators + P + V fit the 32 registers");
 static_assert(kBk % kNk == 0 && kRows % kMr == 0, "whole micro-kernel steps");
 
-// ---- vector helpers --------------------------------------------------------------------------------
-inline float32x4_t load4(const float* p) { return vld1q_f32(p); }
-inline float32x4_t load4(const u16* p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
-
-// 4 floats -> 4 bf16, round to nearest even, NaN kept quiet: bit-identical to float_to_bf16.
-inline uint16x4_t narrow_bf16(float32x4_t x) {
-  const uint32x4_t u = vreinterpretq_u32_f32(x);
-  const uint32x4_t lsb = vandq_u32(vshrq_n_u32(u, 16), vdupq_n_u32(1));
-  const uint32x4_t rounded = vaddq_u32(u, vaddq_u32(lsb, vdupq_n_u32(0x7fff)));
-  const uint32x4_t quiet = vorrq_u32(u, vdupq_n_u32(0x00400000));
-  return vshrn_n_u32(vbslq_u32(vceqq_f32(x, x), rounded, quiet), 16);  // x == x: not NaN
-}
-
-// 2^x for 4 lanes: x = n + f, f in [-0.5, 0.5], degree-6 Taylor polynomial of 2^f (truncation error
-// (ln2/2)^7/7! = 1.2e-7, ~1 ulp), 2^n added to the exponent field. x < -126 gives exactly 0 (so -inf, a
-// masked score, gives 0, and no denormal is made); NaN stays NaN (fmax/fmin return NaN, the compare is
-// false, and the NaN's conversion to an integer exponent is 0).
-inline float32x4_t exp2_f32x4(float32x4_t x) {
-  const uint32x4_t tiny = vcltq_f32(x, vdupq_n_f32(-126.f));
-  x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-126.f)), vdupq_n_f32(127.f));
-  const float32x4_t n = vrndnq_f32(x);
-  const float32x4_t f = vsubq_f32(x, n);
-  float32x4_t p = vdupq_n_f32(1.5403530393381606e-4f);
-  p = vfmaq_f32(vdupq_n_f32(1.3333558146428443e-3f), p, f);
-  p = vfmaq_f32(vdupq_n_f32(9.6181291076284772e-3f), p, f);
-  p = vfmaq_f32(vdupq_n_f32(5.5504108664821580e-2f), p, f);
-  p = vfmaq_f32(vdupq_n_f32(2.4022650695910071e-1f), p, f);
-  p = vfmaq_f32(vdupq_n_f32(6.9314718055994531e-1f), p, f);
-  p = vfmaq_f32(vdupq_n_f32(1.0f), p, f);
-  const int32x4_t e = vshlq_n_s32(vcvtq_s32_f32(n), 23);
-  const uint32x4_t r = vreinterpretq_u32_s32(vaddq_s32(vreinterpretq_s32_f32(p), e));
-  return vreinterpretq_f32_u32(vbicq_u32(r, tiny));
-}
-
-// In-place 4 x 4 transpose: a[i] lane j <- a[j] lane i.
-inline void transpose4(float32x4_t (&a)[4]) {
-  const float32x4_t t0 = vtrn1q_f32(a[0], a[1]), t1 = vtrn2q_f32(a[0], a[1]);
-  const float32x4_t t2 = vtrn1q_f32(a[2], a[3]), t3 = vtrn2q_f32(a[2], a[3]);
-  a[0] = vreinterpretq_f32_f64(vzip1q_f64(vreinterpretq_f64_f32(t0), vreinterpretq_f64_f32(t2)));
-  a[1] = vreinterpretq_f32_f64(vzip1q_f64(vreinterpretq_f64_f32(t1), vreinterpretq_f64_f32(t3)));
-  a[2] = vreinterpretq_f32_f64(vzip2q_f64(vreinterpretq_f64_f32(t0), vreinterpretq_f64_f32(t2)));
-  a[3] = vreinterpretq_f32_f64(vzip2q_f64(vreinterpretq_f64_f32(t1), vreinterpretq_f64_f32(t3)));
-}
+using neon::exp2_ps;
+using neon::load4;
+using neon::narrow_bf16;
+using neon::transpose4;
 
 // ---- packing ---------------------------------------------------------------------------------------
 // dst[d][j] (row stride ld) = scale * src row j, element d, for j < n; zero rows for j in [n, jend)
@@ -239,13 +200,13 @@ inline void softmax_12(float* st, int64_t nj, float* m, float* l, float* alpha, 
   for (int64_t j = 0; j < nj; ++j)
 #pragma GCC unroll 3
     for (int v = 0; v < 3; ++v) {
-      const float32x4_t p = exp2_f32x4(vsubq_f32(vld1q_f32(st + j * kMr + 4 * v), mu[v]));
+      const float32x4_t p = exp2_ps(vsubq_f32(vld1q_f32(st + j * kMr + 4 * v), mu[v]));
       vst1q_f32(st + j * kMr + 4 * v, p);
       sum[v] = vaddq_f32(sum[v], p);
     }
 #pragma GCC unroll 3
   for (int v = 0; v < 3; ++v) {
-    const float32x4_t a = exp2_f32x4(vsubq_f32(mo[v], mu[v]));
+    const float32x4_t a = exp2_ps(vsubq_f32(mo[v], mu[v]));
     vst1q_f32(alpha + 4 * v, a);
     vst1q_f32(l + 4 * v, vfmaq_f32(sum[v], vld1q_f32(l + 4 * v), a));
     vst1q_f32(m + 4 * v, mx[v]);

@@ -27,7 +27,6 @@
 #include "cpu/cpu.h"
 
 #if defined(__aarch64__)
-#include <arm_neon.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -40,6 +39,7 @@
 
 #include "cpu/attn_common.h"
 #include "cpu/scalar.h"
+#include "cpu/vec_neon.h"
 
 namespace pk::cpu {
 namespace {
@@ -48,7 +48,12 @@ using u16 = uint16_t;
 using attn::AlignedBuf;
 using attn::round_up;
 
-#define PK_NEON_INLINE inline __attribute__((always_inline))
+using neon::exp2_ps;
+using neon::exp2_s;
+using neon::load16;
+using neon::load4;
+using neon::store4;
+using neon::transpose4;
 
 constexpr int64_t kT = 32;           // tokens per tile: K and V tiles of 16 KB each at D = 128 fp32
 constexpr int kTT = 8;               // tokens per q.K step (8 accumulators)
@@ -70,59 +75,6 @@ struct Ctx {
 
 // ---- registers ------------------------------------------------------------------------------------
 
-// 4 values at p as fp32 (bf16 widened exactly: a 16-bit shift).
-PK_NEON_INLINE float32x4_t load4(const float* p) { return vld1q_f32(p); }
-PK_NEON_INLINE float32x4_t load4(const u16* p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
-
-// 16 values at p as 4 fp32 vectors.
-PK_NEON_INLINE void load16(const float* p, float32x4_t (&v)[4]) {
-  v[0] = vld1q_f32(p);
-  v[1] = vld1q_f32(p + 4);
-  v[2] = vld1q_f32(p + 8);
-  v[3] = vld1q_f32(p + 12);
-}
-PK_NEON_INLINE void load16(const u16* p, float32x4_t (&v)[4]) {
-  const uint16x8_t a = vld1q_u16(p), b = vld1q_u16(p + 8);
-  v[0] = vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(a), 16));
-  v[1] = vreinterpretq_f32_u32(vshll_high_n_u16(a, 16));
-  v[2] = vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(b), 16));
-  v[3] = vreinterpretq_f32_u32(vshll_high_n_u16(b, 16));
-}
-
-// 4 floats -> 4 bf16, round to nearest even, NaN kept quiet (bit-identical to float_to_bf16).
-PK_NEON_INLINE uint16x4_t narrow_bf16(float32x4_t x) {
-  const uint32x4_t u = vreinterpretq_u32_f32(x);
-  const uint32x4_t lsb = vandq_u32(vshrq_n_u32(u, 16), vdupq_n_u32(1));
-  const uint32x4_t r = vaddq_u32(u, vaddq_u32(lsb, vdupq_n_u32(0x7fff)));
-  const uint32x4_t ord = vceqq_f32(x, x);  // all ones except on NaN
-  return vshrn_n_u32(vbslq_u32(ord, r, vorrq_u32(u, vdupq_n_u32(0x00400000))), 16);
-}
-
-// Stores 4 floats at p (bf16: rounded).
-PK_NEON_INLINE void store4(float* p, float32x4_t v) { vst1q_f32(p, v); }
-PK_NEON_INLINE void store4(u16* p, float32x4_t v) { vst1_u16(p, narrow_bf16(v)); }
-
-// 2^x for 4 lanes: x = n + f, f in [-0.5, 0.5], degree-6 Taylor polynomial of 2^f (~1 ulp), 2^n by
-// adding n to the exponent field (as vec_avx2.h). x < -126 gives exactly 0 (so -inf, a masked score,
-// gives 0); NaN stays NaN (fmax/fmin return a NaN operand, and n converts to 0).
-PK_NEON_INLINE float32x4_t exp2_ps(float32x4_t x) {
-  const uint32x4_t lo = vcltq_f32(x, vdupq_n_f32(-126.f));
-  x = vmaxq_f32(x, vdupq_n_f32(-126.f));
-  x = vminq_f32(x, vdupq_n_f32(127.f));
-  const float32x4_t n = vrndnq_f32(x);
-  const float32x4_t f = vsubq_f32(x, n);
-  float32x4_t p = vdupq_n_f32(1.5403530393381606e-4f);
-  p = vfmaq_f32(vdupq_n_f32(1.3333558146428443e-3f), p, f);
-  p = vfmaq_f32(vdupq_n_f32(9.6181291076284772e-3f), p, f);
-  p = vfmaq_f32(vdupq_n_f32(5.5504108664821580e-2f), p, f);
-  p = vfmaq_f32(vdupq_n_f32(2.4022650695910071e-1f), p, f);
-  p = vfmaq_f32(vdupq_n_f32(6.9314718055994531e-1f), p, f);
-  p = vfmaq_f32(vdupq_n_f32(1.0f), p, f);
-  const int32x4_t e = vshlq_n_s32(vcvtq_s32_f32(n), 23);
-  const float32x4_t r = vreinterpretq_f32_s32(vaddq_s32(vreinterpretq_s32_f32(p), e));
-  return vreinterpretq_f32_u32(vbicq_u32(vreinterpretq_u32_f32(r), lo));
-}
-PK_NEON_INLINE float exp2_s(float x) { return vgetq_lane_f32(exp2_ps(vdupq_n_f32(x)), 0); }
 
 // ---- rows ----------------------------------------------------------------------------------------
 
@@ -169,13 +121,8 @@ PK_NEON_INLINE void scores_quad(const float* qq, const T* const* kr, int64_t nh,
   // 4x4 transposes: acc[t] lane h -> head h's vector, lane t.
 #pragma GCC unroll 2
   for (int half = 0; half < 2; ++half) {
-    const float32x4_t* a = acc + 4 * half;
-    const float64x2_t t0 = vreinterpretq_f64_f32(vtrn1q_f32(a[0], a[1]));
-    const float64x2_t t1 = vreinterpretq_f64_f32(vtrn2q_f32(a[0], a[1]));
-    const float64x2_t t2 = vreinterpretq_f64_f32(vtrn1q_f32(a[2], a[3]));
-    const float64x2_t t3 = vreinterpretq_f64_f32(vtrn2q_f32(a[2], a[3]));
-    const float32x4_t h[4] = {vreinterpretq_f32_f64(vtrn1q_f64(t0, t2)), vreinterpretq_f32_f64(vtrn1q_f64(t1, t3)),
-                              vreinterpretq_f32_f64(vtrn2q_f64(t0, t2)), vreinterpretq_f32_f64(vtrn2q_f64(t1, t3))};
+    float32x4_t h[4] = {acc[4 * half], acc[4 * half + 1], acc[4 * half + 2], acc[4 * half + 3]};
+    transpose4(h);
     vst1q_f32(s + 4 * half, h[0]);
     if (nh > 1) vst1q_f32(s + kT + 4 * half, h[1]);
     if (nh > 2) vst1q_f32(s + 2 * kT + 4 * half, h[2]);

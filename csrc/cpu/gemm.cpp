@@ -47,7 +47,7 @@
 #define PK_X86 1
 #include "cpu/vec.h"
 #elif defined(__aarch64__)
-#include <arm_neon.h>
+#include "cpu/vec_neon.h"
 #endif
 
 namespace pk::cpu {
@@ -621,13 +621,7 @@ template <class T> void run_dot(const GemmParams& p, DotFn<T> kernel) {
 #if defined(__aarch64__)
 // NEON dot path: 4 K values per q register; the lanes are summed once per output at the end, and the
 // last K % 4 values are added in scalar.
-template <class T> inline float32x4_t load4(const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return vld1q_f32(p);
-  } else {  // bf16 -> fp32: the 16 bits are the high half of the float
-    return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16));
-  }
-}
+using neon::load4;
 
 template <class T, int M, int R> void dot_rows_neon(const T* A, const T* B, int64_t K, int64_t N, int64_t n0, int64_t n1, T* C) {
   const int64_t K4 = K / 4 * 4;
