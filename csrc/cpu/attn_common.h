@@ -1,13 +1,17 @@
 // Helpers shared by the CPU attention and decode kernels (csrc/cpu/attention.cpp, decode.cpp):
-// a vectorized exp2, an aligned scratch buffer, and a 16-way transposed horizontal sum.
+// a vectorized exp2, an aligned scratch buffer, a 16-way transposed horizontal sum, and the work split
+// of the AVX2 / NEON decode.
 // Header-only, no pybind11. AVX-512 helpers carry their own target attribute (see vec.h), so this
 // header is safe in a portable build; call them only after checking features().avx512f.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <vector>
 
+#include "common/params.h"
 #include "cpu/vec.h"
 
 namespace pk::cpu::attn {
@@ -36,6 +40,37 @@ class AlignedBuf {
  private:
   void* p_ = nullptr;
 };
+
+// The work of one decode call on `max_threads` threads (the AVX2 and NEON decode tiers): items are
+// (sequence, kv head, context chunk), numbered u * nchunk + c with unit u = b * Hkv + kv head. The context
+// is split into chunks (a multiple of `tile` tokens, at least min_chunk; their partials merged afterwards)
+// only when there are fewer than 2 units per thread, into ~4 items per thread; a call that reads less than
+// min_parallel_bytes of K and V runs on one thread.
+struct DecodeSplit {
+  int threads;
+  int64_t units, chunk, nchunk;
+  std::vector<int64_t> items;
+};
+inline DecodeSplit split_decode(const DecodeParams& p, int64_t elem_bytes, int64_t tile, int max_threads,
+                                int64_t min_chunk = 256, int64_t min_parallel_bytes = 256 * 1024) {
+  DecodeSplit s{max_threads, p.B * p.Hkv, 0, 1, {}};
+  int64_t maxlen = 0, tokens = 0;
+  for (int64_t b = 0; b < p.B; ++b) {
+    maxlen = std::max<int64_t>(maxlen, p.context_lens[b]);
+    tokens += p.context_lens[b];
+  }
+  if (2 * tokens * p.Hkv * p.D * elem_bytes < min_parallel_bytes) s.threads = 1;
+  s.chunk = maxlen;
+  if (s.units < 2 * s.threads) {
+    const int64_t want = (4 * s.threads + s.units - 1) / s.units;
+    s.chunk = std::max(min_chunk, round_up((maxlen + want - 1) / want, tile));
+    s.nchunk = (maxlen + s.chunk - 1) / s.chunk;
+  }
+  s.items.reserve(static_cast<size_t>(s.units * s.nchunk));
+  for (int64_t u = 0; u < s.units; ++u)
+    for (int64_t c = 0; c < (p.context_lens[u / p.Hkv] + s.chunk - 1) / s.chunk; ++c) s.items.push_back(u * s.nchunk + c);
+  return s;
+}
 
 #if defined(__x86_64__) || defined(_M_X64)
 

@@ -242,26 +242,14 @@ template <class T, int D> void merge(const Ctx& x, int64_t b, int64_t hk, float*
 }
 
 template <class T, int D> void run(const DecodeParams& p) {
-  const int64_t B = p.B, Hkv = p.Hkv, g = p.Hq / p.Hkv, units = B * Hkv;
-  int64_t maxlen = 0, tokens = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    maxlen = std::max<int64_t>(maxlen, p.context_lens[b]);
-    tokens += p.context_lens[b];
-  }
-  int nt = omp_in_parallel() ? 1 : omp_get_max_threads();
-  if (2 * tokens * Hkv * D * static_cast<int64_t>(sizeof(T)) < kMinParallelBytes) nt = 1;
-  int64_t chunk = maxlen, nchunk = 1;
-  if (units < 2 * nt) {  // split-K over the context: ~4 items per thread
-    const int64_t want = (4 * nt + units - 1) / units;
-    chunk = std::max(kMinChunk, round_up((maxlen + want - 1) / want, kT));
-    nchunk = (maxlen + chunk - 1) / chunk;
-  }
+  const int64_t Hkv = p.Hkv, g = p.Hq / p.Hkv;
+  const attn::DecodeSplit w = attn::split_decode(p, sizeof(T), kT, omp_in_parallel() ? 1 : omp_get_max_threads(),
+                                                 kMinChunk, kMinParallelBytes);
+  const int nt = w.threads;
+  const int64_t units = w.units, nchunk = w.nchunk;
+  const std::vector<int64_t>& items = w.items;
   AlignedBuf part(nchunk > 1 ? static_cast<size_t>(units * nchunk * g * (D + 2) * 4) : 0);
-  const Ctx x{&p, g, chunk, nchunk, p.scale * attn::kLog2e, nchunk > 1 ? part.as<float>() : nullptr};
-  std::vector<int64_t> items;
-  items.reserve(static_cast<size_t>(units * nchunk));
-  for (int64_t u = 0; u < units; ++u)
-    for (int64_t c = 0; c < (p.context_lens[u / Hkv] + chunk - 1) / chunk; ++c) items.push_back(u * nchunk + c);
+  const Ctx x{&p, g, w.chunk, nchunk, p.scale * attn::kLog2e, nchunk > 1 ? part.as<float>() : nullptr};
   const int64_t nitems = static_cast<int64_t>(items.size());
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
