@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "cpu/cpu.h"
+#include "cpu/probes.h"
 #include "cpu/scalar.h"
 
 using namespace pk;
@@ -219,6 +220,14 @@ int main(int argc, char** argv) {
     if (isa_supported(t) && (argc < 2 || std::strcmp(argv[1], isa_name(t)) == 0)) tiers.push_back(t);
   run_all();
   int failures = 0;
+  // Every compute probe loop this CPU lists runs and counts FLOPs (under qemu: only that it runs; the
+  // rate says nothing about hardware).
+  for (const std::string& kind : probe_compute_kinds()) {
+    const ComputeProbe r = probe_compute(kind, 1, 0.02);
+    const bool ok = r.flops > 0 && std::isfinite(r.flops);
+    std::printf("probe %s (%s): %s\n", kind.c_str(), r.instruction.c_str(), ok ? "runs" : "FAILED");
+    failures += ok ? 0 : 1;
+  }
   for (Isa t : tiers) {
     const Tally& c = tally[static_cast<int>(t)];
     std::printf("tier %s: %d of %d checks failed\n", isa_name(t), c.failures, c.checks);
