@@ -3,5 +3,10 @@
 # through, e.g. `sh mk.sh -O1 -g -fsanitize=address,undefined` for a sanitizer build.
 set -e
 cd "$(dirname "$0")"
+# decode.cpp dispatches to the AVX2 tier: decode_avx2.cpp with the extension's flags for it (CMakeLists.txt)
+obj=${TMPDIR:-/tmp}/pk_decode_avx2.$$.o
+trap 'rm -f "$obj"' EXIT
+g++ -std=c++17 -O3 -march=native -mavx2 -mfma -mf16c -mno-avx512f -fno-math-errno -fopenmp -I../../csrc \
+    -c ../../csrc/cpu/decode_avx2.cpp -o "$obj" "$@"
 g++ -std=c++17 -O3 -march=native -fno-math-errno -fopenmp -I../../csrc decode_harness.cpp \
-    ../../csrc/cpu/cpu_features.cpp ../../csrc/cpu/probes.cpp -o decode_hb "$@"
+    ../../csrc/cpu/cpu_features.cpp ../../csrc/cpu/probes.cpp "$obj" -o decode_hb "$@"
