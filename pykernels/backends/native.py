@@ -115,7 +115,7 @@ class NativeBackend(Backend):
         return run
 
     def describe_call(self, family: str, inputs: dict) -> dict:
-        """The CPU ISA tier (amx, avx512, avx2, portable) that ran the call; see PYKERNELS_CPU_ISA."""
+        """The CPU ISA tier (amx, avx512, avx2, neon, portable) that ran the call; see PYKERNELS_CPU_ISA."""
         if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in inputs.values()):
             return {"cpu_isa": _ext().cpu_isa()}
         return {}
