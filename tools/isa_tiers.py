@@ -47,6 +47,8 @@ def probe_kind(tier: str, dtype: torch.dtype) -> str:
     """The native probe (docs/probes.md) whose loop is what this tier's kernels run for this dtype."""
     if tier == "avx2":
         return "avx2_fp32"
+    if tier == "neon":  # bf16 is widened to fp32 there
+        return "neon_fp32"
     if dtype == torch.bfloat16:
         if tier == "amx":
             return "amx_bf16"
