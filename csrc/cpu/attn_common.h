@@ -1,6 +1,6 @@
 // Helpers shared by the CPU attention and decode kernels (csrc/cpu/attention.cpp, decode.cpp):
 // a vectorized exp2, an aligned scratch buffer, a 16-way transposed horizontal sum, and the work split
-// of the AVX2 / NEON decode.
+// and thread loop of the AVX2 / NEON decode.
 // Header-only, no pybind11. AVX-512 helpers carry their own target attribute (see vec.h), so this
 // header is safe in a portable build; call them only after checking features().avx512f.
 #pragma once
@@ -70,6 +70,27 @@ inline DecodeSplit split_decode(const DecodeParams& p, int64_t elem_bytes, int64
   for (int64_t u = 0; u < s.units; ++u)
     for (int64_t c = 0; c < (p.context_lens[u / p.Hkv] + s.chunk - 1) / s.chunk; ++c) s.items.push_back(u * s.nchunk + c);
   return s;
+}
+
+// Runs a decode split on its threads (OpenMP, dynamic schedule): item(b, kv head, chunk, scratch) for every
+// item, then, when the context was split, merge(b, kv head, scratch) for every unit. Each thread's scratch
+// is make_scratch()'s, made once per thread inside the parallel region.
+template <class Make, class Item, class Merge>
+void run_decode_split(const DecodeSplit& w, int64_t Hkv, Make make_scratch, Item item, Merge merge) {
+  const int64_t nitems = static_cast<int64_t>(w.items.size());
+#pragma omp parallel num_threads(w.threads) if (w.threads > 1)
+  {
+    auto sc = make_scratch();
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < nitems; ++i) {
+      const int64_t u = w.items[i] / w.nchunk;
+      item(u / Hkv, u % Hkv, w.items[i] % w.nchunk, sc);
+    }
+    if (w.nchunk > 1) {
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t u = 0; u < w.units; ++u) merge(u / Hkv, u % Hkv, sc);
+    }
+  }
 }
 
 #if defined(__x86_64__) || defined(_M_X64)

@@ -115,6 +115,19 @@ struct Scratch {
   float *kw, *vw;  // bf16 with g > 1: the tile's K and V rows widened to fp32 once (kT x D each)
 };
 
+// One thread's buffers: the Scratch of its items, and acc (D floats) for its merges.
+template <class T, int D> struct ThreadScratch {
+  AlignedBuf q, o, s, m, kw, vw, acc;
+  Scratch sc;
+  explicit ThreadScratch(int64_t g)
+      : q(static_cast<size_t>(g * D * 4)), o(static_cast<size_t>(g * D * 4)), s(static_cast<size_t>(g * kT * 4)),
+        m(static_cast<size_t>(3 * g * 4)), kw(widen(g) ? static_cast<size_t>(kT * D * 4) : 0),
+        vw(widen(g) ? static_cast<size_t>(kT * D * 4) : 0), acc(static_cast<size_t>(D * 4)),
+        sc{q.as<float>(), o.as<float>(), s.as<float>(), m.as<float>(), m.as<float>() + g, m.as<float>() + 2 * g,
+           kw.as<float>(), vw.as<float>()} {}
+  static bool widen(int64_t g) { return std::is_same_v<T, u16> && g > 1; }
+};
+
 // One tile: S = q K^T, online softmax, o = alpha o + P V. R is the row type the loops read (T, or
 // float when a bf16 tile was widened); kn/vn are the next tile's nn rows, prefetched here.
 template <class R, int D, class T>
@@ -245,30 +258,13 @@ template <class T, int D> void run(const DecodeParams& p) {
   const int64_t Hkv = p.Hkv, g = p.Hq / p.Hkv;
   const attn::DecodeSplit w = attn::split_decode(p, sizeof(T), kT, omp_in_parallel() ? 1 : omp_get_max_threads(),
                                                  kMinChunk, kMinParallelBytes);
-  const int nt = w.threads;
-  const int64_t units = w.units, nchunk = w.nchunk;
-  const std::vector<int64_t>& items = w.items;
-  AlignedBuf part(nchunk > 1 ? static_cast<size_t>(units * nchunk * g * (D + 2) * 4) : 0);
+  const int64_t nchunk = w.nchunk;
+  AlignedBuf part(nchunk > 1 ? static_cast<size_t>(w.units * nchunk * g * (D + 2) * 4) : 0);
   const Ctx x{&p, g, w.chunk, nchunk, p.scale * attn::kLog2e, nchunk > 1 ? part.as<float>() : nullptr};
-  const int64_t nitems = static_cast<int64_t>(items.size());
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    AlignedBuf qb(static_cast<size_t>(g * D * 4)), ob(static_cast<size_t>(g * D * 4)),
-        sb(static_cast<size_t>(g * kT * 4)), mb(static_cast<size_t>(3 * g * 4)), tb(static_cast<size_t>(D * 4));
-    const bool widen = std::is_same_v<T, u16> && g > 1;
-    AlignedBuf kw(widen ? static_cast<size_t>(kT * D * 4) : 0), vw(widen ? static_cast<size_t>(kT * D * 4) : 0);
-    const Scratch sc{qb.as<float>(), ob.as<float>(), sb.as<float>(), mb.as<float>(), mb.as<float>() + g,
-                     mb.as<float>() + 2 * g, kw.as<float>(), vw.as<float>()};
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < nitems; ++i) {
-      const int64_t u = items[i] / nchunk;
-      item<T, D>(x, u / Hkv, u % Hkv, items[i] % nchunk, sc);
-    }
-    if (nchunk > 1) {
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t u = 0; u < units; ++u) merge<T, D>(x, u / Hkv, u % Hkv, tb.as<float>());
-    }
-  }
+  attn::run_decode_split(
+      w, Hkv, [&] { return ThreadScratch<T, D>(g); },
+      [&](int64_t b, int64_t hk, int64_t c, const ThreadScratch<T, D>& t) { item<T, D>(x, b, hk, c, t.sc); },
+      [&](int64_t b, int64_t hk, const ThreadScratch<T, D>& t) { merge<T, D>(x, b, hk, t.acc.template as<float>()); });
 }
 
 template <class T> void dispatch(const DecodeParams& p) {

@@ -235,6 +235,18 @@ struct Scratch {
   float *m, *l, *alpha;  // [g] each
 };
 
+// One thread's buffers: the Scratch of its items, and acc (D floats) for its merges.
+template <int D> struct ThreadScratch {
+  AlignedBuf q, qq, o, s, m, acc;
+  Scratch sc;
+  ThreadScratch(int64_t g, int64_t nquad)
+      : q(static_cast<size_t>(g * D * 4)), qq(static_cast<size_t>(std::max<int64_t>(nquad, 1) * kG * D * 4)),
+        o(static_cast<size_t>(g * D * 4)), s(static_cast<size_t>(round_up(g, kG) * kT * 4)),
+        m(static_cast<size_t>(3 * g * 4)), acc(static_cast<size_t>(D * 4)),
+        sc{q.as<float>(), qq.as<float>(), o.as<float>(), s.as<float>(), m.as<float>(), m.as<float>() + g,
+           m.as<float>() + 2 * g} {}
+};
+
 // One tile: S = q K^T, online softmax, o = alpha o + P V. kn/vn are the next tile's nn rows, prefetched here.
 template <int D, class T>
 void tile_compute(const Ctx& x, const Scratch& sc, const T* const* kr, const T* const* vr, const T* const* kn,
@@ -356,31 +368,15 @@ template <class T, int D> void run(const DecodeParams& p) {
   const int64_t Hkv = p.Hkv, g = p.Hq / p.Hkv;
   const attn::DecodeSplit w = attn::split_decode(p, sizeof(T), kT, omp_in_parallel() ? 1 : omp_get_max_threads(),
                                                  kMinChunk, kMinParallelBytes);
-  const int nt = w.threads;
-  const int64_t units = w.units, nchunk = w.nchunk;
-  const std::vector<int64_t>& items = w.items;
+  const int64_t nchunk = w.nchunk;
   // Quads: every full one, plus a last one of 2 or 3 heads; a single remaining head goes alone.
   const int64_t nquad = g / kG + (g % kG >= 2 ? 1 : 0), hq = std::min(g, kG * nquad);
-  AlignedBuf part(nchunk > 1 ? static_cast<size_t>(units * nchunk * g * (D + 2) * 4) : 0);
+  AlignedBuf part(nchunk > 1 ? static_cast<size_t>(w.units * nchunk * g * (D + 2) * 4) : 0);
   const Ctx x{&p, g, w.chunk, nchunk, nquad, hq, p.scale * attn::kLog2e, nchunk > 1 ? part.as<float>() : nullptr};
-  const int64_t nitems = static_cast<int64_t>(items.size());
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    AlignedBuf qb(static_cast<size_t>(g * D * 4)), qqb(static_cast<size_t>(std::max<int64_t>(nquad, 1) * kG * D * 4)),
-        ob(static_cast<size_t>(g * D * 4)), sb(static_cast<size_t>(round_up(g, kG) * kT * 4)),
-        mb(static_cast<size_t>(3 * g * 4)), tb(static_cast<size_t>(D * 4));
-    const Scratch sc{qb.as<float>(), qqb.as<float>(), ob.as<float>(), sb.as<float>(),
-                     mb.as<float>(), mb.as<float>() + g, mb.as<float>() + 2 * g};
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < nitems; ++i) {
-      const int64_t u = items[i] / nchunk;
-      item<T, D>(x, u / Hkv, u % Hkv, items[i] % nchunk, sc);
-    }
-    if (nchunk > 1) {
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t u = 0; u < units; ++u) merge<T, D>(x, u / Hkv, u % Hkv, tb.as<float>());
-    }
-  }
+  attn::run_decode_split(
+      w, Hkv, [&] { return ThreadScratch<D>(g, nquad); },
+      [&](int64_t b, int64_t hk, int64_t c, const ThreadScratch<D>& t) { item<T, D>(x, b, hk, c, t.sc); },
+      [&](int64_t b, int64_t hk, const ThreadScratch<D>& t) { merge<T, D>(x, b, hk, t.acc.template as<float>()); });
 }
 
 template <class T> void dispatch(const DecodeParams& p) {
