@@ -72,6 +72,20 @@ inline DecodeSplit split_decode(const DecodeParams& p, int64_t elem_bytes, int64
   return s;
 }
 
+// Row pointers of tokens [j0, j0 + nj) of (sequence b, kv head hk): one block-table lookup and one
+// division per run of rows inside a block, not per token (two 64-bit divisions per row would cost
+// ~40-80 cycles per 512-byte row, a sizeable part of the time a core has per row at DRAM speed).
+template <class T>
+inline void tile_rows(const DecodeParams& p, const T* base, int64_t b, int64_t hk, int64_t j0, int64_t nj, const T** out) {
+  for (int64_t t = j0; t < j0 + nj;) {
+    const int64_t blk = decode_block(p, b, t), r = t % p.block_size;
+    const int64_t run = std::min(p.block_size - r, j0 + nj - t);
+    const T* row = base + ((blk * p.Hkv + hk) * p.block_size + r) * p.D;
+    for (int64_t i = 0; i < run; ++i) out[t - j0 + i] = row + i * p.D;
+    t += run;
+  }
+}
+
 // Runs a decode split on its threads (OpenMP, dynamic schedule): item(b, kv head, chunk, scratch) for every
 // item, then, when the context was split, merge(b, kv head, scratch) for every unit. Each thread's scratch
 // is make_scratch()'s, made once per thread inside the parallel region.

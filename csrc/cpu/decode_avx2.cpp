@@ -52,19 +52,6 @@ struct Ctx {
 };
 
 
-// Row pointers of tokens [j0, j0 + nj) of (sequence b, kv head hk): one block-table lookup and one
-// division per run of rows inside a block, not per token (two 64-bit divisions per row would cost
-// ~40-80 cycles per 512-byte row, a sizeable part of the time a core has per row at DRAM speed).
-template <class T>
-void tile_rows(const DecodeParams& p, const T* base, int64_t b, int64_t hk, int64_t j0, int64_t nj, const T** out) {
-  for (int64_t t = j0; t < j0 + nj;) {
-    const int64_t blk = decode_block(p, b, t), r = t % p.block_size;
-    const int64_t run = std::min(p.block_size - r, j0 + nj - t);
-    const T* row = base + ((blk * p.Hkv + hk) * p.block_size + r) * p.D;
-    for (int64_t i = 0; i < run; ++i) out[t - j0 + i] = row + i * p.D;
-    t += run;
-  }
-}
 
 inline float exp2_s(float x) { return _mm256_cvtss_f32(avx2::exp2_ps(_mm256_set1_ps(x))); }
 
@@ -172,16 +159,16 @@ template <class T, int D> void item(const Ctx& x, int64_t b, int64_t hk, int64_t
   const T* vr[kT];
   const T* kn[kT];  // the next tile's rows
   const T* vn[kT];
-  tile_rows(p, K, b, hk, t0, std::min(kT, t1 - t0), kn);
-  tile_rows(p, V, b, hk, t0, std::min(kT, t1 - t0), vn);
+  attn::tile_rows(p, K, b, hk, t0, std::min(kT, t1 - t0), kn);
+  attn::tile_rows(p, V, b, hk, t0, std::min(kT, t1 - t0), vn);
   for (int64_t j0 = t0; j0 < t1; j0 += kT) {
     const int64_t nj = std::min(kT, t1 - j0), nn = std::max<int64_t>(0, std::min(kT, t1 - j0 - kT));
     for (int64_t j = 0; j < kT; ++j) {  // rows past the tile's end repeat its first (scores masked)
       kr[j] = kn[j < nj ? j : 0];
       vr[j] = vn[j < nj ? j : 0];
     }
-    tile_rows(p, K, b, hk, j0 + kT, nn, kn);
-    tile_rows(p, V, b, hk, j0 + kT, nn, vn);
+    attn::tile_rows(p, K, b, hk, j0 + kT, nn, kn);
+    attn::tile_rows(p, V, b, hk, j0 + kT, nn, vn);
     if constexpr (std::is_same_v<T, u16>) {
       // g heads would widen every bf16 element g times (load + vpmovzxwd + shift per 8 values, 3 uops
       // per FMA); widen the tile once into L1 and run the fp32 loops on it.

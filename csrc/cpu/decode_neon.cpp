@@ -73,23 +73,6 @@ struct Ctx {
   float* part;    // [B*Hkv][nchunk][g][D + 2] (o[D], m, l), or null
 };
 
-// ---- registers ------------------------------------------------------------------------------------
-
-
-// ---- rows ----------------------------------------------------------------------------------------
-
-// Row pointers of tokens [j0, j0 + nj) of (sequence b, kv head hk): one block-table lookup and one
-// division per run of rows inside a block, not per token.
-template <class T>
-void tile_rows(const DecodeParams& p, const T* base, int64_t b, int64_t hk, int64_t j0, int64_t nj, const T** out) {
-  for (int64_t t = j0; t < j0 + nj;) {
-    const int64_t blk = decode_block(p, b, t), r = t % p.block_size;
-    const int64_t run = std::min(p.block_size - r, j0 + nj - t);
-    const T* row = base + ((blk * p.Hkv + hk) * p.block_size + r) * p.D;
-    for (int64_t i = 0; i < run; ++i) out[t - j0 + i] = row + i * p.D;
-    t += run;
-  }
-}
 
 template <int D, class T> PK_NEON_INLINE void prefetch_row(const T* r) {
   constexpr int kLines = D * int(sizeof(T)) / 64;
@@ -315,16 +298,16 @@ template <class T, int D> void item(const Ctx& x, int64_t b, int64_t hk, int64_t
   const T* vr[kT];
   const T* kn[kT];  // the next tile's rows
   const T* vn[kT];
-  tile_rows(p, K, b, hk, t0, std::min(kT, t1 - t0), kn);
-  tile_rows(p, V, b, hk, t0, std::min(kT, t1 - t0), vn);
+  attn::tile_rows(p, K, b, hk, t0, std::min(kT, t1 - t0), kn);
+  attn::tile_rows(p, V, b, hk, t0, std::min(kT, t1 - t0), vn);
   for (int64_t j0 = t0; j0 < t1; j0 += kT) {
     const int64_t nj = std::min(kT, t1 - j0), nn = std::max<int64_t>(0, std::min(kT, t1 - j0 - kT));
     for (int64_t j = 0; j < kT; ++j) {  // rows past the tile's end repeat its first (scores masked)
       kr[j] = kn[j < nj ? j : 0];
       vr[j] = vn[j < nj ? j : 0];
     }
-    tile_rows(p, K, b, hk, j0 + kT, nn, kn);
-    tile_rows(p, V, b, hk, j0 + kT, nn, vn);
+    attn::tile_rows(p, K, b, hk, j0 + kT, nn, kn);
+    attn::tile_rows(p, V, b, hk, j0 + kT, nn, vn);
     tile_compute<D, T>(x, sc, kr, vr, kn, vn, nj, nn);
   }
   if (x.part == nullptr || n <= x.chunk) {  // the sequence's only item: the output directly
