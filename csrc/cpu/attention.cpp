@@ -485,13 +485,14 @@ void run_avx512(const AttentionParams& p, bool dp) {
   AlignedBuf kbuf(static_cast<size_t>(nbkv * ntiles * kwords * kBk * 4));
   AlignedBuf vbuf(dp ? static_cast<size_t>(nbkv * ntiles * kBk * D * 2)
                      : kIsBf16 ? static_cast<size_t>(nbkv * S * D * 4) : 0);
-  // One thread up to 2^20 query-row x padded-key x D steps (~4 MFLOP, ~57 us on one Zen 4 core). Measured on
-  // the loaded 2-core VM (fp32, B1, D64, 2 threads vs 1): S16 H4-H16 took 1.4-1.7x longer, S32 H8-H16 broke
-  // even (0.96-1.03x faster), S64 H2-H4 was 1.16-1.25x faster (left on one thread), S128 H2 1.8x faster.
-  // Keys counted as the score vectors computed (a short last tile: its live vectors only). On the
-  // Sapphire Rapids VM, S16 D64 with 64 heads (2^20 such steps) took the same on 1 and 2 threads.
+  // One thread below 2^20 query-row x padded-key x D steps (~4 MFLOP, ~57 us on one Zen 4 core). Measured on
+  // the loaded 2-core Zen 4 VM (fp32, B1, D64, 2 threads vs 1): S16 H4-H16 took 1.4-1.7x longer, S32 H8-H16
+  // broke even (0.96-1.03x faster), S64 H2-H4 was 1.16-1.25x faster, S128 H2 1.8x faster. On the Sapphire
+  // Rapids VM S32 H16 (2^20 steps) ran 1.35x faster on 2 threads (42.9 -> 31.7 us; S16 H16, 2^18 steps, 1.13x
+  // slower), and S16 with 64 heads (2^20) took the same on 1 and 2 threads: from 2^20 on, the team.
+  // Keys counted as the score vectors computed (a short last tile: its live vectors only).
   const int64_t keys = (ntiles - 1) * kBk + round_up(S - (ntiles - 1) * kBk, 16);
-  const bool par = p.B * p.Hq * S * keys * D > (int64_t(1) << 20);
+  const bool par = p.B * p.Hq * S * keys * D >= (int64_t(1) << 20);
 #pragma omp parallel for schedule(static) if (par)
   for (int64_t it = 0; it < nbkv * ntiles; ++it) {
     const int64_t bkv = it / ntiles, t = it % ntiles, kt0 = t * kBk, nk = std::min(kBk, S - kt0);
