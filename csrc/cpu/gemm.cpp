@@ -804,6 +804,14 @@ struct F32Avx512 {
   static_assert(MR * 2 + 3 <= 32, "accumulators + B + broadcast must fit the 32 zmm registers");
   static_assert(KC * MR * 4 <= 16 * 1024, "A micro-panel should take at most half of a 32 KB L1");
   static_assert(KC * NC * 4 <= 512 * 1024, "B block should take at most half of a 1 MB L2");
+  // The B micro-panel (KC x 32, 32 KB) streams from L2 once per tile, two lines per k step; the L1
+  // prefetchers left the FMAs on B's second line waiting (perf annotate: the most samples). A software
+  // prefetch of both lines this many steps ahead, Sapphire Rapids VM, fp32 (scratch driver calling
+  // pk::cpu::gemm in a loop, best of 6-8; steps 0 / 4 / 8 / 12 / 16 / 20 / 24 / 32): 2048^3 1 thread
+  // 117-125 / 118-120 / 117-119 / 107-112 / 106-112 / 107-113 / 111-113 / 116 ms; 16 on 2 threads:
+  // 2048^3 61-64 -> 55 ms, 1024^3 6.8-7.1 -> 6.4-6.5 ms, 512^3 and 256^3 and 128 x 4096 x 4096 unchanged.
+  // (notes/cpu_gemm.md: an earlier try, 4-32 steps ahead, had measured no change beyond the noise.)
+  static constexpr int64_t kBPrefetchSteps = 16;
 
   // R (<= 14) rows x kc of A -> dst[k][R]: 16 K values of every row at a time, transposed in registers
   // (vec::transpose16; a scalar loop was ~4 us of a 30 us 128^3 GEMM on Sapphire Rapids).
@@ -850,6 +858,10 @@ struct F32Avx512 {
 #pragma GCC unroll 14
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     for (int64_t k = 0; k < kcu; ++k) {
+      // Both lines of B's row kBPrefetchSteps steps ahead (past the panel's end: the next tile's panel;
+      // a prefetch never faults).
+      _mm_prefetch(reinterpret_cast<const char*>(b + (k + kBPrefetchSteps) * NR), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(b + (k + kBPrefetchSteps) * NR + 16), _MM_HINT_T0);
       const __m512 b0 = _mm512_load_ps(b + k * NR), b1 = _mm512_load_ps(b + k * NR + 16);
 #pragma GCC unroll 14
       for (int r = 0; r < R; ++r) {
