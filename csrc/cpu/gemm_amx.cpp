@@ -193,12 +193,20 @@ struct Shared {
   Blocking blk;
 };
 
-// Prefetches [from, to) of the `lines` 64-byte lines at p into the given cache level: one share of a
-// block spread over the tile steps that run before it is needed.
-template <int Hint> inline void prefetch_share(const void* p, int64_t lines, int64_t from, int64_t to) {
-  const char* q = static_cast<const char*>(p);
-  for (int64_t l = from; l < std::min(lines, to); ++l) _mm_prefetch(q + l * 64, static_cast<_mm_hint>(Hint));
-}
+// Lines [from, to) of the block at p, to fetch while a (slice, panel) step of nk K tiles runs: `per`
+// lines before each K tile (tile_steps).
+struct Share {
+  const char* p = nullptr;
+  int64_t from = 0, to = 0, per = 0;
+  Share() = default;
+  Share(const void* block, int64_t lines, int64_t f, int64_t t, int64_t nk)
+      : p(static_cast<const char*>(block)), from(f), to(block ? std::max(f, std::min(lines, t)) : f),
+        per((to - from + nk - 1) / nk) {}
+  template <int Hint> inline void fetch(int64_t kt) const {
+    const int64_t l0 = from + kt * per, l1 = std::min(to, l0 + per);
+    for (int64_t l = l0; l < l1; ++l) _mm_prefetch(p + l * 64, static_cast<_mm_hint>(Hint));
+  }
+};
 
 // The four C tiles (tmm0-3) hold a 32 x 32 fp32 block; in memory it is 32 rows of 128 bytes. Half: rows
 // 16-31 are padding (M <= 16) and their tiles are neither loaded, computed nor stored.
@@ -226,9 +234,17 @@ inline void zero_c() {
 }
 
 // C tiles += nk K tiles of a packed A slice (a: two tiles per K tile) times a packed B panel (b: two
-// tiles per K tile); each loaded tile feeds two tdpbf16ps.
-template <bool Half = false> inline void tile_steps(const u16* a, const u16* b, int64_t nk) {
+// tiles per K tile); each loaded tile feeds two tdpbf16ps. pa / pb: lines to prefetch into L1d / L2
+// meanwhile, a part before each K tile. (One burst of them before the tiles, 48 lines per step at 2048^3,
+// filled the fill buffers and stalled the tile loads behind them: perf put ~20% of run_item's samples on
+// the prefetch loops. Spread, Sapphire Rapids VM, scratch driver alternating the two builds: 2048^3 on one
+// thread 15.6-16.4 -> 15.0-16.0 ms (4 of 5 pairs faster), 2 threads 7.5-7.8 -> 7.3-7.7 ms (4 of 4);
+// 256 x 4096 x 4096 4.5-4.7 -> 4.5-4.6 ms.)
+template <bool Half = false>
+inline void tile_steps(const u16* a, const u16* b, int64_t nk, const Share& pa = {}, const Share& pb = {}) {
   for (int64_t kt = 0; kt < nk; ++kt) {
+    pa.fetch<_MM_HINT_T0>(kt);
+    pb.fetch<_MM_HINT_T1>(kt);
     _tile_loadd(4, a, 64);
     _tile_loadd(6, b, 64);
     _tile_dpbf16ps(0, 4, 6);
@@ -267,9 +283,10 @@ void run_item(const Shared& s, int64_t m0, int64_t p0, int64_t p1, Keep& keep) {
         for (int64_t kt = kt0; kt < kt1; ++kt) pack_kn(s.B, s.K, N, kt, p0, p1, local, bl);
       }
     }
-    // Software prefetches, spread over the (slice, panel) steps: the next A slice into L1d (a share per
-    // panel) and the next K block's B block into L2 (a share per step). The hardware prefetchers left
-    // the first panel of every slice and the first slice of every K block waiting on L3 / memory.
+    // Software prefetches, spread over the (slice, panel) steps and within each over its K tiles: the next
+    // A slice into L1d (a share per panel) and the next K block's B block into L2 (a share per step). The
+    // hardware prefetchers left the first panel of every slice and the first slice of every K block
+    // waiting on L3 / memory.
     const u16* b_next = nk_next > 0 && !s.local_b ? s.Bp + b_at(p0, kt1, s.Np, Kt, kct) : nullptr;
     const int64_t b_lines = np * nk_next * 32, b_share = cdiv(b_lines, slices * np);
     for (int64_t i = 0; i < slices; ++i) {
@@ -279,15 +296,15 @@ void run_item(const Shared& s, int64_t m0, int64_t p0, int64_t p1, Keep& keep) {
       const int64_t a_lines = (i + 1 < slices ? nk : nk_next) * 32, a_share = cdiv(a_lines, np);
       for (int64_t jp = p0; jp < p1; ++jp) {
         const int64_t step = i * np + (jp - p0);
-        if (a_next) prefetch_share<_MM_HINT_T0>(a_next, a_lines, (jp - p0) * a_share, (jp - p0 + 1) * a_share);
-        if (b_next) prefetch_share<_MM_HINT_T1>(b_next, b_lines, step * b_share, (step + 1) * b_share);
+        const Share pa(a_next, a_lines, (jp - p0) * a_share, (jp - p0 + 1) * a_share, nk);
+        const Share pb(b_next, b_lines, step * b_share, (step + 1) * b_share, nk);
         float* c = one_block ? acc : acc + step * 32 * 32;
         if (kt0 == 0) {
           zero_c();
         } else {
           load_c(c);
         }
-        tile_steps(a, s.local_b ? bl + local(jp, kt0) : s.Bp + b_at(jp, kt0, s.Np, Kt, kct), nk);
+        tile_steps(a, s.local_b ? bl + local(jp, kt0) : s.Bp + b_at(jp, kt0, s.Np, Kt, kct), nk, pa, pb);
         store_c(c);
         if (kt1 == Kt) {
           const int64_t c0 = jp * 32;
