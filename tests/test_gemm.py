@@ -72,3 +72,17 @@ BLOCK_SHAPES = [(33, 4100, 700, "nn"), (20, 70, 2100, "nt"), (20, 70, 2100, "nn"
 def test_gemm_block_paths_bf16(mnkl, backend):
     M, N, K, layout = mnkl
     run_checked(GemmProblem(M, N, K, layout=layout), torch.bfloat16, backend, "cpu")
+
+
+# The packed drivers' path for a B too large to pack once (packed B > 32 MB, csrc/cpu/gemm.cpp
+# kSharedPackedBBytes): every item packs its own B blocks, and its row group grows to what half of L2
+# holds (one group of 11 panels here, several column blocks, K and N tails); "nt" with M past the swapped
+# path (M > 256).
+PER_ITEM_B_SHAPES = [(150, 2100, 4100, "nn"), (600, 2100, 4100, "nt")]
+
+
+@pytest.mark.parametrize("backend", ["native"])
+@pytest.mark.parametrize("mnkl", PER_ITEM_B_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gemm_per_item_b_fp32(mnkl, backend):
+    M, N, K, layout = mnkl
+    run_checked(GemmProblem(M, N, K, layout=layout), torch.float32, backend, "cpu")

@@ -213,8 +213,9 @@ inline void pack_b_any(bool transb, const Src* B, int64_t N, int64_t K, int64_t 
 
 // M of fewer than this many row panels (M <= 98 with 14-row panels) goes to gemm_slabs.
 constexpr int64_t kSmallPanels = 8;
-// gemm_rows: items of up to kRowItemPanels row panels (112 rows) x all of N; sizes shrink towards the
-// end (guided) so that threads finish together.
+// gemm_rows: row groups of up to kRowItemPanels row panels (112 rows) when B is packed once (with one
+// column block their sizes shrink towards the end, guided, so that threads finish together); larger
+// ones when every item packs its own B blocks (see gemm_rows).
 constexpr int64_t kRowItemPanels = 8;
 // gemm_rows: B is packed once, by all threads, before the items when it takes at most this much (fp32
 // 2048 x 4096); else each item packs its own L2-sized blocks (B packed again for every item: with
@@ -275,12 +276,20 @@ template <class P, class Src> void gemm_rows(const GemmParams& p) {
 
   int nt = pick_threads(p);
   // Items are (group of row panels) x (block of NCP column panels). With one column block, row groups
-  // of up to kRowItemPanels panels, small enough for ~3 items per thread; with several, groups of up to
-  // kRowItemPanels panels balanced in size, and the items of one column block are consecutive, so that
+  // of up to kRowItemPanels panels, small enough for ~3 items per thread; with several, groups balanced
+  // in size (of up to kRowItemPanels panels, or `rip` below), and the items of one column block are consecutive, so that
   // the threads work on the same block of B at the same time (read from memory once). Rows only, a
   // short wide GEMM streamed all of B once per row item: fp32 M = 128 / 512, N = K = 4096 took 55-65 /
   // 128 ms against torch's 15 / 51 (Sapphire Rapids VM, 2 threads).
   const int64_t ncb = cdiv(np, NCP);
+  const int64_t kblocks = cdiv(K, KC), b_all = kblocks * np * KCU * NR;
+  const bool shared_b = b_all * int64_t(sizeof(E)) <= kSharedPackedBBytes;
+  // With B packed per item (too large to pack once), every row group packs all of B again: then the groups
+  // are as large as half of L2 holds their packed A (beside the item's B block), but at least one item per
+  // thread. Sapphire Rapids VM, fp32, 2 threads, N = K = 4096 (groups of 8 panels before): M = 128
+  // 19.1-20.1 -> 16.0-16.7 ms, M = 512 66.8-70.4 -> 55.9-57.1 ms (one group of 10 / 37 panels).
+  const int64_t rip = shared_b ? kRowItemPanels
+                               : std::max<int64_t>(kRowItemPanels, caches().l2 / 2 / (MR * KCU * int64_t(sizeof(E))));
   std::vector<int64_t> bounds{0};  // row group g = row panels [bounds[g], bounds[g+1])
   if (ncb == 1) {
     while (bounds.back() < mp) {
@@ -288,20 +297,20 @@ template <class P, class Src> void gemm_rows(const GemmParams& p) {
       bounds.push_back(bounds.back() + std::clamp<int64_t>(cdiv(left, 3 * int64_t(nt)), 1, kRowItemPanels));
     }
   } else {
-    const int64_t groups = cdiv(mp, kRowItemPanels);
+    const int64_t groups = std::min(mp, std::max(cdiv(mp, rip), cdiv(int64_t(nt), ncb)));
     for (int64_t g = 1; g <= groups; ++g) bounds.push_back(mp * g / groups);
   }
   const int64_t ngroups = static_cast<int64_t>(bounds.size()) - 1, items = ngroups * ncb;
+  int64_t gmax = 0;
+  for (int64_t g = 0; g < ngroups; ++g) gmax = std::max(gmax, bounds[g + 1] - bounds[g]);
   nt = static_cast<int>(std::min<int64_t>(nt, items));
 
   // B packed once for all items when it fits (one barrier; small: once per thread, no barrier), else per
   // item into an L2-sized block.
-  const int64_t kblocks = cdiv(K, KC), b_all = kblocks * np * KCU * NR;
-  const bool shared_b = b_all * int64_t(sizeof(E)) <= kSharedPackedBBytes;
   const bool private_b = shared_b && nt > 1 && b_all * int64_t(sizeof(E)) <= kPrivatePackedBBytes;
 
   Carver cv;
-  const size_t a_off = cv.take<E>(nt * kRowItemPanels * MR * KCU);
+  const size_t a_off = cv.take<E>(nt * gmax * MR * KCU);
   const size_t b_off = cv.take<E>(private_b ? nt * b_all : shared_b ? b_all : nt * NCP * KCU * NR);
   const size_t w_off = cv.take<float>(bf16_out && multi_k ? M * N : 0);
   const CallBuffer scratch(arena(), cv.off);
@@ -309,7 +318,7 @@ template <class P, class Src> void gemm_rows(const GemmParams& p) {
   float* ws = reinterpret_cast<float*>(base + w_off);
 
   run_team(nt, [&](int t, int nt, Team& team) {
-    E* ap = reinterpret_cast<E*>(base + a_off) + t * kRowItemPanels * MR * KCU;
+    E* ap = reinterpret_cast<E*>(base + a_off) + t * gmax * MR * KCU;
     E* bp = reinterpret_cast<E*>(base + b_off) + (private_b ? t * b_all : shared_b ? 0 : t * NCP * KCU * NR);
     if (shared_b) {  // each thread packs a share of the rows of every K block (whole rows of B), or all
       for (int64_t kb = 0; kb < kblocks; ++kb) {
