@@ -86,22 +86,6 @@ PK_AVX512 PK_ALWAYS_INLINE void mask_scores(__m512 (&s)[kMr][4], int64_t kt0, in
   }
 }
 
-// Reduces the 16 lanes of each of x[0..3] at once: lanes 4r..4r+3 of the result hold op over x[r].
-// Three combine steps (8 shuffles, 5 ops) instead of four separate horizontal reductions (~32).
-template <class Op>
-PK_AVX512 PK_ALWAYS_INLINE __m512 reduce4(const __m512 (&x)[kMr], Op op) {
-  // 256-bit halves: lanes 0-7 from x0 (or x2), 8-15 from x1 (or x3).
-  const __m512 y01 = op(_mm512_shuffle_f32x4(x[0], x[1], _MM_SHUFFLE(1, 0, 1, 0)),
-                        _mm512_shuffle_f32x4(x[0], x[1], _MM_SHUFFLE(3, 2, 3, 2)));
-  const __m512 y23 = op(_mm512_shuffle_f32x4(x[2], x[3], _MM_SHUFFLE(1, 0, 1, 0)),
-                        _mm512_shuffle_f32x4(x[2], x[3], _MM_SHUFFLE(3, 2, 3, 2)));
-  // 128-bit lane r now holds 4 partials of row r.
-  __m512 z = op(_mm512_shuffle_f32x4(y01, y23, _MM_SHUFFLE(2, 0, 2, 0)),
-                _mm512_shuffle_f32x4(y01, y23, _MM_SHUFFLE(3, 1, 3, 1)));
-  z = op(z, _mm512_permute_ps(z, _MM_SHUFFLE(2, 3, 0, 1)));
-  return op(z, _mm512_permute_ps(z, _MM_SHUFFLE(1, 0, 3, 2)));
-}
-
 // Online softmax over one 4 x 64 tile of base-2 scores: updates m and l, turns s into
 // probabilities, and returns in alpha the factor that rescales the old accumulators. The four rows'
 // maxima, sums and rescale factors are computed together, in lanes 4r..4r+3 of one vector each (one
@@ -109,8 +93,6 @@ PK_AVX512 PK_ALWAYS_INLINE __m512 reduce4(const __m512 (&x)[kMr], Op op) {
 template <int NV = 4>
 PK_AVX512 PK_ALWAYS_INLINE void softmax_tile(__m512 (&s)[kMr][4], float* m, float* l, float* alpha) {
   static_assert(kMr == 4, "one 128-bit lane per row");
-  const auto vmax = [](__m512 a, __m512 b) { return _mm512_max_ps(a, b); };
-  const auto vadd = [](__m512 a, __m512 b) { return _mm512_add_ps(a, b); };
   const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
   const __m512i gather = _mm512_set_epi32(12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0);
   __m512 part[kMr];
@@ -123,7 +105,7 @@ PK_AVX512 PK_ALWAYS_INLINE void softmax_tile(__m512 (&s)[kMr][4], float* m, floa
   const __m512 m_old = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(m)));
   // max(tile, m_old) with the tile's maximum first: a NaN maximum of the tile is dropped, as std::max
   // would (the NaN scores still make NaN probabilities below).
-  const __m512 m_new = _mm512_max_ps(reduce4(part, vmax), m_old);
+  const __m512 m_new = _mm512_max_ps(attn::reduce_rows4<attn::MaxOp>(part), m_old);
   // A row with every key masked so far keeps m = -inf; subtracting 0 then keeps p = 0, not NaN.
   const __mmask16 none = _mm512_cmp_ps_mask(m_new, _mm512_set1_ps(-std::numeric_limits<float>::infinity()), _CMP_EQ_OQ);
   const __m512 mu = _mm512_mask_mov_ps(m_new, none, _mm512_setzero_ps());
@@ -138,7 +120,7 @@ PK_AVX512 PK_ALWAYS_INLINE void softmax_tile(__m512 (&s)[kMr][4], float* m, floa
     for (int v = 1; v < NV; ++v) part[r] = _mm512_add_ps(part[r], s[r][v]);
   }
   const __m512 l_old = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(l)));
-  const __m512 l_new = _mm512_fmadd_ps(l_old, a, reduce4(part, vadd));
+  const __m512 l_new = _mm512_fmadd_ps(l_old, a, attn::reduce_rows4<attn::AddOp>(part));
   _mm_storeu_ps(l, _mm512_castps512_ps128(_mm512_permutexvar_ps(gather, l_new)));
   _mm_storeu_ps(m, _mm512_castps512_ps128(_mm512_permutexvar_ps(gather, m_new)));
   _mm_storeu_ps(alpha, _mm512_castps512_ps128(_mm512_permutexvar_ps(gather, a)));

@@ -200,6 +200,15 @@ PK_AVX512 PK_ALWAYS_INLINE __m512 reduce16(const __m512* a) {
   return combine_<Op, 3>(l3[0], l3[1]);
 }
 PK_AVX512 PK_ALWAYS_INLINE __m512 hsum16(const __m512* a) { return reduce16<AddOp>(a); }
+// The first two combine steps of reduce16 for 4 vectors, then the 4 partials of each row within its
+// 128-bit lane: lanes 4r..4r+3 of the result all hold Op over the 16 lanes of a[r] (attention.cpp's 4-row
+// softmax).
+template <class Op>
+PK_AVX512 PK_ALWAYS_INLINE __m512 reduce_rows4(const __m512* a) {
+  __m512 z = combine_<Op, 1>(combine_<Op, 0>(a[0], a[1]), combine_<Op, 0>(a[2], a[3]));
+  z = Op{}(z, _mm512_permute_ps(z, _MM_SHUFFLE(2, 3, 0, 1)));
+  return Op{}(z, _mm512_permute_ps(z, _MM_SHUFFLE(1, 0, 3, 2)));
+}
 
 #endif
 

@@ -51,8 +51,6 @@ struct Ctx {
   float* part;  // [B*Hkv][nchunk][g][D + 2] (o[D], m, l), or null
 };
 
-
-
 inline float exp2_s(float x) { return _mm256_cvtss_f32(avx2::exp2_ps(_mm256_set1_ps(x))); }
 
 template <int D, class T> inline void prefetch_row(const T* r) {

@@ -73,7 +73,6 @@ struct Ctx {
   float* part;    // [B*Hkv][nchunk][g][D + 2] (o[D], m, l), or null
 };
 
-
 template <int D, class T> PK_NEON_INLINE void prefetch_row(const T* r) {
   constexpr int kLines = D * int(sizeof(T)) / 64;
   for (int i = 0; i < kLines; ++i) __builtin_prefetch(reinterpret_cast<const char*>(r) + 64 * i, 0, 3);

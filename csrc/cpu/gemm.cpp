@@ -277,8 +277,8 @@ template <class P, class Src> void gemm_rows(const GemmParams& p) {
   int nt = pick_threads(p);
   // Items are (group of row panels) x (block of NCP column panels). With one column block, row groups
   // of up to kRowItemPanels panels, small enough for ~3 items per thread; with several, groups balanced
-  // in size (of up to kRowItemPanels panels, or `rip` below), and the items of one column block are consecutive, so that
-  // the threads work on the same block of B at the same time (read from memory once). Rows only, a
+  // in size (of up to kRowItemPanels panels, or `rip` below), and the items of one column block are
+  // consecutive, so that the threads work on the same block of B at the same time (read from memory once). Rows only, a
   // short wide GEMM streamed all of B once per row item: fp32 M = 128 / 512, N = K = 4096 took 55-65 /
   // 128 ms against torch's 15 / 51 (Sapphire Rapids VM, 2 threads).
   const int64_t ncb = cdiv(np, NCP);
@@ -612,20 +612,21 @@ template <class T> inline void store_out(T* c, float v) {
   }
 }
 
-// The dot path's threads: blocks of kDotRows rows of B handed out dynamically, each computed by `kernel`
-// (its rows of A against rows [n0, n1) of B into those columns of C); `rest`, if given, then does rows
-// [m2, M) of A against the same block of B, which is still in L2 (32 rows: 512 KB at K = 4096 fp32).
-template <class T> void run_dot(const GemmParams& p, DotFn<T> kernel, DotFn<T> rest = nullptr, int64_t m2 = 0) {
+// The dot path's threads: blocks of kDotRows rows of B handed out dynamically. Each block is multiplied by
+// the rows of A in passes of at most kDotMaxM rows, kernel(m) computing m rows of A against rows [n0, n1) of
+// B into those columns of C; the later passes read the block from L2 (32 rows: 512 KB at K = 4096 fp32).
+template <class T, class Kernel> void run_dot(const GemmParams& p, Kernel kernel) {
   const T* A = static_cast<const T*>(p.a);
   const T* B = static_cast<const T*>(p.b);
   T* C = static_cast<T*>(p.c);
-  const int64_t N = p.N, K = p.K, items = cdiv(N, kDotRows);
+  const int64_t M = p.M, N = p.N, K = p.K, items = cdiv(N, kDotRows);
+  const DotFn<T> full = kernel(std::min(M, kDotMaxM)), last = kernel(M - (cdiv(M, kDotMaxM) - 1) * kDotMaxM);
   ContentionGuard guard(g_solo_direct, static_cast<int>(std::min<int64_t>(pick_threads(p), items)));
   run_team(guard.threads(), [&](int t, int, Team& team) {
     for (int64_t it; (it = team.grab()) < items;) {
       const int64_t n0 = it * kDotRows, n1 = std::min(N, (it + 1) * kDotRows);
-      kernel(A, B, K, N, n0, n1, C);
-      if (rest) rest(A + m2 * K, B, K, N, n0, n1, C + m2 * N);
+      for (int64_t m0 = 0; m0 < M; m0 += kDotMaxM)
+        (m0 + kDotMaxM < M ? full : last)(A + m0 * K, B, K, N, n0, n1, C + m0 * N);
     }
     guard.body_done(t);
   });
@@ -678,7 +679,7 @@ template <class T, size_t... I> constexpr auto dot_table_neon(std::index_sequenc
 
 template <class T> void gemm_dot_neon(const GemmParams& p) {
   static constexpr auto dot = dot_table_neon<T>(std::make_index_sequence<kDotMaxM>());
-  run_dot<T>(p, dot[p.M - 1]);
+  run_dot<T>(p, [](int64_t m) { return dot[m - 1]; });
 }
 
 // NEON direct path for M <= kDirectMaxM (B stored [K, N]): items of kDirectNeonCols columns go to the
@@ -1214,22 +1215,20 @@ template <class T, size_t... I> constexpr auto dot_table(std::index_sequence<I..
   return std::array<Fn, sizeof...(I)>{&dot_rows<T, static_cast<int>(I) + 1, (I + 1 <= 4 ? 4 : 2)>...};
 }
 
-// M <= kDotMaxM in one pass; up to 2 kDotMaxM in two passes over each block of B rows (the second
-// from L2). fp32 linear, N = K = 4096, 2 threads, Sapphire Rapids VM: M = 9 / 12 / 16 took 6.2 / 6.1 /
-// 6.1 ms through gemm_nt_swapped (half of its 32-column tiles padding; torch 3.8 / 5.0 / 4.9).
+// Up to kDotTwoPassMaxM rows: one pass of rows, or two over each block of B rows (run_dot). fp32 linear,
+// N = K = 4096, 2 threads, Sapphire Rapids VM: M = 9 / 12 / 16 took 6.2 / 6.1 / 6.1 ms through
+// gemm_nt_swapped (half of its 32-column tiles padding; torch 3.8 / 5.0 / 4.9).
 constexpr int64_t kDotTwoPassMaxM = 2 * kDotMaxM;
 template <class T> void gemm_dot_avx512(const GemmParams& p) {
   static constexpr auto dot = dot_table<T>(std::make_index_sequence<kDotMaxM>());
-  const auto pick = [&](int64_t m) {
-    auto kernel = dot[m - 1];
+  const bool dp = std::is_same_v<T, u16> && enabled().avx512_bf16;
+  run_dot<T>(p, [dp](int64_t m) {
     if constexpr (std::is_same_v<T, u16>) {
       static constexpr auto dot_dp = dot_table_bf16dp(std::make_index_sequence<kDotMaxM>());
-      if (enabled().avx512_bf16) kernel = dot_dp[m - 1];
+      if (dp) return dot_dp[m - 1];
     }
-    return kernel;
-  };
-  if (p.M <= kDotMaxM) return run_dot<T>(p, pick(p.M));
-  run_dot<T>(p, pick(kDotMaxM), pick(p.M - kDotMaxM), kDotMaxM);
+    return dot[m - 1];
+  });
 }
 
 // The packed avx512 paths for a problem (the policy as gemm_typed picks it).
