@@ -16,7 +16,8 @@
 //   micro-kernel that the compiler vectorizes for the build's target, except on aarch64 (tier "neon"):
 //   NEON kernels for the direct path, the dot path (linear, M <= 8) and the 8 x 12 micro-kernel of the
 //   packed drivers (F32Neon), verified under qemu-aarch64 only, never timed on ARM. On a CPU with AMX-BF16 (tier
-//   "amx"), bf16 with M > direct_max_m() (linear: M >= kAmxLinearMinM) goes to the tile kernel of gemm_amx.cpp.
+//   "amx"), bf16 with M > direct_max_m() (linear: M >= kAmxLinearMinM) goes to the tile kernel of gemm_amx.cpp,
+//   unless it is tiny (M N K < kAmxMinMnk).
 // bf16 results are rounded to nearest even (as float_to_bf16 in scalar.h); when K spans several KC
 // blocks the bf16 partial sums are kept in an fp32 workspace, never in bf16.
 // No barrier sits inside a work loop (see Team): on a 2-core VM shared with other processes, a thread
@@ -1146,6 +1147,12 @@ template <class T> void gemm_direct_avx512(const GemmParams& p) {
 // Sapphire Rapids VM: M = 2 / 4 / 5 / 6 / 8 took 0.60 / 0.85 / 1.14 / 1.31 / 1.69 ms on the dot path and
 // 1.12 / 1.08 / 1.09 / 1.12 / 1.16 ms on AMX (torch 1.03-1.09).
 constexpr int64_t kAmxLinearMinM = 5;
+// bf16 GEMMs below this many multiply-adds (M N K) stay off the AMX tiles. A tile call costs ~0.4 us
+// more (0.3-0.9) whenever anything ran on the core since the last one (a Python loop of 0.2 us, an
+// empty_like, a torch add): prepared 16^3 calls back to back took 0.35 us on AMX and 0.40 on vdpbf16ps,
+// but with an empty_like between them 1.43 vs 1.09 (24^3 1.52 vs 1.36, 32^3 1.54 vs 1.69, 48^3 2.2 vs
+// 3.4). Not the tile release (kept configured: the same). Sapphire Rapids VM, 2026-12-05.
+constexpr double kAmxMinMnk = 32.0 * 32 * 32;
 
 template <class T> PK_AVX512 inline __m512 load16(const T* p, __mmask16 m) {
   if constexpr (std::is_same_v<T, float>) {
@@ -1281,7 +1288,8 @@ template <class Src> void gemm_typed(const GemmParams& p) {
   if (f.avx512f) {
     if (p.M <= direct_max_m() && !p.transb) return gemm_direct_avx512<Src>(p);  // direct reads B as [K, N]
     if constexpr (std::is_same_v<Src, u16>) {  // bf16 past the direct path (linear: from kAmxLinearMinM)
-      if (f.amx_bf16 && (!p.transb || p.M >= kAmxLinearMinM)) return gemm_amx(p);
+      const bool tiles = double(p.M) * double(p.N) * double(p.K) >= kAmxMinMnk;
+      if (f.amx_bf16 && tiles && (!p.transb || p.M >= kAmxLinearMinM)) return gemm_amx(p);
     }
     if (p.M <= kDotTwoPassMaxM && p.transb) return gemm_dot_avx512<Src>(p);  // rows of B are contiguous in K
     if (p.transb && p.M <= kSwapMaxM && p.N >= 4 * p.M) return gemm_nt_swapped<Src>(p);
