@@ -36,6 +36,7 @@
 #include <type_traits>
 
 #include "cpu/scalar.h"
+#include "cpu/scratch.h"
 #include "cpu/vec_avx2.h"
 
 namespace pk::cpu {
@@ -72,22 +73,11 @@ int pick_threads(const GemmParams& p) {
   return flops < kSerialFlops || omp_in_parallel() ? 1 : std::max(1, omp_get_max_threads());
 }
 
-// Per-thread scratch kept between calls (no page faults per call); grows, never shrinks. Slot 0: a
-// thread's own blocks; slot 1: the calling thread's packed operands shared by the team.
+// Per-thread scratch kept between calls (scratch.h: no page faults per call), contents undefined. Slot 0:
+// a thread's own blocks; slot 1: the calling thread's packed operands shared by the team.
 float* scratch(size_t floats, int slot = 0) {
-  struct Freer {
-    void operator()(float* p) const { std::free(p); }
-  };
-  thread_local std::unique_ptr<float, Freer> buf[2];
-  thread_local size_t have[2] = {0, 0};
-  if (have[slot] < floats) {
-    buf[slot].reset();
-    const size_t bytes = (floats * 4 + 63) / 64 * 64;
-    buf[slot].reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
-    if (!buf[slot]) throw std::bad_alloc();
-    have[slot] = floats;
-  }
-  return buf[slot].get();
+  thread_local Keep keep[2];
+  return static_cast<float*>(keep[slot].get(floats * sizeof(float)));
 }
 
 // ---- packing --------------------------------------------------------------------------------------

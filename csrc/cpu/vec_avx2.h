@@ -66,6 +66,22 @@ inline __m256 hsum8(const __m256 (&a)[8]) {
   const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
+// 8 x 8 transpose: lane j of r[i] -> lane i of r[j].
+inline void transpose8(__m256 (&r)[8]) {
+  __m256 u[8];
+  for (int h = 0; h < 8; h += 4) {  // rows h..h+3: column c of the half in lane group c % 4, half c / 4
+    const __m256 t0 = _mm256_unpacklo_ps(r[h], r[h + 1]), t1 = _mm256_unpackhi_ps(r[h], r[h + 1]);
+    const __m256 t2 = _mm256_unpacklo_ps(r[h + 2], r[h + 3]), t3 = _mm256_unpackhi_ps(r[h + 2], r[h + 3]);
+    u[h] = _mm256_shuffle_ps(t0, t2, 0x44);
+    u[h + 1] = _mm256_shuffle_ps(t0, t2, 0xEE);
+    u[h + 2] = _mm256_shuffle_ps(t1, t3, 0x44);
+    u[h + 3] = _mm256_shuffle_ps(t1, t3, 0xEE);
+  }
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm256_permute2f128_ps(u[c], u[c + 4], 0x20);
+    r[c + 4] = _mm256_permute2f128_ps(u[c], u[c + 4], 0x31);
+  }
+}
 // Max of the 8 lanes.
 inline float hmax(__m256 v) {
   __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
