@@ -7,6 +7,7 @@
 //                                                      parallel memcpy of the same bytes between calls;
 //                                                      %copy = kernel bytes/s over memcpy read+write bytes/s
 //   NOCOPY=1 ...                                       no memcpy between calls: the data stays in cache
+//   PYKERNELS_CPU_ISA=avx2 ...                         the tier to run (as for the extension)
 #include "cpu/decode.cpp"
 #include <chrono>
 #include <cstdio>
@@ -58,6 +59,10 @@ template<typename T> double run_case(const Case& c, int mode /*0 dispatch, 1 sca
   return err/mref;
 }
 int main(int argc,char**argv){
+  // PYKERNELS_CPU_ISA picks the tier here as it does for the extension (e.g. avx2 on an AVX-512 machine)
+  if(const char* e=getenv("PYKERNELS_CPU_ISA"); e && *e){ pk::cpu::Isa t;
+    if(!pk::cpu::parse_isa(e,&t)){ fprintf(stderr,"PYKERNELS_CPU_ISA: unknown tier '%s'\n",e); return 2; }
+    pk::cpu::set_isa(t); }
   if(argc>1 && std::string(argv[1])=="perf"){
     int64_t hkv=atoi(argv[2]); bool paged=atoi(argv[3]); bool bf=atoi(argv[4]); int reps=argc>5?atoi(argv[5]):20;
     int64_t B=argc>6?atoi(argv[6]):8, L=argc>7?atoi(argv[7]):4096, Hq=argc>8?atoi(argv[8]):32;
