@@ -170,3 +170,20 @@ def test_aarch64_tiers_pass_the_cpp_harness_under_qemu():
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for tier in ("neon", "portable"):
         assert f"tier {tier}: 0 of " in r.stdout, r.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_x86_tiers_build_and_pass_without_march_native():
+    """The extension's PYKERNELS_NATIVE_ARCH=OFF build compiles the AVX-512 / AMX code without -march=native,
+    reached through target attributes only (a lambda does not inherit its function's attribute: such a
+    build once failed to compile). The C++ harness built that way runs every tier this CPU has."""
+    import platform
+    import shutil
+
+    if platform.machine() not in ("x86_64", "AMD64") or shutil.which("g++") is None:
+        pytest.skip("needs an x86-64 machine with g++")
+    script = os.path.join(os.path.dirname(__file__), "..", "tools", "cpu_harness", "portable.sh")
+    r = subprocess.run(["sh", script], env=dict(os.environ, MARCH=""), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for tier in _C.cpu_isas():
+        assert f"tier {tier}: 0 of " in r.stdout, r.stdout[-3000:]

@@ -1,6 +1,8 @@
 #!/bin/sh
 # Builds and runs tools/cpu_harness/portable_harness.cpp (gemm, attention, decode against float64).
 #   sh portable.sh               native x86-64 build, every tier this CPU runs (or: sh portable.sh avx2)
+#   MARCH= sh portable.sh        the same without -march=native: the extension's PYKERNELS_NATIVE_ARCH=OFF
+#                                build (the AVX-512 / AMX code reached through target attributes only)
 #   ARCH=aarch64 sh portable.sh  cross-compiled with Debian's g++-aarch64-linux-gnu and run under
 #                                qemu-aarch64 (apt-get install g++-aarch64-linux-gnu qemu-user):
 #                                the portable path on aarch64, correctness only (no timing claims)
@@ -26,7 +28,7 @@ else
     esac
     o="$OUT.$(basename "$f" .cpp).o"
     # shellcheck disable=SC2086
-    g++ -std=c++17 -O3 -march=native $extra -fno-math-errno -fopenmp -I../../csrc -c "$f" -o "$o"
+    g++ -std=c++17 -O3 ${MARCH--march=native} $extra -fno-math-errno -fopenmp -I../../csrc -c "$f" -o "$o"
     objs="$objs $o"
   done
   # shellcheck disable=SC2086
