@@ -14,7 +14,8 @@ SHAPES = [
     (12, 1500, 130),       # direct path in two passes of rows (zmm at full width), two column chunks; AMX M < 16
     (15, 129, 1030),
     (16, 256, 1000),
-    (64, 64, 64),
+    (64, 64, 64),          # serial: gemm_rows, C written directly
+    (40, 300, 2000),       # few row panels on several threads: the slabs (K split, partials summed)
     (65, 127, 63),
     (127, 65, 1025),
     (256, 512, 128),
