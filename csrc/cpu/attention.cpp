@@ -319,6 +319,30 @@ inline void row_positions(int64_t q0, int64_t i0, int64_t nq, int64_t (&pos)[kMr
   for (int r = 0; r < kMr; ++r) pos[r] = q0 + std::min<int64_t>(i0 + r, nq - 1);
 }
 
+// Phase 1 of a tile at kt0 (item_f32, item_bf16): f(nv, r0, pos) for every micro-block (g heads x nq rows,
+// first row r0 in the item's scratch) that sees a key of the tile, with nv = std::integral_constant<int,
+// NV>: the tile's live vectors of 16 scores (a tile of nk < 64 keys, the last one or the only one when
+// S < 64, computes ceil(nk / 16) of them, not 4: at S = 16 the score and softmax work drops 4-fold).
+template <class F>
+PK_ALWAYS_INLINE void score_blocks(int64_t g, int64_t np, int64_t nq, int64_t q0, int64_t kt0, int64_t nk,
+                                   bool causal, F&& f) {
+  const auto blocks = [&](auto nv) {
+    for (int64_t hh = 0; hh < g; ++hh)
+      for (int64_t i0 = 0; i0 < nq; i0 += kMr) {
+        int64_t pos[kMr];
+        row_positions(q0, i0, nq, pos);
+        if (causal && kt0 > pos[kMr - 1]) continue;  // every key of the tile is in these rows' future
+        f(nv, hh * np + i0, pos);
+      }
+  };
+  switch ((nk + 15) / 16) {
+    case 1: return blocks(std::integral_constant<int, 1>{});
+    case 2: return blocks(std::integral_constant<int, 2>{});
+    case 3: return blocks(std::integral_constant<int, 3>{});
+    default: return blocks(std::integral_constant<int, 4>{});
+  }
+}
+
 // One work item on the fp32 path (T = float, or bf16 widened by the packing pass).
 template <typename T, int D>
 PK_AVX512 void item_f32(const Ctx& x, int64_t bkv, int64_t q0, const Scratch& sc) {
@@ -356,34 +380,18 @@ PK_AVX512 void item_f32(const Ctx& x, int64_t bkv, int64_t q0, const Scratch& sc
     // Phase 1, scores and softmax of every micro-block; phase 2, P.V of every micro-block. Split so
     // that a micro-block's softmax (a latency chain of reductions and the exp polynomial) overlaps
     // the next micro-block's independent Q.K^T FMAs instead of stalling its own P.V (+4% at S=2048).
-    // A tile of nk < 64 keys (the last one, or the only one when S < 64) computes ceil(nk / 16) vectors
-    // of scores, not 4: at S = 16 the score and softmax work drops 4-fold.
-    const auto scores = [&](auto nv) PK_AVX512 {  // the target attribute: a lambda does not inherit it
+    // (The lambda carries the target attribute: a lambda does not inherit it.)
+    score_blocks(g, np, nq, q0, kt0, nk, x.causal, [&](auto nv, int64_t r0, const int64_t(&pos)[kMr]) PK_AVX512 {
       constexpr int NV = decltype(nv)::value;
-      for (int64_t hh = 0; hh < g; ++hh) {
-        for (int64_t i0 = 0; i0 < nq; i0 += kMr) {
-          const int64_t r0 = hh * np + i0;
-          int64_t pos[kMr];
-          row_positions(q0, i0, nq, pos);
-          if (x.causal && kt0 > pos[kMr - 1]) continue;  // every key of the tile is in these rows' future
-          __m512 s[kMr][4];
-          qk_f32<D, NV>(sc.q + r0 * D, kt, s);
-          if (kt0 + 16 * NV > S || (x.causal && kt0 + 16 * NV - 1 > pos[0]))
-            mask_scores<NV>(s, kt0, S, x.causal, pos);
-          softmax_tile<NV>(s, sc.m + r0, sc.l + r0, sc.a + r0);
+      __m512 s[kMr][4];
+      qk_f32<D, NV>(sc.q + r0 * D, kt, s);
+      if (kt0 + 16 * NV > S || (x.causal && kt0 + 16 * NV - 1 > pos[0])) mask_scores<NV>(s, kt0, S, x.causal, pos);
+      softmax_tile<NV>(s, sc.m + r0, sc.l + r0, sc.a + r0);
 #pragma GCC unroll 4
-          for (int r = 0; r < kMr; ++r)
+      for (int r = 0; r < kMr; ++r)
 #pragma GCC unroll 4
-            for (int v = 0; v < NV; ++v) _mm512_store_ps(sc.p + (r0 + r) * kBk + 16 * v, s[r][v]);
-        }
-      }
-    };
-    switch ((nk + 15) / 16) {
-      case 1: scores(std::integral_constant<int, 1>{}); break;
-      case 2: scores(std::integral_constant<int, 2>{}); break;
-      case 3: scores(std::integral_constant<int, 3>{}); break;
-      default: scores(std::integral_constant<int, 4>{}); break;
-    }
+        for (int v = 0; v < NV; ++v) _mm512_store_ps(sc.p + (r0 + r) * kBk + 16 * v, s[r][v]);
+    });
     for (int64_t hh = 0; hh < g; ++hh) {
       for (int64_t i0 = 0; i0 < nq; i0 += kMr) {
         const int64_t r0 = hh * np + i0, pos_hi = q0 + std::min(i0 + kMr, nq) - 1;
@@ -429,41 +437,26 @@ PK_AVX512BF16 void item_bf16(const Ctx& x, int64_t bkv, int64_t q0, const Scratc
     const uint16_t* vt = vp + t * kBk * D;
     // Two phases, as in item_f32; a short tile computes only its live vectors of scores (S = 16: 37 ->
     // 21 us for 16 heads, D 64, 2 threads, Sapphire Rapids VM with the bf16 dot forced on).
-    const auto scores = [&](auto nv) PK_AVX512BF16 {
+    score_blocks(g, np, nq, q0, kt0, nk, x.causal, [&](auto nv, int64_t r0, const int64_t(&pos)[kMr]) PK_AVX512BF16 {
       constexpr int NV = decltype(nv)::value;
-      for (int64_t hh = 0; hh < g; ++hh) {
-        for (int64_t i0 = 0; i0 < nq; i0 += kMr) {
-          const int64_t r0 = hh * np + i0;
-          int64_t pos[kMr];
-          row_positions(q0, i0, nq, pos);
-          if (x.causal && kt0 > pos[kMr - 1]) continue;
-          __m512 s[kMr][4];
-          qk_bf16<D, NV>(reinterpret_cast<const uint32_t*>(qb + r0 * D), kt, x.c, s);
-          if (kt0 + 16 * NV > S || (x.causal && kt0 + 16 * NV - 1 > pos[0]))
-            mask_scores<NV>(s, kt0, S, x.causal, pos);
-          softmax_tile<NV>(s, sc.m + r0, sc.l + r0, sc.a + r0);
-          // bf16 pairs of keys (2j, 2j + 1); the pairs of dead vectors are zero (P.V never reads them)
-          const __m512 z = _mm512_setzero_ps();
+      __m512 s[kMr][4];
+      qk_bf16<D, NV>(reinterpret_cast<const uint32_t*>(qb + r0 * D), kt, x.c, s);
+      if (kt0 + 16 * NV > S || (x.causal && kt0 + 16 * NV - 1 > pos[0])) mask_scores<NV>(s, kt0, S, x.causal, pos);
+      softmax_tile<NV>(s, sc.m + r0, sc.l + r0, sc.a + r0);
+      // bf16 pairs of keys (2j, 2j + 1); the pairs of dead vectors are zero (P.V never reads them)
+      const __m512 z = _mm512_setzero_ps();
 #pragma GCC unroll 4
-          for (int r = 0; r < kMr; ++r) {
-            uint32_t* pr = p32 + (r0 + r) * (kBk / 2);
-            if constexpr (NV == 1) {
-              _mm512_store_si512(pr, (__m512i)_mm512_cvtne2ps_pbh(z, s[r][0]));
-            } else {
-              _mm512_store_si512(pr, (__m512i)_mm512_cvtne2ps_pbh(s[r][1], s[r][0]));
-            }
-            if constexpr (NV == 3) _mm512_store_si512(pr + 16, (__m512i)_mm512_cvtne2ps_pbh(z, s[r][2]));
-            if constexpr (NV == 4) _mm512_store_si512(pr + 16, (__m512i)_mm512_cvtne2ps_pbh(s[r][3], s[r][2]));
-          }
+      for (int r = 0; r < kMr; ++r) {
+        uint32_t* pr = p32 + (r0 + r) * (kBk / 2);
+        if constexpr (NV == 1) {
+          _mm512_store_si512(pr, (__m512i)_mm512_cvtne2ps_pbh(z, s[r][0]));
+        } else {
+          _mm512_store_si512(pr, (__m512i)_mm512_cvtne2ps_pbh(s[r][1], s[r][0]));
         }
+        if constexpr (NV == 3) _mm512_store_si512(pr + 16, (__m512i)_mm512_cvtne2ps_pbh(z, s[r][2]));
+        if constexpr (NV == 4) _mm512_store_si512(pr + 16, (__m512i)_mm512_cvtne2ps_pbh(s[r][3], s[r][2]));
       }
-    };
-    switch ((nk + 15) / 16) {
-      case 1: scores(std::integral_constant<int, 1>{}); break;
-      case 2: scores(std::integral_constant<int, 2>{}); break;
-      case 3: scores(std::integral_constant<int, 3>{}); break;
-      default: scores(std::integral_constant<int, 4>{}); break;
-    }
+    });
     for (int64_t hh = 0; hh < g; ++hh) {
       for (int64_t i0 = 0; i0 < nq; i0 += kMr) {
         const int64_t r0 = hh * np + i0, pos_hi = q0 + std::min(i0 + kMr, nq) - 1;
