@@ -14,8 +14,11 @@
 //           the 16 ymm registers.
 //           Each k step: 2 loads of B, 6 broadcasts, 12 FMAs (2 FMA pipes: 6 cycles).
 // Block sizes come from the caches the CPU reports (cpu.h caches()), not from constants:
-//   KC: the B micro-panel (KC x 16 fp32) takes half of L1d, so it stays there while the A panels of
-//       the block stream past it (32 KB L1d -> KC = 256);
+//   KC: a B micro-panel (KC x 16 fp32) takes half of L1d (32 KB L1d -> KC = 256). The tiles of an item
+//       run along rows of C: the A micro-panel (KC x 6, a few KB) stays in L1d while the B panels of
+//       the block stream past it from L2, and each C tile row continues the previous one. (Down the
+//       columns, B panel in L1d and A panels streaming, 2048^3 fp32 on the Sapphire Rapids VM took
+//       173-186 / 84-90 ms on 1 / 2 threads; along the rows 163-170 / 80-84.)
 //   MC, NC: the packed A block (MC x KC), the packed B block (KC x NC) and the C block (MC x NC) each
 //       take a quarter of L2 (1 MB L2 -> MC = 252, NC = 256; 2 MB -> 504, 512).
 // No AMX, no AVX-512 here by construction: this is what an AVX2-only CPU runs.
@@ -169,9 +172,10 @@ template <bool Acc> void kernel(const float* a, const float* b, int64_t kc, floa
   }
   int64_t k = 0;
   for (; k + 4 <= kc; k += 4) {
-    // The A panel streams from L2 (the B panel stays in L1 over the tiles of a column): its next 128
-    // bytes kAPrefetchSteps steps ahead (4 steps use 96). 2048^3 on the Sapphire Rapids VM, 1 / 2
-    // threads: 184-189 / 88-90 -> 168-178 / 82-87 ms with the shared packing; 16-48 steps alike.
+    // The A panel's next 128 bytes kAPrefetchSteps steps ahead (4 steps use 96): measured when the tiles
+    // ran down the columns (A streaming from L2), 2048^3 on the Sapphire Rapids VM, 1 / 2 threads:
+    // 184-189 / 88-90 -> 168-178 / 82-87 ms with the shared packing (16-48 steps alike); along the
+    // rows it still pays (without: 171-179 / 82-88 against 163-172 / 82-86 ms).
     _mm_prefetch(reinterpret_cast<const char*>(a + kAPrefetchSteps * MR), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(a + kAPrefetchSteps * MR + 16), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(b + 8 * NR), _MM_HINT_T0);
@@ -266,8 +270,8 @@ template <class T> void gemm_packed(const GemmParams& p) {
           pack_rows(i0, mc, k0, kc, ws);
           pack_cols(j0, nc, k0, kc, ws + MC * KC);
         }
-        for (int64_t j = 0; j < nc; j += NR)
-          for (int64_t i = 0; i < mc; i += MR)
+        for (int64_t i = 0; i < mc; i += MR)  // along the rows: the A micro-panel stays in L1d (KC above)
+          for (int64_t j = 0; j < nc; j += NR)
             tile(ap + i * kc, bp + j * kc, kc, c + i * ldc + j, ldc, static_cast<int>(std::min<int64_t>(MR, mc - i)),
                  static_cast<int>(std::min<int64_t>(NR, nc - j)), k0 > 0);
       }
