@@ -492,7 +492,7 @@ PK_AVX512 void transpose_tile(const void* src, int64_t nw, int64_t nk, uint32_t*
         } else if constexpr (kWiden) {
           const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(src) +
                                                                                 (j0 + r) * nw + w0));
-          v[r] = _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+          v[r] = _mm512_castps_si512(vec::widen_bf16(h));
         } else {
           v[r] = _mm512_loadu_si512(static_cast<const uint32_t*>(src) + (j0 + r) * nw + w0);
         }
@@ -508,17 +508,14 @@ PK_AVX512 void widen_rows(const uint16_t* v, int64_t n, float* dst) {
 }
 
 // V rows [nk][D] bf16 -> [kBk / 2][D][2]: row pairs interleaved (the vdpbf16ps operand), rows past nk zero.
-// Per 16 columns of a pair: one vpermt2w of the two rows' 32-column chunks.
 template <int D> PK_AVX512 void interleave_v(const uint16_t* v, int64_t nk, uint16_t* dst) {
-  alignas(64) static constexpr uint16_t kLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
-                                                   8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  const __m256i z = _mm256_setzero_si256();
   for (int64_t jp = 0; jp < kBk / 2; ++jp)
-    for (int64_t c = 0; c < D; c += 32) {
-      const __m512i a = 2 * jp < nk ? _mm512_loadu_si512(v + 2 * jp * D + c) : _mm512_setzero_si512();
-      const __m512i b = 2 * jp + 1 < nk ? _mm512_loadu_si512(v + (2 * jp + 1) * D + c) : _mm512_setzero_si512();
-      _mm512_store_si512(dst + (jp * D + c) * 2, _mm512_permutex2var_epi16(a, lo, b));
-      _mm512_store_si512(dst + (jp * D + c) * 2 + 32, _mm512_permutex2var_epi16(a, hi, b));
+    for (int64_t c = 0; c < D; c += 16) {
+      const uint16_t* r0 = v + 2 * jp * D + c;
+      const __m256i a = 2 * jp < nk ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0)) : z;
+      const __m256i b = 2 * jp + 1 < nk ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + D)) : z;
+      _mm512_store_si512(dst + (jp * D + c) * 2, vec::pair_bf16(a, b));
     }
 }
 #endif

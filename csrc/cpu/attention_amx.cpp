@@ -88,8 +88,7 @@ void pack_v(const u16* v, int64_t nk, u16* dst) {
         const __m256i lo = j < nk ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j * D + 16 * dg)) : z;
         const __m256i hi =
             j + 1 < nk ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + (j + 1) * D + 16 * dg)) : z;
-        const __m512i w = _mm512_or_si512(_mm512_cvtepu16_epi32(lo), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
-        _mm512_store_si512(dst + ((kc * (D / 16) + dg) * 16 + r) * 32, w);
+        _mm512_store_si512(dst + ((kc * (D / 16) + dg) * 16 + r) * 32, vec::pair_bf16(lo, hi));
       }
     }
 }

@@ -41,7 +41,9 @@ using attn::round_up;
 constexpr int64_t kT = 32;         // tokens per tile: K and V tiles of 16 KB each at D = 128 fp32
 constexpr int64_t kMinChunk = 256;  // shortest context chunk worth a partial (as decode.cpp)
 constexpr int64_t kMinParallelBytes = 256 * 1024;  // below: one thread (a fork/join costs more)
-constexpr bool kSwPrefetch = true;  // next tile's K and V rows (measured: no change either way, see notes)
+// The next tile's K and V rows (into L2, see tile_compute). Without, decode harness on the Sapphire Rapids
+// VM: paged caches 12-30% slower (bf16 Hkv 8 the same), GQA contiguous ~5% faster (notes/cpu_decode.md).
+constexpr bool kSwPrefetch = true;
 static_assert(kT % 8 == 0, "scores are computed 8 tokens at a time");
 
 struct Ctx {
@@ -122,7 +124,8 @@ template <class T, int D> struct ThreadScratch {
 // One tile: S = q K^T, online softmax, o = alpha o + P V. R is the row type the loops read (T, or
 // float when a bf16 tile was widened); kn/vn are the next tile's nn rows, prefetched here: the K rows
 // by the score loop, 8 at a time, the V rows by the first P.V block of each strip of columns, a strip
-// per pass (not a burst of the whole tile: bf16 Hkv 8 / 32 paged, 2 threads, 11.5-12.8 / 17.7 -> GB/s).
+// per pass (not a burst of the whole tile: bf16 Hkv 8 / 32 paged, 2 threads, 11.5-12.8 / 17.3-17.8 ->
+// 13.2-13.4 / 17.8-18.0 GB/s; notes/cpu_decode.md).
 template <class R, int D, class T>
 void tile_compute(const Scratch& sc, const R* const* kr, const R* const* vr, const T* const* kn, const T* const* vn,
                   int64_t nj, int64_t nn, int64_t g) {

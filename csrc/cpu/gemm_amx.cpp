@@ -76,8 +76,7 @@ void pack_kn(const u16* B, int64_t K, int64_t N, int64_t kt, int64_t jp0, int64_
         const __m256i z = _mm256_setzero_si256();
         const __m256i lo = row0 ? _mm256_maskz_loadu_epi16(m, row0 + n0) : z;
         const __m256i hi = row1 ? _mm256_maskz_loadu_epi16(m, row1 + n0) : z;
-        const __m512i w = _mm512_or_si512(_mm512_cvtepu16_epi32(lo), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
-        _mm512_store_si512(t + h * kTileU16, w);
+        _mm512_store_si512(t + h * kTileU16, vec::pair_bf16(lo, hi));
       }
     }
   }

@@ -44,6 +44,11 @@ PK_AVX512 inline __m256i narrow_bf16(__m512 x) {
 PK_AVX512 inline __m512 widen_bf16(__m256i h) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
+// 16 columns of two bf16 rows -> 16 words (lo[c], hi[c]), lo in the low half: the pair-interleaved
+// ("VNNI") order vdpbf16ps and tdpbf16ps read their second operand in.
+PK_AVX512 inline __m512i pair_bf16(__m256i lo, __m256i hi) {
+  return _mm512_or_si512(_mm512_cvtepu16_epi32(lo), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+}
 // n (<= 16, the rest zero) bf16 at p -> floats; never reads past p[n-1].
 PK_AVX512 inline __m512 load_bf16(const uint16_t* p, int64_t n) {
   return widen_bf16(_mm256_maskz_loadu_epi16(mask16(n), p));
