@@ -164,6 +164,24 @@ def test_time_cpu_batches_short_calls():
     assert st.median_s == pytest.approx(1e-6, rel=1e-3)
 
 
+def test_round_robin_batches_short_calls_warm_only():
+    # time_round_robin_cpu reads the real clock: a call that sleeps is long, one that does nothing is short.
+    def short():
+        pass
+
+    def long():
+        time.sleep(0.003)
+
+    opts = timing.TimingOptions(budget_s=0.05, min_rounds=3, rse_target=1e-9)
+    st_short, st_long = timing.time_round_robin_cpu([short, long], opts)
+    assert st_short.calls_per_round > 1 and st_long.calls_per_round == 1
+    assert st_short.median_s < 1e-5 and st_long.median_s >= 3e-3  # per call, not per batch
+    seen = []
+    cold = timing.time_round_robin_cpu([lambda: seen.append(1)], timing.TimingOptions(
+        budget_s=0.01, min_rounds=3, flush=True, evict=()))
+    assert cold[0].calls_per_round == 1 and len(seen) == cold[0].rounds + 1  # one call per sample, + warm-up
+
+
 def test_time_cpu_stops_on_budget_when_noisy():
     clock = FakeClock()
     rng = random.Random(1)
