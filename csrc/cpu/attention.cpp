@@ -27,6 +27,7 @@
 #include "cpu/attn_common.h"
 #include "cpu/cpu.h"
 #include "cpu/scalar.h"
+#include "cpu/scratch.h"
 #include "cpu/vec.h"
 
 namespace pk::cpu {
@@ -543,9 +544,14 @@ void run_avx512(const AttentionParams& p, bool dp) {
   constexpr bool kIsBf16 = std::is_same_v<T, bf16>;
   // Packed K: fp32 words (fp32 or widened bf16) or bf16 pairs.
   const int64_t kwords = dp ? D / 2 : D;
-  AlignedBuf kbuf(static_cast<size_t>(nbkv * ntiles * kwords * kBk * 4));
-  AlignedBuf vbuf(dp ? static_cast<size_t>(nbkv * ntiles * kBk * D * 2)
-                     : kIsBf16 ? static_cast<size_t>(nbkv * S * D * 4) : 0);
+  // Packed K, then (bf16) packed or widened V: one buffer kept by the calling thread between calls (a fresh
+  // 17 MB one at S2048 H16 D128 fp32 was ~4K page faults per call).
+  const size_t kbytes = static_cast<size_t>(nbkv * ntiles * kwords * kBk * 4);
+  const size_t vbytes = static_cast<size_t>(dp ? nbkv * ntiles * kBk * D * 2 : kIsBf16 ? nbkv * S * D * 4 : 0);
+  thread_local Keep keep;
+  const CallBuffer packs(keep, kbytes + vbytes);
+  uint32_t* const kw = packs.as<uint32_t>();
+  char* const vw = packs.as<char>() + kbytes;
   // One thread below 2^20 query-row x padded-key x D steps (~4 MFLOP, ~57 us on one Zen 4 core). Measured on
   // the loaded 2-core Zen 4 VM (fp32, B1, D64, 2 threads vs 1): S16 H4-H16 took 1.4-1.7x longer, S32 H8-H16
   // broke even (0.96-1.03x faster), S64 H2-H4 was 1.16-1.25x faster, S128 H2 1.8x faster. On the Sapphire
@@ -560,18 +566,18 @@ void run_avx512(const AttentionParams& p, bool dp) {
     const int64_t row0 = bkv * S + kt0;  // first row of the tile in k, v
     if (dp) {
       transpose_tile(static_cast<const uint32_t*>(p.k) + row0 * (D / 2), D / 2, nk,
-                     kbuf.as<uint32_t>() + it * (D / 2) * kBk);
-      interleave_v<D>(static_cast<const uint16_t*>(p.v) + row0 * D, nk, vbuf.as<uint16_t>() + it * kBk * D);
+                     kw + it * (D / 2) * kBk);
+      interleave_v<D>(static_cast<const uint16_t*>(p.v) + row0 * D, nk, reinterpret_cast<uint16_t*>(vw) + it * kBk * D);
     } else if constexpr (kIsBf16) {
-      transpose_tile<true>(static_cast<const uint16_t*>(p.k) + row0 * D, D, nk, kbuf.as<uint32_t>() + it * D * kBk);
-      widen_rows(static_cast<const uint16_t*>(p.v) + row0 * D, nk * D, vbuf.as<float>() + row0 * D);
+      transpose_tile<true>(static_cast<const uint16_t*>(p.k) + row0 * D, D, nk, kw + it * D * kBk);
+      widen_rows(static_cast<const uint16_t*>(p.v) + row0 * D, nk * D, reinterpret_cast<float*>(vw) + row0 * D);
     } else {  // item_f32 reads only the live score vectors of a short tile
-      transpose_tile(static_cast<const uint32_t*>(p.k) + row0 * D, D, nk, kbuf.as<uint32_t>() + it * D * kBk,
+      transpose_tile(static_cast<const uint32_t*>(p.k) + row0 * D, D, nk, kw + it * D * kBk,
                      round_up(nk, 16));
     }
   }
 
-  Ctx x{p.q, p.o, kbuf.as<void>(), dp || kIsBf16 ? vbuf.as<void>() : p.v, B, p.Hq, Hkv, S, g, ntiles, 0,
+  Ctx x{p.q, p.o, kw, dp || kIsBf16 ? static_cast<const void*>(vw) : p.v, B, p.Hq, Hkv, S, g, ntiles, 0,
         p.scale * attn::kLog2e, p.causal};
   x.npos = std::max<int64_t>(kMr, kRows / g / kMr * kMr);
   const int64_t nqb = (S + x.npos - 1) / x.npos, nitems = nbkv * nqb;
