@@ -304,17 +304,23 @@ def test_small_sweep_shapes():
     assert {(c.problem, c.dtype) for c in SMALL if c.dtype == "float32"} <= quick
 
 
-def test_overhead_tool_renders(tmp_path):
-    """tools/overhead.py end to end on one family with a tiny budget (its numbers are not checked)."""
+def _tool(name: str):
+    """tools/<name>.py loaded as a module (tools/ is not a package); skips where the checkout has no tools/."""
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location(
-        "overhead_tool", Path(__file__).resolve().parents[1] / "tools" / "overhead.py")
-    if spec is None:
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    if not path.exists():
         pytest.skip("tools/ is not part of this checkout")
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", path)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
+    return tool
+
+
+def test_overhead_tool_renders(tmp_path):
+    """tools/overhead.py end to end on one family with a tiny budget (its numbers are not checked)."""
+    tool = _tool("overhead")
     if not _native_ok():
         pytest.skip("the native extension is not built")
     assert tool.main(["--budget", "0.01", "--kernel", "decode", "--out", str(tmp_path / "o")]) == 0
@@ -350,15 +356,7 @@ def test_prepared_bindings_check_their_arguments():
 def test_issue6_compares_only_large_rows_with_the_bandwidth_probes():
     """tools/issue6.py interleaves 256 MiB copy / read probes with the rows it calls memory-bound: a cache-sized
     decode or GEMM 16^3 among them was timed cold and judged against DRAM bandwidth (a 0.3 us call read as 10 us)."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "issue6_tool", Path(__file__).resolve().parents[1] / "tools" / "issue6.py")
-    if spec is None:
-        pytest.skip("tools/ is not part of this checkout")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = _tool("issue6")
     bound = {(c.family, c.problem.label(), c.dtype): tool.memory_bound(c) for c in sweeps.sweep("quick")}
     assert bound[("gemm", "M1-N4096-K4096", "float32")] and bound[("gemm", "M16-N4096-K4096", "bfloat16")]
     assert bound[("decode", "B8-Hq32-Hkv8-L4096-D128-paged16", "bfloat16")]
