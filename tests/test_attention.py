@@ -12,7 +12,7 @@ SHAPES = [
     (1, 8, 2, 64, 128),    # GQA 4
     (1, 8, 1, 65, 64),     # GQA 8
     (1, 4, 2, 90, 64),     # a last key tile of 26: 2 of its 4 score vectors live
-    (1, 6, 2, 40, 128),    # one query block per head (AVX2: each item packs its 2 key tiles itself)
+    (1, 6, 2, 40, 128),    # one query block per head (AVX2: each item packs its key tile itself)
     (1, 4, 4, 127, 128),
     (1, 2, 1, 300, 64),
     (1, 2, 2, 1000, 128),

@@ -2,7 +2,7 @@
 // Built with -mavx2 -mfma -mno-avx512f.
 //
 // Once per call (in parallel): K packed into transposed tiles of kBk = 64 keys, [D][64] fp32 (bf16
-// widened), and bf16 V widened to fp32. Then work items = (batch, query head, block of kQb = 48
+// widened), and bf16 V widened to fp32. Then work items = (batch, query head, block of kQb = 96
 // positions); under a causal mask the heaviest (last) blocks go first. Per item, for each tile of keys:
 //   S = Q K^T       6 rows x 16 keys = 12 ymm accumulators over D (the GEMM micro-kernel's shape: a
 //                   broadcast of q, two rows of the transposed tile)
@@ -38,7 +38,10 @@ using attn::AlignedBuf;
 // 32 / 64 / 128 / 256 keys 98-105 / 92-98 / 99-106 / 104-109 ms (per tile: the O round trip of P V, the
 // rescale and the row reductions; above 64 the tile leaves L1d).
 constexpr int64_t kBk = 64;
-constexpr int64_t kQb = 48;  // query positions per item: each K/V tile feeds 48 rows
+// Query positions per item: each K/V tile (from L2) feeds 96 rows. S2048 D128 H16, 2 threads, alternated 5
+// times: 48 rows 183-200 ms, 96 rows 174-192 (causal the same, 1 thread the same, D64 S64 / S128 0.12 / 0.46 ->
+// 0.11 / 0.43 ms); 24 rows 194-200.
+constexpr int64_t kQb = 96;
 static_assert(kBk % 16 == 0 && kQb % 6 == 0 && kQb % 8 == 0, "16-key score blocks, 6-row blocks, 8-row softmax");
 
 struct Scratch {
