@@ -179,7 +179,8 @@ PK_AVX512 PK_ALWAYS_INLINE void qk_f32(const float* q, const float* kt, __m512 (
 // further change. R = 12 spilled.)
 template <int D, int R, int W>
 PK_AVX512 PK_ALWAYS_INLINE void pv_f32(float* o, const float* p, const float* v, int64_t nj, const float* alpha) {
-  static_assert(D % (16 * W) == 0 && R * W <= 24, "whole passes; accumulators + V + broadcast fit 32 zmm");
+  static_assert((W == 2 || W == 4) && D % (16 * W) == 0 && R * W <= 24,
+                "whole passes; accumulators + V + broadcast fit 32 zmm");
 #pragma GCC unroll 1
   for (int h = 0; h < D / (16 * W); ++h) {
     __m512 acc[R][W];
@@ -192,12 +193,18 @@ PK_AVX512 PK_ALWAYS_INLINE void pv_f32(float* o, const float* p, const float* v,
 #pragma GCC unroll 2
     for (int64_t j = 0; j < nj; ++j) {
       const float* vr = v + j * D + h * 16 * W;
-      __m512 vv[W];
-#pragma GCC unroll 4
-      for (int c = 0; c < W; ++c) {
-        vv[c] = _mm512_loadu_ps(vr + 16 * c);
-        PK_PIN(vv[c]);
+      // Named, pinned registers (as qk_f32): an array loaded in a loop was also kept on the stack, one
+      // dead store per V vector and step.
+      __m512 v0 = _mm512_loadu_ps(vr), v1 = _mm512_loadu_ps(vr + 16), v2 = v0, v3 = v1;
+      PK_PIN(v0);
+      PK_PIN(v1);
+      if constexpr (W == 4) {
+        v2 = _mm512_loadu_ps(vr + 32);
+        v3 = _mm512_loadu_ps(vr + 48);
+        PK_PIN(v2);
+        PK_PIN(v3);
       }
+      const __m512 vv[4] = {v0, v1, v2, v3};
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const __m512 pb = _mm512_set1_ps(p[r * kBk + j]);
@@ -230,39 +237,33 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void qk_bf16(const uint32_t* q, const uint32_t* k
         for (int v = 0; v < NV; ++v)
           s[r][v] = _mm512_dpbf16_ps(s[r][v], (__m512bh)_mm512_load_si512(kp + dp * kBk + 16 * v), (__m512bh)qb);
       }
-    const __m512 vc = _mm512_set1_ps(c);
+  } else {
 #pragma GCC unroll 4
-    for (int r = 0; r < kMr; ++r) {
+    for (int r = 0; r < kMr; ++r)
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) s[r][v] = _mm512_mul_ps(s[r][v], vc);
-    }
-    return;
-  }
-#pragma GCC unroll 4
-  for (int r = 0; r < kMr; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < 4; ++v) s[r][v] = _mm512_setzero_ps();
+      for (int v = 0; v < 4; ++v) s[r][v] = _mm512_setzero_ps();
 #pragma GCC unroll 2
-  for (int dp = 0; dp < D / 2; ++dp) {
-    __m512i k0 = _mm512_load_si512(kp + dp * kBk), k1 = _mm512_load_si512(kp + dp * kBk + 16),
-            k2 = _mm512_load_si512(kp + dp * kBk + 32), k3 = _mm512_load_si512(kp + dp * kBk + 48);
-    PK_PIN(k0);
-    PK_PIN(k1);
-    PK_PIN(k2);
-    PK_PIN(k3);
-    const __m512i k[4] = {k0, k1, k2, k3};
+    for (int dp = 0; dp < D / 2; ++dp) {
+      __m512i k0 = _mm512_load_si512(kp + dp * kBk), k1 = _mm512_load_si512(kp + dp * kBk + 16),
+              k2 = _mm512_load_si512(kp + dp * kBk + 32), k3 = _mm512_load_si512(kp + dp * kBk + 48);
+      PK_PIN(k0);
+      PK_PIN(k1);
+      PK_PIN(k2);
+      PK_PIN(k3);
+      const __m512i k[4] = {k0, k1, k2, k3};
 #pragma GCC unroll 4
-    for (int r = 0; r < kMr; ++r) {
-      const __m512i qb = _mm512_set1_epi32(static_cast<int>(q[r * (D / 2) + dp]));
+      for (int r = 0; r < kMr; ++r) {
+        const __m512i qb = _mm512_set1_epi32(static_cast<int>(q[r * (D / 2) + dp]));
 #pragma GCC unroll 4
-      for (int v = 0; v < 4; ++v) s[r][v] = _mm512_dpbf16_ps(s[r][v], (__m512bh)k[v], (__m512bh)qb);
+        for (int v = 0; v < 4; ++v) s[r][v] = _mm512_dpbf16_ps(s[r][v], (__m512bh)k[v], (__m512bh)qb);
+      }
     }
   }
   const __m512 vc = _mm512_set1_ps(c);
 #pragma GCC unroll 4
   for (int r = 0; r < kMr; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < 4; ++v) s[r][v] = _mm512_mul_ps(s[r][v], vc);
+    for (int v = 0; v < NV; ++v) s[r][v] = _mm512_mul_ps(s[r][v], vc);
 }
 
 // O[4][D] = alpha * O + P[4][0:nj] . V with bf16 pairs: p 4 rows of 64 bf16, vp [32][D][2].

@@ -84,24 +84,16 @@ template <int D> inline void scores_6x16(const float* q, const float* kt, float*
 }
 
 // One online-softmax step (base 2) of 8 rows of scores (row stride kBk), over their first n (a multiple of
-// 8; masked ones -inf), as avx2::online_softmax per row, but the rows' rescale factors come from one exp2
-// and their sums from one transposed reduction. Rows past the item's (pad rows, up to a multiple of 8 <=
-// kQb) compute on scores left from earlier tiles or zeros (the buffer starts zeroed); nobody reads them.
+// 8; masked ones -inf), with avx2::online_softmax's pieces per row, but the rows' rescale factors come
+// from one exp2 and their sums from one transposed reduction. Rows past the item's (pad rows, up to a
+// multiple of 8 <= kQb) compute on scores left from earlier tiles or zeros (the buffer starts zeroed);
+// nobody reads them.
 inline void softmax_rows8(float* s, int64_t n, float* m, float* l, float* alpha) {
   alignas(32) float mn[8];
   __m256 sum[8];
   for (int r = 0; r < 8; ++r) {
-    float* sr = s + r * kBk;
-    __m256 mx = _mm256_set1_ps(m[r]);
-    for (int64_t j = 0; j < n; j += 8) mx = _mm256_max_ps(mx, _mm256_load_ps(sr + j));
-    mn[r] = avx2::hmax(mx);
-    const __m256 vm = _mm256_set1_ps(mn[r]);
-    sum[r] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < n; j += 8) {
-      const __m256 e = avx2::exp2_ps(_mm256_sub_ps(_mm256_load_ps(sr + j), vm));
-      _mm256_store_ps(sr + j, e);
-      sum[r] = _mm256_add_ps(sum[r], e);
-    }
+    mn[r] = avx2::row_max(s + r * kBk, n, m[r]);
+    sum[r] = avx2::exp_row(s + r * kBk, n, mn[r]);
   }
   const __m256 mnew = _mm256_load_ps(mn);
   const __m256 a = avx2::exp2_ps(_mm256_sub_ps(_mm256_loadu_ps(m), mnew));

@@ -93,13 +93,14 @@ inline float hmax(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// One online-softmax step (base 2) of a row whose new scores are s[0, n), n a multiple of 8, masked ones
-// -inf: m' = max(m, s); s becomes 2^(s - m'); alpha = 2^(m - m') rescales what the row had summed;
-// l = l * alpha + sum of the new weights; m = m'. (attention_avx2.cpp per query row, decode_avx2.cpp per head.)
-inline void online_softmax(float* s, int64_t n, float& m, float& l, float& alpha) {
+// The pieces of an online-softmax step (base 2) on a row of scores s[0, n), n a multiple of 8, masked ones
+// -inf: row_max gives m' = max(m, s); exp_row turns s into 2^(s - m') in place and returns the lane sums.
+inline float row_max(const float* s, int64_t n, float m) {
   __m256 mx = _mm256_set1_ps(m);
   for (int64_t j = 0; j < n; j += 8) mx = _mm256_max_ps(mx, _mm256_load_ps(s + j));
-  const float mnew = hmax(mx);
+  return hmax(mx);
+}
+inline __m256 exp_row(float* s, int64_t n, float mnew) {
   const __m256 vm = _mm256_set1_ps(mnew);
   __m256 sum = _mm256_setzero_ps();
   for (int64_t j = 0; j < n; j += 8) {
@@ -107,6 +108,15 @@ inline void online_softmax(float* s, int64_t n, float& m, float& l, float& alpha
     _mm256_store_ps(s + j, e);
     sum = _mm256_add_ps(sum, e);
   }
+  return sum;
+}
+
+// One online-softmax step of a row: m' = row_max, s = exp_row; alpha = 2^(m - m') rescales what the row had
+// summed; l = l * alpha + sum of the new weights; m = m'. (decode_avx2.cpp per head; attention_avx2.cpp does
+// 8 rows at a time with the same pieces.)
+inline void online_softmax(float* s, int64_t n, float& m, float& l, float& alpha) {
+  const float mnew = row_max(s, n, m);
+  const __m256 sum = exp_row(s, n, mnew);
   alpha = _mm256_cvtss_f32(exp2_ps(_mm256_set1_ps(m - mnew)));
   l = l * alpha + hsum(sum);
   m = mnew;

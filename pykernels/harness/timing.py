@@ -316,9 +316,10 @@ def time_round_robin_cpu(fns: list[Callable[[], object]], opts: TimingOptions | 
     """Several callables timed in turns (one sample of each per round) so that a busy spell on a shared
     machine slows all of them alike; used by the probes that compare two things. Warm (no flush / evict), a
     callable whose call is shorter than opts.min_sample_s is sampled as k back-to-back calls (calls_per_sample
-    of its fastest warm-up call; short ones get 8 more warm-up calls), as time_cpu does: a single call of a few microseconds timed right after another
-    backend's is mostly the timer and the other backend's threads (issue-6 table, Sapphire Rapids VM: a
-    0.8 us GEMM 32^3 read as 3.5 us, 0.3 us 16^3 as 10 us). Cold, every sample is one call after a flush."""
+    of its fastest warm-up call; short ones get 8 more warm-up calls), as time_cpu does: a single call of a
+    few microseconds timed right after another backend's is mostly the timer and the other backend's threads
+    (issue-6 table, Sapphire Rapids VM: a 0.8 us GEMM 32^3 read as 3.5 us, 0.3 us 16^3 as 10 us). Cold,
+    every sample is one call after a flush."""
     opts = opts or TimingOptions()
     last = []
     for f in fns:
