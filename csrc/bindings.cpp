@@ -11,6 +11,7 @@
 #include <immintrin.h>
 #endif
 #include <limits>
+#include <memory>
 #include <stdexcept>
 #include <functional>
 #include <cstdlib>
@@ -416,6 +417,23 @@ py::dict probe_memory(const std::string& kind, const py::object& nbytes, const p
   return d;
 }
 
+// The read probe over an array kept between calls (pk::cpu::ReadPass), checked as probe_memory checks.
+std::unique_ptr<pk::cpu::ReadPass> make_read_pass(const py::object& nbytes, const py::object& threads) {
+  const std::string fn = "ReadPass";
+  int64_t nb = 0;
+  if (!nbytes.is_none()) {
+    nb = opt_int(fn, "nbytes", nbytes, 0);
+    const int64_t phys = pk::cpu::physical_memory_bytes();
+    const int64_t most = phys > 0 ? phys / 2 : kMaxBytes;
+    if (nb < 4096 || nb > most)
+      fail(fn, "argument 'nbytes' must be None or 4096.." + std::to_string(most) + " (within half the physical "
+               "memory), got " + std::to_string(nb));
+  }
+  const int t = check_threads(fn, threads);
+  py::gil_scoped_release nogil;
+  return std::make_unique<pk::cpu::ReadPass>(nb, t);
+}
+
 py::dict probe_clock(const py::object& threads) {
   const int t = check_threads("probe_clock", threads);
   pk::cpu::ClockProbe r;
@@ -656,6 +674,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("probe_memory", &probe_memory, py::arg("kind"), py::arg("nbytes") = py::none(),
         py::arg("threads") = py::none(), py::arg("reps") = 5);
   m.def("probe_clock", &probe_clock, py::arg("threads") = py::none());
+  py::class_<pk::cpu::ReadPass>(m, "ReadPass",
+                                "The read probe (probe_memory's 'read') over an array allocated once: run() reads "
+                                "it once and returns the wall seconds.")
+      .def(py::init(&make_read_pass), py::arg("nbytes") = py::none(), py::arg("threads") = py::none())
+      .def_property_readonly("nbytes", &pk::cpu::ReadPass::nbytes)
+      .def("run", &pk::cpu::ReadPass::run, py::call_guard<py::gil_scoped_release>());
   m.def("probe_cuda_compute", &probe_cuda_compute, py::arg("kind"), py::arg("seconds") = 0.3);
   m.def("probe_cuda_memory", &probe_cuda_memory, py::arg("kind"), py::arg("nbytes") = py::none(),
         py::arg("reps") = 5);

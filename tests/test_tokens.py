@@ -597,7 +597,7 @@ def test_kernels_are_cold_by_default_and_the_record_says_so(tmp_path, monkeypatc
     assert len(tokens_measure.rotating_inputs(inputs, 1)) == 2  # at least two
     assert len(tokens_measure.rotating_inputs(inputs, 10**15, max_copies=7)) == 7
     calls = []
-    rot = tokens_measure._Rotation([lambda: calls.append(0), lambda: calls.append(1)])
+    rot = tokens_measure.Rotation([lambda: calls.append(0), lambda: calls.append(1)])
     for _ in range(3):
         rot()
     assert calls == [0, 1, 0]

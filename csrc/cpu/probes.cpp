@@ -600,6 +600,51 @@ MemoryProbe probe_memory(const std::string& kind, int64_t nbytes, int threads, i
   return r;
 }
 
+struct ReadPass::Impl {
+  Buf a;
+  int64_t n = 0;
+  int threads = 0;
+  Body body = nullptr;
+};
+
+ReadPass::ReadPass(int64_t nbytes, int threads) : impl_(new Impl) {
+  if (nbytes <= 0) nbytes = probe_memory_default_bytes();
+  nbytes = nbytes / 64 * 64;
+  if (nbytes < 64) throw std::invalid_argument("argument 'nbytes' must be >= 64");
+  impl_->n = nbytes / int64_t(sizeof(float));
+  impl_->threads = resolve_threads(threads);
+  const char* store = "regular";
+  impl_->body = pick_body(&store, false);
+  impl_->a = alloc_floats(impl_->n);
+  float* pa = impl_->a.get();
+  const int64_t n = impl_->n;
+#pragma omp parallel num_threads(impl_->threads)
+  {
+    int64_t lo, hi;
+    chunk(n, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+    for (int64_t i = lo; i < hi; ++i) pa[i] = 1.0f;
+  }
+}
+
+ReadPass::~ReadPass() = default;
+
+int64_t ReadPass::nbytes() const { return impl_->n * int64_t(sizeof(float)); }
+
+double ReadPass::run() const {
+  const Impl& s = *impl_;
+  double total = 0;
+  const auto t0 = Clock::now();
+#pragma omp parallel num_threads(s.threads) reduction(+ : total)
+  {
+    int64_t lo, hi;
+    chunk(s.n, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+    total += s.body(Mem::Read, s.a.get(), nullptr, nullptr, lo, hi);
+  }
+  const double t = seconds_since(t0);
+  g_sink = total;
+  return t;
+}
+
 ClockProbe probe_clock(int threads) {
   const int T = resolve_threads(threads);
   constexpr int kTrials = 10;

@@ -4,6 +4,7 @@
 // dicts. An argument that slips through unchecked throws std::invalid_argument (a ValueError in Python).
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -57,6 +58,22 @@ ComputeProbe probe_compute(const std::string& kind, int threads, double seconds)
 // nbytes <= 0: max(256 MiB, 4 x the last-level cache).
 MemoryProbe probe_memory(const std::string& kind, int64_t nbytes, int threads, int reps);
 ClockProbe probe_clock(int threads);
+// The "read" probe over an array allocated and first-touched once (nbytes <= 0: probe_memory's default
+// size): run() reads it once on `threads` threads and returns the wall seconds. For timing the read
+// bandwidth in the same rounds as a kernel; probe_memory allocates and touches its arrays on every call.
+class ReadPass {
+ public:
+  ReadPass(int64_t nbytes, int threads);
+  ~ReadPass();
+  ReadPass(const ReadPass&) = delete;
+  ReadPass& operator=(const ReadPass&) = delete;
+  int64_t nbytes() const;
+  double run() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
 
 // Default array size of probe_memory, the last-level cache size the library sees (0 when unknown), and
 // the physical memory (bytes, 0 when unknown), for argument checks.

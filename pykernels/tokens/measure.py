@@ -76,7 +76,7 @@ def rotating_inputs(inputs: dict, window_bytes: int, max_copies: int = MAX_COPIE
     return [inputs] + [{k: (v.clone() if id(v) in ids else v) for k, v in inputs.items()} for _ in range(copies - 1)]
 
 
-class _Rotation:
+class Rotation:
     """A zero-argument callable calling each of `fns` in turn (one per rotating copy)."""
 
     def __init__(self, fns):
@@ -261,7 +261,7 @@ def measure(
                 out_t = fns[0]()  # first call: compilation / autotuning happen here, outside the timing
                 for f in fns[1:]:
                     f()
-                fn = fns[0] if len(fns) == 1 else _Rotation(fns)
+                fn = fns[0] if len(fns) == 1 else Rotation(fns)
                 extra = {"checked": exp is not None}
                 if exp is not None:
                     err, ok = exp.check(out_t)
