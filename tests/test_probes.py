@@ -80,6 +80,30 @@ def test_memory_probe_default_size_is_4x_llc():
     assert r["nbytes"] == max(256 << 20, 4 * timing.cpu_llc_bytes()) // 64 * 64
 
 
+def test_read_pass_reads_a_kept_array():
+    """_C.ReadPass: the read probe over an array allocated once (tools/issue6.py times it in the same rounds as
+    a kernel); its rate agrees with probe_memory's read on the same size, within the noise of a shared machine."""
+    r = _C.ReadPass(SMALL + 100, None)
+    assert r.nbytes == SMALL + 64
+    t = [r.run() for _ in range(5)]
+    assert all(math.isfinite(x) and x > 0 for x in t)
+    ref = _C.probe_memory("read", SMALL + 100, None, 5)
+    assert 0.2 < (r.nbytes / min(t) / 1e9) / ref["gbs"] < 5
+    from pykernels.harness import timing
+
+    assert _C.ReadPass(None, 1).nbytes == max(256 << 20, 4 * timing.cpu_llc_bytes()) // 64 * 64
+
+
+@pytest.mark.parametrize("kw,name", [({"nbytes": 10}, "nbytes"), ({"nbytes": -1}, "nbytes"),
+                                     ({"nbytes": 1 << 60}, "nbytes"), ({"threads": 0}, "threads"),
+                                     ({"threads": 10**30}, "threads")])
+def test_read_pass_bad_arguments_name_them(kw, name):
+    with pytest.raises(ValueError, match=name):
+        _C.ReadPass(**kw)
+    with pytest.raises(TypeError, match="nbytes"):
+        _C.ReadPass("4096")
+
+
 @pytest.mark.skipif(not KINDS["clock"], reason="no clock probe for this ISA")
 def test_clock_probe():
     r = _C.probe_clock(None)

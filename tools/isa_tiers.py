@@ -15,8 +15,11 @@ shared machine slows all alike. Reported: medians, ratios native(tier)/torch of 
 the compute-bound rows the fraction of the peak of the matching native probe (docs/probes.md), measured at
 the start on every thread: avx2_fp32 for the avx2 tier, avx512_fp32 for fp32 (and for bf16 where the
 avx512 tier widens it), avx512_bf16 (vdpbf16ps) or amx_bf16 (tdpbf16ps) for bf16. Memory-bound rows (decode, M = 1 GEMM)
-also get a read-bandwidth loop (torch sum of 256 MiB) timed in the same rounds: % of read bandwidth is
-the median over rounds of (kernel bytes/s) / (read bytes/s). Outputs are checked against torch's.
+rotate their weights / KV cache through copies spanning 2x the last-level cache (every call streams them
+from memory, as a model's step does; native and torch alike) and also get the native STREAM-style read
+probe (`_C.ReadPass`, four streams per thread over >= 4x the LLC; docs/probes.md) timed in the same rounds:
+% of read bandwidth is the median over rounds of (kernel bytes/s) / (read bytes/s). Outputs are checked
+against torch's.
 """
 
 from __future__ import annotations
@@ -40,7 +43,9 @@ import torch
 
 import pykernels as pk
 from pykernels import _C
+from pykernels.harness import timing
 from pykernels.kernels import AttentionProblem, DecodeProblem, GemmProblem
+from pykernels.tokens import measure
 
 
 def probe_kind(tier: str, dtype: torch.dtype) -> str:
@@ -116,8 +121,9 @@ def main(argv=None) -> int:
     for t in tiers:  # measured before the cases, on an idle machine
         for dt in dtypes:
             peak(t, dt)
-    src = torch.empty(64 << 20, dtype=torch.float32).fill_(1.0)  # 256 MiB read loop
-    read_bytes = src.numel() * 4
+    reader = _C.ReadPass()
+    read_bytes = reader.nbytes
+    window = min(2 * timing.cpu_llc_bytes(), measure.MAX_WINDOW_BYTES)
     caps = ", ".join(f"{k}={v}" for k, v in TORCH_ISA_ENV.get(args.torch_isa, {}).items())
     capped = (f", torch capped to {args.torch_isa} ({caps})" if args.torch_isa
               else f", torch on {torch.backends.cpu.get_cpu_capability()}")
@@ -139,6 +145,11 @@ def main(argv=None) -> int:
             assert err < (2e-2 if dt == torch.bfloat16 else 1e-3), (t, prob, err)
         _C.set_cpu_isa(default)
         mem = family == "decode" or (family == "gemm" and prob.M == 1)
+        if mem:
+            sets = measure.rotating_inputs(x, window)[1:]
+            more = [{**xs, **prob.call_kwargs()} for xs in sets]
+            fns["torch"] = measure.Rotation([fns["torch"]] + [pk.prepare(family, backend="torch", **k) for k in more])
+            native = measure.Rotation([native] + [pk.prepare(family, backend="native", **k) for k in more])
         samples = {k: [] for k in [*tiers, "torch", "read"]}
         for _ in range(args.rounds):
             for t in tiers:
@@ -147,7 +158,7 @@ def main(argv=None) -> int:
             _C.set_cpu_isa(default)
             samples["torch"].append(time_call(fns["torch"]))
             if mem:
-                samples["read"].append(time_call(src.sum))
+                samples["read"].append(time_call(reader.run))
         med = {k: statistics.median(v) for k, v in samples.items() if v}
         row = f"| {family} {prob.label()} | {str(dt).replace('torch.', '')} |"
         for t in tiers:
