@@ -125,3 +125,61 @@ def test_decode_running_max_moves(case, dtype):
     x = {n: v.to(dtype) if v is not None and v.is_floating_point() else v for n, v in x.items()}
     exp = verify.expected(p, x)
     exp.assert_close(pk.decode(**x, backend="native"), what=f"native {case} {dtype}")
+
+
+_GUARD_SCRIPT = r"""
+import ctypes, mmap, sys
+import torch
+import pykernels as pk
+from pykernels import _C
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+PAGE = mmap.PAGESIZE
+keep = []
+
+
+def at_guard(shape, dtype):
+    # a tensor whose last byte is the last byte before a PROT_NONE page
+    n = 1
+    for s in shape:
+        n *= s
+    nbytes = n * torch.tensor([], dtype=dtype).element_size()
+    body = -(-nbytes // PAGE) * PAGE
+    m = mmap.mmap(-1, body + PAGE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    assert libc.mprotect(base + body, PAGE, 0) == 0, ctypes.get_errno()
+    keep.append(m)
+    return torch.frombuffer(m, dtype=dtype, count=n, offset=body - nbytes).view(shape)
+
+
+torch.manual_seed(0)
+for isa in _C.cpu_isas():
+    _C.set_cpu_isa(isa)
+    for dtype in (torch.float32, torch.bfloat16):
+        for D, Hq, Hkv in ((128, 4, 1), (64, 8, 2), (128, 1, 1)):
+            for L in (1, 5, 16, 17, 31, 33, 47, 70, 100):
+                q = torch.randn(1, Hq, D).to(dtype)
+                k = at_guard((1, Hkv, L, D), dtype)
+                v = at_guard((1, Hkv, L, D), dtype)
+                k.copy_(torch.randn(1, Hkv, L, D))
+                v.copy_(torch.randn(1, Hkv, L, D))
+                lens = torch.tensor([L], dtype=torch.int32)
+                out = pk.decode(q, k, v, lens, backend="native")
+                ref = pk.decode(q, k, v, lens, backend="torch")
+                err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+                assert err < (2e-2 if dtype == torch.bfloat16 else 1e-4), (isa, dtype, D, Hq, Hkv, L, err)
+print("ok")
+"""
+
+
+def test_decode_reads_nothing_past_the_context():
+    """Every native tier on K/V caches that end at an inaccessible page, with contexts that end inside a
+    16-token group (the AMX q.K copies such a group before loading it as a tile): a read past the context
+    crashes the child process. In a subprocess so that a crash fails this test, not the run."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("pykernels._C")
+    r = subprocess.run([sys.executable, "-c", _GUARD_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.returncode, r.stdout[-2000:], r.stderr[-2000:])

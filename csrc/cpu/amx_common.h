@@ -31,7 +31,10 @@ inline void configure_tiles() {
     c.colsb[i] = 64;
     c.rows[i] = 16;
   }
-  _tile_loadconfig(&c);
+  // Not _tile_loadconfig: GCC 12's version tells the compiler that ldtilecfg reads only the first 8 bytes
+  // of the configuration, so the stores of the row counts may be dropped as dead (they were, once inlined
+  // in decode_amx.cpp's begin(): ldtilecfg then faulted). The whole 64 bytes are the asm's input here.
+  __asm__ volatile("ldtilecfg %0" : : "m"(c));
 }
 
 using vec::transpose16;  // vec.h
