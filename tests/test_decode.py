@@ -175,8 +175,9 @@ print("ok")
 
 def test_decode_reads_nothing_past_the_context():
     """Every native tier on K/V caches that end at an inaccessible page, with contexts that end inside a
-    16-token group (the AMX q.K copies such a group before loading it as a tile): a read past the context
-    crashes the child process. In a subprocess so that a crash fails this test, not the run."""
+    16-token group or a 64-token tile: a read past the context crashes the child process (an AMX q.K that
+    loaded a partial group as a whole tile did; the NaN-padding tests cannot see such reads, the extra
+    rows' scores are masked). In a subprocess so that a crash fails this test, not the run."""
     import subprocess
     import sys
 

@@ -76,17 +76,5 @@ void decode_neon(const DecodeParams& p);        // D 64 or 128, fp32 and bf16
 // AMX tier (csrc/cpu/*_amx.cpp); callers check enabled().amx_bf16.
 void gemm_amx(const GemmParams& p);            // bf16 GEMM, either B layout (gemm_amx.cpp)
 void attention_amx(const AttentionParams& p);  // bf16 flash attention, D 64 or 128 (attention_amx.cpp)
-// The bf16 decode's q.K on tiles (decode_amx.cpp), for decode.cpp's AVX-512 kernel. Per thread: begin()
-// configures the tiles, end() releases them. prepare_q: the g <= 16 query rows (bf16, D = 64 / 128) of a
-// kv head as D/32 B tiles of 1 KB (qt, 64-byte aligned). scores: s[h * lds + j] = cs * q_h . K[off[j]]
-// for h < g, j < n <= 64, -inf for j in [n, 16 ceil(n / 16)); rows j with j + pfd < npf prefetch (T1)
-// the row off[j + pfd].
-namespace decode_amx {
-void begin();
-void end();
-void prepare_q(const uint16_t* q, int64_t g, int D, uint16_t* qt);
-void scores(const char* kb, const int64_t* off, int64_t n, int D, int64_t g, const uint16_t* qt, float cs, float* s,
-            int64_t lds, int64_t npf, int64_t pfd);
-}  // namespace decode_amx
 
 }  // namespace pk::cpu

@@ -70,7 +70,6 @@ struct Ctx {
   float c;           // scale * log2(e)
   float* part;       // partials [B*Hkv][nchunk][g][D + 16] (o[D], m, l), or null
   int64_t nchunk;
-  bool amx;          // bf16 q.K on the AMX tiles (decode_amx.cpp)
 };
 
 // Element pointer of row (token t, kv head hk) of sequence b in cache `base`.
@@ -509,7 +508,6 @@ struct Scratch {
   float* m;  // [nh*g] running max (base 2)
   float* l;  // [nh*g][16] running sum, 16 partial sums per head
   float* a;  // [g] rescale factors of the current step
-  uint16_t* qt;  // [nh][D/32][512] the query rows as AMX B tiles (Ctx::amx)
 };
 
 // Writes head row o (length D; column order per 32 as the P.V kernel of KD leaves it) times inv to dst.
@@ -568,9 +566,6 @@ PK_AVX512BF16 void item(const Ctx& x, int64_t b, int64_t hk0, int64_t nh, int64_
     sc.m[h] = -std::numeric_limits<float>::infinity();
     _mm512_store_ps(sc.l + 16 * h, _mm512_setzero_ps());
   }
-  if (x.amx)
-    for (int64_t hk = 0; hk < nh; ++hk)
-      decode_amx::prepare_q(reinterpret_cast<const uint16_t*>(Q) + hk * g * D, g, D, sc.qt + hk * D * 16);
   if (use_quad<KD>(g)) {
     // Quad layout: chunk c of quad u = 16 bytes from each of its 4 heads' rows, head-major in the lanes.
     constexpr int NCH = quad_chunks<KD, D>();
@@ -609,10 +604,7 @@ PK_AVX512BF16 void item(const Ctx& x, int64_t b, int64_t hk0, int64_t nh, int64_
     for (int64_t hk = hk0; hk < hk0 + nh; ++hk) {
       fill(nt + kPD);
       const int64_t h0 = (hk - hk0) * g;
-      if (x.amx)
-        decode_amx::scores(kb, off, nt, D, g, sc.qt + (hk - hk0) * D * 16, x.c, sc.s, kT, have, kPD);
-      else
-        scores<KD, D>(g, sc.q + h0 * D, sc.qq + h0 * D, kb, off, nt, have, x.c, sc.s);
+      scores<KD, D>(g, sc.q + h0 * D, sc.qq + h0 * D, kb, off, nt, have, x.c, sc.s);
       for (int64_t h = 0; h < g; ++h) sc.a[h] = softmax_tile(sc.s + h * kT, sc.m[h0 + h], sc.l + 16 * (h0 + h), nv);
       pv_all<KD, D>(g, sc.o + h0 * D, sc.s, sc.a, vb, off, nt, have);
       std::copy(off + nt, off + have, off);
@@ -685,11 +677,7 @@ void run_avx512(const DecodeParams& p) {
     nchunk = (maxlen + chunk - 1) / chunk;
   }
   AlignedBuf part(nchunk > 1 ? static_cast<size_t>(nbkv * nchunk * g * (D + 16) * 4) : 0);
-  // bf16 q.K on the AMX tiles: g <= 16 heads fit one B tile's columns; a group of 16 tokens is one stride
-  // apart on a contiguous cache and on blocks of a multiple of 16 rows (others would be staged every time).
-  const bool amx = std::is_same_v<T, bf16> && enabled().amx_bf16 && g <= 16 &&
-                   (p.block_table == nullptr || p.block_size % 16 == 0);
-  const Ctx x{&p, g, chunk, p.scale * attn::kLog2e, nchunk > 1 ? part.as<float>() : nullptr, nchunk, amx};
+  const Ctx x{&p, g, chunk, p.scale * attn::kLog2e, nchunk > 1 ? part.as<float>() : nullptr, nchunk};
   // Items: (unit, chunk) for the chunks of the unit's context only.
   std::vector<int64_t> items;
   items.reserve(static_cast<size_t>(units * nchunk));
@@ -704,10 +692,9 @@ void run_avx512(const DecodeParams& p) {
     AlignedBuf qb(static_cast<size_t>(hs * D * 4)), qqb(use_quad<KD>(g) ? static_cast<size_t>(hs * D * 4) : 0),
         ob(static_cast<size_t>(hs * D * 4)),
         sb(static_cast<size_t>(g * kT * 4)), mb(static_cast<size_t>((hs + g) * 4)), tb(static_cast<size_t>(D * 4));
-    AlignedBuf lb(static_cast<size_t>(hs * 16 * 4)), qtb(amx ? static_cast<size_t>(nh * D * 16 * 2) : 0);
+    AlignedBuf lb(static_cast<size_t>(hs * 16 * 4));
     const Scratch sc{qb.as<float>(), qqb.as<float>(), ob.as<float>(), sb.as<float>(), mb.as<float>(), lb.as<float>(),
-                     mb.as<float>() + hs, qtb.as<uint16_t>()};
-    if (amx) decode_amx::begin();
+                     mb.as<float>() + hs};
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < nitems; ++i) {
       const int64_t u = items[i] / nchunk, bh = u * nh;  // first (b, kv head) of the unit
@@ -717,7 +704,6 @@ void run_avx512(const DecodeParams& p) {
 #pragma omp for schedule(dynamic, 1)
       for (int64_t bk = 0; bk < nbkv; ++bk) merge<T, KD, D>(x, bk / Hkv, bk % Hkv, tb.as<float>());
     }
-    if (amx) decode_amx::end();
   }
 }
 

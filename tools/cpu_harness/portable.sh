@@ -10,7 +10,7 @@ set -e
 cd "$(dirname "$0")"
 SRC="portable_harness.cpp ../../csrc/cpu/cpu_features.cpp ../../csrc/cpu/probes.cpp ../../csrc/cpu/gemm.cpp ../../csrc/cpu/attention.cpp
      ../../csrc/cpu/decode.cpp ../../csrc/cpu/gemm_avx2.cpp ../../csrc/cpu/attention_avx2.cpp ../../csrc/cpu/decode_avx2.cpp ../../csrc/cpu/gemm_amx.cpp
-     ../../csrc/cpu/attention_amx.cpp ../../csrc/cpu/decode_amx.cpp ../../csrc/cpu/attention_neon.cpp ../../csrc/cpu/decode_neon.cpp"
+     ../../csrc/cpu/attention_amx.cpp ../../csrc/cpu/attention_neon.cpp ../../csrc/cpu/decode_neon.cpp"
 OUT=${TMPDIR:-/tmp}/pk_portable_harness.$$  # one per run: runs side by side do not share binaries
 trap 'rm -f "$OUT" "$OUT".*' EXIT
 if [ "${ARCH:-}" = aarch64 ]; then
