@@ -100,8 +100,13 @@ def test_read_pass_reads_a_kept_array():
 def test_read_pass_bad_arguments_name_them(kw, name):
     with pytest.raises(ValueError, match=name):
         _C.ReadPass(**kw)
+
+
+def test_read_pass_wrong_types_name_them():
     with pytest.raises(TypeError, match="nbytes"):
         _C.ReadPass("4096")
+    with pytest.raises(TypeError, match="threads"):
+        _C.ReadPass(None, 1.5)
 
 
 @pytest.mark.skipif(not KINDS["clock"], reason="no clock probe for this ISA")

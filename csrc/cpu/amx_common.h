@@ -32,8 +32,9 @@ inline void configure_tiles() {
     c.rows[i] = 16;
   }
   // Not _tile_loadconfig: GCC 12's version tells the compiler that ldtilecfg reads only the first 8 bytes
-  // of the configuration, so the stores of the row counts may be dropped as dead (they were, once inlined
-  // in decode_amx.cpp's begin(): ldtilecfg then faulted). The whole 64 bytes are the asm's input here.
+  // of the configuration, so the stores of the row counts may be dropped as dead (they were in an AMX
+  // decode kernel tried on 2026-12-05, where this function was inlined into a tiny one: ldtilecfg then
+  // faulted; notes/cpu_decode.md). The whole 64 bytes are the asm's input here.
   __asm__ volatile("ldtilecfg %0" : : "m"(c));
 }
 
