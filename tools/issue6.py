@@ -271,7 +271,8 @@ def to_markdown(doc: dict) -> str:
               + (f", whose weights / KV cache rotate through copies spanning {doc['rotation_window_bytes'] >> 20} MiB "
                  "(2× the last-level cache) for native and torch alike, so every call streams them from memory"
                  if doc.get("rotation_window_bytes") else "") + "; the % is the median "
-              "over rounds of the per-round ratio, the GB/s beside it are medians. The best copy bandwidth of the "
+              "over rounds of the per-round ratio, the GB/s beside it are medians (a kernel that only reads can pass 100% of "
+              "the copy, which writes as much as it reads). The best copy bandwidth of the "
               f"probes at the start and the end of the run: {bw / 1e9:.1f} GB/s. "
               f"torch {doc['torch']}, {doc['threads']} threads, {doc['time_utc']}"
               + (", load average (1 min) at the start and the end: {:.1f}, {:.1f}.".format(*doc["load_avg_1min"])
