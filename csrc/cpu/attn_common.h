@@ -46,14 +46,17 @@ class AlignedBuf {
 // is split into chunks (a multiple of `tile` tokens, at least min_chunk; their partials merged afterwards)
 // only when there are fewer than 2 units per thread, into ~4 items per thread; a call that reads less than
 // min_parallel_bytes of K and V runs on one thread.
+// heads_per_unit kv heads of a sequence form one unit (1 or Hkv): its items then walk those heads.
 struct DecodeSplit {
   int threads;
   int64_t units, chunk, nchunk;
   std::vector<int64_t> items;
+  int64_t heads_per_unit = 1;
 };
 inline DecodeSplit split_decode(const DecodeParams& p, int64_t elem_bytes, int64_t tile, int max_threads,
-                                int64_t min_chunk = 256, int64_t min_parallel_bytes = 256 * 1024) {
-  DecodeSplit s{max_threads, p.B * p.Hkv, 0, 1, {}};
+                                int64_t min_chunk = 256, int64_t min_parallel_bytes = 256 * 1024,
+                                int64_t heads_per_unit = 1) {
+  DecodeSplit s{max_threads, p.B * p.Hkv / heads_per_unit, 0, 1, {}, heads_per_unit};
   int64_t maxlen = 0, tokens = 0;
   for (int64_t b = 0; b < p.B; ++b) {
     maxlen = std::max<int64_t>(maxlen, p.context_lens[b]);
@@ -68,7 +71,8 @@ inline DecodeSplit split_decode(const DecodeParams& p, int64_t elem_bytes, int64
   }
   s.items.reserve(static_cast<size_t>(s.units * s.nchunk));
   for (int64_t u = 0; u < s.units; ++u)
-    for (int64_t c = 0; c < (p.context_lens[u / p.Hkv] + s.chunk - 1) / s.chunk; ++c) s.items.push_back(u * s.nchunk + c);
+    for (int64_t c = 0; c < (p.context_lens[u * heads_per_unit / p.Hkv] + s.chunk - 1) / s.chunk; ++c)
+      s.items.push_back(u * s.nchunk + c);
   return s;
 }
 
@@ -86,9 +90,10 @@ inline void tile_rows(const DecodeParams& p, const T* base, int64_t b, int64_t h
   }
 }
 
-// Runs a decode split on its threads (OpenMP, dynamic schedule): item(b, kv head, chunk, scratch) for every
-// item, then, when the context was split, merge(b, kv head, scratch) for every unit. Each thread's scratch
-// is make_scratch()'s, made once per thread inside the parallel region.
+// Runs a decode split on its threads (OpenMP, dynamic schedule): item(b, first kv head, chunk, scratch) for
+// every item (its unit's w.heads_per_unit kv heads), then, when the context was split, merge(b, kv head,
+// scratch) for every (sequence, kv head). Each thread's scratch is make_scratch()'s, made once per thread
+// inside the parallel region.
 template <class Make, class Item, class Merge>
 void run_decode_split(const DecodeSplit& w, int64_t Hkv, Make make_scratch, Item item, Merge merge) {
   const int64_t nitems = static_cast<int64_t>(w.items.size());
@@ -97,12 +102,12 @@ void run_decode_split(const DecodeSplit& w, int64_t Hkv, Make make_scratch, Item
     auto sc = make_scratch();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < nitems; ++i) {
-      const int64_t u = w.items[i] / w.nchunk;
-      item(u / Hkv, u % Hkv, w.items[i] % w.nchunk, sc);
+      const int64_t bh = w.items[i] / w.nchunk * w.heads_per_unit;  // first (sequence, kv head) of the unit
+      item(bh / Hkv, bh % Hkv, w.items[i] % w.nchunk, sc);
     }
     if (w.nchunk > 1) {
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t u = 0; u < w.units; ++u) merge(u / Hkv, u % Hkv, sc);
+      for (int64_t bh = 0; bh < w.units * w.heads_per_unit; ++bh) merge(bh / Hkv, bh % Hkv, sc);
     }
   }
 }

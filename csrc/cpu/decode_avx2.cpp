@@ -108,16 +108,17 @@ struct Scratch {
   float *kw, *vw;  // bf16 with g > 1: the tile's K and V rows widened to fp32 once (kT x D each)
 };
 
-// One thread's buffers: the Scratch of its items, and acc (D floats) for its merges.
+// One thread's buffers: the Scratch of its items (nh kv heads of g query heads each), and acc (D floats) for
+// its merges.
 template <class T, int D> struct ThreadScratch {
   AlignedBuf q, o, s, m, kw, vw, acc;
   Scratch sc;
-  explicit ThreadScratch(int64_t g)
-      : q(static_cast<size_t>(g * D * 4)), o(static_cast<size_t>(g * D * 4)), s(static_cast<size_t>(g * kT * 4)),
-        m(static_cast<size_t>(3 * g * 4)), kw(widen(g) ? static_cast<size_t>(kT * D * 4) : 0),
+  ThreadScratch(int64_t g, int64_t nh)
+      : q(static_cast<size_t>(nh * g * D * 4)), o(static_cast<size_t>(nh * g * D * 4)), s(static_cast<size_t>(g * kT * 4)),
+        m(static_cast<size_t>((2 * nh + 1) * g * 4)), kw(widen(g) ? static_cast<size_t>(kT * D * 4) : 0),
         vw(widen(g) ? static_cast<size_t>(kT * D * 4) : 0), acc(static_cast<size_t>(D * 4)),
-        sc{q.as<float>(), o.as<float>(), s.as<float>(), m.as<float>(), m.as<float>() + g, m.as<float>() + 2 * g,
-           kw.as<float>(), vw.as<float>()} {}
+        sc{q.as<float>(), o.as<float>(), s.as<float>(), m.as<float>(), m.as<float>() + nh * g,
+           m.as<float>() + 2 * nh * g, kw.as<float>(), vw.as<float>()} {}
   static bool widen(int64_t g) { return std::is_same_v<T, u16> && g > 1; }
 };
 
@@ -151,13 +152,18 @@ void tile_compute(const Scratch& sc, const R* const* kr, const R* const* vr, con
       pv_block<1>(sc.o + h * D, D, sc.s + h * kT, sc.alpha + h, vr, nj, c0, vn, h == 0 ? npf : 0);
 }
 
-template <class T, int D> void item(const Ctx& x, int64_t b, int64_t hk, int64_t ci, const Scratch& sc) {
+// One work item: the query heads of kv heads [hk0, hk0 + nh) of sequence b, tokens of chunk ci. Steps of
+// kT tokens of one kv head, heads inner: on a paged cache nh = Hkv, so the heads' rows of a block (stored
+// [Hkv][block_size][D], back to back) are read one after the other instead of one 8 KB run per block and
+// head (decode.cpp does the same; fp32 Hkv 32 paged, 2 threads: 17.6-17.9 -> see notes/cpu_decode.md).
+// Each step prefetches the next one's rows.
+template <class T, int D> void item(const Ctx& x, int64_t b, int64_t hk0, int64_t nh, int64_t ci, const Scratch& sc) {
   const DecodeParams& p = *x.p;
   const int64_t g = x.g, n = p.context_lens[b], t0 = ci * x.chunk, t1 = std::min(n, t0 + x.chunk);
-  const T* Q = static_cast<const T*>(p.q) + (b * p.Hq + hk * g) * D;
+  const T* Q = static_cast<const T*>(p.q) + (b * p.Hq + hk0 * g) * D;
   const T* K = static_cast<const T*>(p.k);
   const T* V = static_cast<const T*>(p.v);
-  for (int64_t h = 0; h < g; ++h) {
+  for (int64_t h = 0; h < nh * g; ++h) {
     for (int d = 0; d < D; d += 8)
       _mm256_store_ps(sc.q + h * D + d, _mm256_mul_ps(avx2::load8(Q + h * D + d), _mm256_set1_ps(x.c)));
     for (int d = 0; d < D; d += 8) _mm256_store_ps(sc.o + h * D + d, _mm256_setzero_ps());
@@ -166,18 +172,28 @@ template <class T, int D> void item(const Ctx& x, int64_t b, int64_t hk, int64_t
   }
   const T* kr[kT];
   const T* vr[kT];
-  const T* kn[kT];  // the next tile's rows
+  const T* kn[kT];  // the next step's rows
   const T* vn[kT];
-  attn::tile_rows(p, K, b, hk, t0, std::min(kT, t1 - t0), kn);
-  attn::tile_rows(p, V, b, hk, t0, std::min(kT, t1 - t0), vn);
-  for (int64_t j0 = t0; j0 < t1; j0 += kT) {
-    const int64_t nj = std::min(kT, t1 - j0), nn = std::max<int64_t>(0, std::min(kT, t1 - j0 - kT));
+  attn::tile_rows(p, K, b, hk0, t0, std::min(kT, t1 - t0), kn);
+  attn::tile_rows(p, V, b, hk0, t0, std::min(kT, t1 - t0), vn);
+  for (int64_t ts = t0, hk = hk0; ts < t1;) {
+    const int64_t nj = std::min(kT, t1 - ts);
+    int64_t nts = ts, nhk = hk + 1;
+    if (nhk == hk0 + nh) {
+      nhk = hk0;
+      nts += kT;
+    }
+    const int64_t nn = nts < t1 ? std::min(kT, t1 - nts) : 0;
     for (int64_t j = 0; j < kT; ++j) {  // rows past the tile's end repeat its first (scores masked)
       kr[j] = kn[j < nj ? j : 0];
       vr[j] = vn[j < nj ? j : 0];
     }
-    attn::tile_rows(p, K, b, hk, j0 + kT, nn, kn);
-    attn::tile_rows(p, V, b, hk, j0 + kT, nn, vn);
+    attn::tile_rows(p, K, b, nhk, nts, nn, kn);
+    attn::tile_rows(p, V, b, nhk, nts, nn, vn);
+    const int64_t h0 = (hk - hk0) * g;
+    const Scratch hs{sc.q + h0 * D, sc.o + h0 * D, sc.s, sc.m + h0, sc.l + h0, sc.alpha, sc.kw, sc.vw};
+    ts = nts;
+    hk = nhk;
     if constexpr (std::is_same_v<T, u16>) {
       // g heads would widen every bf16 element g times (load + vpmovzxwd + shift per 8 values, 3 uops
       // per FMA); widen the tile once into L1 and run the fp32 loops on it.
@@ -195,32 +211,35 @@ template <class T, int D> void item(const Ctx& x, int64_t b, int64_t hk, int64_t
           kf[j] = j < nj ? kd : sc.kw;
           vf[j] = j < nj ? vd : sc.vw;
         }
-        tile_compute<float, D>(sc, kf, vf, kn, vn, nj, nn, g);
+        tile_compute<float, D>(hs, kf, vf, kn, vn, nj, nn, g);
         continue;
       }
     }
-    tile_compute<T, D>(sc, kr, vr, kn, vn, nj, nn, g);
+    tile_compute<T, D>(hs, kr, vr, kn, vn, nj, nn, g);
   }
-  if (x.nchunk == 1) {
-    T* O = static_cast<T*>(p.o) + (b * p.Hq + hk * g) * D;
-    for (int64_t h = 0; h < g; ++h) {
-      const __m256 inv = _mm256_set1_ps(1.f / sc.l[h]);
-      for (int d = 0; d < D; d += 8) {
-        const __m256 v = _mm256_mul_ps(_mm256_load_ps(sc.o + h * D + d), inv);
-        if constexpr (std::is_same_v<T, float>) {
-          _mm256_storeu_ps(O + h * D + d, v);
-        } else {
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(O + h * D + d), avx2::narrow_bf16(v));
+  for (int64_t hk = hk0; hk < hk0 + nh; ++hk) {
+    const int64_t h0 = (hk - hk0) * g;
+    if (x.nchunk == 1) {
+      T* O = static_cast<T*>(p.o) + (b * p.Hq + hk * g) * D;
+      for (int64_t h = 0; h < g; ++h) {
+        const __m256 inv = _mm256_set1_ps(1.f / sc.l[h0 + h]);
+        for (int d = 0; d < D; d += 8) {
+          const __m256 v = _mm256_mul_ps(_mm256_load_ps(sc.o + (h0 + h) * D + d), inv);
+          if constexpr (std::is_same_v<T, float>) {
+            _mm256_storeu_ps(O + h * D + d, v);
+          } else {
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(O + h * D + d), avx2::narrow_bf16(v));
+          }
         }
       }
+      continue;
     }
-    return;
-  }
-  float* part = x.part + ((b * p.Hkv + hk) * x.nchunk + ci) * g * (D + 2);
-  for (int64_t h = 0; h < g; ++h) {
-    std::copy(sc.o + h * D, sc.o + h * D + D, part + h * (D + 2));
-    part[h * (D + 2) + D] = sc.m[h];
-    part[h * (D + 2) + D + 1] = sc.l[h];
+    float* part = x.part + ((b * p.Hkv + hk) * x.nchunk + ci) * g * (D + 2);
+    for (int64_t h = 0; h < g; ++h) {
+      std::copy(sc.o + (h0 + h) * D, sc.o + (h0 + h) * D + D, part + h * (D + 2));
+      part[h * (D + 2) + D] = sc.m[h0 + h];
+      part[h * (D + 2) + D + 1] = sc.l[h0 + h];
+    }
   }
 }
 
@@ -252,14 +271,17 @@ template <class T, int D> void merge(const Ctx& x, int64_t b, int64_t hk, float*
 
 template <class T, int D> void run(const DecodeParams& p) {
   const int64_t Hkv = p.Hkv, g = p.Hq / p.Hkv;
+  // kv heads per item: all of them on a paged cache (see item), one on a contiguous cache (its context is
+  // one long run per head).
+  const int64_t nh = p.block_table ? Hkv : 1;
   const attn::DecodeSplit w = attn::split_decode(p, sizeof(T), kT, omp_in_parallel() ? 1 : omp_get_max_threads(),
-                                                 kMinChunk, kMinParallelBytes);
+                                                 kMinChunk, kMinParallelBytes, nh);
   const int64_t nchunk = w.nchunk;
-  AlignedBuf part(nchunk > 1 ? static_cast<size_t>(w.units * nchunk * g * (D + 2) * 4) : 0);
+  AlignedBuf part(nchunk > 1 ? static_cast<size_t>(p.B * Hkv * nchunk * g * (D + 2) * 4) : 0);
   const Ctx x{&p, g, w.chunk, nchunk, p.scale * attn::kLog2e, nchunk > 1 ? part.as<float>() : nullptr};
   attn::run_decode_split(
-      w, Hkv, [&] { return ThreadScratch<T, D>(g); },
-      [&](int64_t b, int64_t hk, int64_t c, const ThreadScratch<T, D>& t) { item<T, D>(x, b, hk, c, t.sc); },
+      w, Hkv, [&] { return ThreadScratch<T, D>(g, nh); },
+      [&](int64_t b, int64_t hk, int64_t c, const ThreadScratch<T, D>& t) { item<T, D>(x, b, hk, nh, c, t.sc); },
       [&](int64_t b, int64_t hk, const ThreadScratch<T, D>& t) { merge<T, D>(x, b, hk, t.acc.template as<float>()); });
 }
 
