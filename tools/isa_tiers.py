@@ -43,7 +43,6 @@ import torch
 
 import pykernels as pk
 from pykernels import _C
-from pykernels.harness import timing
 from pykernels.kernels import AttentionProblem, DecodeProblem, GemmProblem
 from pykernels.tokens import measure
 
@@ -123,7 +122,7 @@ def main(argv=None) -> int:
             peak(t, dt)
     reader = _C.ReadPass()
     read_bytes = reader.nbytes
-    window = min(2 * timing.cpu_llc_bytes(), measure.MAX_WINDOW_BYTES)
+    window = measure.rotation_window_bytes()
     caps = ", ".join(f"{k}={v}" for k, v in TORCH_ISA_ENV.get(args.torch_isa, {}).items())
     capped = (f", torch capped to {args.torch_isa} ({caps})" if args.torch_isa
               else f", torch on {torch.backends.cpu.get_cpu_capability()}")
@@ -145,11 +144,10 @@ def main(argv=None) -> int:
             assert err < (2e-2 if dt == torch.bfloat16 else 1e-3), (t, prob, err)
         _C.set_cpu_isa(default)
         mem = family == "decode" or (family == "gemm" and prob.M == 1)
-        if mem:
-            sets = measure.rotating_inputs(x, window)[1:]
-            more = [{**xs, **prob.call_kwargs()} for xs in sets]
-            fns["torch"] = measure.Rotation([fns["torch"]] + [pk.prepare(family, backend="torch", **k) for k in more])
-            native = measure.Rotation([native] + [pk.prepare(family, backend="native", **k) for k in more])
+        if mem:  # weights / KV cache streamed from memory on every call, as in a model's step
+            sets = measure.rotating_inputs(x, window)
+            fns["torch"] = measure.rotating_calls(family, "torch", sets, prob.call_kwargs())
+            native = measure.rotating_calls(family, "native", sets, prob.call_kwargs())
         samples = {k: [] for k in [*tiers, "torch", "read"]}
         for _ in range(args.rounds):
             for t in tiers:

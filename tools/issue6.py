@@ -133,20 +133,17 @@ def main(argv=None) -> int:
     src = torch.ones(nbytes_bw // 4)
     dst = torch.empty_like(src)
     reader = _C.ReadPass()  # the native STREAM-style read (docs/probes.md) over >= 4x the LLC, allocated once
-    window = min(2 * timing.cpu_llc_bytes(), measure.MAX_WINDOW_BYTES)
+    window = measure.rotation_window_bytes()
     rows = []
     for case in cases:
         p, dt = case.problem, dtype_of(case.dtype)
         inputs = p.make_inputs(dt, "cpu", seed=0)
         kw = p.call_kwargs()
         fns = [pk.prepare(p.family, backend=b, **inputs, **kw) for b in ("native", "torch")]
+        # memory-bound rows: weights / KV cache streamed from memory on every call, as in a model's step
+        sets = measure.rotating_inputs(inputs, window) if memory_bound(case) else [inputs]
+        fns = [measure.rotating_calls(p.family, b, sets, kw) for b in ("native", "torch")]
         out_native, out_torch = fns[0](), fns[1]()
-        copies = 1
-        if memory_bound(case):  # weights / KV cache streamed from memory on every call, as in a model's step
-            sets = measure.rotating_inputs(inputs, window)
-            copies = len(sets)
-            fns = [measure.Rotation([fns[i]] + [pk.prepare(p.family, backend=b, **x, **kw) for x in sets[1:]])
-                   for i, b in enumerate(("native", "torch"))]
         err = ((out_native.double() - out_torch.double()).abs().max() /
                out_torch.double().abs().max().clamp_min(1e-30)).item()
         opts = timing.TimingOptions(budget_s=args.budget, rse_target=0.01, min_rounds=5, warmup_s=0.2)
@@ -159,7 +156,7 @@ def main(argv=None) -> int:
                "native": st_native.as_dict(), "torch": st_torch.as_dict(),
                "ratio": st_torch.median_s / st_native.median_s,
                "ratio_p20_p80": [st_torch.p20_s / st_native.p80_s, st_torch.p80_s / st_native.p20_s],
-               "native_vs_torch_rel_error": err, "input_copies": copies, "seconds": time.perf_counter() - t0}
+               "native_vs_torch_rel_error": err, "input_copies": len(sets), "seconds": time.perf_counter() - t0}
         if st_bw:
             row["copy"], row["read"] = st_bw[0].as_dict(), st_bw[1].as_dict()
             row["native_samples"], row["copy_samples"], row["read_samples"] = (
@@ -171,12 +168,11 @@ def main(argv=None) -> int:
               f"torch {st_torch.median_s * 1e3:9.3f} ms  ratio {row['ratio']:5.2f}", flush=True)
     bw1 = bandwidth()
     copy_bw = max(bw0["copy_bytes_per_s"], bw1["copy_bytes_per_s"])
-    doc_read_bytes = reader.nbytes
     for r in rows:
         r["native_bytes_per_s"] = r["bytes"] / r["native"]["median_s"]
         if r["memory_bound"]:
             r["pct_copy_bw"] = 100.0 * paired(r["bytes"], r["native_samples"], 2 * nbytes_bw, r["copy_samples"])
-            r["pct_read_bw"] = 100.0 * paired(r["bytes"], r["native_samples"], doc_read_bytes, r["read_samples"])
+            r["pct_read_bw"] = 100.0 * paired(r["bytes"], r["native_samples"], reader.nbytes, r["read_samples"])
         else:
             r["pct_copy_bw"] = r["pct_read_bw"] = None
         r["met"] = r["ratio"] >= r["target"] and not (r["family"] == "decode" and r["memory_bound"]

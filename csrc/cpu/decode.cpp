@@ -47,7 +47,6 @@ namespace pk::cpu {
 namespace {
 
 using attn::AlignedBuf;
-using attn::round_up;
 
 // Tokens per tile: 64 scores per head = 4 zmm; the tile's K and V rows (64 x 512 B each at D = 128
 // fp32 = 64 KB) stay in the 1 MB L2 between the q.K pass and the P.V pass.
@@ -655,56 +654,38 @@ PK_AVX512 void merge(const Ctx& x, int64_t b, int64_t hk, float* tmp) {
   }
 }
 
+// One thread's buffers for the items of nh kv heads of g query heads each (Scratch) and its merges (tb),
+// with denormals flushed while the thread works.
+template <Kind KD, int D>
+struct ThreadScratch {
+  attn::FlushDenormals ftz;
+  AlignedBuf qb, qqb, ob, sb, mb, lb, tb;
+  Scratch sc;
+  ThreadScratch(int64_t g, int64_t nh)
+      : qb(static_cast<size_t>(nh * g * D * 4)), qqb(use_quad<KD>(g) ? static_cast<size_t>(nh * g * D * 4) : 0),
+        ob(static_cast<size_t>(nh * g * D * 4)), sb(static_cast<size_t>(g * kT * 4)),
+        mb(static_cast<size_t>((nh * g + g) * 4)), lb(static_cast<size_t>(nh * g * 16 * 4)),
+        tb(static_cast<size_t>(D * 4)),
+        sc{qb.as<float>(), qqb.as<float>(), ob.as<float>(), sb.as<float>(), mb.as<float>(), lb.as<float>(),
+           mb.as<float>() + nh * g} {}
+};
+
 template <typename T, Kind KD, int D>
 void run_avx512(const DecodeParams& p) {
-  const int64_t B = p.B, Hkv = p.Hkv, g = p.Hq / p.Hkv, nbkv = B * Hkv;
-  int64_t maxlen = 0, tokens = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    maxlen = std::max<int64_t>(maxlen, p.context_lens[b]);
-    tokens += p.context_lens[b];
-  }
-  int nt = omp_in_parallel() ? 1 : omp_get_max_threads();
-  if (2 * tokens * Hkv * D * static_cast<int64_t>(sizeof(T)) < kMinParallelBytes) nt = 1;
+  const int64_t Hkv = p.Hkv, g = p.Hq / p.Hkv;
   // kv heads per item. Contiguous: one (its context is one long run). Paged: all of them, because a
   // block holds every head's rows [Hkv][block_size][D] back to back: walking the heads inside each
-  // block reads 64-256 KB runs instead of one 4-8 KB run per block, page, and TLB entry.
-  const int64_t nh = p.block_table ? Hkv : 1, units = B * (Hkv / nh);
-  // Split contexts only when the units alone cannot keep every thread busy: then ~4 items per thread.
-  int64_t chunk = maxlen, nchunk = 1;
-  if (units < 2 * nt) {
-    const int64_t want = (4 * nt + units - 1) / units;
-    chunk = std::max(kMinChunk, round_up((maxlen + want - 1) / want, kT));
-    nchunk = (maxlen + chunk - 1) / chunk;
-  }
-  AlignedBuf part(nchunk > 1 ? static_cast<size_t>(nbkv * nchunk * g * (D + 16) * 4) : 0);
-  const Ctx x{&p, g, chunk, p.scale * attn::kLog2e, nchunk > 1 ? part.as<float>() : nullptr, nchunk};
-  // Items: (unit, chunk) for the chunks of the unit's context only.
-  std::vector<int64_t> items;
-  items.reserve(static_cast<size_t>(units * nchunk));
-  for (int64_t u = 0; u < units; ++u) {
-    const int64_t n = p.context_lens[u * nh / Hkv];
-    for (int64_t c = 0; c < (n + chunk - 1) / chunk; ++c) items.push_back(u * nchunk + c);
-  }
-  const int64_t nitems = static_cast<int64_t>(items.size()), hs = nh * g;
-#pragma omp parallel num_threads(nt)
-  {
-    const attn::FlushDenormals ftz;
-    AlignedBuf qb(static_cast<size_t>(hs * D * 4)), qqb(use_quad<KD>(g) ? static_cast<size_t>(hs * D * 4) : 0),
-        ob(static_cast<size_t>(hs * D * 4)),
-        sb(static_cast<size_t>(g * kT * 4)), mb(static_cast<size_t>((hs + g) * 4)), tb(static_cast<size_t>(D * 4));
-    AlignedBuf lb(static_cast<size_t>(hs * 16 * 4));
-    const Scratch sc{qb.as<float>(), qqb.as<float>(), ob.as<float>(), sb.as<float>(), mb.as<float>(), lb.as<float>(),
-                     mb.as<float>() + hs};
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < nitems; ++i) {
-      const int64_t u = items[i] / nchunk, bh = u * nh;  // first (b, kv head) of the unit
-      item<T, KD, D>(x, bh / Hkv, bh % Hkv, nh, items[i] % nchunk, sc);
-    }
-    if (nchunk > 1) {
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t bk = 0; bk < nbkv; ++bk) merge<T, KD, D>(x, bk / Hkv, bk % Hkv, tb.as<float>());
-    }
-  }
+  // block reads 64-256 KB runs instead of one 4-8 KB run per block, page, and TLB entry. Contexts are
+  // split only when the units alone cannot keep every thread busy (attn::split_decode).
+  const int64_t nh = p.block_table ? Hkv : 1;
+  const attn::DecodeSplit w = attn::split_decode(p, sizeof(T), kT, omp_in_parallel() ? 1 : omp_get_max_threads(),
+                                                 kMinChunk, kMinParallelBytes, nh);
+  AlignedBuf part(w.nchunk > 1 ? static_cast<size_t>(p.B * Hkv * w.nchunk * g * (D + 16) * 4) : 0);
+  const Ctx x{&p, g, w.chunk, p.scale * attn::kLog2e, w.nchunk > 1 ? part.as<float>() : nullptr, w.nchunk};
+  attn::run_decode_split(
+      w, Hkv, [&] { return ThreadScratch<KD, D>(g, nh); },
+      [&](int64_t b, int64_t hk, int64_t c, const ThreadScratch<KD, D>& t) { item<T, KD, D>(x, b, hk, nh, c, t.sc); },
+      [&](int64_t b, int64_t hk, const ThreadScratch<KD, D>& t) { merge<T, KD, D>(x, b, hk, t.tb.template as<float>()); });
 }
 
 #endif  // __x86_64__

@@ -76,6 +76,18 @@ def rotating_inputs(inputs: dict, window_bytes: int, max_copies: int = MAX_COPIE
     return [inputs] + [{k: (v.clone() if id(v) in ids else v) for k, v in inputs.items()} for _ in range(copies - 1)]
 
 
+def rotation_window_bytes() -> int:
+    """What the rotating copies of one problem span: twice the last-level cache, at most MAX_WINDOW_BYTES."""
+    return min(2 * timing.cpu_llc_bytes(), MAX_WINDOW_BYTES)
+
+
+def rotating_calls(family: str, backend, sets: list[dict], call_kwargs: dict):
+    """One prepared call per input set (rotating_inputs' copies), called in turn; the prepared call itself
+    when there is one set. The first call goes to the first set."""
+    fns = [ops.prepare(family, backend=backend, **inp, **call_kwargs) for inp in sets]
+    return fns[0] if len(fns) == 1 else Rotation(fns)
+
+
 class Rotation:
     """A zero-argument callable calling each of `fns` in turn (one per rotating copy)."""
 
@@ -234,7 +246,7 @@ def measure(
     decode_problems = {c.problem for c in workload.decode.calls}
     rest = []
     rotate = cold and not device.startswith("cuda")
-    window = min(2 * timing.cpu_llc_bytes(), MAX_WINDOW_BYTES) if rotate else 0  # the copies span this much
+    window = rotation_window_bytes() if rotate else 0  # the copies span this much
     for dt_name in dtypes:
         dtype = dtype_of(dt_name)
         for prob in workload.problems():
@@ -257,11 +269,10 @@ def measure(
                     )
                     log(f"  skip {be.name:14s} {prob.family:9s} {prob.label()}: {reason}")
                     continue
-                fns = [ops.prepare(prob.family, backend=be, **inp, **prob.call_kwargs()) for inp in sets]
-                out_t = fns[0]()  # first call: compilation / autotuning happen here, outside the timing
-                for f in fns[1:]:
-                    f()
-                fn = fns[0] if len(fns) == 1 else Rotation(fns)
+                fn = rotating_calls(prob.family, be, sets, prob.call_kwargs())
+                out_t = fn()  # first call (first set): compilation / autotuning happen here, outside the timing
+                for _ in sets[1:]:  # the other copies once each; the rotation is back at the first set
+                    fn()
                 extra = {"checked": exp is not None}
                 if exp is not None:
                     err, ok = exp.check(out_t)
