@@ -622,6 +622,9 @@ PYBIND11_MODULE(_C, m) {
     d["bf16_dot_source"] = std::string(pk::cpu::bf16_dot_source());
     d["zmm_fma_full_width"] = pk::cpu::zmm_fma_full_width();
     d["zmm_fma_source"] = std::string(pk::cpu::zmm_fma_source());
+    // where the decode kernels' software prefetches of the K/V streams land (cpu.h stream_prefetch)
+    d["stream_prefetch"] = std::string(pk::cpu::stream_prefetch_name(pk::cpu::stream_prefetch()));
+    d["stream_prefetch_source"] = std::string(pk::cpu::stream_prefetch_source());
     return d;
   });
   // ISA tiers (csrc/cpu/cpu.h). PYKERNELS_CPU_ISA=amx|avx512|avx2|neon|portable, read here once, picks the tier
@@ -648,6 +651,14 @@ PYBIND11_MODULE(_C, m) {
   if (const char* env = std::getenv("PYKERNELS_CPU_ISA"); env && *env) set_cpu_isa_checked("PYKERNELS_CPU_ISA", env);
   // PYKERNELS_BF16_DOT=on|off|auto: a bad value fails the import, as PYKERNELS_CPU_ISA does
   if (const char* env = std::getenv("PYKERNELS_BF16_DOT"); env && *env) (void)pk::cpu::bf16_dot_pays();
+  // PYKERNELS_CPU_PREFETCH=l1|l2|l1-ungrouped|auto: likewise
+  if (const char* env = std::getenv("PYKERNELS_CPU_PREFETCH"); env && *env) (void)pk::cpu::stream_prefetch();
+  m.def("set_cpu_prefetch", [](const std::string& level) {
+    pk::cpu::PrefetchLevel l;
+    if (!pk::cpu::parse_stream_prefetch(level.c_str(), &l))
+      throw py::value_error("argument 'level' must be 'l1', 'l2' or 'l1-ungrouped', got '" + level + "'");
+    pk::cpu::set_stream_prefetch(l);
+  }, py::arg("level"));
   m.def("build_info", []() {
     py::dict d;
 #if defined(PK_WITH_CUDA)

@@ -119,6 +119,50 @@ def test_bf16_dot_bad_value_fails_the_import():
     assert bad.returncode != 0 and "PYKERNELS_BF16_DOT: expected on, off or auto" in bad.stderr
 
 
+@pytest.mark.parametrize("level", ["l1", "l2", "l1-ungrouped"])
+def test_prefetch_override_runs_every_decode_level(level):
+    """PYKERNELS_CPU_PREFETCH picks where the decode kernels prefetch K/V (by default the CPU decides, cpu.h
+    stream_prefetch): every level gives the right answer on every tier, and results record it."""
+    code = """
+import torch, pykernels as pk
+from pykernels import _C
+from pykernels.backends import registry
+f = _C.cpu_features()
+assert f["stream_prefetch"] == LEVEL and f["stream_prefetch_source"] == "PYKERNELS_CPU_PREFETCH", f
+g = torch.Generator().manual_seed(0)
+for tier in _C.cpu_isas():
+    _C.set_cpu_isa(tier)
+    for dt, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+        for hq, hkv in ((8, 8), (8, 2)):
+            q = torch.randn(3, hq, 128, generator=g).to(dt)
+            k, v = (torch.randn(3, hkv, 300, 128, generator=g).to(dt) for _ in range(2))
+            lens = torch.tensor([300, 17, 161], dtype=torch.int32)
+            out = pk.decode(q, k, v, lens).double()
+            for b in range(3):
+                kk = k[b, :, : lens[b]].double().repeat_interleave(hq // hkv, 0)
+                vv = v[b, :, : lens[b]].double().repeat_interleave(hq // hkv, 0)
+                p = torch.softmax(q[b].double().unsqueeze(1) @ kk.transpose(-1, -2) / 128 ** 0.5, -1)
+                ref = (p @ vv).squeeze(1)
+                assert float((out[b] - ref).abs().max()) < tol, (tier, dt, hkv, b)
+info = registry.all_backends()["native"].describe_call("decode", {"q": q})
+assert info["cpu_prefetch"] == LEVEL, info
+print("ok")
+""".replace("LEVEL", repr(level))
+    env = dict(os.environ, PYKERNELS_CPU_PREFETCH=level)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_prefetch_bad_values_are_refused():
+    env = dict(os.environ, PYKERNELS_CPU_PREFETCH="l3")
+    bad = subprocess.run([sys.executable, "-c", "import pykernels._C"], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "PYKERNELS_CPU_PREFETCH: expected l1, l2, l1-ungrouped or auto" in bad.stderr
+    before = _C.cpu_features()["stream_prefetch"]
+    with pytest.raises(ValueError, match="argument 'level'"):
+        _C.set_cpu_prefetch("l3")
+    assert _C.cpu_features()["stream_prefetch"] == before
+
+
 def test_zmm_fma_width_is_measured_where_avx512():
     from pykernels import _C
 

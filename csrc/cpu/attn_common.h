@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common/params.h"
+#include "cpu/cpu.h"
 #include "cpu/vec.h"
 
 namespace pk::cpu::attn {
@@ -115,6 +116,16 @@ void run_decode_split(const DecodeSplit& w, int64_t Hkv, Make make_scratch, Item
 #if defined(__x86_64__) || defined(_M_X64)
 
 #define PK_ALWAYS_INLINE inline __attribute__((always_inline))
+
+// One software prefetch of a streamed K/V line, to L1 or L2 as this thread's decode call chose
+// (cpu.h stream_prefetch_l1; the decode kernels' per-thread scratch sets it before the thread's items).
+inline thread_local bool t_prefetch_l1 = false;
+PK_ALWAYS_INLINE void prefetch_stream(const void* p) {
+  if (t_prefetch_l1)
+    _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+  else
+    _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1);
+}
 
 // Denormals flushed to zero (MXCSR FTZ + DAZ) on this thread while it lives, restored after: padding
 // lanes and masked keys of the softmax can hold tiny or stale values, and an AVX-512 FMA or vscalefps

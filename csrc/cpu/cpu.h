@@ -3,6 +3,8 @@
 #pragma once
 #include "common/params.h"
 
+#include <atomic>
+
 namespace pk::cpu {
 
 struct Features {
@@ -48,6 +50,24 @@ const char* bf16_dot_source();  // "measured", "PYKERNELS_BF16_DOT", "no AVX512_
 // of 4. Decided once per process by timing the two probe loops on one thread for a few milliseconds.
 bool zmm_fma_full_width();
 const char* zmm_fma_source();  // "measured", "no AVX-512" or a default
+
+// Where the decode kernels' software prefetches of the streamed K/V rows land: L2 (prefetcht1) or L1
+// (prefetcht0). Measured per CPU (notes/cpu_decode.md: prepared calls in Python, B8 Hq32 L4096 D128, L1
+// and L2 in turns with the native read in the same rounds): on Zen 5 (AMD family 26) L1 reads the g = 1
+// rows (Hkv 32, one query head per K/V row) 7-18% faster on 1 and 2 threads, but the g = 4 rows (Hkv 8)
+// 0-12% slower; on Sapphire Rapids L2 was the better (bf16 Hkv 8 18.8-20.6 GB/s vs 17.7-18.6 with L1),
+// and on Zen 4 (an earlier version of the kernel) too (fp32 Hkv 32 19.7 vs 12.2). So the default is
+// l1_ungrouped (L1 for g = 1, else L2) on AMD family >= 26 and L2 elsewhere, until a CPU shows otherwise;
+// PYKERNELS_CPU_PREFETCH=l1|l2|l1-ungrouped|auto (read once; anything else throws std::invalid_argument)
+// or set_stream_prefetch() overrides it. Each decode call's threads read it when they set up.
+enum class PrefetchLevel : int { l2 = 0, l1 = 1, l1_ungrouped = 2 };
+PrefetchLevel stream_prefetch();
+const char* stream_prefetch_name(PrefetchLevel l);  // "l2" / "l1" / "l1-ungrouped"
+bool parse_stream_prefetch(const char* name, PrefetchLevel* out);  // false for an unknown name
+const char* stream_prefetch_source();                // "PYKERNELS_CPU_PREFETCH", "set_stream_prefetch", or the default's reason
+void set_stream_prefetch(PrefetchLevel l);
+// Whether a decode with g query heads per kv head prefetches into L1 under stream_prefetch().
+bool stream_prefetch_l1(int64_t g);
 
 // Cache sizes per core in bytes (data/unified), from CPUID leaf 4 (Intel) / 0x8000001D (AMD) or
 // sysfs; 32 KB / 1 MB / 32 MB when neither answers. l3 is the whole shared cache.

@@ -177,6 +177,72 @@ const char* bf16_dot_source() { return dot_choice().source; }
 bool zmm_fma_full_width() { return zmm_choice().yes; }
 const char* zmm_fma_source() { return zmm_choice().source; }
 
+namespace {
+int cpu_family() {
+#if defined(__x86_64__)
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+  const int base = (a >> 8) & 0xF;
+  return base == 0xF ? base + static_cast<int>((a >> 20) & 0xFF) : base;
+#else
+  return 0;
+#endif
+}
+bool cpu_is_amd() {
+#if defined(__x86_64__)
+  unsigned a, b, c, d;
+  __cpuid(0, a, b, c, d);
+  return b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u;  // "AuthenticAMD"
+#else
+  return false;
+#endif
+}
+struct PrefetchChoice {
+  PrefetchLevel level;
+  const char* source;
+};
+PrefetchChoice& prefetch_choice() {
+  static PrefetchChoice c = []() -> PrefetchChoice {
+    if (const char* e = std::getenv("PYKERNELS_CPU_PREFETCH"); e && *e && std::strcmp(e, "auto") != 0) {
+      PrefetchLevel l;
+      if (!parse_stream_prefetch(e, &l))
+        throw std::invalid_argument(std::string("PYKERNELS_CPU_PREFETCH: expected l1, l2, l1-ungrouped or auto, got '") + e + "'");
+      return {l, "PYKERNELS_CPU_PREFETCH"};
+    }
+    if (cpu_is_amd() && cpu_family() >= 26)
+      return {PrefetchLevel::l1_ungrouped, "default: AMD family >= 26 (measured on Zen 5)"};
+    return {PrefetchLevel::l2, "default: L2 (measured on Sapphire Rapids and Zen 4)"};
+  }();
+  return c;
+}
+std::atomic<int>& prefetch_slot() {
+  static std::atomic<int> slot{static_cast<int>(prefetch_choice().level)};
+  return slot;
+}
+}  // namespace
+
+PrefetchLevel stream_prefetch() { return static_cast<PrefetchLevel>(prefetch_slot().load(std::memory_order_relaxed)); }
+const char* stream_prefetch_name(PrefetchLevel l) {
+  return l == PrefetchLevel::l1 ? "l1" : l == PrefetchLevel::l2 ? "l2" : "l1-ungrouped";
+}
+bool parse_stream_prefetch(const char* name, PrefetchLevel* out) {
+  for (auto l : {PrefetchLevel::l2, PrefetchLevel::l1, PrefetchLevel::l1_ungrouped})
+    if (std::strcmp(name, stream_prefetch_name(l)) == 0) {
+      *out = l;
+      return true;
+    }
+  return false;
+}
+const char* stream_prefetch_source() { return prefetch_choice().source; }
+void set_stream_prefetch(PrefetchLevel l) {
+  prefetch_choice().source = "set_stream_prefetch";
+  prefetch_slot().store(static_cast<int>(l), std::memory_order_relaxed);
+}
+bool stream_prefetch_l1(int64_t g) {
+  const PrefetchLevel l = stream_prefetch();
+  return l == PrefetchLevel::l1 || (l == PrefetchLevel::l1_ungrouped && g == 1);
+}
+
 Features enabled() {
   Features f = features();
   const Isa t = active_isa();

@@ -111,10 +111,10 @@ constexpr int heads_per_pass() {
 
 // Software prefetch, row by row at a fixed distance: the q.K loop prefetches the K row kPfBytes ahead
 // of the one it reads, the P.V loop the V row, across tile (and kv-head step) boundaries, so ~16 KB
-// per stream are always in flight while the core computes. Into L2 (T1): the hardware prefetchers lose
-// the stream at every 4 KB page of a paged cache and at every K/V switch, and a T0 prefetch (or one
-// burst of a whole tile per tile) evicts the L1 working set. Measured, B=8 Hq=Hkv=32 L=4096 fp32 on 1
-// thread: 12.6 GB/s with a burst per tile, 19.7 with this (notes/cpu_decode.md).
+// per stream are always in flight while the core computes (the hardware prefetchers lose the stream at
+// every 4 KB page of a paged cache and at every K/V switch). Measured, B=8 Hq=Hkv=32 L=4096 fp32 on 1
+// thread (Zen 4): 12.6 GB/s with a burst per tile, 19.7 with this (notes/cpu_decode.md). Into L2 or L1
+// as cpu.h stream_prefetch() says for this CPU (L2 on Sapphire Rapids and Zen 4, L1 on Zen 5).
 constexpr int64_t kPfBytes = 16 * 1024;
 template <int D, int64_t ES>
 constexpr int64_t pf_rows() {
@@ -124,7 +124,7 @@ constexpr int64_t pf_rows() {
 // Bytes [b0, b1) of a row (whole cache lines).
 PK_ALWAYS_INLINE void prefetch_part(const char* r, int64_t b0, int64_t b1) {
 #pragma GCC unroll 8
-  for (int64_t c = b0; c < b1; c += 64) _mm_prefetch(r + c, _MM_HINT_T1);
+  for (int64_t c = b0; c < b1; c += 64) attn::prefetch_stream(r + c);
 }
 
 // Dot vectors (16 partial sums each) of HB query heads with m <= 16 K rows: t[h][jj] (16 floats each),
@@ -227,7 +227,7 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void dots_quad8(const float* qq, const char* cons
   for (int c = 0; c < NCH; ++c) {
     const __m512 qv = _mm512_load_ps(qq + 16 * c);
     if (c % 4 == 0 && 16 * c >= pb0 && 16 * c < pb1)
-      for (int64_t i = 0; i < npre; ++i) _mm_prefetch(pf[i] + 16 * c, _MM_HINT_T1);
+      for (int64_t i = 0; i < npre; ++i) attn::prefetch_stream(pf[i] + 16 * c);
 #pragma GCC unroll 8
     for (int i = 0; i < 8; ++i) {
       if constexpr (KD == Kind::f32) {
@@ -655,19 +655,21 @@ PK_AVX512 void merge(const Ctx& x, int64_t b, int64_t hk, float* tmp) {
 }
 
 // One thread's buffers for the items of nh kv heads of g query heads each (Scratch) and its merges (tb),
-// with denormals flushed while the thread works.
+// with denormals flushed while the thread works; l1: this thread's K/V prefetches go to L1.
 template <Kind KD, int D>
 struct ThreadScratch {
   attn::FlushDenormals ftz;
   AlignedBuf qb, qqb, ob, sb, mb, lb, tb;
   Scratch sc;
-  ThreadScratch(int64_t g, int64_t nh)
+  ThreadScratch(int64_t g, int64_t nh, bool l1)
       : qb(static_cast<size_t>(nh * g * D * 4)), qqb(use_quad<KD>(g) ? static_cast<size_t>(nh * g * D * 4) : 0),
         ob(static_cast<size_t>(nh * g * D * 4)), sb(static_cast<size_t>(g * kT * 4)),
         mb(static_cast<size_t>((nh * g + g) * 4)), lb(static_cast<size_t>(nh * g * 16 * 4)),
         tb(static_cast<size_t>(D * 4)),
         sc{qb.as<float>(), qqb.as<float>(), ob.as<float>(), sb.as<float>(), mb.as<float>(), lb.as<float>(),
-           mb.as<float>() + nh * g} {}
+           mb.as<float>() + nh * g} {
+    attn::t_prefetch_l1 = l1;
+  }
 };
 
 template <typename T, Kind KD, int D>
@@ -682,8 +684,9 @@ void run_avx512(const DecodeParams& p) {
                                                  kMinChunk, kMinParallelBytes, nh);
   AlignedBuf part(w.nchunk > 1 ? static_cast<size_t>(p.B * Hkv * w.nchunk * g * (D + 16) * 4) : 0);
   const Ctx x{&p, g, w.chunk, p.scale * attn::kLog2e, w.nchunk > 1 ? part.as<float>() : nullptr, w.nchunk};
+  const bool l1 = stream_prefetch_l1(g);  // outside the parallel region: it may throw on a bad override
   attn::run_decode_split(
-      w, Hkv, [&] { return ThreadScratch<KD, D>(g, nh); },
+      w, Hkv, [&] { return ThreadScratch<KD, D>(g, nh, l1); },
       [&](int64_t b, int64_t hk, int64_t c, const ThreadScratch<KD, D>& t) { item<T, KD, D>(x, b, hk, nh, c, t.sc); },
       [&](int64_t b, int64_t hk, const ThreadScratch<KD, D>& t) { merge<T, KD, D>(x, b, hk, t.tb.template as<float>()); });
 }

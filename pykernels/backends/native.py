@@ -115,9 +115,13 @@ class NativeBackend(Backend):
         return run
 
     def describe_call(self, family: str, inputs: dict) -> dict:
-        """The CPU ISA tier (amx, avx512, avx2, neon, portable) that ran the call; see PYKERNELS_CPU_ISA."""
+        """The CPU ISA tier (amx, avx512, avx2, neon, portable) that ran the call (PYKERNELS_CPU_ISA), and for
+        decode where its K/V prefetches go (l2, l1, l1-ungrouped: PYKERNELS_CPU_PREFETCH)."""
         if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in inputs.values()):
-            return {"cpu_isa": _ext().cpu_isa()}
+            d = {"cpu_isa": _ext().cpu_isa()}
+            if family == "decode":
+                d["cpu_prefetch"] = _ext().cpu_features()["stream_prefetch"]
+            return d
         return {}
 
     def gemm(self, a, b):
