@@ -902,17 +902,21 @@ struct Bf16Avx512 {
   static constexpr int64_t MR = 14, NR = 32, KG = 2, KC = 512, NC = 512;
   static_assert(KC / KG * MR * 4 <= 16 * 1024 && KC * NC * 2 <= 512 * 1024, "same budgets as F32Avx512");
 
+  // R (<= 14) rows x kc of A -> dst[pair][R]: 16 K-pairs (32 bf16) of every row at a time, transposed as
+  // 32-bit elements in registers (vec::transpose16). An odd K's last pair is (A[r][kc-1], 0) from the
+  // masked load. The scalar loop this replaced was ~10% of a 2048^3 bf16 GEMM on Zen 5 (perf, 2 threads).
   template <class Src> PK_AVX512BF16 static void pack_a(const Src* src, int64_t lda, int R, int64_t kc, u32* dst) {
     static_assert(std::is_same_v<Src, u16>, "bf16 policy packs bf16 only");
-    const int64_t kp = kc / 2;
-    for (int r = 0; r < R; ++r) {
-      const u16* s = src + r * lda;
-      for (int64_t k = 0; k < kp; ++k) {
-        u32 v;
-        std::memcpy(&v, s + 2 * k, 4);
-        dst[k * R + r] = v;
-      }
-      if (kc & 1) dst[kp * R + r] = s[kc - 1];  // odd K: the pair's second half is zero
+    const int64_t kp = cdiv(kc, 2);
+    const __mmask16 rows = vec::mask16(R);
+    for (int64_t p0 = 0; p0 < kp; p0 += 16) {
+      const int64_t n = std::min<int64_t>(16, kp - p0);
+      const __mmask32 m = vec::mask32(kc - 2 * p0);
+      __m512i v[16];
+      for (int r = 0; r < 16; ++r)
+        v[r] = r < R ? _mm512_maskz_loadu_epi16(m, src + r * lda + 2 * p0) : _mm512_setzero_si512();
+      vec::transpose16(v);
+      for (int64_t c = 0; c < n; ++c) _mm512_mask_storeu_epi32(dst + (p0 + c) * R, rows, v[c]);
     }
   }
   template <class Src> PK_AVX512BF16 static void pack_b(const Src* src, int64_t ldb, int64_t kc, int64_t r0, int64_t r1,
