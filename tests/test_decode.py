@@ -128,31 +128,6 @@ def test_decode_running_max_moves(case, dtype):
 
 
 _GUARD_SCRIPT = r"""
-import ctypes, mmap, sys
-import torch
-import pykernels as pk
-from pykernels import _C
-
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-PAGE = mmap.PAGESIZE
-keep = []
-
-
-def at_guard(shape, dtype):
-    # a tensor whose last byte is the last byte before a PROT_NONE page
-    n = 1
-    for s in shape:
-        n *= s
-    nbytes = n * torch.tensor([], dtype=dtype).element_size()
-    body = -(-nbytes // PAGE) * PAGE
-    m = mmap.mmap(-1, body + PAGE)
-    base = ctypes.addressof(ctypes.c_char.from_buffer(m))
-    assert libc.mprotect(base + body, PAGE, 0) == 0, ctypes.get_errno()
-    keep.append(m)
-    return torch.frombuffer(m, dtype=dtype, count=n, offset=body - nbytes).view(shape)
-
-
 torch.manual_seed(0)
 for isa in _C.cpu_isas():
     _C.set_cpu_isa(isa)
@@ -178,9 +153,8 @@ def test_decode_reads_nothing_past_the_context():
     16-token group or a 64-token tile: a read past the context crashes the child process (an AMX q.K that
     loaded a partial group as a whole tile did; the NaN-padding tests cannot see such reads, the extra
     rows' scores are masked). In a subprocess so that a crash fails this test, not the run."""
-    import subprocess
-    import sys
+    import guard_pages
 
     pytest.importorskip("pykernels._C")
-    r = subprocess.run([sys.executable, "-c", _GUARD_SCRIPT], capture_output=True, text=True, timeout=300)
+    r = guard_pages.run(_GUARD_SCRIPT)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.returncode, r.stdout[-2000:], r.stderr[-2000:])

@@ -88,3 +88,38 @@ PER_ITEM_B_SHAPES = [(150, 2100, 4100, "nn"), (600, 2100, 4100, "nt")]
 def test_gemm_per_item_b_fp32(mnkl, backend):
     M, N, K, layout = mnkl
     run_checked(GemmProblem(M, N, K, layout=layout), torch.float32, backend, "cpu")
+
+
+_GEMM_GUARD_SCRIPT = r"""
+torch.manual_seed(0)
+for isa in _C.cpu_isas():
+    _C.set_cpu_isa(isa)
+    for dtype in (torch.float32, torch.bfloat16):
+        for M in (1, 2, 3, 4, 5, 8, 9, 12, 16, 17, 33):
+            for N, K in ((1, 7), (33, 65), (100, 3), (1000, 37), (4100, 9)):
+                a = at_guard((M, K), dtype)
+                b = at_guard((K, N), dtype)
+                a.copy_(torch.randn(M, K))
+                b.copy_(torch.randn(K, N))
+                out = pk.gemm(a, b, backend="native").double()
+                ref = a.double() @ b.double()
+                err = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+                assert err < (2e-2 if dtype == torch.bfloat16 else 1e-4), (isa, dtype, M, N, K, err)
+                w = at_guard((N, K), dtype)  # linear: B stored [N, K]
+                w.copy_(torch.randn(N, K))
+                out = pk.linear(a, w, backend="native").double()
+                ref = a.double() @ w.double().T
+                err = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+                assert err < (2e-2 if dtype == torch.bfloat16 else 1e-4), ("nt", isa, dtype, M, N, K, err)
+print("ok")
+"""
+
+
+def test_gemm_reads_nothing_past_its_inputs():
+    """Every native tier and path (direct rows with a masked last vector, packed, linear) on A and B that end
+    at an inaccessible page, with widths that end inside a vector: a read past either crashes the child."""
+    import guard_pages
+
+    pytest.importorskip("pykernels._C")
+    r = guard_pages.run(_GEMM_GUARD_SCRIPT)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
