@@ -15,6 +15,11 @@ import pykernels as pk
 _C = pytest.importorskip("pykernels._C")
 
 
+def _child(code, **env):
+    """Runs `code` in a child Python with `env` added to this environment (variables read at import)."""
+    return subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True, text=True)
+
+
 def test_tiers_listed_best_first_and_portable_always_there():
     isas = _C.cpu_isas()
     assert isas[-1] == "portable"
@@ -108,15 +113,17 @@ ref = torch.softmax(s, -1) @ v.double()
 assert float((pk.attention(q, k, v).double() - ref).abs().max()) < 3e-2
 print("ok")
 """.replace("MODE", repr(mode))
-    env = dict(os.environ, PYKERNELS_BF16_DOT=mode)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    out = _child(code, PYKERNELS_BF16_DOT=mode)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
-def test_bf16_dot_bad_value_fails_the_import():
-    env = dict(os.environ, PYKERNELS_BF16_DOT="sometimes")
-    bad = subprocess.run([sys.executable, "-c", "import pykernels._C"], env=env, capture_output=True, text=True)
-    assert bad.returncode != 0 and "PYKERNELS_BF16_DOT: expected on, off or auto" in bad.stderr
+@pytest.mark.parametrize("var, value, message", [
+    ("PYKERNELS_BF16_DOT", "sometimes", "PYKERNELS_BF16_DOT: expected on, off or auto"),
+    ("PYKERNELS_CPU_PREFETCH", "l3", "PYKERNELS_CPU_PREFETCH: expected l1, l2, l1-ungrouped or auto"),
+])
+def test_bad_override_fails_the_import(var, value, message):
+    bad = _child("import pykernels._C", **{var: value})
+    assert bad.returncode != 0 and message in bad.stderr
 
 
 @pytest.mark.parametrize("level", ["l1", "l2", "l1-ungrouped"])
@@ -148,15 +155,11 @@ info = registry.all_backends()["native"].describe_call("decode", {"q": q})
 assert info["cpu_prefetch"] == LEVEL, info
 print("ok")
 """.replace("LEVEL", repr(level))
-    env = dict(os.environ, PYKERNELS_CPU_PREFETCH=level)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    out = _child(code, PYKERNELS_CPU_PREFETCH=level)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
-def test_prefetch_bad_values_are_refused():
-    env = dict(os.environ, PYKERNELS_CPU_PREFETCH="l3")
-    bad = subprocess.run([sys.executable, "-c", "import pykernels._C"], env=env, capture_output=True, text=True)
-    assert bad.returncode != 0 and "PYKERNELS_CPU_PREFETCH: expected l1, l2, l1-ungrouped or auto" in bad.stderr
+def test_set_cpu_prefetch_refuses_bad_levels():
     before = _C.cpu_features()["stream_prefetch"]
     with pytest.raises(ValueError, match="argument 'level'"):
         _C.set_cpu_prefetch("l3")

@@ -54,8 +54,8 @@ const char* zmm_fma_source();  // "measured", "no AVX-512" or a default
 // Where the decode kernels' software prefetches of the streamed K/V rows land: L2 (prefetcht1) or L1
 // (prefetcht0). Measured per CPU (notes/cpu_decode.md: prepared calls in Python, B8 Hq32 L4096 D128, L1
 // and L2 in turns with the native read in the same rounds): on Zen 5 (AMD family 26) L1 reads the g = 1
-// rows (Hkv 32, one query head per K/V row) 7-18% faster on 1 and 2 threads, but the g = 4 rows (Hkv 8)
-// 0-12% slower; on Sapphire Rapids L2 was the better (bf16 Hkv 8 18.8-20.6 GB/s vs 17.7-18.6 with L1),
+// rows (Hkv 32, one query head per K/V row) 2-18% faster on 1 and 2 threads (four runs), but the g = 4
+// rows (Hkv 8) 0-12% slower; on Sapphire Rapids L2 was the better (bf16 Hkv 8 18.8-20.6 GB/s vs 17.7-18.6 with L1),
 // and on Zen 4 (an earlier version of the kernel) too (fp32 Hkv 32 19.7 vs 12.2). So the default is
 // l1_ungrouped (L1 for g = 1, else L2) on AMD family >= 26 and L2 elsewhere, until a CPU shows otherwise;
 // PYKERNELS_CPU_PREFETCH=l1|l2|l1-ungrouped|auto (read once; anything else throws std::invalid_argument)
