@@ -1024,6 +1024,15 @@ template <int M> PK_AVX512 void direct_f32(const float* a, int64_t lda, const fl
   add_to(part, tmp, M * cdiv(w, 32) * 32);
 }
 
+// The even / odd fp32 pair of a bf16 partial at c (32 floats): loaded (zero when First), updated, stored.
+template <bool First, class F> PK_AVX512 inline __attribute__((always_inline)) void update_pair(float* c, F update) {
+  __m512 se = First ? _mm512_setzero_ps() : _mm512_load_ps(c);
+  __m512 so = First ? _mm512_setzero_ps() : _mm512_load_ps(c + 16);
+  update(se, so);
+  _mm512_store_ps(c, se);
+  _mm512_store_ps(c + 16, so);
+}
+
 // bf16: 32 columns come in as one 64-byte load and are widened in place: the even columns by a
 // 16-bit shift, the odd ones by masking off the low half. The partial keeps, per 32 columns,
 // [16 even | 16 odd]; the final narrowing puts them back in order with one OR.
@@ -1045,18 +1054,14 @@ template <int M, int U, bool First> PK_AVX512 inline void direct_bf16_step(const
       bo[u] = _mm512_castsi512_ps(_mm512_and_si512(raw, hi_mask));
     }
 #pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) {
-      float* c = part + (m * ng + g) * 32;
-      __m512 se = First ? _mm512_setzero_ps() : _mm512_load_ps(c);
-      __m512 so = First ? _mm512_setzero_ps() : _mm512_load_ps(c + 16);
+    for (int m = 0; m < M; ++m)
+      update_pair<First>(part + (m * ng + g) * 32, [&](__m512& se, __m512& so) PK_AVX512 {
 #pragma GCC unroll 8
-      for (int u = 0; u < U; ++u) {
-        se = _mm512_fmadd_ps(av[m][u], be[u], se);
-        so = _mm512_fmadd_ps(av[m][u], bo[u], so);
-      }
-      _mm512_store_ps(c, se);
-      _mm512_store_ps(c + 16, so);
-    }
+        for (int u = 0; u < U; ++u) {
+          se = _mm512_fmadd_ps(av[m][u], be[u], se);
+          so = _mm512_fmadd_ps(av[m][u], bo[u], so);
+        }
+      });
   };
   for (int64_t g = 0; g + 1 < ng; ++g) columns(g, std::false_type{});
   columns(ng - 1, std::true_type{});
@@ -1090,18 +1095,14 @@ template <int M, int U, bool First> PK_AVX512BF16 inline void direct_bf16dp_step
       po[u] = _mm512_permutex2var_epi16(x0, odd_idx, x1);
     }
 #pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) {
-      float* c = part + (m * ng + g) * 32;
-      __m512 se = First ? _mm512_setzero_ps() : _mm512_load_ps(c);
-      __m512 so = First ? _mm512_setzero_ps() : _mm512_load_ps(c + 16);
+    for (int m = 0; m < M; ++m)
+      update_pair<First>(part + (m * ng + g) * 32, [&](__m512& se, __m512& so) PK_AVX512BF16 {
 #pragma GCC unroll 4
-      for (int u = 0; u < U / 2; ++u) {
-        se = _mm512_dpbf16_ps(se, (__m512bh)av[m][u], (__m512bh)pe[u]);
-        so = _mm512_dpbf16_ps(so, (__m512bh)av[m][u], (__m512bh)po[u]);
-      }
-      _mm512_store_ps(c, se);
-      _mm512_store_ps(c + 16, so);
-    }
+        for (int u = 0; u < U / 2; ++u) {
+          se = _mm512_dpbf16_ps(se, (__m512bh)av[m][u], (__m512bh)pe[u]);
+          so = _mm512_dpbf16_ps(so, (__m512bh)av[m][u], (__m512bh)po[u]);
+        }
+      });
   };
   for (int64_t g = 0; g + 1 < ng; ++g) columns(g, std::false_type{});
   columns(ng - 1, std::true_type{});
