@@ -39,7 +39,6 @@ from pathlib import Path
 
 import torch
 
-import pykernels as pk
 from pykernels import _C
 from pykernels.harness import device, sweeps, timing
 from pykernels.kernels import dtype_of
@@ -139,7 +138,6 @@ def main(argv=None) -> int:
         p, dt = case.problem, dtype_of(case.dtype)
         inputs = p.make_inputs(dt, "cpu", seed=0)
         kw = p.call_kwargs()
-        fns = [pk.prepare(p.family, backend=b, **inputs, **kw) for b in ("native", "torch")]
         # memory-bound rows: weights / KV cache streamed from memory on every call, as in a model's step
         sets = measure.rotating_inputs(inputs, window) if memory_bound(case) else [inputs]
         fns = [measure.rotating_calls(p.family, b, sets, kw) for b in ("native", "torch")]

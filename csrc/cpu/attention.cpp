@@ -664,7 +664,7 @@ void dispatch(const AttentionParams& p) {
   if (!f.avx512f) return run_scalar<T>(p);
   if constexpr (std::is_same_v<T, bf16>)
     if (f.amx_bf16) return attention_amx(p);  // AMX tiles for both products (attention_amx.cpp)
-  const bool dp = std::is_same_v<T, bf16> && f.avx512_bf16 && bf16_dot_pays();
+  const bool dp = std::is_same_v<T, bf16> && use_bf16_dot();
   if (p.D == 64) return run_avx512<T, 64>(p, dp);
   return run_avx512<T, 128>(p, dp);
 }

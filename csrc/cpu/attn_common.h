@@ -48,16 +48,20 @@ class AlignedBuf {
 // only when there are fewer than 2 units per thread, into ~4 items per thread; a call that reads less than
 // min_parallel_bytes of K and V runs on one thread.
 // heads_per_unit kv heads of a sequence form one unit (1 or Hkv): its items then walk those heads.
+// prefetch_l1: where the kernels' K/V prefetches go (cpu.h stream_prefetch_l1 for this call's g; read here,
+// outside the parallel region, because a bad PYKERNELS_CPU_PREFETCH throws).
 struct DecodeSplit {
   int threads;
   int64_t units, chunk, nchunk;
   std::vector<int64_t> items;
   int64_t heads_per_unit = 1;
+  bool prefetch_l1 = false;
 };
 inline DecodeSplit split_decode(const DecodeParams& p, int64_t elem_bytes, int64_t tile, int max_threads,
                                 int64_t min_chunk = 256, int64_t min_parallel_bytes = 256 * 1024,
                                 int64_t heads_per_unit = 1) {
-  DecodeSplit s{max_threads, p.B * p.Hkv / heads_per_unit, 0, 1, {}, heads_per_unit};
+  DecodeSplit s{max_threads, p.B * p.Hkv / heads_per_unit, 0, 1, {}, heads_per_unit,
+                stream_prefetch_l1(p.Hq / p.Hkv)};
   int64_t maxlen = 0, tokens = 0;
   for (int64_t b = 0; b < p.B; ++b) {
     maxlen = std::max<int64_t>(maxlen, p.context_lens[b]);
@@ -91,6 +95,9 @@ inline void tile_rows(const DecodeParams& p, const T* base, int64_t b, int64_t h
   }
 }
 
+// Where this thread's K/V prefetches go (prefetch_stream); run_decode_split sets it from the split.
+inline thread_local bool t_prefetch_l1 = false;
+
 // Runs a decode split on its threads (OpenMP, dynamic schedule): item(b, first kv head, chunk, scratch) for
 // every item (its unit's w.heads_per_unit kv heads), then, when the context was split, merge(b, kv head,
 // scratch) for every (sequence, kv head). Each thread's scratch is make_scratch()'s, made once per thread
@@ -100,6 +107,7 @@ void run_decode_split(const DecodeSplit& w, int64_t Hkv, Make make_scratch, Item
   const int64_t nitems = static_cast<int64_t>(w.items.size());
 #pragma omp parallel num_threads(w.threads) if (w.threads > 1)
   {
+    t_prefetch_l1 = w.prefetch_l1;
     auto sc = make_scratch();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < nitems; ++i) {
@@ -118,8 +126,7 @@ void run_decode_split(const DecodeSplit& w, int64_t Hkv, Make make_scratch, Item
 #define PK_ALWAYS_INLINE inline __attribute__((always_inline))
 
 // One software prefetch of a streamed K/V line, to L1 or L2 as this thread's decode call chose
-// (cpu.h stream_prefetch_l1; the decode kernels' per-thread scratch sets it before the thread's items).
-inline thread_local bool t_prefetch_l1 = false;
+// (t_prefetch_l1, from the split).
 PK_ALWAYS_INLINE void prefetch_stream(const void* p) {
   if (t_prefetch_l1)
     _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);

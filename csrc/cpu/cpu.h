@@ -3,8 +3,6 @@
 #pragma once
 #include "common/params.h"
 
-#include <atomic>
-
 namespace pk::cpu {
 
 struct Features {
@@ -43,6 +41,8 @@ Features enabled();
 // PYKERNELS_BF16_DOT=on|off (read once; anything else throws std::invalid_argument) says so.
 bool bf16_dot_pays();
 const char* bf16_dot_source();  // "measured", "PYKERNELS_BF16_DOT", "no AVX512_BF16" or a default
+// The active tier has AVX512_BF16 and vdpbf16ps pays on this core: what the bf16 paths above branch on.
+inline bool use_bf16_dot() { return enabled().avx512_bf16 && bf16_dot_pays(); }
 
 // Whether a zmm FMA runs at twice the FLOP rate of a ymm one on this core (two full-width 512-bit FMA
 // pipes: Sapphire Rapids 59 against 30 FLOP/cycle) rather than at the same rate (Zen 4 splits it into two

@@ -264,7 +264,7 @@ bool caches_cpuid(Caches& c) {
   unsigned a, b, cx, d;
   unsigned leaf = 0;
   __cpuid(0, a, b, cx, d);
-  const bool amd = b == 0x68747541;  // "Auth"enticAMD
+  const bool amd = cpu_is_amd();
   if (amd) {
     if (__get_cpuid_max(0x80000000u, nullptr) < 0x8000001Du) return false;
     __cpuid(0x80000001u, a, b, cx, d);

@@ -655,21 +655,19 @@ PK_AVX512 void merge(const Ctx& x, int64_t b, int64_t hk, float* tmp) {
 }
 
 // One thread's buffers for the items of nh kv heads of g query heads each (Scratch) and its merges (tb),
-// with denormals flushed while the thread works; l1: this thread's K/V prefetches go to L1.
+// with denormals flushed while the thread works.
 template <Kind KD, int D>
 struct ThreadScratch {
   attn::FlushDenormals ftz;
   AlignedBuf qb, qqb, ob, sb, mb, lb, tb;
   Scratch sc;
-  ThreadScratch(int64_t g, int64_t nh, bool l1)
+  ThreadScratch(int64_t g, int64_t nh)
       : qb(static_cast<size_t>(nh * g * D * 4)), qqb(use_quad<KD>(g) ? static_cast<size_t>(nh * g * D * 4) : 0),
         ob(static_cast<size_t>(nh * g * D * 4)), sb(static_cast<size_t>(g * kT * 4)),
         mb(static_cast<size_t>((nh * g + g) * 4)), lb(static_cast<size_t>(nh * g * 16 * 4)),
         tb(static_cast<size_t>(D * 4)),
         sc{qb.as<float>(), qqb.as<float>(), ob.as<float>(), sb.as<float>(), mb.as<float>(), lb.as<float>(),
-           mb.as<float>() + nh * g} {
-    attn::t_prefetch_l1 = l1;
-  }
+           mb.as<float>() + nh * g} {}
 };
 
 template <typename T, Kind KD, int D>
@@ -684,9 +682,8 @@ void run_avx512(const DecodeParams& p) {
                                                  kMinChunk, kMinParallelBytes, nh);
   AlignedBuf part(w.nchunk > 1 ? static_cast<size_t>(p.B * Hkv * w.nchunk * g * (D + 16) * 4) : 0);
   const Ctx x{&p, g, w.chunk, p.scale * attn::kLog2e, w.nchunk > 1 ? part.as<float>() : nullptr, w.nchunk};
-  const bool l1 = stream_prefetch_l1(g);  // outside the parallel region: it may throw on a bad override
   attn::run_decode_split(
-      w, Hkv, [&] { return ThreadScratch<KD, D>(g, nh, l1); },
+      w, Hkv, [&] { return ThreadScratch<KD, D>(g, nh); },
       [&](int64_t b, int64_t hk, int64_t c, const ThreadScratch<KD, D>& t) { item<T, KD, D>(x, b, hk, nh, c, t.sc); },
       [&](int64_t b, int64_t hk, const ThreadScratch<KD, D>& t) { merge<T, KD, D>(x, b, hk, t.tb.template as<float>()); });
 }
@@ -747,7 +744,7 @@ void dispatch(const DecodeParams& p) {
     if constexpr (std::is_same_v<T, float>) {
       return p.D == 64 ? run_avx512<float, Kind::f32, 64>(p) : run_avx512<float, Kind::f32, 128>(p);
     } else {
-      if (f.avx512_bf16 && bf16_dot_pays())
+      if (use_bf16_dot())
         return p.D == 64 ? run_avx512<bf16, Kind::bf16_dp, 64>(p) : run_avx512<bf16, Kind::bf16_dp, 128>(p);
       return p.D == 64 ? run_avx512<bf16, Kind::bf16_w, 64>(p) : run_avx512<bf16, Kind::bf16_w, 128>(p);
     }

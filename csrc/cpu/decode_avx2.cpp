@@ -56,7 +56,7 @@ struct Ctx {
 
 inline float exp2_s(float x) { return _mm256_cvtss_f32(avx2::exp2_ps(_mm256_set1_ps(x))); }
 
-// Into L2 (T1), as the AVX-512 kernel: a T0 burst evicts the L1 working set (the widened tile, q, o).
+// Into L2 or L1 as this CPU's level says (cpu.h stream_prefetch), as the AVX-512 kernel.
 template <int D, class T> inline void prefetch_row(const T* r) {
   constexpr int kLines = D * int(sizeof(T)) / 64;
   for (int i = 0; i < kLines; ++i) prefetch_stream(reinterpret_cast<const char*>(r) + 64 * i);
@@ -110,18 +110,16 @@ struct Scratch {
 };
 
 // One thread's buffers: the Scratch of its items (nh kv heads of g query heads each), and acc (D floats) for
-// its merges; l1: this thread's K/V prefetches go to L1.
+// its merges.
 template <class T, int D> struct ThreadScratch {
   AlignedBuf q, o, s, m, kw, vw, acc;
   Scratch sc;
-  ThreadScratch(int64_t g, int64_t nh, bool l1)
+  ThreadScratch(int64_t g, int64_t nh)
       : q(static_cast<size_t>(nh * g * D * 4)), o(static_cast<size_t>(nh * g * D * 4)), s(static_cast<size_t>(g * kT * 4)),
         m(static_cast<size_t>((2 * nh + 1) * g * 4)), kw(widen(g) ? static_cast<size_t>(kT * D * 4) : 0),
         vw(widen(g) ? static_cast<size_t>(kT * D * 4) : 0), acc(static_cast<size_t>(D * 4)),
         sc{q.as<float>(), o.as<float>(), s.as<float>(), m.as<float>(), m.as<float>() + nh * g,
-           m.as<float>() + 2 * nh * g, kw.as<float>(), vw.as<float>()} {
-    attn::t_prefetch_l1 = l1;
-  }
+           m.as<float>() + 2 * nh * g, kw.as<float>(), vw.as<float>()} {}
   static bool widen(int64_t g) { return std::is_same_v<T, u16> && g > 1; }
 };
 
@@ -283,9 +281,8 @@ template <class T, int D> void run(const DecodeParams& p) {
   const int64_t nchunk = w.nchunk;
   AlignedBuf part(nchunk > 1 ? static_cast<size_t>(p.B * Hkv * nchunk * g * (D + 2) * 4) : 0);
   const Ctx x{&p, g, w.chunk, nchunk, p.scale * attn::kLog2e, nchunk > 1 ? part.as<float>() : nullptr};
-  const bool l1 = stream_prefetch_l1(g);  // outside the parallel region: it may throw on a bad override
   attn::run_decode_split(
-      w, Hkv, [&] { return ThreadScratch<T, D>(g, nh, l1); },
+      w, Hkv, [&] { return ThreadScratch<T, D>(g, nh); },
       [&](int64_t b, int64_t hk, int64_t c, const ThreadScratch<T, D>& t) { item<T, D>(x, b, hk, nh, c, t.sc); },
       [&](int64_t b, int64_t hk, const ThreadScratch<T, D>& t) { merge<T, D>(x, b, hk, t.acc.template as<float>()); });
 }

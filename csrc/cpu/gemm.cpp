@@ -1130,9 +1130,9 @@ template <int M> PK_AVX512 void direct_bf16(const u16* a, int64_t lda, const u16
 template <int M> PK_AVX512BF16 void direct_bf16dp(const u16* a, int64_t lda, const u16* b, int64_t ldb, int64_t kn,
                                                  int64_t w, float* part, float* tmp) {
   constexpr int U = 8;
+  if (kn < U) return direct_bf16<M>(a, lda, b, ldb, kn, w, part, tmp);
   const int64_t ng = cdiv(w, 32);
   const __mmask32 tail = mask32(w - (ng - 1) * 32);
-  if (kn < U) return direct_bf16<M>(a, lda, b, ldb, kn, w, part, tmp);
   direct_bf16dp_step<M, U, true>(a, lda, b, ldb, ng, tail, tmp);
   int64_t k = U;
   for (; k + U <= kn; k += U) direct_bf16dp_step<M, U, false>(a + k, lda, b + k * ldb, ldb, ng, tail, tmp);
@@ -1181,7 +1181,7 @@ template <class T> void gemm_direct_avx512(const GemmParams& p) {
   static constexpr auto dp = direct_table<T, true>(std::make_index_sequence<kDirectMaxMWide>());
   // bf16 on vdpbf16ps where it pays (Zen 4 / Zen 5): C++ driver on Zen 5, K = N = 4096, 1 thread, M = 1 / 4 / 8
   // 32.5-33.5 -> 33.5-34.2 / 17.0-19.0 -> 24.7-25.6 / 15.4-15.5 -> 18.8-19.2 GB/s of B (2 threads M4 +17%)
-  const auto& direct = std::is_same_v<T, u16> && enabled().avx512_bf16 && bf16_dot_pays() ? dp : widen;
+  const auto& direct = std::is_same_v<T, u16> && use_bf16_dot() ? dp : widen;
   const int64_t M = p.M, N = p.N, K = p.K;
   const T* A = static_cast<const T*>(p.a);
   const T* B = static_cast<const T*>(p.b);
@@ -1330,10 +1330,8 @@ template <class T> void gemm_dot_avx512(const GemmParams& p) {
 
 // The packed avx512 paths for a problem (the policy as gemm_typed picks it).
 template <class Src> void gemm_packed_avx512(const GemmParams& p) {
-  if constexpr (std::is_same_v<Src, u16>) {
-    const Features f = enabled();
-    if (f.avx512_bf16 && bf16_dot_pays()) return gemm_packed<Bf16Avx512, u16>(p);
-  }
+  if constexpr (std::is_same_v<Src, u16>)
+    if (use_bf16_dot()) return gemm_packed<Bf16Avx512, u16>(p);
   gemm_packed<F32Avx512, Src>(p);
 }
 
@@ -1386,7 +1384,7 @@ template <class Src> void gemm_typed(const GemmParams& p) {
     // bf16 where vdpbf16ps pays (and no AMX took it): the packed vdpbf16ps path beats the widening
     // two-pass direct one. Zen 5, K = N = 4096, 2 threads (C++ driver): M = 12 / 16 1.60 / 1.68 ms packed
     // against 1.97 / 2.38 direct (torch 2.2-2.4 at M = 16); at M <= 8 the two are level or direct wins.
-    const bool dp_packed = std::is_same_v<Src, u16> && f.avx512_bf16 && bf16_dot_pays();
+    const bool dp_packed = std::is_same_v<Src, u16> && use_bf16_dot();
     if (p.M <= direct_two_pass_max_m() && !p.transb && !dp_packed) return gemm_direct_avx512<Src>(p);
     return gemm_packed_avx512<Src>(p);
   }
