@@ -91,7 +91,8 @@ PK_AVX512 PK_ALWAYS_INLINE void mask_scores(__m512 (&s)[kMr][4], int64_t kt0, in
 // probabilities, and returns in alpha the factor that rescales the old accumulators. The four rows'
 // maxima, sums and rescale factors are computed together, in lanes 4r..4r+3 of one vector each (one
 // vector exp2 for the four alphas, no scalar chains): 13% of the S2048 D128 fp32 time before.
-template <int NV = 4>
+// Deg: the degree of attn::exp2_neg's polynomial, 5 for fp32 probabilities, 3 for bf16 ones or outputs.
+template <int Deg, int NV = 4>
 PK_AVX512 PK_ALWAYS_INLINE void softmax_tile(__m512 (&s)[kMr][4], float* m, float* l, float* alpha) {
   static_assert(kMr == 4, "one 128-bit lane per row");
   const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
@@ -110,12 +111,13 @@ PK_AVX512 PK_ALWAYS_INLINE void softmax_tile(__m512 (&s)[kMr][4], float* m, floa
   // A row with every key masked so far keeps m = -inf; subtracting 0 then keeps p = 0, not NaN.
   const __mmask16 none = _mm512_cmp_ps_mask(m_new, _mm512_set1_ps(-std::numeric_limits<float>::infinity()), _CMP_EQ_OQ);
   const __m512 mu = _mm512_mask_mov_ps(m_new, none, _mm512_setzero_ps());
-  const __m512 a = attn::exp2_ps(_mm512_sub_ps(m_old, mu));
+  // The rescale factors by the degree-5 polynomial whatever Deg: exactly 1 when a row's max did not move.
+  const __m512 a = attn::exp2_neg<5>(_mm512_sub_ps(m_old, mu));
 #pragma GCC unroll 4
   for (int r = 0; r < kMr; ++r) {
     const __m512 vm = _mm512_shuffle_f32x4(mu, mu, r * 0x55);  // row r's lane, in every lane
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) s[r][v] = attn::exp2_ps(_mm512_sub_ps(s[r][v], vm));
+    for (int v = 0; v < NV; ++v) s[r][v] = attn::exp2_neg<Deg>(_mm512_sub_ps(s[r][v], vm));
     part[r] = s[r][0];
 #pragma GCC unroll 4
     for (int v = 1; v < NV; ++v) part[r] = _mm512_add_ps(part[r], s[r][v]);
@@ -393,7 +395,7 @@ PK_AVX512 void item_f32(const Ctx& x, int64_t bkv, int64_t q0, const Scratch& sc
       __m512 s[kMr][4];
       qk_f32<D, NV>(sc.q + r0 * D, kt, s);
       if (kt0 + 16 * NV > S || (x.causal && kt0 + 16 * NV - 1 > pos[0])) mask_scores<NV>(s, kt0, S, x.causal, pos);
-      softmax_tile<NV>(s, sc.m + r0, sc.l + r0, sc.a + r0);
+      softmax_tile<std::is_same_v<T, float> ? 5 : 3, NV>(s, sc.m + r0, sc.l + r0, sc.a + r0);
 #pragma GCC unroll 4
       for (int r = 0; r < kMr; ++r)
 #pragma GCC unroll 4
@@ -459,7 +461,7 @@ PK_AVX512BF16 void item_bf16(const Ctx& x, int64_t bkv, int64_t q0, const Scratc
       __m512 s[kMr][4];
       qk_bf16<D, NV>(reinterpret_cast<const uint32_t*>(qb + r0 * D), kt, x.c, s);
       if (kt0 + 16 * NV > S || (x.causal && kt0 + 16 * NV - 1 > pos[0])) mask_scores<NV>(s, kt0, S, x.causal, pos);
-      softmax_tile<NV>(s, sc.m + r0, sc.l + r0, sc.a + r0);
+      softmax_tile<3, NV>(s, sc.m + r0, sc.l + r0, sc.a + r0);
       // bf16 pairs of keys (2j, 2j + 1); the pairs of dead vectors are zero (P.V never reads them)
       const __m512 z = _mm512_setzero_ps();
 #pragma GCC unroll 4

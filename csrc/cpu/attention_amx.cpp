@@ -168,23 +168,6 @@ inline void pv_block(const u16* p, const u16* vt, int64_t nkc, float* o) {
   }
 }
 
-// 2^x for x <= 0 (and garbage in lanes the caller masks afterwards): the range reduction of
-// attn::exp2_ps without its clamps (x far below -150 gives 0 through vscalefps), and a degree-3
-// polynomial fitted to 2^f on [-1/2, 1/2] for relative error (max 7.5e-5, 27x below the half-ulp
-// 2^-9 of the bf16 rounding every p then goes through; the AVX-512 path's degree 6 buys nothing here).
-// Lanes below -126 give exactly 0 by a zero-masked vscalefps (a denormal result takes a microcode assist,
-// see attn::exp2_ps; -inf lanes give 0 instead of garbage).
-PK_ALWAYS_INLINE __m512 exp2_neg(__m512 x) {
-  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.f), _CMP_NLT_UQ);
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(0.05517132207751274f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24261054396629333f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6932609677314758f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999281167984009f));
-  return _mm512_maskz_scalef_ps(live, p, n);
-}
-
 // Lane i = max of the 16 lanes of a[i]: the transposed reduction of attn::hsum16 with max.
 PK_ALWAYS_INLINE __m512 hmax16(const __m512* a) { return attn::reduce16<attn::MaxOp>(a); }
 
@@ -229,8 +212,8 @@ PK_ALWAYS_INLINE void softmax16(const float* s, const int64_t* lim, float ac, fl
     acc[r] = _mm512_setzero_ps();
 #pragma GCC unroll 8
     for (int v = 0; v < NV; v += 2) {
-      __m512 x0 = exp2_neg(_mm512_fmsub_ps(_mm512_load_ps(sr + 16 * v), vc, vm));
-      __m512 x1 = exp2_neg(_mm512_fmsub_ps(_mm512_load_ps(sr + 16 * v + 16), vc, vm));
+      __m512 x0 = attn::exp2_neg<3>(_mm512_fmsub_ps(_mm512_load_ps(sr + 16 * v), vc, vm));
+      __m512 x1 = attn::exp2_neg<3>(_mm512_fmsub_ps(_mm512_load_ps(sr + 16 * v + 16), vc, vm));
       if (lim[r] < 16 * NV) {
         x0 = _mm512_maskz_mov_ps(vec::mask16(lim[r] - 16 * v), x0);
         x1 = _mm512_maskz_mov_ps(vec::mask16(lim[r] - 16 * v - 16), x1);

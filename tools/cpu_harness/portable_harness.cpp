@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/attn_common.h"
 #include "cpu/cpu.h"
 #include "cpu/probes.h"
 #include "cpu/scalar.h"
@@ -213,13 +214,57 @@ void run_all() {
   }
 }
 
+#if defined(__x86_64__)
+// The AVX-512 softmax exponentials (attn_common.h) against std::exp2 in double: every 2^-12 of [-130, 8] for
+// exp2_ps, of [-130, 0] for exp2_neg (its domain), the relative error within each one's stated bound where
+// the result is a normal float, exactly 0 below -126 (no denormal results), and -inf -> 0, NaN -> NaN.
+// Returns the number of failed checks (0 without AVX-512).
+template <class F>
+PK_AVX512 int check_exp2(const char* name, F f, double hi, double bound, bool exact_one) {
+  double worst = 0;
+  int bad = 0;
+  for (double x0 = -130; x0 < hi; x0 += 16.0 / 4096) {
+    alignas(64) float x[16], y[16];
+    for (int i = 0; i < 16; ++i) x[i] = static_cast<float>(std::min(x0 + i / 4096.0, hi));
+    _mm512_store_ps(y, f(_mm512_load_ps(x)));
+    for (int i = 0; i < 16; ++i) {
+      if (x[i] < -126.f) {
+        bad += y[i] != 0.f;
+        continue;
+      }
+      const double r = std::exp2(static_cast<double>(x[i])), e = std::fabs(y[i] - r) / r;
+      if (!(e <= worst)) worst = e;
+    }
+  }
+  alignas(64) float sp[16] = {-INFINITY, NAN, 0.f, -126.f, -127.f, -150.f, -1e30f};
+  alignas(64) float y[16];
+  _mm512_store_ps(y, f(_mm512_load_ps(sp)));
+  bad += y[0] != 0.f;
+  bad += !std::isnan(y[1]);
+  if (exact_one) bad += y[2] != 1.f;
+  bad += y[4] != 0.f || y[5] != 0.f || y[6] != 0.f;
+  bad += !(worst <= bound);
+  std::printf("math %s: max relative error %.3g (bound %.3g), 0 below -126 and special values: %s\n", name,
+              worst, bound, bad ? "FAIL" : "ok");
+  return bad;
+}
+int check_math() {
+  if (!features().avx512f) return 0;
+  return check_exp2("exp2_ps", [](__m512 x) PK_AVX512 { return attn::exp2_ps(x); }, 8.0, 2.5e-7, true) +
+         check_exp2("exp2_neg<5>", [](__m512 x) PK_AVX512 { return attn::exp2_neg<5>(x); }, 0.0, 2.5e-7, true) +
+         check_exp2("exp2_neg<3>", [](__m512 x) PK_AVX512 { return attn::exp2_neg<3>(x); }, 0.0, 8e-5, false);
+}
+#else
+int check_math() { return 0; }
+#endif
+
 }  // namespace
 
 int main(int argc, char** argv) {
   for (Isa t : kIsas)
     if (isa_supported(t) && (argc < 2 || std::strcmp(argv[1], isa_name(t)) == 0)) tiers.push_back(t);
   run_all();
-  int failures = 0;
+  int failures = check_math();
   // Every compute probe loop this CPU lists runs and counts FLOPs (under qemu: only that it runs; the
   // rate says nothing about hardware).
   for (const std::string& kind : probe_compute_kinds()) {
