@@ -330,26 +330,28 @@ inline void row_positions(int64_t q0, int64_t i0, int64_t nq, int64_t (&pos)[kMr
 
 // Phase 1 of a tile at kt0 (item_f32, item_bf16): f(nv, r0, pos) for every micro-block (g heads x nq rows,
 // first row r0 in the item's scratch) that sees a key of the tile, with nv = std::integral_constant<int,
-// NV>: the tile's live vectors of 16 scores (a tile of nk < 64 keys, the last one or the only one when
-// S < 64, computes ceil(nk / 16) of them, not 4: at S = 16 the score and softmax work drops 4-fold).
+// NV>: the vectors of 16 scores the micro-block needs, ceil(nk / 16) for a tile of nk < 64 keys (the last
+// one, or the only one when S < 64: at S = 16 the score and softmax work drops 4-fold) and, under a causal
+// mask, no vector of keys all after the block's last row (on the diagonal tile 2.5 of 4 on average). Vectors
+// past NV are neither computed nor stored.
 template <class F>
 PK_ALWAYS_INLINE void score_blocks(int64_t g, int64_t np, int64_t nq, int64_t q0, int64_t kt0, int64_t nk,
                                    bool causal, F&& f) {
-  const auto blocks = [&](auto nv) {
-    for (int64_t hh = 0; hh < g; ++hh)
-      for (int64_t i0 = 0; i0 < nq; i0 += kMr) {
-        int64_t pos[kMr];
-        row_positions(q0, i0, nq, pos);
-        if (causal && kt0 > pos[kMr - 1]) continue;  // every key of the tile is in these rows' future
-        f(nv, hh * np + i0, pos);
+  const int64_t tile_nv = (nk + 15) / 16;
+  for (int64_t hh = 0; hh < g; ++hh)
+    for (int64_t i0 = 0; i0 < nq; i0 += kMr) {
+      int64_t pos[kMr];
+      row_positions(q0, i0, nq, pos);
+      if (causal && kt0 > pos[kMr - 1]) continue;  // every key of the tile is in these rows' future
+      const int64_t nv = causal ? std::min(tile_nv, (pos[kMr - 1] - kt0) / 16 + 1) : tile_nv;
+      const int64_t r0 = hh * np + i0;
+      switch (nv) {
+        case 1: f(std::integral_constant<int, 1>{}, r0, pos); break;
+        case 2: f(std::integral_constant<int, 2>{}, r0, pos); break;
+        case 3: f(std::integral_constant<int, 3>{}, r0, pos); break;
+        default: f(std::integral_constant<int, 4>{}, r0, pos); break;
       }
-  };
-  switch ((nk + 15) / 16) {
-    case 1: return blocks(std::integral_constant<int, 1>{});
-    case 2: return blocks(std::integral_constant<int, 2>{});
-    case 3: return blocks(std::integral_constant<int, 3>{});
-    default: return blocks(std::integral_constant<int, 4>{});
-  }
+    }
 }
 
 // One work item on the fp32 path (T = float, or bf16 widened by the packing pass).
@@ -396,10 +398,16 @@ PK_AVX512 void item_f32(const Ctx& x, int64_t bkv, int64_t q0, const Scratch& sc
       qk_f32<D, NV>(sc.q + r0 * D, kt, s);
       if (kt0 + 16 * NV > S || (x.causal && kt0 + 16 * NV - 1 > pos[0])) mask_scores<NV>(s, kt0, S, x.causal, pos);
       softmax_tile<std::is_same_v<T, float> ? 5 : 3, NV>(s, sc.m + r0, sc.l + r0, sc.a + r0);
+      // Vectors past NV hold 0: P.V of a pair of micro-blocks reads the first one's P as far as the second's keys.
 #pragma GCC unroll 4
       for (int r = 0; r < kMr; ++r)
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) _mm512_store_ps(sc.p + (r0 + r) * kBk + 16 * v, s[r][v]);
+        for (int v = 0; v < 4; ++v) {
+          if (v < NV)
+            _mm512_store_ps(sc.p + (r0 + r) * kBk + 16 * v, s[r][v]);
+          else
+            _mm512_store_ps(sc.p + (r0 + r) * kBk + 16 * v, _mm512_setzero_ps());
+        }
     });
     // Micro-blocks of a head in pairs where both saw the tile (the first did: the second's rows come later);
     // the first one's P is exactly 0 at the keys only the second sees.
