@@ -7,6 +7,10 @@
 //                                                      parallel memcpy of the same bytes between calls;
 //                                                      %copy = kernel bytes/s over memcpy read+write bytes/s
 //   NOCOPY=1 ...                                       no memcpy between calls: the data stays in cache
+//   PROBE=1 ./decode_hb perf ...                       instead of the kernel, a linear read of the same K and V
+//                                                      arrays (32 KB of K, then 32 KB of V; one load and one T1
+//                                                      prefetch 16 KB ahead per line): the ceiling for this data
+//                                                      on this many threads (contiguous: the kernel's bytes)
 //   PYKERNELS_CPU_ISA=avx2 ...                         the tier to run (as for the extension)
 #include "cpu/decode.cpp"
 #include <chrono>
@@ -19,6 +23,27 @@ template<typename T> float ld(const std::vector<T>& v, int64_t i);
 template<> float ld<float>(const std::vector<float>& v, int64_t i){return v[i];}
 template<> float ld<uint16_t>(const std::vector<uint16_t>& v, int64_t i){return bf16_to_float(v[i]);}
 template<typename T> T cv(float f); template<> float cv<float>(float f){return f;} template<> uint16_t cv<uint16_t>(float f){return tobf(f);}
+// PROBE=1: K and V read in 32 KB tiles, K then V, each thread a contiguous share of the tiles; one 4-byte load
+// per 64-byte line fetches the line (plain C++: the harness also builds without AVX-512).
+unsigned linear_probe(const char* K, const char* V, size_t nbytes) {
+  const int64_t ntiles = static_cast<int64_t>(nbytes / 32768);
+  unsigned total = 0;
+#pragma omp parallel reduction(^ : total)
+  {
+    unsigned acc = 0;
+    const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
+    for (int64_t t = ntiles * id / nt; t < ntiles * (id + 1) / nt; ++t)
+      for (const char* base : {K, V})
+        for (size_t i = 0; i < 32768; i += 64) {
+          __builtin_prefetch(base + t * 32768 + i + 16384, 0, 2);  // T1
+          unsigned x;
+          std::memcpy(&x, base + t * 32768 + i, 4);
+          acc ^= x;
+        }
+    total ^= acc;
+  }
+  return total;
+}
 template<typename T> double run_case(const Case& c, int mode /*0 dispatch, 1 scalar*/, bool nanpad, double* secs, int reps){
   std::mt19937 rng(1234); std::normal_distribution<float> nd(0,1);
   std::vector<int32_t> lens(c.B);
@@ -42,7 +67,7 @@ template<typename T> double run_case(const Case& c, int mode /*0 dispatch, 1 sca
     std::vector<char> used(nblk*c.Hkv*bs,0);
     for(int64_t b=0;b<c.B;++b) for(int64_t hk=0;hk<c.Hkv;++hk) for(int64_t t=0;t<lens[b];++t) used[(row_ptr(p,k.data(),b,hk,t)-k.data())/c.D]=1;
     for(int64_t r=0;r<(int64_t)used.size();++r) if(!used[r]) for(int64_t x=0;x<c.D;++x){k[r*c.D+x]=cv<T>(NAN); v[r*c.D+x]=cv<T>(NAN);} }
-  auto call=[&]{ if constexpr(!std::is_same_v<T,float>){ if(mode==0 && getenv("BFW")){ if(c.D==128) run_avx512<bf16,Kind::bf16_w,128>(p); else run_avx512<bf16,Kind::bf16_w,64>(p); return;} } if(mode==1) run_scalar<std::conditional_t<std::is_same_v<T,float>,float,bf16>>(p); else decode(p);};
+  auto call=[&]{ if(getenv("PROBE")){ volatile unsigned f=linear_probe(reinterpret_cast<const char*>(k.data()), reinterpret_cast<const char*>(v.data()), k.size()*sizeof(T)); (void)f; return; } if constexpr(!std::is_same_v<T,float>){ if(mode==0 && getenv("BFW")){ if(c.D==128) run_avx512<bf16,Kind::bf16_w,128>(p); else run_avx512<bf16,Kind::bf16_w,64>(p); return;} } if(mode==1) run_scalar<std::conditional_t<std::is_same_v<T,float>,float,bf16>>(p); else decode(p);};
   call();
   double err=0, mref=0; for(size_t i=0;i<o.size();++i){ double d=ld(o,i); err=std::max(err,std::fabs(d-ref[i])); mref=std::max(mref,std::fabs(ref[i])); if(std::isnan(d)) err=INFINITY;}
   if(secs){ size_t kvb=0; for(auto n:lens) kvb+=2*(size_t)n*c.Hkv*c.D*sizeof(T);
