@@ -172,7 +172,8 @@ PK_AVX512 PK_ALWAYS_INLINE __m512 exp2_ps(__m512 x) {
   return _mm512_maskz_scalef_ps(live, p, n);
 }
 
-// 2^x for x <= 0 only (or -inf, NaN): the softmax's exponents, a score minus a maximum at least as large.
+// 2^x for x <= 0 only (or -inf, NaN): the softmax's exponents, a score minus a maximum at least as large
+// (lanes a caller masks afterwards may hold anything).
 // The range reduction of exp2_ps without its clamps: a lane below -126 (-inf included, whose range
 // reduction is NaN) gives exactly 0 by the zero-masked vscalefps, a NaN stays NaN. The polynomial is fitted
 // to 2^f on [-1/2, 1/2] for relative error (Lawson-weighted least squares): Deg = 5, max 2.0e-7 evaluated in

@@ -302,9 +302,10 @@ template <class P, class Src> void gemm_rows(const GemmParams& p) {
     const int64_t groups = std::min(mp, std::max(cdiv(mp, rip), cdiv(int64_t(nt), ncb)));
     for (int64_t g = 1; g <= groups; ++g) bounds.push_back(mp * g / groups);
     // With B packed once for all items and groups enough to share out (~3 per thread), an item takes all of
-    // N: its rows of A are then packed once per K block, not once per column block. Zen 5, 2 threads, C++
-    // driver: 2048^3 bf16 913-947 -> 955-985 GFLOP/s, fp32 468-477 -> 486-497 (4 column blocks had packed
-    // A 4 times); with fewer groups (M = 256, N = 4096) the column blocks stay items (balance).
+    // N: its rows of A are then packed once per K block, not once per column block (2048^3 has 4 column
+    // blocks). Zen 5, 2 threads, 2048^3 bf16: gemm_rows' own share of the samples (the packing) 7.6% ->
+    // 5.5%, 3072^3 999-1016 -> 1018-1036 GFLOP/s. With fewer groups (M = 256, N = 4096: one group per
+    // thread and a half) the column blocks stay items: whole rows there were 2-3% slower (balance).
     whole_rows = shared_b && groups >= 3 * int64_t(nt);
   }
   const int64_t ngroups = static_cast<int64_t>(bounds.size()) - 1, items = whole_rows ? ngroups : ngroups * ncb;
