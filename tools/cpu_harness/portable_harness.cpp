@@ -4,7 +4,8 @@
 // and run under qemu-user (ARCH=aarch64 sh portable.sh) it checks the portable path on aarch64;
 // correctness only: qemu timings say nothing about ARM hardware. On x86-64 it runs every tier the CPU
 // has (set_isa), or the one named by its first argument. Each case's reference is computed once and every
-// tier's output (poisoned with NaN before the call) is compared with it.
+// tier's output (poisoned with NaN before the call) is compared with it. On an AVX-512 CPU it also checks the
+// softmax exponentials (attn_common.h) against std::exp2 (the `math` lines).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
