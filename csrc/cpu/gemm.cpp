@@ -291,22 +291,24 @@ template <class P, class Src> void gemm_rows(const GemmParams& p) {
   // 19.1-20.1 -> 16.0-16.7 ms, M = 512 66.8-70.4 -> 55.9-57.1 ms (one group of 10 / 37 panels).
   const int64_t rip = shared_b ? kRowItemPanels
                                : std::max<int64_t>(kRowItemPanels, caches().l2 / 2 / (MR * KCU * int64_t(sizeof(E))));
+  // Equal groups for column-block items; with one column block, or with B packed once for all items and
+  // groups enough to share out (~3 per thread), an item is a row group x all of N (whole_rows): its rows of A
+  // are then packed once per K block, not once per column block (2048^3 has 4 column blocks), and the groups
+  // shrink towards the end (the last items balance the threads). Zen 5, 2 threads, C++ driver alternated
+  // 6x: 2048^3 bf16 964-1008 -> 1024-1039 GFLOP/s, fp32 490-505 -> 512-518 (equal groups with A packed once:
+  // 989-998 / 481-503); 1024^3 fp32 4.27-4.32 -> 4.17 ms. With fewer groups (M = 256, N = 4096: one group per
+  // thread and a half) the column blocks stay items: whole rows there were 2-3% slower (small groups re-read
+  // all of B).
+  const int64_t groups = std::min(mp, std::max(cdiv(mp, rip), cdiv(int64_t(nt), ncb)));
+  const bool whole_rows = ncb == 1 || (shared_b && groups >= 3 * int64_t(nt));
   std::vector<int64_t> bounds{0};  // row group g = row panels [bounds[g], bounds[g+1])
-  bool whole_rows = ncb == 1;      // an item is a row group x all of N
-  if (ncb == 1) {
+  if (whole_rows) {
     while (bounds.back() < mp) {
       const int64_t left = mp - bounds.back();
       bounds.push_back(bounds.back() + std::clamp<int64_t>(cdiv(left, 3 * int64_t(nt)), 1, kRowItemPanels));
     }
   } else {
-    const int64_t groups = std::min(mp, std::max(cdiv(mp, rip), cdiv(int64_t(nt), ncb)));
     for (int64_t g = 1; g <= groups; ++g) bounds.push_back(mp * g / groups);
-    // With B packed once for all items and groups enough to share out (~3 per thread), an item takes all of
-    // N: its rows of A are then packed once per K block, not once per column block (2048^3 has 4 column
-    // blocks). Zen 5, 2 threads, 2048^3 bf16: gemm_rows' own share of the samples (the packing) 7.6% ->
-    // 5.5%, 3072^3 999-1016 -> 1018-1036 GFLOP/s. With fewer groups (M = 256, N = 4096: one group per
-    // thread and a half) the column blocks stay items: whole rows there were 2-3% slower (balance).
-    whole_rows = shared_b && groups >= 3 * int64_t(nt);
   }
   const int64_t ngroups = static_cast<int64_t>(bounds.size()) - 1, items = whole_rows ? ngroups : ngroups * ncb;
   int64_t gmax = 0;
