@@ -47,11 +47,9 @@ def test_set_cpu_isa_switches_and_rejects_bad_names():
 
 def test_env_override_is_read_at_load():
     code = "from pykernels import _C; print(_C.cpu_isa())"
-    env = dict(os.environ, PYKERNELS_CPU_ISA="portable")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "portable"
-    env["PYKERNELS_CPU_ISA"] = "nonsense"
-    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    out = _child(code, PYKERNELS_CPU_ISA="portable")
+    assert out.returncode == 0 and out.stdout.strip() == "portable", out.stderr[-2000:]
+    bad = _child(code, PYKERNELS_CPU_ISA="nonsense")
     assert bad.returncode != 0 and "PYKERNELS_CPU_ISA: unknown CPU ISA tier" in bad.stderr
 
 
@@ -135,24 +133,20 @@ def test_prefetch_override_runs_every_decode_level(level):
 import torch, pykernels as pk
 from pykernels import _C
 from pykernels.backends import registry
+from pykernels.harness import verify
+from pykernels.kernels import DecodeProblem
 f = _C.cpu_features()
 assert f["stream_prefetch"] == LEVEL and f["stream_prefetch_source"] == "PYKERNELS_CPU_PREFETCH", f
-g = torch.Generator().manual_seed(0)
-for tier in _C.cpu_isas():
-    _C.set_cpu_isa(tier)
-    for dt, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
-        for hq, hkv in ((8, 8), (8, 2)):
-            q = torch.randn(3, hq, 128, generator=g).to(dt)
-            k, v = (torch.randn(3, hkv, 300, 128, generator=g).to(dt) for _ in range(2))
-            lens = torch.tensor([300, 17, 161], dtype=torch.int32)
-            out = pk.decode(q, k, v, lens).double()
-            for b in range(3):
-                kk = k[b, :, : lens[b]].double().repeat_interleave(hq // hkv, 0)
-                vv = v[b, :, : lens[b]].double().repeat_interleave(hq // hkv, 0)
-                p = torch.softmax(q[b].double().unsqueeze(1) @ kk.transpose(-1, -2) / 128 ** 0.5, -1)
-                ref = (p @ vv).squeeze(1)
-                assert float((out[b] - ref).abs().max()) < tol, (tier, dt, hkv, b)
-info = registry.all_backends()["native"].describe_call("decode", {"q": q})
+for dt in (torch.float32, torch.bfloat16):
+    for hkv in (8, 2):  # one query head per kv head (l1-ungrouped: L1) and four (L2)
+        for paged in (False, True):
+            prob = DecodeProblem(3, 8, hkv, 300, 128, paged=paged, ragged=True)
+            x = prob.make_inputs(dt, seed=0)
+            exp = verify.expected(prob, x)  # the float64 reference and the dtype-aware tolerance, once
+            for tier in _C.cpu_isas():
+                _C.set_cpu_isa(tier)
+                exp.assert_close(pk.decode(**x, backend="native"), f"{tier} {prob.label()} {dt}")
+info = registry.all_backends()["native"].describe_call("decode", x)
 assert info["cpu_prefetch"] == LEVEL, info
 print("ok")
 """.replace("LEVEL", repr(level))

@@ -91,26 +91,24 @@ def test_gemm_per_item_b_fp32(mnkl, backend):
 
 
 _GEMM_GUARD_SCRIPT = r"""
+from pykernels.harness import verify
+from pykernels.kernels import GemmProblem
+
 torch.manual_seed(0)
-for isa in _C.cpu_isas():
-    _C.set_cpu_isa(isa)
-    for dtype in (torch.float32, torch.bfloat16):
-        for M in (1, 2, 3, 4, 5, 8, 9, 12, 16, 17, 33):
-            for N, K in ((1, 7), (33, 65), (100, 3), (1000, 37), (4100, 9)):
-                a = at_guard((M, K), dtype)
-                b = at_guard((K, N), dtype)
-                a.copy_(torch.randn(M, K))
-                b.copy_(torch.randn(K, N))
-                out = pk.gemm(a, b, backend="native").double()
-                ref = a.double() @ b.double()
-                err = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-                assert err < (2e-2 if dtype == torch.bfloat16 else 1e-4), (isa, dtype, M, N, K, err)
-                w = at_guard((N, K), dtype)  # linear: B stored [N, K]
-                w.copy_(torch.randn(N, K))
-                out = pk.linear(a, w, backend="native").double()
-                ref = a.double() @ w.double().T
-                err = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-                assert err < (2e-2 if dtype == torch.bfloat16 else 1e-4), ("nt", isa, dtype, M, N, K, err)
+for dtype in (torch.float32, torch.bfloat16):
+    for M in (1, 2, 3, 4, 5, 8, 9, 12, 16, 17, 33):
+        for N, K in ((1, 7), (33, 65), (100, 3), (1000, 37), (4100, 9)):
+            a = at_guard((M, K), dtype)
+            a.copy_(torch.randn(M, K))
+            for layout, b_shape in (("nn", (K, N)), ("nt", (N, K))):  # "nt": linear, B stored [N, K]
+                b = at_guard(b_shape, dtype)
+                b.copy_(torch.randn(*b_shape))
+                prob = GemmProblem(M, N, K, layout=layout)
+                exp = verify.expected(prob, {"a": a, "b": b})  # the float64 reference and the tolerance, once
+                for isa in _C.cpu_isas():
+                    _C.set_cpu_isa(isa)
+                    out = pk.gemm(a, b, backend="native") if layout == "nn" else pk.linear(a, b, backend="native")
+                    exp.assert_close(out, f"{isa} {prob.label()} {dtype}")
 print("ok")
 """
 
