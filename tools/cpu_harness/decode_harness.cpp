@@ -19,9 +19,21 @@
 using namespace pk; using namespace pk::cpu;
 static uint16_t tobf(float f){return float_to_bf16(f);}
 struct Case{int64_t B,Hq,Hkv,L,D; bool paged; int64_t bs; bool ragged;};
-template<typename T> float ld(const std::vector<T>& v, int64_t i);
-template<> float ld<float>(const std::vector<float>& v, int64_t i){return v[i];}
-template<> float ld<uint16_t>(const std::vector<uint16_t>& v, int64_t i){return bf16_to_float(v[i]);}
+// 64-byte aligned storage for the tensors, as torch allocates them: a std::vector's large block starts 16
+// bytes into a page, so every 64-byte row load of the kernel would straddle two cache lines.
+template<typename T> struct Al64 {
+  using value_type = T;
+  Al64() = default;
+  template<typename U> Al64(const Al64<U>&) {}
+  T* allocate(size_t n) { void* p = std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64); if (!p) throw std::bad_alloc(); return static_cast<T*>(p); }
+  void deallocate(T* p, size_t) { std::free(p); }
+  template<typename U> bool operator==(const Al64<U>&) const { return true; }
+  template<typename U> bool operator!=(const Al64<U>&) const { return false; }
+};
+template<typename T> using Buf = std::vector<T, Al64<T>>;
+template<typename T> float ld(const Buf<T>& v, int64_t i);
+template<> float ld<float>(const Buf<float>& v, int64_t i){return v[i];}
+template<> float ld<uint16_t>(const Buf<uint16_t>& v, int64_t i){return bf16_to_float(v[i]);}
 template<typename T> T cv(float f); template<> float cv<float>(float f){return f;} template<> uint16_t cv<uint16_t>(float f){return tobf(f);}
 // PROBE=1: K and V read in 32 KB tiles, K then V, each thread a contiguous share of the tiles; one 4-byte load
 // per 64-byte line fetches the line (plain C++: the harness also builds without AVX-512).
@@ -54,7 +66,7 @@ template<typename T> double run_case(const Case& c, int mode /*0 dispatch, 1 sca
     table.assign(c.B*maxb, 0); int64_t pos=0; for(int64_t b=0;b<c.B;++b){int64_t nb=(lens[b]+bs-1)/bs; for(int64_t j=0;j<nb;++j) table[b*maxb+j]=perm[pos++];}}
   else nblk=c.B;
   int64_t csz = nblk*c.Hkv*bs*c.D;
-  std::vector<T> q(c.B*c.Hq*c.D), k(csz), v(csz), o(c.B*c.Hq*c.D);
+  Buf<T> q(c.B*c.Hq*c.D), k(csz), v(csz), o(c.B*c.Hq*c.D);
   for(auto& x:q) x=cv<T>(nd(rng)); for(auto& x:k) x=cv<T>(nd(rng)); for(auto& x:v) x=cv<T>(nd(rng)+0.5f);
   DecodeParams p{q.data(),k.data(),v.data(),o.data(),lens.data(),c.paged?table.data():nullptr,c.B,c.Hq,c.Hkv,c.D,nblk,bs,maxb,(float)(1.0/std::sqrt((double)c.D)), std::is_same_v<T,float>?DType::f32:DType::bf16};
   // reference (double)
