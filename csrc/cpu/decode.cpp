@@ -575,13 +575,13 @@ PK_AVX512BF16 void item(const Ctx& x, int64_t b, int64_t hk0, int64_t nh, int64_
   }
   const char* kb = static_cast<const char*>(p.k);
   const char* vb = static_cast<const char*>(p.v);
-  // Steps: S tokens of one kv head, heads inner. S = kT, or on a paged cache with 16/32/64-row blocks
-  // max(block, 32) rows: the heads of a block (or two) then follow each other, so K and V are read
-  // as two streams through the blocks instead of jumping between 4 blocks per head. 32 rather than 16
-  // on 16-row blocks: the per-step costs (softmax, P.V accumulators) weigh on bf16 g = 4 (measured
-  // 6.2 vs 7.1 ms, B=8 Hq=32 Hkv=8 L=4096 bf16 paged16, 2 threads, notes/cpu_decode.md v6).
-  const int64_t bs = p.block_size;
-  const int64_t S = p.block_table != nullptr && bs % 16 == 0 && kT % bs == 0 ? std::max<int64_t>(bs, 32) : kT;
+  // Steps: kT tokens of one kv head, heads inner, on paged caches too (a step then spans kT / block
+  // blocks of each head; the rows are found page by page). Steps of one block (16 rows) or two, so that
+  // the heads of a block follow each other, read no faster on Zen 5: B=8 Hq=32 L=4096 D=128 paged16, Python
+  // prepared calls, 2 threads, the native read in the same rounds, three runs: 64-row steps against
+  // 32-row ones fp32 Hkv 8 52-56% vs 44-53% of the read, Hkv 32 55-57% vs 51-54%, bf16 Hkv 8 65-71% vs
+  // 64-67%, Hkv 32 51-58% vs 50-56% (16-row steps: between; fewer steps also cost less in cache).
+  constexpr int64_t S = kT;
   constexpr int64_t kPD = pf_rows<D, es>();
   // Row offsets of the current step and of the steps after it, at least kPD rows past the current
   // step's end (so the loops can prefetch kPD rows ahead across step boundaries): off[0, have).
