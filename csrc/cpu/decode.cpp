@@ -8,7 +8,7 @@
 // from memory once and reused g times from L1. Items run over OpenMP threads (dynamic). When the items
 // alone cannot keep every thread busy (fewer than 2 per thread), each sequence's context is split into
 // chunks; every chunk leaves a partial (running max m, sum l, unnormalized o) and a second pass merges
-// them (log-sum-exp, base 2). Per item, steps of kT = 64 tokens of one kv head:
+// them (log-sum-exp, base 2). Per item, steps of kT = 128 tokens of one kv head:
 //   row offsets    one per token, this step's and the next step's (page by page through the table);
 //                  the loops below prefetch the row ~16 KB ahead of the one they read (see kPfBytes)
 //   S = q K^T      g a multiple of 4: four heads in the lanes of one vector, each 16-byte piece of a
@@ -48,9 +48,12 @@ namespace {
 
 using attn::AlignedBuf;
 
-// Tokens per tile: 64 scores per head = 4 zmm; the tile's K and V rows (64 x 512 B each at D = 128
-// fp32 = 64 KB) stay in the 1 MB L2 between the q.K pass and the P.V pass.
-constexpr int64_t kT = 64;
+// Tokens per tile (step): 128 scores per head = 8 zmm; the tile's K and V rows (128 x 512 B each at
+// D = 128 fp32 = 128 KB) stay in L2 between the q.K pass and the P.V pass. 128 rather than 64: half the
+// per-step costs (softmax reductions, P.V accumulators loaded and stored). Zen 5, 1 thread, Python prepared
+// calls with the native read in the same rounds (B8 Hq32 L4096 D128, two runs): the Hkv 32 (g = 1) rows
+// +3-7 points of the read, the others level; in L2 fp32 Hkv 8 58 -> 65 GB/s (notes/cpu_decode.md).
+constexpr int64_t kT = 128;
 // Heads per P.V register block: 4 heads x 4 zmm (64 columns) = 16 accumulators + 4 V + 1 broadcast.
 constexpr int kG = 4;
 // Shortest context chunk worth a partial: the merge costs ~g*D*3 flops per chunk, 256 tokens cost
