@@ -581,9 +581,10 @@ PK_AVX512BF16 void item(const Ctx& x, int64_t b, int64_t hk0, int64_t nh, int64_
   // Steps: kT tokens of one kv head, heads inner, on paged caches too (a step then spans kT / block
   // blocks of each head; the rows are found page by page). Steps of one block (16 rows) or two, so that
   // the heads of a block follow each other, read no faster on Zen 5: B=8 Hq=32 L=4096 D=128 paged16, Python
-  // prepared calls, 2 threads, the native read in the same rounds, three runs: 64-row steps against
-  // 32-row ones fp32 Hkv 8 52-56% vs 44-53% of the read, Hkv 32 55-57% vs 51-54%, bf16 Hkv 8 65-71% vs
-  // 64-67%, Hkv 32 51-58% vs 50-56% (16-row steps: between; fewer steps also cost less in cache).
+  // prepared calls, 2 threads, the native read in the same rounds, three runs: 64-row steps (kT then)
+  // against 32-row ones fp32 Hkv 8 52-56% vs 44-53% of the read, Hkv 32 55-57% vs 51-54%, bf16 Hkv 8 65-71%
+  // vs 64-67%, Hkv 32 51-58% vs 50-56% (16-row steps: between; fewer steps also cost less in cache); the
+  // 128-row steps of kT now were level with 64-row ones on these rows (notes/cpu_decode.md).
   constexpr int64_t S = kT;
   constexpr int64_t kPD = pf_rows<D, es>();
   // Row offsets of the current step and of the steps after it, at least kPD rows past the current
