@@ -580,12 +580,9 @@ PK_AVX512BF16 void item(const Ctx& x, int64_t b, int64_t hk0, int64_t nh, int64_
   const char* vb = static_cast<const char*>(p.v);
   // Steps: kT tokens of one kv head, heads inner, on paged caches too (a step then spans kT / block
   // blocks of each head; the rows are found page by page). Steps of one block (16 rows) or two, so that
-  // the heads of a block follow each other, read no faster on Zen 5: B=8 Hq=32 L=4096 D=128 paged16, Python
-  // prepared calls, 2 threads, the native read in the same rounds, three runs: 64-row steps (kT then)
-  // against 32-row ones fp32 Hkv 8 52-56% vs 44-53% of the read, Hkv 32 55-57% vs 51-54%, bf16 Hkv 8 65-71%
-  // vs 64-67%, Hkv 32 51-58% vs 50-56% (16-row steps: between; fewer steps also cost less in cache); the
-  // 128-row steps of kT now were level with 64-row ones on these rows (notes/cpu_decode.md).
-  constexpr int64_t S = kT;
+  // the heads of a block follow each other, read no faster on Zen 5 (B=8 Hq=32 L=4096 D=128 paged16, 2
+  // threads, % of the native read of the same rounds: 64-row steps 52-71%, 32-row ones 44-67%; the 128-row
+  // steps of kT now level with 64; notes/cpu_decode.md).
   constexpr int64_t kPD = pf_rows<D, es>();
   // Row offsets of the current step and of the steps after it, at least kPD rows past the current
   // step's end (so the loops can prefetch kPD rows ahead across step boundaries): off[0, have).
@@ -593,17 +590,17 @@ PK_AVX512BF16 void item(const Ctx& x, int64_t b, int64_t hk0, int64_t nh, int64_
   int64_t have = 0, gts = t0, ghk = hk0;  // the next step to append
   auto fill = [&](int64_t need) {
     while (have < need && gts < t1) {
-      const int64_t c = std::min(S, t1 - gts);
+      const int64_t c = std::min(kT, t1 - gts);
       tile_rows(p, b, ghk, gts, c, es, off + have);
       have += c;
       if (++ghk == hk0 + nh) {
         ghk = hk0;
-        gts += S;
+        gts += kT;
       }
     }
   };
-  for (int64_t ts = t0; ts < t1; ts += S) {
-    const int64_t nt = std::min(S, t1 - ts), nv = (nt + 15) / 16;
+  for (int64_t ts = t0; ts < t1; ts += kT) {
+    const int64_t nt = std::min(kT, t1 - ts), nv = (nt + 15) / 16;
     for (int64_t hk = hk0; hk < hk0 + nh; ++hk) {
       fill(nt + kPD);
       const int64_t h0 = (hk - hk0) * g;

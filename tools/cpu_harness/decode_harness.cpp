@@ -19,19 +19,22 @@
 using namespace pk; using namespace pk::cpu;
 static uint16_t tobf(float f){return float_to_bf16(f);}
 struct Case{int64_t B,Hq,Hkv,L,D; bool paged; int64_t bs; bool ragged;};
-// 64-byte aligned storage for the tensors, as torch allocates them: a std::vector's large block starts 16
-// bytes into a page, so every 64-byte row load of the kernel would straddle two cache lines (timings up to a
-// quarter low). Misaligned inputs stay covered for correctness by portable_harness.cpp (std::vector storage).
-template<typename T> struct Al64 {
-  using value_type = T;
-  Al64() = default;
-  template<typename U> Al64(const Al64<U>&) {}
-  T* allocate(size_t n) { void* p = std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64); if (!p) throw std::bad_alloc(); return static_cast<T*>(p); }
-  void deallocate(T* p, size_t) { std::free(p); }
-  template<typename U> bool operator==(const Al64<U>&) const { return true; }
-  template<typename U> bool operator!=(const Al64<U>&) const { return false; }
+// 64-byte aligned storage for the tensors (attn::AlignedBuf, zero-filled), as torch allocates them: a
+// std::vector's large block starts 16 bytes into a page, so every 64-byte row load of the kernel would straddle
+// two cache lines (timings up to a quarter low). Misaligned inputs stay covered for correctness by
+// portable_harness.cpp (std::vector storage).
+template<typename T> class Buf {
+ public:
+  explicit Buf(size_t n) : n_(n), mem_(n * sizeof(T), true) {}
+  T* data() const { return mem_.as<T>(); }
+  size_t size() const { return n_; }
+  T& operator[](size_t i) const { return data()[i]; }
+  T* begin() const { return data(); }
+  T* end() const { return data() + n_; }
+ private:
+  size_t n_;
+  attn::AlignedBuf mem_;
 };
-template<typename T> using Buf = std::vector<T, Al64<T>>;
 template<typename T> float ld(const Buf<T>& v, int64_t i);
 template<> float ld<float>(const Buf<float>& v, int64_t i){return v[i];}
 template<> float ld<uint16_t>(const Buf<uint16_t>& v, int64_t i){return bf16_to_float(v[i]);}
@@ -80,7 +83,8 @@ template<typename T> double run_case(const Case& c, int mode /*0 dispatch, 1 sca
     std::vector<char> used(nblk*c.Hkv*bs,0);
     for(int64_t b=0;b<c.B;++b) for(int64_t hk=0;hk<c.Hkv;++hk) for(int64_t t=0;t<lens[b];++t) used[(row_ptr(p,k.data(),b,hk,t)-k.data())/c.D]=1;
     for(int64_t r=0;r<(int64_t)used.size();++r) if(!used[r]) for(int64_t x=0;x<c.D;++x){k[r*c.D+x]=cv<T>(NAN); v[r*c.D+x]=cv<T>(NAN);} }
-  auto call=[&]{ if(getenv("PROBE")){ volatile unsigned f=linear_probe(reinterpret_cast<const char*>(k.data()), reinterpret_cast<const char*>(v.data()), k.size()*sizeof(T)); (void)f; return; } if constexpr(!std::is_same_v<T,float>){ if(mode==0 && getenv("BFW")){ if(c.D==128) run_avx512<bf16,Kind::bf16_w,128>(p); else run_avx512<bf16,Kind::bf16_w,64>(p); return;} } if(mode==1) run_scalar<std::conditional_t<std::is_same_v<T,float>,float,bf16>>(p); else decode(p);};
+  const bool probe=getenv("PROBE")!=nullptr, bfw=getenv("BFW")!=nullptr, nocopy=getenv("NOCOPY")!=nullptr;  // read once, outside the timed calls
+  auto call=[&]{ if(probe){ volatile unsigned f=linear_probe(reinterpret_cast<const char*>(k.data()), reinterpret_cast<const char*>(v.data()), k.size()*sizeof(T)); (void)f; return; } if constexpr(!std::is_same_v<T,float>){ if(mode==0 && bfw){ if(c.D==128) run_avx512<bf16,Kind::bf16_w,128>(p); else run_avx512<bf16,Kind::bf16_w,64>(p); return;} } if(mode==1) run_scalar<std::conditional_t<std::is_same_v<T,float>,float,bf16>>(p); else decode(p);};
   call();
   double err=0, mref=0; for(size_t i=0;i<o.size();++i){ double d=ld(o,i); err=std::max(err,std::fabs(d-ref[i])); mref=std::max(mref,std::fabs(ref[i])); if(std::isnan(d)) err=INFINITY;}
   if(secs){ size_t kvb=0; for(auto n:lens) kvb+=2*(size_t)n*c.Hkv*c.D*sizeof(T);
@@ -90,7 +94,7 @@ template<typename T> double run_case(const Case& c, int mode /*0 dispatch, 1 sca
       for(int64_t i=0;i<64;++i) memcpy(dst.data()+kvb/64*i, src.data()+kvb/64*i, kvb/64); };
     cp();
     std::vector<double> rs, tn; for(int r=0;r<reps;++r){
-      auto t0=std::chrono::steady_clock::now(); call(); auto t1=std::chrono::steady_clock::now(); if(!getenv("NOCOPY")) cp(); auto t2=std::chrono::steady_clock::now();
+      auto t0=std::chrono::steady_clock::now(); call(); auto t1=std::chrono::steady_clock::now(); if(!nocopy) cp(); auto t2=std::chrono::steady_clock::now();
       double a=std::chrono::duration<double>(t1-t0).count(), b=std::chrono::duration<double>(t2-t1).count();
       rs.push_back((kvb/a)/(2*kvb/b)); tn.push_back(a);}
     std::sort(rs.begin(),rs.end()); std::sort(tn.begin(),tn.end()); secs[0]=tn[tn.size()/2]; secs[1]=rs[rs.size()/2];}
