@@ -81,10 +81,13 @@ def test_gemm_block_paths_bf16(mnkl, backend):
 # holds (one group of 11 panels here, several column blocks, K and N tails); "nt" with M past the swapped
 # path (M > 256).
 PER_ITEM_B_SHAPES = [(150, 2100, 4100, "nn"), (600, 2100, 4100, "nt")]
+# And B packed once but past the private copies' 4 MB (kPrivatePackedBBytes): packed with non-temporal
+# stores, read back by the items (bf16: BLOCK_SHAPES' 130 x 4096 x 1000).
+SHARED_B_SHAPES = [(200, 1100, 1030, "nn")]
 
 
 @pytest.mark.parametrize("backend", ["native"])
-@pytest.mark.parametrize("mnkl", PER_ITEM_B_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mnkl", PER_ITEM_B_SHAPES + SHARED_B_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_gemm_per_item_b_fp32(mnkl, backend):
     M, N, K, layout = mnkl
     run_checked(GemmProblem(M, N, K, layout=layout), torch.float32, backend, "cpu")

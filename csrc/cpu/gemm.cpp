@@ -152,8 +152,10 @@ template <class P> void tile(int R, const typename P::Elem* a, const typename P:
 //   P::MR, P::NR    micro-tile rows (max) and columns; P::KG = K elements per Elem (1 or 2)
 //   P::KC, P::NC    K block and N block of gemm_rows
 //   P::pack_a<Src>(src, lda, R, kc, dst)            R rows x kc -> dst[k/KG][R]
-//   P::pack_b<Src>(src, ldb, kc, r0, r1, nc, dst)   rows [r0,r1) of a kc x nc block -> panels of
-//                                                   [k/KG][NR] (zero padded), panel p at p*cdiv(kc,KG)*NR
+//   P::pack_b<Src>(src, ldb, kc, r0, r1, nc, dst, stream)
+//                                                   rows [r0,r1) of a kc x nc block -> panels of
+//                                                   [k/KG][NR] (zero padded), panel p at p*cdiv(kc,KG)*NR;
+//                                                   stream: non-temporal stores where the policy has them
 //   P::tile_r<R>(a, b, kcu, out, row, col, nc)      one R x NR tile
 //   P::reduce_row<Src>(parts, stride, nt, n, c)     c[j] = sum_t parts[t*stride + j], j < n
 // Neither driver has a barrier inside its work loop: work items are handed out dynamically and each
@@ -207,9 +209,9 @@ void pack_bt(const Src* src, int64_t ldb, int64_t kc, int64_t r0, int64_t r1, in
 // The B block at (k0, j0) of either layout, packed by the policy's pack_b or by pack_bt.
 template <class P, class Src>
 inline void pack_b_any(bool transb, const Src* B, int64_t N, int64_t K, int64_t k0, int64_t j0, int64_t kc,
-                       int64_t r0, int64_t r1, int64_t nc, typename P::Elem* dst) {
+                       int64_t r0, int64_t r1, int64_t nc, typename P::Elem* dst, bool stream = false) {
   if (transb) return pack_bt<P, Src>(B + j0 * K + k0, K, kc, r0, r1, nc, dst);
-  P::template pack_b<Src>(B + k0 * N + j0, N, kc, r0, r1, nc, dst);
+  P::template pack_b<Src>(B + k0 * N + j0, N, kc, r0, r1, nc, dst, stream);
 }
 
 // M of fewer than this many row panels (M <= 98 with 14-row panels) goes to gemm_slabs.
@@ -318,6 +320,11 @@ template <class P, class Src> void gemm_rows(const GemmParams& p) {
   // B packed once for all items when it fits (one barrier; small: once per thread, no barrier), else per
   // item into an L2-sized block.
   const bool private_b = shared_b && nt > 1 && b_all * int64_t(sizeof(E)) <= kPrivatePackedBBytes;
+  // A B packed once and too large for the private copies goes out with non-temporal stores (no line read
+  // before it is written, no eviction of the caches' lines of A and C); the items read it back block by block.
+  // Zen 5, 2 threads, bf16 2048^3 (perf): packing 4.2-4.9 -> 3.2-3.5% of the samples, the micro-kernels'
+  // share unchanged; C++ driver alternated 8-10x: medians +1% (2048^3 bf16, 3072^3 both), level elsewhere.
+  const bool stream_b = shared_b && b_all * int64_t(sizeof(E)) > kPrivatePackedBBytes;
 
   Carver cv;
   const size_t a_off = cv.take<E>(nt * gmax * MR * KCU);
@@ -334,7 +341,8 @@ template <class P, class Src> void gemm_rows(const GemmParams& p) {
       for (int64_t kb = 0; kb < kblocks; ++kb) {
         const int64_t k0 = kb * KC, kc = std::min(KC, K - k0), kcu = cdiv(kc, KG);
         const int64_t u0 = private_b ? 0 : kcu * t / nt, u1 = private_b ? kcu : kcu * (t + 1) / nt;
-        pack_b_any<P, Src>(p.transb, B, N, K, k0, 0, kc, u0 * KG, std::min(kc, u1 * KG), N, bp + kb * np * KCU * NR);
+        pack_b_any<P, Src>(p.transb, B, N, K, k0, 0, kc, u0 * KG, std::min(kc, u1 * KG), N, bp + kb * np * KCU * NR,
+                           stream_b);
       }
       if (!private_b) team.barrier();
     }
@@ -446,7 +454,7 @@ template <int64_t NR> struct PlainPack {
       for (int64_t k = 0; k < kc; ++k) dst[k * R + r] = ld(src, r * lda + k);
   }
   template <class Src>
-  static void pack_b(const Src* src, int64_t ldb, int64_t kc, int64_t r0, int64_t r1, int64_t nc, float* dst) {
+  static void pack_b(const Src* src, int64_t ldb, int64_t kc, int64_t r0, int64_t r1, int64_t nc, float* dst, bool) {
     for (int64_t k = r0; k < r1; ++k)
       for (int64_t q = 0; q * NR < nc; ++q)
         for (int64_t j = 0; j < NR; ++j)
@@ -768,6 +776,11 @@ template <class Src> void gemm_direct_neon(const GemmParams& p) {
 // on every row, so pack_b also prefetches the same run 2 rows ahead (prefetches never fault, past the
 // end of B included). Its gain was within this VM's noise (<10%); it costs one instruction per line.
 constexpr int64_t kPackPrefetchRows = 2;
+// pack_b writes each panel as a sequential stream; it packs kPackPanels panels (512 columns) over all
+// its rows, then the next ones, so that at most 16 write streams are open at a time (all of a 2048-wide
+// B at once was 64). Zen 5, 2 threads, bf16 2048 x 2048 from DRAM (scratch loop, best of 40): 64 panels
+// 0.23 ms, 8 0.17, 16 0.135-0.145, 32 0.22; in a 2048^3 GEMM (perf) packing 5.5 -> 4.7% of the samples.
+constexpr int64_t kPackPanels = 16;
 using vec::bf16_rne_hi;
 using vec::load_bf16;
 using vec::mask16;
@@ -862,19 +875,28 @@ struct F32Avx512 {
     }
   }
   template <class Src> PK_AVX512 static void pack_b(const Src* src, int64_t ldb, int64_t kc, int64_t r0, int64_t r1,
-                                                    int64_t nc, float* dst) {
-    for (int64_t k = r0; k < r1; ++k) {
-      for (int64_t q = 0; q * NR < nc; ++q) {
-        const char* pf = reinterpret_cast<const char*>(src + (k + kPackPrefetchRows) * ldb + q * NR);
-        _mm_prefetch(pf, _MM_HINT_T0);
-        _mm_prefetch(pf + 64, _MM_HINT_T0);
-        __m512 lo, hi;
-        load32_f32(src + k * ldb + q * NR, nc - q * NR, lo, hi);
-        float* d = dst + (q * kc + k) * NR;
-        _mm512_store_ps(d, lo);
-        _mm512_store_ps(d + 16, hi);
+                                                    int64_t nc, float* dst, bool stream) {
+    for (int64_t q0 = 0; q0 * NR < nc; q0 += kPackPanels) {
+      const int64_t q1 = std::min(q0 + kPackPanels, cdiv(nc, NR));
+      for (int64_t k = r0; k < r1; ++k) {
+        for (int64_t q = q0; q < q1; ++q) {
+          const char* pf = reinterpret_cast<const char*>(src + (k + kPackPrefetchRows) * ldb + q * NR);
+          _mm_prefetch(pf, _MM_HINT_T0);
+          _mm_prefetch(pf + 64, _MM_HINT_T0);
+          __m512 lo, hi;
+          load32_f32(src + k * ldb + q * NR, nc - q * NR, lo, hi);
+          float* d = dst + (q * kc + k) * NR;
+          if (stream) {
+            _mm512_stream_ps(d, lo);
+            _mm512_stream_ps(d + 16, hi);
+          } else {
+            _mm512_store_ps(d, lo);
+            _mm512_store_ps(d + 16, hi);
+          }
+        }
       }
     }
+    if (stream) _mm_sfence();  // seen by the other threads after the barrier
   }
   template <class Src> static void reduce_row(const float* parts, int64_t stride, int nt, int64_t n, Src* c) {
     reduce_row_avx512<Src>(parts, stride, nt, n, c);
@@ -929,25 +951,35 @@ struct Bf16Avx512 {
     }
   }
   template <class Src> PK_AVX512BF16 static void pack_b(const Src* src, int64_t ldb, int64_t kc, int64_t r0, int64_t r1,
-                                                        int64_t nc, u32* dst) {
+                                                        int64_t nc, u32* dst, bool stream) {
     // out[2j] = row k col j, out[2j+1] = row k+1 col j: word-interleave two rows (vpermt2w).
     const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7,
                                             38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
     const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
     const int64_t kcu = cdiv(kc, KG);
-    for (int64_t k = r0; k < r1; k += 2) {
-      for (int64_t q = 0; q * NR < nc; ++q) {
-        const __mmask32 m = mask32(nc - q * NR);
-        const u16* s = src + k * ldb + q * NR;
-        _mm_prefetch(reinterpret_cast<const char*>(s + kPackPrefetchRows * ldb), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(s + (kPackPrefetchRows + 1) * ldb), _MM_HINT_T0);
-        const __m512i x0 = _mm512_maskz_loadu_epi16(m, s);
-        const __m512i x1 = k + 1 < kc ? _mm512_maskz_loadu_epi16(m, s + ldb) : _mm512_setzero_si512();
-        u32* d = dst + (q * kcu + k / 2) * NR;
-        _mm512_store_si512(d, _mm512_permutex2var_epi16(x0, lo_idx, x1));
-        _mm512_store_si512(d + 16, _mm512_permutex2var_epi16(x0, hi_idx, x1));
+    for (int64_t q0 = 0; q0 * NR < nc; q0 += kPackPanels) {
+      const int64_t q1 = std::min(q0 + kPackPanels, cdiv(nc, NR));
+      for (int64_t k = r0; k < r1; k += 2) {
+        for (int64_t q = q0; q < q1; ++q) {
+          const __mmask32 m = mask32(nc - q * NR);
+          const u16* s = src + k * ldb + q * NR;
+          _mm_prefetch(reinterpret_cast<const char*>(s + kPackPrefetchRows * ldb), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(s + (kPackPrefetchRows + 1) * ldb), _MM_HINT_T0);
+          const __m512i x0 = _mm512_maskz_loadu_epi16(m, s);
+          const __m512i x1 = k + 1 < kc ? _mm512_maskz_loadu_epi16(m, s + ldb) : _mm512_setzero_si512();
+          u32* d = dst + (q * kcu + k / 2) * NR;
+          const __m512i y0 = _mm512_permutex2var_epi16(x0, lo_idx, x1), y1 = _mm512_permutex2var_epi16(x0, hi_idx, x1);
+          if (stream) {
+            _mm512_stream_si512(reinterpret_cast<__m512i*>(d), y0);
+            _mm512_stream_si512(reinterpret_cast<__m512i*>(d + 16), y1);
+          } else {
+            _mm512_store_si512(d, y0);
+            _mm512_store_si512(d + 16, y1);
+          }
+        }
       }
     }
+    if (stream) _mm_sfence();  // seen by the other threads after the barrier
   }
   template <class Src> static void reduce_row(const float* parts, int64_t stride, int nt, int64_t n, Src* c) {
     reduce_row_avx512<Src>(parts, stride, nt, n, c);
