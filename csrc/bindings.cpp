@@ -434,6 +434,17 @@ std::unique_ptr<pk::cpu::ReadPass> make_read_pass(const py::object& nbytes, cons
   return std::make_unique<pk::cpu::ReadPass>(nb, t);
 }
 
+// A compute probe's loop with fixed work (pk::cpu::ComputePass), checked as probe_compute checks.
+std::unique_ptr<pk::cpu::ComputePass> make_compute_pass(const std::string& kind, const py::object& threads,
+                                                        double seconds) {
+  const std::string fn = "ComputePass";
+  check_kind(fn, kind, pk::cpu::probe_compute_kinds(), pk::cpu::probe_compute_known());
+  const int t = check_threads(fn, threads);
+  check_seconds(fn, seconds);
+  py::gil_scoped_release nogil;
+  return std::make_unique<pk::cpu::ComputePass>(kind, t, seconds);
+}
+
 py::dict probe_clock(const py::object& threads) {
   const int t = check_threads("probe_clock", threads);
   pk::cpu::ClockProbe r;
@@ -691,6 +702,15 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init(&make_read_pass), py::arg("nbytes") = py::none(), py::arg("threads") = py::none())
       .def_property_readonly("nbytes", &pk::cpu::ReadPass::nbytes)
       .def("run", &pk::cpu::ReadPass::run, py::call_guard<py::gil_scoped_release>());
+  py::class_<pk::cpu::ComputePass>(m, "ComputePass",
+                                   "A compute probe's loop (probe_compute's kind) with fixed work, about `seconds` "
+                                   "per run: run() executes it once on every thread and returns the wall seconds; "
+                                   "flop is the work of one run.")
+      .def(py::init(&make_compute_pass), py::arg("kind"), py::arg("threads") = py::none(), py::arg("seconds") = 0.01)
+      .def_property_readonly("kind", &pk::cpu::ComputePass::kind)
+      .def_property_readonly("threads", &pk::cpu::ComputePass::threads)
+      .def_property_readonly("flop", &pk::cpu::ComputePass::flop)
+      .def("run", &pk::cpu::ComputePass::run, py::call_guard<py::gil_scoped_release>());
   m.def("probe_cuda_compute", &probe_cuda_compute, py::arg("kind"), py::arg("seconds") = 0.3);
   m.def("probe_cuda_memory", &probe_cuda_memory, py::arg("kind"), py::arg("nbytes") = py::none(),
         py::arg("reps") = 5);

@@ -387,3 +387,36 @@ def test_issue6_streams_memory_bound_rows_and_reads_with_the_native_probe(tmp_pa
     assert row["read_bytes_per_s"] > 0 and row["pct_read_bw"] > 0
     assert row["native_vs_torch_rel_error"] < 0.05
     assert "`_C.ReadPass`" in (tmp_path / "i6.md").read_text()
+
+
+def test_issue6_times_the_peak_probe_in_the_rounds_of_peak_target_rows(tmp_path, monkeypatch):
+    """tools/issue6.py: a row with an issue-21 peak target (here a small GEMM made one) also times the dtype's
+    peak probe loop (_C.ComputePass, the cached peak's kind) in its rounds and reports the kernel's share of it,
+    median over rounds of the per-round ratio, beside the share of the cached peak."""
+    tool = _tool("issue6")
+    if not _native_ok():
+        pytest.skip("the native extension is not built")
+    case = sweeps.sweep("shapes:M=96,N=96,K=96", dtypes=("float32",))[0]
+    assert case.family == "gemm"
+    monkeypatch.setattr(tool.sweeps, "sweep", lambda name: [case])
+    monkeypatch.setattr(tool, "target21", lambda family, dtype, params: ("peak", 0.85))
+    monkeypatch.setattr(tool, "bandwidth", lambda: {"copy_bytes_per_s": 1e10})
+    real_read = tool._C.ReadPass
+    monkeypatch.setattr(tool._C, "ReadPass", lambda: real_read(1 << 20, None))
+    made = []
+    real = tool._C.ComputePass
+    monkeypatch.setattr(tool._C, "ComputePass", lambda *a: made.append(real(*a)) or made[-1])
+    assert tool.main(["--budget", "0.05", "--out", str(tmp_path / "i6")]) == 0
+    doc = json.loads((tmp_path / "i6.json").read_text())
+    (row,) = doc["rows"]
+    peak = doc["peaks_flops"]["float32"]
+    if peak.get("kind") not in tool._C.probe_kinds()["compute"]:
+        assert "pct_peak_rounds" not in row and not made
+        return
+    assert [m.kind for m in made] == [peak["kind"]] and row["probe_rounds"]["kind"] == peak["kind"]
+    assert row["probe_rounds"]["flop"] == made[0].flop > 0 and row["probe_rounds"]["rounds"] == row["native"]["rounds"]
+    rate = row["flops"] / row["native"]["median_s"]
+    probe = made[0].flop / row["probe_rounds"]["median_s"]
+    assert 0 < row["pct_peak_rounds"] and 0.5 < row["pct_peak_rounds"] / (100 * rate / probe) < 2
+    md = (tmp_path / "i6.md").read_text()
+    assert "% of the peak probe of the same rounds" in md and "`_C.ComputePass`" in md

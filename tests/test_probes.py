@@ -109,6 +109,37 @@ def test_read_pass_wrong_types_name_them():
         _C.ReadPass(None, 1.5)
 
 
+def test_compute_pass_runs_fixed_work():
+    """_C.ComputePass: a compute probe's loop with fixed work (tools/issue6.py times it in the same rounds as
+    the compute-bound kernels); its rate agrees with probe_compute's wall figure within a shared machine's noise."""
+    if not KINDS["compute"]:
+        pytest.skip("no compute probe runs here")
+    kind = KINDS["compute"][-1]
+    c = _C.ComputePass(kind, None, 0.005)
+    assert c.kind == kind and c.threads >= 1 and c.flop > 0
+    t = [c.run() for _ in range(5)]
+    assert all(math.isfinite(x) and x > 0 for x in t)
+    ref = _C.probe_compute(kind, None, 0.1)
+    assert 0.2 < (c.flop / min(t)) / ref["flops"] < 5
+    assert _C.ComputePass(kind, 1, 0.005).threads == 1
+
+
+@pytest.mark.parametrize("kw,name", [({"kind": "nope"}, "kind"), ({"threads": 0}, "threads"),
+                                     ({"threads": 10**30}, "threads"), ({"seconds": 0.0}, "seconds"),
+                                     ({"seconds": float("nan")}, "seconds"), ({"seconds": 1e9}, "seconds")])
+def test_compute_pass_bad_arguments_name_them(kw, name):
+    args = {"kind": (KINDS["compute"] or ["avx512_fp32"])[-1]} | kw
+    with pytest.raises(ValueError, match=name):
+        _C.ComputePass(**args)
+
+
+def test_compute_pass_wrong_types_name_them():
+    with pytest.raises(TypeError, match="threads"):
+        _C.ComputePass("avx512_fp32", 1.5)
+    with pytest.raises(TypeError):
+        _C.ComputePass(3)
+
+
 @pytest.mark.skipif(not KINDS["clock"], reason="no clock probe for this ISA")
 def test_clock_probe():
     r = _C.probe_clock(None)

@@ -645,6 +645,30 @@ double ReadPass::run() const {
   return t;
 }
 
+ComputePass::ComputePass(const std::string& kind, int threads, double seconds) {
+  const ComputeKind* k = find_kind(kind);
+  if (!k || !k->available())
+    throw std::invalid_argument("argument 'kind': compute probe '" + kind + "' is unknown or not runnable here");
+  if (!(seconds > 0) || !std::isfinite(seconds)) throw std::invalid_argument("argument 'seconds' must be > 0");
+  kind_ = k->name;
+  fn_ = k->fn;
+  fn_(1 << 12);  // wake the vector unit (AVX-512 power-up) before calibrating
+  iters_ = calibrate(fn_, seconds);
+  int team = 1;  // what OpenMP gives (OMP_THREAD_LIMIT can give fewer than asked)
+#pragma omp parallel num_threads(resolve_threads(threads))
+#pragma omp master
+  team = omp_get_num_threads();
+  threads_ = team;
+  flop_ = double(team) * double(iters_) * k->instructions_per_iter * k->flop_per_instruction;
+}
+
+double ComputePass::run() const {
+  const auto t0 = Clock::now();
+#pragma omp parallel num_threads(threads_)
+  fn_(iters_);
+  return seconds_since(t0);
+}
+
 ClockProbe probe_clock(int threads) {
   const int T = resolve_threads(threads);
   constexpr int kTrials = 10;

@@ -75,6 +75,26 @@ class ReadPass {
   std::unique_ptr<Impl> impl_;
 };
 
+// A compute probe's loop with a fixed amount of work, calibrated once so that one run takes about
+// `seconds` on a thread: run() executes it once on `threads` threads and returns the wall seconds; flop() is
+// the work of one run, all threads together. For timing the compute peak in the same rounds as a kernel
+// (tools/issue6.py), as ReadPass does for the read bandwidth.
+class ComputePass {
+ public:
+  ComputePass(const std::string& kind, int threads, double seconds);
+  const std::string& kind() const { return kind_; }
+  int threads() const { return threads_; }
+  double flop() const { return flop_; }
+  double run() const;
+
+ private:
+  std::string kind_;
+  void (*fn_)(uint64_t) = nullptr;
+  uint64_t iters_ = 0;
+  int threads_ = 0;
+  double flop_ = 0;
+};
+
 // Default array size of probe_memory, the last-level cache size the library sees (0 when unknown), and
 // the physical memory (bytes, 0 when unknown), for argument checks.
 int64_t probe_memory_default_bytes();
