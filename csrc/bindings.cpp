@@ -636,6 +636,8 @@ PYBIND11_MODULE(_C, m) {
     // where the decode kernels' software prefetches of the K/V streams land (cpu.h stream_prefetch)
     d["stream_prefetch"] = std::string(pk::cpu::stream_prefetch_name(pk::cpu::stream_prefetch()));
     d["stream_prefetch_source"] = std::string(pk::cpu::stream_prefetch_source());
+    d["stream_prefetch_near"] = pk::cpu::stream_prefetch_near();
+    d["stream_prefetch_near_source"] = std::string(pk::cpu::stream_prefetch_near_source());
     return d;
   });
   // ISA tiers (csrc/cpu/cpu.h). PYKERNELS_CPU_ISA=amx|avx512|avx2|neon|portable, read here once, picks the tier
@@ -664,6 +666,13 @@ PYBIND11_MODULE(_C, m) {
   if (const char* env = std::getenv("PYKERNELS_BF16_DOT"); env && *env) (void)pk::cpu::bf16_dot_pays();
   // PYKERNELS_CPU_PREFETCH=l1|l2|l1-ungrouped|auto: likewise
   if (const char* env = std::getenv("PYKERNELS_CPU_PREFETCH"); env && *env) (void)pk::cpu::stream_prefetch();
+  // PYKERNELS_CPU_PREFETCH_NEAR=on|off|auto: likewise
+  if (const char* env = std::getenv("PYKERNELS_CPU_PREFETCH_NEAR"); env && *env) (void)pk::cpu::stream_prefetch_near();
+  m.def("set_cpu_prefetch_near", [](const py::object& on) {
+    if (!py::isinstance<py::bool_>(on))
+      throw py::type_error("argument 'on' must be a bool, got " + std::string(py::str(py::type::of(on).attr("__name__"))));
+    pk::cpu::set_stream_prefetch_near(on.cast<bool>());
+  }, py::arg("on"));
   m.def("set_cpu_prefetch", [](const std::string& level) {
     pk::cpu::PrefetchLevel l;
     if (!pk::cpu::parse_stream_prefetch(level.c_str(), &l))

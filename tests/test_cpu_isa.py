@@ -119,16 +119,18 @@ print("ok")
 @pytest.mark.parametrize("var, value, message", [
     ("PYKERNELS_BF16_DOT", "sometimes", "PYKERNELS_BF16_DOT: expected on, off or auto"),
     ("PYKERNELS_CPU_PREFETCH", "l3", "PYKERNELS_CPU_PREFETCH: expected l1, l2, l1-ungrouped or auto"),
+    ("PYKERNELS_CPU_PREFETCH_NEAR", "yes", "PYKERNELS_CPU_PREFETCH_NEAR: expected on, off or auto"),
 ])
 def test_bad_override_fails_the_import(var, value, message):
     bad = _child("import pykernels._C", **{var: value})
     assert bad.returncode != 0 and message in bad.stderr
 
 
-@pytest.mark.parametrize("level", ["l1", "l2", "l1-ungrouped"])
-def test_prefetch_override_runs_every_decode_level(level):
-    """PYKERNELS_CPU_PREFETCH picks where the decode kernels prefetch K/V (by default the CPU decides, cpu.h
-    stream_prefetch): every level gives the right answer on every tier, and results record it."""
+@pytest.mark.parametrize("level, near", [("l1", "off"), ("l2", "on"), ("l1-ungrouped", "on"), ("l1-ungrouped", "off")])
+def test_prefetch_override_runs_every_decode_level(level, near):
+    """PYKERNELS_CPU_PREFETCH picks where the decode kernels prefetch K/V, PYKERNELS_CPU_PREFETCH_NEAR whether
+    they prefetch each line a second time, nearer (by default the CPU decides, cpu.h stream_prefetch and
+    stream_prefetch_near): every setting gives the right answer on every tier, and results record it."""
     code = """
 import torch, pykernels as pk
 from pykernels import _C
@@ -137,6 +139,7 @@ from pykernels.harness import verify
 from pykernels.kernels import DecodeProblem
 f = _C.cpu_features()
 assert f["stream_prefetch"] == LEVEL and f["stream_prefetch_source"] == "PYKERNELS_CPU_PREFETCH", f
+assert f["stream_prefetch_near"] == WANT_NEAR and f["stream_prefetch_near_source"] == "PYKERNELS_CPU_PREFETCH_NEAR", f
 for dt in (torch.float32, torch.bfloat16):
     for hkv in (8, 2):  # one query head per kv head (l1-ungrouped: L1) and four (L2)
         for paged in (False, True):
@@ -147,10 +150,10 @@ for dt in (torch.float32, torch.bfloat16):
                 _C.set_cpu_isa(tier)
                 exp.assert_close(pk.decode(**x, backend="native"), f"{tier} {prob.label()} {dt}")
 info = registry.all_backends()["native"].describe_call("decode", x)
-assert info["cpu_prefetch"] == LEVEL, info
+assert info["cpu_prefetch"] == LEVEL and info["cpu_prefetch_near"] == WANT_NEAR, info
 print("ok")
-""".replace("LEVEL", repr(level))
-    out = _child(code, PYKERNELS_CPU_PREFETCH=level)
+""".replace("LEVEL", repr(level)).replace("WANT_NEAR", repr(near == "on"))
+    out = _child(code, PYKERNELS_CPU_PREFETCH=level, PYKERNELS_CPU_PREFETCH_NEAR=near)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
@@ -159,6 +162,20 @@ def test_set_cpu_prefetch_refuses_bad_levels():
     with pytest.raises(ValueError, match="argument 'level'"):
         _C.set_cpu_prefetch("l3")
     assert _C.cpu_features()["stream_prefetch"] == before
+
+
+def test_set_cpu_prefetch_near_takes_a_bool_only():
+    before = _C.cpu_features()["stream_prefetch_near"]
+    for bad in (1, "on", None):
+        with pytest.raises(TypeError, match="argument 'on'"):
+            _C.set_cpu_prefetch_near(bad)
+    assert _C.cpu_features()["stream_prefetch_near"] == before
+    try:
+        _C.set_cpu_prefetch_near(not before)
+        f = _C.cpu_features()
+        assert f["stream_prefetch_near"] == (not before) and f["stream_prefetch_near_source"] == "set_stream_prefetch_near"
+    finally:
+        _C.set_cpu_prefetch_near(before)
 
 
 def test_zmm_fma_width_is_measured_where_avx512():

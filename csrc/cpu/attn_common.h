@@ -56,12 +56,13 @@ struct DecodeSplit {
   std::vector<int64_t> items;
   int64_t heads_per_unit = 1;
   bool prefetch_l1 = false;
+  bool prefetch_near = false;  // cpu.h stream_prefetch_near(), read with prefetch_l1
 };
 inline DecodeSplit split_decode(const DecodeParams& p, int64_t elem_bytes, int64_t tile, int max_threads,
                                 int64_t min_chunk = 256, int64_t min_parallel_bytes = 256 * 1024,
                                 int64_t heads_per_unit = 1) {
   DecodeSplit s{max_threads, p.B * p.Hkv / heads_per_unit, 0, 1, {}, heads_per_unit,
-                stream_prefetch_l1(p.Hq / p.Hkv)};
+                stream_prefetch_l1(p.Hq / p.Hkv), stream_prefetch_near()};
   int64_t maxlen = 0, tokens = 0;
   for (int64_t b = 0; b < p.B; ++b) {
     maxlen = std::max<int64_t>(maxlen, p.context_lens[b]);
@@ -97,6 +98,8 @@ inline void tile_rows(const DecodeParams& p, const T* base, int64_t b, int64_t h
 
 // Where this thread's K/V prefetches go (prefetch_stream); run_decode_split sets it from the split.
 inline thread_local bool t_prefetch_l1 = false;
+// Whether this thread's decode also prefetches each K/V line a second time, nearer (prefetch_near).
+inline thread_local bool t_prefetch_near = false;
 
 // Runs a decode split on its threads (OpenMP, dynamic schedule): item(b, first kv head, chunk, scratch) for
 // every item (its unit's w.heads_per_unit kv heads), then, when the context was split, merge(b, kv head,
@@ -108,6 +111,7 @@ void run_decode_split(const DecodeSplit& w, int64_t Hkv, Make make_scratch, Item
 #pragma omp parallel num_threads(w.threads) if (w.threads > 1)
   {
     t_prefetch_l1 = w.prefetch_l1;
+    t_prefetch_near = w.prefetch_near;
     auto sc = make_scratch();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < nitems; ++i) {
@@ -132,6 +136,10 @@ PK_ALWAYS_INLINE void prefetch_stream(const void* p) {
     _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
   else
     _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1);
+}
+// The second, nearer prefetch of a streamed K/V line (into L1), when this thread's decode call has it.
+PK_ALWAYS_INLINE void prefetch_near(const void* p) {
+  if (t_prefetch_near) _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
 }
 
 // Denormals flushed to zero (MXCSR FTZ + DAZ) on this thread while it lives, restored after: padding

@@ -66,6 +66,13 @@ const char* stream_prefetch_name(PrefetchLevel l);  // "l2" / "l1" / "l1-ungroup
 bool parse_stream_prefetch(const char* name, PrefetchLevel* out);  // false for an unknown name
 const char* stream_prefetch_source();                // "PYKERNELS_CPU_PREFETCH", "set_stream_prefetch", or the default's reason
 void set_stream_prefetch(PrefetchLevel l);
+// A second software prefetch of each streamed K/V line, into L1 at a shorter distance than the first one
+// (decode.cpp kPfNearBytes): on by default on AMD family >= 26, where it was measured (notes/cpu_decode.md,
+// thirteenth session), off elsewhere until a CPU shows it pays; PYKERNELS_CPU_PREFETCH_NEAR=on|off|auto (read
+// once; anything else throws std::invalid_argument) or set_stream_prefetch_near() overrides it.
+bool stream_prefetch_near();
+const char* stream_prefetch_near_source();  // "PYKERNELS_CPU_PREFETCH_NEAR", "set_stream_prefetch_near", or the default's reason
+void set_stream_prefetch_near(bool on);
 // Whether a decode with g query heads per kv head prefetches into L1 under stream_prefetch().
 bool stream_prefetch_l1(int64_t g);
 

@@ -238,6 +238,35 @@ void set_stream_prefetch(PrefetchLevel l) {
   prefetch_choice().source = "set_stream_prefetch";
   prefetch_slot().store(static_cast<int>(l), std::memory_order_relaxed);
 }
+namespace {
+struct NearChoice {
+  bool on;
+  const char* source;
+};
+NearChoice& near_choice() {
+  static NearChoice c = []() -> NearChoice {
+    if (const char* e = std::getenv("PYKERNELS_CPU_PREFETCH_NEAR"); e && *e && std::strcmp(e, "auto") != 0) {
+      if (std::strcmp(e, "on") == 0 || std::strcmp(e, "off") == 0) return {std::strcmp(e, "on") == 0, "PYKERNELS_CPU_PREFETCH_NEAR"};
+      throw std::invalid_argument(std::string("PYKERNELS_CPU_PREFETCH_NEAR: expected on, off or auto, got '") + e + "'");
+    }
+    if (cpu_is_amd() && cpu_family() >= 26) return {true, "default: AMD family >= 26 (measured on Zen 5)"};
+    return {false, "default: off (not measured on this CPU)"};
+  }();
+  return c;
+}
+std::atomic<bool>& near_slot() {
+  static std::atomic<bool> slot{near_choice().on};
+  return slot;
+}
+}  // namespace
+
+bool stream_prefetch_near() { return near_slot().load(std::memory_order_relaxed); }
+const char* stream_prefetch_near_source() { return near_choice().source; }
+void set_stream_prefetch_near(bool on) {
+  near_choice().source = "set_stream_prefetch_near";
+  near_slot().store(on, std::memory_order_relaxed);
+}
+
 bool stream_prefetch_l1(int64_t g) {
   const PrefetchLevel l = stream_prefetch();
   return l == PrefetchLevel::l1 || (l == PrefetchLevel::l1_ungrouped && g == 1);

@@ -123,20 +123,36 @@ template <int D, int64_t ES>
 constexpr int64_t pf_rows() {
   return std::clamp<int64_t>(kPfBytes / (D * ES), 16, kT);
 }
+// Where cpu.h stream_prefetch_near() says (AMD family >= 26), each line is prefetched a second time, into L1,
+// kPfNearBytes ahead. Zen 5, decode harness, 1 thread, alternated 3x with the single prefetch (medians of
+// best-of-10 GB/s, B8 Hq32 L4096 D128): fp32 Hkv 8 contiguous 26.8 -> 29.3, Hkv 32 25.0 -> 27.0 (paged 25.5 ->
+// 28.5), bf16 Hkv 32 22.4 -> 25.7 (paged 23.6 -> 27.5); a second prefetch at 4 KB did about as well, one
+// prefetch at 4 or 8 KB alone no better than at 16 KB (notes/cpu_decode.md, thirteenth session).
+constexpr int64_t kPfNearBytes = 8 * 1024;
+template <int D, int64_t ES>
+constexpr int64_t pf_near_rows() {
+  return std::clamp<int64_t>(kPfNearBytes / (D * ES), 2, pf_rows<D, ES>());
+}
 
 // Bytes [b0, b1) of a row (whole cache lines).
 PK_ALWAYS_INLINE void prefetch_part(const char* r, int64_t b0, int64_t b1) {
 #pragma GCC unroll 8
   for (int64_t c = b0; c < b1; c += 64) attn::prefetch_stream(r + c);
 }
+// The same, the second (near) prefetch.
+PK_ALWAYS_INLINE void prefetch_part_near(const char* r, int64_t b0, int64_t b1) {
+#pragma GCC unroll 8
+  for (int64_t c = b0; c < b1; c += 64) attn::prefetch_near(r + c);
+}
 
 // Dot vectors (16 partial sums each) of HB query heads with m <= 16 K rows: t[h][jj] (16 floats each),
-// zero for jj >= m. The first npre rows also prefetch bytes [pb0, pb1) of the row kPD further on.
+// zero for jj >= m. The first npre rows also prefetch bytes [pb0, pb1) of the row kPD further on, the first
+// nnear those of the row kND further on (the near prefetch).
 template <Kind KD, int D, int HB>
 PK_AVX512BF16 PK_ALWAYS_INLINE void dots(const float* q, const char* kb, const int64_t* off, int64_t m,
-                                         int64_t npre, int64_t pb0, int64_t pb1, float* t) {
+                                         int64_t npre, int64_t nnear, int64_t pb0, int64_t pb1, float* t) {
   constexpr int NC = q_regs<KD, D>();
-  constexpr int64_t ES = KD == Kind::f32 ? 4 : 2, kPD = pf_rows<D, ES>();
+  constexpr int64_t ES = KD == Kind::f32 ? 4 : 2, kPD = pf_rows<D, ES>(), kND = pf_near_rows<D, ES>();
   __m512 qr[HB][NC];
 #pragma GCC unroll 4
   for (int h = 0; h < HB; ++h)
@@ -145,6 +161,7 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void dots(const float* q, const char* kb, const i
   const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   for (int64_t jj = 0; jj < m; ++jj) {
     if (jj < npre) prefetch_part(kb + off[jj + kPD], pb0, pb1);
+    if (jj < nnear) prefetch_part_near(kb + off[jj + kND], pb0, pb1);
     const char* k = kb + off[jj];
     __m512 kr[NC];
     if constexpr (KD == Kind::f32) {
@@ -248,16 +265,19 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void dots_quad8(const float* qq, const char* cons
 
 // Scores of the quad's 4 heads for m <= 16 K rows starting at off[0]: s[h * kT + 0..16) (times cs),
 // -inf past m. Rows past m are read as row 0 (in the context) and masked. The first npre rows
-// prefetch bytes [pb0, pb1) of the row kPD further on.
+// prefetch bytes [pb0, pb1) of the row kPD further on; those of the rows kND further on (the first nnear)
+// are prefetched again, near, before the dot products.
 template <Kind KD, int D>
 PK_AVX512BF16 PK_ALWAYS_INLINE void scores_quad16(const float* qq, const char* kb, const int64_t* off, int64_t m,
-                                                  int64_t npre, int64_t pb0, int64_t pb1, float cs, float* s) {
-  constexpr int64_t ES = KD == Kind::f32 ? 4 : 2, kPD = pf_rows<D, ES>();
+                                                  int64_t npre, int64_t nnear, int64_t pb0, int64_t pb1, float cs,
+                                                  float* s) {
+  constexpr int64_t ES = KD == Kind::f32 ? 4 : 2, kPD = pf_rows<D, ES>(), kND = pf_near_rows<D, ES>();
   const char* k[16];
   const char* pf[16];
 #pragma GCC unroll 16
   for (int i = 0; i < 16; ++i) k[i] = kb + off[i < m ? i : 0];
   for (int64_t i = 0; i < npre; ++i) pf[i] = kb + off[i + kPD];
+  for (int64_t i = 0; i < nnear; ++i) prefetch_part_near(kb + off[i + kND], pb0, pb1);
   __m512 r[4];
   dots_quad8<KD, D>(qq, k, pf, std::min<int64_t>(npre, 8), pb0, pb1, r);
   dots_quad8<KD, D>(qq, k + 8, pf + 8, std::max<int64_t>(npre - 8, 0), pb0, pb1, r + 2);
@@ -283,14 +303,15 @@ template <Kind KD, int D>
 PK_AVX512BF16 PK_ALWAYS_INLINE void scores(int64_t g, const float* q, const float* qq, const char* kb,
                                            const int64_t* off, int64_t n, int64_t npf, float c, float* s) {
   constexpr int HB = heads_per_pass<KD, D>();
-  constexpr int64_t ES = KD == Kind::f32 ? 4 : 2, kPD = pf_rows<D, ES>();
+  constexpr int64_t ES = KD == Kind::f32 ? 4 : 2, kPD = pf_rows<D, ES>(), kND = pf_near_rows<D, ES>();
   if (use_quad<KD>(g)) {  // heads in the lanes; each quad prefetches its share of a row
     const int64_t passes = g / 4;
     for (int64_t j0 = 0; j0 < n; j0 += 16) {
       const int64_t m = std::min<int64_t>(16, n - j0), npre = std::clamp<int64_t>(npf - j0 - kPD, 0, 16);
+      const int64_t nnear = attn::t_prefetch_near ? std::clamp<int64_t>(npf - j0 - kND, 0, 16) : 0;
       for (int64_t pass = 0; pass < passes; ++pass) {
         const int64_t pb0 = pass * D * ES / passes / 64 * 64, pb1 = (pass + 1) * D * ES / passes / 64 * 64;
-        scores_quad16<KD, D>(qq + 4 * pass * D, kb, off + j0, m, npre, pb0, pb1, c, s + 4 * pass * kT + j0);
+        scores_quad16<KD, D>(qq + 4 * pass * D, kb, off + j0, m, npre, nnear, pb0, pb1, c, s + 4 * pass * kT + j0);
       }
     }
     return;
@@ -302,14 +323,15 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void scores(int64_t g, const float* q, const floa
     // Every pass over the 16 rows prefetches its share of the lines of the rows kPD ahead, so the
     // prefetches are spread over the whole q.K loop.
     const int64_t npre = std::clamp<int64_t>(npf - j0 - kPD, 0, 16), passes = g / HB + g % HB;
+    const int64_t nnear = attn::t_prefetch_near ? std::clamp<int64_t>(npf - j0 - kND, 0, 16) : 0;
     int64_t pass = 0;
     for (int64_t h0 = 0; h0 < g; ++pass) {
       const int64_t nh = std::min<int64_t>(HB, g - h0);
       const int64_t pb0 = pass * D * ES / passes / 64 * 64, pb1 = (pass + 1) * D * ES / passes / 64 * 64;
       if (nh == HB)
-        dots<KD, D, HB>(q + h0 * D, kb, off + j0, m, npre, pb0, pb1, t);
+        dots<KD, D, HB>(q + h0 * D, kb, off + j0, m, npre, nnear, pb0, pb1, t);
       else
-        dots<KD, D, 1>(q + h0 * D, kb, off + j0, m, npre, pb0, pb1, t);
+        dots<KD, D, 1>(q + h0 * D, kb, off + j0, m, npre, nnear, pb0, pb1, t);
       const int64_t done = nh == HB ? HB : 1;
       for (int64_t h = 0; h < done; ++h) {
         __m512 v = attn::hsum16(reinterpret_cast<const __m512*>(t + h * 256));
@@ -379,14 +401,16 @@ PK_AVX512 PK_ALWAYS_INLINE void store_acc(const __m512 (&acc)[G][4], float* o, i
 template <Kind KD, int D, int G, bool PF>
 PK_AVX512 PK_ALWAYS_INLINE void pv(float* o, const float* p, const float* alpha, const char* vb,
                                    const int64_t* off, int64_t n, int64_t npf, int col0) {
-  constexpr int64_t ES = KD == Kind::f32 ? 4 : 2, kPD = pf_rows<D, ES>();
+  constexpr int64_t ES = KD == Kind::f32 ? 4 : 2, kPD = pf_rows<D, ES>(), kND = pf_near_rows<D, ES>();
   __m512 acc[G][4];
   load_acc<D, G>(acc, o, alpha, col0);
   const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
 #pragma GCC unroll 2
   for (int64_t j = 0; j < n; ++j) {
-    if constexpr (PF)  // the columns this block reads, of the row kPD ahead
+    if constexpr (PF) {  // the columns this block reads, of the rows kPD (and kND, near) ahead
       if (j + kPD < npf) prefetch_part(vb + off[j + kPD], col0 * ES, (col0 + 64) * ES);
+      if (j + kND < npf) prefetch_part_near(vb + off[j + kND], col0 * ES, (col0 + 64) * ES);
+    }
     __m512 v0, v1, v2, v3;
     if constexpr (KD == Kind::f32) {
       const float* vr = reinterpret_cast<const float*>(vb + off[j]) + col0;
@@ -445,7 +469,7 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void pv_pair(__m512 (&acc)[G][4], const uint32_t*
 template <int D, int G, bool PF>
 PK_AVX512BF16 PK_ALWAYS_INLINE void pv_dp(float* o, const uint32_t* pp, const float* alpha, const char* vb,
                                           const int64_t* off, int64_t n, int64_t npf, int col0) {
-  constexpr int64_t kPD = pf_rows<D, 2>();
+  constexpr int64_t kPD = pf_rows<D, 2>(), kND = pf_near_rows<D, 2>();
   __m512 acc[G][4];
   load_acc<D, G>(acc, o, alpha, col0);
   int64_t j = 0;
@@ -453,6 +477,8 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void pv_dp(float* o, const uint32_t* pp, const fl
     if constexpr (PF) {
       if (j + kPD < npf) prefetch_part(vb + off[j + kPD], col0 * 2, (col0 + 64) * 2);
       if (j + 1 + kPD < npf) prefetch_part(vb + off[j + 1 + kPD], col0 * 2, (col0 + 64) * 2);
+      if (j + kND < npf) prefetch_part_near(vb + off[j + kND], col0 * 2, (col0 + 64) * 2);
+      if (j + 1 + kND < npf) prefetch_part_near(vb + off[j + 1 + kND], col0 * 2, (col0 + 64) * 2);
     }
     pv_pair<G>(acc, pp, j / 2, vb + off[j] + col0 * 2, vb + off[j + 1] + col0 * 2);
   }
