@@ -124,9 +124,10 @@ constexpr int64_t pf_rows() {
   return std::clamp<int64_t>(kPfBytes / (D * ES), 16, kT);
 }
 // Where cpu.h stream_prefetch_near() says (AMD family >= 26), each line is prefetched a second time, into L1,
-// kPfNearBytes ahead. Zen 5, decode harness, 1 thread, alternated 3x with the single prefetch (medians of
-// best-of-10 GB/s, B8 Hq32 L4096 D128): fp32 Hkv 8 contiguous 26.8 -> 29.3, Hkv 32 25.0 -> 27.0 (paged 25.5 ->
-// 28.5), bf16 Hkv 32 22.4 -> 25.7 (paged 23.6 -> 27.5); a second prefetch at 4 KB did about as well, one
+// kPfNearBytes ahead. Zen 5, B8 Hq32 L4096 D128, Python prepared calls with the second prefetch off and on in
+// turns, each paired with the native read of its round: +6 to +9 points of the read on all eight rows on 1
+// thread, +1 to +9 in all sixteen cells of two 2-thread runs; decode harness, 1 thread, alternated 3x: fp32 Hkv 8
+// contiguous 26.8 -> 29.3 GB/s, bf16 Hkv 32 22.4 -> 25.7. A second prefetch at 4 KB did about as well, one
 // prefetch at 4 or 8 KB alone no better than at 16 KB (notes/cpu_decode.md, thirteenth session).
 constexpr int64_t kPfNearBytes = 8 * 1024;
 template <int D, int64_t ES>
