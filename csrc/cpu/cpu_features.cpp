@@ -133,7 +133,7 @@ void set_isa(Isa t) {
 }
 
 namespace {
-// A decision made once per process from the probe loops (probes.cpp), or why it was not measured.
+// A decision made once per process (from the probe loops of probes.cpp, an override or the CPU), and why.
 struct Choice {
   bool yes;
   const char* source;
@@ -239,12 +239,8 @@ void set_stream_prefetch(PrefetchLevel l) {
   prefetch_slot().store(static_cast<int>(l), std::memory_order_relaxed);
 }
 namespace {
-struct NearChoice {
-  bool on;
-  const char* source;
-};
-NearChoice& near_choice() {
-  static NearChoice c = []() -> NearChoice {
+Choice& near_choice() {  // non-const: set_stream_prefetch_near() rewrites its source
+  static Choice c = []() -> Choice {
     if (const char* e = std::getenv("PYKERNELS_CPU_PREFETCH_NEAR"); e && *e && std::strcmp(e, "auto") != 0) {
       if (std::strcmp(e, "on") == 0 || std::strcmp(e, "off") == 0) return {std::strcmp(e, "on") == 0, "PYKERNELS_CPU_PREFETCH_NEAR"};
       throw std::invalid_argument(std::string("PYKERNELS_CPU_PREFETCH_NEAR: expected on, off or auto, got '") + e + "'");
@@ -255,7 +251,7 @@ NearChoice& near_choice() {
   return c;
 }
 std::atomic<bool>& near_slot() {
-  static std::atomic<bool> slot{near_choice().on};
+  static std::atomic<bool> slot{near_choice().yes};
   return slot;
 }
 }  // namespace
