@@ -429,7 +429,7 @@ def test_prefetch_ab_compares_settings_and_restores_them(capsys):
     if not _native_ok():
         pytest.skip("the native extension is not built")
     before = tool._C.cpu_features()
-    assert tool.main(["--rounds", "2", "--level", "l2,l1", "--near", "off,on", "--B", "2", "--L", "64",
+    assert tool.main(["--rounds", "2", "--budget", "0.05", "--level", "l2,l1", "--near", "off,on", "--B", "2", "--L", "64",
                       "--read-bytes", str(1 << 20)]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if "read ~" in line]
     assert len(rows) == 8 and all(row.count("%") == 4 for row in rows)

@@ -98,7 +98,7 @@ inline void tile_rows(const DecodeParams& p, const T* base, int64_t b, int64_t h
 
 // Where this thread's K/V prefetches go (prefetch_stream); run_decode_split sets it from the split.
 inline thread_local bool t_prefetch_l1 = false;
-// Whether this thread's decode also prefetches each K/V line a second time, nearer (prefetch_near).
+// Whether this thread's decode also prefetches each K/V line a second time, nearer (decode.cpp kPfNearBytes).
 inline thread_local bool t_prefetch_near = false;
 
 // Runs a decode split on its threads (OpenMP, dynamic schedule): item(b, first kv head, chunk, scratch) for
@@ -136,10 +136,6 @@ PK_ALWAYS_INLINE void prefetch_stream(const void* p) {
     _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
   else
     _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1);
-}
-// The second, nearer prefetch of a streamed K/V line (into L1), when this thread's decode call has it.
-PK_ALWAYS_INLINE void prefetch_near(const void* p) {
-  if (t_prefetch_near) _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
 }
 
 // Denormals flushed to zero (MXCSR FTZ + DAZ) on this thread while it lives, restored after: padding

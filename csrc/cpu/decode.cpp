@@ -140,10 +140,11 @@ PK_ALWAYS_INLINE void prefetch_part(const char* r, int64_t b0, int64_t b1) {
 #pragma GCC unroll 8
   for (int64_t c = b0; c < b1; c += 64) attn::prefetch_stream(r + c);
 }
-// The same, the second (near) prefetch.
+// The same, the second (near) prefetch, into L1. Its callers issue it only where this thread's decode call
+// has it (attn::t_prefetch_near, read once per q.K block and per P.V call, not per line).
 PK_ALWAYS_INLINE void prefetch_part_near(const char* r, int64_t b0, int64_t b1) {
 #pragma GCC unroll 8
-  for (int64_t c = b0; c < b1; c += 64) attn::prefetch_near(r + c);
+  for (int64_t c = b0; c < b1; c += 64) _mm_prefetch(r + c, _MM_HINT_T0);
 }
 
 // Dot vectors (16 partial sums each) of HB query heads with m <= 16 K rows: t[h][jj] (16 floats each),
@@ -398,10 +399,11 @@ PK_AVX512 PK_ALWAYS_INLINE void store_acc(const __m512 (&acc)[G][4], float* o, i
 }
 
 // o[h][col0:col0+64] = alpha[h] o[h][...] + sum_j p[h][j] V[j][...] for G heads (rows of o stride D,
-// of p stride kT). bf16: o columns de-interleaved per 32 (16 even, 16 odd).
+// of p stride kT). bf16: o columns de-interleaved per 32 (16 even, 16 odd). PF: prefetch the rows kPD ahead
+// (up to npf, the rows known) and, near, kND ahead (up to npn: npf, or 0 without the near prefetch).
 template <Kind KD, int D, int G, bool PF>
 PK_AVX512 PK_ALWAYS_INLINE void pv(float* o, const float* p, const float* alpha, const char* vb,
-                                   const int64_t* off, int64_t n, int64_t npf, int col0) {
+                                   const int64_t* off, int64_t n, int64_t npf, int64_t npn, int col0) {
   constexpr int64_t ES = KD == Kind::f32 ? 4 : 2, kPD = pf_rows<D, ES>(), kND = pf_near_rows<D, ES>();
   __m512 acc[G][4];
   load_acc<D, G>(acc, o, alpha, col0);
@@ -410,7 +412,7 @@ PK_AVX512 PK_ALWAYS_INLINE void pv(float* o, const float* p, const float* alpha,
   for (int64_t j = 0; j < n; ++j) {
     if constexpr (PF) {  // the columns this block reads, of the rows kPD (and kND, near) ahead
       if (j + kPD < npf) prefetch_part(vb + off[j + kPD], col0 * ES, (col0 + 64) * ES);
-      if (j + kND < npf) prefetch_part_near(vb + off[j + kND], col0 * ES, (col0 + 64) * ES);
+      if (j + kND < npn) prefetch_part_near(vb + off[j + kND], col0 * ES, (col0 + 64) * ES);
     }
     __m512 v0, v1, v2, v3;
     if constexpr (KD == Kind::f32) {
@@ -467,9 +469,10 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void pv_pair(__m512 (&acc)[G][4], const uint32_t*
 // (pp[h][j/2] = (p_j, p_j+1), row stride kT words, rounded to nearest even, as FlashAttention feeds P to its bf16 MMA).
 // Half the FMA-type instructions of pv() for bf16; P's rounding (2^-9 relative) is below the bf16
 // output's own. o columns per 32: lane l of the "lo" vector holds columns 8l..8l+3, of "hi" 8l+4..8l+7.
+// Prefetches as pv().
 template <int D, int G, bool PF>
 PK_AVX512BF16 PK_ALWAYS_INLINE void pv_dp(float* o, const uint32_t* pp, const float* alpha, const char* vb,
-                                          const int64_t* off, int64_t n, int64_t npf, int col0) {
+                                          const int64_t* off, int64_t n, int64_t npf, int64_t npn, int col0) {
   constexpr int64_t kPD = pf_rows<D, 2>(), kND = pf_near_rows<D, 2>();
   __m512 acc[G][4];
   load_acc<D, G>(acc, o, alpha, col0);
@@ -478,8 +481,8 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void pv_dp(float* o, const uint32_t* pp, const fl
     if constexpr (PF) {
       if (j + kPD < npf) prefetch_part(vb + off[j + kPD], col0 * 2, (col0 + 64) * 2);
       if (j + 1 + kPD < npf) prefetch_part(vb + off[j + 1 + kPD], col0 * 2, (col0 + 64) * 2);
-      if (j + kND < npf) prefetch_part_near(vb + off[j + kND], col0 * 2, (col0 + 64) * 2);
-      if (j + 1 + kND < npf) prefetch_part_near(vb + off[j + 1 + kND], col0 * 2, (col0 + 64) * 2);
+      if (j + kND < npn) prefetch_part_near(vb + off[j + kND], col0 * 2, (col0 + 64) * 2);
+      if (j + 1 + kND < npn) prefetch_part_near(vb + off[j + 1 + kND], col0 * 2, (col0 + 64) * 2);
     }
     pv_pair<G>(acc, pp, j / 2, vb + off[j] + col0 * 2, vb + off[j + 1] + col0 * 2);
   }
@@ -492,6 +495,7 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void pv_dp(float* o, const uint32_t* pp, const fl
 template <Kind KD, int D>
 PK_AVX512BF16 void pv_all(int64_t g, float* o, float* p, const float* alpha, const char* vb,
                           const int64_t* off, int64_t n, int64_t npf) {
+  const int64_t npn = attn::t_prefetch_near ? npf : 0;
   if constexpr (KD == Kind::bf16_dp) {
     const int64_t nv = (n + 15) / 16;
     for (int64_t h = 0; h < g; ++h)
@@ -508,13 +512,13 @@ PK_AVX512BF16 void pv_all(int64_t g, float* o, float* p, const float* alpha, con
       if constexpr (KD == Kind::bf16_dp) {
         const uint32_t* pp = reinterpret_cast<const uint32_t*>(p + h * kT);
         if (h == 0)
-          pv_dp<D, G.value, true>(o + h * D, pp, alpha + h, vb, off, n, npf, col0);
+          pv_dp<D, G.value, true>(o + h * D, pp, alpha + h, vb, off, n, npf, npn, col0);
         else
-          pv_dp<D, G.value, false>(o + h * D, pp, alpha + h, vb, off, n, npf, col0);
+          pv_dp<D, G.value, false>(o + h * D, pp, alpha + h, vb, off, n, npf, npn, col0);
       } else if (h == 0) {
-        pv<KD, D, G.value, true>(o + h * D, p + h * kT, alpha + h, vb, off, n, npf, col0);
+        pv<KD, D, G.value, true>(o + h * D, p + h * kT, alpha + h, vb, off, n, npf, npn, col0);
       } else {
-        pv<KD, D, G.value, false>(o + h * D, p + h * kT, alpha + h, vb, off, n, npf, col0);
+        pv<KD, D, G.value, false>(o + h * D, p + h * kT, alpha + h, vb, off, n, npf, npn, col0);
       }
     };
     for (; h + kG <= g; h += kG) block(std::integral_constant<int, kG>());

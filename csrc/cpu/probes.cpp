@@ -479,11 +479,19 @@ void set_num_threads(int n) {
   omp_set_num_threads(n);
 }
 
-ComputeProbe probe_compute(const std::string& kind, int threads, double seconds) {
+namespace {
+// The probe kind `kind`, checked runnable here, and `seconds` checked positive (probe_compute, ComputePass).
+const ComputeKind* checked_kind(const std::string& kind, double seconds) {
   const ComputeKind* k = find_kind(kind);
   if (!k || !k->available())
     throw std::invalid_argument("argument 'kind': compute probe '" + kind + "' is unknown or not runnable here");
   if (!(seconds > 0) || !std::isfinite(seconds)) throw std::invalid_argument("argument 'seconds' must be > 0");
+  return k;
+}
+}  // namespace
+
+ComputeProbe probe_compute(const std::string& kind, int threads, double seconds) {
+  const ComputeKind* k = checked_kind(kind, seconds);
   const int T = resolve_threads(threads);
   // Many short trials (~10 ms), best one counts: on a shared machine a trial in which another process held
   // one of the cores is slow, and the more trials, the likelier one ran with every thread on a core.
@@ -646,10 +654,7 @@ double ReadPass::run() const {
 }
 
 ComputePass::ComputePass(const std::string& kind, int threads, double seconds) {
-  const ComputeKind* k = find_kind(kind);
-  if (!k || !k->available())
-    throw std::invalid_argument("argument 'kind': compute probe '" + kind + "' is unknown or not runnable here");
-  if (!(seconds > 0) || !std::isfinite(seconds)) throw std::invalid_argument("argument 'seconds' must be > 0");
+  const ComputeKind* k = checked_kind(kind, seconds);
   kind_ = k->name;
   fn_ = k->fn;
   fn_(1 << 12);  // wake the vector unit (AVX-512 power-up) before calibrating
