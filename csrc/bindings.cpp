@@ -635,9 +635,11 @@ PYBIND11_MODULE(_C, m) {
     d["zmm_fma_source"] = std::string(pk::cpu::zmm_fma_source());
     // where the decode kernels' software prefetches of the K/V streams land (cpu.h stream_prefetch)
     d["stream_prefetch"] = std::string(pk::cpu::stream_prefetch_name(pk::cpu::stream_prefetch()));
-    d["stream_prefetch_source"] = std::string(pk::cpu::stream_prefetch_source());
+    d["stream_prefetch_source"] = pk::cpu::stream_prefetch_source();
     d["stream_prefetch_near"] = pk::cpu::stream_prefetch_near();
-    d["stream_prefetch_near_source"] = std::string(pk::cpu::stream_prefetch_near_source());
+    d["stream_prefetch_near_source"] = pk::cpu::stream_prefetch_near_source();
+    d["stream_prefetch_distance"] = pk::cpu::stream_prefetch_distance();
+    d["stream_prefetch_distance_source"] = pk::cpu::stream_prefetch_distance_source();
     return d;
   });
   // ISA tiers (csrc/cpu/cpu.h). PYKERNELS_CPU_ISA=amx|avx512|avx2|neon|portable, read here once, picks the tier
@@ -664,21 +666,42 @@ PYBIND11_MODULE(_C, m) {
   if (const char* env = std::getenv("PYKERNELS_CPU_ISA"); env && *env) set_cpu_isa_checked("PYKERNELS_CPU_ISA", env);
   // PYKERNELS_BF16_DOT=on|off|auto: a bad value fails the import, as PYKERNELS_CPU_ISA does
   if (const char* env = std::getenv("PYKERNELS_BF16_DOT"); env && *env) (void)pk::cpu::bf16_dot_pays();
-  // PYKERNELS_CPU_PREFETCH=l1|l2|l1-ungrouped|auto: likewise
+  // PYKERNELS_CPU_PREFETCH=l1|l2|l1-ungrouped|l1-grouped|auto: likewise
   if (const char* env = std::getenv("PYKERNELS_CPU_PREFETCH"); env && *env) (void)pk::cpu::stream_prefetch();
-  // PYKERNELS_CPU_PREFETCH_NEAR=on|off|auto: likewise
+  // PYKERNELS_CPU_PREFETCH_NEAR=on|off|auto and PYKERNELS_CPU_PREFETCH_DISTANCE=<bytes>|auto: likewise
   if (const char* env = std::getenv("PYKERNELS_CPU_PREFETCH_NEAR"); env && *env) (void)pk::cpu::stream_prefetch_near();
-  m.def("set_cpu_prefetch_near", [](const py::object& on) {
+  if (const char* env = std::getenv("PYKERNELS_CPU_PREFETCH_DISTANCE"); env && *env) (void)pk::cpu::stream_prefetch_distance();
+  // The setters take an optional source: the reason cpu_features() reports (default: the setter's name).
+  const auto source_of = [](const py::object& source, const char* fallback) {
+    if (source.is_none()) return std::string(fallback);
+    if (!py::isinstance<py::str>(source))
+      throw py::type_error("argument 'source' must be a str or None, got " + std::string(py::str(py::type::of(source).attr("__name__"))));
+    return source.cast<std::string>();
+  };
+  m.def("set_cpu_prefetch_near", [source_of](const py::object& on, const py::object& source) {
     if (!py::isinstance<py::bool_>(on))
       throw py::type_error("argument 'on' must be a bool, got " + std::string(py::str(py::type::of(on).attr("__name__"))));
-    pk::cpu::set_stream_prefetch_near(on.cast<bool>());
-  }, py::arg("on"));
-  m.def("set_cpu_prefetch", [](const std::string& level) {
+    pk::cpu::set_stream_prefetch_near(on.cast<bool>(), source_of(source, "set_stream_prefetch_near").c_str());
+  }, py::arg("on"), py::arg("source") = py::none());
+  m.def("set_cpu_prefetch", [source_of](const std::string& level, const py::object& source) {
     pk::cpu::PrefetchLevel l;
     if (!pk::cpu::parse_stream_prefetch(level.c_str(), &l))
-      throw py::value_error("argument 'level' must be 'l1', 'l2' or 'l1-ungrouped', got '" + level + "'");
-    pk::cpu::set_stream_prefetch(l);
-  }, py::arg("level"));
+      throw py::value_error("argument 'level' must be 'l1', 'l2', 'l1-ungrouped' or 'l1-grouped', got '" + level + "'");
+    pk::cpu::set_stream_prefetch(l, source_of(source, "set_stream_prefetch").c_str());
+  }, py::arg("level"), py::arg("source") = py::none());
+  m.def("set_cpu_prefetch_distance", [source_of](const py::object& nbytes, const py::object& source) {
+    if (!py::isinstance<py::int_>(nbytes) || py::isinstance<py::bool_>(nbytes))
+      throw py::type_error("argument 'nbytes' must be an int, got " + std::string(py::str(py::type::of(nbytes).attr("__name__"))));
+    long long v = -1;  // an int past 64 bits: out of range like any other
+    try {
+      v = nbytes.cast<long long>();
+    } catch (const py::cast_error&) {
+    }
+    if (!pk::cpu::prefetch_distance_ok(v))
+      throw py::value_error("argument 'nbytes' must be a multiple of 1024 in " + std::to_string(pk::cpu::kPrefetchDistanceMin) +
+                            ".." + std::to_string(pk::cpu::kPrefetchDistanceMax) + ", got " + std::string(py::str(nbytes)));
+    pk::cpu::set_stream_prefetch_distance(v, source_of(source, "set_stream_prefetch_distance").c_str());
+  }, py::arg("nbytes"), py::arg("source") = py::none());
   m.def("build_info", []() {
     py::dict d;
 #if defined(PK_WITH_CUDA)

@@ -118,19 +118,27 @@ print("ok")
 
 @pytest.mark.parametrize("var, value, message", [
     ("PYKERNELS_BF16_DOT", "sometimes", "PYKERNELS_BF16_DOT: expected on, off or auto"),
-    ("PYKERNELS_CPU_PREFETCH", "l3", "PYKERNELS_CPU_PREFETCH: expected l1, l2, l1-ungrouped or auto"),
+    ("PYKERNELS_CPU_PREFETCH", "l3", "PYKERNELS_CPU_PREFETCH: expected l1, l2, l1-ungrouped, l1-grouped or auto"),
     ("PYKERNELS_CPU_PREFETCH_NEAR", "yes", "PYKERNELS_CPU_PREFETCH_NEAR: expected on, off or auto"),
+    ("PYKERNELS_CPU_PREFETCH_DISTANCE", "16k", "PYKERNELS_CPU_PREFETCH_DISTANCE: expected bytes, a multiple of 1024"),
+    ("PYKERNELS_CPU_PREFETCH_DISTANCE", "1000", "PYKERNELS_CPU_PREFETCH_DISTANCE: expected bytes, a multiple of 1024"),
+    ("PYKERNELS_CPU_PREFETCH_DISTANCE", "131072", "PYKERNELS_CPU_PREFETCH_DISTANCE: expected bytes, a multiple of 1024"),
 ])
 def test_bad_override_fails_the_import(var, value, message):
     bad = _child("import pykernels._C", **{var: value})
     assert bad.returncode != 0 and message in bad.stderr
 
 
-@pytest.mark.parametrize("level, near", [("l1", "off"), ("l2", "on"), ("l1-ungrouped", "on"), ("l1-ungrouped", "off")])
-def test_prefetch_override_runs_every_decode_level(level, near):
+@pytest.mark.parametrize("level, near, distance", [
+    ("l1", "off", 16384), ("l2", "on", 1024), ("l1-ungrouped", "on", 65536), ("l1-ungrouped", "off", 8192),
+    ("l1-grouped", "on", 32768),
+])
+def test_prefetch_override_runs_every_decode_level(level, near, distance):
     """PYKERNELS_CPU_PREFETCH picks where the decode kernels prefetch K/V, PYKERNELS_CPU_PREFETCH_NEAR whether
-    they prefetch each line a second time, nearer (by default the CPU decides, cpu.h stream_prefetch and
-    stream_prefetch_near): every setting gives the right answer on every tier, and results record it."""
+    they prefetch each line a second time, nearer, PYKERNELS_CPU_PREFETCH_DISTANCE how far ahead (by default the
+    CPU or `pykernels tune` decides, cpu.h): every setting gives the right answer on every tier (the shortest
+    and longest distances included: the row offsets the loops prefetch from must reach that far), and results
+    record it."""
     code = """
 import torch, pykernels as pk
 from pykernels import _C
@@ -140,6 +148,7 @@ from pykernels.kernels import DecodeProblem
 f = _C.cpu_features()
 assert f["stream_prefetch"] == LEVEL and f["stream_prefetch_source"] == "PYKERNELS_CPU_PREFETCH", f
 assert f["stream_prefetch_near"] == WANT_NEAR and f["stream_prefetch_near_source"] == "PYKERNELS_CPU_PREFETCH_NEAR", f
+assert f["stream_prefetch_distance"] == DISTANCE, f
 for dt in (torch.float32, torch.bfloat16):
     for hkv in (8, 2):  # one query head per kv head (l1-ungrouped: L1) and four (L2)
         for paged in (False, True):
@@ -151,9 +160,11 @@ for dt in (torch.float32, torch.bfloat16):
                 exp.assert_close(pk.decode(**x, backend="native"), f"{tier} {prob.label()} {dt}")
 info = registry.all_backends()["native"].describe_call("decode", x)
 assert info["cpu_prefetch"] == LEVEL and info["cpu_prefetch_near"] == WANT_NEAR, info
+assert info["cpu_prefetch_distance"] == DISTANCE, info
 print("ok")
-""".replace("LEVEL", repr(level)).replace("WANT_NEAR", repr(near == "on"))
-    out = _child(code, PYKERNELS_CPU_PREFETCH=level, PYKERNELS_CPU_PREFETCH_NEAR=near)
+""".replace("LEVEL", repr(level)).replace("WANT_NEAR", repr(near == "on")).replace("DISTANCE", str(distance))
+    out = _child(code, PYKERNELS_CPU_PREFETCH=level, PYKERNELS_CPU_PREFETCH_NEAR=near,
+                 PYKERNELS_CPU_PREFETCH_DISTANCE=str(distance))
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
@@ -176,6 +187,30 @@ def test_set_cpu_prefetch_near_takes_a_bool_only():
         assert f["stream_prefetch_near"] == (not before) and f["stream_prefetch_near_source"] == "set_stream_prefetch_near"
     finally:
         _C.set_cpu_prefetch_near(before)
+
+
+def test_set_cpu_prefetch_distance_refuses_what_is_not_a_distance():
+    f0 = _C.cpu_features()
+    for bad in (1.5, "16384", True, None):
+        with pytest.raises(TypeError, match="argument 'nbytes'"):
+            _C.set_cpu_prefetch_distance(bad)
+    for bad in (0, -1024, 1000, 512, 128 * 1024, 2**70):
+        with pytest.raises(ValueError, match="argument 'nbytes' must be a multiple of 1024 in 1024..65536"):
+            _C.set_cpu_prefetch_distance(bad)
+    with pytest.raises(TypeError, match="argument 'source'"):
+        _C.set_cpu_prefetch_distance(8192, source=3)
+    f = _C.cpu_features()
+    assert (f["stream_prefetch_distance"], f["stream_prefetch_distance_source"]) == (
+        f0["stream_prefetch_distance"], f0["stream_prefetch_distance_source"])
+    try:
+        _C.set_cpu_prefetch_distance(8192, source="a test")
+        f = _C.cpu_features()
+        assert (f["stream_prefetch_distance"], f["stream_prefetch_distance_source"]) == (8192, "a test")
+        _C.set_cpu_prefetch("l1-grouped", source="another")
+        assert _C.cpu_features()["stream_prefetch_source"] == "another"
+    finally:
+        _C.set_cpu_prefetch_distance(f0["stream_prefetch_distance"], source=f0["stream_prefetch_distance_source"])
+        _C.set_cpu_prefetch(f0["stream_prefetch"], source=f0["stream_prefetch_source"])
 
 
 def test_zmm_fma_width_is_measured_where_avx512():

@@ -57,12 +57,13 @@ struct DecodeSplit {
   int64_t heads_per_unit = 1;
   bool prefetch_l1 = false;
   bool prefetch_near = false;  // cpu.h stream_prefetch_near(), read with prefetch_l1
+  int64_t prefetch_bytes = kPrefetchDistanceDefault;  // cpu.h stream_prefetch_distance(), likewise
 };
 inline DecodeSplit split_decode(const DecodeParams& p, int64_t elem_bytes, int64_t tile, int max_threads,
                                 int64_t min_chunk = 256, int64_t min_parallel_bytes = 256 * 1024,
                                 int64_t heads_per_unit = 1) {
   DecodeSplit s{max_threads, p.B * p.Hkv / heads_per_unit, 0, 1, {}, heads_per_unit,
-                stream_prefetch_l1(p.Hq / p.Hkv), stream_prefetch_near()};
+                stream_prefetch_l1(p.Hq / p.Hkv), stream_prefetch_near(), stream_prefetch_distance()};
   int64_t maxlen = 0, tokens = 0;
   for (int64_t b = 0; b < p.B; ++b) {
     maxlen = std::max<int64_t>(maxlen, p.context_lens[b]);
@@ -98,8 +99,10 @@ inline void tile_rows(const DecodeParams& p, const T* base, int64_t b, int64_t h
 
 // Where this thread's K/V prefetches go (prefetch_stream); run_decode_split sets it from the split.
 inline thread_local bool t_prefetch_l1 = false;
-// Whether this thread's decode also prefetches each K/V line a second time, nearer (decode.cpp kPfNearBytes).
+// Whether this thread's decode also prefetches each K/V line a second time, nearer (decode.cpp pf_near_rows).
 inline thread_local bool t_prefetch_near = false;
+// How far ahead this thread's decode prefetches (cpu.h stream_prefetch_distance, bytes).
+inline thread_local int64_t t_prefetch_bytes = kPrefetchDistanceDefault;
 
 // Runs a decode split on its threads (OpenMP, dynamic schedule): item(b, first kv head, chunk, scratch) for
 // every item (its unit's w.heads_per_unit kv heads), then, when the context was split, merge(b, kv head,
@@ -112,6 +115,7 @@ void run_decode_split(const DecodeSplit& w, int64_t Hkv, Make make_scratch, Item
   {
     t_prefetch_l1 = w.prefetch_l1;
     t_prefetch_near = w.prefetch_near;
+    t_prefetch_bytes = w.prefetch_bytes;
     auto sc = make_scratch();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < nitems; ++i) {

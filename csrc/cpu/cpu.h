@@ -3,6 +3,8 @@
 #pragma once
 #include "common/params.h"
 
+#include <string>
+
 namespace pk::cpu {
 
 struct Features {
@@ -52,27 +54,40 @@ bool zmm_fma_full_width();
 const char* zmm_fma_source();  // "measured", "no AVX-512" or a default
 
 // Where the decode kernels' software prefetches of the streamed K/V rows land: L2 (prefetcht1) or L1
-// (prefetcht0). Measured per CPU (notes/cpu_decode.md: prepared calls in Python, B8 Hq32 L4096 D128, L1
-// and L2 in turns with the native read in the same rounds): on Zen 5 (AMD family 26) L1 reads the g = 1
-// rows (Hkv 32, one query head per K/V row) 2-18% faster on 1 and 2 threads (four runs), but the g = 4
-// rows (Hkv 8) 0-12% slower; on Sapphire Rapids L2 was the better (bf16 Hkv 8 18.8-20.6 GB/s vs 17.7-18.6 with L1),
-// and on Zen 4 (an earlier version of the kernel) too (fp32 Hkv 32 19.7 vs 12.2). So the default is
-// l1_ungrouped (L1 for g = 1, else L2) on AMD family >= 26 and L2 elsewhere, until a CPU shows otherwise;
-// PYKERNELS_CPU_PREFETCH=l1|l2|l1-ungrouped|auto (read once; anything else throws std::invalid_argument)
-// or set_stream_prefetch() overrides it. Each decode call's threads read it when they set up.
-enum class PrefetchLevel : int { l2 = 0, l1 = 1, l1_ungrouped = 2 };
+// (prefetcht0), for all calls or by g (query heads per kv head): l1_ungrouped = L1 for g = 1 only,
+// l1_grouped = L1 for g > 1 only. Measured per CPU (notes/cpu_decode.md: prepared calls in Python, B8 Hq32
+// L4096 D128, L1 and L2 in turns with the native read in the same rounds): on Zen 5 (AMD family 26) L1 reads
+// the g = 1 rows (Hkv 32) 2-18% faster on 1 and 2 threads (four runs), but the g = 4 rows (Hkv 8) 0-12%
+// slower; on Sapphire Rapids L2 was the better (bf16 Hkv 8 18.8-20.6 GB/s vs 17.7-18.6 with L1), and on Zen 4
+// (an earlier version of the kernel) too (fp32 Hkv 32 19.7 vs 12.2). So the default is l1_ungrouped on AMD
+// family >= 26 and L2 elsewhere; `pykernels tune` measures the choices on the machine and caches the best
+// (applied through set_stream_prefetch when the Python package loads the extension);
+// PYKERNELS_CPU_PREFETCH=l1|l2|l1-ungrouped|l1-grouped|auto (read once; anything else throws
+// std::invalid_argument) or set_stream_prefetch() overrides it. Each decode call reads it when it splits
+// its work.
+enum class PrefetchLevel : int { l2 = 0, l1 = 1, l1_ungrouped = 2, l1_grouped = 3 };
 PrefetchLevel stream_prefetch();
-const char* stream_prefetch_name(PrefetchLevel l);  // "l2" / "l1" / "l1-ungrouped"
+const char* stream_prefetch_name(PrefetchLevel l);  // "l2" / "l1" / "l1-ungrouped" / "l1-grouped"
 bool parse_stream_prefetch(const char* name, PrefetchLevel* out);  // false for an unknown name
-const char* stream_prefetch_source();                // "PYKERNELS_CPU_PREFETCH", "set_stream_prefetch", or the default's reason
-void set_stream_prefetch(PrefetchLevel l);
+std::string stream_prefetch_source();  // "PYKERNELS_CPU_PREFETCH", the setter's source, or the default's reason
+void set_stream_prefetch(PrefetchLevel l, const char* source = nullptr);  // source: "set_stream_prefetch" if null
 // A second software prefetch of each streamed K/V line, into L1 at a shorter distance than the first one
-// (decode.cpp kPfNearBytes): on by default on AMD family >= 26, where it was measured (notes/cpu_decode.md,
-// thirteenth session), off elsewhere until a CPU shows it pays; PYKERNELS_CPU_PREFETCH_NEAR=on|off|auto (read
-// once; anything else throws std::invalid_argument) or set_stream_prefetch_near() overrides it.
+// (decode.cpp pf_near_rows): on by default on AMD family >= 26, where it was measured (notes/cpu_decode.md,
+// thirteenth session), off elsewhere unless `pykernels tune` finds it pays; PYKERNELS_CPU_PREFETCH_NEAR=on|off|auto
+// (read once; anything else throws std::invalid_argument) or set_stream_prefetch_near() overrides it.
 bool stream_prefetch_near();
-const char* stream_prefetch_near_source();  // "PYKERNELS_CPU_PREFETCH_NEAR", "set_stream_prefetch_near", or the default's reason
-void set_stream_prefetch_near(bool on);
+std::string stream_prefetch_near_source();
+void set_stream_prefetch_near(bool on, const char* source = nullptr);
+// How far ahead of the row it reads the decode kernel prefetches each K/V stream, in bytes (16 KB by default,
+// measured on Zen 4 and Zen 5; the near prefetch goes half as far): a multiple of 1024 in
+// [kPrefetchDistanceMin, kPrefetchDistanceMax], in rows clamped to 16..128 (decode.cpp pf_rows).
+// `pykernels tune` measures it per machine; PYKERNELS_CPU_PREFETCH_DISTANCE=<bytes>|auto or
+// set_stream_prefetch_distance() (std::invalid_argument outside the range) overrides it.
+constexpr int64_t kPrefetchDistanceMin = 1024, kPrefetchDistanceMax = 64 * 1024, kPrefetchDistanceDefault = 16 * 1024;
+bool prefetch_distance_ok(int64_t bytes);
+int64_t stream_prefetch_distance();
+std::string stream_prefetch_distance_source();
+void set_stream_prefetch_distance(int64_t bytes, const char* source = nullptr);
 // Whether a decode with g query heads per kv head prefetches into L1 under stream_prefetch().
 bool stream_prefetch_l1(int64_t g);
 

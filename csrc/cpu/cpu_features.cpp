@@ -6,6 +6,8 @@
 #include <omp.h>
 
 #include <atomic>
+#include <cerrno>
+#include <mutex>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -197,75 +199,110 @@ bool cpu_is_amd() {
   return false;
 #endif
 }
-struct PrefetchChoice {
-  PrefetchLevel level;
-  const char* source;
+// The three decode prefetch settings (level, second near prefetch, distance): each a value the kernels read
+// (atomics: a decode call's threads read them while Python may set them) and the reason it has it (under a
+// lock: a setter may store any string, e.g. the tuning cache it came from).
+struct Setting {
+  std::atomic<int64_t> value;
+  std::mutex mu;
+  std::string source;
+  Setting(int64_t v, const char* src) : value(v), source(src) {}
+  std::string get_source() {
+    std::lock_guard<std::mutex> g(mu);
+    return source;
+  }
+  void set(int64_t v, const char* src) {
+    std::lock_guard<std::mutex> g(mu);
+    source = src;
+    value.store(v, std::memory_order_relaxed);
+  }
 };
-PrefetchChoice& prefetch_choice() {
-  static PrefetchChoice c = []() -> PrefetchChoice {
+bool amd_26_or_later() { return cpu_is_amd() && cpu_family() >= 26; }
+Setting& level_setting() {
+  static Setting s = [] {
     if (const char* e = std::getenv("PYKERNELS_CPU_PREFETCH"); e && *e && std::strcmp(e, "auto") != 0) {
       PrefetchLevel l;
       if (!parse_stream_prefetch(e, &l))
-        throw std::invalid_argument(std::string("PYKERNELS_CPU_PREFETCH: expected l1, l2, l1-ungrouped or auto, got '") + e + "'");
-      return {l, "PYKERNELS_CPU_PREFETCH"};
+        throw std::invalid_argument(std::string("PYKERNELS_CPU_PREFETCH: expected l1, l2, l1-ungrouped, l1-grouped or auto, got '") + e + "'");
+      return Setting(static_cast<int64_t>(l), "PYKERNELS_CPU_PREFETCH");
     }
-    if (cpu_is_amd() && cpu_family() >= 26)
-      return {PrefetchLevel::l1_ungrouped, "default: AMD family >= 26 (measured on Zen 5)"};
-    return {PrefetchLevel::l2, "default: L2 (measured on Sapphire Rapids and Zen 4)"};
+    if (amd_26_or_later())
+      return Setting(static_cast<int64_t>(PrefetchLevel::l1_ungrouped), "default: AMD family >= 26 (measured on Zen 5)");
+    return Setting(static_cast<int64_t>(PrefetchLevel::l2), "default: L2 (measured on Sapphire Rapids and Zen 4)");
   }();
-  return c;
+  return s;
 }
-std::atomic<int>& prefetch_slot() {
-  static std::atomic<int> slot{static_cast<int>(prefetch_choice().level)};
-  return slot;
+Setting& near_setting() {
+  static Setting s = [] {
+    if (const char* e = std::getenv("PYKERNELS_CPU_PREFETCH_NEAR"); e && *e && std::strcmp(e, "auto") != 0) {
+      if (std::strcmp(e, "on") == 0 || std::strcmp(e, "off") == 0)
+        return Setting(std::strcmp(e, "on") == 0, "PYKERNELS_CPU_PREFETCH_NEAR");
+      throw std::invalid_argument(std::string("PYKERNELS_CPU_PREFETCH_NEAR: expected on, off or auto, got '") + e + "'");
+    }
+    if (amd_26_or_later()) return Setting(1, "default: AMD family >= 26 (measured on Zen 5)");
+    return Setting(0, "default: off (not measured on this CPU)");
+  }();
+  return s;
+}
+Setting& distance_setting() {
+  static Setting s = [] {
+    if (const char* e = std::getenv("PYKERNELS_CPU_PREFETCH_DISTANCE"); e && *e && std::strcmp(e, "auto") != 0) {
+      char* end = nullptr;
+      errno = 0;
+      const long long v = std::strtoll(e, &end, 10);
+      if (errno != 0 || end == e || *end != '\0' || !prefetch_distance_ok(v))
+        throw std::invalid_argument(std::string("PYKERNELS_CPU_PREFETCH_DISTANCE: expected bytes, a multiple of 1024 in ") +
+                                    std::to_string(kPrefetchDistanceMin) + ".." + std::to_string(kPrefetchDistanceMax) +
+                                    ", or auto, got '" + e + "'");
+      return Setting(v, "PYKERNELS_CPU_PREFETCH_DISTANCE");
+    }
+    return Setting(kPrefetchDistanceDefault, "default: 16 KB (measured on Zen 4 and Zen 5)");
+  }();
+  return s;
 }
 }  // namespace
 
-PrefetchLevel stream_prefetch() { return static_cast<PrefetchLevel>(prefetch_slot().load(std::memory_order_relaxed)); }
+PrefetchLevel stream_prefetch() { return static_cast<PrefetchLevel>(level_setting().value.load(std::memory_order_relaxed)); }
 const char* stream_prefetch_name(PrefetchLevel l) {
-  return l == PrefetchLevel::l1 ? "l1" : l == PrefetchLevel::l2 ? "l2" : "l1-ungrouped";
+  switch (l) {
+    case PrefetchLevel::l1: return "l1";
+    case PrefetchLevel::l2: return "l2";
+    case PrefetchLevel::l1_ungrouped: return "l1-ungrouped";
+    case PrefetchLevel::l1_grouped: return "l1-grouped";
+  }
+  return "l2";
 }
 bool parse_stream_prefetch(const char* name, PrefetchLevel* out) {
-  for (auto l : {PrefetchLevel::l2, PrefetchLevel::l1, PrefetchLevel::l1_ungrouped})
+  for (auto l : {PrefetchLevel::l2, PrefetchLevel::l1, PrefetchLevel::l1_ungrouped, PrefetchLevel::l1_grouped})
     if (std::strcmp(name, stream_prefetch_name(l)) == 0) {
       *out = l;
       return true;
     }
   return false;
 }
-const char* stream_prefetch_source() { return prefetch_choice().source; }
-void set_stream_prefetch(PrefetchLevel l) {
-  prefetch_choice().source = "set_stream_prefetch";
-  prefetch_slot().store(static_cast<int>(l), std::memory_order_relaxed);
+std::string stream_prefetch_source() { return level_setting().get_source(); }
+void set_stream_prefetch(PrefetchLevel l, const char* source) {
+  level_setting().set(static_cast<int64_t>(l), source ? source : "set_stream_prefetch");
 }
-namespace {
-Choice& near_choice() {  // non-const: set_stream_prefetch_near() rewrites its source
-  static Choice c = []() -> Choice {
-    if (const char* e = std::getenv("PYKERNELS_CPU_PREFETCH_NEAR"); e && *e && std::strcmp(e, "auto") != 0) {
-      if (std::strcmp(e, "on") == 0 || std::strcmp(e, "off") == 0) return {std::strcmp(e, "on") == 0, "PYKERNELS_CPU_PREFETCH_NEAR"};
-      throw std::invalid_argument(std::string("PYKERNELS_CPU_PREFETCH_NEAR: expected on, off or auto, got '") + e + "'");
-    }
-    if (cpu_is_amd() && cpu_family() >= 26) return {true, "default: AMD family >= 26 (measured on Zen 5)"};
-    return {false, "default: off (not measured on this CPU)"};
-  }();
-  return c;
+bool stream_prefetch_near() { return near_setting().value.load(std::memory_order_relaxed) != 0; }
+std::string stream_prefetch_near_source() { return near_setting().get_source(); }
+void set_stream_prefetch_near(bool on, const char* source) {
+  near_setting().set(on, source ? source : "set_stream_prefetch_near");
 }
-std::atomic<bool>& near_slot() {
-  static std::atomic<bool> slot{near_choice().yes};
-  return slot;
+bool prefetch_distance_ok(int64_t bytes) {
+  return bytes >= kPrefetchDistanceMin && bytes <= kPrefetchDistanceMax && bytes % 1024 == 0;
 }
-}  // namespace
-
-bool stream_prefetch_near() { return near_slot().load(std::memory_order_relaxed); }
-const char* stream_prefetch_near_source() { return near_choice().source; }
-void set_stream_prefetch_near(bool on) {
-  near_choice().source = "set_stream_prefetch_near";
-  near_slot().store(on, std::memory_order_relaxed);
+int64_t stream_prefetch_distance() { return distance_setting().value.load(std::memory_order_relaxed); }
+std::string stream_prefetch_distance_source() { return distance_setting().get_source(); }
+void set_stream_prefetch_distance(int64_t bytes, const char* source) {
+  if (!prefetch_distance_ok(bytes)) throw std::invalid_argument("prefetch distance out of range");
+  distance_setting().set(bytes, source ? source : "set_stream_prefetch_distance");
 }
 
 bool stream_prefetch_l1(int64_t g) {
   const PrefetchLevel l = stream_prefetch();
-  return l == PrefetchLevel::l1 || (l == PrefetchLevel::l1_ungrouped && g == 1);
+  return l == PrefetchLevel::l1 || (l == PrefetchLevel::l1_ungrouped && g == 1) ||
+         (l == PrefetchLevel::l1_grouped && g > 1);
 }
 
 Features enabled() {

@@ -10,7 +10,7 @@
 // chunks; every chunk leaves a partial (running max m, sum l, unnormalized o) and a second pass merges
 // them (log-sum-exp, base 2). Per item, steps of kT = 128 tokens of one kv head:
 //   row offsets    one per token, this step's and the next step's (page by page through the table);
-//                  the loops below prefetch the row ~16 KB ahead of the one they read (see kPfBytes)
+//                  the loops below prefetch the row ~16 KB ahead of the one they read (see pf_rows)
 //   S = q K^T      g a multiple of 4: four heads in the lanes of one vector, each 16-byte piece of a
 //                  K row broadcast to them, 4-lane sums (scores_quad16); otherwise per head and 16
 //                  tokens: 16 dot vectors (fp32 FMA, or vdpbf16ps on bf16 pairs), reduced by one
@@ -112,27 +112,28 @@ constexpr int heads_per_pass() {
   return std::clamp(16 / q_regs<KD, D>(), 1, 4);
 }
 
-// Software prefetch, row by row at a fixed distance: the q.K loop prefetches the K row kPfBytes ahead
-// of the one it reads, the P.V loop the V row, across tile (and kv-head step) boundaries, so ~16 KB
-// per stream are always in flight while the core computes (the hardware prefetchers lose the stream at
-// every 4 KB page of a paged cache and at every K/V switch). Measured, B=8 Hq=Hkv=32 L=4096 fp32 on 1
-// thread (Zen 4): 12.6 GB/s with a burst per tile, 19.7 with this (notes/cpu_decode.md). Into L2 or L1
-// as cpu.h stream_prefetch() says for this CPU (L2 on Sapphire Rapids and Zen 4, L1 on Zen 5).
-constexpr int64_t kPfBytes = 16 * 1024;
+// Software prefetch, row by row at a fixed distance: the q.K loop prefetches the K row
+// attn::t_prefetch_bytes ahead of the one it reads (cpu.h stream_prefetch_distance: 16 KB unless tuned or
+// set), the P.V loop the V row, across tile (and kv-head step) boundaries, so that much per stream is always
+// in flight while the core computes (the hardware prefetchers lose the stream at every 4 KB page of a paged
+// cache and at every K/V switch). Measured, B=8 Hq=Hkv=32 L=4096 fp32 on 1 thread (Zen 4): 12.6 GB/s with a
+// burst per tile, 19.7 with this (notes/cpu_decode.md). Into L2 or L1 as cpu.h stream_prefetch() says for
+// this CPU (L2 on Sapphire Rapids and Zen 4, L1 on Zen 5). In rows: 16..kT (the row offsets reach kT past a
+// step: `off` in item()). Read once per q.K block and P.V call (a thread-local, set for the call).
 template <int D, int64_t ES>
-constexpr int64_t pf_rows() {
-  return std::clamp<int64_t>(kPfBytes / (D * ES), 16, kT);
+PK_ALWAYS_INLINE int64_t pf_rows() {
+  return std::clamp<int64_t>(attn::t_prefetch_bytes / (D * ES), 16, kT);
 }
 // Where cpu.h stream_prefetch_near() says (AMD family >= 26), each line is prefetched a second time, into L1,
-// kPfNearBytes ahead. Zen 5, B8 Hq32 L4096 D128, Python prepared calls with the second prefetch off and on in
-// turns, each paired with the native read of its round: +6 to +9 points of the read on all eight rows on 1
-// thread, +1 to +9 in all sixteen cells of two 2-thread runs; decode harness, 1 thread, alternated 3x: fp32 Hkv 8
-// contiguous 26.8 -> 29.3 GB/s, bf16 Hkv 32 22.4 -> 25.7. A second prefetch at 4 KB did about as well, one
-// prefetch at 4 or 8 KB alone no better than at 16 KB (notes/cpu_decode.md, thirteenth session).
-constexpr int64_t kPfNearBytes = 8 * 1024;
+// half as far ahead (8 KB at the default distance). Zen 5, B8 Hq32 L4096 D128, Python prepared calls with the
+// second prefetch off and on in turns, each paired with the native read of its round: +6 to +9 points of the
+// read on all eight rows on 1 thread, +1 to +9 in all sixteen cells of two 2-thread runs; decode harness, 1
+// thread, alternated 3x: fp32 Hkv 8 contiguous 26.8 -> 29.3 GB/s, bf16 Hkv 32 22.4 -> 25.7. A second prefetch
+// at 4 KB did about as well, one prefetch at 4 or 8 KB alone no better than at 16 KB (notes/cpu_decode.md,
+// thirteenth session).
 template <int D, int64_t ES>
-constexpr int64_t pf_near_rows() {
-  return std::clamp<int64_t>(kPfNearBytes / (D * ES), 2, pf_rows<D, ES>());
+PK_ALWAYS_INLINE int64_t pf_near_rows() {
+  return std::clamp<int64_t>(attn::t_prefetch_bytes / 2 / (D * ES), 2, pf_rows<D, ES>());
 }
 
 // Bytes [b0, b1) of a row (whole cache lines).
@@ -148,13 +149,15 @@ PK_ALWAYS_INLINE void prefetch_part_near(const char* r, int64_t b0, int64_t b1) 
 }
 
 // Dot vectors (16 partial sums each) of HB query heads with m <= 16 K rows: t[h][jj] (16 floats each),
-// zero for jj >= m. The first npre rows also prefetch bytes [pb0, pb1) of the row kPD further on, the first
-// nnear those of the row kND further on (the near prefetch).
+// zero for jj >= m. The first npre rows also prefetch bytes [pb0, pb1) of the row pf_rows() further on, the first
+// nnear those of the row pf_near_rows() further on (the near prefetch).
 template <Kind KD, int D, int HB>
 PK_AVX512BF16 PK_ALWAYS_INLINE void dots(const float* q, const char* kb, const int64_t* off, int64_t m,
                                          int64_t npre, int64_t nnear, int64_t pb0, int64_t pb1, float* t) {
   constexpr int NC = q_regs<KD, D>();
-  constexpr int64_t ES = KD == Kind::f32 ? 4 : 2, kPD = pf_rows<D, ES>(), kND = pf_near_rows<D, ES>();
+  constexpr int64_t ES = KD == Kind::f32 ? 4 : 2;
+  const int64_t* offd = off + pf_rows<D, ES>();  // the rows prefetched, far and near
+  const int64_t* offn = off + pf_near_rows<D, ES>();
   __m512 qr[HB][NC];
 #pragma GCC unroll 4
   for (int h = 0; h < HB; ++h)
@@ -162,8 +165,8 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void dots(const float* q, const char* kb, const i
     for (int c = 0; c < NC; ++c) qr[h][c] = _mm512_load_ps(q + h * D + 16 * c);
   const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   for (int64_t jj = 0; jj < m; ++jj) {
-    if (jj < npre) prefetch_part(kb + off[jj + kPD], pb0, pb1);
-    if (jj < nnear) prefetch_part_near(kb + off[jj + kND], pb0, pb1);
+    if (jj < npre) prefetch_part(kb + offd[jj], pb0, pb1);
+    if (jj < nnear) prefetch_part_near(kb + offn[jj], pb0, pb1);
     const char* k = kb + off[jj];
     __m512 kr[NC];
     if constexpr (KD == Kind::f32) {
@@ -267,19 +270,20 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void dots_quad8(const float* qq, const char* cons
 
 // Scores of the quad's 4 heads for m <= 16 K rows starting at off[0]: s[h * kT + 0..16) (times cs),
 // -inf past m. Rows past m are read as row 0 (in the context) and masked. The first npre rows
-// prefetch bytes [pb0, pb1) of the row kPD further on; those of the rows kND further on (the first nnear)
+// prefetch bytes [pb0, pb1) of the row pfd further on; those of the rows pfn further on (the first nnear)
 // are prefetched again, near, before the dot products.
 template <Kind KD, int D>
 PK_AVX512BF16 PK_ALWAYS_INLINE void scores_quad16(const float* qq, const char* kb, const int64_t* off, int64_t m,
                                                   int64_t npre, int64_t nnear, int64_t pb0, int64_t pb1, float cs,
                                                   float* s) {
-  constexpr int64_t ES = KD == Kind::f32 ? 4 : 2, kPD = pf_rows<D, ES>(), kND = pf_near_rows<D, ES>();
+  constexpr int64_t ES = KD == Kind::f32 ? 4 : 2;
+  const int64_t pfd = pf_rows<D, ES>(), pfn = pf_near_rows<D, ES>();
   const char* k[16];
   const char* pf[16];
 #pragma GCC unroll 16
   for (int i = 0; i < 16; ++i) k[i] = kb + off[i < m ? i : 0];
-  for (int64_t i = 0; i < npre; ++i) pf[i] = kb + off[i + kPD];
-  for (int64_t i = 0; i < nnear; ++i) prefetch_part_near(kb + off[i + kND], pb0, pb1);
+  for (int64_t i = 0; i < npre; ++i) pf[i] = kb + off[i + pfd];
+  for (int64_t i = 0; i < nnear; ++i) prefetch_part_near(kb + off[i + pfn], pb0, pb1);
   __m512 r[4];
   dots_quad8<KD, D>(qq, k, pf, std::min<int64_t>(npre, 8), pb0, pb1, r);
   dots_quad8<KD, D>(qq, k + 8, pf + 8, std::max<int64_t>(npre - 8, 0), pb0, pb1, r + 2);
@@ -300,17 +304,18 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void scores_quad16(const float* qq, const char* k
 
 // Scores of the g heads for the n <= kT tokens of a step: s[h][0:16 ceil(n/16)] (base 2), -inf past n. 16 tokens at a
 // time, heads_per_pass heads per pass over them, so those 16 K rows (8 KB at D = 128 fp32) are read
-// from L1 by the later passes. The first pass prefetches the rows kPD ahead (up to npf, the rows known).
+// from L1 by the later passes. The first pass prefetches the rows pfd ahead (up to npf, the rows known).
 template <Kind KD, int D>
 PK_AVX512BF16 PK_ALWAYS_INLINE void scores(int64_t g, const float* q, const float* qq, const char* kb,
                                            const int64_t* off, int64_t n, int64_t npf, float c, float* s) {
   constexpr int HB = heads_per_pass<KD, D>();
-  constexpr int64_t ES = KD == Kind::f32 ? 4 : 2, kPD = pf_rows<D, ES>(), kND = pf_near_rows<D, ES>();
+  constexpr int64_t ES = KD == Kind::f32 ? 4 : 2;
+  const int64_t pfd = pf_rows<D, ES>(), pfn = pf_near_rows<D, ES>();
   if (use_quad<KD>(g)) {  // heads in the lanes; each quad prefetches its share of a row
     const int64_t passes = g / 4;
     for (int64_t j0 = 0; j0 < n; j0 += 16) {
-      const int64_t m = std::min<int64_t>(16, n - j0), npre = std::clamp<int64_t>(npf - j0 - kPD, 0, 16);
-      const int64_t nnear = attn::t_prefetch_near ? std::clamp<int64_t>(npf - j0 - kND, 0, 16) : 0;
+      const int64_t m = std::min<int64_t>(16, n - j0), npre = std::clamp<int64_t>(npf - j0 - pfd, 0, 16);
+      const int64_t nnear = attn::t_prefetch_near ? std::clamp<int64_t>(npf - j0 - pfn, 0, 16) : 0;
       for (int64_t pass = 0; pass < passes; ++pass) {
         const int64_t pb0 = pass * D * ES / passes / 64 * 64, pb1 = (pass + 1) * D * ES / passes / 64 * 64;
         scores_quad16<KD, D>(qq + 4 * pass * D, kb, off + j0, m, npre, nnear, pb0, pb1, c, s + 4 * pass * kT + j0);
@@ -322,10 +327,10 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void scores(int64_t g, const float* q, const floa
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
     const int64_t m = std::min<int64_t>(16, n - j0);
-    // Every pass over the 16 rows prefetches its share of the lines of the rows kPD ahead, so the
+    // Every pass over the 16 rows prefetches its share of the lines of the rows pfd ahead, so the
     // prefetches are spread over the whole q.K loop.
-    const int64_t npre = std::clamp<int64_t>(npf - j0 - kPD, 0, 16), passes = g / HB + g % HB;
-    const int64_t nnear = attn::t_prefetch_near ? std::clamp<int64_t>(npf - j0 - kND, 0, 16) : 0;
+    const int64_t npre = std::clamp<int64_t>(npf - j0 - pfd, 0, 16), passes = g / HB + g % HB;
+    const int64_t nnear = attn::t_prefetch_near ? std::clamp<int64_t>(npf - j0 - pfn, 0, 16) : 0;
     int64_t pass = 0;
     for (int64_t h0 = 0; h0 < g; ++pass) {
       const int64_t nh = std::min<int64_t>(HB, g - h0);
@@ -399,20 +404,22 @@ PK_AVX512 PK_ALWAYS_INLINE void store_acc(const __m512 (&acc)[G][4], float* o, i
 }
 
 // o[h][col0:col0+64] = alpha[h] o[h][...] + sum_j p[h][j] V[j][...] for G heads (rows of o stride D,
-// of p stride kT). bf16: o columns de-interleaved per 32 (16 even, 16 odd). PF: prefetch the rows kPD ahead
-// (up to npf, the rows known) and, near, kND ahead (up to npn: npf, or 0 without the near prefetch).
+// of p stride kT). bf16: o columns de-interleaved per 32 (16 even, 16 odd). PF: prefetch the rows pfd ahead
+// (up to npf, the rows known) and, near, pfn ahead (up to npn: npf, or 0 without the near prefetch).
 template <Kind KD, int D, int G, bool PF>
 PK_AVX512 PK_ALWAYS_INLINE void pv(float* o, const float* p, const float* alpha, const char* vb,
                                    const int64_t* off, int64_t n, int64_t npf, int64_t npn, int col0) {
-  constexpr int64_t ES = KD == Kind::f32 ? 4 : 2, kPD = pf_rows<D, ES>(), kND = pf_near_rows<D, ES>();
+  constexpr int64_t ES = KD == Kind::f32 ? 4 : 2;
+  const int64_t pfd = pf_rows<D, ES>(), pfn = pf_near_rows<D, ES>();
+  const int64_t *offd = off + pfd, *offn = off + pfn, nd = npf - pfd, nn = npn - pfn;
   __m512 acc[G][4];
   load_acc<D, G>(acc, o, alpha, col0);
   const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
 #pragma GCC unroll 2
   for (int64_t j = 0; j < n; ++j) {
-    if constexpr (PF) {  // the columns this block reads, of the rows kPD (and kND, near) ahead
-      if (j + kPD < npf) prefetch_part(vb + off[j + kPD], col0 * ES, (col0 + 64) * ES);
-      if (j + kND < npn) prefetch_part_near(vb + off[j + kND], col0 * ES, (col0 + 64) * ES);
+    if constexpr (PF) {  // the columns this block reads, of the rows pfd (and pfn, near) ahead
+      if (j < nd) prefetch_part(vb + offd[j], col0 * ES, (col0 + 64) * ES);
+      if (j < nn) prefetch_part_near(vb + offn[j], col0 * ES, (col0 + 64) * ES);
     }
     __m512 v0, v1, v2, v3;
     if constexpr (KD == Kind::f32) {
@@ -473,16 +480,17 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void pv_pair(__m512 (&acc)[G][4], const uint32_t*
 template <int D, int G, bool PF>
 PK_AVX512BF16 PK_ALWAYS_INLINE void pv_dp(float* o, const uint32_t* pp, const float* alpha, const char* vb,
                                           const int64_t* off, int64_t n, int64_t npf, int64_t npn, int col0) {
-  constexpr int64_t kPD = pf_rows<D, 2>(), kND = pf_near_rows<D, 2>();
+  const int64_t pfd = pf_rows<D, 2>(), pfn = pf_near_rows<D, 2>();
+  const int64_t *offd = off + pfd, *offn = off + pfn, nd = npf - pfd, nn = npn - pfn;
   __m512 acc[G][4];
   load_acc<D, G>(acc, o, alpha, col0);
   int64_t j = 0;
   for (; j + 1 < n; j += 2) {
     if constexpr (PF) {
-      if (j + kPD < npf) prefetch_part(vb + off[j + kPD], col0 * 2, (col0 + 64) * 2);
-      if (j + 1 + kPD < npf) prefetch_part(vb + off[j + 1 + kPD], col0 * 2, (col0 + 64) * 2);
-      if (j + kND < npn) prefetch_part_near(vb + off[j + kND], col0 * 2, (col0 + 64) * 2);
-      if (j + 1 + kND < npn) prefetch_part_near(vb + off[j + 1 + kND], col0 * 2, (col0 + 64) * 2);
+      if (j < nd) prefetch_part(vb + offd[j], col0 * 2, (col0 + 64) * 2);
+      if (j + 1 < nd) prefetch_part(vb + offd[j + 1], col0 * 2, (col0 + 64) * 2);
+      if (j < nn) prefetch_part_near(vb + offn[j], col0 * 2, (col0 + 64) * 2);
+      if (j + 1 < nn) prefetch_part_near(vb + offn[j + 1], col0 * 2, (col0 + 64) * 2);
     }
     pv_pair<G>(acc, pp, j / 2, vb + off[j] + col0 * 2, vb + off[j + 1] + col0 * 2);
   }
@@ -614,9 +622,9 @@ PK_AVX512BF16 void item(const Ctx& x, int64_t b, int64_t hk0, int64_t nh, int64_
   // the heads of a block follow each other, read no faster on Zen 5 (B=8 Hq=32 L=4096 D=128 paged16, 2
   // threads, % of the native read of the same rounds: 64-row steps 52-71%, 32-row ones 44-67%; the 128-row
   // steps of kT now level with 64; notes/cpu_decode.md).
-  constexpr int64_t kPD = pf_rows<D, es>();
-  // Row offsets of the current step and of the steps after it, at least kPD rows past the current
-  // step's end (so the loops can prefetch kPD rows ahead across step boundaries): off[0, have).
+  const int64_t pfd = pf_rows<D, es>();
+  // Row offsets of the current step and of the steps after it, at least pfd rows past the current
+  // step's end (so the loops can prefetch pfd rows ahead across step boundaries): off[0, have).
   alignas(64) int64_t off[3 * kT];
   int64_t have = 0, gts = t0, ghk = hk0;  // the next step to append
   auto fill = [&](int64_t need) {
@@ -633,7 +641,7 @@ PK_AVX512BF16 void item(const Ctx& x, int64_t b, int64_t hk0, int64_t nh, int64_
   for (int64_t ts = t0; ts < t1; ts += kT) {
     const int64_t nt = std::min(kT, t1 - ts), nv = (nt + 15) / 16;
     for (int64_t hk = hk0; hk < hk0 + nh; ++hk) {
-      fill(nt + kPD);
+      fill(nt + pfd);
       const int64_t h0 = (hk - hk0) * g;
       scores<KD, D>(g, sc.q + h0 * D, sc.qq + h0 * D, kb, off, nt, have, x.c, sc.s);
       for (int64_t h = 0; h < g; ++h) sc.a[h] = softmax_tile(sc.s + h * kT, sc.m[h0 + h], sc.l + 16 * (h0 + h), nv);

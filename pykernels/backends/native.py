@@ -116,14 +116,17 @@ class NativeBackend(Backend):
 
     def describe_call(self, family: str, inputs: dict) -> dict:
         """The CPU ISA tier (amx, avx512, avx2, neon, portable) that ran the call (PYKERNELS_CPU_ISA), and for
-        decode where its K/V prefetches go (l2, l1, l1-ungrouped: PYKERNELS_CPU_PREFETCH) and whether it prefetches
-        each line a second time, nearer (PYKERNELS_CPU_PREFETCH_NEAR)."""
+        decode where its K/V prefetches go (l2, l1, l1-ungrouped, l1-grouped: PYKERNELS_CPU_PREFETCH), whether it
+        prefetches each line a second time, nearer (PYKERNELS_CPU_PREFETCH_NEAR), how far ahead (bytes,
+        PYKERNELS_CPU_PREFETCH_DISTANCE) and why (the default's reason, the override, or `pykernels tune`)."""
         if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in inputs.values()):
             d = {"cpu_isa": _ext().cpu_isa()}
             if family == "decode":
                 f = _ext().cpu_features()
                 d["cpu_prefetch"] = f["stream_prefetch"]
                 d["cpu_prefetch_near"] = bool(f.get("stream_prefetch_near"))
+                d["cpu_prefetch_distance"] = f.get("stream_prefetch_distance")
+                d["cpu_prefetch_source"] = f.get("stream_prefetch_source")
             return d
         return {}
 
