@@ -6,6 +6,7 @@
     pykernels report RESULTS... [--format terminal|md|csv] [--md [FILE]] [--csv FILE]
     pykernels compare A B [C...] [--label NAME]... [--format terminal|md|csv] [--all] [--fail-on-slower PCT]
     pykernels plot RESULTS... [--out DIR]
+    pykernels tune [--threads N] [--budget S] [--show] [--clear] [--dry-run] [--out FILE]
     pykernels fleet [--address ADDR] [bench's sweep options] [--out DIR] [--resume]   (Ray: pykernels/fleet)
 
 Subcommands are registered in SUBCOMMANDS: a name and either a function here or "module:attr" of an
@@ -358,6 +359,69 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _add_tune(sub):
+    p = sub.add_parser("tune", help="measure the native CPU kernels' run-time settings on this machine and cache the best",
+                       description="Time decode's K/V software-prefetch settings (L1/L2 per query-head grouping, a second "
+                                   "near prefetch, the distance) on this machine, in turns with the native read probe, "
+                                   "and cache the best per machine and thread count beside the peaks; the native "
+                                   "backend applies it when it loads (PYKERNELS_CPU_PREFETCH* variables win; "
+                                   "PYKERNELS_CPU_TUNING=off ignores the cache). docs/harness.md, \"Tuning\".")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="pin torch, the BLAS/OpenMP pools and the native kernels to N threads (the tuning is kept per "
+                        "thread count)")
+    p.add_argument("--budget", type=float, default=1.5, metavar="S", help="seconds of timing per row and stage (16 in all)")
+    p.add_argument("--rounds", type=int, default=6, metavar="N", help="rounds per row and stage, at least")
+    p.add_argument("--show", action="store_true", help="print this machine's cached tuning and what is in force; measure nothing")
+    p.add_argument("--clear", action="store_true", help="delete this machine's cached tuning (the defaults apply again)")
+    p.add_argument("--dry-run", action="store_true", help="measure and print, but do not cache")
+    p.add_argument("--out", type=Path, default=None, metavar="FILE", help="also write the record (JSON) to FILE")
+    p.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # tests: small rows, not a tuning
+    p.set_defaults(func=cmd_tune)
+
+
+def cmd_tune(args) -> int:
+    from . import _C
+    from .harness import threads, tune
+
+    try:
+        if args.threads is not None:
+            threads.pin_threads(args.threads)
+    except (TypeError, ValueError) as e:
+        raise CliError(f"--threads: {e}") from None
+    if args.budget <= 0 or args.rounds < 1:
+        raise CliError("--budget must be > 0 and --rounds >= 1")
+    path = tune.cache_path()
+    if args.show or args.clear:
+        data = tune.load()
+        if args.clear:
+            path.unlink(missing_ok=True)
+            print(f"removed {path}" if data else f"no cached tuning at {path}")
+            return 0
+        print(json.dumps(data, indent=1) if data else f"no cached tuning at {path}")
+        print("in force:", json.dumps({k: v for k, v in tune.current(_C).items()}))
+        return 0
+    try:
+        rec = tune.measure(budget_s=args.budget, rounds=args.rounds,
+                           **({"B": 2, "L": 512} if args.quick else {}))
+    except RuntimeError as e:
+        raise CliError(str(e)) from None
+    b, c = rec["baseline"], rec["settings"]
+    print(f"chosen: level {c['level']}, near {'on' if c['near'] else 'off'}, distance {c['distance'] // 1024} KB "
+          f"(before: {b['level']}, near {'on' if b['near'] else 'off'}, {b['distance'] // 1024} KB, from "
+          f"{b['source']!r}); {100 * (rec['gain'] - 1):+.1f}% of the read bandwidth, geometric mean over "
+          f"{len(rec['rows'])} rows; a change needs +{100 * rec['margin']:.0f}%")
+    rec["command"] = (f"pykernels tune --budget {args.budget} --rounds {args.rounds}"
+                      + (f" --threads {args.threads}" if args.threads is not None else ""))
+    if args.out:
+        _write(args.out, json.dumps(rec, indent=1) + "\n")
+    if args.dry_run or args.quick:
+        return 0
+    saved = tune.save(rec)
+    tune.apply(_C, c, f"pykernels tune ({rec['measured_at']}, {saved})")
+    print(f"cached in {saved}: the native backend applies it from now on")
+    return 0
+
+
 def _add_plot(sub):
     p = sub.add_parser("plot", help="PNG charts: a roofline per device and penalty bars per family",
                        description="Write PNGs: a roofline per device (each backend's points against the measured "
@@ -394,6 +458,7 @@ SUBCOMMANDS: dict[str, object] = {
     "report": _add_report,
     "compare": _add_compare,
     "plot": _add_plot,
+    "tune": _add_tune,
     "validate": "pykernels.validate:add_parser",
     "tokens": "pykernels.tokens.metering:add_parser",
     "layer": "pykernels.tokens.layer:add_parser",

@@ -421,19 +421,3 @@ def test_issue6_times_the_peak_probe_in_the_rounds_of_peak_target_rows(tmp_path,
     md = (tmp_path / "i6.md").read_text()
     assert "% of the peak probe of the same rounds" in md and "`_C.ComputePass`" in md
 
-
-def test_prefetch_ab_compares_settings_and_restores_them(capsys):
-    """tools/prefetch_ab.py (how decode's prefetch defaults are chosen per CPU): every decode row gets a % of
-    the read for each setting, and the process's own settings come back afterwards."""
-    tool = _tool("prefetch_ab")
-    if not _native_ok():
-        pytest.skip("the native extension is not built")
-    before = tool._C.cpu_features()
-    assert tool.main(["--rounds", "2", "--budget", "0.05", "--level", "l2,l1", "--near", "off,on", "--B", "2", "--L", "64",
-                      "--read-bytes", str(1 << 20)]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if "read ~" in line]
-    assert len(rows) == 8 and all(row.count("%") == 4 for row in rows)
-    assert all(s in rows[0] for s in ("l2/one", "l2/near", "l1/one", "l1/near"))
-    after = tool._C.cpu_features()
-    assert (after["stream_prefetch"], after["stream_prefetch_near"]) == (before["stream_prefetch"],
-                                                                         before["stream_prefetch_near"])

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The issue-21 CPU targets on this machine, into one results directory per CPU (about 20 minutes):
-#   bash tools/cpu_targets.sh results/<cpu> [step ...]      steps: info issue6 overhead validate tokens tiers
+#   bash tools/cpu_targets.sh results/<cpu> [step ...]      steps: info tune issue6 overhead validate tokens tiers
 # (default: all of them, in that order). Run on an otherwise idle machine: every file records the load
 # average and the time, and `pykernels info` the CPU.
 #   info      info.txt: `pykernels info --peaks --refresh-peaks` (the CPU, its caches, the probes' peaks)
+#   tune      tune.json, tune.log: `pykernels tune` (decode's prefetch settings measured here and cached, so
+#             that the steps after it run with them; their results record the settings and their source)
 #   issue6    issue6.*: native vs torch for the quick sweep's cases, timed in turns, with the % of the compute
 #             peak probes, the native read of the same rounds for memory-bound rows, and the targets
 #   overhead  overhead.*: the fixed costs of small shapes (prepared calls, pk.gemm minus the prepared call)
@@ -15,17 +17,18 @@
 #             quick sweep's cases; isa_tiers_avx2.md: the avx2 tier against torch capped to AVX2, fp32
 set -euo pipefail
 if [ $# -lt 1 ]; then
-    echo "usage: bash tools/cpu_targets.sh results/<cpu> [info|issue6|overhead|validate|tokens|tiers ...]" >&2
+    echo "usage: bash tools/cpu_targets.sh results/<cpu> [info|tune|issue6|overhead|validate|tokens|tiers ...]" >&2
     exit 2
 fi
 cd "$(dirname "$0")/.."
 R=${1%/}
 shift
-STEPS=${*:-info issue6 overhead validate tokens tiers}
+STEPS=${*:-info tune issue6 overhead validate tokens tiers}
 mkdir -p "$R"
 for S in $STEPS; do
     case $S in
     info) pykernels info --peaks --refresh-peaks > "$R/info.txt" ;;
+    tune) pykernels tune --out "$R/tune.json" > "$R/tune.log" ;;
     issue6) python tools/issue6.py --out "$R/issue6" --budget 2 > "$R/issue6.log" ;;
     overhead) python tools/overhead.py --out "$R/overhead" --budget 2 > "$R/overhead.log" ;;
     validate) pykernels validate --backend native --out "$R/validate" > "$R/validate.log" || true ;;
@@ -42,6 +45,6 @@ for S in $STEPS; do
         python tools/isa_tiers.py --rounds 5 --out "$R/isa_tiers.md" > "$R/isa_tiers.log"
         python tools/isa_tiers.py --tiers avx2 --torch-isa avx2 --dtype float32 --rounds 5 \
             --out "$R/isa_tiers_avx2.md" > "$R/isa_tiers_avx2.log" ;;
-    *) echo "unknown step: $S (info issue6 overhead validate tokens tiers)" >&2; exit 2 ;;
+    *) echo "unknown step: $S (info tune issue6 overhead validate tokens tiers)" >&2; exit 2 ;;
     esac
 done

@@ -20,7 +20,9 @@ def _ext():
     global _ext_module
     if _ext_module is None:  # an import statement per call costs ~0.3 us of a 16^3 GEMM
         from .. import _C
+        from ..harness import tune
 
+        tune.apply_cached(_C)  # this machine's `pykernels tune` result, if any (once per process)
         _ext_module = _C
     return _ext_module
 

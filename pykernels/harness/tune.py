@@ -1,0 +1,255 @@
+"""Per-machine tuning of the native CPU kernels' run-time settings: where and how far ahead the AVX-512
+decode kernel prefetches its K/V rows (csrc/cpu/cpu.h: the level L1 / L2 per query-head grouping, a second
+"near" L1 prefetch, the distance). Each CPU model ships with a default (measured on the CPUs the project ran
+on); `pykernels tune` measures the choices on this machine instead, caches the best beside the peaks
+(~/.cache/pykernels/tune-cpu-<machine id>.json, PYKERNELS_CACHE_DIR overrides) and the native backend applies
+it when it first loads the extension (apply_cached), unless PYKERNELS_CPU_PREFETCH / _NEAR / _DISTANCE set
+a value (those win) or PYKERNELS_CPU_TUNING=off. Every decode result records the settings and their source
+(backend_info cpu_prefetch, cpu_prefetch_near, cpu_prefetch_distance, cpu_prefetch_source).
+
+How it measures (docs/harness.md "Tuning"): the issue-21 decode rows (B8 Hq32 L4096 D128; Hkv 8 and 32,
+contiguous and paged 16, fp32 and bf16), their KV caches rotating through copies of 2x the last-level cache so
+that every call streams them from memory, timed in turns with the native read probe (`_C.ReadPass`) in every
+round; each call first switches to its setting (a few stores). A setting's figure for a row is the median over
+rounds of its bytes/s over the read's of the same round. Two stages: the level per grouping (g = 1 and g > 1)
+and the near prefetch, at the current distance; then the distance (8 / 16 / 32 KB) under the winners. A
+choice replaces the current one only when it reads at least MARGIN more (geometric mean over all the rows):
+on a shared machine a change must beat the noise to be kept.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+TUNE_VERSION = 1
+MARGIN = 0.02  # a setting must read >= 2% more than the current one (geometric mean over its rows)
+LEVELS = ("l2", "l1")
+DISTANCES = (8192, 16384, 32768)
+ENV_OVERRIDES = ("PYKERNELS_CPU_PREFETCH", "PYKERNELS_CPU_PREFETCH_NEAR", "PYKERNELS_CPU_PREFETCH_DISTANCE")
+
+
+def level_name(l1_ungrouped: bool, l1_grouped: bool) -> str:
+    """The cpu.h PrefetchLevel for L1 (True) or L2 for g = 1 and for g > 1."""
+    return {(False, False): "l2", (True, True): "l1", (True, False): "l1-ungrouped",
+            (False, True): "l1-grouped"}[(l1_ungrouped, l1_grouped)]
+
+
+def level_parts(level: str) -> tuple[bool, bool]:
+    """(L1 for g = 1, L1 for g > 1) of a level name."""
+    return {"l2": (False, False), "l1": (True, True), "l1-ungrouped": (True, False),
+            "l1-grouped": (False, True)}[level]
+
+
+def cache_path(fp: dict | None = None) -> Path:
+    from . import device
+
+    fp = fp or device.fingerprint("cpu")
+    return device.cache_dir() / f"tune-{fp.get('type', 'cpu')}-{fp['id']}.json"
+
+
+def load(fp: dict | None = None) -> dict | None:
+    """The cached tuning of this machine (and thread count), or None."""
+    path = cache_path(fp)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(data, dict) or data.get("version") != TUNE_VERSION or not isinstance(data.get("settings"), dict):
+        return None
+    data["cache"] = str(path)
+    return data
+
+
+def current(ext) -> dict:
+    """The extension's prefetch settings now: {'level', 'near', 'distance', 'source'}."""
+    f = ext.cpu_features()
+    return {"level": f["stream_prefetch"], "near": bool(f["stream_prefetch_near"]),
+            "distance": int(f["stream_prefetch_distance"]), "source": f["stream_prefetch_source"],
+            "near_source": f["stream_prefetch_near_source"], "distance_source": f["stream_prefetch_distance_source"]}
+
+
+def apply(ext, settings: dict, source: str) -> dict:
+    """Set the extension's prefetch settings from `settings` ({'level', 'near', 'distance'}), each unless its
+    environment variable holds a value (the override wins). Returns what was set. A malformed setting raises
+    ValueError / TypeError from the binding, naming it."""
+    done = {}
+    if not os.environ.get("PYKERNELS_CPU_PREFETCH") and "level" in settings:
+        ext.set_cpu_prefetch(str(settings["level"]), source=source)
+        done["level"] = settings["level"]
+    if not os.environ.get("PYKERNELS_CPU_PREFETCH_NEAR") and "near" in settings:
+        ext.set_cpu_prefetch_near(bool(settings["near"]), source=source)
+        done["near"] = bool(settings["near"])
+    if not os.environ.get("PYKERNELS_CPU_PREFETCH_DISTANCE") and "distance" in settings:
+        ext.set_cpu_prefetch_distance(int(settings["distance"]), source=source)
+        done["distance"] = int(settings["distance"])
+    return done
+
+
+def valid(settings) -> bool:
+    """Whether `settings` is a whole, well-formed {'level', 'near', 'distance'} (what apply_cached applies)."""
+    return (isinstance(settings, dict) and settings.get("level") in ("l1", "l2", "l1-ungrouped", "l1-grouped")
+            and isinstance(settings.get("near"), bool) and type(settings.get("distance")) is int
+            and 1024 <= settings["distance"] <= 65536 and settings["distance"] % 1024 == 0)
+
+
+def apply_cached(ext) -> dict | None:
+    """Apply this machine's cached tuning to the extension (the native backend calls this once, when it loads
+    the extension). None when there is none or PYKERNELS_CPU_TUNING=off; a damaged record is not applied at all
+    (the defaults stay), never raised."""
+    if os.environ.get("PYKERNELS_CPU_TUNING", "").lower() == "off":
+        return None
+    try:
+        from .device import cache_dir
+
+        if not any(cache_dir().glob("tune-cpu-*.json")):  # no tuning on this machine: skip the fingerprint
+            return None
+        data = load()
+        if not data or not valid(data["settings"]):
+            return None
+        return apply(ext, data["settings"], f"pykernels tune ({data.get('measured_at', '?')}, {data['cache']})")
+    except (KeyError, TypeError, ValueError, OSError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# measuring
+
+
+def _rows(B: int, L: int, dtypes) -> list:
+    from ..kernels import DecodeProblem
+
+    return [(dt, DecodeProblem(B, 32, hkv, L, 128, paged=paged)) for dt in dtypes for hkv in (8, 32)
+            for paged in (False, True)]
+
+
+def _time_row(ext, dt: str, prob, settings: list[dict], reader, opts) -> list[float]:
+    """% of the read of the same round (median over rounds) of each setting on one decode row."""
+    from ..kernels import dtype_of
+    from ..tokens import measure
+    from . import timing
+
+    tdt = dtype_of(dt)
+    sets = measure.rotating_inputs(prob.make_inputs(tdt, "cpu", seed=0), measure.rotation_window_bytes())
+    fn = measure.rotating_calls(prob.family, "native", sets, prob.call_kwargs())
+
+    def under(s):
+        def call():
+            ext.set_cpu_prefetch(s["level"])
+            ext.set_cpu_prefetch_near(s["near"])
+            ext.set_cpu_prefetch_distance(s["distance"])
+            return fn()
+
+        return call
+
+    fn()
+    st_read, *st = timing.time_round_robin_cpu([reader.run] + [under(s) for s in settings], opts)
+    nb = prob.bytes(tdt)
+    return [statistics.median((nb / tk) / (reader.nbytes / tr) for tk, tr in zip(s.samples, st_read.samples))
+            for s in st]
+
+
+def _geomean(xs) -> float:
+    xs = list(xs)
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else 1.0
+
+
+def measure(*, threads: int | None = None, budget_s: float = 1.5, rounds: int = 6, B: int = 8, L: int = 4096,
+            dtypes=("float32", "bfloat16"), log=print) -> dict:
+    """Time the decode prefetch settings on this machine (module docstring) and return the tuning record:
+    {'settings': the chosen {'level', 'near', 'distance'}, 'baseline': the settings before, 'stages': every
+    row's % of the read per setting, 'gain': the chosen over the baseline (geometric mean over the rows), ...}.
+    The extension's settings are restored before it returns (apply the result to keep it)."""
+    import torch
+
+    from .. import _C as ext
+    from . import device, timing
+
+    if threads:
+        torch.set_num_threads(threads)
+    if not ext.cpu_features().get("avx512f") or ext.cpu_isa() not in ("avx512", "amx"):
+        raise RuntimeError("nothing to tune: the prefetch settings belong to the AVX-512 decode kernel, and this "
+                           f"process runs the {ext.cpu_isa()} tier")
+    base = current(ext)
+    reader = ext.ReadPass(None, torch.get_num_threads())
+    opts = timing.TimingOptions(budget_s=budget_s, rse_target=0.0, min_rounds=rounds, warmup_s=0.2)
+    rows = _rows(B, L, dtypes)
+    distances = sorted(set(DISTANCES) | {base["distance"]})
+
+    def grouped(p):
+        return p.Hq != p.Hkv
+
+    t0 = time.perf_counter()
+    stages: dict = {"levels_near": {}, "distance": {}}
+    try:
+        # stage 1: L1 / L2 and near off / on at the current distance, every row
+        s1 = [{"level": lv, "near": nr, "distance": base["distance"]} for lv in LEVELS for nr in (False, True)]
+        pct1 = {}
+        for dt, p in rows:
+            pct1[(dt, p.label())] = dict(zip([(s["level"], s["near"]) for s in s1],
+                                             _time_row(ext, dt, p, s1, reader, opts)))
+            log(f"{dt:8s} {p.label():34s} " + "  ".join(
+                f"{lv}/{'near' if nr else 'one'} {100 * v:4.1f}%" for (lv, nr), v in pct1[(dt, p.label())].items()))
+        stages["levels_near"] = {f"{dt} {lab}": {f"{lv}/{'near' if nr else 'one'}": round(v, 4)
+                                                 for (lv, nr), v in d.items()} for (dt, lab), d in pct1.items()}
+
+        def score(level: str, near: bool) -> float:
+            l1u, l1g = level_parts(level)
+            return _geomean(pct1[(dt, p.label())][("l1" if (l1g if grouped(p) else l1u) else "l2", near)]
+                            for dt, p in rows)
+
+        options = {(level_name(a, b), nr): score(level_name(a, b), nr)
+                   for a in (False, True) for b in (False, True) for nr in (False, True)}
+        now = options[(base["level"], base["near"])]
+        best = max(options, key=options.get)
+        level, near = best if options[best] >= (1 + MARGIN) * now else (base["level"], base["near"])
+        # stage 2: the distance, under the chosen level and near
+        s2 = [{"level": level, "near": near, "distance": d} for d in distances]
+        pct2 = {}
+        for dt, p in rows:
+            pct2[(dt, p.label())] = dict(zip(distances, _time_row(ext, dt, p, s2, reader, opts)))
+            log(f"{dt:8s} {p.label():34s} " + "  ".join(
+                f"{d // 1024} KB {100 * v:4.1f}%" for d, v in pct2[(dt, p.label())].items()))
+        stages["distance"] = {f"{dt} {lab}": {str(d): round(v, 4) for d, v in x.items()} for (dt, lab), x in pct2.items()}
+        dscore = {d: _geomean(pct2[(dt, p.label())][d] for dt, p in rows) for d in distances}
+        dnow = dscore[base["distance"]]
+        dbest = max(dscore, key=dscore.get)
+        distance = dbest if dscore[dbest] >= (1 + MARGIN) * dnow else base["distance"]
+    finally:  # the settings as they were, sources included (whatever set them: default, override, cache)
+        ext.set_cpu_prefetch(base["level"], source=base["source"])
+        ext.set_cpu_prefetch_near(base["near"], source=base["near_source"])
+        ext.set_cpu_prefetch_distance(base["distance"], source=base["distance_source"])
+    chosen = {"level": level, "near": near, "distance": distance}
+    # stage 2 ran under the chosen level and near: its ratio at the old distance is stage 1's gain's base
+    gain1 = options[(level, near)] / now
+    gain2 = dscore[distance] / dnow
+    fp = device.fingerprint("cpu")
+    return {
+        "version": TUNE_VERSION,
+        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "machine": {"id": fp["id"], "name": fp.get("name"), "family_model": fp.get("family_model"),
+                    "threads": torch.get_num_threads()},
+        "settings": chosen,
+        "baseline": base,
+        "gain": round(gain1 * gain2, 4),
+        "scores": {"levels_near": {f"{lv}/{'near' if nr else 'one'}": round(v, 4) for (lv, nr), v in options.items()},
+                   "distance": {str(d): round(v, 4) for d, v in dscore.items()}},
+        "margin": MARGIN,
+        "rows": [f"{dt} {p.label()}" for dt, p in rows],
+        "stages": stages,
+    }
+
+
+def save(record: dict, fp: dict | None = None) -> Path:
+    path = cache_path(fp)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({k: v for k, v in record.items() if k != "cache"}, indent=1) + "\n")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,143 @@
+"""`pykernels tune` (pykernels/harness/tune.py): decode's prefetch settings measured per machine, cached, applied
+when the native backend loads the extension; overrides win; a damaged cache changes nothing."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pykernels import cli
+from pykernels.harness import tune
+
+_C = pytest.importorskip("pykernels._C")
+AVX512 = _C.cpu_features().get("avx512f") and _C.cpu_isa() in ("avx512", "amx")
+
+
+def _child(code, cache, **env):
+    """`code` in a child Python whose cache directory is `cache` (the tuning is read when the backend loads)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PYKERNELS_CPU_")}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(base, PYKERNELS_CACHE_DIR=str(cache), **env))
+
+
+SHOW = """
+import json, torch, pykernels as pk
+from pykernels.backends import registry
+from pykernels.kernels import DecodeProblem
+nat = registry.all_backends()["native"]
+x = DecodeProblem(1, 4, 1, 40, 64).make_inputs(torch.float32, seed=0)
+pk.decode(**x, backend="native")
+print(json.dumps(nat.describe_call("decode", x)))
+"""
+
+
+def _record(settings):
+    return {"version": tune.TUNE_VERSION, "measured_at": "2026-12-06T00:00:00+00:00", "settings": settings}
+
+
+def _defaults(cache):
+    out = _child(SHOW, cache, PYKERNELS_CPU_TUNING="off")
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_cached_tuning_is_applied_by_the_native_backend_and_overrides_win(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYKERNELS_CACHE_DIR", str(tmp_path))
+    path = tune.save(_record({"level": "l1-grouped", "near": False, "distance": 8192}))
+    assert path.parent == tmp_path and path.name.startswith("tune-cpu-")
+    out = _child(SHOW, tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (info["cpu_prefetch"], info["cpu_prefetch_near"], info["cpu_prefetch_distance"]) == ("l1-grouped", False, 8192)
+    assert info["cpu_prefetch_source"].startswith("pykernels tune (2026-12-06") and str(path) in info["cpu_prefetch_source"]
+    # an environment variable beats the cache for its own setting only
+    out = _child(SHOW, tmp_path, PYKERNELS_CPU_PREFETCH="l2", PYKERNELS_CPU_PREFETCH_DISTANCE="32768")
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (info["cpu_prefetch"], info["cpu_prefetch_near"], info["cpu_prefetch_distance"]) == ("l2", False, 32768)
+    assert info["cpu_prefetch_source"] == "PYKERNELS_CPU_PREFETCH"
+    # PYKERNELS_CPU_TUNING=off: the CPU's defaults
+    d = _defaults(tmp_path)
+    assert not d["cpu_prefetch_source"].startswith("pykernels tune") and d["cpu_prefetch_distance"] == 16384
+
+
+@pytest.mark.parametrize("content", [
+    "not json", "[1, 2]", json.dumps({"version": 999, "settings": {"level": "l1"}}),
+    json.dumps(_record({"level": "l3", "near": True, "distance": 8192})),
+    json.dumps(_record({"level": "l1", "near": True, "distance": 1000})),
+    json.dumps(_record({"level": "l1", "near": "yes", "distance": 8192})),
+    json.dumps(_record("l1")),
+])
+def test_a_damaged_tuning_cache_changes_nothing(tmp_path, monkeypatch, content):
+    """Whatever the cache file holds, the backend loads and runs with the CPU's defaults: a record that is not
+    whole and well-formed is not applied at all (not even its good settings), and nothing raises."""
+    monkeypatch.setenv("PYKERNELS_CACHE_DIR", str(tmp_path))
+    tune.cache_path().parent.mkdir(parents=True, exist_ok=True)
+    tune.cache_path().write_text(content)
+    out = _child(SHOW, tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == _defaults(tmp_path)
+
+
+def test_tune_show_and_clear(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PYKERNELS_CACHE_DIR", str(tmp_path))
+    assert cli.main(["tune", "--show"]) == 0
+    assert "no cached tuning" in capsys.readouterr().out
+    tune.save(_record({"level": "l2", "near": True, "distance": 16384}))
+    assert cli.main(["tune", "--show"]) == 0
+    out = capsys.readouterr().out
+    assert '"level": "l2"' in out and "in force:" in out
+    assert cli.main(["tune", "--clear"]) == 0
+    assert "removed" in capsys.readouterr().out and not tune.cache_path().exists()
+    assert cli.main(["tune", "--budget", "0"]) == 2
+
+
+def _fake_rows(prefs):
+    """A _time_row that answers `prefs(grouped, setting) -> % of the read` instead of timing."""
+    def time_row(ext, dt, prob, settings, reader, opts):
+        return [prefs(prob.Hq != prob.Hkv, s) for s in settings]
+    return time_row
+
+
+@pytest.mark.skipif(not AVX512, reason="the prefetch settings belong to the AVX-512 decode kernel")
+def test_the_choice_follows_the_measurements_and_needs_the_margin(monkeypatch):
+    before = tune.current(_C)
+    # grouped rows read 10% more with L1, ungrouped 5% more with L2, near costs 1%, 32 KB gains 4%
+    def prefs(grouped, s):
+        v = 0.5 * (1.10 if grouped and s["level"] == "l1" else 1.0) * (1.05 if not grouped and s["level"] == "l2" else 1.0)
+        return v * (0.99 if s["near"] else 1.0) * (1.04 if s["distance"] == 32768 else 1.0)
+    monkeypatch.setattr(tune, "_time_row", _fake_rows(prefs))
+    rec = tune.measure(budget_s=0.01, rounds=1, log=lambda *a: None)
+    assert rec["settings"] == {"level": "l1-grouped", "near": False, "distance": 32768}, rec["scores"]
+    assert rec["gain"] > 1.02 and set(rec["stages"]) == {"levels_near", "distance"} and len(rec["rows"]) == 8
+    assert tune.current(_C) == before  # measuring leaves the settings as they were
+    # gains below the margin keep what is in force
+    monkeypatch.setattr(tune, "_time_row", _fake_rows(
+        lambda g, s: 0.5 * (1.01 if s["level"] != before["level"] else 1.0) * (1.01 if s["distance"] != before["distance"] else 1.0)))
+    rec = tune.measure(budget_s=0.01, rounds=1, log=lambda *a: None)
+    assert rec["settings"] == {k: before[k] for k in ("level", "near", "distance")}, rec["scores"]
+
+
+@pytest.mark.skipif(not AVX512, reason="the prefetch settings belong to the AVX-512 decode kernel")
+def test_tune_quick_times_every_setting_on_every_row(tmp_path, monkeypatch, capsys):
+    """The real measurement on small rows (--quick: never cached): every row gets a % of the read per setting,
+    the record names the choice, and the process's settings are what they were."""
+    monkeypatch.setenv("PYKERNELS_CACHE_DIR", str(tmp_path))
+    before = tune.current(_C)
+    out = tmp_path / "rec.json"
+    assert cli.main(["tune", "--quick", "--budget", "0.05", "--rounds", "2", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "chosen: level" in text and not tune.cache_path().exists()
+    rec = json.loads(out.read_text())
+    assert len(rec["stages"]["levels_near"]) == 8 and len(rec["stages"]["distance"]) == 8
+    for row in rec["stages"]["levels_near"].values():
+        assert set(row) == {"l2/one", "l2/near", "l1/one", "l1/near"} and all(0 < v < 5 for v in row.values())
+    assert rec["settings"]["level"] in ("l1", "l2", "l1-ungrouped", "l1-grouped")
+    assert tune.current(_C) == before
+
+
+@pytest.mark.skipif(AVX512, reason="a CPU without the AVX-512 decode kernel")
+def test_tune_says_there_is_nothing_to_tune_without_avx512(capsys):
+    assert cli.main(["tune", "--quick"]) == 2
+    assert "nothing to tune" in capsys.readouterr().err
