@@ -640,6 +640,9 @@ PYBIND11_MODULE(_C, m) {
     d["stream_prefetch_near_source"] = pk::cpu::stream_prefetch_near_source();
     d["stream_prefetch_distance"] = pk::cpu::stream_prefetch_distance();
     d["stream_prefetch_distance_source"] = pk::cpu::stream_prefetch_distance_source();
+    // rows of B per step of a GEMV-like product (M = 1, B [K, N]: cpu.h gemv_streams)
+    d["gemv_streams"] = pk::cpu::gemv_streams();
+    d["gemv_streams_source"] = pk::cpu::gemv_streams_source();
     return d;
   });
   // ISA tiers (csrc/cpu/cpu.h). PYKERNELS_CPU_ISA=amx|avx512|avx2|neon|portable, read here once, picks the tier
@@ -671,6 +674,7 @@ PYBIND11_MODULE(_C, m) {
   // PYKERNELS_CPU_PREFETCH_NEAR=on|off|auto and PYKERNELS_CPU_PREFETCH_DISTANCE=<bytes>|auto: likewise
   if (const char* env = std::getenv("PYKERNELS_CPU_PREFETCH_NEAR"); env && *env) (void)pk::cpu::stream_prefetch_near();
   if (const char* env = std::getenv("PYKERNELS_CPU_PREFETCH_DISTANCE"); env && *env) (void)pk::cpu::stream_prefetch_distance();
+  if (const char* env = std::getenv("PYKERNELS_CPU_GEMV_STREAMS"); env && *env) (void)pk::cpu::gemv_streams();
   // The setters take an optional source: the reason cpu_features() reports (default: the setter's name).
   const auto source_of = [](const py::object& source, const char* fallback) {
     if (source.is_none()) return std::string(fallback);
@@ -702,6 +706,13 @@ PYBIND11_MODULE(_C, m) {
                             ".." + std::to_string(pk::cpu::kPrefetchDistanceMax) + ", got " + std::string(py::str(nbytes)));
     pk::cpu::set_stream_prefetch_distance(v, source_of(source, "set_stream_prefetch_distance").c_str());
   }, py::arg("nbytes"), py::arg("source") = py::none());
+  m.def("set_cpu_gemv_streams", [source_of](const py::object& rows, const py::object& source) {
+    if (!py::isinstance<py::int_>(rows) || py::isinstance<py::bool_>(rows))
+      throw py::type_error("argument 'rows' must be an int, got " + std::string(py::str(py::type::of(rows).attr("__name__"))));
+    if (!rows.equal(py::int_(4)) && !rows.equal(py::int_(8)))
+      throw py::value_error("argument 'rows' must be 4 or 8, got " + std::string(py::str(rows)));
+    pk::cpu::set_gemv_streams(rows.cast<int>(), source_of(source, "set_gemv_streams").c_str());
+  }, py::arg("rows"), py::arg("source") = py::none());
   m.def("build_info", []() {
     py::dict d;
 #if defined(PK_WITH_CUDA)

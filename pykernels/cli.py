@@ -362,14 +362,15 @@ def cmd_compare(args) -> int:
 def _add_tune(sub):
     p = sub.add_parser("tune", help="measure the native CPU kernels' run-time settings on this machine and cache the best",
                        description="Time decode's K/V software-prefetch settings (L1/L2 per query-head grouping, a second "
-                                   "near prefetch, the distance) on this machine, in turns with the native read probe, "
+                                   "near prefetch, the distance) and the GEMV's rows of B per step (M = 1) on this "
+                                   "machine, in turns with the native read probe, "
                                    "and cache the best per machine and thread count beside the peaks; the native "
-                                   "backend applies it when it loads (PYKERNELS_CPU_PREFETCH* variables win; "
+                                   "backend applies it when it loads (PYKERNELS_CPU_PREFETCH* and _GEMV_STREAMS win; "
                                    "PYKERNELS_CPU_TUNING=off ignores the cache). docs/harness.md, \"Tuning\".")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="pin torch, the BLAS/OpenMP pools and the native kernels to N threads (the tuning is kept per "
                         "thread count)")
-    p.add_argument("--budget", type=float, default=1.5, metavar="S", help="seconds of timing per row and stage (16 in all)")
+    p.add_argument("--budget", type=float, default=1.5, metavar="S", help="seconds of timing per row and stage (20 in all)")
     p.add_argument("--rounds", type=int, default=6, metavar="N", help="rounds per row and stage, at least")
     p.add_argument("--show", action="store_true", help="print this machine's cached tuning and what is in force; measure nothing")
     p.add_argument("--clear", action="store_true", help="delete this machine's cached tuning (the defaults apply again)")
@@ -402,14 +403,16 @@ def cmd_tune(args) -> int:
         return 0
     try:
         rec = tune.measure(budget_s=args.budget, rounds=args.rounds,
-                           **({"B": 2, "L": 512} if args.quick else {}))
+                           **({"B": 2, "L": 512, "gemv_k": (1024,)} if args.quick else {}))
     except RuntimeError as e:
         raise CliError(str(e)) from None
     b, c = rec["baseline"], rec["settings"]
-    print(f"chosen: level {c['level']}, near {'on' if c['near'] else 'off'}, distance {c['distance'] // 1024} KB "
-          f"(before: {b['level']}, near {'on' if b['near'] else 'off'}, {b['distance'] // 1024} KB, from "
-          f"{b['source']!r}); {100 * (rec['gain'] - 1):+.1f}% of the read bandwidth, geometric mean over "
-          f"{len(rec['rows'])} rows; a change needs +{100 * rec['margin']:.0f}%")
+    print(f"chosen: decode prefetch level {c['level']}, near {'on' if c['near'] else 'off'}, distance "
+          f"{c['distance'] // 1024} KB (before: {b['level']}, near {'on' if b['near'] else 'off'}, "
+          f"{b['distance'] // 1024} KB, from {b['source']!r}): {100 * (rec['gain']['decode'] - 1):+.1f}% of the read "
+          f"bandwidth, geometric mean over {len(rec['rows'])} rows; GEMV rows per step {c['gemv_streams']} (before: "
+          f"{b['gemv_streams']}, from {b['gemv_streams_source']!r}): {100 * (rec['gain']['gemv'] - 1):+.1f}% over "
+          f"{len(rec['gemv_rows'])} rows; a change needs +{100 * rec['margin']:.0f}%")
     rec["command"] = (f"pykernels tune --budget {args.budget} --rounds {args.rounds}"
                       + (f" --threads {args.threads}" if args.threads is not None else ""))
     if args.out:

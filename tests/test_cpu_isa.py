@@ -123,6 +123,7 @@ print("ok")
     ("PYKERNELS_CPU_PREFETCH_DISTANCE", "16k", "PYKERNELS_CPU_PREFETCH_DISTANCE: expected bytes, a multiple of 1024"),
     ("PYKERNELS_CPU_PREFETCH_DISTANCE", "1000", "PYKERNELS_CPU_PREFETCH_DISTANCE: expected bytes, a multiple of 1024"),
     ("PYKERNELS_CPU_PREFETCH_DISTANCE", "131072", "PYKERNELS_CPU_PREFETCH_DISTANCE: expected bytes, a multiple of 1024"),
+    ("PYKERNELS_CPU_GEMV_STREAMS", "6", "PYKERNELS_CPU_GEMV_STREAMS: expected 4, 8 or auto"),
 ])
 def test_bad_override_fails_the_import(var, value, message):
     bad = _child("import pykernels._C", **{var: value})
@@ -187,6 +188,48 @@ def test_set_cpu_prefetch_near_takes_a_bool_only():
         assert f["stream_prefetch_near"] == (not before) and f["stream_prefetch_near_source"] == "set_stream_prefetch_near"
     finally:
         _C.set_cpu_prefetch_near(before)
+
+
+@pytest.mark.parametrize("rows", ["4", "8"])
+def test_gemv_streams_override_gives_the_right_answer_on_every_tier(rows):
+    """PYKERNELS_CPU_GEMV_STREAMS picks the rows of B a one-row GEMM reads per step (cpu.h gemv_streams): both
+    settings, on every tier, on shapes whose items take the split streams (K a multiple of 64, rows <= 16 KB),
+    consecutive rows (rows of 44 KB), and tails (K not a multiple of the rows per step)."""
+    code = """
+import torch, pykernels as pk
+from pykernels import _C
+from pykernels.harness import verify
+from pykernels.kernels import GemmProblem
+assert _C.cpu_features()["gemv_streams"] == ROWS
+for dt in (torch.float32, torch.bfloat16):
+    for n, k in ((4096, 1024), (11008, 128), (700, 1000), (33, 67), (100, 3)):
+        prob = GemmProblem(1, n, k)
+        x = prob.make_inputs(dt, seed=0)
+        exp = verify.expected(prob, x)
+        for tier in _C.cpu_isas():
+            _C.set_cpu_isa(tier)
+            exp.assert_close(pk.gemm(**x, backend="native"), f"{tier} {prob.label()} {dt}")
+print("ok")
+""".replace("ROWS", rows)
+    out = _child(code, PYKERNELS_CPU_GEMV_STREAMS=rows)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_set_cpu_gemv_streams_takes_4_or_8():
+    before = _C.cpu_features()
+    for bad in (4.0, "4", True, None):
+        with pytest.raises(TypeError, match="argument 'rows'"):
+            _C.set_cpu_gemv_streams(bad)
+    for bad in (0, 2, 6, 16, -4, 2**70):
+        with pytest.raises(ValueError, match="argument 'rows' must be 4 or 8"):
+            _C.set_cpu_gemv_streams(bad)
+    assert _C.cpu_features()["gemv_streams"] == before["gemv_streams"]
+    try:
+        _C.set_cpu_gemv_streams(12 - before["gemv_streams"], source="a test")
+        f = _C.cpu_features()
+        assert (f["gemv_streams"], f["gemv_streams_source"]) == (12 - before["gemv_streams"], "a test")
+    finally:
+        _C.set_cpu_gemv_streams(before["gemv_streams"], source=before["gemv_streams_source"])
 
 
 def test_set_cpu_prefetch_distance_refuses_what_is_not_a_distance():

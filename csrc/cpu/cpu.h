@@ -88,6 +88,15 @@ bool prefetch_distance_ok(int64_t bytes);
 int64_t stream_prefetch_distance();
 std::string stream_prefetch_distance_source();
 void set_stream_prefetch_distance(int64_t bytes, const char* source = nullptr);
+// Rows of B a GEMV-like product (M = 1, B stored [K, N], gemm.cpp's direct path) reads per step, i.e. the
+// streams per item: 4 or 8. Zen 5 (C++ driver, K = N = 4096, alternated 4x): 4 rows read 1 thread fp32 36-40 ->
+// 42-45 GB/s, bf16 36-38 -> 39-41, 2 threads bf16 +7% in three of four runs, fp32 level; from M = 2 on, 8 rows
+// stay ahead (the partial's loads and stores amortized over more rows). Default 4 on AMD family >= 26, 8
+// elsewhere (measured there with 8); `pykernels tune` measures it per machine; PYKERNELS_CPU_GEMV_STREAMS=4|8|auto
+// (read once; anything else throws std::invalid_argument) or set_gemv_streams() overrides it.
+int gemv_streams();
+std::string gemv_streams_source();
+void set_gemv_streams(int rows, const char* source = nullptr);  // 4 or 8, else std::invalid_argument
 // Whether a decode with g query heads per kv head prefetches into L1 under stream_prefetch().
 bool stream_prefetch_l1(int64_t g);
 

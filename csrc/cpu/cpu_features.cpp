@@ -260,6 +260,17 @@ Setting& distance_setting() {
   }();
   return s;
 }
+Setting& gemv_setting() {
+  static Setting s = [] {
+    if (const char* e = std::getenv("PYKERNELS_CPU_GEMV_STREAMS"); e && *e && std::strcmp(e, "auto") != 0) {
+      if (std::strcmp(e, "4") == 0 || std::strcmp(e, "8") == 0) return Setting(std::atoi(e), "PYKERNELS_CPU_GEMV_STREAMS");
+      throw std::invalid_argument(std::string("PYKERNELS_CPU_GEMV_STREAMS: expected 4, 8 or auto, got '") + e + "'");
+    }
+    if (amd_26_or_later()) return Setting(4, "default: AMD family >= 26 (measured on Zen 5)");
+    return Setting(8, "default: 8 (measured on Sapphire Rapids and Zen 4)");
+  }();
+  return s;
+}
 }  // namespace
 
 PrefetchLevel stream_prefetch() { return static_cast<PrefetchLevel>(level_setting().value.load(std::memory_order_relaxed)); }
@@ -297,6 +308,13 @@ std::string stream_prefetch_distance_source() { return distance_setting().get_so
 void set_stream_prefetch_distance(int64_t bytes, const char* source) {
   if (!prefetch_distance_ok(bytes)) throw std::invalid_argument("prefetch distance out of range");
   distance_setting().set(bytes, source ? source : "set_stream_prefetch_distance");
+}
+
+int gemv_streams() { return static_cast<int>(gemv_setting().value.load(std::memory_order_relaxed)); }
+std::string gemv_streams_source() { return gemv_setting().get_source(); }
+void set_gemv_streams(int rows, const char* source) {
+  if (rows != 4 && rows != 8) throw std::invalid_argument("GEMV streams must be 4 or 8");
+  gemv_setting().set(rows, source ? source : "set_gemv_streams");
 }
 
 bool stream_prefetch_l1(int64_t g) {

@@ -1076,11 +1076,11 @@ template <int M, int U, bool First> PK_AVX512 inline void direct_f32_step(const 
 }
 // Adds rows [0, kn) of B (b = &B[k][j0], a = &A[0][k]) times A to part (M x cdiv(w,32)*32), summed
 // in tmp (same shape) first.
-template <int M> PK_AVX512 void direct_f32(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t kn,
-                                            int64_t w, float* part, float* tmp) {
-  // 8 rows of B in flight: each partial load/store (L2) is amortized over 8 FMAs; at M = 4 that beat
-  // U = 4 by ~10% although the 32 broadcasts no longer all fit in registers.
-  constexpr int U = 8;
+template <int M, int U = 8> PK_AVX512 void direct_f32(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t kn,
+                                                       int64_t w, float* part, float* tmp) {
+  // U = 8 rows of B in flight: each partial load/store (L2) is amortized over 8 FMAs; at M = 4 that beat
+  // U = 4 by ~10% although the 32 broadcasts no longer all fit in registers. M = 1 may take U = 4 (cpu.h
+  // gemv_streams).
   const int64_t nv = cdiv(w, 16);
   const __mmask16 tail = mask16(w - (nv - 1) * 16);
   direct_steps<U>(
@@ -1180,9 +1180,8 @@ template <int M, int U, bool First> PK_AVX512BF16 inline void direct_bf16dp_step
   columns(ng - 1, std::true_type{});
 }
 
-template <int M> PK_AVX512 void direct_bf16(const u16* a, int64_t lda, const u16* b, int64_t ldb, int64_t kn,
-                                             int64_t w, float* part, float* tmp) {
-  constexpr int U = 8;
+template <int M, int U = 8> PK_AVX512 void direct_bf16(const u16* a, int64_t lda, const u16* b, int64_t ldb, int64_t kn,
+                                                        int64_t w, float* part, float* tmp) {
   const int64_t ng = cdiv(w, 32);
   const __mmask32 tail = mask32(w - (ng - 1) * 32);
   direct_steps<U>(
@@ -1197,9 +1196,8 @@ template <int M> PK_AVX512 void direct_bf16(const u16* a, int64_t lda, const u16
 }
 
 // direct_bf16 with the vdpbf16ps steps (whole groups of U rows; the rest as there).
-template <int M> PK_AVX512BF16 void direct_bf16dp(const u16* a, int64_t lda, const u16* b, int64_t ldb, int64_t kn,
-                                                 int64_t w, float* part, float* tmp) {
-  constexpr int U = 8;
+template <int M, int U = 8> PK_AVX512BF16 void direct_bf16dp(const u16* a, int64_t lda, const u16* b, int64_t ldb, int64_t kn,
+                                                            int64_t w, float* part, float* tmp) {
   if (kn < U) return direct_bf16<M>(a, lda, b, ldb, kn, w, part, tmp);
   const int64_t ng = cdiv(w, 32);
   const __mmask32 tail = mask32(w - (ng - 1) * 32);
@@ -1212,6 +1210,14 @@ template <int M> PK_AVX512BF16 void direct_bf16dp(const u16* a, int64_t lda, con
         direct_bf16_step<M, 1, decltype(first)::value>(a + k, lda, b + k * ldb, ldb, 1, ng, tail, tmp);
       });
   add_to(part, tmp, M * ng * 32);
+}
+
+// M = 1 with 4 rows of B per step (cpu.h gemv_streams).
+template <class T, bool DP> constexpr auto direct_one4() {
+  using Fn = void (*)(const T*, int64_t, const T*, int64_t, int64_t, int64_t, float*, float*);
+  if constexpr (std::is_same_v<T, float>) return Fn{&direct_f32<1, 4>};
+  else if constexpr (DP) return Fn{&direct_bf16dp<1, 4>};
+  else return Fn{&direct_bf16<1, 4>};
 }
 
 template <class T, bool DP, size_t... I> constexpr auto direct_table(std::index_sequence<I...>) {
@@ -1255,7 +1261,10 @@ template <class T> void gemm_direct_avx512(const GemmParams& p) {
   static constexpr auto dp = direct_table<T, true>(std::make_index_sequence<kDirectMaxMWide>());
   // bf16 on vdpbf16ps where it pays (Zen 4 / Zen 5): C++ driver on Zen 5, K = N = 4096, 1 thread, M = 1 / 4 / 8
   // 32.5-33.5 -> 33.5-34.2 / 17.0-19.0 -> 24.7-25.6 / 15.4-15.5 -> 18.8-19.2 GB/s of B (2 threads M4 +17%)
-  const auto& direct = std::is_same_v<T, u16> && use_bf16_dot() ? dp : widen;
+  const bool use_dp = std::is_same_v<T, u16> && use_bf16_dot();
+  const auto& direct = use_dp ? dp : widen;
+  // M = 1: 4 or 8 rows of B per step (cpu.h gemv_streams: fewer streams per core read faster on Zen 5)
+  const auto one = gemv_streams() == 4 ? (use_dp ? direct_one4<T, true>() : direct_one4<T, false>()) : direct[0];
   const int64_t M = p.M, N = p.N, K = p.K;
   const T* A = static_cast<const T*>(p.a);
   const T* B = static_cast<const T*>(p.b);
@@ -1280,8 +1289,8 @@ template <class T> void gemm_direct_avx512(const GemmParams& p) {
         const int64_t k = it * kDirectRows;
         for (int64_t m0 = 0; m0 < M; m0 += pass) {  // later passes find the item's rows of B in L2
           const int64_t mm = std::min(pass, M - m0);
-          direct[mm - 1](A + m0 * K + k, K, B + k * N + j0, N, std::min(kDirectRows, K - k), w, part + m0 * wp,
-                         tmp + m0 * wp);
+          (mm == 1 ? one : direct[mm - 1])(A + m0 * K + k, K, B + k * N + j0, N, std::min(kDirectRows, K - k), w,
+                                           part + m0 * wp, tmp + m0 * wp);
         }
       }
       guard.barrier(team, t);

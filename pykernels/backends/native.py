@@ -120,9 +120,13 @@ class NativeBackend(Backend):
         """The CPU ISA tier (amx, avx512, avx2, neon, portable) that ran the call (PYKERNELS_CPU_ISA), and for
         decode where its K/V prefetches go (l2, l1, l1-ungrouped, l1-grouped: PYKERNELS_CPU_PREFETCH), whether it
         prefetches each line a second time, nearer (PYKERNELS_CPU_PREFETCH_NEAR), how far ahead (bytes,
-        PYKERNELS_CPU_PREFETCH_DISTANCE) and why (the default's reason, the override, or `pykernels tune`)."""
+        PYKERNELS_CPU_PREFETCH_DISTANCE) and why (the default's reason, the override, or `pykernels tune`); for a
+        GEMM of one row, the rows of B it reads per step (PYKERNELS_CPU_GEMV_STREAMS)."""
         if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in inputs.values()):
             d = {"cpu_isa": _ext().cpu_isa()}
+            a = inputs.get("a")
+            if family == "gemm" and isinstance(a, torch.Tensor) and a.dim() == 2 and a.shape[0] == 1:
+                d["cpu_gemv_streams"] = _ext().cpu_features()["gemv_streams"]  # rows of B per step (M = 1)
             if family == "decode":
                 f = _ext().cpu_features()
                 d["cpu_prefetch"] = f["stream_prefetch"]

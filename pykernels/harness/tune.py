@@ -1,20 +1,23 @@
 """Per-machine tuning of the native CPU kernels' run-time settings: where and how far ahead the AVX-512
 decode kernel prefetches its K/V rows (csrc/cpu/cpu.h: the level L1 / L2 per query-head grouping, a second
-"near" L1 prefetch, the distance). Each CPU model ships with a default (measured on the CPUs the project ran
+"near" L1 prefetch, the distance) and how many rows of B a GEMV-like product (M = 1) reads per step
+(gemv_streams: 4 or 8). Each CPU model ships with a default (measured on the CPUs the project ran
 on); `pykernels tune` measures the choices on this machine instead, caches the best beside the peaks
 (~/.cache/pykernels/tune-cpu-<machine id>.json, PYKERNELS_CACHE_DIR overrides) and the native backend applies
-it when it first loads the extension (apply_cached), unless PYKERNELS_CPU_PREFETCH / _NEAR / _DISTANCE set
-a value (those win) or PYKERNELS_CPU_TUNING=off. Every decode result records the settings and their source
-(backend_info cpu_prefetch, cpu_prefetch_near, cpu_prefetch_distance, cpu_prefetch_source).
+it when it first loads the extension (apply_cached), unless PYKERNELS_CPU_PREFETCH / _NEAR / _DISTANCE or
+PYKERNELS_CPU_GEMV_STREAMS set a value (those win) or PYKERNELS_CPU_TUNING=off. Every decode result records
+the settings and their source (backend_info cpu_prefetch, cpu_prefetch_near, cpu_prefetch_distance,
+cpu_prefetch_source), every M = 1 GEMM result cpu_gemv_streams.
 
 How it measures (docs/harness.md "Tuning"): the issue-21 decode rows (B8 Hq32 L4096 D128; Hkv 8 and 32,
 contiguous and paged 16, fp32 and bf16), their KV caches rotating through copies of 2x the last-level cache so
 that every call streams them from memory, timed in turns with the native read probe (`_C.ReadPass`) in every
 round; each call first switches to its setting (a few stores). A setting's figure for a row is the median over
-rounds of its bytes/s over the read's of the same round. Two stages: the level per grouping (g = 1 and g > 1)
-and the near prefetch, at the current distance; then the distance (8 / 16 / 32 KB) under the winners. A
-choice replaces the current one only when it reads at least MARGIN more (geometric mean over all the rows):
-on a shared machine a change must beat the noise to be kept.
+rounds of its bytes/s over the read's of the same round. Three stages: the level per grouping (g = 1 and
+g > 1) and the near prefetch, at the current distance; then the distance (8 / 16 / 32 KB) under the winners;
+then, on GEMV-like rows (M = 1, N = 4096, K = 4096 and 11008, fp32 and bf16, the weights rotating likewise),
+4 or 8 rows of B per step. A choice replaces the current one only when it reads at least MARGIN more
+(geometric mean over all the rows of its stage): on a shared machine a change must beat the noise to be kept.
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-TUNE_VERSION = 1
+TUNE_VERSION = 2  # 2: the GEMV rows per step (gemv_streams) joined the decode prefetch settings
 MARGIN = 0.02  # a setting must read >= 2% more than the current one (geometric mean over its rows)
 LEVELS = ("l2", "l1")
 DISTANCES = (8192, 16384, 32768)
-ENV_OVERRIDES = ("PYKERNELS_CPU_PREFETCH", "PYKERNELS_CPU_PREFETCH_NEAR", "PYKERNELS_CPU_PREFETCH_DISTANCE")
+GEMV_STREAMS = (4, 8)
+ENV_OVERRIDES = ("PYKERNELS_CPU_PREFETCH", "PYKERNELS_CPU_PREFETCH_NEAR", "PYKERNELS_CPU_PREFETCH_DISTANCE",
+                 "PYKERNELS_CPU_GEMV_STREAMS")
 
 
 def level_name(l1_ungrouped: bool, l1_grouped: bool) -> str:
@@ -67,15 +72,16 @@ def load(fp: dict | None = None) -> dict | None:
 
 
 def current(ext) -> dict:
-    """The extension's prefetch settings now: {'level', 'near', 'distance', 'source'}."""
+    """The extension's tunable settings now, with their sources."""
     f = ext.cpu_features()
     return {"level": f["stream_prefetch"], "near": bool(f["stream_prefetch_near"]),
-            "distance": int(f["stream_prefetch_distance"]), "source": f["stream_prefetch_source"],
-            "near_source": f["stream_prefetch_near_source"], "distance_source": f["stream_prefetch_distance_source"]}
+            "distance": int(f["stream_prefetch_distance"]), "gemv_streams": int(f["gemv_streams"]),
+            "source": f["stream_prefetch_source"], "near_source": f["stream_prefetch_near_source"],
+            "distance_source": f["stream_prefetch_distance_source"], "gemv_streams_source": f["gemv_streams_source"]}
 
 
 def apply(ext, settings: dict, source: str) -> dict:
-    """Set the extension's prefetch settings from `settings` ({'level', 'near', 'distance'}), each unless its
+    """Set the extension's settings from `settings` ({'level', 'near', 'distance', 'gemv_streams'}), each unless its
     environment variable holds a value (the override wins). Returns what was set. A malformed setting raises
     ValueError / TypeError from the binding, naming it."""
     done = {}
@@ -88,14 +94,19 @@ def apply(ext, settings: dict, source: str) -> dict:
     if not os.environ.get("PYKERNELS_CPU_PREFETCH_DISTANCE") and "distance" in settings:
         ext.set_cpu_prefetch_distance(int(settings["distance"]), source=source)
         done["distance"] = int(settings["distance"])
+    if not os.environ.get("PYKERNELS_CPU_GEMV_STREAMS") and "gemv_streams" in settings:
+        ext.set_cpu_gemv_streams(int(settings["gemv_streams"]), source=source)
+        done["gemv_streams"] = int(settings["gemv_streams"])
     return done
 
 
 def valid(settings) -> bool:
-    """Whether `settings` is a whole, well-formed {'level', 'near', 'distance'} (what apply_cached applies)."""
+    """Whether `settings` is a whole, well-formed {'level', 'near', 'distance', 'gemv_streams'} (what
+    apply_cached applies)."""
     return (isinstance(settings, dict) and settings.get("level") in ("l1", "l2", "l1-ungrouped", "l1-grouped")
             and isinstance(settings.get("near"), bool) and type(settings.get("distance")) is int
-            and 1024 <= settings["distance"] <= 65536 and settings["distance"] % 1024 == 0)
+            and 1024 <= settings["distance"] <= 65536 and settings["distance"] % 1024 == 0
+            and type(settings.get("gemv_streams")) is int and settings["gemv_streams"] in GEMV_STREAMS)
 
 
 def apply_cached(ext) -> dict | None:
@@ -128,8 +139,16 @@ def _rows(B: int, L: int, dtypes) -> list:
             for paged in (False, True)]
 
 
+def _gemv_rows(ks, dtypes) -> list:
+    """GEMV-like rows: M = 1, N = 4096, K in ks (4096: the issue-21 row; 11008: an MLP's down projection)."""
+    from ..kernels import GemmProblem
+
+    return [(dt, GemmProblem(1, 4096, k)) for dt in dtypes for k in ks]
+
+
 def _time_row(ext, dt: str, prob, settings: list[dict], reader, opts) -> list[float]:
-    """% of the read of the same round (median over rounds) of each setting on one decode row."""
+    """% of the read of the same round (median over rounds) of each setting on one row (a decode or GEMM
+    problem); a setting is {'level', 'near', 'distance'} (decode) or {'gemv_streams'} (GEMM)."""
     from ..kernels import dtype_of
     from ..tokens import measure
     from . import timing
@@ -140,9 +159,12 @@ def _time_row(ext, dt: str, prob, settings: list[dict], reader, opts) -> list[fl
 
     def under(s):
         def call():
-            ext.set_cpu_prefetch(s["level"])
-            ext.set_cpu_prefetch_near(s["near"])
-            ext.set_cpu_prefetch_distance(s["distance"])
+            if "gemv_streams" in s:
+                ext.set_cpu_gemv_streams(s["gemv_streams"])
+            else:
+                ext.set_cpu_prefetch(s["level"])
+                ext.set_cpu_prefetch_near(s["near"])
+                ext.set_cpu_prefetch_distance(s["distance"])
             return fn()
 
         return call
@@ -160,10 +182,11 @@ def _geomean(xs) -> float:
 
 
 def measure(*, threads: int | None = None, budget_s: float = 1.5, rounds: int = 6, B: int = 8, L: int = 4096,
-            dtypes=("float32", "bfloat16"), log=print) -> dict:
-    """Time the decode prefetch settings on this machine (module docstring) and return the tuning record:
-    {'settings': the chosen {'level', 'near', 'distance'}, 'baseline': the settings before, 'stages': every
-    row's % of the read per setting, 'gain': the chosen over the baseline (geometric mean over the rows), ...}.
+            gemv_k: tuple = (4096, 11008), dtypes=("float32", "bfloat16"), log=print) -> dict:
+    """Time the settings on this machine (module docstring) and return the tuning record: {'settings': the
+    chosen {'level', 'near', 'distance', 'gemv_streams'}, 'baseline': the settings before, 'stages': every row's
+    % of the read per setting, 'gain': the chosen over the baseline (geometric mean over the rows) for decode and
+    the GEMV, ...}.
     The extension's settings are restored before it returns (apply the result to keep it)."""
     import torch
 
@@ -179,6 +202,7 @@ def measure(*, threads: int | None = None, budget_s: float = 1.5, rounds: int = 
     reader = ext.ReadPass(None, torch.get_num_threads())
     opts = timing.TimingOptions(budget_s=budget_s, rse_target=0.0, min_rounds=rounds, warmup_s=0.2)
     rows = _rows(B, L, dtypes)
+    gemv_rows = _gemv_rows(gemv_k, dtypes)
     distances = sorted(set(DISTANCES) | {base["distance"]})
 
     def grouped(p):
@@ -220,11 +244,24 @@ def measure(*, threads: int | None = None, budget_s: float = 1.5, rounds: int = 
         dnow = dscore[base["distance"]]
         dbest = max(dscore, key=dscore.get)
         distance = dbest if dscore[dbest] >= (1 + MARGIN) * dnow else base["distance"]
+        # stage 3: rows of B per step of a GEMV-like product (M = 1, B [K, N])
+        s3 = [{"gemv_streams": u} for u in GEMV_STREAMS]
+        pct3 = {}
+        for dt, p in gemv_rows:
+            pct3[(dt, p.label())] = dict(zip(GEMV_STREAMS, _time_row(ext, dt, p, s3, reader, opts)))
+            log(f"{dt:8s} {p.label():34s} " + "  ".join(
+                f"{u} rows {100 * v:4.1f}%" for u, v in pct3[(dt, p.label())].items()))
+        stages["gemv_streams"] = {f"{dt} {lab}": {str(u): round(v, 4) for u, v in x.items()} for (dt, lab), x in pct3.items()}
+        gscore = {u: _geomean(pct3[(dt, p.label())][u] for dt, p in gemv_rows) for u in GEMV_STREAMS}
+        gnow = gscore[base["gemv_streams"]]
+        gbest = max(gscore, key=gscore.get)
+        gemv_streams = gbest if gscore[gbest] >= (1 + MARGIN) * gnow else base["gemv_streams"]
     finally:  # the settings as they were, sources included (whatever set them: default, override, cache)
         ext.set_cpu_prefetch(base["level"], source=base["source"])
         ext.set_cpu_prefetch_near(base["near"], source=base["near_source"])
         ext.set_cpu_prefetch_distance(base["distance"], source=base["distance_source"])
-    chosen = {"level": level, "near": near, "distance": distance}
+        ext.set_cpu_gemv_streams(base["gemv_streams"], source=base["gemv_streams_source"])
+    chosen = {"level": level, "near": near, "distance": distance, "gemv_streams": gemv_streams}
     # stage 2 ran under the chosen level and near: its ratio at the old distance is stage 1's gain's base
     gain1 = options[(level, near)] / now
     gain2 = dscore[distance] / dnow
@@ -237,11 +274,13 @@ def measure(*, threads: int | None = None, budget_s: float = 1.5, rounds: int = 
                     "threads": torch.get_num_threads()},
         "settings": chosen,
         "baseline": base,
-        "gain": round(gain1 * gain2, 4),
+        "gain": {"decode": round(gain1 * gain2, 4), "gemv": round(gscore[gemv_streams] / gnow, 4)},
         "scores": {"levels_near": {f"{lv}/{'near' if nr else 'one'}": round(v, 4) for (lv, nr), v in options.items()},
-                   "distance": {str(d): round(v, 4) for d, v in dscore.items()}},
+                   "distance": {str(d): round(v, 4) for d, v in dscore.items()},
+                   "gemv_streams": {str(u): round(v, 4) for u, v in gscore.items()}},
         "margin": MARGIN,
         "rows": [f"{dt} {p.label()}" for dt, p in rows],
+        "gemv_rows": [f"{dt} {p.label()}" for dt, p in gemv_rows],
         "stages": stages,
     }
 
