@@ -190,8 +190,10 @@ def measure(*, threads: int | None = None, budget_s: float = 1.5, rounds: int = 
     The extension's settings are restored before it returns (apply the result to keep it)."""
     import torch
 
-    from .. import _C as ext
+    from ..backends.native import _ext
     from . import device, timing
+
+    ext = _ext()  # the extension as the backend runs it: with this machine's cached tuning applied (the baseline)
 
     if threads:
         torch.set_num_threads(threads)
