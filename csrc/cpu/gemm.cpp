@@ -689,7 +689,7 @@ template <class T, int M, int R> void dot_rows_neon(const T* A, const T* B, int6
       for (int j = 0; j < r; ++j) {
         float v = sums[m][j];
         for (int64_t k = K4; k < K; ++k) v += PlainPack<1>::ld(A, m * K + k) * PlainPack<1>::ld(b[j], k);
-        store_out(C + m * N + n + j * rs, v);
+        store_out(C + m * N + n + j, v);
       }
   }
 }
