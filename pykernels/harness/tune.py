@@ -211,53 +211,50 @@ def measure(*, threads: int | None = None, budget_s: float = 1.5, rounds: int = 
         return p.Hq != p.Hkv
 
     t0 = time.perf_counter()
-    stages: dict = {"levels_near": {}, "distance": {}}
+
+    def stage(rows_, keys, settings, fmt):
+        """Every row's % of the read under each setting ({'dtype label': {key: %}}), logged row by row."""
+        pct = {}
+        for dt, p in rows_:
+            pct[f"{dt} {p.label()}"] = row = dict(zip(keys, _time_row(ext, dt, p, settings, reader, opts)))
+            log(f"{dt:8s} {p.label():34s} " + "  ".join(f"{fmt(k)} {100 * v:4.1f}%" for k, v in row.items()))
+        return pct
+
+    def pick(score: dict, now_key):
+        """The best-scoring key if it beats the one in force by the margin, else the one in force."""
+        best = max(score, key=score.get)
+        return best if score[best] >= (1 + MARGIN) * score[now_key] else now_key
+
     try:
-        # stage 1: L1 / L2 and near off / on at the current distance, every row
-        s1 = [{"level": lv, "near": nr, "distance": base["distance"]} for lv in LEVELS for nr in (False, True)]
-        pct1 = {}
-        for dt, p in rows:
-            pct1[(dt, p.label())] = dict(zip([(s["level"], s["near"]) for s in s1],
-                                             _time_row(ext, dt, p, s1, reader, opts)))
-            log(f"{dt:8s} {p.label():34s} " + "  ".join(
-                f"{lv}/{'near' if nr else 'one'} {100 * v:4.1f}%" for (lv, nr), v in pct1[(dt, p.label())].items()))
-        stages["levels_near"] = {f"{dt} {lab}": {f"{lv}/{'near' if nr else 'one'}": round(v, 4)
-                                                 for (lv, nr), v in d.items()} for (dt, lab), d in pct1.items()}
+        # stage 1: L1 / L2 and near off / on at the current distance, every row; the eight (level for g = 1,
+        # level for g > 1, near) combinations scored over all rows
+        keys1 = [(lv, nr) for lv in LEVELS for nr in (False, True)]
+        pct1 = stage(rows, keys1, [{"level": lv, "near": nr, "distance": base["distance"]} for lv, nr in keys1],
+                     lambda k: f"{k[0]}/{'near' if k[1] else 'one'}")
 
         def score(level: str, near: bool) -> float:
             l1u, l1g = level_parts(level)
-            return _geomean(pct1[(dt, p.label())][("l1" if (l1g if grouped(p) else l1u) else "l2", near)]
+            return _geomean(pct1[f"{dt} {p.label()}"][("l1" if (l1g if grouped(p) else l1u) else "l2", near)]
                             for dt, p in rows)
 
         options = {(level_name(a, b), nr): score(level_name(a, b), nr)
                    for a in (False, True) for b in (False, True) for nr in (False, True)}
-        now = options[(base["level"], base["near"])]
-        best = max(options, key=options.get)
-        level, near = best if options[best] >= (1 + MARGIN) * now else (base["level"], base["near"])
+        level, near = pick(options, (base["level"], base["near"]))
         # stage 2: the distance, under the chosen level and near
-        s2 = [{"level": level, "near": near, "distance": d} for d in distances]
-        pct2 = {}
-        for dt, p in rows:
-            pct2[(dt, p.label())] = dict(zip(distances, _time_row(ext, dt, p, s2, reader, opts)))
-            log(f"{dt:8s} {p.label():34s} " + "  ".join(
-                f"{d // 1024} KB {100 * v:4.1f}%" for d, v in pct2[(dt, p.label())].items()))
-        stages["distance"] = {f"{dt} {lab}": {str(d): round(v, 4) for d, v in x.items()} for (dt, lab), x in pct2.items()}
-        dscore = {d: _geomean(pct2[(dt, p.label())][d] for dt, p in rows) for d in distances}
-        dnow = dscore[base["distance"]]
-        dbest = max(dscore, key=dscore.get)
-        distance = dbest if dscore[dbest] >= (1 + MARGIN) * dnow else base["distance"]
+        pct2 = stage(rows, distances, [{"level": level, "near": near, "distance": d} for d in distances],
+                     lambda d: f"{d // 1024} KB")
+        dscore = {d: _geomean(x[d] for x in pct2.values()) for d in distances}
+        distance = pick(dscore, base["distance"])
         # stage 3: rows of B per step of a GEMV-like product (M = 1, B [K, N])
-        s3 = [{"gemv_streams": u} for u in GEMV_STREAMS]
-        pct3 = {}
-        for dt, p in gemv_rows:
-            pct3[(dt, p.label())] = dict(zip(GEMV_STREAMS, _time_row(ext, dt, p, s3, reader, opts)))
-            log(f"{dt:8s} {p.label():34s} " + "  ".join(
-                f"{u} rows {100 * v:4.1f}%" for u, v in pct3[(dt, p.label())].items()))
-        stages["gemv_streams"] = {f"{dt} {lab}": {str(u): round(v, 4) for u, v in x.items()} for (dt, lab), x in pct3.items()}
-        gscore = {u: _geomean(pct3[(dt, p.label())][u] for dt, p in gemv_rows) for u in GEMV_STREAMS}
-        gnow = gscore[base["gemv_streams"]]
-        gbest = max(gscore, key=gscore.get)
-        gemv_streams = gbest if gscore[gbest] >= (1 + MARGIN) * gnow else base["gemv_streams"]
+        pct3 = stage(gemv_rows, GEMV_STREAMS, [{"gemv_streams": u} for u in GEMV_STREAMS], lambda u: f"{u} rows")
+        gscore = {u: _geomean(x[u] for x in pct3.values()) for u in GEMV_STREAMS}
+        gemv_streams = pick(gscore, base["gemv_streams"])
+        stages = {
+            "levels_near": {r: {f"{lv}/{'near' if nr else 'one'}": round(v, 4) for (lv, nr), v in d.items()}
+                            for r, d in pct1.items()},
+            "distance": {r: {str(k): round(v, 4) for k, v in d.items()} for r, d in pct2.items()},
+            "gemv_streams": {r: {str(k): round(v, 4) for k, v in d.items()} for r, d in pct3.items()},
+        }
     finally:  # the settings as they were, sources included (whatever set them: default, override, cache)
         ext.set_cpu_prefetch(base["level"], source=base["source"])
         ext.set_cpu_prefetch_near(base["near"], source=base["near_source"])
@@ -265,8 +262,8 @@ def measure(*, threads: int | None = None, budget_s: float = 1.5, rounds: int = 
         ext.set_cpu_gemv_streams(base["gemv_streams"], source=base["gemv_streams_source"])
     chosen = {"level": level, "near": near, "distance": distance, "gemv_streams": gemv_streams}
     # stage 2 ran under the chosen level and near: its ratio at the old distance is stage 1's gain's base
-    gain1 = options[(level, near)] / now
-    gain2 = dscore[distance] / dnow
+    gain1 = options[(level, near)] / options[(base["level"], base["near"])]
+    gain2 = dscore[distance] / dscore[base["distance"]]
     fp = device.fingerprint("cpu")
     return {
         "version": TUNE_VERSION,
@@ -276,7 +273,7 @@ def measure(*, threads: int | None = None, budget_s: float = 1.5, rounds: int = 
                     "threads": torch.get_num_threads()},
         "settings": chosen,
         "baseline": base,
-        "gain": {"decode": round(gain1 * gain2, 4), "gemv": round(gscore[gemv_streams] / gnow, 4)},
+        "gain": {"decode": round(gain1 * gain2, 4), "gemv": round(gscore[gemv_streams] / gscore[base["gemv_streams"]], 4)},
         "scores": {"levels_near": {f"{lv}/{'near' if nr else 'one'}": round(v, 4) for (lv, nr), v in options.items()},
                    "distance": {str(d): round(v, 4) for d, v in dscore.items()},
                    "gemv_streams": {str(u): round(v, 4) for u, v in gscore.items()}},
