@@ -180,6 +180,11 @@ def cmd_info(args) -> int:
     print(f"  {'build':14s} " + ", ".join(f"{k}={v}" for k, v in fp.get("build", {}).items()))
     print(f"  {'run threads':14s} torch {thr.get('torch')}, native {thr.get('native')}, affinity {thr.get('affinity')}"
           + (f" (pinned: --threads {thr['requested']})" if thr.get("requested") else ""))
+    f = fp.get("cpu_features") or {}
+    if fp.get("type") == "cpu" and "stream_prefetch" in f:  # what `pykernels tune` sets, and where it came from
+        print(f"  {'native tuning':14s} decode prefetch {f['stream_prefetch']}, near "
+              f"{'on' if f['stream_prefetch_near'] else 'off'}, {f['stream_prefetch_distance'] // 1024} KB; GEMV rows per "
+              f"step {f['gemv_streams']}  [{f['stream_prefetch_source']}]")
     print("hardware peaks (measured on this machine by the probes; the % of peak of every result):")
     bwd = pk.get("bandwidth") or {}
     bw = device.peak_bandwidth(pk)

@@ -118,6 +118,10 @@ def test_info_without_measuring(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert out.startswith("cpu: ") and "not measured (run with --peaks)" in out
     assert "native" in out and "triton_interpret" in out
+    from pykernels.backends.native import NativeBackend
+
+    if NativeBackend().availability() is None:  # the settings `pykernels tune` measures, and their source
+        assert "native tuning  decode prefetch " in out and "GEMV rows per step" in out
     assert cli.main(["info", "--device", "cpu", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["device"]["type"] == "cpu" and any(b["name"] == "torch" for b in doc["backends"])

@@ -26,12 +26,18 @@ def _child(code, cache, **env):
 SHOW = """
 import json, torch, pykernels as pk
 from pykernels.backends import registry
+from pykernels.harness import device
 from pykernels.kernels import DecodeProblem, GemmProblem
+# a run's fingerprint, taken before any kernel ran, records the settings the kernels will run with
+fpf = device.fingerprint("cpu")["cpu_features"]
 nat = registry.all_backends()["native"]
 x = DecodeProblem(1, 4, 1, 40, 64).make_inputs(torch.float32, seed=0)
 pk.decode(**x, backend="native")
 g = GemmProblem(1, 40, 70).make_inputs(torch.float32, seed=0)
-print(json.dumps({**nat.describe_call("decode", x), **nat.describe_call("gemm", g)}))
+info = {**nat.describe_call("decode", x), **nat.describe_call("gemm", g)}
+assert (fpf["stream_prefetch"], fpf["stream_prefetch_distance"], fpf["gemv_streams"]) == (
+    info["cpu_prefetch"], info["cpu_prefetch_distance"], info["cpu_gemv_streams"]), (fpf, info)
+print(json.dumps(info))
 """
 
 

@@ -190,25 +190,34 @@ def cuda_fingerprint(index: int = 0) -> dict:
     return fp
 
 
-def fingerprint(device: str = "cpu") -> dict:
-    """What the device is and which software drives it (JSON-serialisable)."""
+def identity(device: str = "cpu") -> dict:
+    """What the device is (the hardware and the host, IDENTITY_KEYS), without the software: enough for
+    machine_id, and it never loads the native extension (pykernels tune keys its cache on it while the
+    extension is being loaded)."""
     dev = str(device)
     fp = cuda_fingerprint(int(dev.split(":")[1]) if ":" in dev else 0) if dev.startswith("cuda") else cpu_fingerprint()
     fp["host"] = platform.node()
-    fp["os"] = f"{platform.system()} {platform.release()}"
-    fp["versions"] = _versions()
-    try:
-        from .. import _C
-
-        fp["build"] = dict(_C.build_info())
-        fp["cpu_features"] = dict(_C.cpu_features())
-    except Exception as e:  # noqa: BLE001 - the extension may not be built; that is a fact worth recording
-        fp["build"] = {"error": f"{type(e).__name__}: {e}"}
     # A device tag (set by `pykernels fleet` for a declared device, e.g. a plugin device on a CPU host): part
     # of the identity, so that two declared devices of one machine are never merged into one.
     tag = os.environ.get("PYKERNELS_DEVICE_TAG")
     if tag:
         fp["tag"] = tag
+    return fp
+
+
+def fingerprint(device: str = "cpu") -> dict:
+    """What the device is and which software drives it (JSON-serialisable)."""
+    fp = identity(device)
+    fp["os"] = f"{platform.system()} {platform.release()}"
+    fp["versions"] = _versions()
+    try:
+        from ..backends.native import _ext  # the extension as the kernels run: a cached tuning applied
+
+        ext = _ext()
+        fp["build"] = dict(ext.build_info())
+        fp["cpu_features"] = dict(ext.cpu_features())
+    except Exception as e:  # noqa: BLE001 - the extension may not be built; that is a fact worth recording
+        fp["build"] = {"error": f"{type(e).__name__}: {e}"}
     fp["id"] = machine_id(fp)
     return fp
 

@@ -52,10 +52,12 @@ def level_parts(level: str) -> tuple[bool, bool]:
 
 
 def cache_path(fp: dict | None = None) -> Path:
+    """This machine's cache file: keyed by its hardware identity (the peaks' machine id), read without
+    loading the extension (apply_cached runs while the backend loads it)."""
     from . import device
 
-    fp = fp or device.fingerprint("cpu")
-    return device.cache_dir() / f"tune-{fp.get('type', 'cpu')}-{fp['id']}.json"
+    fp = fp or device.identity("cpu")
+    return device.cache_dir() / f"tune-{fp.get('type', 'cpu')}-{device.machine_id(fp)}.json"
 
 
 def load(fp: dict | None = None) -> dict | None:
