@@ -68,6 +68,10 @@ def test_cached_tuning_is_applied_by_the_native_backend_and_overrides_win(tmp_pa
     assert (info["cpu_prefetch"], info["cpu_prefetch_near"], info["cpu_prefetch_distance"]) == ("l2", False, 32768)
     assert info["cpu_gemv_streams"] == 4
     assert info["cpu_prefetch_source"] == "PYKERNELS_CPU_PREFETCH"
+    # auto is no override: the cache applies
+    out = _child(SHOW, tmp_path, PYKERNELS_CPU_PREFETCH="auto", PYKERNELS_CPU_GEMV_STREAMS="auto")
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (info["cpu_prefetch"], info["cpu_gemv_streams"]) == ("l1-grouped", 8)
     # PYKERNELS_CPU_TUNING=off: the CPU's defaults
     d = _defaults(tmp_path)
     assert not d["cpu_prefetch_source"].startswith("pykernels tune") and d["cpu_prefetch_distance"] == 16384

@@ -35,8 +35,8 @@ MARGIN = 0.02  # a setting must read >= 2% more than the current one (geometric 
 LEVELS = ("l2", "l1")
 DISTANCES = (8192, 16384, 32768)
 GEMV_STREAMS = (4, 8)
-ENV_OVERRIDES = ("PYKERNELS_CPU_PREFETCH", "PYKERNELS_CPU_PREFETCH_NEAR", "PYKERNELS_CPU_PREFETCH_DISTANCE",
-                 "PYKERNELS_CPU_GEMV_STREAMS")
+ENV_OVERRIDES = {"level": "PYKERNELS_CPU_PREFETCH", "near": "PYKERNELS_CPU_PREFETCH_NEAR",
+                 "distance": "PYKERNELS_CPU_PREFETCH_DISTANCE", "gemv_streams": "PYKERNELS_CPU_GEMV_STREAMS"}
 
 
 def level_name(l1_ungrouped: bool, l1_grouped: bool) -> str:
@@ -84,21 +84,16 @@ def current(ext) -> dict:
 
 def apply(ext, settings: dict, source: str) -> dict:
     """Set the extension's settings from `settings` ({'level', 'near', 'distance', 'gemv_streams'}), each unless its
-    environment variable holds a value (the override wins). Returns what was set. A malformed setting raises
-    ValueError / TypeError from the binding, naming it."""
+    environment variable holds a value other than auto (the override wins). Returns what was set. A malformed
+    setting raises ValueError / TypeError from the binding, naming it."""
+    setters = {"level": (ext.set_cpu_prefetch, str), "near": (ext.set_cpu_prefetch_near, bool),
+               "distance": (ext.set_cpu_prefetch_distance, int), "gemv_streams": (ext.set_cpu_gemv_streams, int)}
     done = {}
-    if not os.environ.get("PYKERNELS_CPU_PREFETCH") and "level" in settings:
-        ext.set_cpu_prefetch(str(settings["level"]), source=source)
-        done["level"] = settings["level"]
-    if not os.environ.get("PYKERNELS_CPU_PREFETCH_NEAR") and "near" in settings:
-        ext.set_cpu_prefetch_near(bool(settings["near"]), source=source)
-        done["near"] = bool(settings["near"])
-    if not os.environ.get("PYKERNELS_CPU_PREFETCH_DISTANCE") and "distance" in settings:
-        ext.set_cpu_prefetch_distance(int(settings["distance"]), source=source)
-        done["distance"] = int(settings["distance"])
-    if not os.environ.get("PYKERNELS_CPU_GEMV_STREAMS") and "gemv_streams" in settings:
-        ext.set_cpu_gemv_streams(int(settings["gemv_streams"]), source=source)
-        done["gemv_streams"] = int(settings["gemv_streams"])
+    for key, env in ENV_OVERRIDES.items():
+        if key in settings and os.environ.get(env, "auto") in ("", "auto"):
+            setter, cast = setters[key]
+            setter(cast(settings[key]), source=source)
+            done[key] = cast(settings[key])
     return done
 
 
