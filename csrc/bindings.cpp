@@ -305,16 +305,20 @@ void check_kind(const std::string& fn, const std::string& kind, const std::vecto
   fail(fn, "argument 'kind' must be one of " + join(known) + ", got '" + kind + "'");
 }
 
-// An optional int argument (None -> `none`); TypeError naming it when it is not an int.
-int64_t opt_int(const std::string& fn, const char* name, const py::object& v, int64_t none) {
-  if (v.is_none()) return none;
+// An int argument (past 64 bits: saturated); TypeError naming it when it is not an int (None is not either).
+int64_t int_arg(const std::string& fn, const char* name, const py::object& v, bool or_none = false) {
   if (!PyLong_Check(v.ptr()) || PyBool_Check(v.ptr()))
-    throw py::type_error("pykernels._C." + fn + ": argument '" + name + "' must be an int or None, got " +
-                         std::string(Py_TYPE(v.ptr())->tp_name));
+    throw py::type_error("pykernels._C." + fn + ": argument '" + name + "' must be an int" + (or_none ? " or None" : "") +
+                         ", got " + std::string(Py_TYPE(v.ptr())->tp_name));
   int overflow = 0;
   const long long x = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
   if (overflow) return overflow > 0 ? std::numeric_limits<int64_t>::max() : std::numeric_limits<int64_t>::min();
   return x;
+}
+
+// An optional int argument (None -> `none`); TypeError naming it when it is not an int.
+int64_t opt_int(const std::string& fn, const char* name, const py::object& v, int64_t none) {
+  return v.is_none() ? none : int_arg(fn, name, v, true);
 }
 
 int check_threads(const std::string& fn, const py::object& threads) {
@@ -694,24 +698,17 @@ PYBIND11_MODULE(_C, m) {
     pk::cpu::set_stream_prefetch(l, source_of(source, "set_stream_prefetch").c_str());
   }, py::arg("level"), py::arg("source") = py::none());
   m.def("set_cpu_prefetch_distance", [source_of](const py::object& nbytes, const py::object& source) {
-    if (!py::isinstance<py::int_>(nbytes) || py::isinstance<py::bool_>(nbytes))
-      throw py::type_error("argument 'nbytes' must be an int, got " + std::string(py::str(py::type::of(nbytes).attr("__name__"))));
-    long long v = -1;  // an int past 64 bits: out of range like any other
-    try {
-      v = nbytes.cast<long long>();
-    } catch (const py::cast_error&) {
-    }
+    const int64_t v = int_arg("set_cpu_prefetch_distance", "nbytes", nbytes);
     if (!pk::cpu::prefetch_distance_ok(v))
-      throw py::value_error("argument 'nbytes' must be a multiple of 1024 in " + std::to_string(pk::cpu::kPrefetchDistanceMin) +
-                            ".." + std::to_string(pk::cpu::kPrefetchDistanceMax) + ", got " + std::string(py::str(nbytes)));
+      fail("set_cpu_prefetch_distance", "argument 'nbytes' must be a multiple of 1024 in " +
+                                            std::to_string(pk::cpu::kPrefetchDistanceMin) + ".." +
+                                            std::to_string(pk::cpu::kPrefetchDistanceMax) + ", got " + std::string(py::str(nbytes)));
     pk::cpu::set_stream_prefetch_distance(v, source_of(source, "set_stream_prefetch_distance").c_str());
   }, py::arg("nbytes"), py::arg("source") = py::none());
   m.def("set_cpu_gemv_streams", [source_of](const py::object& rows, const py::object& source) {
-    if (!py::isinstance<py::int_>(rows) || py::isinstance<py::bool_>(rows))
-      throw py::type_error("argument 'rows' must be an int, got " + std::string(py::str(py::type::of(rows).attr("__name__"))));
-    if (!rows.equal(py::int_(4)) && !rows.equal(py::int_(8)))
-      throw py::value_error("argument 'rows' must be 4 or 8, got " + std::string(py::str(rows)));
-    pk::cpu::set_gemv_streams(rows.cast<int>(), source_of(source, "set_gemv_streams").c_str());
+    const int64_t v = int_arg("set_cpu_gemv_streams", "rows", rows);
+    if (v != 4 && v != 8) fail("set_cpu_gemv_streams", "argument 'rows' must be 4 or 8, got " + std::string(py::str(rows)));
+    pk::cpu::set_gemv_streams(static_cast<int>(v), source_of(source, "set_gemv_streams").c_str());
   }, py::arg("rows"), py::arg("source") = py::none());
   m.def("build_info", []() {
     py::dict d;

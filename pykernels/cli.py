@@ -386,7 +386,7 @@ def _add_tune(sub):
 
 
 def cmd_tune(args) -> int:
-    from . import _C
+    from .backends.native import _ext
     from .harness import threads, tune
 
     try:
@@ -404,7 +404,7 @@ def cmd_tune(args) -> int:
             print(f"removed {path}" if data else f"no cached tuning at {path}")
             return 0
         print(json.dumps(data, indent=1) if data else f"no cached tuning at {path}")
-        print("in force:", json.dumps({k: v for k, v in tune.current(_C).items()}))
+        print("in force:", json.dumps(tune.current(_ext())))
         return 0
     try:
         rec = tune.measure(budget_s=args.budget, rounds=args.rounds,
@@ -414,9 +414,9 @@ def cmd_tune(args) -> int:
     b, c = rec["baseline"], rec["settings"]
     print(f"chosen: decode prefetch level {c['level']}, near {'on' if c['near'] else 'off'}, distance "
           f"{c['distance'] // 1024} KB (before: {b['level']}, near {'on' if b['near'] else 'off'}, "
-          f"{b['distance'] // 1024} KB, from {b['source']!r}): {100 * (rec['gain']['decode'] - 1):+.1f}% of the read "
+          f"{b['distance'] // 1024} KB, from {b['sources']['level']!r}): {100 * (rec['gain']['decode'] - 1):+.1f}% of the read "
           f"bandwidth, geometric mean over {len(rec['rows'])} rows; GEMV rows per step {c['gemv_streams']} (before: "
-          f"{b['gemv_streams']}, from {b['gemv_streams_source']!r}): {100 * (rec['gain']['gemv'] - 1):+.1f}% over "
+          f"{b['gemv_streams']}, from {b['sources']['gemv_streams']!r}): {100 * (rec['gain']['gemv'] - 1):+.1f}% over "
           f"{len(rec['gemv_rows'])} rows; a change needs +{100 * rec['margin']:.0f}%")
     rec["command"] = (f"pykernels tune --budget {args.budget} --rounds {args.rounds}"
                       + (f" --threads {args.threads}" if args.threads is not None else ""))
@@ -425,7 +425,7 @@ def cmd_tune(args) -> int:
     if args.dry_run or args.quick:
         return 0
     saved = tune.save(rec)
-    tune.apply(_C, c, f"pykernels tune ({rec['measured_at']}, {saved})")
+    tune.apply(_ext(), c, f"pykernels tune ({rec['measured_at']}, {saved})")
     print(f"cached in {saved}: the native backend applies it from now on")
     return 0
 

@@ -95,6 +95,10 @@ void set_stream_prefetch_distance(int64_t bytes, const char* source = nullptr);
 // elsewhere (measured there with 8); `pykernels tune` measures it per machine; PYKERNELS_CPU_GEMV_STREAMS=4|8|auto
 // (read once; anything else throws std::invalid_argument) or set_gemv_streams() overrides it.
 int gemv_streams();
+// The GEMV-like direct paths (gemm.cpp direct_steps, gemm_avx2.cpp direct_block) read an item's rows of at most
+// this many bytes as streams of consecutive rows; longer rows already make long streams and keep consecutive
+// rows per step.
+constexpr int64_t kSplitRowBytes = 16 * 1024;
 std::string gemv_streams_source();
 void set_gemv_streams(int rows, const char* source = nullptr);  // 4 or 8, else std::invalid_argument
 // Whether a decode with g query heads per kv head prefetches into L1 under stream_prefetch().

@@ -199,7 +199,8 @@ bool cpu_is_amd() {
   return false;
 #endif
 }
-// The three decode prefetch settings (level, second near prefetch, distance): each a value the kernels read
+// The run-time settings (decode's prefetch level, second near prefetch and distance; the GEMV's rows per step):
+// each a value the kernels read
 // (atomics: a decode call's threads read them while Python may set them) and the reason it has it (under a
 // lock: a setter may store any string, e.g. the tuning cache it came from).
 struct Setting {
@@ -218,57 +219,60 @@ struct Setting {
   }
 };
 bool amd_26_or_later() { return cpu_is_amd() && cpu_family() >= 26; }
+// A setting from its environment variable (unset, empty or "auto": the default): parse(value, &v) is false for
+// a value it does not take, which throws std::invalid_argument "VAR: expected EXPECTED or auto, got 'value'".
+template <class Parse>
+Setting from_env(const char* var, const char* expected, Parse parse, int64_t def, const char* def_source) {
+  const char* e = std::getenv(var);
+  if (!e || !*e || std::strcmp(e, "auto") == 0) return Setting(def, def_source);
+  int64_t v = 0;
+  if (!parse(e, &v))
+    throw std::invalid_argument(std::string(var) + ": expected " + expected + " or auto, got '" + e + "'");
+  return Setting(v, var);
+}
 Setting& level_setting() {
-  static Setting s = [] {
-    if (const char* e = std::getenv("PYKERNELS_CPU_PREFETCH"); e && *e && std::strcmp(e, "auto") != 0) {
-      PrefetchLevel l;
-      if (!parse_stream_prefetch(e, &l))
-        throw std::invalid_argument(std::string("PYKERNELS_CPU_PREFETCH: expected l1, l2, l1-ungrouped, l1-grouped or auto, got '") + e + "'");
-      return Setting(static_cast<int64_t>(l), "PYKERNELS_CPU_PREFETCH");
-    }
-    if (amd_26_or_later())
-      return Setting(static_cast<int64_t>(PrefetchLevel::l1_ungrouped), "default: AMD family >= 26 (measured on Zen 5)");
-    return Setting(static_cast<int64_t>(PrefetchLevel::l2), "default: L2 (measured on Sapphire Rapids and Zen 4)");
-  }();
+  static Setting s = from_env(
+      "PYKERNELS_CPU_PREFETCH", "l1, l2, l1-ungrouped, l1-grouped",
+      [](const char* e, int64_t* v) {
+        PrefetchLevel l;
+        return parse_stream_prefetch(e, &l) && (*v = static_cast<int64_t>(l), true);
+      },
+      static_cast<int64_t>(amd_26_or_later() ? PrefetchLevel::l1_ungrouped : PrefetchLevel::l2),
+      amd_26_or_later() ? "default: AMD family >= 26 (measured on Zen 5)" : "default: L2 (measured on Sapphire Rapids and Zen 4)");
   return s;
 }
 Setting& near_setting() {
-  static Setting s = [] {
-    if (const char* e = std::getenv("PYKERNELS_CPU_PREFETCH_NEAR"); e && *e && std::strcmp(e, "auto") != 0) {
-      if (std::strcmp(e, "on") == 0 || std::strcmp(e, "off") == 0)
-        return Setting(std::strcmp(e, "on") == 0, "PYKERNELS_CPU_PREFETCH_NEAR");
-      throw std::invalid_argument(std::string("PYKERNELS_CPU_PREFETCH_NEAR: expected on, off or auto, got '") + e + "'");
-    }
-    if (amd_26_or_later()) return Setting(1, "default: AMD family >= 26 (measured on Zen 5)");
-    return Setting(0, "default: off (not measured on this CPU)");
-  }();
+  static Setting s = from_env(
+      "PYKERNELS_CPU_PREFETCH_NEAR", "on, off",
+      [](const char* e, int64_t* v) {
+        *v = std::strcmp(e, "on") == 0;
+        return *v || std::strcmp(e, "off") == 0;
+      },
+      amd_26_or_later(), amd_26_or_later() ? "default: AMD family >= 26 (measured on Zen 5)" : "default: off (not measured on this CPU)");
   return s;
 }
 Setting& distance_setting() {
-  static Setting s = [] {
-    if (const char* e = std::getenv("PYKERNELS_CPU_PREFETCH_DISTANCE"); e && *e && std::strcmp(e, "auto") != 0) {
-      char* end = nullptr;
-      errno = 0;
-      const long long v = std::strtoll(e, &end, 10);
-      if (errno != 0 || end == e || *end != '\0' || !prefetch_distance_ok(v))
-        throw std::invalid_argument(std::string("PYKERNELS_CPU_PREFETCH_DISTANCE: expected bytes, a multiple of 1024 in ") +
-                                    std::to_string(kPrefetchDistanceMin) + ".." + std::to_string(kPrefetchDistanceMax) +
-                                    ", or auto, got '" + e + "'");
-      return Setting(v, "PYKERNELS_CPU_PREFETCH_DISTANCE");
-    }
-    return Setting(kPrefetchDistanceDefault, "default: 16 KB (measured on Zen 4 and Zen 5)");
-  }();
+  static Setting s = from_env(
+      "PYKERNELS_CPU_PREFETCH_DISTANCE",
+      ("bytes, a multiple of 1024 in " + std::to_string(kPrefetchDistanceMin) + ".." + std::to_string(kPrefetchDistanceMax) + ",").c_str(),
+      [](const char* e, int64_t* v) {
+        char* end = nullptr;
+        errno = 0;
+        *v = std::strtoll(e, &end, 10);
+        return errno == 0 && end != e && *end == '\0' && prefetch_distance_ok(*v);
+      },
+      kPrefetchDistanceDefault, "default: 16 KB (measured on Zen 4 and Zen 5)");
   return s;
 }
 Setting& gemv_setting() {
-  static Setting s = [] {
-    if (const char* e = std::getenv("PYKERNELS_CPU_GEMV_STREAMS"); e && *e && std::strcmp(e, "auto") != 0) {
-      if (std::strcmp(e, "4") == 0 || std::strcmp(e, "8") == 0) return Setting(std::atoi(e), "PYKERNELS_CPU_GEMV_STREAMS");
-      throw std::invalid_argument(std::string("PYKERNELS_CPU_GEMV_STREAMS: expected 4, 8 or auto, got '") + e + "'");
-    }
-    if (amd_26_or_later()) return Setting(4, "default: AMD family >= 26 (measured on Zen 5)");
-    return Setting(8, "default: 8 (measured on Sapphire Rapids and Zen 4)");
-  }();
+  static Setting s = from_env(
+      "PYKERNELS_CPU_GEMV_STREAMS", "4, 8",
+      [](const char* e, int64_t* v) {
+        *v = std::strcmp(e, "4") == 0 ? 4 : std::strcmp(e, "8") == 0 ? 8 : 0;
+        return *v != 0;
+      },
+      amd_26_or_later() ? 4 : 8,
+      amd_26_or_later() ? "default: AMD family >= 26 (measured on Zen 5)" : "default: 8 (measured on Sapphire Rapids and Zen 4)");
   return s;
 }
 }  // namespace

@@ -119,7 +119,7 @@ constexpr int heads_per_pass() {
 // cache and at every K/V switch). Measured, B=8 Hq=Hkv=32 L=4096 fp32 on 1 thread (Zen 4): 12.6 GB/s with a
 // burst per tile, 19.7 with this (notes/cpu_decode.md). Into L2 or L1 as cpu.h stream_prefetch() says for
 // this CPU (L2 on Sapphire Rapids and Zen 4, L1 on Zen 5). In rows: 16..kT (the row offsets reach kT past a
-// step: `off` in item()). Read once per q.K block and P.V call (a thread-local, set for the call).
+// step: `off` in item()). item() reads it once (Pf) and hands it to the loops.
 template <int D, int64_t ES>
 PK_ALWAYS_INLINE int64_t pf_rows() {
   return std::clamp<int64_t>(attn::t_prefetch_bytes / (D * ES), 16, kT);
@@ -135,29 +135,37 @@ template <int D, int64_t ES>
 PK_ALWAYS_INLINE int64_t pf_near_rows() {
   return std::clamp<int64_t>(attn::t_prefetch_bytes / 2 / (D * ES), 2, pf_rows<D, ES>());
 }
+// An item's prefetch distances in rows (pf_rows, pf_near_rows) and whether the near prefetch runs
+// (attn::t_prefetch_near): read from this thread's decode call once per item.
+struct Pf {
+  int64_t far, near;
+  bool with_near;
+};
+template <int D, int64_t ES>
+Pf item_pf() {
+  return {pf_rows<D, ES>(), pf_near_rows<D, ES>(), attn::t_prefetch_near};
+}
 
 // Bytes [b0, b1) of a row (whole cache lines).
 PK_ALWAYS_INLINE void prefetch_part(const char* r, int64_t b0, int64_t b1) {
 #pragma GCC unroll 8
   for (int64_t c = b0; c < b1; c += 64) attn::prefetch_stream(r + c);
 }
-// The same, the second (near) prefetch, into L1. Its callers issue it only where this thread's decode call
-// has it (attn::t_prefetch_near, read once per q.K block and per P.V call, not per line).
+// The same, the second (near) prefetch, into L1. Its callers issue it only where the item has it (Pf).
 PK_ALWAYS_INLINE void prefetch_part_near(const char* r, int64_t b0, int64_t b1) {
 #pragma GCC unroll 8
   for (int64_t c = b0; c < b1; c += 64) _mm_prefetch(r + c, _MM_HINT_T0);
 }
 
 // Dot vectors (16 partial sums each) of HB query heads with m <= 16 K rows: t[h][jj] (16 floats each),
-// zero for jj >= m. The first npre rows also prefetch bytes [pb0, pb1) of the row pf_rows() further on, the first
-// nnear those of the row pf_near_rows() further on (the near prefetch).
+// zero for jj >= m. The first npre rows also prefetch bytes [pb0, pb1) of the row pf.far further on, the first
+// nnear those of the row pf.near further on (the near prefetch).
 template <Kind KD, int D, int HB>
 PK_AVX512BF16 PK_ALWAYS_INLINE void dots(const float* q, const char* kb, const int64_t* off, int64_t m,
-                                         int64_t npre, int64_t nnear, int64_t pb0, int64_t pb1, float* t) {
+                                         int64_t npre, int64_t nnear, Pf pf, int64_t pb0, int64_t pb1, float* t) {
   constexpr int NC = q_regs<KD, D>();
   constexpr int64_t ES = KD == Kind::f32 ? 4 : 2;
-  const int64_t* offd = off + pf_rows<D, ES>();  // the rows prefetched, far and near
-  const int64_t* offn = off + pf_near_rows<D, ES>();
+  const int64_t *offd = off + pf.far, *offn = off + pf.near;  // the rows prefetched, far and near
   __m512 qr[HB][NC];
 #pragma GCC unroll 4
   for (int h = 0; h < HB; ++h)
@@ -270,20 +278,18 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void dots_quad8(const float* qq, const char* cons
 
 // Scores of the quad's 4 heads for m <= 16 K rows starting at off[0]: s[h * kT + 0..16) (times cs),
 // -inf past m. Rows past m are read as row 0 (in the context) and masked. The first npre rows
-// prefetch bytes [pb0, pb1) of the row pfd further on; those of the rows pfn further on (the first nnear)
+// prefetch bytes [pb0, pb1) of the row pr.far further on; those of the rows pr.near further on (the first nnear)
 // are prefetched again, near, before the dot products.
 template <Kind KD, int D>
 PK_AVX512BF16 PK_ALWAYS_INLINE void scores_quad16(const float* qq, const char* kb, const int64_t* off, int64_t m,
-                                                  int64_t npre, int64_t nnear, int64_t pb0, int64_t pb1, float cs,
-                                                  float* s) {
-  constexpr int64_t ES = KD == Kind::f32 ? 4 : 2;
-  const int64_t pfd = pf_rows<D, ES>(), pfn = pf_near_rows<D, ES>();
+                                                  int64_t npre, int64_t nnear, Pf pr, int64_t pb0, int64_t pb1,
+                                                  float cs, float* s) {
   const char* k[16];
   const char* pf[16];
 #pragma GCC unroll 16
   for (int i = 0; i < 16; ++i) k[i] = kb + off[i < m ? i : 0];
-  for (int64_t i = 0; i < npre; ++i) pf[i] = kb + off[i + pfd];
-  for (int64_t i = 0; i < nnear; ++i) prefetch_part_near(kb + off[i + pfn], pb0, pb1);
+  for (int64_t i = 0; i < npre; ++i) pf[i] = kb + off[i + pr.far];
+  for (int64_t i = 0; i < nnear; ++i) prefetch_part_near(kb + off[i + pr.near], pb0, pb1);
   __m512 r[4];
   dots_quad8<KD, D>(qq, k, pf, std::min<int64_t>(npre, 8), pb0, pb1, r);
   dots_quad8<KD, D>(qq, k + 8, pf + 8, std::max<int64_t>(npre - 8, 0), pb0, pb1, r + 2);
@@ -304,21 +310,20 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void scores_quad16(const float* qq, const char* k
 
 // Scores of the g heads for the n <= kT tokens of a step: s[h][0:16 ceil(n/16)] (base 2), -inf past n. 16 tokens at a
 // time, heads_per_pass heads per pass over them, so those 16 K rows (8 KB at D = 128 fp32) are read
-// from L1 by the later passes. The first pass prefetches the rows pfd ahead (up to npf, the rows known).
+// from L1 by the later passes. The first pass prefetches the rows pf.far ahead (up to npf, the rows known).
 template <Kind KD, int D>
 PK_AVX512BF16 PK_ALWAYS_INLINE void scores(int64_t g, const float* q, const float* qq, const char* kb,
-                                           const int64_t* off, int64_t n, int64_t npf, float c, float* s) {
+                                           const int64_t* off, int64_t n, int64_t npf, Pf pf, float c, float* s) {
   constexpr int HB = heads_per_pass<KD, D>();
   constexpr int64_t ES = KD == Kind::f32 ? 4 : 2;
-  const int64_t pfd = pf_rows<D, ES>(), pfn = pf_near_rows<D, ES>();
   if (use_quad<KD>(g)) {  // heads in the lanes; each quad prefetches its share of a row
     const int64_t passes = g / 4;
     for (int64_t j0 = 0; j0 < n; j0 += 16) {
-      const int64_t m = std::min<int64_t>(16, n - j0), npre = std::clamp<int64_t>(npf - j0 - pfd, 0, 16);
-      const int64_t nnear = attn::t_prefetch_near ? std::clamp<int64_t>(npf - j0 - pfn, 0, 16) : 0;
+      const int64_t m = std::min<int64_t>(16, n - j0), npre = std::clamp<int64_t>(npf - j0 - pf.far, 0, 16);
+      const int64_t nnear = pf.with_near ? std::clamp<int64_t>(npf - j0 - pf.near, 0, 16) : 0;
       for (int64_t pass = 0; pass < passes; ++pass) {
         const int64_t pb0 = pass * D * ES / passes / 64 * 64, pb1 = (pass + 1) * D * ES / passes / 64 * 64;
-        scores_quad16<KD, D>(qq + 4 * pass * D, kb, off + j0, m, npre, nnear, pb0, pb1, c, s + 4 * pass * kT + j0);
+        scores_quad16<KD, D>(qq + 4 * pass * D, kb, off + j0, m, npre, nnear, pf, pb0, pb1, c, s + 4 * pass * kT + j0);
       }
     }
     return;
@@ -327,18 +332,18 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void scores(int64_t g, const float* q, const floa
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
     const int64_t m = std::min<int64_t>(16, n - j0);
-    // Every pass over the 16 rows prefetches its share of the lines of the rows pfd ahead, so the
+    // Every pass over the 16 rows prefetches its share of the lines of the rows pf.far ahead, so the
     // prefetches are spread over the whole q.K loop.
-    const int64_t npre = std::clamp<int64_t>(npf - j0 - pfd, 0, 16), passes = g / HB + g % HB;
-    const int64_t nnear = attn::t_prefetch_near ? std::clamp<int64_t>(npf - j0 - pfn, 0, 16) : 0;
+    const int64_t npre = std::clamp<int64_t>(npf - j0 - pf.far, 0, 16), passes = g / HB + g % HB;
+    const int64_t nnear = pf.with_near ? std::clamp<int64_t>(npf - j0 - pf.near, 0, 16) : 0;
     int64_t pass = 0;
     for (int64_t h0 = 0; h0 < g; ++pass) {
       const int64_t nh = std::min<int64_t>(HB, g - h0);
       const int64_t pb0 = pass * D * ES / passes / 64 * 64, pb1 = (pass + 1) * D * ES / passes / 64 * 64;
       if (nh == HB)
-        dots<KD, D, HB>(q + h0 * D, kb, off + j0, m, npre, nnear, pb0, pb1, t);
+        dots<KD, D, HB>(q + h0 * D, kb, off + j0, m, npre, nnear, pf, pb0, pb1, t);
       else
-        dots<KD, D, 1>(q + h0 * D, kb, off + j0, m, npre, nnear, pb0, pb1, t);
+        dots<KD, D, 1>(q + h0 * D, kb, off + j0, m, npre, nnear, pf, pb0, pb1, t);
       const int64_t done = nh == HB ? HB : 1;
       for (int64_t h = 0; h < done; ++h) {
         __m512 v = attn::hsum16(reinterpret_cast<const __m512*>(t + h * 256));
@@ -404,20 +409,20 @@ PK_AVX512 PK_ALWAYS_INLINE void store_acc(const __m512 (&acc)[G][4], float* o, i
 }
 
 // o[h][col0:col0+64] = alpha[h] o[h][...] + sum_j p[h][j] V[j][...] for G heads (rows of o stride D,
-// of p stride kT). bf16: o columns de-interleaved per 32 (16 even, 16 odd). PF: prefetch the rows pfd ahead
-// (up to npf, the rows known) and, near, pfn ahead (up to npn: npf, or 0 without the near prefetch).
+// of p stride kT). bf16: o columns de-interleaved per 32 (16 even, 16 odd). PF: prefetch the rows pf.far ahead
+// (up to npf, the rows known) and, where the item has it, pf.near ahead.
 template <Kind KD, int D, int G, bool PF>
 PK_AVX512 PK_ALWAYS_INLINE void pv(float* o, const float* p, const float* alpha, const char* vb,
-                                   const int64_t* off, int64_t n, int64_t npf, int64_t npn, int col0) {
+                                   const int64_t* off, int64_t n, int64_t npf, Pf pf, int col0) {
   constexpr int64_t ES = KD == Kind::f32 ? 4 : 2;
-  const int64_t pfd = pf_rows<D, ES>(), pfn = pf_near_rows<D, ES>();
-  const int64_t *offd = off + pfd, *offn = off + pfn, nd = npf - pfd, nn = npn - pfn;
+  const int64_t *offd = off + pf.far, *offn = off + pf.near, nd = npf - pf.far;
+  const int64_t nn = pf.with_near ? npf - pf.near : 0;
   __m512 acc[G][4];
   load_acc<D, G>(acc, o, alpha, col0);
   const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
 #pragma GCC unroll 2
   for (int64_t j = 0; j < n; ++j) {
-    if constexpr (PF) {  // the columns this block reads, of the rows pfd (and pfn, near) ahead
+    if constexpr (PF) {  // the columns this block reads, of the rows pf.far (and pf.near) ahead
       if (j < nd) prefetch_part(vb + offd[j], col0 * ES, (col0 + 64) * ES);
       if (j < nn) prefetch_part_near(vb + offn[j], col0 * ES, (col0 + 64) * ES);
     }
@@ -479,9 +484,9 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void pv_pair(__m512 (&acc)[G][4], const uint32_t*
 // Prefetches as pv().
 template <int D, int G, bool PF>
 PK_AVX512BF16 PK_ALWAYS_INLINE void pv_dp(float* o, const uint32_t* pp, const float* alpha, const char* vb,
-                                          const int64_t* off, int64_t n, int64_t npf, int64_t npn, int col0) {
-  const int64_t pfd = pf_rows<D, 2>(), pfn = pf_near_rows<D, 2>();
-  const int64_t *offd = off + pfd, *offn = off + pfn, nd = npf - pfd, nn = npn - pfn;
+                                          const int64_t* off, int64_t n, int64_t npf, Pf pf, int col0) {
+  const int64_t *offd = off + pf.far, *offn = off + pf.near, nd = npf - pf.far;
+  const int64_t nn = pf.with_near ? npf - pf.near : 0;
   __m512 acc[G][4];
   load_acc<D, G>(acc, o, alpha, col0);
   int64_t j = 0;
@@ -502,8 +507,7 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void pv_dp(float* o, const uint32_t* pp, const fl
 // kT/2 words of each row; the scores past n are 0, so an odd n pairs its last p with 0).
 template <Kind KD, int D>
 PK_AVX512BF16 void pv_all(int64_t g, float* o, float* p, const float* alpha, const char* vb,
-                          const int64_t* off, int64_t n, int64_t npf) {
-  const int64_t npn = attn::t_prefetch_near ? npf : 0;
+                          const int64_t* off, int64_t n, int64_t npf, Pf pf) {
   if constexpr (KD == Kind::bf16_dp) {
     const int64_t nv = (n + 15) / 16;
     for (int64_t h = 0; h < g; ++h)
@@ -520,13 +524,13 @@ PK_AVX512BF16 void pv_all(int64_t g, float* o, float* p, const float* alpha, con
       if constexpr (KD == Kind::bf16_dp) {
         const uint32_t* pp = reinterpret_cast<const uint32_t*>(p + h * kT);
         if (h == 0)
-          pv_dp<D, G.value, true>(o + h * D, pp, alpha + h, vb, off, n, npf, npn, col0);
+          pv_dp<D, G.value, true>(o + h * D, pp, alpha + h, vb, off, n, npf, pf, col0);
         else
-          pv_dp<D, G.value, false>(o + h * D, pp, alpha + h, vb, off, n, npf, npn, col0);
+          pv_dp<D, G.value, false>(o + h * D, pp, alpha + h, vb, off, n, npf, pf, col0);
       } else if (h == 0) {
-        pv<KD, D, G.value, true>(o + h * D, p + h * kT, alpha + h, vb, off, n, npf, npn, col0);
+        pv<KD, D, G.value, true>(o + h * D, p + h * kT, alpha + h, vb, off, n, npf, pf, col0);
       } else {
-        pv<KD, D, G.value, false>(o + h * D, p + h * kT, alpha + h, vb, off, n, npf, npn, col0);
+        pv<KD, D, G.value, false>(o + h * D, p + h * kT, alpha + h, vb, off, n, npf, pf, col0);
       }
     };
     for (; h + kG <= g; h += kG) block(std::integral_constant<int, kG>());
@@ -622,9 +626,9 @@ PK_AVX512BF16 void item(const Ctx& x, int64_t b, int64_t hk0, int64_t nh, int64_
   // the heads of a block follow each other, read no faster on Zen 5 (B=8 Hq=32 L=4096 D=128 paged16, 2
   // threads, % of the native read of the same rounds: 64-row steps 52-71%, 32-row ones 44-67%; the 128-row
   // steps of kT now level with 64; notes/cpu_decode.md).
-  const int64_t pfd = pf_rows<D, es>();
-  // Row offsets of the current step and of the steps after it, at least pfd rows past the current
-  // step's end (so the loops can prefetch pfd rows ahead across step boundaries): off[0, have).
+  const Pf pf = item_pf<D, es>();
+  // Row offsets of the current step and of the steps after it, at least pf.far rows past the current
+  // step's end (so the loops can prefetch pf.far rows ahead across step boundaries): off[0, have).
   alignas(64) int64_t off[3 * kT];
   int64_t have = 0, gts = t0, ghk = hk0;  // the next step to append
   auto fill = [&](int64_t need) {
@@ -641,11 +645,11 @@ PK_AVX512BF16 void item(const Ctx& x, int64_t b, int64_t hk0, int64_t nh, int64_
   for (int64_t ts = t0; ts < t1; ts += kT) {
     const int64_t nt = std::min(kT, t1 - ts), nv = (nt + 15) / 16;
     for (int64_t hk = hk0; hk < hk0 + nh; ++hk) {
-      fill(nt + pfd);
+      fill(nt + pf.far);
       const int64_t h0 = (hk - hk0) * g;
-      scores<KD, D>(g, sc.q + h0 * D, sc.qq + h0 * D, kb, off, nt, have, x.c, sc.s);
+      scores<KD, D>(g, sc.q + h0 * D, sc.qq + h0 * D, kb, off, nt, have, pf, x.c, sc.s);
       for (int64_t h = 0; h < g; ++h) sc.a[h] = softmax_tile(sc.s + h * kT, sc.m[h0 + h], sc.l + 16 * (h0 + h), nv);
-      pv_all<KD, D>(g, sc.o + h0 * D, sc.s, sc.a, vb, off, nt, have);
+      pv_all<KD, D>(g, sc.o + h0 * D, sc.s, sc.a, vb, off, nt, have, pf);
       std::copy(off + nt, off + have, off);
       have -= nt;
     }

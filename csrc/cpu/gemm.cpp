@@ -1020,8 +1020,7 @@ PK_AVX512 inline void add_to(float* dst, const float* src, int64_t n) {  // n % 
 // 4096) and the hardware prefetchers start 8 new ones. C++ driver, Zen 5, K = N = 4096, alternated 3-6x:
 // 1 thread bf16 M1 30.7-32.3 -> 35.4-36.8 GB/s, fp32 34.5-37.2 -> 37.3-40.1; 2 threads bf16 M1 47.9-50.8 ->
 // 55.9-57.4, M4 39.5-41.2 -> 41.4-42.5, fp32 M4 39.4-41.1 -> 41.1-43.2, fp32 M1 level (at the read); rows of
-// 44 KB (fp32 N = 11008) read 5-9% slower split on 1 thread: long rows keep consecutive steps.
-constexpr int64_t kSplitRowBytes = 16 * 1024;
+// 44 KB (fp32 N = 11008) read 5-9% slower split on 1 thread: long rows keep consecutive steps (cpu.h).
 // Runs the steps of an item of kn rows: step(k, rs, first) adds rows k + u rs (u < U), one(k, first) row k;
 // first: std::true_type for the item's first step (it writes the item's buffer instead of adding to it).
 template <int U, class Step, class One>

@@ -294,7 +294,7 @@ template <class T> void gemm_packed(const GemmParams& p) {
 // of up to 64 rows is summed in `tmp` first and then added (K/64 + 64 additions in a row per output,
 // not K: the error stays at the level of torch's). Rows of up to 16 KB are taken as 4 streams of
 // (k1 - k0) / 4 consecutive rows each (pass r reads rows k0 + r + u rs), as the avx512 direct path does
-// (gemm.cpp kSplitRowBytes): each stream runs on through contiguous memory instead of ending with its row.
+// (cpu.h kSplitRowBytes): each stream runs on through contiguous memory instead of ending with its row.
 // C++ driver, tier forced on Zen 5, K = N = 4096, M = 1, alternated 3x: 1 thread bf16 21.9-22.5 -> 26.1-29.0
 // GB/s, fp32 34.0-35.3 -> 35.6-38.8; 2 threads bf16 37.8-38.5 -> 42.2-46.3, fp32 49.8-50.4 -> 51.8-52.3.
 template <int M, class T>
@@ -302,7 +302,7 @@ void direct_block(const T* A, int64_t lda, const T* B, int64_t ldb, int64_t k0, 
                   float* acc, float* tmp) {
   const int64_t wv = w / 8 * 8;
   for (int64_t i = 0; i < M * w; ++i) tmp[i] = 0.f;
-  const bool split = k1 - k0 >= 4 && (k1 - k0) % 4 == 0 && w * int64_t(sizeof(T)) <= 16384;
+  const bool split = k1 - k0 >= 4 && (k1 - k0) % 4 == 0 && w * int64_t(sizeof(T)) <= kSplitRowBytes;
   const int64_t rs = split ? (k1 - k0) / 4 : 1, passes = split ? rs : (k1 - k0) / 4;
   const int64_t ldr = rs * ldb;  // between a pass's rows
   for (int64_t r = 0; r < passes; ++r) {

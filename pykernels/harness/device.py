@@ -465,13 +465,20 @@ def peaks(device: str = "cpu", dtypes=("float32",), *, refresh: bool = False, me
     return data
 
 
+def write_cache(path: Path, data: dict) -> Path:
+    """Write a per-machine cache file (the peaks, `pykernels tune`'s record) whole or not at all: JSON to a
+    temporary file, then renamed over `path`; the in-memory "cache" key (the file's own path) is left out.
+    OSError when it cannot be written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({k: v for k, v in data.items() if k != "cache"}, indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def _save(fp: dict, data: dict) -> None:
-    path = _cache_path(fp)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({k: v for k, v in data.items() if k != "cache"}, indent=1) + "\n")
-        tmp.replace(path)
+        write_cache(_cache_path(fp), data)
     except OSError:
         pass  # a read-only home loses only the cache
 

@@ -35,8 +35,11 @@ MARGIN = 0.02  # a setting must read >= 2% more than the current one (geometric 
 LEVELS = ("l2", "l1")
 DISTANCES = (8192, 16384, 32768)
 GEMV_STREAMS = (4, 8)
-ENV_OVERRIDES = {"level": "PYKERNELS_CPU_PREFETCH", "near": "PYKERNELS_CPU_PREFETCH_NEAR",
-                 "distance": "PYKERNELS_CPU_PREFETCH_DISTANCE", "gemv_streams": "PYKERNELS_CPU_GEMV_STREAMS"}
+# setting -> (its environment variable, its _C setter, its _C.cpu_features() key; the source: key + "_source")
+SETTINGS = {"level": ("PYKERNELS_CPU_PREFETCH", "set_cpu_prefetch", "stream_prefetch"),
+            "near": ("PYKERNELS_CPU_PREFETCH_NEAR", "set_cpu_prefetch_near", "stream_prefetch_near"),
+            "distance": ("PYKERNELS_CPU_PREFETCH_DISTANCE", "set_cpu_prefetch_distance", "stream_prefetch_distance"),
+            "gemv_streams": ("PYKERNELS_CPU_GEMV_STREAMS", "set_cpu_gemv_streams", "gemv_streams")}
 
 
 def level_name(l1_ungrouped: bool, l1_grouped: bool) -> str:
@@ -74,54 +77,52 @@ def load(fp: dict | None = None) -> dict | None:
 
 
 def current(ext) -> dict:
-    """The extension's tunable settings now, with their sources."""
+    """The extension's tunable settings now ({'level', 'near', 'distance', 'gemv_streams'}) and, under 'sources',
+    where each came from."""
     f = ext.cpu_features()
-    return {"level": f["stream_prefetch"], "near": bool(f["stream_prefetch_near"]),
-            "distance": int(f["stream_prefetch_distance"]), "gemv_streams": int(f["gemv_streams"]),
-            "source": f["stream_prefetch_source"], "near_source": f["stream_prefetch_near_source"],
-            "distance_source": f["stream_prefetch_distance_source"], "gemv_streams_source": f["gemv_streams_source"]}
+    d = {key: f[feat] for key, (_, _, feat) in SETTINGS.items()}
+    d["sources"] = {key: f[feat + "_source"] for key, (_, _, feat) in SETTINGS.items()}
+    return d
+
+
+def _set(ext, settings: dict, source: str | None = None, sources: dict | None = None) -> None:
+    """Set the given settings through the binding, which checks each (TypeError / ValueError naming it)."""
+    for key, value in settings.items():
+        if key in SETTINGS:
+            getattr(ext, SETTINGS[key][1])(value, source=(sources or {}).get(key, source))
 
 
 def apply(ext, settings: dict, source: str) -> dict:
-    """Set the extension's settings from `settings` ({'level', 'near', 'distance', 'gemv_streams'}), each unless its
-    environment variable holds a value other than auto (the override wins). Returns what was set. A malformed
-    setting raises ValueError / TypeError from the binding, naming it."""
-    setters = {"level": (ext.set_cpu_prefetch, str), "near": (ext.set_cpu_prefetch_near, bool),
-               "distance": (ext.set_cpu_prefetch_distance, int), "gemv_streams": (ext.set_cpu_gemv_streams, int)}
-    done = {}
-    for key, env in ENV_OVERRIDES.items():
-        if key in settings and os.environ.get(env, "auto") in ("", "auto"):
-            setter, cast = setters[key]
-            setter(cast(settings[key]), source=source)
-            done[key] = cast(settings[key])
+    """Set the extension's settings from `settings`, each unless its environment variable holds a value other
+    than auto (the override wins), with `source` as the reason cpu_features() reports. Returns what was set."""
+    done = {k: v for k, v in settings.items()
+            if k in SETTINGS and os.environ.get(SETTINGS[k][0], "auto") in ("", "auto")}
+    _set(ext, done, source)
     return done
-
-
-def valid(settings) -> bool:
-    """Whether `settings` is a whole, well-formed {'level', 'near', 'distance', 'gemv_streams'} (what
-    apply_cached applies)."""
-    return (isinstance(settings, dict) and settings.get("level") in ("l1", "l2", "l1-ungrouped", "l1-grouped")
-            and isinstance(settings.get("near"), bool) and type(settings.get("distance")) is int
-            and 1024 <= settings["distance"] <= 65536 and settings["distance"] % 1024 == 0
-            and type(settings.get("gemv_streams")) is int and settings["gemv_streams"] in GEMV_STREAMS)
 
 
 def apply_cached(ext) -> dict | None:
     """Apply this machine's cached tuning to the extension (the native backend calls this once, when it loads
-    the extension). None when there is none or PYKERNELS_CPU_TUNING=off; a damaged record is not applied at all
-    (the defaults stay), never raised."""
+    the extension). None when there is none or PYKERNELS_CPU_TUNING=off; a record that is not whole, or that
+    the binding refuses, is not applied at all (what was set of it is set back), never raised."""
     if os.environ.get("PYKERNELS_CPU_TUNING", "").lower() == "off":
         return None
     try:
         from .device import cache_dir
 
-        if not any(cache_dir().glob("tune-cpu-*.json")):  # no tuning on this machine: skip the fingerprint
+        if not any(cache_dir().glob("tune-cpu-*.json")):  # no tuning on this machine: skip the identity
             return None
         data = load()
-        if not data or not valid(data["settings"]):
-            return None
-        return apply(ext, data["settings"], f"pykernels tune ({data.get('measured_at', '?')}, {data['cache']})")
-    except (KeyError, TypeError, ValueError, OSError):
+    except OSError:
+        return None
+    settings = data and data["settings"]
+    if not isinstance(settings, dict) or set(settings) != set(SETTINGS):
+        return None
+    before = current(ext)
+    try:
+        return apply(ext, settings, f"pykernels tune ({data.get('measured_at', '?')}, {data['cache']})")
+    except (TypeError, ValueError):
+        _set(ext, {k: before[k] for k in SETTINGS}, sources=before["sources"])
         return None
 
 
@@ -156,12 +157,7 @@ def _time_row(ext, dt: str, prob, settings: list[dict], reader, opts) -> list[fl
 
     def under(s):
         def call():
-            if "gemv_streams" in s:
-                ext.set_cpu_gemv_streams(s["gemv_streams"])
-            else:
-                ext.set_cpu_prefetch(s["level"])
-                ext.set_cpu_prefetch_near(s["near"])
-                ext.set_cpu_prefetch_distance(s["distance"])
+            _set(ext, s)
             return fn()
 
         return call
@@ -178,7 +174,7 @@ def _geomean(xs) -> float:
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else 1.0
 
 
-def measure(*, threads: int | None = None, budget_s: float = 1.5, rounds: int = 6, B: int = 8, L: int = 4096,
+def measure(*, budget_s: float = 1.5, rounds: int = 6, B: int = 8, L: int = 4096,
             gemv_k: tuple = (4096, 11008), dtypes=("float32", "bfloat16"), log=print) -> dict:
     """Time the settings on this machine (module docstring) and return the tuning record: {'settings': the
     chosen {'level', 'near', 'distance', 'gemv_streams'}, 'baseline': the settings before, 'stages': every row's
@@ -191,9 +187,6 @@ def measure(*, threads: int | None = None, budget_s: float = 1.5, rounds: int = 
     from . import device, timing
 
     ext = _ext()  # the extension as the backend runs it: with this machine's cached tuning applied (the baseline)
-
-    if threads:
-        torch.set_num_threads(threads)
     if not ext.cpu_features().get("avx512f") or ext.cpu_isa() not in ("avx512", "amx"):
         raise RuntimeError("nothing to tune: the prefetch settings belong to the AVX-512 decode kernel, and this "
                            f"process runs the {ext.cpu_isa()} tier")
@@ -253,10 +246,7 @@ def measure(*, threads: int | None = None, budget_s: float = 1.5, rounds: int = 
             "gemv_streams": {r: {str(k): round(v, 4) for k, v in d.items()} for r, d in pct3.items()},
         }
     finally:  # the settings as they were, sources included (whatever set them: default, override, cache)
-        ext.set_cpu_prefetch(base["level"], source=base["source"])
-        ext.set_cpu_prefetch_near(base["near"], source=base["near_source"])
-        ext.set_cpu_prefetch_distance(base["distance"], source=base["distance_source"])
-        ext.set_cpu_gemv_streams(base["gemv_streams"], source=base["gemv_streams_source"])
+        _set(ext, {k: base[k] for k in SETTINGS}, sources=base["sources"])
     chosen = {"level": level, "near": near, "distance": distance, "gemv_streams": gemv_streams}
     # stage 2 ran under the chosen level and near: its ratio at the old distance is stage 1's gain's base
     gain1 = options[(level, near)] / options[(base["level"], base["near"])]
@@ -282,9 +272,6 @@ def measure(*, threads: int | None = None, budget_s: float = 1.5, rounds: int = 
 
 
 def save(record: dict, fp: dict | None = None) -> Path:
-    path = cache_path(fp)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({k: v for k, v in record.items() if k != "cache"}, indent=1) + "\n")
-    tmp.replace(path)
-    return path
+    from .device import write_cache
+
+    return write_cache(cache_path(fp), record)
