@@ -17,6 +17,7 @@ SHAPES = [
     (1, 32, 1, 3000, 128, True, 16, False),   # MQA, paged, split: one item per chunk of every head
     (2, 10, 2, 2000, 64, True, 16, True),     # g = 5 (a block of 4 heads + 1), split, ragged
     (1, 6, 2, 700, 128, False, 16, False),    # g = 3, split
+    (3, 4, 2, 129, 128, True, 16, True),     # g = 2 at D = 128 (P.V over whole rows), odd context
 ]
 DTYPES = [torch.float32, torch.bfloat16]
 

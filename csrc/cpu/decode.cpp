@@ -390,71 +390,77 @@ PK_AVX512 PK_ALWAYS_INLINE float softmax_tile(float* s, float& m, float* l, int6
 
 // ---- P . V ---------------------------------------------------------------------------------------
 
-// P.V accumulators of G heads x 64 columns: loaded from o and rescaled by alpha, stored back.
-template <int D, int G>
-PK_AVX512 PK_ALWAYS_INLINE void load_acc(__m512 (&acc)[G][4], const float* o, const float* alpha, int col0) {
+// P.V accumulators of G heads x 16 NV columns: loaded from o and rescaled by alpha, stored back.
+template <int D, int G, int NV>
+PK_AVX512 PK_ALWAYS_INLINE void load_acc(__m512 (&acc)[G][NV], const float* o, const float* alpha, int col0) {
 #pragma GCC unroll 4
   for (int h = 0; h < G; ++h) {
     const __m512 a = _mm512_set1_ps(alpha[h]);
-#pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) acc[h][c] = _mm512_mul_ps(a, _mm512_load_ps(o + h * D + col0 + 16 * c));
+#pragma GCC unroll 8
+    for (int c = 0; c < NV; ++c) acc[h][c] = _mm512_mul_ps(a, _mm512_load_ps(o + h * D + col0 + 16 * c));
   }
 }
-template <int D, int G>
-PK_AVX512 PK_ALWAYS_INLINE void store_acc(const __m512 (&acc)[G][4], float* o, int col0) {
+template <int D, int G, int NV>
+PK_AVX512 PK_ALWAYS_INLINE void store_acc(const __m512 (&acc)[G][NV], float* o, int col0) {
 #pragma GCC unroll 4
   for (int h = 0; h < G; ++h)
-#pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) _mm512_store_ps(o + h * D + col0 + 16 * c, acc[h][c]);
+#pragma GCC unroll 8
+    for (int c = 0; c < NV; ++c) _mm512_store_ps(o + h * D + col0 + 16 * c, acc[h][c]);
 }
 
-// o[h][col0:col0+64] = alpha[h] o[h][...] + sum_j p[h][j] V[j][...] for G heads (rows of o stride D,
-// of p stride kT). bf16: o columns de-interleaved per 32 (16 even, 16 odd). PF: prefetch the rows pf.far ahead
-// (up to npf, the rows known) and, where the item has it, pf.near ahead.
-template <Kind KD, int D, int G, bool PF>
+// o[h][col0:col0+16NV] = alpha[h] o[h][...] + sum_j p[h][j] V[j][...] for G heads (rows of o stride D,
+// of p stride kT), NV a multiple of 4 (64 columns per group of four vectors). bf16: o columns de-interleaved
+// per 32 (16 even, 16 odd). PF: prefetch the rows pf.far ahead (up to npf, the rows known) and, where the item
+// has it, pf.near ahead.
+template <Kind KD, int D, int G, int NV, bool PF>
 PK_AVX512 PK_ALWAYS_INLINE void pv(float* o, const float* p, const float* alpha, const char* vb,
                                    const int64_t* off, int64_t n, int64_t npf, Pf pf, int col0) {
+  static_assert(NV % 4 == 0 && G * NV <= 16, "16 accumulators at most, 64 columns per group");
   constexpr int64_t ES = KD == Kind::f32 ? 4 : 2;
   const int64_t *offd = off + pf.far, *offn = off + pf.near, nd = npf - pf.far;
   const int64_t nn = pf.with_near ? npf - pf.near : 0;
-  __m512 acc[G][4];
-  load_acc<D, G>(acc, o, alpha, col0);
+  __m512 acc[G][NV];
+  load_acc<D, G, NV>(acc, o, alpha, col0);
   const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
 #pragma GCC unroll 2
   for (int64_t j = 0; j < n; ++j) {
     if constexpr (PF) {  // the columns this block reads, of the rows pf.far (and pf.near) ahead
-      if (j < nd) prefetch_part(vb + offd[j], col0 * ES, (col0 + 64) * ES);
-      if (j < nn) prefetch_part_near(vb + offn[j], col0 * ES, (col0 + 64) * ES);
+      if (j < nd) prefetch_part(vb + offd[j], col0 * ES, (col0 + 16 * NV) * ES);
+      if (j < nn) prefetch_part_near(vb + offn[j], col0 * ES, (col0 + 16 * NV) * ES);
     }
-    __m512 v0, v1, v2, v3;
-    if constexpr (KD == Kind::f32) {
-      const float* vr = reinterpret_cast<const float*>(vb + off[j]) + col0;
-      v0 = _mm512_loadu_ps(vr);
-      v1 = _mm512_loadu_ps(vr + 16);
-      v2 = _mm512_loadu_ps(vr + 32);
-      v3 = _mm512_loadu_ps(vr + 48);
-    } else {
-      const char* vr = vb + off[j] + col0 * 2;
-      const __m512i x0 = _mm512_loadu_si512(vr), x1 = _mm512_loadu_si512(vr + 64);
-      v0 = _mm512_castsi512_ps(_mm512_slli_epi32(x0, 16));
-      v1 = _mm512_castsi512_ps(_mm512_and_si512(x0, hi));
-      v2 = _mm512_castsi512_ps(_mm512_slli_epi32(x1, 16));
-      v3 = _mm512_castsi512_ps(_mm512_and_si512(x1, hi));
-    }
-    PK_PIN(v0);
-    PK_PIN(v1);
-    PK_PIN(v2);
-    PK_PIN(v3);
+    // Four vectors at a time in named registers (an array of them GCC may keep on the stack as well).
+#pragma GCC unroll 2
+    for (int c = 0; c < NV; c += 4) {
+      __m512 v0, v1, v2, v3;
+      if constexpr (KD == Kind::f32) {
+        const float* vr = reinterpret_cast<const float*>(vb + off[j]) + col0 + 16 * c;
+        v0 = _mm512_loadu_ps(vr);
+        v1 = _mm512_loadu_ps(vr + 16);
+        v2 = _mm512_loadu_ps(vr + 32);
+        v3 = _mm512_loadu_ps(vr + 48);
+      } else {
+        const char* vr = vb + off[j] + (col0 + 16 * c) * 2;
+        const __m512i x0 = _mm512_loadu_si512(vr), x1 = _mm512_loadu_si512(vr + 64);
+        v0 = _mm512_castsi512_ps(_mm512_slli_epi32(x0, 16));
+        v1 = _mm512_castsi512_ps(_mm512_and_si512(x0, hi));
+        v2 = _mm512_castsi512_ps(_mm512_slli_epi32(x1, 16));
+        v3 = _mm512_castsi512_ps(_mm512_and_si512(x1, hi));
+      }
+      PK_PIN(v0);
+      PK_PIN(v1);
+      PK_PIN(v2);
+      PK_PIN(v3);
 #pragma GCC unroll 4
-    for (int h = 0; h < G; ++h) {
-      const __m512 pb = _mm512_set1_ps(p[h * kT + j]);
-      acc[h][0] = _mm512_fmadd_ps(pb, v0, acc[h][0]);
-      acc[h][1] = _mm512_fmadd_ps(pb, v1, acc[h][1]);
-      acc[h][2] = _mm512_fmadd_ps(pb, v2, acc[h][2]);
-      acc[h][3] = _mm512_fmadd_ps(pb, v3, acc[h][3]);
+      for (int h = 0; h < G; ++h) {
+        const __m512 pb = _mm512_set1_ps(p[h * kT + j]);
+        acc[h][c] = _mm512_fmadd_ps(pb, v0, acc[h][c]);
+        acc[h][c + 1] = _mm512_fmadd_ps(pb, v1, acc[h][c + 1]);
+        acc[h][c + 2] = _mm512_fmadd_ps(pb, v2, acc[h][c + 2]);
+        acc[h][c + 3] = _mm512_fmadd_ps(pb, v3, acc[h][c + 3]);
+      }
     }
   }
-  store_acc<D, G>(acc, o, col0);
+  store_acc<D, G, NV>(acc, o, col0);
 }
 
 // One token pair of pv_dp: rows r0 and r1 (null: a zero row) of 64 columns, pair k of P.
@@ -488,7 +494,7 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void pv_dp(float* o, const uint32_t* pp, const fl
   const int64_t *offd = off + pf.far, *offn = off + pf.near, nd = npf - pf.far;
   const int64_t nn = pf.with_near ? npf - pf.near : 0;
   __m512 acc[G][4];
-  load_acc<D, G>(acc, o, alpha, col0);
+  load_acc<D, G, 4>(acc, o, alpha, col0);
   int64_t j = 0;
   for (; j + 1 < n; j += 2) {
     if constexpr (PF) {
@@ -500,7 +506,7 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void pv_dp(float* o, const uint32_t* pp, const fl
     pv_pair<G>(acc, pp, j / 2, vb + off[j] + col0 * 2, vb + off[j + 1] + col0 * 2);
   }
   if (j < n) pv_pair<G>(acc, pp, j / 2, vb + off[j] + col0 * 2, nullptr);  // odd n: the pair's p is (p_j, 0)
-  store_acc<D, G>(acc, o, col0);
+  store_acc<D, G, 4>(acc, o, col0);
 }
 
 // p: [g][kT] probabilities; for bf16_dp they are first rewritten in place as bf16 pairs (the first
@@ -515,29 +521,44 @@ PK_AVX512BF16 void pv_all(int64_t g, float* o, float* p, const float* alpha, con
         _mm256_store_si256(reinterpret_cast<__m256i*>(p + h * kT + 8 * v),
                            (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(p + h * kT + 16 * v)));
   }
+  int64_t h = 0;
+  // Heads [h, h + G) over columns [col0, col0 + 16 NV). The first block of heads of each column range
+  // prefetches those columns of the V rows.
+  // The lambda carries the target of pv_all: a lambda does not inherit it, and a default-target caller
+  // cannot inline the AVX-512 kernels (a build error on CPUs without AVX-512 under -march=native).
+  auto block = [&](auto G, auto NV, int col0) PK_AVX512BF16 __attribute__((always_inline)) {
+    if constexpr (KD == Kind::bf16_dp) {
+      const uint32_t* pp = reinterpret_cast<const uint32_t*>(p + h * kT);
+      if (h == 0)
+        pv_dp<D, G.value, true>(o + h * D, pp, alpha + h, vb, off, n, npf, pf, col0);
+      else
+        pv_dp<D, G.value, false>(o + h * D, pp, alpha + h, vb, off, n, npf, pf, col0);
+    } else if (h == 0) {
+      pv<KD, D, G.value, NV.value, true>(o + h * D, p + h * kT, alpha + h, vb, off, n, npf, pf, col0);
+    } else {
+      pv<KD, D, G.value, NV.value, false>(o + h * D, p + h * kT, alpha + h, vb, off, n, npf, pf, col0);
+    }
+  };
+  using I = std::integral_constant<int, 4>;  // 64 columns
+  // fp32 rows wider than 64 columns (D = 128) of one or two heads: whole rows in one pass (8 or 16
+  // accumulators), so each V row is walked once, front to back, with half the broadcasts and loop steps of
+  // two 64-column passes. Zen 5, decode harness, B8 Hq32 L4096 D128, builds alternated 4-6x
+  // (notes/cpu_decode.md, fifteenth session): g = 1 contiguous 26.1-28.9 -> 28.6-31.4 GB/s on 1 thread,
+  // 38.1 -> 41.5 on 2, paged level; g = 2 +4-5%; in L2 +6-14%. bf16 (pv_dp) was level or worse from DRAM
+  // (g = 2 -2 to -4%) and keeps 64 columns; with 4 heads two whole-row passes (the second from L2) lose
+  // 4-9% to the 64-column ones.
+  if constexpr (KD == Kind::f32 && D / 16 > 4 && D / 16 <= 8) {
+    using W = std::integral_constant<int, D / 16>;
+    if (g == 1) return block(std::integral_constant<int, 1>(), W(), 0);
+    if (g == 2) return block(std::integral_constant<int, 2>(), W(), 0);
+  }
   for (int col0 = 0; col0 < D; col0 += 64) {
-    int64_t h = 0;
-    // The first block of heads of each 64 columns prefetches those columns of the V rows.
-    // The lambda carries the target of pv_all: a lambda does not inherit it, and a default-target caller
-    // cannot inline the AVX-512 kernels (a build error on CPUs without AVX-512 under -march=native).
-    auto block = [&](auto G) PK_AVX512BF16 {
-      if constexpr (KD == Kind::bf16_dp) {
-        const uint32_t* pp = reinterpret_cast<const uint32_t*>(p + h * kT);
-        if (h == 0)
-          pv_dp<D, G.value, true>(o + h * D, pp, alpha + h, vb, off, n, npf, pf, col0);
-        else
-          pv_dp<D, G.value, false>(o + h * D, pp, alpha + h, vb, off, n, npf, pf, col0);
-      } else if (h == 0) {
-        pv<KD, D, G.value, true>(o + h * D, p + h * kT, alpha + h, vb, off, n, npf, pf, col0);
-      } else {
-        pv<KD, D, G.value, false>(o + h * D, p + h * kT, alpha + h, vb, off, n, npf, pf, col0);
-      }
-    };
-    for (; h + kG <= g; h += kG) block(std::integral_constant<int, kG>());
+    h = 0;
+    for (; h + kG <= g; h += kG) block(std::integral_constant<int, kG>(), I(), col0);
     switch (g - h) {
-      case 3: block(std::integral_constant<int, 3>()); break;
-      case 2: block(std::integral_constant<int, 2>()); break;
-      case 1: block(std::integral_constant<int, 1>()); break;
+      case 3: block(std::integral_constant<int, 3>(), I(), col0); break;
+      case 2: block(std::integral_constant<int, 2>(), I(), col0); break;
+      case 1: block(std::integral_constant<int, 1>(), I(), col0); break;
       default: break;
     }
   }
