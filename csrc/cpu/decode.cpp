@@ -17,7 +17,8 @@
 //                  transposed 16-way horizontal sum (attn_common.h)
 //   online softmax base 2 (q, or the scores, carry scale * log2 e), mask past the context; the running
 //                  max moves only when a score passes it by more than 2^8 (lazy rescaling, softmax_tile)
-//   o = a o + P V  fp32 accumulators in registers for up to 4 heads x 64 columns; bf16 V widened in
+//   o = a o + P V  fp32 accumulators in registers for up to 4 heads x 64 columns (fp32 with one or two heads:
+//                  whole rows of D = 128, one pass over each V row); bf16 V widened in
 //                  registers: one 64-byte load gives the even columns (32-bit shift) and the odd ones
 //                  (mask), accumulated de-interleaved and re-interleaved once at the end.
 // Paths, chosen at run time from CPUID (cpu_features.cpp): fp32 (AVX-512F); bf16 with AVX512_BF16
@@ -525,9 +526,11 @@ PK_AVX512BF16 void pv_all(int64_t g, float* o, float* p, const float* alpha, con
   // Heads [h, h + G) over columns [col0, col0 + 16 NV). The first block of heads of each column range
   // prefetches those columns of the V rows.
   // The lambda carries the target of pv_all: a lambda does not inherit it, and a default-target caller
-  // cannot inline the AVX-512 kernels (a build error on CPUs without AVX-512 under -march=native).
+  // cannot inline the AVX-512 kernels (a build error on CPUs without AVX-512 under -march=native). Always
+  // inlined: with the whole-row instances GCC left one out of line, and the 4-head rows read 3-7% slower.
   auto block = [&](auto G, auto NV, int col0) PK_AVX512BF16 __attribute__((always_inline)) {
     if constexpr (KD == Kind::bf16_dp) {
+      static_assert(decltype(NV)::value == 4, "pv_dp takes 64 columns per pass");
       const uint32_t* pp = reinterpret_cast<const uint32_t*>(p + h * kT);
       if (h == 0)
         pv_dp<D, G.value, true>(o + h * D, pp, alpha + h, vb, off, n, npf, pf, col0);
@@ -542,11 +545,11 @@ PK_AVX512BF16 void pv_all(int64_t g, float* o, float* p, const float* alpha, con
   using I = std::integral_constant<int, 4>;  // 64 columns
   // fp32 rows wider than 64 columns (D = 128) of one or two heads: whole rows in one pass (8 or 16
   // accumulators), so each V row is walked once, front to back, with half the broadcasts and loop steps of
-  // two 64-column passes. Zen 5, decode harness, B8 Hq32 L4096 D128, builds alternated 4-6x
-  // (notes/cpu_decode.md, fifteenth session): g = 1 contiguous 26.1-28.9 -> 28.6-31.4 GB/s on 1 thread,
-  // 38.1 -> 41.5 on 2, paged level; g = 2 +4-5%; in L2 +6-14%. bf16 (pv_dp) was level or worse from DRAM
-  // (g = 2 -2 to -4%) and keeps 64 columns; with 4 heads two whole-row passes (the second from L2) lose
-  // 4-9% to the 64-column ones.
+  // two 64-column passes. Zen 5, decode harness, B8 Hq32 L4096 D128, builds alternated 4-6x in five runs
+  // (notes/cpu_decode.md, fifteenth session): g = 1 contiguous 26.1-30.0 -> 28.6-32.7 GB/s on 1 thread,
+  // 37.2-38.1 -> 38.6-41.5 on 2, paged level; g = 2 +4-5%; in L2 +6-14%. bf16 on vdpbf16ps (pv_dp) was
+  // level or worse from DRAM and keeps 64 columns, as does the widening bf16 path (not measured); with 4
+  // heads two whole-row passes (the second from L2) lose 4-9% to the 64-column ones.
   if constexpr (KD == Kind::f32 && D / 16 > 4 && D / 16 <= 8) {
     using W = std::integral_constant<int, D / 16>;
     if (g == 1) return block(std::integral_constant<int, 1>(), W(), 0);
