@@ -257,17 +257,35 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void dots_quad8(const float* qq, const char* cons
   __m512 acc[8];
 #pragma GCC unroll 8
   for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_ps();
-#pragma GCC unroll 4
-  for (int c = 0; c < NCH; ++c) {
-    const __m512 qv = _mm512_load_ps(qq + 16 * c);
-    if (c % 4 == 0 && 16 * c >= pb0 && 16 * c < pb1)
-      for (int64_t i = 0; i < npre; ++i) attn::prefetch_stream(pf[i] + 16 * c);
+  if constexpr (KD == Kind::f32) {
+    // fp32: one 64-byte load per line of each row, its four 16-byte pieces broadcast in registers (vshuff32x4)
+    // instead of four broadcast loads. Zen 5, decode harness, B8 Hq32 Hkv8 L4096 D128 fp32, alternated 5-6x in
+    // four runs: contiguous 26.6-27.0 -> 29.0-29.4 GB/s on 1 thread, 36.8-43.2 -> 37.5-48.5 on 2; paged16 1-3%
+    // lower on 1 thread, level on 2; in L2 +6-10%. On bf16 pairs the same was level (contiguous) or lost
+    // (paged): they keep the broadcast loads (notes/cpu_decode.md, fifteenth session).
+    static_assert(NCH % 4 == 0, "whole lines");
+    for (int c = 0; c < NCH; c += 4) {
+      const __m512 q0 = _mm512_load_ps(qq + 16 * c), q1 = _mm512_load_ps(qq + 16 * c + 16);
+      const __m512 q2 = _mm512_load_ps(qq + 16 * c + 32), q3 = _mm512_load_ps(qq + 16 * c + 48);
+      if (16 * c >= pb0 && 16 * c < pb1)
+        for (int64_t i = 0; i < npre; ++i) attn::prefetch_stream(pf[i] + 16 * c);
 #pragma GCC unroll 8
-    for (int i = 0; i < 8; ++i) {
-      if constexpr (KD == Kind::f32) {
-        const __m512 kv = _mm512_broadcast_f32x4(_mm_loadu_ps(reinterpret_cast<const float*>(k[i] + 16 * c)));
-        acc[i] = _mm512_fmadd_ps(qv, kv, acc[i]);
-      } else {
+      for (int i = 0; i < 8; ++i) {
+        const __m512 l = _mm512_loadu_ps(reinterpret_cast<const float*>(k[i] + 16 * c));
+        acc[i] = _mm512_fmadd_ps(q0, _mm512_shuffle_f32x4(l, l, 0x00), acc[i]);
+        acc[i] = _mm512_fmadd_ps(q1, _mm512_shuffle_f32x4(l, l, 0x55), acc[i]);
+        acc[i] = _mm512_fmadd_ps(q2, _mm512_shuffle_f32x4(l, l, 0xAA), acc[i]);
+        acc[i] = _mm512_fmadd_ps(q3, _mm512_shuffle_f32x4(l, l, 0xFF), acc[i]);
+      }
+    }
+  } else {
+#pragma GCC unroll 4
+    for (int c = 0; c < NCH; ++c) {
+      const __m512 qv = _mm512_load_ps(qq + 16 * c);
+      if (c % 4 == 0 && 16 * c >= pb0 && 16 * c < pb1)
+        for (int64_t i = 0; i < npre; ++i) attn::prefetch_stream(pf[i] + 16 * c);
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {
         const __m512i kv = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(k[i] + 16 * c)));
         acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)kv, (__m512bh)qv);
       }
