@@ -182,6 +182,29 @@ def test_round_robin_batches_short_calls_warm_only():
     assert cold[0].calls_per_round == 1 and len(seen) == cold[0].rounds + 1  # one call per sample, + warm-up
 
 
+def test_round_robin_setups_run_before_each_sample_untimed():
+    state = {"v": None}
+    seen = {"a": [], "b": []}
+
+    def call(name):
+        def f():
+            seen[name].append(state["v"])
+        return f
+
+    def slow_set(v):
+        def setup():
+            time.sleep(0.002)  # untimed: must not reach the samples
+            state["v"] = v
+        return setup
+
+    opts = timing.TimingOptions(budget_s=0.05, min_rounds=3, rse_target=1e-9)
+    st_a, st_b = timing.time_round_robin_cpu([call("a"), call("b")], opts, setups=[slow_set("A"), slow_set("B")])
+    assert set(seen["a"]) == {"A"} and set(seen["b"]) == {"B"}  # each callable ran under its own setting only
+    assert st_a.median_s < 1e-4 and st_b.median_s < 1e-4  # the 2 ms setups are outside the timed calls
+    with pytest.raises(ValueError, match="setups"):
+        timing.time_round_robin_cpu([call("a")], opts, setups=[None, None])
+
+
 def test_time_cpu_stops_on_budget_when_noisy():
     clock = FakeClock()
     rng = random.Random(1)

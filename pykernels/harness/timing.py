@@ -312,17 +312,25 @@ def _measure_cpu(fn, opts: TimingOptions, clock, t_last: float) -> Stats:
     return summarize(samples, calls_per_round=k, timer="cpu perf_counter_ns", stopped_by=stop, flush=bool(opts.flush))
 
 
-def time_round_robin_cpu(fns: list[Callable[[], object]], opts: TimingOptions | None = None) -> list[Stats]:
+def time_round_robin_cpu(fns: list[Callable[[], object]], opts: TimingOptions | None = None,
+                         setups: list[Callable[[], object] | None] | None = None) -> list[Stats]:
     """Several callables timed in turns (one sample of each per round) so that a busy spell on a shared
-    machine slows all of them alike; used by the probes that compare two things. Warm (no flush / evict), a
+    machine slows all of them alike; used by the probes that compare two things. setups[i] (optional), untimed,
+    runs before fns[i]'s warm-up calls and before each of its samples: e.g. the setting fns[i] is timed under,
+    when the callables share the object that holds it (`pykernels tune`). Warm (no flush / evict), a
     callable whose call is shorter than opts.min_sample_s is sampled as k back-to-back calls (calls_per_sample
     of its fastest warm-up call; short ones get 8 more warm-up calls), as time_cpu does: a single call of a
     few microseconds timed right after another backend's is mostly the timer and the other backend's threads
     (issue-6 table, Sapphire Rapids VM: a 0.8 us GEMM 32^3 read as 3.5 us, 0.3 us 16^3 as 10 us). Cold,
     every sample is one call after a flush."""
     opts = opts or TimingOptions()
+    setups = list(setups or [None] * len(fns))
+    if len(setups) != len(fns):
+        raise ValueError(f"setups: one per callable or none, got {len(setups)} for {len(fns)}")
     last = []
-    for f in fns:
+    for f, setup in zip(fns, setups):
+        if setup is not None:
+            setup()
         t, n = math.inf, max(1, opts.warmup_calls)
         for i in range(n + 8):  # warm and short: 8 more calls, so that k comes from a warm call's time
             if i >= n and (opts.flush or t >= 100 * opts.min_sample_s):
@@ -348,6 +356,8 @@ def time_round_robin_cpu(fns: list[Callable[[], object]], opts: TimingOptions | 
     t_begin = time.perf_counter()
     while True:
         for i, f in enumerate(fns):
+            if setups[i] is not None:
+                setups[i]()
             if flush_buf is not None:
                 flush_buf.sum()
             elif by_evict:

@@ -22,6 +22,7 @@ then, on GEMV-like rows (M = 1, N = 4096, K = 4096 and 11008, fp32 and bf16, the
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -155,15 +156,10 @@ def _time_row(ext, dt: str, prob, settings: list[dict], reader, opts) -> list[fl
     sets = measure.rotating_inputs(prob.make_inputs(tdt, "cpu", seed=0), measure.rotation_window_bytes())
     fn = measure.rotating_calls(prob.family, "native", sets, prob.call_kwargs())
 
-    def under(s):
-        def call():
-            _set(ext, s)
-            return fn()
-
-        return call
-
     fn()
-    st_read, *st = timing.time_round_robin_cpu([reader.run] + [under(s) for s in settings], opts)
+    # each setting set before its samples, outside the timed calls
+    st_read, *st = timing.time_round_robin_cpu([reader.run] + [fn] * len(settings), opts,
+                                               setups=[None] + [functools.partial(_set, ext, s) for s in settings])
     nb = prob.bytes(tdt)
     return [statistics.median((nb / tk) / (reader.nbytes / tr) for tk, tr in zip(s.samples, st_read.samples))
             for s in st]
