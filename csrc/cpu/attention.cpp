@@ -17,6 +17,7 @@
 //   no AVX-512            portable scalar online softmax (correct, not fast).
 // Inputs were checked by csrc/bindings.cpp. All index arithmetic is 64-bit.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <stdexcept>
@@ -28,6 +29,7 @@
 #include "cpu/cpu.h"
 #include "cpu/scalar.h"
 #include "cpu/scratch.h"
+#include "cpu/team.h"
 #include "cpu/vec.h"
 
 namespace pk::cpu {
@@ -46,16 +48,22 @@ constexpr int64_t kMr = 4;
 // Query rows (GQA heads x positions) per work item: 64 rows amortize the K/V tile fetch 64-fold,
 // and S = 2048, g = 1 gives 32 blocks per head (512 items for 16 heads: fine balance on 2-64 threads).
 constexpr int64_t kRows = 64;
+// Slots of packed K/V (one kv head each) in the ring of run_avx512: head h + 1 is packed while head h's items run
+// and the last items of head h - 1 may still be reading theirs.
+constexpr int64_t kSlots = 3;
 static_assert(kBk == 64, "the micro-kernels hold one tile row of scores in 4 zmm");
 static_assert(kMr == 4, "the micro-kernels are unrolled for 4 rows");
 static_assert(kRows % kMr == 0, "a work item is a whole number of micro-blocks");
 
+// Jobs done for one kv head (run_avx512's packed tiles or finished items), on a cache line of its own.
+struct alignas(64) HeadCount {
+  std::atomic<int64_t> n{0};
+};
+
 struct Ctx {
   const void* q;
   void* o;
-  const void* kp;  // packed K, [B*Hkv][ntiles][W][kBk] 32-bit words (W = D fp32, D/2 bf16 pairs)
-  const void* vp;  // fp32 path: V rows fp32 [B*Hkv][S][D]; bf16 path: [B*Hkv][ntiles][kBk/2][D][2]
-  int64_t B, Hq, Hkv, S, g, ntiles, npos;
+  int64_t B, Hq, Hkv, S, g, npos;
   float c;  // scale * log2(e)
   bool causal;
 };
@@ -355,8 +363,9 @@ PK_ALWAYS_INLINE void score_blocks(int64_t g, int64_t np, int64_t nq, int64_t q0
 }
 
 // One work item on the fp32 path (T = float, or bf16 widened by the packing pass).
+// kp: the kv head's packed K, [ntiles][D][kBk] fp32 words; vrows: its V rows, [S][D] fp32.
 template <typename T, int D>
-PK_AVX512 void item_f32(const Ctx& x, int64_t bkv, int64_t q0, const Scratch& sc) {
+PK_AVX512 void item_f32(const Ctx& x, int64_t bkv, int64_t q0, const Scratch& sc, const float* kp, const float* vrows) {
   const int64_t S = x.S, g = x.g, np = x.npos, nq = std::min(np, S - q0), nq4 = round_up(nq, kMr);
   const int64_t b = bkv / x.Hkv, hkv = bkv % x.Hkv;
   const T* Q = static_cast<const T*>(x.q);
@@ -382,8 +391,6 @@ PK_AVX512 void item_f32(const Ctx& x, int64_t bkv, int64_t q0, const Scratch& sc
   }
   const int64_t kend = x.causal ? q0 + nq : S;
   const int64_t nt = (kend + kBk - 1) / kBk;
-  const float* kp = static_cast<const float*>(x.kp) + bkv * x.ntiles * D * kBk;
-  const float* vrows = static_cast<const float*>(x.vp) + bkv * S * D;
   for (int64_t t = 0; t < nt; ++t) {
     const int64_t kt0 = t * kBk, nk = std::min(kBk, S - kt0);
     const float* kt = kp + t * D * kBk;
@@ -433,9 +440,11 @@ PK_AVX512 void item_f32(const Ctx& x, int64_t bkv, int64_t q0, const Scratch& sc
     store_rows<T, D>(O + ((b * x.Hq + hkv * g + hh) * S + q0) * D, sc.o + hh * np * D, sc.l + hh * np, nq);
 }
 
-// One work item on the bf16 path (vdpbf16ps).
+// One work item on the bf16 path (vdpbf16ps). kp: the kv head's packed K, [ntiles][D/2][kBk] bf16 pairs; vp: its
+// packed V, [ntiles][kBk/2][D][2].
 template <int D>
-PK_AVX512BF16 void item_bf16(const Ctx& x, int64_t bkv, int64_t q0, const Scratch& sc) {
+PK_AVX512BF16 void item_bf16(const Ctx& x, int64_t bkv, int64_t q0, const Scratch& sc, const uint32_t* kp,
+                             const uint16_t* vp) {
   const int64_t S = x.S, g = x.g, np = x.npos, nq = std::min(np, S - q0), nq4 = round_up(nq, kMr);
   const int64_t b = bkv / x.Hkv, hkv = bkv % x.Hkv;
   const uint16_t* Q = static_cast<const uint16_t*>(x.q);
@@ -455,8 +464,6 @@ PK_AVX512BF16 void item_bf16(const Ctx& x, int64_t bkv, int64_t q0, const Scratc
   }
   const int64_t kend = x.causal ? q0 + nq : S;
   const int64_t nt = (kend + kBk - 1) / kBk;
-  const uint32_t* kp = static_cast<const uint32_t*>(x.kp) + bkv * x.ntiles * (D / 2) * kBk;
-  const uint16_t* vp = static_cast<const uint16_t*>(x.vp) + bkv * x.ntiles * kBk * D;
   uint32_t* p32 = reinterpret_cast<uint32_t*>(sc.p);
   for (int64_t t = 0; t < nt; ++t) {
     const int64_t kt0 = t * kBk, nk = std::min(kBk, S - kt0);
@@ -553,16 +560,6 @@ void run_avx512(const AttentionParams& p, bool dp) {
   const int64_t B = p.B, Hkv = p.Hkv, S = p.S, g = p.Hq / p.Hkv;
   const int64_t ntiles = (S + kBk - 1) / kBk, nbkv = B * Hkv;
   constexpr bool kIsBf16 = std::is_same_v<T, bf16>;
-  // Packed K: fp32 words (fp32 or widened bf16) or bf16 pairs.
-  const int64_t kwords = dp ? D / 2 : D;
-  // Packed K, then (bf16) packed or widened V: one buffer kept by the calling thread between calls (a fresh
-  // 17 MB one at S2048 H16 D128 fp32 was ~4K page faults per call).
-  const size_t kbytes = static_cast<size_t>(nbkv * ntiles * kwords * kBk * 4);
-  const size_t vbytes = static_cast<size_t>(dp ? nbkv * ntiles * kBk * D * 2 : kIsBf16 ? nbkv * S * D * 4 : 0);
-  thread_local Keep keep;
-  const CallBuffer packs(keep, kbytes + vbytes);
-  uint32_t* const kw = packs.as<uint32_t>();
-  char* const vw = packs.as<char>() + kbytes;
   // One thread below 2^20 query-row x padded-key x D steps (~4 MFLOP, ~57 us on one Zen 4 core). Measured on
   // the loaded 2-core Zen 4 VM (fp32, B1, D64, 2 threads vs 1): S16 H4-H16 took 1.4-1.7x longer, S32 H8-H16
   // broke even (0.96-1.03x faster), S64 H2-H4 was 1.16-1.25x faster, S128 H2 1.8x faster. On the Sapphire
@@ -571,28 +568,53 @@ void run_avx512(const AttentionParams& p, bool dp) {
   // Keys counted as the score vectors computed (a short last tile: its live vectors only).
   const int64_t keys = (ntiles - 1) * kBk + round_up(S - (ntiles - 1) * kBk, 16);
   const bool par = p.B * p.Hq * S * keys * D >= (int64_t(1) << 20);
-#pragma omp parallel for schedule(static) if (par)
-  for (int64_t it = 0; it < nbkv * ntiles; ++it) {
-    const int64_t bkv = it / ntiles, t = it % ntiles, kt0 = t * kBk, nk = std::min(kBk, S - kt0);
-    const int64_t row0 = bkv * S + kt0;  // first row of the tile in k, v
-    if (dp) {
-      transpose_tile(static_cast<const uint32_t*>(p.k) + row0 * (D / 2), D / 2, nk,
-                     kw + it * (D / 2) * kBk);
-      interleave_v<D>(static_cast<const uint16_t*>(p.v) + row0 * D, nk, reinterpret_cast<uint16_t*>(vw) + it * kBk * D);
-    } else if constexpr (kIsBf16) {
-      transpose_tile<true>(static_cast<const uint16_t*>(p.k) + row0 * D, D, nk, kw + it * D * kBk);
-      widen_rows(static_cast<const uint16_t*>(p.v) + row0 * D, nk * D, reinterpret_cast<float*>(vw) + row0 * D);
-    } else {  // item_f32 reads only the live score vectors of a short tile
-      transpose_tile(static_cast<const uint32_t*>(p.k) + row0 * D, D, nk, kw + it * D * kBk,
-                     round_up(nk, 16));
-    }
-  }
 
-  Ctx x{p.q, p.o, kw, dp || kIsBf16 ? static_cast<const void*>(vw) : p.v, B, p.Hq, Hkv, S, g, ntiles, 0,
-        p.scale * attn::kLog2e, p.causal};
+  // Packed K (fp32 words: fp32 or widened bf16; or bf16 pairs) and, on the bf16 paths, packed or widened V, per kv
+  // head in one of kSlots slots: the packing of head h + 1 runs beside the items of head h (below), so a head's
+  // tiles are written into a buffer that is still in cache when its items read them, instead of one packing pass
+  // over all heads first (16 MB of bf16 K and V written and read back at S2048 H16 D128: ~4% of a causal call's
+  // samples). The buffer is kept by the calling thread between calls (a fresh 17 MB one at S2048 H16 D128 fp32 was
+  // ~4K page faults per call).
+  const int64_t kwords = dp ? D / 2 : D;
+  const int64_t slots = std::min<int64_t>(nbkv, kSlots);
+  const size_t kslot = static_cast<size_t>(ntiles * kwords * kBk * 4);
+  const size_t vslot = static_cast<size_t>(dp ? ntiles * kBk * D * 2 : kIsBf16 ? S * D * 4 : 0);
+  thread_local Keep keep;
+  const CallBuffer packs(keep, static_cast<size_t>(slots) * (kslot + vslot));
+  char* const kbase = packs.as<char>();
+  char* const vbase = kbase + slots * kslot;
+  const auto kslot_of = [&](int64_t bkv) { return reinterpret_cast<uint32_t*>(kbase + bkv % slots * kslot); };
+  const auto vslot_of = [&](int64_t bkv) { return vbase + bkv % slots * vslot; };
+  const auto pack_tile = [&](int64_t bkv, int64_t t) PK_AVX512 {
+    const int64_t kt0 = t * kBk, nk = std::min(kBk, S - kt0), row0 = bkv * S + kt0;  // first row of the tile
+    uint32_t* const kd = kslot_of(bkv) + t * kwords * kBk;
+    if (dp) {
+      transpose_tile(static_cast<const uint32_t*>(p.k) + row0 * (D / 2), D / 2, nk, kd);
+      interleave_v<D>(static_cast<const uint16_t*>(p.v) + row0 * D, nk,
+                      reinterpret_cast<uint16_t*>(vslot_of(bkv)) + t * kBk * D);
+    } else if constexpr (kIsBf16) {
+      transpose_tile<true>(static_cast<const uint16_t*>(p.k) + row0 * D, D, nk, kd);
+      widen_rows(static_cast<const uint16_t*>(p.v) + row0 * D, nk * D, reinterpret_cast<float*>(vslot_of(bkv)) + kt0 * D);
+    } else {  // item_f32 reads only the live score vectors of a short tile
+      transpose_tile(static_cast<const uint32_t*>(p.k) + row0 * D, D, nk, kd, round_up(nk, 16));
+    }
+  };
+
+  Ctx x{p.q, p.o, B, p.Hq, Hkv, S, g, 0, p.scale * attn::kLog2e, p.causal};
   x.npos = std::max<int64_t>(kMr, kRows / g / kMr * kMr);
-  const int64_t nqb = (S + x.npos - 1) / x.npos, nitems = nbkv * nqb;
+  const int64_t nqb = (S + x.npos - 1) / x.npos;
   const int64_t rows = round_up(g * x.npos, kMr);
+
+  // The jobs, claimed in this order from one ticket: head 0's tiles; then for each head h, head h + 1's tiles and
+  // head h's items (a query block each; within a head the heaviest, last under a causal mask, first). Items of
+  // one kv head are consecutive, so the threads share that head's K/V in L2/L3 (16 heads x 2 MB of packed K/V at
+  // S = 2048 fp32 interleaved would overflow a 32 MB L3: -8% on 2 threads). An item waits until its head's tiles
+  // are all packed; a tile waits until the items of the head that used its slot before (h - kSlots) are all done.
+  // Each job waits only for jobs claimed before it, whose threads are running them: no cycle.
+  const int64_t group = ntiles + nqb;  // tiles of head h + 1 and items of head h
+  const int64_t njobs = ntiles + nbkv * group - ntiles;
+  std::vector<HeadCount> packed(static_cast<size_t>(nbkv)), done(static_cast<size_t>(nbkv));
+  std::atomic<int64_t> ticket{0};
 #pragma omp parallel if (par)
   {
     const attn::FlushDenormals ftz;
@@ -600,16 +622,33 @@ void run_avx512(const AttentionParams& p, bool dp) {
         ml(static_cast<size_t>(3 * rows * 4)), pb(static_cast<size_t>(rows * kBk * 4));
     const Scratch sc{qb.as<float>(), ob.as<float>(), ml.as<float>(), ml.as<float>() + rows, ml.as<float>() + 2 * rows,
                      pb.as<float>()};
-    // Items of one kv head are consecutive, so the threads share that head's K/V in L2/L3 (16 heads
-    // x 2 MB of packed K/V at S = 2048 fp32 would overflow a 32 MB L3 if interleaved: -8% on 2
-    // threads); within a head the heaviest (last, under a causal mask) query block goes first.
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t it = 0; it < nitems; ++it) {
-      const int64_t bkv = it / nqb, qblk = nqb - 1 - it % nqb;
-      if (dp) {
-        if constexpr (kIsBf16) item_bf16<D>(x, bkv, qblk * x.npos, sc);
+    for (int64_t j; (j = ticket.fetch_add(1, std::memory_order_relaxed)) < njobs;) {
+      int64_t h, i;  // a tile of head h (i < ntiles) or its item i - ntiles
+      if (j < ntiles) {
+        h = 0, i = j;
       } else {
-        item_f32<T, D>(x, bkv, qblk * x.npos, sc);
+        const int64_t gi = (j - ntiles) / group, r = (j - ntiles) % group;
+        if (gi + 1 < nbkv)
+          h = r < ntiles ? gi + 1 : gi, i = r;
+        else  // the last group has no tiles of a next head
+          h = gi, i = r + ntiles;
+      }
+      if (i < ntiles) {
+        if (h >= slots) team::wait_until([&] { return done[h - slots].n.load(std::memory_order_acquire) == nqb; });
+        pack_tile(h, i);
+        packed[h].n.fetch_add(1, std::memory_order_release);
+      } else {
+        team::wait_until([&] { return packed[h].n.load(std::memory_order_acquire) == ntiles; });
+        const int64_t q0 = (nqb - 1 - (i - ntiles)) * x.npos;
+        if (dp) {
+          if constexpr (kIsBf16)
+            item_bf16<D>(x, h, q0, sc, kslot_of(h), reinterpret_cast<const uint16_t*>(vslot_of(h)));
+        } else {
+          item_f32<T, D>(x, h, q0, sc, reinterpret_cast<const float*>(kslot_of(h)),
+                         kIsBf16 ? reinterpret_cast<const float*>(vslot_of(h))
+                                 : static_cast<const float*>(p.v) + h * S * D);
+        }
+        done[h].n.fetch_add(1, std::memory_order_release);
       }
     }
   }
