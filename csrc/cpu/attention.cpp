@@ -3,6 +3,8 @@
 //
 // Work item = (batch, kv head, block of query positions); its rows are the g = Hq/Hkv query heads
 // that share the kv head times the positions, so every K/V tile is fetched once for the GQA group.
+// The AVX-512 paths pack a kv head's K (and, in bf16, V) while the previous head's items run, into a
+// ring of 3 per-head slots that stays in cache (run_avx512).
 // Per item, for each 64-key tile and each 4-row micro-block:
 //   S  = Q K^T      4 x 64 scores in 16 zmm (keys along lanes), fp32 accumulation
 //   online softmax  running max m, running sum l (base 2: Q is pre-scaled by scale*log2 e)
