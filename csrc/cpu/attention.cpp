@@ -614,7 +614,7 @@ void run_avx512(const AttentionParams& p, bool dp) {
   // are all packed; a tile waits until the items of the head that used its slot before (h - kSlots) are all done.
   // Each job waits only for jobs claimed before it, whose threads are running them: no cycle.
   const int64_t group = ntiles + nqb;  // tiles of head h + 1 and items of head h
-  const int64_t njobs = ntiles + nbkv * group - ntiles;
+  const int64_t njobs = ntiles + (nbkv - 1) * group + nqb;  // the last group: items only
   std::vector<HeadCount> packed(static_cast<size_t>(nbkv)), done(static_cast<size_t>(nbkv));
   std::atomic<int64_t> ticket{0};
 #pragma omp parallel if (par)
