@@ -16,7 +16,7 @@ SHAPES = [
     (1, 4, 4, 127, 128),
     (1, 2, 1, 300, 64),
     (1, 2, 2, 1000, 128),
-    (3, 6, 3, 129, 64),    # 9 kv heads: the packed K/V ring (3 slots) wraps three times; a last key tile of 1
+    (3, 6, 3, 129, 64),    # 9 kv heads: the packed K/V ring (4 slots) wraps twice; a last key tile of 1
 ]
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -78,12 +78,12 @@ def test_attention_bf16_explicit_scale(causal, scale, backend):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("S", [40, 64, 130])
 def test_attention_many_kv_heads_repeated(S, dtype):
-    # The native AVX-512 path packs each kv head's K/V into a ring of 3 slots while the previous head's items run
+    # The native AVX-512 path packs each kv head's K/V into a ring of 4 slots while earlier heads' items run
     # (csrc/cpu/attention.cpp run_avx512): an item waits for its head's tiles, a tile for the items of the head
     # that held its slot before. With 64 kv heads of 1-3 tiles the packing runs right beside the items, so a missing
-    # wait shows up as wrong rows within some calls (2-core Zen 5 VM: the slot wait removed, 3-6 of these 6 cases
-    # failed per run; the tile wait removed, 1-6, in each of 4 runs). Timing-dependent by nature: on one thread, or
-    # on tiers that pack per item, it is a plain correctness check.
+    # wait shows up as wrong rows within some calls (2-core Zen 5 VM: the slot wait removed, 6 of these 6 cases
+    # failed in each of 3 runs; the tile wait removed, 3-4). Timing-dependent by nature: on one thread, or on tiers
+    # that pack per item, it is a plain correctness check.
     import pykernels as pk
 
     g = torch.Generator().manual_seed(S)

@@ -106,7 +106,7 @@ for M in (130, 3):  # the packed path, and the direct (GEMV-like) one
     a, b = torch.randn(M, 300, generator=g).bfloat16(), torch.randn(300, 70, generator=g).bfloat16()
     ref = a.double() @ b.double()
     assert float((pk.gemm(a, b).double() - ref).abs().max() / ref.abs().max()) < 2e-2, M
-# 2 x 3 kv heads: more than the packed K/V ring's 3 slots
+# 2 x 3 kv heads: more than the packed K/V ring's 4 slots
 q, k, v = (torch.randn(2, 3, 97, 64, generator=g).bfloat16() for _ in range(3))
 s = (q.double() @ k.double().transpose(-1, -2)) / 8.0
 for causal in (False, True):

@@ -3,8 +3,8 @@
 //
 // Work item = (batch, kv head, block of query positions); its rows are the g = Hq/Hkv query heads
 // that share the kv head times the positions, so every K/V tile is fetched once for the GQA group.
-// The AVX-512 paths pack a kv head's K (and, in bf16, V) while the previous head's items run, into a
-// ring of 3 per-head slots that stays in cache (run_avx512).
+// The AVX-512 paths pack a kv head's K (and, in bf16, V) while the items of the head two before it run,
+// into a ring of 4 per-head slots that stays in cache (run_avx512).
 // Per item, for each 64-key tile and each 4-row micro-block:
 //   S  = Q K^T      4 x 64 scores in 16 zmm (keys along lanes), fp32 accumulation
 //   online softmax  running max m, running sum l (base 2: Q is pre-scaled by scale*log2 e)
@@ -24,6 +24,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -50,12 +51,24 @@ constexpr int64_t kMr = 4;
 // Query rows (GQA heads x positions) per work item: 64 rows amortize the K/V tile fetch 64-fold,
 // and S = 2048, g = 1 gives 32 blocks per head (512 items for 16 heads: fine balance on 2-64 threads).
 constexpr int64_t kRows = 64;
-// Slots of packed K/V (one kv head each) in the ring of run_avx512: head h + 1 is packed while head h's items run
-// and the last items of head h - 1 may still be reading theirs.
-constexpr int64_t kSlots = 3;
+// The ring of packed K/V in run_avx512: head h + kAhead is packed while head h's items run, and the last items of
+// head h - 1 may still be reading theirs: kAhead + 2 slots of one kv head each.
+constexpr int64_t kAhead = 2;
+constexpr int64_t kSlots = kAhead + 2;
 static_assert(kBk == 64, "the micro-kernels hold one tile row of scores in 4 zmm");
 static_assert(kMr == 4, "the micro-kernels are unrolled for 4 rows");
 static_assert(kRows % kMr == 0, "a work item is a whole number of micro-blocks");
+
+// Waits for another thread's job: a short spin, then yields, so that with more threads than cores (a thread count
+// set above the cores the process may use) the waiter hands its core to the thread it waits for.
+template <class Pred> void wait_for(Pred ready) {
+  for (int spins = 0; !ready(); ++spins) {
+    if (spins < 256)
+      team::cpu_relax();
+    else
+      std::this_thread::yield();
+  }
+}
 
 // Jobs done for one kv head (run_avx512's packed tiles or finished items), on a cache line of its own.
 struct alignas(64) HeadCount {
@@ -572,7 +585,7 @@ void run_avx512(const AttentionParams& p, bool dp) {
   const bool par = p.B * p.Hq * S * keys * D >= (int64_t(1) << 20);
 
   // Packed K (fp32 words: fp32 or widened bf16; or bf16 pairs) and, on the bf16 paths, packed or widened V, per kv
-  // head in one of kSlots slots: the packing of head h + 1 runs beside the items of head h (below), so a head's
+  // head in one of kSlots slots: the packing of head h + kAhead runs beside the items of head h (below), so a head's
   // tiles are written into a buffer that is still in cache when its items read them, instead of one packing pass
   // over all heads first (16 MB of bf16 K and V written and read back at S2048 H16 D128: ~4% of a causal call's
   // samples). The buffer is kept by the calling thread between calls (a fresh 17 MB one at S2048 H16 D128 fp32 was
@@ -607,14 +620,19 @@ void run_avx512(const AttentionParams& p, bool dp) {
   const int64_t nqb = (S + x.npos - 1) / x.npos;
   const int64_t rows = round_up(g * x.npos, kMr);
 
-  // The jobs, claimed in this order from one ticket: head 0's tiles; then for each head h, head h + 1's tiles and
-  // head h's items (a query block each; within a head the heaviest, last under a causal mask, first). Items of
-  // one kv head are consecutive, so the threads share that head's K/V in L2/L3 (16 heads x 2 MB of packed K/V at
-  // S = 2048 fp32 interleaved would overflow a 32 MB L3: -8% on 2 threads). An item waits until its head's tiles
-  // are all packed; a tile waits until the items of the head that used its slot before (h - kSlots) are all done.
-  // Each job waits only for jobs claimed before it, whose threads are running them: no cycle.
-  const int64_t group = ntiles + nqb;  // tiles of head h + 1 and items of head h
-  const int64_t njobs = ntiles + (nbkv - 1) * group + nqb;  // the last group: items only
+  // The jobs, claimed in this order from one ticket: the tiles of heads 0 .. kAhead - 1; then for each head h, the
+  // tiles of head h + kAhead and the items of head h (a query block each; within a head the heaviest, last under
+  // a causal mask, first). Items of one kv head are consecutive, so the threads share that head's K/V in L2/L3
+  // (16 heads x 2 MB of packed K/V at S = 2048 fp32 interleaved would overflow a 32 MB L3: -8% on 2 threads). An
+  // item waits until its head's tiles are all packed; a tile waits until the items of the head that used its slot
+  // before (h - kSlots) are all done. Each job waits only for jobs claimed before it, whose threads are running
+  // them: no cycle. With the tiles two heads ahead the waits are rare; a waiter yields its core (wait_for), which
+  // matters when there are more threads than cores (8 threads on the 2-core Zen 5: spinning waits cost 23% at
+  // S2048 bf16 causal, yielding ones nothing).
+  const int64_t pre = std::min(kAhead, nbkv) * ntiles;  // the tiles of the first kAhead heads
+  const int64_t group = ntiles + nqb;                     // tiles of head h + kAhead and items of head h
+  const int64_t nfull = std::max<int64_t>(nbkv - kAhead, 0);  // groups with tiles; the last kAhead: items only
+  const int64_t njobs = pre + nfull * group + (nbkv - nfull) * nqb;
   std::vector<HeadCount> packed(static_cast<size_t>(nbkv)), done(static_cast<size_t>(nbkv));
   std::atomic<int64_t> ticket{0};
 #pragma omp parallel if (par)
@@ -626,21 +644,21 @@ void run_avx512(const AttentionParams& p, bool dp) {
                      pb.as<float>()};
     for (int64_t j; (j = ticket.fetch_add(1, std::memory_order_relaxed)) < njobs;) {
       int64_t h, i;  // a tile of head h (i < ntiles) or its item i - ntiles
-      if (j < ntiles) {
-        h = 0, i = j;
+      if (j < pre) {
+        h = j / ntiles, i = j % ntiles;
+      } else if (j - pre < nfull * group) {
+        const int64_t gi = (j - pre) / group, r = (j - pre) % group;
+        h = r < ntiles ? gi + kAhead : gi, i = r;
       } else {
-        const int64_t gi = (j - ntiles) / group, r = (j - ntiles) % group;
-        if (gi + 1 < nbkv)
-          h = r < ntiles ? gi + 1 : gi, i = r;
-        else  // the last group has no tiles of a next head
-          h = gi, i = r + ntiles;
+        const int64_t r = j - pre - nfull * group;
+        h = nfull + r / nqb, i = ntiles + r % nqb;
       }
       if (i < ntiles) {
-        if (h >= slots) team::wait_until([&] { return done[h - slots].n.load(std::memory_order_acquire) == nqb; });
+        if (h >= slots) wait_for([&] { return done[h - slots].n.load(std::memory_order_acquire) == nqb; });
         pack_tile(h, i);
         packed[h].n.fetch_add(1, std::memory_order_release);
       } else {
-        team::wait_until([&] { return packed[h].n.load(std::memory_order_acquire) == ntiles; });
+        wait_for([&] { return packed[h].n.load(std::memory_order_acquire) == ntiles; });
         const int64_t q0 = (nqb - 1 - (i - ntiles)) * x.npos;
         if (dp) {
           if constexpr (kIsBf16)
