@@ -24,7 +24,6 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -58,17 +57,6 @@ constexpr int64_t kSlots = kAhead + 2;
 static_assert(kBk == 64, "the micro-kernels hold one tile row of scores in 4 zmm");
 static_assert(kMr == 4, "the micro-kernels are unrolled for 4 rows");
 static_assert(kRows % kMr == 0, "a work item is a whole number of micro-blocks");
-
-// Waits for another thread's job: a short spin, then yields, so that with more threads than cores (a thread count
-// set above the cores the process may use) the waiter hands its core to the thread it waits for.
-template <class Pred> void wait_for(Pred ready) {
-  for (int spins = 0; !ready(); ++spins) {
-    if (spins < 256)
-      team::cpu_relax();
-    else
-      std::this_thread::yield();
-  }
-}
 
 // Jobs done for one kv head (run_avx512's packed tiles or finished items), on a cache line of its own.
 struct alignas(64) HeadCount {
@@ -626,9 +614,9 @@ void run_avx512(const AttentionParams& p, bool dp) {
   // (16 heads x 2 MB of packed K/V at S = 2048 fp32 interleaved would overflow a 32 MB L3: -8% on 2 threads). An
   // item waits until its head's tiles are all packed; a tile waits until the items of the head that used its slot
   // before (h - kSlots) are all done. Each job waits only for jobs claimed before it, whose threads are running
-  // them: no cycle. With the tiles two heads ahead the waits are rare; a waiter yields its core (wait_for), which
-  // matters when there are more threads than cores (8 threads on the 2-core Zen 5: spinning waits cost 23% at
-  // S2048 bf16 causal, yielding ones nothing).
+  // them: no cycle. With the tiles two heads ahead the waits are rare; a waiter yields its core after a short spin
+  // (team::wait_until), which matters when there are more threads than cores (8 threads on the 2-core Zen 5: waits
+  // that spun for 200 us cost 23% at S2048 bf16 causal, yielding ones nothing).
   const int64_t pre = std::min(kAhead, nbkv) * ntiles;  // the tiles of the first kAhead heads
   const int64_t group = ntiles + nqb;                     // tiles of head h + kAhead and items of head h
   const int64_t nfull = std::max<int64_t>(nbkv - kAhead, 0);  // groups with tiles; the last kAhead: items only
@@ -654,11 +642,11 @@ void run_avx512(const AttentionParams& p, bool dp) {
         h = nfull + r / nqb, i = ntiles + r % nqb;
       }
       if (i < ntiles) {
-        if (h >= slots) wait_for([&] { return done[h - slots].n.load(std::memory_order_acquire) == nqb; });
+        if (h >= slots) team::wait_until([&] { return done[h - slots].n.load(std::memory_order_acquire) == nqb; });
         pack_tile(h, i);
         packed[h].n.fetch_add(1, std::memory_order_release);
       } else {
-        wait_for([&] { return packed[h].n.load(std::memory_order_acquire) == ntiles; });
+        team::wait_until([&] { return packed[h].n.load(std::memory_order_acquire) == ntiles; });
         const int64_t q0 = (nqb - 1 - (i - ntiles)) * x.npos;
         if (dp) {
           if constexpr (kIsBf16)

@@ -1,5 +1,5 @@
-// Thread teams for the CPU GEMM drivers (gemm.cpp, gemm_amx.cpp): spin-then-sleep waits instead of
-// OpenMP barriers, a shared ticket for dynamic loops, and a guard that drops short calls to one
+// Thread teams for the CPU GEMM drivers (gemm.cpp, gemm_amx.cpp): spin-yield-sleep waits (also attention.cpp's) instead
+// of OpenMP barriers, a shared ticket for dynamic loops, and a guard that drops short calls to one
 // thread while another process holds a core. Header-only; the names live in pk::cpu::team.
 #pragma once
 #include <omp.h>
@@ -22,6 +22,14 @@ namespace pk::cpu::team {
 // busy, so when the OS has parked its partner behind another process (2 cores, shared VM) the partner
 // cannot move over and every barrier costs a scheduler tick (4 ms). Measured, M=1 K=N=4096 fp32 with
 // a compiler busy on the other core: 16 ms with OpenMP barriers, 3 ms with spin-then-sleep waits.
+// After the first kPauseSpins pauses a waiter yields its core instead of pausing (std::this_thread::yield, which
+// returns at once when nothing else is runnable), so that with more threads than cores (a thread count set above
+// the cores the process may use) the thread it waits for gets the core. Measured on the 2-core Zen 5 VM with 8
+// threads (scratch C++ drivers, pk::cpu::gemm): M = 1, K = N = 4096 bf16 39-40 -> 56-60 GB/s, fp32 M = 4 29 ->
+// 46-47, 2048^3 bf16 875-879 -> 942-976 GFLOP/s; with 2 threads level (bf16 M = 1 62.6-71.9 / 64.1-72.5 GB/s over
+// six alternations, fp32 75-83 / 76-85; 2048^3 bf16 1023-1025 / 1002-1023), and level with a busy process on one
+// of the two cores. The attention's packing waits (attention.cpp) use it too.
+constexpr int kPauseSpins = 256;
 constexpr auto kSpinBeforeSleep = std::chrono::microseconds(200);
 constexpr auto kSleepStep = std::chrono::microseconds(20);
 
@@ -39,8 +47,10 @@ template <class Pred> void wait_until(Pred done) {
       std::this_thread::sleep_for(kSleepStep);
     } else if ((spins & 63) == 63) {
       sleeping = std::chrono::steady_clock::now() - t0 > kSpinBeforeSleep;
-    } else {
+    } else if (spins < kPauseSpins) {
       cpu_relax();
+    } else {
+      std::this_thread::yield();
     }
   }
 }
