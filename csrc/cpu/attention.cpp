@@ -124,11 +124,14 @@ PK_AVX512 PK_ALWAYS_INLINE void softmax_tile(__m512 (&s)[kMr][4], float* m, floa
   const __m512 mu = _mm512_mask_mov_ps(m_new, none, _mm512_setzero_ps());
   // The rescale factors by the degree-5 polynomial whatever Deg: exactly 1 when a row's max did not move.
   const __m512 a = attn::exp2_neg<5>(_mm512_sub_ps(m_old, mu));
+  // Row r's lane in every lane. Immediates written out: `r * 0x55` is one only once the loop is unrolled, which an
+  // -O0 / -O1 build does not do (the file then failed to compile: "the last argument must be an 8-bit immediate").
+  const __m512 vm[kMr] = {_mm512_shuffle_f32x4(mu, mu, 0x00), _mm512_shuffle_f32x4(mu, mu, 0x55),
+                          _mm512_shuffle_f32x4(mu, mu, 0xAA), _mm512_shuffle_f32x4(mu, mu, 0xFF)};
 #pragma GCC unroll 4
   for (int r = 0; r < kMr; ++r) {
-    const __m512 vm = _mm512_shuffle_f32x4(mu, mu, r * 0x55);  // row r's lane, in every lane
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) s[r][v] = attn::exp2_neg<Deg>(_mm512_sub_ps(s[r][v], vm));
+    for (int v = 0; v < NV; ++v) s[r][v] = attn::exp2_neg<Deg>(_mm512_sub_ps(s[r][v], vm[r]));
     part[r] = s[r][0];
 #pragma GCC unroll 4
     for (int v = 1; v < NV; ++v) part[r] = _mm512_add_ps(part[r], s[r][v]);
