@@ -54,6 +54,8 @@ constexpr int64_t kRows = 64;
 // head h - 1 may still be reading theirs: kAhead + 2 slots of one kv head each.
 constexpr int64_t kAhead = 2;
 constexpr int64_t kSlots = kAhead + 2;
+// Packed bytes per packing job of run_avx512 (a whole number of tiles, at least one).
+constexpr int64_t kPackJobBytes = 128 << 10;
 static_assert(kBk == 64, "the micro-kernels hold one tile row of scores in 4 zmm");
 static_assert(kMr == 4, "the micro-kernels are unrolled for 4 rows");
 static_assert(kRows % kMr == 0, "a work item is a whole number of micro-blocks");
@@ -600,7 +602,8 @@ void run_avx512(const AttentionParams& p, bool dp) {
                       reinterpret_cast<uint16_t*>(vslot_of(bkv)) + t * kBk * D);
     } else if constexpr (kIsBf16) {
       transpose_tile<true>(static_cast<const uint16_t*>(p.k) + row0 * D, D, nk, kd);
-      widen_rows(static_cast<const uint16_t*>(p.v) + row0 * D, nk * D, reinterpret_cast<float*>(vslot_of(bkv)) + kt0 * D);
+      widen_rows(static_cast<const uint16_t*>(p.v) + row0 * D, nk * D,
+                 reinterpret_cast<float*>(vslot_of(bkv)) + kt0 * D);
     } else {  // item_f32 reads only the live score vectors of a short tile
       transpose_tile(static_cast<const uint32_t*>(p.k) + row0 * D, D, nk, kd, round_up(nk, 16));
     }
@@ -611,18 +614,22 @@ void run_avx512(const AttentionParams& p, bool dp) {
   const int64_t nqb = (S + x.npos - 1) / x.npos;
   const int64_t rows = round_up(g * x.npos, kMr);
 
-  // The jobs, claimed in this order from one ticket: the tiles of heads 0 .. kAhead - 1; then for each head h, the
-  // tiles of head h + kAhead and the items of head h (a query block each; within a head the heaviest, last under
-  // a causal mask, first). Items of one kv head are consecutive, so the threads share that head's K/V in L2/L3
-  // (16 heads x 2 MB of packed K/V at S = 2048 fp32 interleaved would overflow a 32 MB L3: -8% on 2 threads). An
-  // item waits until its head's tiles are all packed; a tile waits until the items of the head that used its slot
-  // before (h - kSlots) are all done. Each job waits only for jobs claimed before it, whose threads are running
-  // them: no cycle. With the tiles two heads ahead the waits are rare; a waiter yields its core after a short spin
+  // The jobs, claimed in this order from one ticket: the tiles of heads 0 .. kAhead - 1 (tpj per job); then for each
+  // head h, the tiles of head h + kAhead and the items of head h (a query block each; within a head the heaviest,
+  // last under a causal mask, first). Items of one kv head are consecutive, so the threads share that head's K/V in
+  // L2/L3 (16 heads x 2 MB of packed K/V at S = 2048 fp32 interleaved would overflow a 32 MB L3: -8% on 2 threads).
+  // An item waits until its head's tiles are all packed; a tile waits until the items of the head that used its slot
+  // before (h - kSlots) are all done. Each job waits only for jobs claimed before it, whose threads are running them:
+  // no cycle. With the tiles two heads ahead the waits are rare; a waiter yields its core after a short spin
   // (team::wait_until), which matters when there are more threads than cores (8 threads on the 2-core Zen 5: waits
   // that spun for 200 us cost 23% at S2048 bf16 causal, yielding ones nothing).
-  const int64_t pre = std::min(kAhead, nbkv) * ntiles;  // the tiles of the first kAhead heads
-  const int64_t group = ntiles + nqb;                     // tiles of head h + kAhead and items of head h
-  const int64_t nfull = std::max<int64_t>(nbkv - kAhead, 0);  // groups with tiles; the last kAhead: items only
+  // A packing job takes tpj tiles (~kPackJobBytes of packed K/V): one job per tile cost mid-size calls 2-3%
+  // (B1 H16 S128-S256 D64 bf16, 2 threads) against the old static packing loop; with ~128 KB per job they are level.
+  const int64_t tpj = std::max<int64_t>(1, kPackJobBytes / static_cast<int64_t>((kslot + vslot) / ntiles));
+  const int64_t npj = (ntiles + tpj - 1) / tpj;  // packing jobs per head
+  const int64_t pre = std::min(kAhead, nbkv) * npj;  // the packing of the first kAhead heads
+  const int64_t group = npj + nqb;                   // the packing of head h + kAhead and the items of head h
+  const int64_t nfull = std::max<int64_t>(nbkv - kAhead, 0);  // groups with packing; the last kAhead: items only
   const int64_t njobs = pre + nfull * group + (nbkv - nfull) * nqb;
   std::vector<HeadCount> packed(static_cast<size_t>(nbkv)), done(static_cast<size_t>(nbkv));
   std::atomic<int64_t> ticket{0};
@@ -634,23 +641,24 @@ void run_avx512(const AttentionParams& p, bool dp) {
     const Scratch sc{qb.as<float>(), ob.as<float>(), ml.as<float>(), ml.as<float>() + rows, ml.as<float>() + 2 * rows,
                      pb.as<float>()};
     for (int64_t j; (j = ticket.fetch_add(1, std::memory_order_relaxed)) < njobs;) {
-      int64_t h, i;  // a tile of head h (i < ntiles) or its item i - ntiles
+      int64_t h, i;  // packing job i of head h (i < npj) or its item i - npj
       if (j < pre) {
-        h = j / ntiles, i = j % ntiles;
+        h = j / npj, i = j % npj;
       } else if (j - pre < nfull * group) {
         const int64_t gi = (j - pre) / group, r = (j - pre) % group;
-        h = r < ntiles ? gi + kAhead : gi, i = r;
+        h = r < npj ? gi + kAhead : gi, i = r;
       } else {
         const int64_t r = j - pre - nfull * group;
-        h = nfull + r / nqb, i = ntiles + r % nqb;
+        h = nfull + r / nqb, i = npj + r % nqb;
       }
-      if (i < ntiles) {
+      if (i < npj) {
         if (h >= slots) team::wait_until([&] { return done[h - slots].n.load(std::memory_order_acquire) == nqb; });
-        pack_tile(h, i);
-        packed[h].n.fetch_add(1, std::memory_order_release);
+        const int64_t t0 = i * tpj, t1 = std::min(ntiles, t0 + tpj);
+        for (int64_t t = t0; t < t1; ++t) pack_tile(h, t);
+        packed[h].n.fetch_add(t1 - t0, std::memory_order_release);  // counts tiles
       } else {
         team::wait_until([&] { return packed[h].n.load(std::memory_order_acquire) == ntiles; });
-        const int64_t q0 = (nqb - 1 - (i - ntiles)) * x.npos;
+        const int64_t q0 = (nqb - 1 - (i - npj)) * x.npos;
         if (dp) {
           if constexpr (kIsBf16)
             item_bf16<D>(x, h, q0, sc, kslot_of(h), reinterpret_cast<const uint16_t*>(vslot_of(h)));
