@@ -106,13 +106,14 @@ for M in (130, 3):  # the packed path, and the direct (GEMV-like) one
     a, b = torch.randn(M, 300, generator=g).bfloat16(), torch.randn(300, 70, generator=g).bfloat16()
     ref = a.double() @ b.double()
     assert float((pk.gemm(a, b).double() - ref).abs().max() / ref.abs().max()) < 2e-2, M
-# 2 x 3 kv heads: more than the packed K/V ring's 4 slots
-q, k, v = (torch.randn(2, 3, 97, 64, generator=g).bfloat16() for _ in range(3))
-s = (q.double() @ k.double().transpose(-1, -2)) / 8.0
-for causal in (False, True):
-    sc = s.masked_fill(torch.ones(97, 97, dtype=torch.bool).triu(1), float("-inf")) if causal else s
-    ref = torch.softmax(sc, -1) @ v.double()
-    assert float((pk.attention(q, k, v, causal=causal).double() - ref).abs().max()) < 3e-2, causal
+from pykernels.harness import verify
+from pykernels.kernels import AttentionProblem
+for causal in (False, True):  # 2 x 3 kv heads: more than the packed K/V ring's 4 slots
+    prob = AttentionProblem(2, 3, 3, 97, 64, causal=causal)
+    x = prob.make_inputs(torch.bfloat16)
+    exp = verify.expected(prob, x)
+    err = exp.assert_close(pk.attention(**x, causal=causal), what=prob.label())
+    assert err * exp.reference.abs().max().item() < 3e-2, (causal, err)  # the absolute bound it had before
 print("ok")
 """.replace("MODE", repr(mode))
     out = _child(code, PYKERNELS_BF16_DOT=mode)
