@@ -5,13 +5,19 @@
 // chunk); an item computes all g = Hq/Hkv query heads of the GQA group, so each K/V row comes from
 // memory once and is reused g times from L1. Contexts are split into chunks only when the
 // (sequence, kv head) units alone cannot keep every thread busy; chunks leave partials (m, l, o)
-// merged by a second pass (log-sum-exp, base 2). Per tile of kT = 32 tokens:
-//   S = q K^T    per head, 8 tokens at a time: 8 dot-product accumulators over D, one transposed
-//                horizontal sum (hsum8) gives the 8 scores
-//   softmax      online, base 2 (q carries scale * log2 e)
-//   o = a o + P V  32 columns x 2 heads = 8 ymm accumulators; V rows widened from bf16 in registers
-// The next tile's K and V rows are prefetched while this tile's scores are computed (one tile = 16 KB
-// of K and of V ahead at D = 128 fp32).
+// merged by a second pass (log-sum-exp, base 2). Per tile of kT = 32 tokens, the g heads in passes of
+// H = 4, 2 or 1 heads that share every K and V load (8 ymm accumulators each):
+//   S = q K^T    8 / H rows at a time: each 32-byte step of a row (8 fp32, or 16 bf16 split into their even
+//                and odd elements by a shift and a mask) feeds all H heads; one transposed horizontal sum
+//                (hsum8) gives the H x 8 / H scores
+//   softmax      online per head, base 2 (q carries scale * log2 e)
+//   o = a o + P V  strips of 64 / H columns for the H heads, each strip over the tile's rows, so every V
+//                row is read once
+// bf16 q and o keep each block of 16 in the loads' [even | odd] order (perm_bf16); the output goes back.
+// The next tile's K and V rows are prefetched line by line, spread over this tile's loops (one tile = 16
+// KB of K and of V ahead at D = 128 fp32). Before (each head's own pass over K, bf16 tiles widened into
+// fp32 scratch first), decode harness, forced avx2 tier on a Zen 5, B8 Hq32 Hkv8 L4096 D128, 2 threads:
+// fp32 contiguous 29 -> 38 GB/s, bf16 25 -> 39, paged 27 -> 35 / 24 -> 32 (notes/cpu_decode.md).
 #include "cpu/cpu.h"
 
 #if defined(__x86_64__)
@@ -39,13 +45,13 @@ using attn::AlignedBuf;
 using attn::round_up;
 using attn::prefetch_stream;
 
-constexpr int64_t kT = 32;         // tokens per tile: K and V tiles of 16 KB each at D = 128 fp32
+constexpr int64_t kT = 32;        // tokens per tile: K and V tiles of 16 KB each at D = 128 fp32
 constexpr int64_t kMinChunk = 256;  // shortest context chunk worth a partial (as decode.cpp)
 constexpr int64_t kMinParallelBytes = 256 * 1024;  // below: one thread (a fork/join costs more)
-// The next tile's K and V rows (into L2, see tile_compute). Without, decode harness on the Sapphire Rapids
-// VM: paged caches 12-30% slower (bf16 Hkv 8 the same), GQA contiguous ~5% faster (notes/cpu_decode.md).
+// The next tile's K and V rows (into L2 or L1, see tile_compute). Without, decode harness on the Sapphire
+// Rapids VM: paged caches 12-30% slower (bf16 Hkv 8 the same), GQA contiguous ~5% faster (notes/cpu_decode.md).
 constexpr bool kSwPrefetch = true;
-static_assert(kT % 8 == 0, "scores are computed 8 tokens at a time");
+static_assert(kT % 8 == 0, "scores are computed in blocks of up to 8 tokens, softmax 8 at a time");
 
 struct Ctx {
   const DecodeParams* p;
@@ -56,101 +62,206 @@ struct Ctx {
 
 inline float exp2_s(float x) { return _mm256_cvtss_f32(avx2::exp2_ps(_mm256_set1_ps(x))); }
 
-// Into L2 or L1 as this CPU's level says (cpu.h stream_prefetch), as the AVX-512 kernel.
-template <int D, class T> inline void prefetch_row(const T* r) {
-  constexpr int kLines = D * int(sizeof(T)) / 64;
-  for (int i = 0; i < kLines; ++i) prefetch_stream(reinterpret_cast<const char*>(r) + 64 * i);
-}
+// Elements per step of the loops: 8 floats (one 32-byte load), or 16 bf16 (one 32-byte load split into its
+// even and odd elements: a shift and a mask, no widening shuffle). bf16 q and o therefore hold each block of
+// 16 in that order, [8 even | 8 odd] (perm_bf16), and the output takes it back (unperm_bf16).
+template <class T> constexpr int kStep = std::is_same_v<T, float> ? 8 : 16;
+template <class T> constexpr int kVecs = kStep<T> / 8;  // fp32 vectors per step
 
-// s[j] = q . K[j] for the 8 rows kr[0..8).
-template <int D, class T> inline __m256 dot8(const float* q, const T* const* kr) {
-  __m256 acc[8];
-  for (int u = 0; u < 8; ++u) acc[u] = _mm256_setzero_ps();
-#pragma GCC unroll 16
-  for (int d = 0; d < D; d += 8) {
-    const __m256 qv = _mm256_load_ps(q + d);
+template <class T> inline __attribute__((always_inline)) void load_step(const T* p, __m256 (&x)[kVecs<T>]) {
+  if constexpr (std::is_same_v<T, float>) {
+    x[0] = _mm256_loadu_ps(p);
+  } else {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    x[0] = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));                                      // even
+    x[1] = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));  // odd
+  }
+}
+// Position in a block of 16 of bf16 element e: the even ones first, then the odd ones.
+constexpr int perm_bf16(int e) { return (e & 1) * 8 + e / 2; }
+
+// Marks loaded vectors as registers the compiler may not re-read from memory: left to itself GCC folds a
+// load used by several FMAs into each of them (4 loads of one V vector instead of 1), and the loads, not the
+// FMAs, then bound the loops (in L1: q.K 6.2 -> 7.1 FMA/ns, P.V 6.6 -> 8.0, fp32, 4 heads).
+inline __attribute__((always_inline)) void in_regs(__m256 (&x)[1]) { asm("" : "+x"(x[0])); }
+inline __attribute__((always_inline)) void in_regs(__m256 (&x)[2]) { asm("" : "+x"(x[0]), "+x"(x[1])); }
+
+// Scores of H heads (q: H rows of D, scaled, bf16 order for bf16) against the R = 8 / H rows kr[0..R): one
+// load of each K step feeds all H heads, 8 accumulators, one transposed sum (hsum8: lane h * R + r). s[h * kT
+// + r] = score of head h, row r. The lines of pf[0..npf) (the next tile's rows) are prefetched spread over
+// the steps, about one per step.
+template <int H, int D, bool PF, class T>
+inline __attribute__((always_inline)) void dots(const float* q, const T* const* kr, float* s, const T* const* pf) {
+  constexpr int R = 8 / H, E = kStep<T>, NX = kVecs<T>, Steps = D / E;
+  constexpr int Lines = D * int(sizeof(T)) / 64, Total = R * Lines;
+  // q's addresses as base + constant: left to itself GCC hoists all H x Steps of them out of the caller's
+  // row loop and spills them to the stack (a reload per q load; in cache 42 -> 32 GB/s, fp32 g = 4)
+  asm("" : "+r"(q));
+  const T* k[R];
 #pragma GCC unroll 8
-    for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(qv, avx2::load8(kr[u] + d), acc[u]);
-  }
-  return avx2::hsum8(acc);
-}
-
-// o[h][c0..c0+32) for H (1 or 2) heads: o = alpha o + sum_j p[h][j] V[j].
-// The first block of heads also prefetches columns [c0, c0 + 32) of the next tile's first nn rows vn.
-template <int H, class T, class N>
-inline void pv_block(float* o, int64_t D, const float* p, const float* alpha, const T* const* vr, int64_t nj, int c0,
-                     const N* const* vn, int64_t nn) {
-  __m256 acc[H][4];
-  for (int h = 0; h < H; ++h) {
-    const __m256 a = _mm256_set1_ps(alpha[h]);
-    for (int v = 0; v < 4; ++v) acc[h][v] = _mm256_mul_ps(a, _mm256_load_ps(o + h * D + c0 + 8 * v));
-  }
-  for (int64_t j = 0; j < nj; ++j) {
-    if (j < nn)
-      for (int b = 0; b < 32 * int(sizeof(N)); b += 64)
-        prefetch_stream(reinterpret_cast<const char*>(vn[j] + c0) + b);
-    const T* r = vr[j] + c0;
-    const __m256 v0 = avx2::load8(r), v1 = avx2::load8(r + 8), v2 = avx2::load8(r + 16), v3 = avx2::load8(r + 24);
+  for (int r = 0; r < R; ++r) k[r] = kr[r];
+  __m256 acc[8];
+#pragma GCC unroll 8
+  for (int a = 0; a < 8; ++a) acc[a] = _mm256_setzero_ps();
+#pragma GCC unroll 16
+  for (int i = 0; i < Steps; ++i) {
+    if constexpr (PF)
+#pragma GCC unroll 8
+      for (int l = i * Total / Steps; l < (i + 1) * Total / Steps; ++l)
+        prefetch_stream(reinterpret_cast<const char*>(pf[l % R]) + 64 * (l / R));
+    if constexpr (H * NX > 4) {  // bf16, 4 heads: the q vectors would not fit beside the rows; q outer
+      __m256 x[R][NX];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        load_step(k[r] + i * E, x[r]);
+        in_regs(x[r]);
+      }
+#pragma GCC unroll 4
+      for (int h = 0; h < H; ++h)
 #pragma GCC unroll 2
-    for (int h = 0; h < H; ++h) {
-      const __m256 w = _mm256_broadcast_ss(p + h * kT + j);
-      acc[h][0] = _mm256_fmadd_ps(w, v0, acc[h][0]);
-      acc[h][1] = _mm256_fmadd_ps(w, v1, acc[h][1]);
-      acc[h][2] = _mm256_fmadd_ps(w, v2, acc[h][2]);
-      acc[h][3] = _mm256_fmadd_ps(w, v3, acc[h][3]);
+        for (int v = 0; v < NX; ++v) {
+          const __m256 qv = _mm256_load_ps(q + h * D + i * E + 8 * v);
+#pragma GCC unroll 8
+          for (int r = 0; r < R; ++r) acc[h * R + r] = _mm256_fmadd_ps(qv, x[r][v], acc[h * R + r]);
+        }
+    } else {  // rows outer, q in registers
+      __m256 qv[H][NX];
+#pragma GCC unroll 4
+      for (int h = 0; h < H; ++h)
+#pragma GCC unroll 2
+        for (int v = 0; v < NX; ++v) qv[h][v] = _mm256_load_ps(q + h * D + i * E + 8 * v);
+#pragma GCC unroll 4
+      for (int h = 0; h < H; ++h) in_regs(qv[h]);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        __m256 x[NX];
+        load_step(k[r] + i * E, x);
+        in_regs(x);
+#pragma GCC unroll 4
+        for (int h = 0; h < H; ++h)
+#pragma GCC unroll 2
+          for (int v = 0; v < NX; ++v) acc[h * R + r] = _mm256_fmadd_ps(qv[h][v], x[v], acc[h * R + r]);
+      }
     }
   }
-  for (int h = 0; h < H; ++h)
-    for (int v = 0; v < 4; ++v) _mm256_store_ps(o + h * D + c0 + 8 * v, acc[h][v]);
+  const __m256 sums = avx2::hsum8(acc);
+  if constexpr (H == 1) {
+    _mm256_storeu_ps(s, sums);
+  } else if constexpr (H == 2) {
+    _mm_storeu_ps(s, _mm256_castps256_ps128(sums));
+    _mm_storeu_ps(s + kT, _mm256_extractf128_ps(sums, 1));
+  } else {
+    const __m128 lo = _mm256_castps256_ps128(sums), hi = _mm256_extractf128_ps(sums, 1);
+    _mm_storel_pi(reinterpret_cast<__m64*>(s), lo);
+    _mm_storeh_pi(reinterpret_cast<__m64*>(s + kT), lo);
+    _mm_storel_pi(reinterpret_cast<__m64*>(s + 2 * kT), hi);
+    _mm_storeh_pi(reinterpret_cast<__m64*>(s + 3 * kT), hi);
+  }
+}
+
+// o = alpha o + P V for H heads (o: H rows of D, bf16 order for bf16; p: H rows of kT weights) in strips of
+// W = 64 / H columns (8 accumulators), each strip over the tile's rows: every V row is read once, a strip
+// (64 bytes of fp32) at a time. The first pass of heads also prefetches each strip's lines of the next
+// tile's rows vn[0..nn).
+template <int H, int D, class T>
+inline __attribute__((always_inline)) void pv(float* o, const float* p, const float* alpha, const T* const* vr,
+                                              int64_t nj, const T* const* vn, int64_t nn) {
+  constexpr int W = 64 / H, NV = W / 8, E = kStep<T>, NX = kVecs<T>;
+  static_assert(D % W == 0 && W % E == 0, "whole steps per strip, whole strips per row");
+  for (int c0 = 0; c0 < D; c0 += W) {
+    __m256 acc[H][NV];
+#pragma GCC unroll 4
+    for (int h = 0; h < H; ++h) {
+      const __m256 a = _mm256_set1_ps(alpha[h]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[h][v] = _mm256_mul_ps(a, _mm256_load_ps(o + h * D + c0 + 8 * v));
+    }
+    // the lines that start in the strip (a bf16 strip of 16 columns is half a line: every other strip)
+    constexpr int PL = std::max(1, W * int(sizeof(T)) / 64);
+    const int64_t npf = (c0 * int(sizeof(T))) % 64 == 0 ? nn : 0;
+    for (int64_t j = 0; j < nj; ++j) {
+      if (j < npf)
+#pragma GCC unroll 4
+        for (int l = 0; l < PL; ++l) prefetch_stream(reinterpret_cast<const char*>(vn[j] + c0) + 64 * l);
+      __m256 w[H];
+#pragma GCC unroll 4
+      for (int h = 0; h < H; ++h) w[h] = _mm256_broadcast_ss(p + h * kT + j);
+      const T* r = vr[j] + c0;
+#pragma GCC unroll 8
+      for (int e = 0; e < W / E; ++e) {
+        __m256 x[NX];
+        load_step(r + e * E, x);
+        in_regs(x);
+#pragma GCC unroll 2
+        for (int v = 0; v < NX; ++v)
+#pragma GCC unroll 4
+          for (int h = 0; h < H; ++h) acc[h][e * NX + v] = _mm256_fmadd_ps(w[h], x[v], acc[h][e * NX + v]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int h = 0; h < H; ++h)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) _mm256_store_ps(o + h * D + c0 + 8 * v, acc[h][v]);
+  }
 }
 
 struct Scratch {
   float *q, *o, *s, *m, *l, *alpha;
-  float *kw, *vw;  // bf16 with g > 1: the tile's K and V rows widened to fp32 once (kT x D each)
 };
 
 // One thread's buffers: the Scratch of its items (nh kv heads of g query heads each), and acc (D floats) for
 // its merges.
 template <class T, int D> struct ThreadScratch {
-  AlignedBuf q, o, s, m, kw, vw, acc;
+  AlignedBuf q, o, s, m, acc;
   Scratch sc;
   ThreadScratch(int64_t g, int64_t nh)
       : q(static_cast<size_t>(nh * g * D * 4)), o(static_cast<size_t>(nh * g * D * 4)), s(static_cast<size_t>(g * kT * 4)),
-        m(static_cast<size_t>((2 * nh + 1) * g * 4)), kw(widen(g) ? static_cast<size_t>(kT * D * 4) : 0),
-        vw(widen(g) ? static_cast<size_t>(kT * D * 4) : 0), acc(static_cast<size_t>(D * 4)),
-        sc{q.as<float>(), o.as<float>(), s.as<float>(), m.as<float>(), m.as<float>() + nh * g,
-           m.as<float>() + 2 * nh * g, kw.as<float>(), vw.as<float>()} {}
-  static bool widen(int64_t g) { return std::is_same_v<T, u16> && g > 1; }
+        m(static_cast<size_t>((2 * nh + 1) * g * 4)), acc(static_cast<size_t>(D * 4)),
+        sc{q.as<float>(), o.as<float>(), s.as<float>(), m.as<float>(), m.as<float>() + nh * g, m.as<float>() + 2 * nh * g} {}
 };
 
-// One tile: S = q K^T, online softmax, o = alpha o + P V. R is the row type the loops read (T, or
-// float when a bf16 tile was widened); kn/vn are the next tile's nn rows, prefetched here: the K rows
-// by the score loop, 8 at a time, the V rows by the first P.V block of each strip of columns, a strip
-// per pass (not a burst of the whole tile: bf16 Hkv 8 / 32 paged, 2 threads, 11.5-12.8 / 17.3-17.8 ->
-// 13.2-13.4 / 17.8-18.0 GB/s; notes/cpu_decode.md).
-template <class R, int D, class T>
-void tile_compute(const Scratch& sc, const R* const* kr, const R* const* vr, const T* const* kn, const T* const* vn,
+// Calls f(std::integral_constant<int, H>{}, h) for the passes of H = 4, 2, 1 heads that cover the g heads.
+template <class F> inline __attribute__((always_inline)) void head_passes(int64_t g, F f) {
+  int64_t h = 0;
+  for (; h + 4 <= g; h += 4) f(std::integral_constant<int, 4>{}, h);
+  for (; h + 2 <= g; h += 2) f(std::integral_constant<int, 2>{}, h);
+  if (h < g) f(std::integral_constant<int, 1>{}, h);
+}
+
+// One tile: S = q K^T, online softmax, o = alpha o + P V, the g heads in passes of up to 4 that share each
+// K and V load. kn/vn are the next tile's nn rows, prefetched by the first pass: the K rows' lines spread over
+// the score steps, the V rows' a strip at a time by the P.V strips (notes/cpu_decode.md).
+template <int D, class T>
+void tile_compute(const Scratch& sc, const T* const* kr, const T* const* vr, const T* const* kn, const T* const* vn,
                   int64_t nj, int64_t nn, int64_t g) {
-  for (int64_t j = 0; j < nj; j += 8) {
-    if (kSwPrefetch)
-      for (int64_t u = j; u < std::min(j + 8, nn); ++u) prefetch_row<D>(kn[u]);
-    for (int64_t h = 0; h < g; ++h) _mm256_store_ps(sc.s + h * kT + j, dot8<D>(sc.q + h * D, kr + j));
-  }
+  const int64_t npf = kSwPrefetch ? nn : 0;
+  head_passes(g, [&](auto hc, int64_t h) {
+    constexpr int H = decltype(hc)::value, R = 8 / H;
+    for (int64_t j = 0; j < nj; j += R) {
+      if (h == 0 && j + R <= npf) {
+        dots<H, D, true>(sc.q + h * D, kr + j, sc.s + h * kT + j, kn + j);
+      } else {
+        dots<H, D, false>(sc.q + h * D, kr + j, sc.s + h * kT + j, kn + j);
+        for (int64_t u = j; h == 0 && u < std::min(j + R, npf); ++u)  // the last rows of a short next tile
+          for (int b = 0; b < D * int(sizeof(T)); b += 64) prefetch_stream(reinterpret_cast<const char*>(kn[u]) + b);
+      }
+    }
+  });
   // Online softmax per head (scores past nj masked to -inf, i.e. weight 0).
   for (int64_t h = 0; h < g; ++h) {
     float* s = sc.s + h * kT;
     for (int64_t j = nj; j < round_up(nj, 8); ++j) s[j] = -std::numeric_limits<float>::infinity();
     avx2::online_softmax(s, round_up(nj, 8), sc.m[h], sc.l[h], sc.alpha[h]);
   }
-  // o = alpha o + P V, 2 heads x 32 columns at a time.
-  const int64_t npf = kSwPrefetch ? nn : 0;
-  int64_t h = 0;
-  for (; h + 2 <= g; h += 2)
-    for (int c0 = 0; c0 < D; c0 += 32)
-      pv_block<2>(sc.o + h * D, D, sc.s + h * kT, sc.alpha + h, vr, nj, c0, vn, h == 0 ? npf : 0);
-  for (; h < g; ++h)
-    for (int c0 = 0; c0 < D; c0 += 32)
-      pv_block<1>(sc.o + h * D, D, sc.s + h * kT, sc.alpha + h, vr, nj, c0, vn, h == 0 ? npf : 0);
+  head_passes(g, [&](auto hc, int64_t h) {
+    constexpr int H = decltype(hc)::value;
+    pv<H, D>(sc.o + h * D, sc.s + h * kT, sc.alpha + h, vr, nj, vn, h == 0 ? npf : 0);
+  });
+}
+
+// A row of D from the kernel's order (bf16: [8 even | 8 odd] per 16) to the plain one, times mul.
+template <class T, int D> inline void unperm_row(const float* src, float mul, float* dst) {
+  for (int d = 0; d < D; ++d) dst[d] = src[std::is_same_v<T, float> ? d : d / 16 * 16 + perm_bf16(d % 16)] * mul;
 }
 
 // One work item: the query heads of kv heads [hk0, hk0 + nh) of sequence b, tokens of chunk ci. Steps of
@@ -166,8 +277,13 @@ template <class T, int D> void item(const Ctx& x, int64_t b, int64_t hk0, int64_
   const T* K = static_cast<const T*>(p.k);
   const T* V = static_cast<const T*>(p.v);
   for (int64_t h = 0; h < nh * g; ++h) {
-    for (int d = 0; d < D; d += 8)
-      _mm256_store_ps(sc.q + h * D + d, _mm256_mul_ps(avx2::load8(Q + h * D + d), _mm256_set1_ps(x.c)));
+    for (int d = 0; d < D; ++d) {  // scaled, in the loops' order
+      if constexpr (std::is_same_v<T, float>) {
+        sc.q[h * D + d] = Q[h * D + d] * x.c;
+      } else {
+        sc.q[h * D + d / 16 * 16 + perm_bf16(d % 16)] = bf16_to_float(Q[h * D + d]) * x.c;
+      }
+    }
     for (int d = 0; d < D; d += 8) _mm256_store_ps(sc.o + h * D + d, _mm256_setzero_ps());
     sc.m[h] = -std::numeric_limits<float>::infinity();
     sc.l[h] = 0.f;
@@ -193,40 +309,20 @@ template <class T, int D> void item(const Ctx& x, int64_t b, int64_t hk0, int64_
     attn::tile_rows(p, K, b, nhk, nts, nn, kn);
     attn::tile_rows(p, V, b, nhk, nts, nn, vn);
     const int64_t h0 = (hk - hk0) * g;
-    const Scratch hs{sc.q + h0 * D, sc.o + h0 * D, sc.s, sc.m + h0, sc.l + h0, sc.alpha, sc.kw, sc.vw};
+    const Scratch hs{sc.q + h0 * D, sc.o + h0 * D, sc.s, sc.m + h0, sc.l + h0, sc.alpha};
     ts = nts;
     hk = nhk;
-    if constexpr (std::is_same_v<T, u16>) {
-      // g heads would widen every bf16 element g times (load + vpmovzxwd + shift per 8 values, 3 uops
-      // per FMA); widen the tile once into L1 and run the fp32 loops on it.
-      if (g > 1) {
-        const float* kf[kT];
-        const float* vf[kT];
-        for (int64_t j = 0; j < kT; ++j) {
-          float* kd = sc.kw + j * D;
-          float* vd = sc.vw + j * D;
-          if (j < nj || j == 0)
-            for (int d = 0; d < D; d += 8) {
-              _mm256_store_ps(kd + d, avx2::load8(kr[j] + d));
-              _mm256_store_ps(vd + d, avx2::load8(vr[j] + d));
-            }
-          kf[j] = j < nj ? kd : sc.kw;
-          vf[j] = j < nj ? vd : sc.vw;
-        }
-        tile_compute<float, D>(hs, kf, vf, kn, vn, nj, nn, g);
-        continue;
-      }
-    }
-    tile_compute<T, D>(hs, kr, vr, kn, vn, nj, nn, g);
+    tile_compute<D, T>(hs, kr, vr, kn, vn, nj, nn, g);
   }
+  float row[D];
   for (int64_t hk = hk0; hk < hk0 + nh; ++hk) {
     const int64_t h0 = (hk - hk0) * g;
     if (x.nchunk == 1) {
       T* O = static_cast<T*>(p.o) + (b * p.Hq + hk * g) * D;
       for (int64_t h = 0; h < g; ++h) {
-        const __m256 inv = _mm256_set1_ps(1.f / sc.l[h0 + h]);
+        unperm_row<T, D>(sc.o + (h0 + h) * D, 1.f / sc.l[h0 + h], row);
         for (int d = 0; d < D; d += 8) {
-          const __m256 v = _mm256_mul_ps(_mm256_load_ps(sc.o + (h0 + h) * D + d), inv);
+          const __m256 v = _mm256_loadu_ps(row + d);
           if constexpr (std::is_same_v<T, float>) {
             _mm256_storeu_ps(O + h * D + d, v);
           } else {
@@ -238,7 +334,7 @@ template <class T, int D> void item(const Ctx& x, int64_t b, int64_t hk0, int64_
     }
     float* part = x.part + ((b * p.Hkv + hk) * x.nchunk + ci) * g * (D + 2);
     for (int64_t h = 0; h < g; ++h) {
-      std::copy(sc.o + (h0 + h) * D, sc.o + (h0 + h) * D + D, part + h * (D + 2));
+      unperm_row<T, D>(sc.o + (h0 + h) * D, 1.f, part + h * (D + 2));
       part[h * (D + 2) + D] = sc.m[h0 + h];
       part[h * (D + 2) + D + 1] = sc.l[h0 + h];
     }

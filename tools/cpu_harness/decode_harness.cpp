@@ -115,7 +115,8 @@ int main(int argc,char**argv){
   std::vector<Case> cs={{1,1,1,1,64,false,16,false},{3,8,8,100,128,false,16,true},{4,32,8,1000,128,true,16,true},{2,8,1,65,64,true,7,true},
    {5,16,2,513,128,true,32,true},{1,32,4,4096,128,false,16,false},{2,4,4,3,64,true,1,true},{8,32,32,257,128,true,16,false},{1,32,1,3000,128,true,16,false},
    {1,12,2,1025,64,false,16,false},{2,6,1,700,128,true,5,true},{3,24,3,63,128,false,16,true},{1,1,1,1023,128,true,1,false},
-   {2,8,4,300,128,false,16,true},{3,4,2,129,128,true,16,true}};  // g = 2 at D = 128: whole-row P.V
+   {2,8,4,300,128,false,16,true},{3,4,2,129,128,true,16,true},  // g = 2 at D = 128: whole-row P.V
+   {2,14,2,77,64,true,16,true}};  // g = 7: the AVX2 tier's passes of 4, 2 and 1 heads
   int fails=0;
   for(auto& c:cs) for(int bf=0;bf<2;++bf) for(int mode=0;mode<2;++mode) for(int nan=0;nan<2;++nan){
     double e = bf? run_case<uint16_t>(c,mode,nan,nullptr,0) : run_case<float>(c,mode,nan,nullptr,0);
