@@ -13,7 +13,7 @@
 //   softmax      online per head, base 2 (q carries scale * log2 e)
 //   o = a o + P V  strips of 64 / H columns for the H heads, each strip over the tile's rows, so every V
 //                row is read once
-// bf16 q and o keep each block of 16 in the loads' [even | odd] order (perm_bf16); the output goes back.
+// bf16 q and o keep each block of 16 in the loads' [even | odd] order; the output goes back (unperm_row).
 // The next tile's K and V rows are prefetched line by line, spread over this tile's loops (one tile = 16
 // KB of K and of V ahead at D = 128 fp32). Before (each head's own pass over K, bf16 tiles widened into
 // fp32 scratch first), decode harness, forced avx2 tier on a Zen 5, B8 Hq32 Hkv8 L4096 D128, 2 threads:
@@ -64,7 +64,7 @@ inline float exp2_s(float x) { return _mm256_cvtss_f32(avx2::exp2_ps(_mm256_set1
 
 // Elements per step of the loops: 8 floats (one 32-byte load), or 16 bf16 (one 32-byte load split into its
 // even and odd elements: a shift and a mask, no widening shuffle). bf16 q and o therefore hold each block of
-// 16 in that order, [8 even | 8 odd] (perm_bf16), and the output takes it back (unperm_bf16).
+// 16 in that order, [8 even | 8 odd], and the output takes it back (unperm_row).
 template <class T> constexpr int kStep = std::is_same_v<T, float> ? 8 : 16;
 template <class T> constexpr int kVecs = kStep<T> / 8;  // fp32 vectors per step
 
@@ -77,8 +77,6 @@ template <class T> inline __attribute__((always_inline)) void load_step(const T*
     x[1] = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));  // odd
   }
 }
-// Position in a block of 16 of bf16 element e: the even ones first, then the odd ones.
-constexpr int perm_bf16(int e) { return (e & 1) * 8 + e / 2; }
 
 // Marks loaded vectors as registers the compiler may not re-read from memory: left to itself GCC folds a
 // load used by several FMAs into each of them (4 loads of one V vector instead of 1), and the loads, not the
@@ -261,7 +259,18 @@ void tile_compute(const Scratch& sc, const T* const* kr, const T* const* vr, con
 
 // A row of D from the kernel's order (bf16: [8 even | 8 odd] per 16) to the plain one, times mul.
 template <class T, int D> inline void unperm_row(const float* src, float mul, float* dst) {
-  for (int d = 0; d < D; ++d) dst[d] = src[std::is_same_v<T, float> ? d : d / 16 * 16 + perm_bf16(d % 16)] * mul;
+  const __m256 m = _mm256_set1_ps(mul);
+  for (int d = 0; d < D; d += 16) {
+    const __m256 a = _mm256_mul_ps(_mm256_load_ps(src + d), m), b = _mm256_mul_ps(_mm256_load_ps(src + d + 8), m);
+    if constexpr (std::is_same_v<T, float>) {
+      _mm256_storeu_ps(dst + d, a);
+      _mm256_storeu_ps(dst + d + 8, b);
+    } else {  // a = elements 0, 2, .., 14, b = 1, 3, .., 15: interleave
+      const __m256 lo = _mm256_unpacklo_ps(a, b), hi = _mm256_unpackhi_ps(a, b);  // 0 1 2 3 8 9 10 11 | 4 5 6 7 12 ..
+      _mm256_storeu_ps(dst + d, _mm256_permute2f128_ps(lo, hi, 0x20));
+      _mm256_storeu_ps(dst + d + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+    }
+  }
 }
 
 // One work item: the query heads of kv heads [hk0, hk0 + nh) of sequence b, tokens of chunk ci. Steps of
@@ -277,12 +286,10 @@ template <class T, int D> void item(const Ctx& x, int64_t b, int64_t hk0, int64_
   const T* K = static_cast<const T*>(p.k);
   const T* V = static_cast<const T*>(p.v);
   for (int64_t h = 0; h < nh * g; ++h) {
-    for (int d = 0; d < D; ++d) {  // scaled, in the loops' order
-      if constexpr (std::is_same_v<T, float>) {
-        sc.q[h * D + d] = Q[h * D + d] * x.c;
-      } else {
-        sc.q[h * D + d / 16 * 16 + perm_bf16(d % 16)] = bf16_to_float(Q[h * D + d]) * x.c;
-      }
+    for (int d = 0; d < D; d += kStep<T>) {  // scaled, in the loops' order (load_step's)
+      __m256 v[kVecs<T>];
+      load_step(Q + h * D + d, v);
+      for (int i = 0; i < kVecs<T>; ++i) _mm256_store_ps(sc.q + h * D + d + 8 * i, _mm256_mul_ps(v[i], _mm256_set1_ps(x.c)));
     }
     for (int d = 0; d < D; d += 8) _mm256_store_ps(sc.o + h * D + d, _mm256_setzero_ps());
     sc.m[h] = -std::numeric_limits<float>::infinity();
