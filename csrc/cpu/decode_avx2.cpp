@@ -43,7 +43,6 @@ namespace {
 using u16 = uint16_t;
 using attn::AlignedBuf;
 using attn::round_up;
-using attn::prefetch_stream;
 
 constexpr int64_t kT = 32;        // tokens per tile: K and V tiles of 16 KB each at D = 128 fp32
 constexpr int64_t kMinChunk = 256;  // shortest context chunk worth a partial (as decode.cpp)
@@ -59,6 +58,19 @@ struct Ctx {
   float c;      // scale * log2(e)
   float* part;  // [B*Hkv][nchunk][g][D + 2] (o[D], m, l), or null
 };
+
+// One prefetch of a streamed K/V line, into L1 or L2 as the call's split says (attn::t_prefetch_l1, cpu.h
+// stream_prefetch). The level comes in as an argument, read from the thread-local once per item: in the
+// shared library a thread-local is read through a call to __tls_get_addr, and GCC left that call (with a
+// vzeroupper and every live ymm register spilled around it) beside each prefetch of the loops; the static
+// decode harness (an executable: its thread-locals are plain %fs loads) never showed it. Python, forced avx2
+// tier, B8 Hq32 Hkv8 L4096 D128 bf16, 1 thread: 11.3 -> 6.5 ms (notes/cpu_decode.md).
+inline __attribute__((always_inline)) void prefetch_line(const void* p, bool l1) {
+  if (l1)
+    _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+  else
+    _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1);
+}
 
 inline float exp2_s(float x) { return _mm256_cvtss_f32(avx2::exp2_ps(_mm256_set1_ps(x))); }
 
@@ -89,7 +101,8 @@ inline __attribute__((always_inline)) void in_regs(__m256 (&x)[2]) { asm("" : "+
 // + r] = score of head h, row r. The lines of pf[0..npf) (the next tile's rows) are prefetched spread over
 // the steps, about one per step.
 template <int H, int D, bool PF, class T>
-inline __attribute__((always_inline)) void dots(const float* q, const T* const* kr, float* s, const T* const* pf) {
+inline __attribute__((always_inline)) void dots(const float* q, const T* const* kr, float* s, const T* const* pf,
+                                                bool l1) {
   constexpr int R = 8 / H, E = kStep<T>, NX = kVecs<T>, Steps = D / E;
   constexpr int Lines = D * int(sizeof(T)) / 64, Total = R * Lines;
   // q's addresses as base + constant: left to itself GCC hoists all H x Steps of them out of the caller's
@@ -106,7 +119,7 @@ inline __attribute__((always_inline)) void dots(const float* q, const T* const* 
     if constexpr (PF)
 #pragma GCC unroll 8
       for (int l = i * Total / Steps; l < (i + 1) * Total / Steps; ++l)
-        prefetch_stream(reinterpret_cast<const char*>(pf[l % R]) + 64 * (l / R));
+        prefetch_line(reinterpret_cast<const char*>(pf[l % R]) + 64 * (l / R), l1);
     if constexpr (H * NX > 4) {  // bf16, 4 heads: the q vectors would not fit beside the rows; q outer
       __m256 x[R][NX];
 #pragma GCC unroll 8
@@ -163,7 +176,7 @@ inline __attribute__((always_inline)) void dots(const float* q, const T* const* 
 // tile's rows vn[0..nn).
 template <int H, int D, class T>
 inline __attribute__((always_inline)) void pv(float* o, const float* p, const float* alpha, const T* const* vr,
-                                              int64_t nj, const T* const* vn, int64_t nn) {
+                                              int64_t nj, const T* const* vn, int64_t nn, bool l1) {
   constexpr int W = 64 / H, NV = W / 8, E = kStep<T>, NX = kVecs<T>;
   static_assert(D % W == 0 && W % E == 0, "whole steps per strip, whole strips per row");
   for (int c0 = 0; c0 < D; c0 += W) {
@@ -180,7 +193,7 @@ inline __attribute__((always_inline)) void pv(float* o, const float* p, const fl
     for (int64_t j = 0; j < nj; ++j) {
       if (j < npf)
 #pragma GCC unroll 4
-        for (int l = 0; l < PL; ++l) prefetch_stream(reinterpret_cast<const char*>(vn[j] + c0) + 64 * l);
+        for (int l = 0; l < PL; ++l) prefetch_line(reinterpret_cast<const char*>(vn[j] + c0) + 64 * l, l1);
       __m256 w[H];
 #pragma GCC unroll 4
       for (int h = 0; h < H; ++h) w[h] = _mm256_broadcast_ss(p + h * kT + j);
@@ -231,17 +244,17 @@ template <class F> inline __attribute__((always_inline)) void head_passes(int64_
 // the score steps, the V rows' a strip at a time by the P.V strips (notes/cpu_decode.md).
 template <int D, class T>
 void tile_compute(const Scratch& sc, const T* const* kr, const T* const* vr, const T* const* kn, const T* const* vn,
-                  int64_t nj, int64_t nn, int64_t g) {
+                  int64_t nj, int64_t nn, int64_t g, bool l1) {
   const int64_t npf = kSwPrefetch ? nn : 0;
   head_passes(g, [&](auto hc, int64_t h) {
     constexpr int H = decltype(hc)::value, R = 8 / H;
     for (int64_t j = 0; j < nj; j += R) {
       if (h == 0 && j + R <= npf) {
-        dots<H, D, true>(sc.q + h * D, kr + j, sc.s + h * kT + j, kn + j);
+        dots<H, D, true>(sc.q + h * D, kr + j, sc.s + h * kT + j, kn + j, l1);
       } else {
-        dots<H, D, false>(sc.q + h * D, kr + j, sc.s + h * kT + j, kn + j);
+        dots<H, D, false>(sc.q + h * D, kr + j, sc.s + h * kT + j, kn + j, l1);
         for (int64_t u = j; h == 0 && u < std::min(j + R, npf); ++u)  // the last rows of a short next tile
-          for (int b = 0; b < D * int(sizeof(T)); b += 64) prefetch_stream(reinterpret_cast<const char*>(kn[u]) + b);
+          for (int b = 0; b < D * int(sizeof(T)); b += 64) prefetch_line(reinterpret_cast<const char*>(kn[u]) + b, l1);
       }
     }
   });
@@ -253,7 +266,7 @@ void tile_compute(const Scratch& sc, const T* const* kr, const T* const* vr, con
   }
   head_passes(g, [&](auto hc, int64_t h) {
     constexpr int H = decltype(hc)::value;
-    pv<H, D>(sc.o + h * D, sc.s + h * kT, sc.alpha + h, vr, nj, vn, h == 0 ? npf : 0);
+    pv<H, D>(sc.o + h * D, sc.s + h * kT, sc.alpha + h, vr, nj, vn, h == 0 ? npf : 0, l1);
   });
 }
 
@@ -295,6 +308,7 @@ template <class T, int D> void item(const Ctx& x, int64_t b, int64_t hk0, int64_
     sc.m[h] = -std::numeric_limits<float>::infinity();
     sc.l[h] = 0.f;
   }
+  const bool l1 = attn::t_prefetch_l1;  // once per item (prefetch_line)
   const T* kr[kT];
   const T* vr[kT];
   const T* kn[kT];  // the next step's rows
@@ -319,7 +333,7 @@ template <class T, int D> void item(const Ctx& x, int64_t b, int64_t hk0, int64_
     const Scratch hs{sc.q + h0 * D, sc.o + h0 * D, sc.s, sc.m + h0, sc.l + h0, sc.alpha};
     ts = nts;
     hk = nhk;
-    tile_compute<D, T>(hs, kr, vr, kn, vn, nj, nn, g);
+    tile_compute<D, T>(hs, kr, vr, kn, vn, nj, nn, g, l1);
   }
   float row[D];
   for (int64_t hk = hk0; hk < hk0 + nh; ++hk) {
