@@ -97,7 +97,7 @@ inline void tile_rows(const DecodeParams& p, const T* base, int64_t b, int64_t h
   }
 }
 
-// Where this thread's K/V prefetches go (prefetch_stream); run_decode_split sets it from the split.
+// Where this thread's K/V prefetches go (prefetch_stream's l1); run_decode_split sets it from the split.
 inline thread_local bool t_prefetch_l1 = false;
 // Whether this thread's decode also prefetches each K/V line a second time, nearer (decode.cpp pf_near_rows).
 inline thread_local bool t_prefetch_near = false;
@@ -133,10 +133,12 @@ void run_decode_split(const DecodeSplit& w, int64_t Hkv, Make make_scratch, Item
 
 #define PK_ALWAYS_INLINE inline __attribute__((always_inline))
 
-// One software prefetch of a streamed K/V line, to L1 or L2 as this thread's decode call chose
-// (t_prefetch_l1, from the split).
-PK_ALWAYS_INLINE void prefetch_stream(const void* p) {
-  if (t_prefetch_l1)
+// One software prefetch of a streamed K/V line, to L1 or L2 as this thread's decode call chose (l1: the
+// thread's t_prefetch_l1, from the split). The caller reads t_prefetch_l1 once per item and passes it down:
+// in the shared library every thread-local read is a __tls_get_addr call, and one left beside a prefetch in a
+// loop (with the vector registers spilled around it) cost the AVX2 decode ~40% (notes/cpu_decode.md).
+PK_ALWAYS_INLINE void prefetch_stream(const void* p, bool l1) {
+  if (l1)
     _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
   else
     _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1);

@@ -147,10 +147,13 @@ Pf item_pf() {
   return {pf_rows<D, ES>(), pf_near_rows<D, ES>(), attn::t_prefetch_near};
 }
 
-// Bytes [b0, b1) of a row (whole cache lines).
+// Bytes [b0, b1) of a row (whole cache lines). The level is this thread's t_prefetch_l1, read here: GCC hoists
+// that read out of the loops below (no __tls_get_addr call near a prefetch in the extension, checked with
+// objdump); passing it down from item_pf as the AVX2 kernel does would not depend on that (not done: it changes
+// the register allocation of the loops whose tables are committed; notes/cpu_decode.md).
 PK_ALWAYS_INLINE void prefetch_part(const char* r, int64_t b0, int64_t b1) {
 #pragma GCC unroll 8
-  for (int64_t c = b0; c < b1; c += 64) attn::prefetch_stream(r + c);
+  for (int64_t c = b0; c < b1; c += 64) attn::prefetch_stream(r + c, attn::t_prefetch_l1);
 }
 // The same, the second (near) prefetch, into L1. Its callers issue it only where the item has it (Pf).
 PK_ALWAYS_INLINE void prefetch_part_near(const char* r, int64_t b0, int64_t b1) {
@@ -268,7 +271,7 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void dots_quad8(const float* qq, const char* cons
       const __m512 q0 = _mm512_load_ps(qq + 16 * c), q1 = _mm512_load_ps(qq + 16 * c + 16);
       const __m512 q2 = _mm512_load_ps(qq + 16 * c + 32), q3 = _mm512_load_ps(qq + 16 * c + 48);
       if (16 * c >= pb0 && 16 * c < pb1)
-        for (int64_t i = 0; i < npre; ++i) attn::prefetch_stream(pf[i] + 16 * c);
+        for (int64_t i = 0; i < npre; ++i) attn::prefetch_stream(pf[i] + 16 * c, attn::t_prefetch_l1);
 #pragma GCC unroll 8
       for (int i = 0; i < 8; ++i) {
         const __m512 l = _mm512_loadu_ps(reinterpret_cast<const float*>(k[i] + 16 * c));
@@ -283,7 +286,7 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void dots_quad8(const float* qq, const char* cons
     for (int c = 0; c < NCH; ++c) {
       const __m512 qv = _mm512_load_ps(qq + 16 * c);
       if (c % 4 == 0 && 16 * c >= pb0 && 16 * c < pb1)
-        for (int64_t i = 0; i < npre; ++i) attn::prefetch_stream(pf[i] + 16 * c);
+        for (int64_t i = 0; i < npre; ++i) attn::prefetch_stream(pf[i] + 16 * c, attn::t_prefetch_l1);
 #pragma GCC unroll 8
       for (int i = 0; i < 8; ++i) {
         const __m512i kv = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(k[i] + 16 * c)));

@@ -59,19 +59,6 @@ struct Ctx {
   float* part;  // [B*Hkv][nchunk][g][D + 2] (o[D], m, l), or null
 };
 
-// One prefetch of a streamed K/V line, into L1 or L2 as the call's split says (attn::t_prefetch_l1, cpu.h
-// stream_prefetch). The level comes in as an argument, read from the thread-local once per item: in the
-// shared library a thread-local is read through a call to __tls_get_addr, and GCC left that call (with a
-// vzeroupper and every live ymm register spilled around it) beside each prefetch of the loops; the static
-// decode harness (an executable: its thread-locals are plain %fs loads) never showed it. Python, forced avx2
-// tier, B8 Hq32 Hkv8 L4096 D128 bf16, 1 thread: 11.3 -> 6.5 ms (notes/cpu_decode.md).
-inline __attribute__((always_inline)) void prefetch_line(const void* p, bool l1) {
-  if (l1)
-    _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
-  else
-    _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1);
-}
-
 inline float exp2_s(float x) { return _mm256_cvtss_f32(avx2::exp2_ps(_mm256_set1_ps(x))); }
 
 // Elements per step of the loops: 8 floats (one 32-byte load), or 16 bf16 (one 32-byte load split into its
@@ -120,7 +107,7 @@ inline __attribute__((always_inline)) void dots(const float* q, const T* const* 
     if constexpr (PF)
 #pragma GCC unroll 8
       for (int l = i * Total / Steps; l < (i + 1) * Total / Steps; ++l)
-        prefetch_line(reinterpret_cast<const char*>(pf[l % R]) + 64 * (l / R), l1);
+        attn::prefetch_stream(reinterpret_cast<const char*>(pf[l % R]) + 64 * (l / R), l1);
     if constexpr (H * NX > 4) {  // bf16, 4 heads: the q vectors would not fit beside the rows; q outer
       __m256 x[R][NX];
 #pragma GCC unroll 8
@@ -194,7 +181,8 @@ inline __attribute__((always_inline)) void pv(float* o, const float* p, const fl
     for (int64_t j = 0; j < nj; ++j) {
       if (j < npf)
 #pragma GCC unroll 4
-        for (int l = 0; l < PL; ++l) prefetch_line(reinterpret_cast<const char*>(vn[j] + c0) + 64 * l, l1);
+        for (int l = 0; l < PL; ++l)
+          attn::prefetch_stream(reinterpret_cast<const char*>(vn[j] + c0) + 64 * l, l1);
       __m256 w[H];
 #pragma GCC unroll 4
       for (int h = 0; h < H; ++h) w[h] = _mm256_broadcast_ss(p + h * kT + j);
@@ -255,7 +243,8 @@ void tile_compute(const Scratch& sc, const T* const* kr, const T* const* vr, con
       } else {
         dots<H, D, false>(sc.q + h * D, kr + j, sc.s + h * kT + j, kn + j, l1);
         for (int64_t u = j; h == 0 && u < std::min(j + R, npf); ++u)  // the last rows of a short next tile
-          for (int b = 0; b < D * int(sizeof(T)); b += 64) prefetch_line(reinterpret_cast<const char*>(kn[u]) + b, l1);
+          for (int b = 0; b < D * int(sizeof(T)); b += 64)
+            attn::prefetch_stream(reinterpret_cast<const char*>(kn[u]) + b, l1);
       }
     }
   });
@@ -309,7 +298,7 @@ template <class T, int D> void item(const Ctx& x, int64_t b, int64_t hk0, int64_
     sc.m[h] = -std::numeric_limits<float>::infinity();
     sc.l[h] = 0.f;
   }
-  const bool l1 = attn::t_prefetch_l1;  // once per item (prefetch_line)
+  const bool l1 = attn::t_prefetch_l1;  // once per item (attn::prefetch_stream)
   const T* kr[kT];
   const T* vr[kT];
   const T* kn[kT];  // the next step's rows
