@@ -86,8 +86,8 @@ inline __attribute__((always_inline)) void in_regs(__m256 (&x)[2]) { asm("" : "+
 
 // Scores of H heads (q: H rows of D, scaled, bf16 order for bf16) against the R = 8 / H rows kr[0..R): one
 // load of each K step feeds all H heads, 8 accumulators, one transposed sum (hsum8: lane h * R + r). s[h * kT
-// + r] = score of head h, row r. The lines of pf[0..npf) (the next tile's rows) are prefetched spread over
-// the steps, about one per step.
+// + r] = score of head h, row r. With PF, the lines of the R rows pf[0..R) (the next tile's) are prefetched,
+// spread over the steps (about one per step), into L1 or L2 as l1 says.
 template <int H, int D, bool PF, class T>
 inline __attribute__((always_inline)) void dots(const float* q, const T* const* kr, float* s, const T* const* pf,
                                                 bool l1) {
