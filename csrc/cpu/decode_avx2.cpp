@@ -260,18 +260,23 @@ void tile_compute(const Scratch& sc, const T* const* kr, const T* const* vr, con
   });
 }
 
-// A row of D from the kernel's order (bf16: [8 even | 8 odd] per 16) to the plain one, times mul.
-template <class T, int D> inline void unperm_row(const float* src, float mul, float* dst) {
+// 8 floats to the output's type: fp32 as they are, bf16 rounded to nearest even.
+inline void store8(float* dst, __m256 v) { _mm256_storeu_ps(dst, v); }
+inline void store8(u16* dst, __m256 v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), avx2::narrow_bf16(v)); }
+
+// A row of D from the kernel's order (T = bf16: [8 even | 8 odd] per 16) to the plain one, times mul, stored as
+// Out (the output's type, or fp32 for a chunk's partial).
+template <class T, int D, class Out> inline void unperm_row(const float* src, float mul, Out* dst) {
   const __m256 m = _mm256_set1_ps(mul);
   for (int d = 0; d < D; d += 16) {
     const __m256 a = _mm256_mul_ps(_mm256_load_ps(src + d), m), b = _mm256_mul_ps(_mm256_load_ps(src + d + 8), m);
     if constexpr (std::is_same_v<T, float>) {
-      _mm256_storeu_ps(dst + d, a);
-      _mm256_storeu_ps(dst + d + 8, b);
+      store8(dst + d, a);
+      store8(dst + d + 8, b);
     } else {  // a = elements 0, 2, .., 14, b = 1, 3, .., 15: interleave
       const __m256 lo = _mm256_unpacklo_ps(a, b), hi = _mm256_unpackhi_ps(a, b);  // 0 1 2 3 8 9 10 11 | 4 5 6 7 12 ..
-      _mm256_storeu_ps(dst + d, _mm256_permute2f128_ps(lo, hi, 0x20));
-      _mm256_storeu_ps(dst + d + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+      store8(dst + d, _mm256_permute2f128_ps(lo, hi, 0x20));
+      store8(dst + d + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
     }
   }
 }
@@ -325,22 +330,11 @@ template <class T, int D> void item(const Ctx& x, int64_t b, int64_t hk0, int64_
     hk = nhk;
     tile_compute<D, T>(hs, kr, vr, kn, vn, nj, nn, g, l1);
   }
-  float row[D];
   for (int64_t hk = hk0; hk < hk0 + nh; ++hk) {
     const int64_t h0 = (hk - hk0) * g;
     if (x.nchunk == 1) {
       T* O = static_cast<T*>(p.o) + (b * p.Hq + hk * g) * D;
-      for (int64_t h = 0; h < g; ++h) {
-        unperm_row<T, D>(sc.o + (h0 + h) * D, 1.f / sc.l[h0 + h], row);
-        for (int d = 0; d < D; d += 8) {
-          const __m256 v = _mm256_loadu_ps(row + d);
-          if constexpr (std::is_same_v<T, float>) {
-            _mm256_storeu_ps(O + h * D + d, v);
-          } else {
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(O + h * D + d), avx2::narrow_bf16(v));
-          }
-        }
-      }
+      for (int64_t h = 0; h < g; ++h) unperm_row<T, D>(sc.o + (h0 + h) * D, 1.f / sc.l[h0 + h], O + h * D);
       continue;
     }
     float* part = x.part + ((b * p.Hkv + hk) * x.nchunk + ci) * g * (D + 2);
