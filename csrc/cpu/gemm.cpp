@@ -43,6 +43,7 @@
 #include "cpu/scalar.h"
 #include "cpu/scratch.h"
 #include "cpu/team.h"
+#include "cpu/vec_portable.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define PK_X86 1
@@ -486,22 +487,42 @@ template <int64_t NR> struct PlainPack {
   }
 };
 
-// ---- portable policy: plain C++, vectorized by the compiler for the build's target ---------------
-struct Portable : PlainPack<16> {
+// ---- portable policy: plain C++ on the target's vectors (vec_portable.h), no intrinsics ------------------
+// Micro-tile MR = 6 rows x 2 vectors: 12 accumulators + 2 of B + 1 broadcast fit 16 vector registers (x86
+// SSE / AVX2; 32 on AVX-512, NEON, RVV). Per k step: 2 loads of B, 6 broadcasts of A, 12 multiply-adds
+// (contracted to FMA where the target has it). bf16 is widened to fp32 while packing (PlainPack).
+struct Portable : PlainPack<2 * pv::kLanes> {
   using Elem = float;
   using TileFn = void (*)(const float*, const float*, int64_t, const Out&, int64_t, int64_t, int);
-  // 6 x 16 floats = 96 accumulators: 12 ymm with AVX2 (room left for B and the broadcast).
-  static constexpr int64_t MR = 6, NR = 16, KG = 1, KC = 256, NC = 512;
+  static constexpr int64_t MR = 6, NR = 2 * pv::kLanes, KG = 1, KC = 256, NC = 512;
 
   template <int R> static void tile_r(const float* a, const float* b, int64_t kcu, const Out& o, int64_t row,
                                       int64_t col, int nc) {
-    float acc[R][NR] = {};
-    for (int64_t k = 0; k < kcu; ++k)
+    pv::vf acc[R][2];
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = pv::vf{};
+    for (int64_t k = 0; k < kcu; ++k) {
+      const pv::vf b0 = pv::load(b + k * NR), b1 = pv::load(b + k * NR + pv::kLanes);
+#pragma GCC unroll 6
       for (int r = 0; r < R; ++r) {
         const float av = a[k * R + r];
-        for (int j = 0; j < NR; ++j) acc[r][j] += av * b[k * NR + j];
+        acc[r][0] += b0 * av;
+        acc[r][1] += b1 * av;
       }
-    store_tile<R, NR>(acc, o, row, col, nc);
+    }
+    if (nc == NR && !o.to_bf16) {  // full fp32 tile: vector loads and stores of C
+#pragma GCC unroll 6
+      for (int r = 0; r < R; ++r) {
+        float* c = o.f + (row + r) * o.ldf + col;
+        for (int v = 0; v < 2; ++v) pv::store(c + v * pv::kLanes, o.acc ? acc[r][v] + pv::load(c + v * pv::kLanes) : acc[r][v]);
+      }
+      return;
+    }
+    float t[R][NR];
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < 2; ++v) pv::store(&t[r][v * pv::kLanes], acc[r][v]);
+    store_tile<R, NR>(t, o, row, col, nc);
   }
 };
 
