@@ -23,7 +23,8 @@
 //                  (mask), accumulated de-interleaved and re-interleaved once at the end.
 // Paths, chosen at run time from CPUID (cpu_features.cpp): fp32 (AVX-512F); bf16 with AVX512_BF16
 // (vdpbf16ps for q.K, exact products); bf16 with AVX-512F only (K widened like V); no AVX-512 or a
-// head dim other than 64/128: portable scalar online softmax (correct, not fast). aarch64 (tier neon),
+// head dim other than 64/128: the portable path (run_portable: the target's vectors through GCC / Clang vector
+// extensions, all g heads per K/V row). aarch64 (tier neon),
 // D 64/128: decode_neon.cpp (NEON, heads in the lanes for q.K; fp32 fmla, bf16 widened in registers).
 // Rows past a sequence's length (and blocks it does not own) are never read, so whatever they hold
 // (NaN included) cannot reach the output. Inputs were checked by csrc/bindings.cpp (context_lens in
@@ -43,6 +44,7 @@
 #include "cpu/cpu.h"
 #include "cpu/scalar.h"
 #include "cpu/vec.h"
+#include "cpu/vec_portable.h"
 
 namespace pk::cpu {
 namespace {
@@ -779,49 +781,172 @@ void run_avx512(const DecodeParams& p) {
 
 #endif  // __x86_64__
 
-// ---- portable path: one query head at a time, online softmax, scalar -----------------------------
+// ---- portable path: plain C++ on the target's vectors (vec_portable.h), any head dim ------------------
+// The AVX2 tier's work split (attn::split_decode: items of (sequence, kv head, context chunk), partials
+// merged when a context is split); per item all g query heads of the kv head, so each K/V row is read
+// once: per tile of kPt tokens, each K row (bf16 widened, or a head dim that is not a whole number of
+// vectors, copied into a padded row first) is dotted with the g query rows, the scores go through an
+// online softmax (vector exp2, base 2), and each V row is added into the g output rows.
+constexpr int64_t kPt = 32;
+
+template <typename T> struct PortableItem {
+  const DecodeParams* p;
+  int64_t g, Dp, chunk, nchunk;
+  float c;
+  float* part;  // [B*Hkv][nchunk][g][Dp + 2] (o, m, l), or null
+};
+
+// Row r (D values) as Dp floats at dst, zero past D: for a head dim that is not a whole number of vectors.
+template <typename T> inline const float* padded_row(const T* r, int64_t D, int64_t Dp, float* dst) {
+  for (int64_t d = 0; d < D; ++d) dst[d] = load_f(r, d);
+  for (int64_t d = D; d < Dp; ++d) dst[d] = 0.f;
+  return dst;
+}
+
+// The dot products of K row k with the g query rows q [g][Dp] (S), or the row added into the g output rows
+// o [g][Dp] with weights e[h * kPt] (P.V); vectors read as R (float, or bf16 widened in registers).
+inline pv::vf vload(const float* p) { return pv::load(p); }
+inline pv::vf vload(const bf16* p) { return pv::load(reinterpret_cast<const uint16_t*>(p)); }
+// H heads at a time, so each vector of the row is loaded (and widened) once for all of them.
+template <int H, class R> inline void row_dots_h(const R* k, const float* q, int64_t Dp, float* s) {
+  pv::vf a[H] = {};
+  for (int64_t v = 0; v < Dp / pv::kLanes; ++v) {
+    const pv::vf kv = vload(k + v * pv::kLanes);
+    for (int i = 0; i < H; ++i) a[i] += pv::load(q + i * Dp + v * pv::kLanes) * kv;
+  }
+  for (int i = 0; i < H; ++i) s[i * kPt] = pv::hsum(a[i]);
+}
+template <class R> inline void row_dots(const R* k, const float* q, int64_t g, int64_t Dp, float* s) {
+  int64_t h = 0;
+  for (; h + 4 <= g; h += 4) row_dots_h<4>(k, q + h * Dp, Dp, s + h * kPt);
+  for (; h < g; ++h) row_dots_h<1>(k, q + h * Dp, Dp, s + h * kPt);
+}
+template <int H, class R> inline void row_add_h(const R* vr, const float* e, int64_t Dp, float* o) {
+  float w[H];
+  for (int i = 0; i < H; ++i) w[i] = e[i * kPt];
+  for (int64_t v = 0; v < Dp / pv::kLanes; ++v) {
+    const pv::vf x = vload(vr + v * pv::kLanes);
+    for (int i = 0; i < H; ++i) pv::store(o + i * Dp + v * pv::kLanes, pv::load(o + i * Dp + v * pv::kLanes) + x * w[i]);
+  }
+}
+template <class R> inline void row_add(const R* vr, const float* e, int64_t g, int64_t Dp, float* o) {
+  int64_t h = 0;
+  for (; h + 4 <= g; h += 4) row_add_h<4>(vr, e + h * kPt, Dp, o + h * Dp);
+  for (; h < g; ++h) row_add_h<1>(vr, e + h * kPt, Dp, o + h * Dp);
+}
+
 template <typename T>
-void run_scalar(const DecodeParams& p) {
-  const T* Q = static_cast<const T*>(p.q);
+void portable_item(const PortableItem<T>& x, int64_t b, int64_t hk, int64_t ci, float* sc) {
+  const DecodeParams& p = *x.p;
+  const int64_t g = x.g, D = p.D, Dp = x.Dp, nv = Dp / pv::kLanes;
+  const int64_t n = p.context_lens[b], t0 = ci * x.chunk, t1 = std::min(n, t0 + x.chunk);
+  // scratch: q [g][Dp], o [g][Dp], s [g][kPt], m [g], l [g], row [Dp]
+  float *q = sc, *o = q + g * Dp, *s = o + g * Dp, *m = s + g * kPt, *l = m + g, *row = l + g;
+  using pv::vf;
+  const T* Q = static_cast<const T*>(p.q) + (b * p.Hq + hk * g) * D;
+  for (int64_t h = 0; h < g; ++h) {
+    for (int64_t d = 0; d < Dp; ++d) {
+      q[h * Dp + d] = d < D ? load_f(Q, h * D + d) * x.c : 0.f;
+      o[h * Dp + d] = 0.f;
+    }
+    m[h] = -std::numeric_limits<float>::infinity();
+    l[h] = 0.f;
+  }
   const T* K = static_cast<const T*>(p.k);
   const T* V = static_cast<const T*>(p.v);
-  T* O = static_cast<T*>(p.o);
-  const int64_t D = p.D, g = p.Hq / p.Hkv;
-  const float c = p.scale * attn::kLog2e;
-#pragma omp parallel if (!omp_in_parallel())
-  {
-    std::vector<float> q(D), acc(D), s(kT);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t bh = 0; bh < p.B * p.Hq; ++bh) {
-      const int64_t b = bh / p.Hq, hk = (bh % p.Hq) / g, n = p.context_lens[b];
-      for (int64_t d = 0; d < D; ++d) q[d] = load_f(Q, bh * D + d) * c;
-      std::fill(acc.begin(), acc.end(), 0.f);
-      float m = -std::numeric_limits<float>::infinity(), l = 0.f;
-      for (int64_t j0 = 0; j0 < n; j0 += kT) {
-        const int64_t nj = std::min(kT, n - j0);
-        float mx = m;
-        for (int64_t j = 0; j < nj; ++j) {
-          const T* kr = row_ptr(p, K, b, hk, j0 + j);
-          float dot = 0.f;
-          for (int64_t d = 0; d < D; ++d) dot += q[d] * load_f(kr, d);
-          s[j] = dot;
-          mx = std::fmax(mx, dot);
-        }
-        const float mu = mx == -std::numeric_limits<float>::infinity() ? 0.f : mx;
-        const float alpha = std::exp2(m - mu);
-        l *= alpha;
-        for (int64_t d = 0; d < D; ++d) acc[d] *= alpha;
-        for (int64_t j = 0; j < nj; ++j) {
-          const float e = std::exp2(s[j] - mu);
-          l += e;
-          const T* vr = row_ptr(p, V, b, hk, j0 + j);
-          for (int64_t d = 0; d < D; ++d) acc[d] += e * load_f(vr, d);
-        }
-        m = mx;
+  const T *kr[kPt], *kn[kPt], *vn[kPt];
+  const T* vr[kPt];
+  const int64_t rowb = D * static_cast<int64_t>(sizeof(T));
+  attn::tile_rows(p, K, b, hk, t0, std::min(kPt, t1 - t0), kn);
+  attn::tile_rows(p, V, b, hk, t0, std::min(kPt, t1 - t0), vn);
+  for (int64_t j0 = t0; j0 < t1; j0 += kPt) {
+    const int64_t nj = std::min(kPt, t1 - j0), nn = std::max<int64_t>(0, std::min(kPt, t1 - j0 - kPt));
+    std::copy(kn, kn + nj, kr);
+    std::copy(vn, vn + nj, vr);
+    attn::tile_rows(p, K, b, hk, j0 + kPt, nn, kn);  // the next tile's rows, prefetched row by row below
+    attn::tile_rows(p, V, b, hk, j0 + kPt, nn, vn);
+    for (int64_t j = 0; j < nj; ++j) {
+      if (j < nn)
+        for (int64_t c = 0; c < rowb; c += 64) __builtin_prefetch(reinterpret_cast<const char*>(kn[j]) + c);
+      if (D == Dp)
+        row_dots(kr[j], q, g, Dp, s + j);
+      else
+        row_dots(padded_row(kr[j], D, Dp, row), q, g, Dp, s + j);
+    }
+    for (int64_t h = 0; h < g; ++h) {
+      float* sh = s + h * kPt;
+      float mx = m[h];
+      for (int64_t j = 0; j < nj; ++j) mx = std::fmax(mx, sh[j]);  // a NaN score is passed over here and
+      const float mu = mx == -std::numeric_limits<float>::infinity() ? 0.f : mx;  // reaches l and o via exp2
+      const float alpha = pv::exp2(pv::splat(m[h] - mu))[0];
+      for (int64_t j = nj; j < kPt; ++j) sh[j] = -std::numeric_limits<float>::infinity();
+      float sum = 0.f;
+      for (int64_t j = 0; j < kPt; j += pv::kLanes) {
+        const vf e = pv::exp2(pv::load(sh + j) - mu);
+        pv::store(sh + j, e);
       }
-      for (int64_t d = 0; d < D; ++d) store_f(O, bh * D + d, acc[d] / l);
+      for (int64_t j = 0; j < nj; ++j) sum += sh[j];
+      l[h] = l[h] * alpha + sum;
+      m[h] = mx;
+      for (int64_t v = 0; v < nv; ++v) pv::store(o + h * Dp + v * pv::kLanes, pv::load(o + h * Dp + v * pv::kLanes) * alpha);
+    }
+    for (int64_t j = 0; j < nj; ++j) {
+      if (j < nn)
+        for (int64_t c = 0; c < rowb; c += 64) __builtin_prefetch(reinterpret_cast<const char*>(vn[j]) + c);
+      if (D == Dp)
+        row_add(vr[j], s + j, g, Dp, o);
+      else
+        row_add(padded_row(vr[j], D, Dp, row), s + j, g, Dp, o);
     }
   }
+  if (x.part == nullptr) {
+    T* O = static_cast<T*>(p.o) + (b * p.Hq + hk * g) * D;
+    for (int64_t h = 0; h < g; ++h)
+      for (int64_t d = 0; d < D; ++d) store_f(O, h * D + d, o[h * Dp + d] / l[h]);
+    return;
+  }
+  float* part = x.part + ((b * p.Hkv + hk) * x.nchunk + ci) * g * (Dp + 2);
+  for (int64_t h = 0; h < g; ++h) {
+    std::copy(o + h * Dp, o + (h + 1) * Dp, part + h * (Dp + 2));
+    part[h * (Dp + 2) + Dp] = m[h];
+    part[h * (Dp + 2) + Dp + 1] = l[h];
+  }
+}
+
+// The chunk partials of (b, hk) merged into its g output rows (log-sum-exp, base 2).
+template <typename T> void portable_merge(const PortableItem<T>& x, int64_t b, int64_t hk, float* acc) {
+  const DecodeParams& p = *x.p;
+  const int64_t g = x.g, D = p.D, Dp = x.Dp, nc = (p.context_lens[b] + x.chunk - 1) / x.chunk;
+  const float* part = x.part + (b * p.Hkv + hk) * x.nchunk * g * (Dp + 2);
+  T* O = static_cast<T*>(p.o) + (b * p.Hq + hk * g) * D;
+  for (int64_t h = 0; h < g; ++h) {
+    float M = -std::numeric_limits<float>::infinity();
+    for (int64_t c = 0; c < nc; ++c) M = std::max(M, part[(c * g + h) * (Dp + 2) + Dp]);
+    float L = 0.f;
+    std::fill(acc, acc + D, 0.f);
+    for (int64_t c = 0; c < nc; ++c) {
+      const float* r = part + (c * g + h) * (Dp + 2);
+      const float w = pv::exp2(pv::splat(r[Dp] - M))[0];
+      L += w * r[Dp + 1];
+      for (int64_t d = 0; d < D; ++d) acc[d] += w * r[d];
+    }
+    for (int64_t d = 0; d < D; ++d) store_f(O, h * D + d, acc[d] / L);
+  }
+}
+
+template <typename T>
+void run_portable(const DecodeParams& p) {
+  const int64_t g = p.Hq / p.Hkv, Dp = attn::round_up(p.D, int64_t(pv::kLanes));
+  const attn::DecodeSplit w = attn::split_decode(p, sizeof(T), kPt, omp_in_parallel() ? 1 : omp_get_max_threads());
+  AlignedBuf part(w.nchunk > 1 ? static_cast<size_t>(p.B * p.Hkv * w.nchunk * g * (Dp + 2) * 4) : 0);
+  const PortableItem<T> x{&p, g, Dp, w.chunk, w.nchunk, p.scale * attn::kLog2e, w.nchunk > 1 ? part.as<float>() : nullptr};
+  const size_t scratch = static_cast<size_t>((2 * g * Dp + g * kPt + 2 * g + Dp + p.D) * 4);
+  attn::run_decode_split(
+      w, p.Hkv, [&] { return AlignedBuf(scratch); },
+      [&](int64_t b, int64_t hk, int64_t c, const AlignedBuf& t) { portable_item<T>(x, b, hk, c, t.as<float>()); },
+      [&](int64_t b, int64_t hk, const AlignedBuf& t) {
+        portable_merge<T>(x, b, hk, t.as<float>() + 2 * g * Dp + g * kPt + 2 * g + Dp);
+      });
 }
 
 template <typename T>
@@ -842,7 +967,7 @@ void dispatch(const DecodeParams& p) {
 #if defined(__aarch64__)
   if (enabled().neon && (p.D == 64 || p.D == 128)) return decode_neon(p);
 #endif
-  run_scalar<T>(p);
+  run_portable<T>(p);
 }
 
 }  // namespace

@@ -60,7 +60,7 @@ unsigned linear_probe(const char* K, const char* V, size_t nbytes) {
   }
   return total;
 }
-template<typename T> double run_case(const Case& c, int mode /*0 dispatch, 1 scalar*/, bool nanpad, double* secs, int reps){
+template<typename T> double run_case(const Case& c, int mode /*0 dispatch, 1 the portable path*/, bool nanpad, double* secs, int reps){
   std::mt19937 rng(1234); std::normal_distribution<float> nd(0,1);
   std::vector<int32_t> lens(c.B);
   for(int64_t b=0;b<c.B;++b) lens[b]= c.ragged? std::max<int64_t>(1, c.L - (b*c.L)/c.B) : c.L;
@@ -84,7 +84,7 @@ template<typename T> double run_case(const Case& c, int mode /*0 dispatch, 1 sca
     for(int64_t b=0;b<c.B;++b) for(int64_t hk=0;hk<c.Hkv;++hk) for(int64_t t=0;t<lens[b];++t) used[(row_ptr(p,k.data(),b,hk,t)-k.data())/c.D]=1;
     for(int64_t r=0;r<(int64_t)used.size();++r) if(!used[r]) for(int64_t x=0;x<c.D;++x){k[r*c.D+x]=cv<T>(NAN); v[r*c.D+x]=cv<T>(NAN);} }
   const bool probe=getenv("PROBE")!=nullptr, bfw=getenv("BFW")!=nullptr, nocopy=getenv("NOCOPY")!=nullptr;  // read once, outside the timed calls
-  auto call=[&]{ if(probe){ volatile unsigned f=linear_probe(reinterpret_cast<const char*>(k.data()), reinterpret_cast<const char*>(v.data()), k.size()*sizeof(T)); (void)f; return; } if constexpr(!std::is_same_v<T,float>){ if(mode==0 && bfw){ if(c.D==128) run_avx512<bf16,Kind::bf16_w,128>(p); else run_avx512<bf16,Kind::bf16_w,64>(p); return;} } if(mode==1) run_scalar<std::conditional_t<std::is_same_v<T,float>,float,bf16>>(p); else decode(p);};
+  auto call=[&]{ if(probe){ volatile unsigned f=linear_probe(reinterpret_cast<const char*>(k.data()), reinterpret_cast<const char*>(v.data()), k.size()*sizeof(T)); (void)f; return; } if constexpr(!std::is_same_v<T,float>){ if(mode==0 && bfw){ if(c.D==128) run_avx512<bf16,Kind::bf16_w,128>(p); else run_avx512<bf16,Kind::bf16_w,64>(p); return;} } if(mode==1) run_portable<std::conditional_t<std::is_same_v<T,float>,float,bf16>>(p); else decode(p);};
   call();
   double err=0, mref=0; for(size_t i=0;i<o.size();++i){ double d=ld(o,i); err=std::max(err,std::fabs(d-ref[i])); mref=std::max(mref,std::fabs(ref[i])); if(std::isnan(d)) err=INFINITY;}
   if(secs){ size_t kvb=0; for(auto n:lens) kvb+=2*(size_t)n*c.Hkv*c.D*sizeof(T);
@@ -116,7 +116,8 @@ int main(int argc,char**argv){
    {5,16,2,513,128,true,32,true},{1,32,4,4096,128,false,16,false},{2,4,4,3,64,true,1,true},{8,32,32,257,128,true,16,false},{1,32,1,3000,128,true,16,false},
    {1,12,2,1025,64,false,16,false},{2,6,1,700,128,true,5,true},{3,24,3,63,128,false,16,true},{1,1,1,1023,128,true,1,false},
    {2,8,4,300,128,false,16,true},{3,4,2,129,128,true,16,true},  // g = 2 at D = 128: whole-row P.V
-   {2,14,2,77,64,true,16,true}};  // g = 7: the AVX2 tier's passes of 4, 2 and 1 heads
+   {2,14,2,77,64,true,16,true},  // g = 7: the AVX2 tier's passes of 4, 2 and 1 heads
+   {2,6,2,150,80,true,16,true},{1,4,4,600,40,false,16,false}};  // other head dims: the portable path on every tier
   int fails=0;
   for(auto& c:cs) for(int bf=0;bf<2;++bf) for(int mode=0;mode<2;++mode) for(int nan=0;nan<2;++nan){
     double e = bf? run_case<uint16_t>(c,mode,nan,nullptr,0) : run_case<float>(c,mode,nan,nullptr,0);
