@@ -16,7 +16,9 @@
 //                          [32][D] row pairs, P rounded to bf16 (as FlashAttention-2 does on GPUs).
 //   bf16, AVX-512F only   K, V widened to fp32 in the packing pass, then the fp32 path.
 //   NEON (tier neon)      aarch64: blocked NEON flash attention, fp32 (bf16 widened): attention_neon.cpp.
-//   no AVX-512            portable scalar online softmax (correct, not fast).
+//   AVX2 (tier avx2)      attention_avx2.cpp.
+//   portable              the target's vectors through GCC / Clang vector extensions (run_portable: K and V
+//                          packed to fp32 per call, 6-row x 2-vector micro-kernels for both products).
 // Inputs were checked by csrc/bindings.cpp. All index arithmetic is 64-bit.
 #include <algorithm>
 #include <atomic>
@@ -33,6 +35,7 @@
 #include "cpu/scratch.h"
 #include "cpu/team.h"
 #include "cpu/vec.h"
+#include "cpu/vec_portable.h"
 
 namespace pk::cpu {
 namespace {
@@ -677,48 +680,163 @@ void run_avx512(const AttentionParams& p, bool dp) {
 #endif
 }
 
-// ---- portable path: one query row at a time, online softmax, scalar ------------------------------
+// ---- portable path: plain C++ on the target's vectors (vec_portable.h), no intrinsics ----------------
+// Flash attention as two register-blocked products per tile, both shaped like the portable GEMM
+// micro-kernel (gemm.cpp: up to 6 rows x 2 vectors of accumulators): scores = Q K^T against K packed
+// transposed per tile ([D][kPk] fp32), and O += P V against V rows (fp32, padded to whole pairs of
+// vectors); online softmax in base 2 between them (vector exp2). Work item = (sequence, query head, block
+// of kPq query rows), dynamically scheduled, heaviest first under a causal mask.
+constexpr int64_t kPq = 64;  // query rows per item
+constexpr int kPr = 6;       // rows per micro-block
+constexpr int64_t kPk = 64;  // keys per tile
+static_assert(kPk % (2 * pv::kLanes) == 0, "a tile is whole pairs of vectors");
+
+struct PortableCtx {
+  const AttentionParams* p;
+  int64_t g, Dp, nt;
+  float c;            // scale * log2(e)
+  const float* kt;    // [B*Hkv][nt][D][kPk]: K transposed per tile, keys past S zero
+  const float* vf;    // [B*Hkv][nt*kPk][Dp]: V rows, zero past S and past D
+};
+
+// s[r][0, kPk) = q rows r0.. (scaled) . keys of tile kt (transposed), R rows.
+template <int R> void portable_scores(const float* q, int64_t D, const float* kt, float* s) {
+  constexpr int L = pv::kLanes;
+  for (int64_t kc = 0; kc < kPk; kc += 2 * L) {
+    pv::vf acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = pv::vf{};
+    for (int64_t d = 0; d < D; ++d) {
+      const pv::vf b0 = pv::load(kt + d * kPk + kc), b1 = pv::load(kt + d * kPk + kc + L);
+      for (int r = 0; r < R; ++r) {
+        const float a = q[r * D + d];
+        acc[r][0] += b0 * a;
+        acc[r][1] += b1 * a;
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      pv::store(s + r * kPk + kc, acc[r][0]);
+      pv::store(s + r * kPk + kc + L, acc[r][1]);
+    }
+  }
+}
+
+// o[r][0, Dp) += sum over j < nj of p[r][j] * v[j], R rows.
+template <int R> void portable_pv(const float* pr, const float* v, int64_t nj, int64_t Dp, float* o) {
+  constexpr int L = pv::kLanes;
+  for (int64_t c = 0; c < Dp; c += 2 * L) {
+    pv::vf acc[R][2];
+    for (int r = 0; r < R; ++r) {
+      acc[r][0] = pv::load(o + r * Dp + c);
+      acc[r][1] = pv::load(o + r * Dp + c + L);
+    }
+    for (int64_t j = 0; j < nj; ++j) {
+      const pv::vf b0 = pv::load(v + j * Dp + c), b1 = pv::load(v + j * Dp + c + L);
+      for (int r = 0; r < R; ++r) {
+        const float a = pr[r * kPk + j];
+        acc[r][0] += b0 * a;
+        acc[r][1] += b1 * a;
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      pv::store(o + r * Dp + c, acc[r][0]);
+      pv::store(o + r * Dp + c + L, acc[r][1]);
+    }
+  }
+}
+
+// One micro-block of R rows (first query position pos0) against tile t: scores, mask, online softmax, P.V.
+template <int R>
+void portable_block(const PortableCtx& x, int64_t bkv, int64_t t, int64_t pos0, const float* q, float* o, float* m,
+                    float* l, float* s) {
+  const AttentionParams& p = *x.p;
+  const int64_t S = p.S, D = p.D, kt0 = t * kPk, nk = std::min(kPk, S - kt0);
+  portable_scores<R>(q, D, x.kt + (bkv * x.nt + t) * D * kPk, s);
+  const float ninf = -std::numeric_limits<float>::infinity();
+  int64_t nj = nk;  // keys any row of the block sees
+  if (p.causal) nj = std::min(nk, pos0 + R - 1 - kt0 + 1);
+  for (int r = 0; r < R; ++r) {
+    float* sr = s + r * kPk;
+    const int64_t lim = p.causal ? std::min(nk, pos0 + r - kt0 + 1) : nk;  // keys of row r: [0, lim)
+    for (int64_t j = lim; j < kPk; ++j) sr[j] = ninf;
+    float mx = m[r];
+    for (int64_t j = 0; j < lim; ++j) mx = std::max(mx, sr[j]);  // a NaN score is passed over here and
+    const float mu = mx == ninf ? 0.f : mx;                         // reaches l and o through exp2
+    const float alpha = pv::exp2(pv::splat(m[r] - mu))[0];
+    pv::vf sum{};
+    for (int64_t j = 0; j < kPk; j += pv::kLanes) {
+      const pv::vf e = pv::exp2(pv::load(sr + j) - mu);
+      pv::store(sr + j, e);
+      sum += e;
+    }
+    l[r] = l[r] * alpha + pv::hsum(sum);
+    m[r] = mx;
+    for (int64_t c = 0; c < x.Dp; c += pv::kLanes) pv::store(o + r * x.Dp + c, pv::load(o + r * x.Dp + c) * alpha);
+  }
+  portable_pv<R>(s, x.vf + (bkv * x.nt * kPk + kt0) * x.Dp, nj, x.Dp, o);
+}
+
 template <typename T>
-void run_scalar(const AttentionParams& p) {
-  const T* Q = static_cast<const T*>(p.q);
+void portable_item(const PortableCtx& x, int64_t bh, int64_t q0, float* sc) {
+  const AttentionParams& p = *x.p;
+  const int64_t S = p.S, D = p.D, Dp = x.Dp, nq = std::min(kPq, S - q0);
+  const int64_t bkv = bh / p.Hq * p.Hkv + bh % p.Hq / x.g;
+  float *q = sc, *o = q + kPq * D, *m = o + kPq * Dp, *l = m + kPq, *s = l + kPq;  // s: [kPr][kPk]
+  const T* Q = static_cast<const T*>(p.q) + (bh * S + q0) * D;
+  for (int64_t i = 0; i < nq * D; ++i) q[i] = load_f(Q, i) * x.c;
+  std::fill(o, o + nq * Dp, 0.f);
+  std::fill(m, m + nq, -std::numeric_limits<float>::infinity());
+  std::fill(l, l + nq, 0.f);
+  const int64_t kend = p.causal ? q0 + nq : S;
+  for (int64_t t = 0; t * kPk < kend; ++t)
+    for (int64_t r0 = 0; r0 < nq; r0 += kPr) {
+      const int64_t R = std::min<int64_t>(kPr, nq - r0);
+      if (p.causal && t * kPk > q0 + r0 + R - 1) continue;  // every key of the tile is in these rows' future
+      float *qr = q + r0 * D, *orr = o + r0 * Dp, *mr = m + r0, *lr = l + r0;
+      switch (R) {
+        case 6: portable_block<6>(x, bkv, t, q0 + r0, qr, orr, mr, lr, s); break;
+        case 5: portable_block<5>(x, bkv, t, q0 + r0, qr, orr, mr, lr, s); break;
+        case 4: portable_block<4>(x, bkv, t, q0 + r0, qr, orr, mr, lr, s); break;
+        case 3: portable_block<3>(x, bkv, t, q0 + r0, qr, orr, mr, lr, s); break;
+        case 2: portable_block<2>(x, bkv, t, q0 + r0, qr, orr, mr, lr, s); break;
+        default: portable_block<1>(x, bkv, t, q0 + r0, qr, orr, mr, lr, s); break;
+      }
+    }
+  T* O = static_cast<T*>(p.o) + (bh * S + q0) * D;
+  for (int64_t r = 0; r < nq; ++r)
+    for (int64_t d = 0; d < D; ++d) store_f(O, r * D + d, o[r * Dp + d] / l[r]);
+}
+
+template <typename T>
+void run_portable(const AttentionParams& p) {
+  const int64_t S = p.S, D = p.D, nbkv = p.B * p.Hkv, nt = (S + kPk - 1) / kPk;
+  const int64_t Dp = round_up(D, 2 * pv::kLanes), nqb = (S + kPq - 1) / kPq;
+  thread_local Keep keep;
+  const CallBuffer packs(keep, static_cast<size_t>(nbkv * nt * kPk * (D + Dp) * 4));
+  float* const kt = packs.as<float>();
+  float* const vf = kt + nbkv * nt * kPk * D;
+  const PortableCtx x{&p, p.Hq / p.Hkv, Dp, nt, p.scale * attn::kLog2e, kt, vf};
   const T* K = static_cast<const T*>(p.k);
   const T* V = static_cast<const T*>(p.v);
-  T* O = static_cast<T*>(p.o);
-  const int64_t S = p.S, D = p.D, g = p.Hq / p.Hkv;
-  const float c = p.scale * attn::kLog2e;
-#pragma omp parallel
+  const int64_t nitems = p.B * p.Hq * nqb;
+  const bool par = p.B * p.Hq * S * S * D >= (int64_t(1) << 20);  // as run_avx512: smaller calls on one thread
+#pragma omp parallel if (par)
   {
-    std::vector<float> q(D), acc(D), s(kBk);
-#pragma omp for schedule(dynamic, 16)
-    for (int64_t row = 0; row < p.B * p.Hq * S; ++row) {
-      const int64_t bh = row / S, i = row % S, b = bh / p.Hq, hk = (bh % p.Hq) / g;
-      const T* kb = K + (b * p.Hkv + hk) * S * D;
-      const T* vb = V + (b * p.Hkv + hk) * S * D;
-      for (int64_t d = 0; d < D; ++d) q[d] = load_f(Q, row * D + d) * c;
-      std::fill(acc.begin(), acc.end(), 0.f);
-      float m = -std::numeric_limits<float>::infinity(), l = 0.f;
-      const int64_t n = p.causal ? i + 1 : S;
-      for (int64_t j0 = 0; j0 < n; j0 += kBk) {
-        const int64_t nj = std::min(kBk, n - j0);
-        float mx = m;
-        for (int64_t j = 0; j < nj; ++j) {
-          float dot = 0.f;
-          for (int64_t d = 0; d < D; ++d) dot += q[d] * load_f(kb, (j0 + j) * D + d);
-          s[j] = dot;
-          mx = std::max(mx, dot);
-        }
-        const float alpha = std::exp2(m - mx);
-        l *= alpha;
-        for (int64_t d = 0; d < D; ++d) acc[d] *= alpha;
-        for (int64_t j = 0; j < nj; ++j) {
-          const float e = std::exp2(s[j] - mx);
-          l += e;
-          for (int64_t d = 0; d < D; ++d) acc[d] += e * load_f(vb, (j0 + j) * D + d);
-        }
-        m = mx;
-      }
-      for (int64_t d = 0; d < D; ++d) store_f(O, row * D + d, acc[d] / l);
+#pragma omp for schedule(static)
+    for (int64_t u = 0; u < nbkv * nt; ++u) {  // pack K (transposed) and V of one tile
+      const int64_t bkv = u / nt, kt0 = u % nt * kPk, nk = std::min(kPk, S - kt0);
+      float* kd = kt + u * D * kPk;
+      float* vd = vf + u * kPk * Dp;
+      const T* ks = K + (bkv * S + kt0) * D;
+      const T* vs = V + (bkv * S + kt0) * D;
+      for (int64_t d = 0; d < D; ++d)
+        for (int64_t j = 0; j < kPk; ++j) kd[d * kPk + j] = j < nk ? load_f(ks, j * D + d) : 0.f;
+      for (int64_t j = 0; j < kPk; ++j)
+        for (int64_t d = 0; d < Dp; ++d) vd[j * Dp + d] = j < nk && d < D ? load_f(vs, j * D + d) : 0.f;
     }
+    AlignedBuf sc(static_cast<size_t>((kPq * D + kPq * Dp + 2 * kPq + kPr * kPk) * 4));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < nitems; ++i)  // a head's query blocks, the last (heaviest if causal) first
+      portable_item<T>(x, i / nqb, (nqb - 1 - i % nqb) * kPq, sc.as<float>());
   }
 }
 
@@ -729,7 +847,7 @@ void dispatch(const AttentionParams& p) {
 #if defined(__aarch64__)  // attention_neon.cpp is empty elsewhere
   if (f.neon) return attention_neon(p);
 #endif
-  if (!f.avx512f) return run_scalar<T>(p);
+  if (!f.avx512f) return run_portable<T>(p);
   if constexpr (std::is_same_v<T, bf16>)
     if (f.amx_bf16) return attention_amx(p);  // AMX tiles for both products (attention_amx.cpp)
   const bool dp = std::is_same_v<T, bf16> && use_bf16_dot();
