@@ -612,12 +612,26 @@ template <class Src> void gemm_direct_portable(const GemmParams& p) {
       std::fill(buf, buf + M * w, 0.f);
       for (int64_t k0 = 0; k0 < K; k0 += kDirectRows) {  // blocks of K summed apart: K/64 + 64 adds
         std::fill(tmp, tmp + M * w, 0.f);
-        for (int64_t k = k0; k < std::min(K, k0 + kDirectRows); ++k) {
-          const Src* brow = B + k * N + j0;
+        const int64_t k1 = std::min(K, k0 + kDirectRows);
+        for (int64_t k = k0; k < k1; k += 4) {  // 4 rows of B per pass over the chunk of C (fewer at the end)
+          const int64_t nr = std::min<int64_t>(4, k1 - k);
+          const Src* b0 = B + k * N + j0;
           for (int64_t m = 0; m < M; ++m) {
-            const float a = Portable::ld(A, m * K + k);
+            float a[4] = {};
+            for (int64_t r = 0; r < nr; ++r) a[r] = Portable::ld(A, m * K + k + r);
             float* c = tmp + m * w;
-            for (int64_t j = 0; j < w; ++j) c[j] += a * Portable::ld(brow, j);
+            int64_t j = 0;
+            if (nr == 4) {
+              for (; j + pv::kLanes <= w; j += pv::kLanes) {
+                pv::vf x = pv::load(c + j) + pv::load(b0 + j) * a[0];
+                x += pv::load(b0 + N + j) * a[1];
+                x += pv::load(b0 + 2 * N + j) * a[2];
+                x += pv::load(b0 + 3 * N + j) * a[3];
+                pv::store(c + j, x);
+              }
+            }
+            for (; j < w; ++j)
+              for (int64_t r = 0; r < nr; ++r) c[j] += a[r] * Portable::ld(b0 + r * N, j);
           }
         }
         for (int64_t i = 0; i < M * w; ++i) buf[i] += tmp[i];
