@@ -758,7 +758,7 @@ void portable_block(const PortableCtx& x, int64_t bkv, int64_t t, int64_t pos0, 
   if (p.causal) nj = std::min(nk, pos0 + R - 1 - kt0 + 1);
   for (int r = 0; r < R; ++r) {
     float* sr = s + r * kPk;
-    const int64_t lim = p.causal ? std::min(nk, pos0 + r - kt0 + 1) : nk;  // keys of row r: [0, lim)
+    const int64_t lim = p.causal ? std::clamp<int64_t>(pos0 + r - kt0 + 1, 0, nk) : nk;  // keys of row r: [0, lim)
     for (int64_t j = lim; j < nkc; ++j) sr[j] = ninf;
     float mx = m[r];
     for (int64_t j = 0; j < lim; ++j) mx = std::max(mx, sr[j]);  // a NaN score is passed over here and
