@@ -787,7 +787,8 @@ void run_avx512(const DecodeParams& p) {
 // once: per tile of kPt tokens, each K row (bf16 widened, or a head dim that is not a whole number of
 // vectors, copied into a padded row first) is dotted with the g query rows, the scores go through an
 // online softmax (vector exp2, base 2), and each V row is added into the g output rows.
-constexpr int64_t kPt = 32;
+constexpr int64_t kPt = 32;  // tokens per tile
+static_assert(kPt % pv::kLanes == 0, "a tile's scores are whole vectors");
 
 template <typename T> struct PortableItem {
   const DecodeParams* p;
@@ -803,11 +804,12 @@ template <typename T> inline const float* padded_row(const T* r, int64_t D, int6
   return dst;
 }
 
-// The dot products of K row k with the g query rows q [g][Dp] (S), or the row added into the g output rows
-// o [g][Dp] with weights e[h * kPt] (P.V); vectors read as R (float, or bf16 widened in registers).
+// A vector of a K / V row: fp32, or bf16 widened in registers.
 inline pv::vf vload(const float* p) { return pv::load(p); }
 inline pv::vf vload(const bf16* p) { return pv::load(reinterpret_cast<const uint16_t*>(p)); }
-// H heads at a time, so each vector of the row is loaded (and widened) once for all of them.
+// The dot products of K row k with the g query rows q [g][Dp] (row_dots), or the row added into the g output
+// rows o [g][Dp] with weights e[h * kPt] (row_add); H heads at a time, so each vector of the row is loaded (and
+// widened) once for all of them.
 template <int H, class R> inline void row_dots_h(const R* k, const float* q, int64_t Dp, float* s) {
   pv::vf a[H] = {};
   for (int64_t v = 0; v < Dp / pv::kLanes; ++v) {
