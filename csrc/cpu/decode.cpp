@@ -823,6 +823,41 @@ template <class R> inline void row_dots(const R* k, const float* q, int64_t g, i
   for (; h + 4 <= g; h += 4) row_dots_h<4>(k, q + h * Dp, Dp, s + h * kPt);
   for (; h < g; ++h) row_dots_h<1>(k, q + h * Dp, Dp, s + h * kPt);
 }
+// The same for bf16 rows kept as pairs: q and o hold each block of 2 * kLanes values in the order
+// [even-numbered | odd-numbered] (pv::load_bf16_pairs), so a row is split in registers and never widened.
+template <int H> inline void pair_dots_h(const bf16* k, const float* q, int64_t Dp, float* s) {
+  constexpr int L = pv::kLanes;
+  pv::vf a[H] = {};
+  for (int64_t c = 0; c < Dp; c += 2 * L) {
+    pv::vf ev, od;
+    pv::load_bf16_pairs(reinterpret_cast<const uint16_t*>(k + c), ev, od);
+    for (int i = 0; i < H; ++i) a[i] += pv::load(q + i * Dp + c) * ev + pv::load(q + i * Dp + c + L) * od;
+  }
+  for (int i = 0; i < H; ++i) s[i * kPt] = pv::hsum(a[i]);
+}
+template <int H> inline void pair_add_h(const bf16* vr, const float* e, int64_t Dp, float* o) {
+  constexpr int L = pv::kLanes;
+  float w[H];
+  for (int i = 0; i < H; ++i) w[i] = e[i * kPt];
+  for (int64_t c = 0; c < Dp; c += 2 * L) {
+    pv::vf ev, od;
+    pv::load_bf16_pairs(reinterpret_cast<const uint16_t*>(vr + c), ev, od);
+    for (int i = 0; i < H; ++i) {
+      pv::store(o + i * Dp + c, pv::load(o + i * Dp + c) + ev * w[i]);
+      pv::store(o + i * Dp + c + L, pv::load(o + i * Dp + c + L) + od * w[i]);
+    }
+  }
+}
+inline void pair_dots(const bf16* k, const float* q, int64_t g, int64_t Dp, float* s) {
+  int64_t h = 0;
+  for (; h + 4 <= g; h += 4) pair_dots_h<4>(k, q + h * Dp, Dp, s + h * kPt);
+  for (; h < g; ++h) pair_dots_h<1>(k, q + h * Dp, Dp, s + h * kPt);
+}
+inline void pair_add(const bf16* vr, const float* e, int64_t g, int64_t Dp, float* o) {
+  int64_t h = 0;
+  for (; h + 4 <= g; h += 4) pair_add_h<4>(vr, e + h * kPt, Dp, o + h * Dp);
+  for (; h < g; ++h) pair_add_h<1>(vr, e + h * kPt, Dp, o + h * Dp);
+}
 template <int H, class R> inline void row_add_h(const R* vr, const float* e, int64_t Dp, float* o) {
   float w[H];
   for (int i = 0; i < H; ++i) w[i] = e[i * kPt];
@@ -845,10 +880,14 @@ void portable_item(const PortableItem<T>& x, int64_t b, int64_t hk, int64_t ci, 
   // scratch: q [g][Dp], o [g][Dp], s [g][kPt], m [g], l [g], row [Dp]
   float *q = sc, *o = q + g * Dp, *s = o + g * Dp, *m = s + g * kPt, *l = m + g, *row = l + g;
   using pv::vf;
+  // bf16 rows of whole blocks of 2 * kLanes values go as pairs (pair_dots, pair_add): q and o in pair order
+  constexpr int64_t L = pv::kLanes;
+  const bool pairs = std::is_same_v<T, bf16> && D % (2 * L) == 0;
+  const auto at = [&](int64_t d) { return pairs ? d / (2 * L) * (2 * L) + (d % 2) * L + d % (2 * L) / 2 : d; };
   const T* Q = static_cast<const T*>(p.q) + (b * p.Hq + hk * g) * D;
   for (int64_t h = 0; h < g; ++h) {
     for (int64_t d = 0; d < Dp; ++d) {
-      q[h * Dp + d] = d < D ? load_f(Q, h * D + d) * x.c : 0.f;
+      q[h * Dp + at(d)] = d < D ? load_f(Q, h * D + d) * x.c : 0.f;
       o[h * Dp + d] = 0.f;
     }
     m[h] = -std::numeric_limits<float>::infinity();
@@ -870,6 +909,11 @@ void portable_item(const PortableItem<T>& x, int64_t b, int64_t hk, int64_t ci, 
     for (int64_t j = 0; j < nj; ++j) {
       if (j < nn)
         for (int64_t c = 0; c < rowb; c += 64) __builtin_prefetch(reinterpret_cast<const char*>(kn[j]) + c);
+      if constexpr (std::is_same_v<T, bf16>)
+        if (pairs) {
+          pair_dots(kr[j], q, g, Dp, s + j);
+          continue;
+        }
       if (D == Dp)
         row_dots(kr[j], q, g, Dp, s + j);
       else
@@ -895,6 +939,11 @@ void portable_item(const PortableItem<T>& x, int64_t b, int64_t hk, int64_t ci, 
     for (int64_t j = 0; j < nj; ++j) {
       if (j < nn)
         for (int64_t c = 0; c < rowb; c += 64) __builtin_prefetch(reinterpret_cast<const char*>(vn[j]) + c);
+      if constexpr (std::is_same_v<T, bf16>)
+        if (pairs) {
+          pair_add(vr[j], s + j, g, Dp, o);
+          continue;
+        }
       if (D == Dp)
         row_add(vr[j], s + j, g, Dp, o);
       else
@@ -904,12 +953,12 @@ void portable_item(const PortableItem<T>& x, int64_t b, int64_t hk, int64_t ci, 
   if (x.part == nullptr) {
     T* O = static_cast<T*>(p.o) + (b * p.Hq + hk * g) * D;
     for (int64_t h = 0; h < g; ++h)
-      for (int64_t d = 0; d < D; ++d) store_f(O, h * D + d, o[h * Dp + d] / l[h]);
+      for (int64_t d = 0; d < D; ++d) store_f(O, h * D + d, o[h * Dp + at(d)] / l[h]);
     return;
   }
   float* part = x.part + ((b * p.Hkv + hk) * x.nchunk + ci) * g * (Dp + 2);
   for (int64_t h = 0; h < g; ++h) {
-    std::copy(o + h * Dp, o + (h + 1) * Dp, part + h * (Dp + 2));
+    for (int64_t d = 0; d < D; ++d) part[h * (Dp + 2) + d] = o[h * Dp + at(d)];  // in column order
     part[h * (Dp + 2) + Dp] = m[h];
     part[h * (Dp + 2) + Dp + 1] = l[h];
   }

@@ -35,6 +35,19 @@ inline vf load(const uint16_t* p) {  // kLanes bf16 values, widened (exact)
   std::memcpy(&h, p, sizeof h);
   return (vf)(__builtin_convertvector(h, vu) << 16);
 }
+// 2 * kLanes bf16 values as two vectors of fp32, without widening instructions: the even-numbered values
+// (p[0], p[2], ...) and the odd-numbered ones, each 32-bit word split by a shift and a mask.
+inline void load_bf16_pairs(const uint16_t* p, vf& even, vf& odd) {
+  vu w;
+  std::memcpy(&w, p, sizeof w);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+  even = (vf)(w & 0xFFFF0000u);
+  odd = (vf)(w << 16);
+#else
+  even = (vf)(w << 16);
+  odd = (vf)(w & 0xFFFF0000u);
+#endif
+}
 inline vf select(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }  // mask ? a : b
 
 // Sum of the lanes: halves added until one 16-byte vector is left (log2 steps, no loop over lanes).
