@@ -170,7 +170,6 @@ template <Kind KD, int D, int HB>
 PK_AVX512BF16 PK_ALWAYS_INLINE void dots(const float* q, const char* kb, const int64_t* off, int64_t m,
                                          int64_t npre, int64_t nnear, Pf pf, int64_t pb0, int64_t pb1, float* t) {
   constexpr int NC = q_regs<KD, D>();
-  constexpr int64_t ES = KD == Kind::f32 ? 4 : 2;
   const int64_t *offd = off + pf.far, *offn = off + pf.near;  // the rows prefetched, far and near
   __m512 qr[HB][NC];
 #pragma GCC unroll 4
