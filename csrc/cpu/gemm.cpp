@@ -607,8 +607,13 @@ template <class Src> void gemm_direct_portable(const GemmParams& p) {
     constexpr int64_t kChunk = 2048;  // M x chunk floats of C, twice: 16 KB, half of a typical L1
     alignas(64) float buf[kChunk], tmp[kChunk];
     const int64_t cw = kChunk / M;
+    constexpr int64_t L = pv::kLanes;
     for (int64_t j0 = n0; j0 < n1; j0 += cw) {
       const int64_t w = std::min(cw, n1 - j0);
+      // bf16: the first wp columns of the chunk go in blocks of 2 L, each row's block split into its even and odd
+      // columns in registers (pv::load_bf16_pairs), so C's block is kept as [even | odd] until it is written
+      const int64_t wp = std::is_same_v<Src, u16> ? w / (2 * L) * (2 * L) : 0;
+      const auto at = [&](int64_t j) { return j < wp ? j / (2 * L) * (2 * L) + (j % 2) * L + j % (2 * L) / 2 : j; };
       std::fill(buf, buf + M * w, 0.f);
       for (int64_t k0 = 0; k0 < K; k0 += kDirectRows) {  // blocks of K summed apart: K/64 + 64 adds
         std::fill(tmp, tmp + M * w, 0.f);
@@ -622,23 +627,32 @@ template <class Src> void gemm_direct_portable(const GemmParams& p) {
             float* c = tmp + m * w;
             int64_t j = 0;
             if (nr == 4) {
-              for (; j + pv::kLanes <= w; j += pv::kLanes) {
-                pv::vf x = pv::load(c + j) + pv::load(b0 + j) * a[0];
-                x += pv::load(b0 + N + j) * a[1];
-                x += pv::load(b0 + 2 * N + j) * a[2];
-                x += pv::load(b0 + 3 * N + j) * a[3];
-                pv::store(c + j, x);
+              if constexpr (std::is_same_v<Src, u16>) {
+                for (; j < wp; j += 2 * L) {
+                  pv::vf ev[4], od[4];
+                  for (int r = 0; r < 4; ++r) pv::load_bf16_pairs(b0 + r * N + j, ev[r], od[r]);
+                  pv::store(c + j, pv::load(c + j) + ev[0] * a[0] + ev[1] * a[1] + ev[2] * a[2] + ev[3] * a[3]);
+                  pv::store(c + j + L, pv::load(c + j + L) + od[0] * a[0] + od[1] * a[1] + od[2] * a[2] + od[3] * a[3]);
+                }
+              } else {
+                for (; j + L <= w; j += L) {
+                  pv::vf x = pv::load(c + j) + pv::load(b0 + j) * a[0];
+                  x += pv::load(b0 + N + j) * a[1];
+                  x += pv::load(b0 + 2 * N + j) * a[2];
+                  x += pv::load(b0 + 3 * N + j) * a[3];
+                  pv::store(c + j, x);
+                }
               }
             }
             for (; j < w; ++j)
-              for (int64_t r = 0; r < nr; ++r) c[j] += a[r] * Portable::ld(b0 + r * N, j);
+              for (int64_t r = 0; r < nr; ++r) c[at(j)] += a[r] * Portable::ld(b0 + r * N, j);
           }
         }
         for (int64_t i = 0; i < M * w; ++i) buf[i] += tmp[i];
       }
       for (int64_t m = 0; m < M; ++m)
         for (int64_t j = 0; j < w; ++j) {
-          const float v = buf[m * w + j];
+          const float v = buf[m * w + at(j)];
           if constexpr (std::is_same_v<Src, float>) {
             static_cast<float*>(p.c)[m * N + j0 + j] = v;
           } else {
