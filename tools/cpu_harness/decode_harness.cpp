@@ -2,7 +2,7 @@
 // are in an anonymous namespace). Build: tools/cpu_harness/mk.sh. Usage:
 //   OMP_NUM_THREADS=2 ./decode_hb                     correctness: 13 shapes x fp32/bf16 x kernel/scalar x
 //                                                      clean/NaN-padded caches against a float64 reference
-//   BFW=1 ...                                          bf16 through the path without AVX512_BF16
+//   BFW=1 ...                                          bf16 through the path without AVX512_BF16 (D 64 / 128)
 //   ./decode_hb perf HKV PAGED BF16 REPS [B L HQ]     time one case (default B=8 L=4096 HQ=32 D=128) with a
 //                                                      parallel memcpy of the same bytes between calls;
 //                                                      %copy = kernel bytes/s over memcpy read+write bytes/s
@@ -84,7 +84,7 @@ template<typename T> double run_case(const Case& c, int mode /*0 dispatch, 1 the
     for(int64_t b=0;b<c.B;++b) for(int64_t hk=0;hk<c.Hkv;++hk) for(int64_t t=0;t<lens[b];++t) used[(row_ptr(p,k.data(),b,hk,t)-k.data())/c.D]=1;
     for(int64_t r=0;r<(int64_t)used.size();++r) if(!used[r]) for(int64_t x=0;x<c.D;++x){k[r*c.D+x]=cv<T>(NAN); v[r*c.D+x]=cv<T>(NAN);} }
   const bool probe=getenv("PROBE")!=nullptr, bfw=getenv("BFW")!=nullptr, nocopy=getenv("NOCOPY")!=nullptr;  // read once, outside the timed calls
-  auto call=[&]{ if(probe){ volatile unsigned f=linear_probe(reinterpret_cast<const char*>(k.data()), reinterpret_cast<const char*>(v.data()), k.size()*sizeof(T)); (void)f; return; } if constexpr(!std::is_same_v<T,float>){ if(mode==0 && bfw){ if(c.D==128) run_avx512<bf16,Kind::bf16_w,128>(p); else run_avx512<bf16,Kind::bf16_w,64>(p); return;} } if(mode==1) run_portable<std::conditional_t<std::is_same_v<T,float>,float,bf16>>(p); else decode(p);};
+  auto call=[&]{ if(probe){ volatile unsigned f=linear_probe(reinterpret_cast<const char*>(k.data()), reinterpret_cast<const char*>(v.data()), k.size()*sizeof(T)); (void)f; return; } if constexpr(!std::is_same_v<T,float>){ if(mode==0 && bfw && (c.D==64 || c.D==128)){ if(c.D==128) run_avx512<bf16,Kind::bf16_w,128>(p); else run_avx512<bf16,Kind::bf16_w,64>(p); return;} } if(mode==1) run_portable<std::conditional_t<std::is_same_v<T,float>,float,bf16>>(p); else decode(p);};
   call();
   double err=0, mref=0; for(size_t i=0;i<o.size();++i){ double d=ld(o,i); err=std::max(err,std::fabs(d-ref[i])); mref=std::max(mref,std::fabs(ref[i])); if(std::isnan(d)) err=INFINITY;}
   if(secs){ size_t kvb=0; for(auto n:lens) kvb+=2*(size_t)n*c.Hkv*c.D*sizeof(T);
