@@ -571,14 +571,14 @@ void run_avx512(const AttentionParams& p, bool dp) {
   const int64_t B = p.B, Hkv = p.Hkv, S = p.S, g = p.Hq / p.Hkv;
   const int64_t ntiles = (S + kBk - 1) / kBk, nbkv = B * Hkv;
   constexpr bool kIsBf16 = std::is_same_v<T, bf16>;
-  // One thread below 2^20 query-row x padded-key x D steps (~4 MFLOP, ~57 us on one Zen 4 core). Measured on
+  // One thread below attn::kAttnParallelSteps = 2^20 query-row x padded-key x D steps (~4 MFLOP, ~57 us on one Zen 4 core). Measured on
   // the loaded 2-core Zen 4 VM (fp32, B1, D64, 2 threads vs 1): S16 H4-H16 took 1.4-1.7x longer, S32 H8-H16
   // broke even (0.96-1.03x faster), S64 H2-H4 was 1.16-1.25x faster, S128 H2 1.8x faster. On the Sapphire
   // Rapids VM S32 H16 (2^20 steps) ran 1.35x faster on 2 threads (42.9 -> 31.7 us; S16 H16, 2^18 steps, 1.13x
   // slower), and S16 with 64 heads (2^20) took the same on 1 and 2 threads: from 2^20 on, the team.
   // Keys counted as the score vectors computed (a short last tile: its live vectors only).
   const int64_t keys = (ntiles - 1) * kBk + round_up(S - (ntiles - 1) * kBk, 16);
-  const bool par = p.B * p.Hq * S * keys * D >= (int64_t(1) << 20);
+  const bool par = p.B * p.Hq * S * keys * D >= attn::kAttnParallelSteps;
 
   // Packed K (fp32 words: fp32 or widened bf16; or bf16 pairs) and, on the bf16 paths, packed or widened V, per kv
   // head in one of kSlots slots: the packing of head h + kAhead runs beside the items of head h (below), so a head's
@@ -824,7 +824,7 @@ void run_portable(const AttentionParams& p) {
   const PortableCtx x{&p, p.Hq / p.Hkv, Dp, nt, p.scale * attn::kLog2e, kt,
                       v_in_place ? reinterpret_cast<const float*>(V) : vf, v_in_place ? S : nt * kPk};
   const int64_t nitems = p.B * p.Hq * nqb;
-  const bool par = p.B * p.Hq * S * S * D >= (int64_t(1) << 20);  // as run_avx512: smaller calls on one thread
+  const bool par = p.B * p.Hq * S * S * D >= attn::kAttnParallelSteps;
 #pragma omp parallel if (par)
   {
 #pragma omp for schedule(static)

@@ -313,8 +313,8 @@ void run(const AttentionParams& p) {
   const CallBuffer packs(keep, 2 * pack_bytes);
   u16* const kpack = packs.as<u16>();
   u16* const vpack = kpack + pack_bytes / 2;
-  // The same threshold as attention.cpp: one thread up to 2^20 query-row x padded-key x D steps.
-  const bool par = p.B * p.Hq * S * ntiles * kBk * D > (int64_t(1) << 20);
+  // One thread up to attn::kAttnParallelSteps query-row x padded-key x D steps.
+  const bool par = p.B * p.Hq * S * ntiles * kBk * D > attn::kAttnParallelSteps;
 #pragma omp parallel for schedule(static) if (par)
   for (int64_t it = 0; it < nbkv * ntiles; ++it) {
     const int64_t bkv = it / ntiles, t = it % ntiles, kt0 = t * kBk, nk = std::min(kBk, S - kt0);

@@ -315,7 +315,7 @@ void run(const AttentionParams& p) {
   const int64_t nqb = (S + npos - 1) / npos, nitems = nbkv * nqb, rows = g * npos;
   // One thread up to 2^20 query-row x padded-key x D steps: the x86 tiers' threshold (attention.cpp),
   // not measured on ARM.
-  const bool par = p.B * p.Hq * S * ntiles * kBk * D > (int64_t(1) << 20);
+  const bool par = p.B * p.Hq * S * ntiles * kBk * D > attn::kAttnParallelSteps;
   const int nt = !par || omp_in_parallel() ? 1 : static_cast<int>(std::clamp<int64_t>(max_threads(), 1, nitems));
 
   // All memory before the team starts (an exception must not leave a parallel region): packed K (and

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <new>
 #include <vector>
 
@@ -20,6 +21,9 @@ namespace pk::cpu::attn {
 // log2(e): both kernels work in base 2 (scores pre-multiplied by scale*log2(e)), so the softmax
 // needs exp2, whose range reduction is a plain round (no multiply by 1/ln2).
 constexpr float kLog2e = 1.4426950408889634f;
+// Attention calls below this many query-row x key x D steps (~4 MFLOP) run on one thread, on every tier: the
+// measurements behind it are in attention.cpp (run_avx512).
+constexpr int64_t kAttnParallelSteps = int64_t(1) << 20;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -103,6 +107,28 @@ inline thread_local bool t_prefetch_l1 = false;
 inline thread_local bool t_prefetch_near = false;
 // How far ahead this thread's decode prefetches (cpu.h stream_prefetch_distance, bytes).
 inline thread_local int64_t t_prefetch_bytes = kPrefetchDistanceDefault;
+
+// Merges the chunk partials of one (sequence, kv head) for its g query heads (log-sum-exp, base 2; the AVX2 and
+// portable decode): part [nc][g][stride] holds each chunk's unnormalized o (D floats) and its m and l at
+// stride - 2 and stride - 1. out(h, acc, L) receives head h's merged sums (acc, D floats of the caller's
+// scratch) and their total weight L; exp2f is the tier's scalar 2^x.
+template <class Exp2, class Out>
+inline void merge_partials(const float* part, int64_t nc, int64_t g, int64_t stride, int64_t D, float* acc, Exp2 exp2f,
+                           Out out) {
+  for (int64_t h = 0; h < g; ++h) {
+    float M = -std::numeric_limits<float>::infinity();
+    for (int64_t c = 0; c < nc; ++c) M = std::max(M, part[(c * g + h) * stride + stride - 2]);
+    float L = 0.f;
+    std::fill(acc, acc + D, 0.f);
+    for (int64_t c = 0; c < nc; ++c) {
+      const float* r = part + (c * g + h) * stride;
+      const float w = exp2f(r[stride - 2] - M);
+      L += w * r[stride - 1];
+      for (int64_t d = 0; d < D; ++d) acc[d] += w * r[d];
+    }
+    out(h, acc, L);
+  }
+}
 
 // Runs a decode split on its threads (OpenMP, dynamic schedule): item(b, first kv head, chunk, scratch) for
 // every item (its unit's w.heads_per_unit kv heads), then, when the context was split, merge(b, kv head,

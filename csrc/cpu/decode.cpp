@@ -880,9 +880,8 @@ void portable_item(const PortableItem<T>& x, int64_t b, int64_t hk, int64_t ci, 
   float *q = sc, *o = q + g * Dp, *s = o + g * Dp, *m = s + g * kPt, *l = m + g, *row = l + g;
   using pv::vf;
   // bf16 rows of whole blocks of 2 * kLanes values go as pairs (pair_dots, pair_add): q and o in pair order
-  constexpr int64_t L = pv::kLanes;
-  const bool pairs = std::is_same_v<T, bf16> && D % (2 * L) == 0;
-  const auto at = [&](int64_t d) { return pairs ? d / (2 * L) * (2 * L) + (d % 2) * L + d % (2 * L) / 2 : d; };
+  const bool pairs = std::is_same_v<T, bf16> && D % (2 * pv::kLanes) == 0;
+  const auto at = [&](int64_t d) { return pairs ? pv::pair_pos(d) : d; };
   const T* Q = static_cast<const T*>(p.q) + (b * p.Hq + hk * g) * D;
   for (int64_t h = 0; h < g; ++h) {
     for (int64_t d = 0; d < Dp; ++d) {
@@ -967,21 +966,12 @@ void portable_item(const PortableItem<T>& x, int64_t b, int64_t hk, int64_t ci, 
 template <typename T> void portable_merge(const PortableItem<T>& x, int64_t b, int64_t hk, float* acc) {
   const DecodeParams& p = *x.p;
   const int64_t g = x.g, D = p.D, Dp = x.Dp, nc = (p.context_lens[b] + x.chunk - 1) / x.chunk;
-  const float* part = x.part + (b * p.Hkv + hk) * x.nchunk * g * (Dp + 2);
   T* O = static_cast<T*>(p.o) + (b * p.Hq + hk * g) * D;
-  for (int64_t h = 0; h < g; ++h) {
-    float M = -std::numeric_limits<float>::infinity();
-    for (int64_t c = 0; c < nc; ++c) M = std::max(M, part[(c * g + h) * (Dp + 2) + Dp]);
-    float L = 0.f;
-    std::fill(acc, acc + D, 0.f);
-    for (int64_t c = 0; c < nc; ++c) {
-      const float* r = part + (c * g + h) * (Dp + 2);
-      const float w = pv::exp2(pv::splat(r[Dp] - M))[0];
-      L += w * r[Dp + 1];
-      for (int64_t d = 0; d < D; ++d) acc[d] += w * r[d];
-    }
-    for (int64_t d = 0; d < D; ++d) store_f(O, h * D + d, acc[d] / L);
-  }
+  attn::merge_partials(x.part + (b * p.Hkv + hk) * x.nchunk * g * (Dp + 2), nc, g, Dp + 2, D, acc,
+                       [](float v) { return pv::exp2(pv::splat(v))[0]; },
+                       [&](int64_t h, const float* a, float L) {
+                         for (int64_t d = 0; d < D; ++d) store_f(O, h * D + d, a[d] / L);
+                       });
 }
 
 template <typename T>

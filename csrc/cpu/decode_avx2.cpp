@@ -349,27 +349,17 @@ template <class T, int D> void item(const Ctx& x, int64_t b, int64_t hk0, int64_
 template <class T, int D> void merge(const Ctx& x, int64_t b, int64_t hk, float* acc) {
   const DecodeParams& p = *x.p;
   const int64_t g = x.g, nc = (p.context_lens[b] + x.chunk - 1) / x.chunk;
-  const float* part = x.part + (b * p.Hkv + hk) * x.nchunk * g * (D + 2);
   T* O = static_cast<T*>(p.o) + (b * p.Hq + hk * g) * D;
-  for (int64_t h = 0; h < g; ++h) {
-    float M = -std::numeric_limits<float>::infinity();
-    for (int64_t c = 0; c < nc; ++c) M = std::max(M, part[(c * g + h) * (D + 2) + D]);
-    float L = 0.f;
-    std::fill(acc, acc + D, 0.f);
-    for (int64_t c = 0; c < nc; ++c) {
-      const float* r = part + (c * g + h) * (D + 2);
-      const float w = exp2_s(r[D] - M);
-      L += w * r[D + 1];
-      for (int d = 0; d < D; ++d) acc[d] += w * r[d];
-    }
-    for (int d = 0; d < D; ++d) {
-      if constexpr (std::is_same_v<T, float>) {
-        O[h * D + d] = acc[d] / L;
-      } else {
-        O[h * D + d] = float_to_bf16(acc[d] / L);
-      }
-    }
-  }
+  attn::merge_partials(x.part + (b * p.Hkv + hk) * x.nchunk * g * (D + 2), nc, g, D + 2, D, acc, exp2_s,
+                       [&](int64_t h, const float* a, float L) {
+                         for (int d = 0; d < D; ++d) {
+                           if constexpr (std::is_same_v<T, float>) {
+                             O[h * D + d] = a[d] / L;
+                           } else {
+                             O[h * D + d] = float_to_bf16(a[d] / L);
+                           }
+                         }
+                       });
 }
 
 template <class T, int D> void run(const DecodeParams& p) {

@@ -613,7 +613,7 @@ template <class Src> void gemm_direct_portable(const GemmParams& p) {
       // bf16: the first wp columns of the chunk go in blocks of 2 L, each row's block split into its even and odd
       // columns in registers (pv::load_bf16_pairs), so C's block is kept as [even | odd] until it is written
       const int64_t wp = std::is_same_v<Src, u16> ? w / (2 * L) * (2 * L) : 0;
-      const auto at = [&](int64_t j) { return j < wp ? j / (2 * L) * (2 * L) + (j % 2) * L + j % (2 * L) / 2 : j; };
+      const auto at = [&](int64_t j) { return j < wp ? pv::pair_pos(j) : j; };
       std::fill(buf, buf + M * w, 0.f);
       for (int64_t k0 = 0; k0 < K; k0 += kDirectRows) {  // blocks of K summed apart: K/64 + 64 adds
         std::fill(tmp, tmp + M * w, 0.f);

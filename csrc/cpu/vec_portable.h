@@ -48,6 +48,10 @@ inline void load_bf16_pairs(const uint16_t* p, vf& even, vf& odd) {
   odd = (vf)(w & 0xFFFF0000u);
 #endif
 }
+// Where value j of a row stands when its blocks of 2 * kLanes values are kept in load_bf16_pairs' order.
+constexpr int64_t pair_pos(int64_t j) {
+  return j / (2 * kLanes) * (2 * kLanes) + (j % 2) * kLanes + j % (2 * kLanes) / 2;
+}
 inline vf select(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }  // mask ? a : b
 
 // Sum of the lanes: halves added until one 16-byte vector is left (log2 steps, no loop over lanes).
