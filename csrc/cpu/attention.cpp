@@ -687,7 +687,7 @@ void run_avx512(const AttentionParams& p, bool dp) {
 // vectors); online softmax in base 2 between them (vector exp2). Work item = (sequence, query head, block
 // of kPq query rows), dynamically scheduled, heaviest first under a causal mask.
 constexpr int64_t kPq = 64;  // query rows per item
-constexpr int kPr = 6;       // rows per micro-block
+constexpr int kPr = PK_PV_BYTES == 64 ? 14 : 6;  // rows per micro-block (32 vector registers on AVX-512: as gemm.cpp's Portable)
 constexpr int64_t kPk = 64;  // keys per tile
 static_assert(kPk % (2 * pv::kLanes) == 0, "a tile is whole pairs of vectors");
 
@@ -760,9 +760,12 @@ void portable_block(const PortableCtx& x, int64_t bkv, int64_t t, int64_t pos0, 
     float* sr = s + r * kPk;
     const int64_t lim = p.causal ? std::clamp<int64_t>(pos0 + r - kt0 + 1, 0, nk) : nk;  // keys of row r: [0, lim)
     for (int64_t j = lim; j < nkc; ++j) sr[j] = ninf;
-    float mx = m[r];
-    for (int64_t j = 0; j < lim; ++j) mx = std::max(mx, sr[j]);  // a NaN score is passed over here and
-    const float mu = mx == ninf ? 0.f : mx;                         // reaches l and o through exp2
+    // The row max over its whole vectors (the keys past lim hold -inf): a NaN score is passed over here and reaches
+    // l and o through exp2.
+    pv::vf vmx = pv::splat(m[r]);
+    for (int64_t j = 0; j < nkc; j += pv::kLanes) vmx = pv::max(vmx, pv::load(sr + j));
+    const float mx = pv::hmax(vmx);
+    const float mu = mx == ninf ? 0.f : mx;
     const float alpha = pv::exp2(pv::splat(m[r] - mu))[0];
     pv::vf sum{};
     for (int64_t j = 0; j < nkc; j += pv::kLanes) {
@@ -772,9 +775,19 @@ void portable_block(const PortableCtx& x, int64_t bkv, int64_t t, int64_t pos0, 
     }
     l[r] = l[r] * alpha + pv::hsum(sum);
     m[r] = mx;
-    for (int64_t c = 0; c < x.Dp; c += pv::kLanes) pv::store(o + r * x.Dp + c, pv::load(o + r * x.Dp + c) * alpha);
+    if (alpha != 1.f)  // 2^0 is exact: a row whose max did not move keeps its o
+      for (int64_t c = 0; c < x.Dp; c += pv::kLanes) pv::store(o + r * x.Dp + c, pv::load(o + r * x.Dp + c) * alpha);
   }
   portable_pv<R>(s, x.vf + (bkv * x.vrows + kt0) * x.Dp, nj, x.Dp, o);
+}
+
+// portable_block<R> for a run-time R in 1..N.
+template <int N>
+void portable_rows(int64_t R, const PortableCtx& x, int64_t bkv, int64_t t, int64_t pos0, const float* q, float* o,
+                   float* m, float* l, float* s) {
+  if constexpr (N > 1)
+    if (R < N) return portable_rows<N - 1>(R, x, bkv, t, pos0, q, o, m, l, s);
+  portable_block<N>(x, bkv, t, pos0, q, o, m, l, s);
 }
 
 template <typename T>
@@ -794,14 +807,7 @@ void portable_item(const PortableCtx& x, int64_t bh, int64_t q0, float* sc) {
       const int64_t R = std::min<int64_t>(kPr, nq - r0);
       if (p.causal && t * kPk > q0 + r0 + R - 1) continue;  // every key of the tile is in these rows' future
       float *qr = q + r0 * D, *orr = o + r0 * Dp, *mr = m + r0, *lr = l + r0;
-      switch (R) {
-        case 6: portable_block<6>(x, bkv, t, q0 + r0, qr, orr, mr, lr, s); break;
-        case 5: portable_block<5>(x, bkv, t, q0 + r0, qr, orr, mr, lr, s); break;
-        case 4: portable_block<4>(x, bkv, t, q0 + r0, qr, orr, mr, lr, s); break;
-        case 3: portable_block<3>(x, bkv, t, q0 + r0, qr, orr, mr, lr, s); break;
-        case 2: portable_block<2>(x, bkv, t, q0 + r0, qr, orr, mr, lr, s); break;
-        default: portable_block<1>(x, bkv, t, q0 + r0, qr, orr, mr, lr, s); break;
-      }
+      portable_rows<kPr>(R, x, bkv, t, q0 + r0, qr, orr, mr, lr, s);
     }
   T* O = static_cast<T*>(p.o) + (bh * S + q0) * D;
   for (int64_t r = 0; r < nq; ++r)

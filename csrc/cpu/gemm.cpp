@@ -488,22 +488,30 @@ template <int64_t NR> struct PlainPack {
 };
 
 // ---- portable policy: plain C++ on the target's vectors (vec_portable.h), no intrinsics ------------------
-// Micro-tile MR = 6 rows x 2 vectors: 12 accumulators + 2 of B + 1 broadcast fit 16 vector registers (x86
-// SSE / AVX2; 32 on AVX-512, NEON, RVV). Per k step: 2 loads of B, 6 broadcasts of A, 12 multiply-adds
-// (contracted to FMA where the target has it). bf16 is widened to fp32 while packing (PlainPack).
+// Micro-tile MR rows x 2 vectors. 16 vector registers (x86 SSE / AVX2, and the default elsewhere): MR = 6, 12
+// accumulators + 2 of B + 1 broadcast. AVX-512 (32 registers): MR = 14, 28 + 2 + 1, the AVX-512 tier's tile
+// (F32Avx512). Per k step: 2 loads of B, MR broadcasts of A, 2 MR multiply-adds (contracted to FMA where the
+// target has it), and the B row kBPrefetchSteps ahead prefetched (__builtin_prefetch: the micro-panel streams
+// from L2, as the AVX-512 kernel found). Sapphire Rapids VM, 2048^3 fp32, 2 threads, C++ driver, builds
+// alternated 4x: 83-86 ms (6 rows) -> 71-73 (with the prefetch) -> 65.5-66 (14 rows), the AVX-512 tier 58 ms
+// (notes/isa_tiers.md). bf16 is widened to fp32 while packing (PlainPack).
 struct Portable : PlainPack<2 * pv::kLanes> {
   using Elem = float;
   using TileFn = void (*)(const float*, const float*, int64_t, const Out&, int64_t, int64_t, int);
-  static constexpr int64_t MR = 6, NR = 2 * pv::kLanes, KG = 1, KC = 256, NC = 512;
+  static constexpr int64_t MR = PK_PV_BYTES == 64 ? 14 : 6, NR = 2 * pv::kLanes, KG = 1, KC = 256, NC = 512;
+  static constexpr int64_t kBPrefetchSteps = 16;
 
   template <int R> static void tile_r(const float* a, const float* b, int64_t kcu, const Out& o, int64_t row,
                                       int64_t col, int nc) {
     pv::vf acc[R][2];
-#pragma GCC unroll 6
+#pragma GCC unroll 14
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = pv::vf{};
     for (int64_t k = 0; k < kcu; ++k) {
+      // B's row kBPrefetchSteps ahead, into L1 (as the AVX-512 micro-kernel does): the micro-panel streams from L2.
+      __builtin_prefetch(b + (k + kBPrefetchSteps) * NR, 0, 3);
+      if constexpr (NR * 4 > 64) __builtin_prefetch(b + (k + kBPrefetchSteps) * NR + 16, 0, 3);
       const pv::vf b0 = pv::load(b + k * NR), b1 = pv::load(b + k * NR + pv::kLanes);
-#pragma GCC unroll 6
+#pragma GCC unroll 14
       for (int r = 0; r < R; ++r) {
         const float av = a[k * R + r];
         acc[r][0] += b0 * av;

@@ -54,22 +54,31 @@ constexpr int64_t pair_pos(int64_t j) {
 }
 inline vf select(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }  // mask ? a : b
 
-// Sum of the lanes: halves added until one 16-byte vector is left (log2 steps, no loop over lanes).
-template <int B> struct HalfSum {
+// Reduction of the lanes by op (a + b, max): halves combined until one 16-byte vector is left, then its four
+// lanes pairwise (log2 steps, no loop over lanes). op takes vectors and floats alike.
+template <int B> struct Halves {
   typedef float whole __attribute__((vector_size(B)));
   typedef float half __attribute__((vector_size(B / 2)));
-  static float sum(whole v) {
+  template <class Op> static float reduce(whole v, Op op) {
     half lo, hi;
     std::memcpy(&lo, &v, B / 2);
     std::memcpy(&hi, reinterpret_cast<const char*>(&v) + B / 2, B / 2);
-    return HalfSum<B / 2>::sum(lo + hi);
+    return Halves<B / 2>::reduce(op(lo, hi), op);
   }
 };
-template <> struct HalfSum<16> {
+template <> struct Halves<16> {
   typedef float whole __attribute__((vector_size(16)));
-  static float sum(whole v) { return (v[0] + v[2]) + (v[1] + v[3]); }
+  template <class Op> static float reduce(whole v, Op op) { return op(op(v[0], v[2]), op(v[1], v[3])); }
 };
-inline float hsum(vf v) { return HalfSum<PK_PV_BYTES>::sum(v); }
+inline float hsum(vf v) {
+  return Halves<PK_PV_BYTES>::reduce(v, [](auto a, auto b) { return a + b; });
+}
+// Lane-wise max that keeps a when b is NaN (as std::max(a, b)); hmax: the largest lane (a NaN lane is passed over
+// unless it is the first one reduced).
+template <class V> inline V max(V a, V b) { return b > a ? b : a; }
+inline float hmax(vf v) {
+  return Halves<PK_PV_BYTES>::reduce(v, [](auto a, auto b) { return max(a, b); });
+}
 
 // 2^x, as the AVX-512 / NEON exp2_ps (same polynomial): x below -126 gives exactly 0 (a masked score: no
 // denormal is made), NaN stays NaN; x is clamped to 127 above. Rounding to the nearest integer by adding
