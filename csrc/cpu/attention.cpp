@@ -682,12 +682,13 @@ void run_avx512(const AttentionParams& p, bool dp) {
 
 // ---- portable path: plain C++ on the target's vectors (vec_portable.h), no intrinsics ----------------
 // Flash attention as two register-blocked products per tile, both shaped like the portable GEMM
-// micro-kernel (gemm.cpp: up to 6 rows x 2 vectors of accumulators): scores = Q K^T against K packed
-// transposed per tile ([D][kPk] fp32), and O += P V against V rows (fp32, padded to whole pairs of
-// vectors); online softmax in base 2 between them (vector exp2). Work item = (sequence, query head, block
-// of kPq query rows), dynamically scheduled, heaviest first under a causal mask.
+// micro-kernel (gemm.cpp: kPr rows x 2 vectors of accumulators, 6 rows, or 14 with AVX-512's 32 registers):
+// scores = Q K^T against K packed transposed per tile ([D][kPk] fp32), and O += P V against V rows (fp32,
+// padded to whole pairs of vectors); online softmax in base 2 between them (vector exp2, vector row max).
+// Work item = (sequence, query head, block of kPq query rows), dynamically scheduled, heaviest first under a
+// causal mask.
 constexpr int64_t kPq = 64;  // query rows per item
-constexpr int kPr = PK_PV_BYTES == 64 ? 14 : 6;  // rows per micro-block (32 vector registers on AVX-512: as gemm.cpp's Portable)
+constexpr int kPr = PK_PV_BYTES == 64 ? 14 : 6;  // rows per micro-block: 14 with 32 vector registers (AVX-512)
 constexpr int64_t kPk = 64;  // keys per tile
 static_assert(kPk % (2 * pv::kLanes) == 0, "a tile is whole pairs of vectors");
 
