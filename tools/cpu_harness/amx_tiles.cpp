@@ -55,37 +55,32 @@ inline void load(const float* c) {
   _tile_loadd(2, c + 512, 128);
   _tile_loadd(3, c + 528, 128);
 }
-// C out to c, the next block's C in (zeroed, or loaded from cn), interleaved with its first step (a, b).
+// C out to c, the next block's C in (zeroed, or loaded from cn), interleaved with its first step (a, b). (Tile
+// numbers are immediates: a macro, not a loop.)
+#define PK_RESET(T, off) \
+  if (cn)                \
+    _tile_loadd(T, cn + (off), 128); \
+  else                   \
+    _tile_zero(T)
 inline void turn(float* c, const float* cn, const uint16_t* a, const uint16_t* b) {
   _tile_stored(0, c, 128);
-  if (cn)
-    _tile_loadd(0, cn, 128);
-  else
-    _tile_zero(0);
+  PK_RESET(0, 0);
   _tile_loadd(4, a, 64);
   _tile_loadd(6, b, 64);
   _tile_dpbf16ps(0, 4, 6);
   _tile_stored(1, c + 16, 128);
-  if (cn)
-    _tile_loadd(1, cn + 16, 128);
-  else
-    _tile_zero(1);
+  PK_RESET(1, 16);
   _tile_loadd(7, b + kTile, 64);
   _tile_dpbf16ps(1, 4, 7);
   _tile_stored(2, c + 512, 128);
-  if (cn)
-    _tile_loadd(2, cn + 512, 128);
-  else
-    _tile_zero(2);
+  PK_RESET(2, 512);
   _tile_loadd(5, a + kTile, 64);
   _tile_dpbf16ps(2, 5, 6);
   _tile_stored(3, c + 528, 128);
-  if (cn)
-    _tile_loadd(3, cn + 528, 128);
-  else
-    _tile_zero(3);
+  PK_RESET(3, 528);
   _tile_dpbf16ps(3, 5, 7);
 }
+#undef PK_RESET
 
 }  // namespace
 
