@@ -761,23 +761,7 @@ void portable_block(const PortableCtx& x, int64_t bkv, int64_t t, int64_t pos0, 
     float* sr = s + r * kPk;
     const int64_t lim = p.causal ? std::clamp<int64_t>(pos0 + r - kt0 + 1, 0, nk) : nk;  // keys of row r: [0, lim)
     for (int64_t j = lim; j < nkc; ++j) sr[j] = ninf;
-    // The row max over its whole vectors (the keys past lim hold -inf): a NaN score is passed over here and reaches
-    // l and o through exp2.
-    pv::vf vmx = pv::splat(m[r]);
-    for (int64_t j = 0; j < nkc; j += pv::kLanes) vmx = pv::max(vmx, pv::load(sr + j));
-    const float mx = pv::hmax(vmx);
-    const float mu = mx == ninf ? 0.f : mx;
-    const float alpha = pv::exp2(pv::splat(m[r] - mu))[0];
-    pv::vf sum{};
-    for (int64_t j = 0; j < nkc; j += pv::kLanes) {
-      const pv::vf e = pv::exp2(pv::load(sr + j) - mu);
-      pv::store(sr + j, e);
-      sum += e;
-    }
-    l[r] = l[r] * alpha + pv::hsum(sum);
-    m[r] = mx;
-    if (alpha != 1.f)  // 2^0 is exact: a row whose max did not move keeps its o
-      for (int64_t c = 0; c < x.Dp; c += pv::kLanes) pv::store(o + r * x.Dp + c, pv::load(o + r * x.Dp + c) * alpha);
+    pv::softmax_step(sr, nkc, m[r], l[r], o + r * x.Dp, x.Dp);
   }
   portable_pv<R>(s, x.vf + (bkv * x.vrows + kt0) * x.Dp, nj, x.Dp, o);
 }

@@ -884,7 +884,7 @@ inline void prefetch_row(const void* r, int64_t bytes, bool l1) {
 template <typename T>
 void portable_item(const PortableItem<T>& x, int64_t b, int64_t hk, int64_t ci, float* sc) {
   const DecodeParams& p = *x.p;
-  const int64_t g = x.g, D = p.D, Dp = x.Dp, nv = Dp / pv::kLanes;
+  const int64_t g = x.g, D = p.D, Dp = x.Dp;
   const int64_t n = p.context_lens[b], t0 = ci * x.chunk, t1 = std::min(n, t0 + x.chunk);
   // scratch: q [g][Dp], o [g][Dp], s [g][kPt], m [g], l [g], row [Dp]
   float *q = sc, *o = q + g * Dp, *s = o + g * Dp, *m = s + g * kPt, *l = m + g, *row = l + g;
@@ -931,24 +931,7 @@ void portable_item(const PortableItem<T>& x, int64_t b, int64_t hk, int64_t ci, 
     for (int64_t h = 0; h < g; ++h) {
       float* sh = s + h * kPt;
       for (int64_t j = nj; j < kPt; ++j) sh[j] = -std::numeric_limits<float>::infinity();
-      // Max and sum over whole vectors (the scalar loops they replace took ~4 cycles a score on the Sapphire
-      // Rapids VM). A NaN score is passed over by the max and reaches l and o through exp2.
-      vf vmx = pv::splat(m[h]);
-      for (int64_t j = 0; j < kPt; j += pv::kLanes) vmx = pv::max(vmx, pv::load(sh + j));
-      const float mx = pv::hmax(vmx);
-      const float mu = mx == -std::numeric_limits<float>::infinity() ? 0.f : mx;
-      const float alpha = pv::exp2(pv::splat(m[h] - mu))[0];
-      vf sum{};
-      for (int64_t j = 0; j < kPt; j += pv::kLanes) {
-        const vf e = pv::exp2(pv::load(sh + j) - mu);  // 0 past nj (2^-inf)
-        pv::store(sh + j, e);
-        sum += e;
-      }
-      l[h] = l[h] * alpha + pv::hsum(sum);
-      m[h] = mx;
-      if (alpha != 1.f)  // 2^0 is exact: a head whose max did not move keeps its o
-        for (int64_t v = 0; v < nv; ++v)
-          pv::store(o + h * Dp + v * pv::kLanes, pv::load(o + h * Dp + v * pv::kLanes) * alpha);
+      pv::softmax_step(sh, kPt, m[h], l[h], o + h * Dp, Dp);
     }
     for (int64_t j = 0; j < nj; ++j) {
       if (j < nn)

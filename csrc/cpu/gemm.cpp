@@ -495,11 +495,14 @@ template <int64_t NR> struct PlainPack {
 // from L2, as the AVX-512 kernel found). Sapphire Rapids VM, 2048^3 fp32, 2 threads, C++ driver, builds
 // alternated 4x: 83-86 ms (6 rows) -> 71-73 (with the prefetch) -> 65.5-66 (14 rows), the AVX-512 tier 58 ms
 // (notes/isa_tiers.md). bf16 is widened to fp32 while packing (PlainPack).
+// k steps ahead at which the micro-kernels prefetch B's row (the measurement is at F32Avx512, the policy it
+// was tuned for; the portable one took it over: notes/isa_tiers.md).
+constexpr int64_t kBPrefetchSteps = 16;
+
 struct Portable : PlainPack<2 * pv::kLanes> {
   using Elem = float;
   using TileFn = void (*)(const float*, const float*, int64_t, const Out&, int64_t, int64_t, int);
   static constexpr int64_t MR = PK_PV_BYTES == 64 ? 14 : 6, NR = 2 * pv::kLanes, KG = 1, KC = 256, NC = 512;
-  static constexpr int64_t kBPrefetchSteps = 16;
 
   template <int R> static void tile_r(const float* a, const float* b, int64_t kcu, const Out& o, int64_t row,
                                       int64_t col, int nc) {
@@ -907,8 +910,8 @@ struct F32Avx512 {
   // pk::cpu::gemm in a loop, best of 6-8; steps 0 / 4 / 8 / 12 / 16 / 20 / 24 / 32): 2048^3 1 thread
   // 117-125 / 118-120 / 117-119 / 107-112 / 106-112 / 107-113 / 111-113 / 116 ms; 16 on 2 threads:
   // 2048^3 61-64 -> 55 ms, 1024^3 6.8-7.1 -> 6.4-6.5 ms, 512^3 and 256^3 and 128 x 4096 x 4096 unchanged.
-  // (notes/cpu_gemm.md: an earlier try, 4-32 steps ahead, had measured no change beyond the noise.)
-  static constexpr int64_t kBPrefetchSteps = 16;
+  // (notes/cpu_gemm.md: an earlier try, 4-32 steps ahead, had measured no change beyond the noise.) That is
+  // kBPrefetchSteps (above Portable, which uses it too).
 
   // R (<= 14) rows x kc of A -> dst[k][R]: 16 K values of every row at a time, transposed in registers
   // (vec::transpose16; a scalar loop was ~4 us of a 30 us 128^3 GEMM on Sapphire Rapids).

@@ -7,6 +7,7 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 namespace pk::cpu::pv {
 
@@ -99,6 +100,31 @@ inline vf exp2(vf x) {
   p = p * f + 1.0f;
   const vi e = __builtin_convertvector(n, vi) << 23;
   return select(tiny, splat(0.f), (vf)((vi)p + e));
+}
+
+// One online-softmax step (base 2) of a row of n scores s (n a multiple of kLanes; keys a row does not see hold
+// -inf) against the running max m and sum l: s becomes 2^(s - m_new), l = l 2^(m - m_new) + sum, m = m_new, and the
+// row's accumulator o (dp floats) is rescaled by 2^(m - m_new) when the max moved (2^0 is exact: otherwise o stays).
+// The max and the sum run over whole vectors (scalar loops took ~4 cycles a score on a Sapphire Rapids core). A NaN
+// score is passed over by the max and reaches l and o through exp2; a row whose every score is -inf keeps m = -inf
+// and gets p = 0 (2^(-inf - 0)), not NaN. The portable attention and decode.
+inline void softmax_step(float* s, int64_t n, float& m, float& l, float* o, int64_t dp) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  vf vmx = splat(m);
+  for (int64_t j = 0; j < n; j += kLanes) vmx = max(vmx, load(s + j));
+  const float mx = hmax(vmx);
+  const float mu = mx == ninf ? 0.f : mx;
+  const float alpha = exp2(splat(m - mu))[0];
+  vf sum{};
+  for (int64_t j = 0; j < n; j += kLanes) {
+    const vf e = exp2(load(s + j) - mu);
+    store(s + j, e);
+    sum += e;
+  }
+  l = l * alpha + hsum(sum);
+  m = mx;
+  if (alpha != 1.f)
+    for (int64_t c = 0; c < dp; c += kLanes) store(o + c, load(o + c) * alpha);
 }
 
 }  // namespace pk::cpu::pv

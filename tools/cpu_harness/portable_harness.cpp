@@ -11,7 +11,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
-#include <functional>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -107,19 +106,22 @@ void check_gemm(int64_t M, int64_t N, int64_t K, bool bf, bool transb = false) {
   each_tier(what, c, ref, bf ? 2e-2 : 1e-5, [&] { gemm(p); });
 }
 
-// Large logits (ramp): scale 1, q = (1, 0, ...), key j = (8 j, ...): scores 8 j, up to thousands. Only the true row
+// Large logits: scale 1, q = (1, 0, ...) and key j = (8 j, ...), i.e. scores 8 j, up to thousands. Only the true row
 // max (of every key the row sees, each tile and block of them) keeps 2^(s - max) finite: a max over part of the keys
 // overflows to inf and the output to NaN. (With ordinary scores any reference point works and no check sees it.)
-void ramp_logits(Buf& q, Buf& k, int64_t qrows, int64_t D, int64_t krows, const std::function<int64_t(int64_t)>& pos) {
-  for (int64_t r = 0; r < qrows; ++r)
+// Sets q; the callers set component 0 of each key row to 8 j.
+void large_logit_queries(Buf& q, int64_t rows, int64_t D) {
+  for (int64_t r = 0; r < rows; ++r)
     for (int64_t x = 0; x < D; ++x) q.set(r * D + x, x == 0 ? 1.f : 0.f);
-  for (int64_t r = 0; r < krows; ++r) k.set(r * D, 8.f * static_cast<float>(pos(r)));
 }
 
 void check_attention(int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D, bool causal, bool bf, bool ramp = false) {
   Buf q(B * Hq * S * D, bf), k(B * Hkv * S * D, bf), v(B * Hkv * S * D, bf, 0.5f), o(B * Hq * S * D, bf);
   const float scale = ramp ? 1.f : 1.f / std::sqrt(float(D));
-  if (ramp) ramp_logits(q, k, B * Hq * S, D, B * Hkv * S, [&](int64_t r) { return r % S; });
+  if (ramp) {
+    large_logit_queries(q, B * Hq * S, D);
+    for (int64_t r = 0; r < B * Hkv * S; ++r) k.set(r * D, 8.f * static_cast<float>(r % S));
+  }
   const AttentionParams p{q.ptr(), k.ptr(), v.ptr(), o.ptr(), B, Hq, Hkv, S, D, scale, causal,
                           bf ? DType::bf16 : DType::f32};
   std::vector<double> ref(B * Hq * S * D);
@@ -164,7 +166,7 @@ void check_decode(int64_t B, int64_t Hq, int64_t Hkv, int64_t L, int64_t D, int6
   const DecodeParams p{q.ptr(), k.ptr(), v.ptr(), o.ptr(), lens.data(), paged ? table.data() : nullptr, B, Hq, Hkv, D,
                        nblk, blk, maxb, scale, bf ? DType::bf16 : DType::f32};
   if (ramp) {  // key t of every sequence and kv head at 8 t
-    ramp_logits(q, k, B * Hq, D, 0, [](int64_t r) { return r; });
+    large_logit_queries(q, B * Hq, D);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t hk = 0; hk < Hkv; ++hk)
         for (int64_t t = 0; t < lens[b]; ++t) k.set(((decode_block(p, b, t) * Hkv + hk) * blk + t % blk) * D, 8.f * t);
@@ -240,7 +242,7 @@ void run_all() {
     check_decode(1, 4, 1, 3001, 64, 16, false, bf);
     check_decode(1, 32, 1, 3000, 128, 16, true, bf);
     check_decode(1, 9, 1, 1029, 64, 7, true, bf);
-    // Large logits: the row max must be the max over every key (see ramp_logits)
+    // Large logits: the row max must be the max over every key (see large_logit_queries)
     check_attention(1, 2, 1, 65, 64, false, bf, true);
     check_attention(1, 2, 2, 130, 128, true, bf, true);
     check_decode(2, 4, 1, 300, 128, 16, false, bf, true);
