@@ -96,3 +96,35 @@ def test_attention_many_kv_heads_repeated(S, dtype):
             err = exp.assert_close(pk.attention(**x, causal=causal, backend="native"), what=f"call {i} {prob.label()}")
             if dtype == torch.bfloat16:  # and within the absolute bound this test was written with
                 assert err * ref_max < 3e-2, (i, causal, err * ref_max)
+
+
+@pytest.mark.parametrize("backend", ["native"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("shape", [(1, 4, 2, 16, 64), (1, 4, 1, 100, 128), (2, 2, 2, 300, 64)],
+                         ids=lambda s: "-".join(map(str, s)))
+def test_attention_causal_later_nonfinite_v_reaches_no_earlier_row(shape, bad, dtype, backend):
+    """Under a causal mask row i depends on the V rows up to i only, so a NaN or inf further on (say, unused cache
+    padding) must not reach it. Every native tier multiplies a diagonal tile's V rows by the P of the rows that
+    must not see them, which is exactly 0 there, and 0 * inf is NaN; attention() recomputes the rows that got a
+    NaN that way (csrc/cpu/attention.cpp, exact_causal_rows). The non-finite outputs must be exactly the
+    reference's, and the rest within the tolerance of clean inputs."""
+    import pykernels as pk
+    from pykernels.harness import verify
+    from pykernels.kernels import attention as attention_kernel
+
+    B, Hq, Hkv, S, D = shape
+    prob = AttentionProblem(B, Hq, Hkv, S, D, causal=True)
+    x = prob.make_inputs(dtype, seed=S)
+    tol = verify.expected(prob, x).tolerance
+    v = x["v"]
+    v[0, 0, S - 1, 3] = bad                # one element of the last row: only the last row of its heads sees it
+    v[B - 1, Hkv - 1, S // 2 + 5, :] = bad  # a whole row halfway: the rows from there on see it, no row before
+    ref = attention_kernel.reference(**x, causal=True)
+    out = pk.attention(**x, causal=True, backend=backend).double()
+    ref_bad, out_bad = ~torch.isfinite(ref), ~torch.isfinite(out)
+    assert torch.equal(out_bad, ref_bad), (f"{int((out_bad & ~ref_bad).sum())} outputs non-finite that see no "
+                                           f"non-finite value, {int((ref_bad & ~out_bad).sum())} finite that do")
+    good = ~ref_bad
+    err = (out[good] - ref[good]).abs().max().item() / ref[good].abs().max().item()
+    assert err <= tol, (err, tol)

@@ -74,6 +74,7 @@ struct Ctx {
   int64_t B, Hq, Hkv, S, g, npos;
   float c;  // scale * log2(e)
   bool causal;
+  attn::NanSeen* nan;  // notes a NaN in a stored row
 };
 
 // Per-thread scratch of one work item.
@@ -325,14 +326,15 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void pv_bf16(float* o, const uint32_t* p, const u
   }
 }
 
-// Writes rows [0, nq) of head-row block `ob` (divided by l) to the output, as T.
+// Writes rows [0, nq) of head-row block `ob` (divided by l) to the output, as T; `nan` gains the lanes that hold one.
 template <typename T, int D>
-PK_AVX512 PK_ALWAYS_INLINE void store_rows(T* dst, const float* ob, const float* l, int64_t nq) {
+PK_AVX512 PK_ALWAYS_INLINE void store_rows(T* dst, const float* ob, const float* l, int64_t nq, __mmask16& nan) {
   for (int64_t i = 0; i < nq; ++i) {
     const __m512 inv = _mm512_set1_ps(1.f / l[i]);
 #pragma GCC unroll 8
     for (int c = 0; c < D / 16; ++c) {
       const __m512 x = _mm512_mul_ps(_mm512_load_ps(ob + i * D + 16 * c), inv);
+      nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
       if constexpr (std::is_same_v<T, float>)
         _mm512_storeu_ps(dst + i * D + 16 * c, x);
       else
@@ -447,8 +449,10 @@ PK_AVX512 void item_f32(const Ctx& x, int64_t bkv, int64_t q0, const Scratch& sc
     }
   }
   T* O = static_cast<T*>(x.o);
+  __mmask16 nan = 0;
   for (int64_t hh = 0; hh < g; ++hh)
-    store_rows<T, D>(O + ((b * x.Hq + hkv * g + hh) * S + q0) * D, sc.o + hh * np * D, sc.l + hh * np, nq);
+    store_rows<T, D>(O + ((b * x.Hq + hkv * g + hh) * S + q0) * D, sc.o + hh * np * D, sc.l + hh * np, nq, nan);
+  x.nan->note(nan != 0);
 }
 
 // One work item on the bf16 path (vdpbf16ps). kp: the kv head's packed K, [ntiles][D/2][kBk] bf16 pairs; vp: its
@@ -512,8 +516,10 @@ PK_AVX512BF16 void item_bf16(const Ctx& x, int64_t bkv, int64_t q0, const Scratc
     }
   }
   bf16* O = static_cast<bf16*>(x.o);
+  __mmask16 nan = 0;
   for (int64_t hh = 0; hh < g; ++hh)
-    store_rows<bf16, D>(O + ((b * x.Hq + hkv * g + hh) * S + q0) * D, sc.o + hh * np * D, sc.l + hh * np, nq);
+    store_rows<bf16, D>(O + ((b * x.Hq + hkv * g + hh) * S + q0) * D, sc.o + hh * np * D, sc.l + hh * np, nq, nan);
+  x.nan->note(nan != 0);
 }
 
 #endif  // __x86_64__
@@ -566,7 +572,7 @@ template <int D> PK_AVX512 void interleave_v(const uint16_t* v, int64_t nk, uint
 #endif
 
 template <typename T, int D>
-void run_avx512(const AttentionParams& p, bool dp) {
+bool run_avx512(const AttentionParams& p, bool dp) {
 #if defined(__x86_64__)
   const int64_t B = p.B, Hkv = p.Hkv, S = p.S, g = p.Hq / p.Hkv;
   const int64_t ntiles = (S + kBk - 1) / kBk, nbkv = B * Hkv;
@@ -612,7 +618,8 @@ void run_avx512(const AttentionParams& p, bool dp) {
     }
   };
 
-  Ctx x{p.q, p.o, B, p.Hq, Hkv, S, g, 0, p.scale * attn::kLog2e, p.causal};
+  attn::NanSeen nan;
+  Ctx x{p.q, p.o, B, p.Hq, Hkv, S, g, 0, p.scale * attn::kLog2e, p.causal, &nan};
   x.npos = std::max<int64_t>(kMr, kRows / g / kMr * kMr);
   const int64_t nqb = (S + x.npos - 1) / x.npos;
   const int64_t rows = round_up(g * x.npos, kMr);
@@ -674,9 +681,11 @@ void run_avx512(const AttentionParams& p, bool dp) {
       }
     }
   }
+  return nan.any.load();
 #else
   (void)p;
   (void)dp;
+  return false;
 #endif
 }
 
@@ -699,6 +708,7 @@ struct PortableCtx {
   const float* kt;    // [B*Hkv][nt][D][kPk]: K transposed per tile, zero from key S to a whole pair of vectors
   const float* vf;    // [B*Hkv][vrows][Dp]: V rows (up to S), zero past D; fp32 V with D = Dp: V itself
   int64_t vrows;      // rows per kv head in vf
+  attn::NanSeen* nan;  // notes a NaN in a stored row
 };
 
 // s[r][0, nkc) = q rows r0.. (scaled) . keys of tile kt (transposed), R rows; nkc: the tile's live keys
@@ -795,12 +805,18 @@ void portable_item(const PortableCtx& x, int64_t bh, int64_t q0, float* sc) {
       portable_rows<kPr>(R, x, bkv, t, q0 + r0, qr, orr, mr, lr, s);
     }
   T* O = static_cast<T*>(p.o) + (bh * S + q0) * D;
+  bool nan = false;
   for (int64_t r = 0; r < nq; ++r)
-    for (int64_t d = 0; d < D; ++d) store_f(O, r * D + d, o[r * Dp + d] / l[r]);
+    for (int64_t d = 0; d < D; ++d) {
+      const float y = o[r * Dp + d] / l[r];
+      nan |= y != y;
+      store_f(O, r * D + d, y);
+    }
+  x.nan->note(nan);
 }
 
 template <typename T>
-void run_portable(const AttentionParams& p) {
+bool run_portable(const AttentionParams& p) {
   const int64_t S = p.S, D = p.D, nbkv = p.B * p.Hkv, nt = (S + kPk - 1) / kPk;
   const int64_t Dp = round_up(D, 2 * pv::kLanes), nqb = (S + kPq - 1) / kPq;
   // Short fp32 calls read V rows where they are (S16 D64 H16, 2 threads: 20.5 -> 18.8 us); long ones read a packed
@@ -812,8 +828,9 @@ void run_portable(const AttentionParams& p) {
   float* const vf = v_in_place ? nullptr : kt + nbkv * nt * kPk * D;
   const T* K = static_cast<const T*>(p.k);
   const T* V = static_cast<const T*>(p.v);
+  attn::NanSeen nan;
   const PortableCtx x{&p, p.Hq / p.Hkv, Dp, nt, p.scale * attn::kLog2e, kt,
-                      v_in_place ? reinterpret_cast<const float*>(V) : vf, v_in_place ? S : nt * kPk};
+                      v_in_place ? reinterpret_cast<const float*>(V) : vf, v_in_place ? S : nt * kPk, &nan};
   const int64_t nitems = p.B * p.Hq * nqb;
   const bool par = p.B * p.Hq * S * S * D >= attn::kAttnParallelSteps;
 #pragma omp parallel if (par)
@@ -840,10 +857,11 @@ void run_portable(const AttentionParams& p) {
     for (int64_t i = 0; i < nitems; ++i)  // a head's query blocks, the last (heaviest if causal) first
       portable_item<T>(x, i / nqb, (nqb - 1 - i % nqb) * kPq, sc.as<float>());
   }
+  return nan.any.load();
 }
 
 template <typename T>
-void dispatch(const AttentionParams& p) {
+bool dispatch(const AttentionParams& p) {
   const Features f = enabled();  // the active ISA tier (cpu.h)
   if (!f.avx512f && f.avx2_fma) return attention_avx2(p);
 #if defined(__aarch64__)  // attention_neon.cpp is empty elsewhere
@@ -857,14 +875,70 @@ void dispatch(const AttentionParams& p) {
   return run_avx512<T, 128>(p, dp);
 }
 
+// A causal call whose kernel stored a NaN (attn::NanSeen): the rows that hold one and come before a non-finite value
+// of their kv head's V (which the diagonal tile's P.V may have carried into them as 0 * inf or 0 * NaN) are computed
+// again from their own keys only, one row at a time in fp32. A NaN that a row's own inputs give (a NaN in q, K or V
+// up to its position) comes out again; every other row keeps the kernel's result. Only then does a row's output
+// depend on nothing but the V rows up to its own position, as in the float64 reference (pykernels.kernels.attention).
+template <typename T>
+void exact_causal_rows(const AttentionParams& p) {
+  const int64_t S = p.S, D = p.D, g = p.Hq / p.Hkv, nbkv = p.B * p.Hkv;
+  const T* Q = static_cast<const T*>(p.q);
+  const T* K = static_cast<const T*>(p.k);
+  const T* V = static_cast<const T*>(p.v);
+  T* O = static_cast<T*>(p.o);
+  std::vector<int64_t> last(static_cast<size_t>(nbkv), -1);  // per kv head: its last V row with a non-finite value
+  for (int64_t u = 0; u < nbkv; ++u)
+    for (int64_t j = S - 1; j > 0 && last[u] < 0; --j)
+      for (int64_t d = 0; d < D; ++d)
+        if (!std::isfinite(load_f(V, (u * S + j) * D + d))) {
+          last[u] = j;
+          break;
+        }
+#pragma omp parallel for schedule(dynamic, 1) if (!omp_in_parallel())
+  for (int64_t bh = 0; bh < p.B * p.Hq; ++bh) {
+    const int64_t u = bh / p.Hq * p.Hkv + bh % p.Hq / g;
+    std::vector<float> s(static_cast<size_t>(S)), o(static_cast<size_t>(D));
+    for (int64_t r = 0; r < last[u]; ++r) {
+      T* out = O + (bh * S + r) * D;
+      bool nan = false;
+      for (int64_t d = 0; d < D && !nan; ++d) nan = std::isnan(load_f(out, d));
+      if (!nan) continue;
+      const T* q = Q + (bh * S + r) * D;
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j <= r; ++j) {
+        const T* k = K + (u * S + j) * D;
+        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t d = 0; d < D; ++d) acc += load_f(q, d) * load_f(k, d);
+        s[j] = acc * p.scale;
+        mx = std::max(mx, s[j]);  // a NaN score is skipped here and makes l NaN below
+      }
+      std::fill(o.begin(), o.end(), 0.f);
+      float l = 0.f;
+      for (int64_t j = 0; j <= r; ++j) {
+        const float w = std::exp(s[j] - mx);
+        const T* v = V + (u * S + j) * D;
+        l += w;
+        for (int64_t d = 0; d < D; ++d) o[d] += w * load_f(v, d);
+      }
+      for (int64_t d = 0; d < D; ++d) store_f(out, d, o[d] / l);
+    }
+  }
+}
+
 }  // namespace
 
 void attention(const AttentionParams& p) {
   if (p.D != 64 && p.D != 128)
     throw std::invalid_argument("native cpu attention supports head dims 64 and 128, got " + std::to_string(p.D));
-  if (p.dtype == DType::f32) return dispatch<float>(p);
-  if (p.dtype == DType::bf16) return dispatch<bf16>(p);
-  throw std::invalid_argument(std::string("native cpu attention does not support dtype ") + dtype_name(p.dtype));
+  if (p.dtype == DType::f32) {
+    if (dispatch<float>(p) && p.causal) exact_causal_rows<float>(p);
+  } else if (p.dtype == DType::bf16) {
+    if (dispatch<bf16>(p) && p.causal) exact_causal_rows<bf16>(p);
+  } else {
+    throw std::invalid_argument(std::string("native cpu attention does not support dtype ") + dtype_name(p.dtype));
+  }
 }
 
 }  // namespace pk::cpu

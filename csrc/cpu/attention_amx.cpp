@@ -101,6 +101,7 @@ struct Ctx {
   int64_t Hq, Hkv, S, g, ntiles, npos;
   float c;  // scale * log2(e)
   bool causal;
+  attn::NanSeen* nan;  // notes a NaN in a stored row
 };
 
 // Per-thread scratch of one work item.
@@ -290,20 +291,25 @@ void item(const Ctx& x, int64_t bkv, int64_t q0, const Scratch& sc) {
       }
     }
   }
+  __mmask16 nan = 0;
   for (int64_t hh = 0; hh < g; ++hh) {
     u16* dst = x.o + ((b * x.Hq + hkv * g + hh) * S + q0) * D;
     for (int64_t i = 0; i < nq; ++i) {
       const int64_t r = hh * np + i;
       const __m512 inv = _mm512_set1_ps(1.f / sc.l[r]);
 #pragma GCC unroll 8
-      for (int e = 0; e < D / 16; ++e)
-        vec::store_bf16(dst + i * D + 16 * e, _mm512_mul_ps(_mm512_load_ps(sc.o + r * D + 16 * e), inv), 16);
+      for (int e = 0; e < D / 16; ++e) {
+        const __m512 y = _mm512_mul_ps(_mm512_load_ps(sc.o + r * D + 16 * e), inv);
+        nan |= _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
+        vec::store_bf16(dst + i * D + 16 * e, y, 16);
+      }
     }
   }
+  x.nan->note(nan != 0);
 }
 
 template <int D>
-void run(const AttentionParams& p) {
+bool run(const AttentionParams& p) {
   const int64_t Hkv = p.Hkv, S = p.S, g = p.Hq / p.Hkv;
   const int64_t ntiles = (S + kBk - 1) / kBk, nbkv = p.B * Hkv;
   const u16* K = static_cast<const u16*>(p.k);
@@ -323,8 +329,9 @@ void run(const AttentionParams& p) {
     pack_v<D>(V + row0 * D, nk, vpack + it * kBk * D);
   }
 
+  attn::NanSeen nan;
   Ctx x{static_cast<const u16*>(p.q), static_cast<u16*>(p.o), kpack, vpack, p.Hq, Hkv, S, g,
-        ntiles, 0, p.scale * attn::kLog2e, p.causal};
+        ntiles, 0, p.scale * attn::kLog2e, p.causal, &nan};
   x.npos = std::max<int64_t>(kRb, kRows / g / kRb * kRb);
   const int64_t nqb = (S + x.npos - 1) / x.npos, nitems = nbkv * nqb, rows = g * x.npos;
 #pragma omp parallel if (par)
@@ -348,11 +355,12 @@ void run(const AttentionParams& p) {
     }
     _tile_release();
   }
+  return nan.any.load();
 }
 
 }  // namespace
 
-void attention_amx(const AttentionParams& p) {
+bool attention_amx(const AttentionParams& p) {
   if (p.D == 64) return run<64>(p);
   return run<128>(p);
 }
@@ -363,6 +371,6 @@ void attention_amx(const AttentionParams& p) {
 #include <stdexcept>
 
 namespace pk::cpu {
-void attention_amx(const AttentionParams&) { throw std::logic_error("attention_amx: AMX exists only on x86-64"); }
+bool attention_amx(const AttentionParams&) { throw std::logic_error("attention_amx: AMX exists only on x86-64"); }
 }  // namespace pk::cpu
 #endif

@@ -222,6 +222,7 @@ struct Ctx {
   int64_t Hq, Hkv, S, g, ntiles, npos;
   float c;  // scale * log2(e)
   bool causal;
+  attn::NanSeen* nan;  // notes a NaN in a stored row
 };
 
 struct Scratch {
@@ -286,6 +287,7 @@ void item(const Ctx& x, int64_t bkv, int64_t q0, const Scratch& sc) {
       }
   }
   T* O = static_cast<T*>(x.o);
+  uint32x4_t same = vdupq_n_u32(~0u);  // lanes of every stored value equal to themselves (not NaN)
   for (int64_t hh = 0; hh < g; ++hh) {
     T* dst = O + ((b * x.Hq + hkv * g + hh) * S + q0) * D;
     for (int64_t i = 0; i < nq; ++i) {
@@ -295,6 +297,7 @@ void item(const Ctx& x, int64_t bkv, int64_t q0, const Scratch& sc) {
       for (int d = 0; d < D; d += 8) {
         const float32x4_t y0 = vmulq_f32(vld1q_f32(sc.o + r * D + d), inv);
         const float32x4_t y1 = vmulq_f32(vld1q_f32(sc.o + r * D + d + 4), inv);
+        same = vandq_u32(same, vandq_u32(vceqq_f32(y0, y0), vceqq_f32(y1, y1)));
         if constexpr (std::is_same_v<T, float>) {
           vst1q_f32(dst + i * D + d, y0);
           vst1q_f32(dst + i * D + d + 4, y1);
@@ -304,10 +307,11 @@ void item(const Ctx& x, int64_t bkv, int64_t q0, const Scratch& sc) {
       }
     }
   }
+  x.nan->note(vminvq_u32(same) == 0);
 }
 
 template <class T, int D>
-void run(const AttentionParams& p) {
+bool run(const AttentionParams& p) {
   const int64_t Hkv = p.Hkv, S = p.S, g = p.Hq / p.Hkv;
   const int64_t ntiles = (S + kBk - 1) / kBk, nbkv = p.B * Hkv, npack = nbkv * ntiles;
   constexpr bool kBf = std::is_same_v<T, u16>;
@@ -332,8 +336,9 @@ void run(const AttentionParams& p) {
 
   const T* K = static_cast<const T*>(p.k);
   const T* V = static_cast<const T*>(p.v);
+  attn::NanSeen nan;
   const Ctx x{p.q, p.o, kpack, kBf ? vwide : reinterpret_cast<const float*>(p.v), p.Hq, Hkv, S, g, ntiles, npos,
-              p.scale * attn::kLog2e, p.causal};
+              p.scale * attn::kLog2e, p.causal, &nan};
   team::run_team(nt, [&](int t, int, Team& tm) {
     for (int64_t it; (it = tm.grab()) < npack;) {
       const int64_t bkv = it / ntiles, kt0 = it % ntiles * kBk, nk = std::min(kBk, S - kt0);
@@ -357,11 +362,12 @@ void run(const AttentionParams& p) {
     }
     tm.barrier();
   });
+  return nan.any.load();
 }
 
 }  // namespace
 
-void attention_neon(const AttentionParams& p) {
+bool attention_neon(const AttentionParams& p) {
   const bool bf = p.dtype == DType::bf16;
   if (p.dtype != DType::f32 && !bf)
     throw std::invalid_argument(std::string("native cpu attention does not support dtype ") + dtype_name(p.dtype));

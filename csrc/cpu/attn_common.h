@@ -5,6 +5,7 @@
 // header is safe in a portable build; call them only after checking features().avx512f.
 #pragma once
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -26,6 +27,17 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr int64_t kAttnParallelSteps = int64_t(1) << 20;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Under a causal mask every tier multiplies the V rows of a diagonal tile by the P of rows that must not see them,
+// where P is exactly 0; a non-finite value in such a V row reaches those rows as 0 * inf or 0 * NaN. The kernels note
+// a NaN in the rows they store, and attention() then recomputes the rows it may have reached with their own keys
+// only (attention.cpp, exact_causal_rows). One per call, shared by its threads.
+struct NanSeen {
+  std::atomic<bool> any{false};
+  void note(bool nan) {
+    if (nan) any.store(true, std::memory_order_relaxed);
+  }
+};
 
 // 64-byte aligned scratch memory (one zmm per cache line); zero-filled when asked.
 class AlignedBuf {

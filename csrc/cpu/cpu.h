@@ -120,16 +120,16 @@ int max_threads();
 
 // AVX2 tier entry points (csrc/cpu/*_avx2.cpp); callers check enabled().avx2_fma first.
 void gemm_avx2(const GemmParams& p);
-void attention_avx2(const AttentionParams& p);
+bool attention_avx2(const AttentionParams& p);  // true: a stored output row holds a NaN
 void decode_avx2(const DecodeParams& p);
 
 // NEON tier (aarch64 builds; csrc/cpu/*_neon.cpp, empty elsewhere); callers check enabled().neon. The GEMM's
 // NEON micro-kernel is a policy of gemm.cpp's drivers (F32Neon there).
-void attention_neon(const AttentionParams& p);  // D 64 or 128, fp32 and bf16
+bool attention_neon(const AttentionParams& p);  // D 64 or 128, fp32 and bf16; true as attention_avx2
 void decode_neon(const DecodeParams& p);        // D 64 or 128, fp32 and bf16
 
 // AMX tier (csrc/cpu/*_amx.cpp); callers check enabled().amx_bf16.
 void gemm_amx(const GemmParams& p);            // bf16 GEMM, either B layout (gemm_amx.cpp)
-void attention_amx(const AttentionParams& p);  // bf16 flash attention, D 64 or 128 (attention_amx.cpp)
+bool attention_amx(const AttentionParams& p);  // bf16 flash attention, D 64 or 128; true as attention_avx2
 
 }  // namespace pk::cpu
