@@ -119,6 +119,7 @@ def test_attention_causal_later_nonfinite_v_reaches_no_earlier_row(shape, bad, d
     tol = verify.expected(prob, x).tolerance
     v = x["v"]
     v[0, 0, S - 1, 3] = bad                # one element of the last row: only the last row of its heads sees it
+    v[0, 0, 2, 7] = bad                    # column 7 from row 2 on: rows that see it there and must not see column 3's
     v[B - 1, Hkv - 1, S // 2 + 5, :] = bad  # a whole row halfway: the rows from there on see it, no row before
     ref = attention_kernel.reference(**x, causal=True)
     out = pk.attention(**x, causal=True, backend=backend).double()
@@ -127,4 +128,28 @@ def test_attention_causal_later_nonfinite_v_reaches_no_earlier_row(shape, bad, d
                                            f"non-finite value, {int((ref_bad & ~out_bad).sum())} finite that do")
     good = ~ref_bad
     err = (out[good] - ref[good]).abs().max().item() / ref[good].abs().max().item()
+    assert err <= tol, (err, tol)
+
+
+@pytest.mark.parametrize("backend", ["native"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_causal_nan_padding_tail(dtype, backend):
+    """A batch padded at the end with garbage: K and V rows from position P on (off every block boundary) all NaN.
+    Under a causal mask the rows before P see none of it and must come out finite and right; the rows from P on
+    are NaN. (The native recompute of such rows, csrc/cpu/attention.cpp exact_causal_rows, skips the padded rows,
+    whose NaN is their own.)"""
+    import pykernels as pk
+    from pykernels.harness import verify
+    from pykernels.kernels import attention as attention_kernel
+
+    B, Hq, Hkv, S, D, P = 1, 4, 2, 300, 128, 263
+    prob = AttentionProblem(B, Hq, Hkv, S, D, causal=True)
+    x = prob.make_inputs(dtype, seed=3)
+    tol = verify.expected(prob, x).tolerance
+    x["k"][:, :, P:] = float("nan")
+    x["v"][:, :, P:] = float("nan")
+    ref = attention_kernel.reference(**x, causal=True)
+    out = pk.attention(**x, causal=True, backend=backend).double()
+    assert bool(torch.isfinite(out[:, :, :P]).all()) and not bool(torch.isfinite(out[:, :, P:]).any())
+    err = (out[:, :, :P] - ref[:, :, :P]).abs().max().item() / ref[:, :, :P].abs().max().item()
     assert err <= tol, (err, tol)

@@ -875,11 +875,13 @@ bool dispatch(const AttentionParams& p) {
   return run_avx512<T, 128>(p, dp);
 }
 
-// A causal call whose kernel stored a NaN (attn::NanSeen): the rows that hold one and come before a non-finite value
-// of their kv head's V (which the diagonal tile's P.V may have carried into them as 0 * inf or 0 * NaN) are computed
-// again from their own keys only, one row at a time in fp32. A NaN that a row's own inputs give (a NaN in q, K or V
-// up to its position) comes out again; every other row keeps the kernel's result. Only then does a row's output
-// depend on nothing but the V rows up to its own position, as in the float64 reference (pykernels.kernels.attention).
+// A causal call whose kernel stored a NaN (attn::NanSeen): a row whose output holds a NaN in a column where its kv
+// head's V is finite up to the row's position (so the NaN came from a later V row, carried in by the diagonal tile's
+// P.V as 0 * inf or 0 * NaN) is computed again from its own keys only, one row at a time in fp32. Rows whose NaN
+// columns see a non-finite V value at or before their position keep the kernel's result, non-finite in those
+// columns either way (so a tail of NaN padding costs nothing here); a NaN from a row's own q or K comes out again.
+// Only then does a row's output depend on nothing but the V rows up to its own position, as in the float64 reference
+// (pykernels.kernels.attention).
 template <typename T>
 void exact_causal_rows(const AttentionParams& p) {
   const int64_t S = p.S, D = p.D, g = p.Hq / p.Hkv, nbkv = p.B * p.Hkv;
@@ -887,23 +889,33 @@ void exact_causal_rows(const AttentionParams& p) {
   const T* K = static_cast<const T*>(p.k);
   const T* V = static_cast<const T*>(p.v);
   T* O = static_cast<T*>(p.o);
-  std::vector<int64_t> last(static_cast<size_t>(nbkv), -1);  // per kv head: its last V row with a non-finite value
+  // per kv head: the first V row with a non-finite value in each column (S if none), and the last such row of any column
+  std::vector<int64_t> first(static_cast<size_t>(nbkv * D), S), last(static_cast<size_t>(nbkv), -1);
+  const float big = std::numeric_limits<float>::max();
+  const bool par = nbkv * S * D >= attn::kAttnParallelSteps / 64 && !omp_in_parallel();
+#pragma omp parallel for schedule(static) if (par)
   for (int64_t u = 0; u < nbkv; ++u)
-    for (int64_t j = S - 1; j > 0 && last[u] < 0; --j)
+    for (int64_t j = 0; j < S; ++j) {
+      const T* vr = V + (u * S + j) * D;
+      int bad = 0;  // a branch-free test of the row first (vectorized); most rows are finite
+      for (int64_t d = 0; d < D; ++d) bad |= !(std::fabs(load_f(vr, d)) <= big);
+      if (!bad) continue;
+      last[u] = j;
       for (int64_t d = 0; d < D; ++d)
-        if (!std::isfinite(load_f(V, (u * S + j) * D + d))) {
-          last[u] = j;
-          break;
-        }
-#pragma omp parallel for schedule(dynamic, 1) if (!omp_in_parallel())
+        if (!std::isfinite(load_f(vr, d))) first[u * D + d] = std::min(first[u * D + d], j);
+    }
+#pragma omp parallel for schedule(dynamic, 1) if (par)
   for (int64_t bh = 0; bh < p.B * p.Hq; ++bh) {
     const int64_t u = bh / p.Hq * p.Hkv + bh % p.Hq / g;
     std::vector<float> s(static_cast<size_t>(S)), o(static_cast<size_t>(D));
     for (int64_t r = 0; r < last[u]; ++r) {
       T* out = O + (bh * S + r) * D;
-      bool nan = false;
-      for (int64_t d = 0; d < D && !nan; ++d) nan = std::isnan(load_f(out, d));
+      int nan = 0;
+      for (int64_t d = 0; d < D; ++d) nan |= std::isnan(load_f(out, d));
       if (!nan) continue;
+      bool carried = false;
+      for (int64_t d = 0; d < D && !carried; ++d) carried = std::isnan(load_f(out, d)) && first[u * D + d] > r;
+      if (!carried) continue;
       const T* q = Q + (bh * S + r) * D;
       float mx = -std::numeric_limits<float>::infinity();
       for (int64_t j = 0; j <= r; ++j) {
@@ -920,7 +932,9 @@ void exact_causal_rows(const AttentionParams& p) {
         const float w = std::exp(s[j] - mx);
         const T* v = V + (u * S + j) * D;
         l += w;
-        for (int64_t d = 0; d < D; ++d) o[d] += w * load_f(v, d);
+        float* od = o.data();
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) od[d] += w * load_f(v, d);
       }
       for (int64_t d = 0; d < D; ++d) store_f(out, d, o[d] / l);
     }
