@@ -167,20 +167,22 @@ void run_decode_split(const DecodeSplit& w, int64_t Hkv, Make make_scratch, Item
   }
 }
 
-#if defined(__x86_64__) || defined(_M_X64)
-
 #define PK_ALWAYS_INLINE inline __attribute__((always_inline))
 
 // One software prefetch of a streamed K/V line, to L1 or L2 as this thread's decode call chose (l1: the
 // thread's t_prefetch_l1, from the split). The caller reads t_prefetch_l1 once per item and passes it down:
 // in the shared library every thread-local read is a __tls_get_addr call, and one left beside a prefetch in a
 // loop (with the vector registers spilled around it) cost the AVX2 decode ~40% (notes/cpu_decode.md).
+// __builtin_prefetch is what _mm_prefetch expands to (locality 3: prefetcht0, 2: prefetcht1 on x86), so the
+// portable decode uses it too.
 PK_ALWAYS_INLINE void prefetch_stream(const void* p, bool l1) {
   if (l1)
-    _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+    __builtin_prefetch(p, 0, 3);
   else
-    _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1);
+    __builtin_prefetch(p, 0, 2);
 }
+
+#if defined(__x86_64__) || defined(_M_X64)
 
 // Denormals flushed to zero (MXCSR FTZ + DAZ) on this thread while it lives, restored after: padding
 // lanes and masked keys of the softmax can hold tiny or stale values, and an AVX-512 FMA or vscalefps

@@ -875,10 +875,10 @@ template <class R> inline void row_add(const R* vr, const float* e, int64_t g, i
 // (cpu.h stream_prefetch: L2 on Sapphire Rapids and Zen 4, where L1 read 10-12% slower; notes/cpu_decode.md).
 inline void prefetch_row(const void* r, int64_t bytes, bool l1) {
   const char* c = static_cast<const char*>(r);
-  if (l1)
-    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 3);
+  if (l1)  // the level chosen once per row, not per line
+    for (int64_t i = 0; i < bytes; i += 64) attn::prefetch_stream(c + i, true);
   else
-    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 2);
+    for (int64_t i = 0; i < bytes; i += 64) attn::prefetch_stream(c + i, false);
 }
 
 template <typename T>
