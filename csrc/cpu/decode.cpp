@@ -881,19 +881,22 @@ inline void prefetch_row(const void* r, int64_t bytes, bool l1) {
     for (int64_t i = 0; i < bytes; i += 64) attn::prefetch_stream(c + i, false);
 }
 
+// One work item: the g query heads of each of kv heads [hk0, hk0 + nh) of sequence b, tokens of chunk ci.
+// Steps of kPt tokens of one kv head, heads inner (as the AVX2 and AVX-512 items): on a paged cache nh = Hkv,
+// so the heads' rows of a block (stored [Hkv][block_size][D], back to back) are read one after the other
+// instead of one run of block_size rows per block and head. Each step prefetches the next step's rows.
 template <typename T>
-void portable_item(const PortableItem<T>& x, int64_t b, int64_t hk, int64_t ci, float* sc) {
+void portable_item(const PortableItem<T>& x, int64_t b, int64_t hk0, int64_t nh, int64_t ci, float* sc) {
   const DecodeParams& p = *x.p;
-  const int64_t g = x.g, D = p.D, Dp = x.Dp;
+  const int64_t g = x.g, D = p.D, Dp = x.Dp, nq = nh * g;
   const int64_t n = p.context_lens[b], t0 = ci * x.chunk, t1 = std::min(n, t0 + x.chunk);
-  // scratch: q [g][Dp], o [g][Dp], s [g][kPt], m [g], l [g], row [Dp]
-  float *q = sc, *o = q + g * Dp, *s = o + g * Dp, *m = s + g * kPt, *l = m + g, *row = l + g;
-  using pv::vf;
+  // scratch (sized by run_portable): q [nq][Dp], o [nq][Dp], s [g][kPt], m [nq], l [nq], row [Dp]
+  float *q = sc, *o = q + nq * Dp, *s = o + nq * Dp, *m = s + g * kPt, *l = m + nq, *row = l + nq;
   // bf16 rows of whole blocks of 2 * kLanes values go as pairs (pair_dots, pair_add): q and o in pair order
   const bool pairs = std::is_same_v<T, bf16> && D % (2 * pv::kLanes) == 0;
   const auto at = [&](int64_t d) { return pairs ? pv::pair_pos(d) : d; };
-  const T* Q = static_cast<const T*>(p.q) + (b * p.Hq + hk * g) * D;
-  for (int64_t h = 0; h < g; ++h) {
+  const T* Q = static_cast<const T*>(p.q) + (b * p.Hq + hk0 * g) * D;
+  for (int64_t h = 0; h < nq; ++h) {
     for (int64_t d = 0; d < Dp; ++d) {
       q[h * Dp + at(d)] = d < D ? load_f(Q, h * D + d) * x.c : 0.f;
       o[h * Dp + d] = 0.f;
@@ -907,57 +910,70 @@ void portable_item(const PortableItem<T>& x, int64_t b, int64_t hk, int64_t ci, 
   const T *kr[kPt], *kn[kPt], *vn[kPt];
   const T* vr[kPt];
   const int64_t rowb = D * static_cast<int64_t>(sizeof(T));
-  attn::tile_rows(p, K, b, hk, t0, std::min(kPt, t1 - t0), kn);
-  attn::tile_rows(p, V, b, hk, t0, std::min(kPt, t1 - t0), vn);
-  for (int64_t j0 = t0; j0 < t1; j0 += kPt) {
-    const int64_t nj = std::min(kPt, t1 - j0), nn = std::max<int64_t>(0, std::min(kPt, t1 - j0 - kPt));
+  attn::tile_rows(p, K, b, hk0, t0, std::min(kPt, t1 - t0), kn);
+  attn::tile_rows(p, V, b, hk0, t0, std::min(kPt, t1 - t0), vn);
+  for (int64_t j0 = t0, hk = hk0; j0 < t1;) {
+    const int64_t nj = std::min(kPt, t1 - j0);
+    int64_t nj0 = j0, nhk = hk + 1;  // the next step: the next kv head, or the first one at the next tile
+    if (nhk == hk0 + nh) {
+      nhk = hk0;
+      nj0 += kPt;
+    }
+    const int64_t nn = nj0 < t1 ? std::min(kPt, t1 - nj0) : 0;
     std::copy(kn, kn + nj, kr);
     std::copy(vn, vn + nj, vr);
-    attn::tile_rows(p, K, b, hk, j0 + kPt, nn, kn);  // the next tile's rows, prefetched row by row below
-    attn::tile_rows(p, V, b, hk, j0 + kPt, nn, vn);
+    attn::tile_rows(p, K, b, nhk, nj0, nn, kn);  // the next step's rows, prefetched row by row below
+    attn::tile_rows(p, V, b, nhk, nj0, nn, vn);
+    float *qh = q + (hk - hk0) * g * Dp, *oh = o + (hk - hk0) * g * Dp;
+    float *mh = m + (hk - hk0) * g, *lh = l + (hk - hk0) * g;
+    j0 = nj0;
+    hk = nhk;
     for (int64_t j = 0; j < nj; ++j) {
       if (j < nn)
         prefetch_row(kn[j], rowb, l1);
       if constexpr (std::is_same_v<T, bf16>)
         if (pairs) {
-          pair_dots(kr[j], q, g, Dp, s + j);
+          pair_dots(kr[j], qh, g, Dp, s + j);
           continue;
         }
       if (D == Dp)
-        row_dots(kr[j], q, g, Dp, s + j);
+        row_dots(kr[j], qh, g, Dp, s + j);
       else
-        row_dots(padded_row(kr[j], D, Dp, row), q, g, Dp, s + j);
+        row_dots(padded_row(kr[j], D, Dp, row), qh, g, Dp, s + j);
     }
     for (int64_t h = 0; h < g; ++h) {
       float* sh = s + h * kPt;
       for (int64_t j = nj; j < kPt; ++j) sh[j] = -std::numeric_limits<float>::infinity();
-      pv::softmax_step(sh, kPt, m[h], l[h], o + h * Dp, Dp);
+      pv::softmax_step(sh, kPt, mh[h], lh[h], oh + h * Dp, Dp);
     }
     for (int64_t j = 0; j < nj; ++j) {
       if (j < nn)
         prefetch_row(vn[j], rowb, l1);
       if constexpr (std::is_same_v<T, bf16>)
         if (pairs) {
-          pair_add(vr[j], s + j, g, Dp, o);
+          pair_add(vr[j], s + j, g, Dp, oh);
           continue;
         }
       if (D == Dp)
-        row_add(vr[j], s + j, g, Dp, o);
+        row_add(vr[j], s + j, g, Dp, oh);
       else
-        row_add(padded_row(vr[j], D, Dp, row), s + j, g, Dp, o);
+        row_add(padded_row(vr[j], D, Dp, row), s + j, g, Dp, oh);
     }
   }
-  if (x.part == nullptr) {
-    T* O = static_cast<T*>(p.o) + (b * p.Hq + hk * g) * D;
-    for (int64_t h = 0; h < g; ++h)
-      for (int64_t d = 0; d < D; ++d) store_f(O, h * D + d, o[h * Dp + at(d)] / l[h]);
-    return;
-  }
-  float* part = x.part + ((b * p.Hkv + hk) * x.nchunk + ci) * g * (Dp + 2);
-  for (int64_t h = 0; h < g; ++h) {
-    for (int64_t d = 0; d < D; ++d) part[h * (Dp + 2) + d] = o[h * Dp + at(d)];  // in column order
-    part[h * (Dp + 2) + Dp] = m[h];
-    part[h * (Dp + 2) + Dp + 1] = l[h];
+  for (int64_t hk = hk0; hk < hk0 + nh; ++hk) {
+    const float *oh = o + (hk - hk0) * g * Dp, *mh = m + (hk - hk0) * g, *lh = l + (hk - hk0) * g;
+    if (x.part == nullptr) {
+      T* O = static_cast<T*>(p.o) + (b * p.Hq + hk * g) * D;
+      for (int64_t h = 0; h < g; ++h)
+        for (int64_t d = 0; d < D; ++d) store_f(O, h * D + d, oh[h * Dp + at(d)] / lh[h]);
+      continue;
+    }
+    float* part = x.part + ((b * p.Hkv + hk) * x.nchunk + ci) * g * (Dp + 2);
+    for (int64_t h = 0; h < g; ++h) {
+      for (int64_t d = 0; d < D; ++d) part[h * (Dp + 2) + d] = oh[h * Dp + at(d)];  // in column order
+      part[h * (Dp + 2) + Dp] = mh[h];
+      part[h * (Dp + 2) + Dp + 1] = lh[h];
+    }
   }
 }
 
@@ -976,16 +992,19 @@ template <typename T> void portable_merge(const PortableItem<T>& x, int64_t b, i
 template <typename T>
 void run_portable(const DecodeParams& p) {
   const int64_t g = p.Hq / p.Hkv, Dp = attn::round_up(p.D, int64_t(pv::kLanes));
-  const attn::DecodeSplit w = attn::split_decode(p, sizeof(T), kPt, omp_in_parallel() ? 1 : omp_get_max_threads());
+  // kv heads per item: all of them on a paged cache (see portable_item), one on a contiguous cache (its
+  // context is one long run per head).
+  const int64_t nh = p.block_table ? p.Hkv : 1, nq = nh * g;
+  const attn::DecodeSplit w = attn::split_decode(p, sizeof(T), kPt, omp_in_parallel() ? 1 : omp_get_max_threads(),
+                                                 kMinChunk, kMinParallelBytes, nh);
   AlignedBuf part(w.nchunk > 1 ? static_cast<size_t>(p.B * p.Hkv * w.nchunk * g * (Dp + 2) * 4) : 0);
   const PortableItem<T> x{&p, g, Dp, w.chunk, w.nchunk, p.scale * attn::kLog2e, w.nchunk > 1 ? part.as<float>() : nullptr};
-  const size_t scratch = static_cast<size_t>((2 * g * Dp + g * kPt + 2 * g + Dp + p.D) * 4);
+  // portable_item's scratch, then merge's D floats
+  const int64_t item_floats = 2 * nq * Dp + g * kPt + 2 * nq + Dp;
   attn::run_decode_split(
-      w, p.Hkv, [&] { return AlignedBuf(scratch); },
-      [&](int64_t b, int64_t hk, int64_t c, const AlignedBuf& t) { portable_item<T>(x, b, hk, c, t.as<float>()); },
-      [&](int64_t b, int64_t hk, const AlignedBuf& t) {
-        portable_merge<T>(x, b, hk, t.as<float>() + 2 * g * Dp + g * kPt + 2 * g + Dp);
-      });
+      w, p.Hkv, [&] { return AlignedBuf(static_cast<size_t>((item_floats + p.D) * 4)); },
+      [&](int64_t b, int64_t hk, int64_t c, const AlignedBuf& t) { portable_item<T>(x, b, hk, nh, c, t.as<float>()); },
+      [&](int64_t b, int64_t hk, const AlignedBuf& t) { portable_merge<T>(x, b, hk, t.as<float>() + item_floats); });
 }
 
 template <typename T>
