@@ -102,6 +102,26 @@ inline vf exp2(vf x) {
   return select(tiny, splat(0.f), (vf)((vi)p + e));
 }
 
+// 2^x for x <= 0 only (or -inf, NaN): the softmax's exponents, a score or a running max minus a maximum at least as
+// large. exp2 without its upper clamp, with the degree-5 polynomial the AVX-512 exp2_neg<5> (attn_common.h) fitted
+// to 2^f on [-1/2, 1/2] for relative error (max 2.0e-7 in fp32, 2^0 = 1 exactly): x below -126 (-inf included)
+// gives exactly 0, NaN stays NaN (it does not reach the integer conversion). ~17 operations against exp2's ~24.
+inline vf exp2_neg(vf x) {
+  const vi tiny = x < -126.f, nan = x != x;
+  x = select(tiny, splat(-126.f), x);
+  vf n = (x + 12582912.f) - 12582912.f;
+  n = select(nan, splat(0.f), n);
+  const vf f = x - n;
+  vf p = splat(1.330882078036666e-3f);
+  p = p * f + 9.67151764780283e-3f;
+  p = p * f + 5.550582334399223e-2f;
+  p = p * f + 2.4022242426872253e-1f;
+  p = p * f + 6.931470632553101e-1f;
+  p = p * f + 1.0f;
+  const vi e = __builtin_convertvector(n, vi) << 23;
+  return select(tiny, splat(0.f), (vf)((vi)p + e));
+}
+
 // One online-softmax step (base 2) of a row of n scores s (n a multiple of kLanes; keys a row does not see hold
 // -inf) against the running max m and sum l: s becomes 2^(s - m_new), l = l 2^(m - m_new) + sum, m = m_new, and the
 // row's accumulator o (dp floats) is rescaled by 2^(m - m_new) when the max moved (2^0 is exact: otherwise o stays).
@@ -114,10 +134,10 @@ inline void softmax_step(float* s, int64_t n, float& m, float& l, float* o, int6
   for (int64_t j = 0; j < n; j += kLanes) vmx = max(vmx, load(s + j));
   const float mx = hmax(vmx);
   const float mu = mx == ninf ? 0.f : mx;
-  const float alpha = exp2(splat(m - mu))[0];
+  const float alpha = exp2_neg(splat(m - mu))[0];
   vf sum{};
   for (int64_t j = 0; j < n; j += kLanes) {
-    const vf e = exp2(load(s + j) - mu);
+    const vf e = exp2_neg(load(s + j) - mu);
     store(s + j, e);
     sum += e;
   }

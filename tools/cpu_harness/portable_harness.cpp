@@ -326,16 +326,17 @@ int check_math() {
 int check_math() { return 0; }
 #endif
 
-// The portable tier's vector math (vec_portable.h), on every architecture: exp2 as check_exp2 checks the
-// AVX-512 one (relative error, exactly 0 below -126, -inf -> 0, NaN -> NaN, 0 -> 1), and the lane sum.
-int check_pv_math() {
+// The portable tier's vector math (vec_portable.h), on every architecture: exp2 on [-130, 8] and exp2_neg on its
+// domain [-130, 0] as check_exp2 checks the AVX-512 ones (relative error, exactly 0 below -126, -inf -> 0, NaN ->
+// NaN, 0 -> 1; exp2 also clamps above), and the lane sum.
+template <class F> int check_pv_exp2(const char* name, F f, double hi) {
   constexpr int L = pv::kLanes;
   double worst = 0;
   int bad = 0;
-  for (double x0 = -130; x0 < 8; x0 += L / 4096.0) {
+  for (double x0 = -130; x0 < hi; x0 += L / 4096.0) {
     float x[L], y[L];
-    for (int i = 0; i < L; ++i) x[i] = static_cast<float>(std::min(x0 + i / 4096.0, 8.0));
-    pv::store(y, pv::exp2(pv::load(x)));
+    for (int i = 0; i < L; ++i) x[i] = static_cast<float>(std::min(x0 + i / 4096.0, hi));
+    pv::store(y, f(pv::load(x)));
     for (int i = 0; i < L; ++i) {
       if (x[i] < -126.f) {
         bad += y[i] != 0.f;
@@ -346,11 +347,12 @@ int check_pv_math() {
     }
   }
   const float sp[8] = {-INFINITY, NAN, 0.f, -127.f, -150.f, -1e30f, 1e30f, 3.f};
-  for (int k = 0; k < 8; k += L < 8 ? L : 8) {
+  const int nsp = hi > 0 ? 8 : 6;  // exp2_neg: no positive arguments
+  for (int k = 0; k < nsp; k += L < 8 ? L : 8) {
     float x[L] = {}, y[L];
-    for (int i = 0; i < L && k + i < 8; ++i) x[i] = sp[k + i];
-    pv::store(y, pv::exp2(pv::load(x)));
-    for (int i = 0; i < L && k + i < 8; ++i) {
+    for (int i = 0; i < L && k + i < nsp; ++i) x[i] = sp[k + i];
+    pv::store(y, f(pv::load(x)));
+    for (int i = 0; i < L && k + i < nsp; ++i) {
       const float v = y[i], s = sp[k + i];
       if (std::isnan(s)) bad += !std::isnan(v);
       else if (s == 0.f) bad += v != 1.f;
@@ -360,12 +362,19 @@ int check_pv_math() {
     }
   }
   bad += !(worst <= 2.5e-7);
+  std::printf("math pv::%s (%d lanes): max relative error %.3g (bound 2.5e-07), special values: %s\n", name, L, worst,
+              bad ? "FAIL" : "ok");
+  return bad;
+}
+int check_pv_math() {
+  constexpr int L = pv::kLanes;
+  int bad = check_pv_exp2("exp2", [](pv::vf x) { return pv::exp2(x); }, 8.0) +
+            check_pv_exp2("exp2_neg", [](pv::vf x) { return pv::exp2_neg(x); }, 0.0);
   float lanes[L];
   for (int i = 0; i < L; ++i) lanes[i] = static_cast<float>(i + 1);
-  bad += pv::hsum(pv::load(lanes)) != L * (L + 1) / 2.f;
-  std::printf("math pv::exp2 (%d lanes): max relative error %.3g (bound 2.5e-07), special values, pv::hsum: %s\n", L,
-              worst, bad ? "FAIL" : "ok");
-  return bad;
+  const int sum_bad = pv::hsum(pv::load(lanes)) != L * (L + 1) / 2.f;
+  std::printf("math pv::hsum (%d lanes): %s\n", L, sum_bad ? "FAIL" : "ok");
+  return bad + sum_bad;
 }
 
 }  // namespace
