@@ -81,46 +81,41 @@ inline float hmax(vf v) {
   return Halves<PK_PV_BYTES>::reduce(v, [](auto a, auto b) { return max(a, b); });
 }
 
-// 2^x, as the AVX-512 / NEON exp2_ps (same polynomial): x below -126 gives exactly 0 (a masked score: no
-// denormal is made), NaN stays NaN; x is clamped to 127 above. Rounding to the nearest integer by adding
-// and subtracting 1.5 * 2^23 (exact for |x| < 2^22 in the default rounding mode; not folded without
-// -ffast-math, which the project does not use).
-inline vf exp2(vf x) {
+// 2^x. NonPositive false (exp2): as the AVX-512 / NEON exp2_ps (same degree-6 polynomial), x clamped to 127
+// above. NonPositive true (exp2_neg): for x <= 0 only (or -inf, NaN), the softmax's exponents (a score or a running
+// max minus a maximum at least as large): no upper clamp, and the degree-5 polynomial the AVX-512 exp2_neg<5>
+// (attn_common.h) fitted to 2^f on [-1/2, 1/2] for relative error (max 2.0e-7 in fp32, 2^0 = 1 exactly); ~17
+// operations against ~24. Both: x below -126 (-inf included) gives exactly 0 (a masked score: no denormal is made),
+// NaN stays NaN. Rounding to the nearest integer by adding and subtracting 1.5 * 2^23 (exact for |x| < 2^22 in the
+// default rounding mode; not folded without -ffast-math, which the project does not use).
+template <bool NonPositive> inline vf exp2_any(vf x) {
   const vi tiny = x < -126.f, nan = x != x;
-  x = select(x > 127.f, splat(127.f), select(tiny, splat(-126.f), x));
+  x = select(tiny, splat(-126.f), x);
+  if constexpr (!NonPositive) x = select(x > 127.f, splat(127.f), x);
   vf n = (x + 12582912.f) - 12582912.f;
   n = select(nan, splat(0.f), n);  // no NaN reaches the integer conversion
   const vf f = x - n;
-  vf p = splat(1.5403530393381606e-4f);
-  p = p * f + 1.3333558146428443e-3f;
-  p = p * f + 9.6181291076284772e-3f;
-  p = p * f + 5.5504108664821580e-2f;
-  p = p * f + 2.4022650695910071e-1f;
-  p = p * f + 6.9314718055994531e-1f;
+  vf p;
+  if constexpr (NonPositive) {
+    p = splat(1.330882078036666e-3f);
+    p = p * f + 9.67151764780283e-3f;
+    p = p * f + 5.550582334399223e-2f;
+    p = p * f + 2.4022242426872253e-1f;
+    p = p * f + 6.931470632553101e-1f;
+  } else {
+    p = splat(1.5403530393381606e-4f);
+    p = p * f + 1.3333558146428443e-3f;
+    p = p * f + 9.6181291076284772e-3f;
+    p = p * f + 5.5504108664821580e-2f;
+    p = p * f + 2.4022650695910071e-1f;
+    p = p * f + 6.9314718055994531e-1f;
+  }
   p = p * f + 1.0f;
   const vi e = __builtin_convertvector(n, vi) << 23;
   return select(tiny, splat(0.f), (vf)((vi)p + e));
 }
-
-// 2^x for x <= 0 only (or -inf, NaN): the softmax's exponents, a score or a running max minus a maximum at least as
-// large. exp2 without its upper clamp, with the degree-5 polynomial the AVX-512 exp2_neg<5> (attn_common.h) fitted
-// to 2^f on [-1/2, 1/2] for relative error (max 2.0e-7 in fp32, 2^0 = 1 exactly): x below -126 (-inf included)
-// gives exactly 0, NaN stays NaN (it does not reach the integer conversion). ~17 operations against exp2's ~24.
-inline vf exp2_neg(vf x) {
-  const vi tiny = x < -126.f, nan = x != x;
-  x = select(tiny, splat(-126.f), x);
-  vf n = (x + 12582912.f) - 12582912.f;
-  n = select(nan, splat(0.f), n);
-  const vf f = x - n;
-  vf p = splat(1.330882078036666e-3f);
-  p = p * f + 9.67151764780283e-3f;
-  p = p * f + 5.550582334399223e-2f;
-  p = p * f + 2.4022242426872253e-1f;
-  p = p * f + 6.931470632553101e-1f;
-  p = p * f + 1.0f;
-  const vi e = __builtin_convertvector(n, vi) << 23;
-  return select(tiny, splat(0.f), (vf)((vi)p + e));
-}
+inline vf exp2(vf x) { return exp2_any<false>(x); }
+inline vf exp2_neg(vf x) { return exp2_any<true>(x); }
 
 // One online-softmax step (base 2) of a row of n scores s (n a multiple of kLanes; keys a row does not see hold
 // -inf) against the running max m and sum l: s becomes 2^(s - m_new), l = l 2^(m - m_new) + sum, m = m_new, and the
