@@ -264,6 +264,13 @@ void run_all() {
     check_decode(1, 4, 1, 3001, 64, 16, false, bf);
     check_decode(1, 32, 1, 3000, 128, 16, true, bf);
     check_decode(1, 9, 1, 1029, 64, 7, true, bf);
+    // Head dims other than 64 / 128: the portable decode on every tier (decode.cpp dispatch; the Python API accepts
+    // 64 and 128 only). D = 72: a padded row on 16-lane targets; 80: bf16 not in pairs there (80 % 32), pairs on
+    // 4 lanes; 40 with a split context (merge over Dp + 2 strides); 256: the widest register blocks of tile_add.
+    check_decode(3, 6, 3, 130, 72, 16, false, bf);
+    check_decode(2, 8, 2, 300, 80, 16, true, bf);
+    check_decode(1, 4, 1, 700, 40, 16, true, bf);
+    check_decode(2, 4, 1, 200, 256, 16, true, bf);
     // Large logits: the row max must be the max over every key (see large_logit_queries)
     check_attention(1, 2, 1, 65, 64, false, bf, true);
     check_attention(1, 2, 2, 130, 128, true, bf, true);
