@@ -35,6 +35,23 @@ def test_decode_matches_reference(shape, backend, dtype, device):
     run_checked(DecodeProblem(*shape), dtype, backend, device)
 
 
+@pytest.mark.parametrize("D", [8, 40, 72, 80, 96, 256])
+@pytest.mark.parametrize("paged", [False, True], ids=["contig", "paged"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", ["native"])  # every tier (conftest's native_isa)
+def test_native_cpu_decode_any_head_dim(D, paged, dtype, backend, native_isa):
+    """On CPU the native decode takes any head dim: 64 and 128 on the tier's kernels, any other on the portable
+    decode (a padded row where D is not a whole number of vectors, bf16 outside pairs where it is not a whole
+    number of pairs), whatever the tier; its result records that code. CUDA keeps 64 and 128."""
+    from pykernels.backends import registry
+
+    p = DecodeProblem(3, 8, 2, 150, D, paged=paged, block_size=16, ragged=True)
+    run_checked(p, dtype, backend, "cpu")
+    native = registry.all_backends()[backend]
+    assert native.describe_call("decode", p.make_inputs(dtype))["cpu_isa"] == "portable"
+    assert "head dims" in native.supports("decode", "cuda", torch.float16, D=D)
+
+
 @pytest.mark.parametrize("paged", [False, True], ids=["contig", "paged"])
 def test_decode_torch_compile(paged):
     run_checked(DecodeProblem(3, 8, 2, 77, 64, paged=paged, block_size=16, ragged=True), torch.float32,

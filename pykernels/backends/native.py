@@ -67,7 +67,10 @@ class NativeBackend(Backend):
                     "CUDA GEMM reads B as [K, N]")
         d = shape.get("D")
         if family in ("attention", "decode") and d is not None and d not in HEAD_DIMS:
-            return f"backend 'native' supports head dims {HEAD_DIMS} for {family}, got D={d}"
+            if family == "decode" and device_type == "cpu":
+                return None  # any head dim: the portable decode (describe_call records it)
+            where = " on CUDA (any on CPU)" if family == "decode" else ""
+            return f"backend 'native' supports head dims {HEAD_DIMS} for {family}{where}, got D={d}"
         return None
 
     def prepare(self, family, **kw):
@@ -117,13 +120,17 @@ class NativeBackend(Backend):
         return run
 
     def describe_call(self, family: str, inputs: dict) -> dict:
-        """The CPU ISA tier (amx, avx512, avx2, neon, portable) that ran the call (PYKERNELS_CPU_ISA), and for
-        decode where its K/V prefetches go (l2, l1, l1-ungrouped, l1-grouped: PYKERNELS_CPU_PREFETCH), whether it
-        prefetches each line a second time, nearer (PYKERNELS_CPU_PREFETCH_NEAR), how far ahead (bytes,
-        PYKERNELS_CPU_PREFETCH_DISTANCE) and why (the default's reason, the override, or `pykernels tune`); for a
-        GEMM of one row, the rows of B it reads per step (PYKERNELS_CPU_GEMV_STREAMS)."""
+        """The CPU ISA tier (amx, avx512, avx2, neon, portable) that ran the call (PYKERNELS_CPU_ISA; a decode of a
+        head dim other than 64 / 128 runs the portable code on every tier), and for decode where its K/V prefetches
+        go (l2, l1, l1-ungrouped, l1-grouped: PYKERNELS_CPU_PREFETCH), whether it prefetches each line a second
+        time, nearer (PYKERNELS_CPU_PREFETCH_NEAR), how far ahead (bytes, PYKERNELS_CPU_PREFETCH_DISTANCE) and why
+        (the default's reason, the override, or `pykernels tune`); for a GEMM of one row, the rows of B it reads per
+        step (PYKERNELS_CPU_GEMV_STREAMS)."""
         if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in inputs.values()):
             d = {"cpu_isa": _ext().cpu_isa()}
+            q = inputs.get("q")
+            if family == "decode" and isinstance(q, torch.Tensor) and q.shape[-1] not in HEAD_DIMS:
+                d["cpu_isa"] = "portable"  # the tiers' decode kernels take D 64 / 128; any other D runs the portable one
             a = inputs.get("a")
             if family == "gemm" and isinstance(a, torch.Tensor) and a.dim() == 2 and a.shape[0] == 1:
                 d["cpu_gemv_streams"] = _ext().cpu_features()["gemv_streams"]  # rows of B per step (M = 1)
