@@ -654,6 +654,8 @@ PYBIND11_MODULE(_C, m) {
   // raised in module init into an ImportError with the same message; backend native then reports it).
   m.def("evict_cpu", &evict_cpu, py::arg("ptr"), py::arg("nbytes"));
   m.def("cpu_isa", []() { return std::string(pk::cpu::isa_name(pk::cpu::active_isa())); });
+  m.def("decode_cpu_isa", [](int64_t D) { return std::string(pk::cpu::isa_name(pk::cpu::decode_isa(D))); },
+        py::arg("D"));
   m.def("cpu_isas", []() {
     py::list l;
     for (auto t : pk::cpu::kIsas)

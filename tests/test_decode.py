@@ -49,6 +49,7 @@ def test_native_cpu_decode_any_head_dim(D, paged, dtype, backend, native_isa):
     run_checked(p, dtype, backend, "cpu")
     native = registry.all_backends()[backend]
     assert native.describe_call("decode", p.make_inputs(dtype))["cpu_isa"] == "portable"
+    assert native.describe_call("decode", {"q": torch.empty(1, 1, 128)})["cpu_isa"] == native_isa  # the tier's own
     assert "head dims" in native.supports("decode", "cuda", torch.float16, D=D)
 
 

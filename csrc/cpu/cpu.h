@@ -115,6 +115,9 @@ const Caches& caches();
 void gemm(const GemmParams& p);
 void attention(const AttentionParams& p);
 void decode(const DecodeParams& p);
+// The tier whose code runs a decode of head dim D: the active tier for D 64 / 128 (its own kernels), the portable
+// decode for any other D on every tier (decode.cpp dispatch).
+Isa decode_isa(int64_t D);
 
 int max_threads();
 

@@ -866,14 +866,14 @@ template <class R> inline void row_add(const R* vr, const float* e, int64_t g, i
   for (; h < g; ++h) row_add_h<1>(vr, e + h * kPt, Dp, o + h * Dp);
 }
 
-// The lines of a row of `bytes`, into L1 or (l1 false) L2, as the AVX-512 decode's run-time level says
+// The lines of bytes [b0, b1) of a row, into L1 or (l1 false) L2, as the AVX-512 decode's run-time level says
 // (cpu.h stream_prefetch: L2 on Sapphire Rapids and Zen 4, where L1 read 10-12% slower; notes/cpu_decode.md).
-inline void prefetch_row(const void* r, int64_t bytes, bool l1) {
+inline void prefetch_lines(const void* r, int64_t b0, int64_t b1, bool l1) {
   const char* c = static_cast<const char*>(r);
   if (l1)  // the level chosen once per row, not per line
-    for (int64_t i = 0; i < bytes; i += 64) attn::prefetch_stream(c + i, true);
+    for (int64_t i = b0; i < b1; i += 64) attn::prefetch_stream(c + i, true);
   else
-    for (int64_t i = 0; i < bytes; i += 64) attn::prefetch_stream(c + i, false);
+    for (int64_t i = b0; i < b1; i += 64) attn::prefetch_stream(c + i, false);
 }
 
 // Accumulator registers of a P.V register block: half of the target's vector registers (32 on AVX-512 and on
@@ -898,10 +898,7 @@ inline void tile_add_block(const R* const* vr, const float* e, int64_t nj, int64
   for (int h = 0; h < H; ++h)
     for (int c = 0; c < C; ++c) acc[h][c] = pv::load(o + h * Dp + c0 + c * L);
   for (int64_t j = 0; j < nj; ++j) {
-    if (j < npf) {
-      const char* r = reinterpret_cast<const char*>(pf[j]);
-      for (int64_t i = pb0; i < pb1; i += 64) attn::prefetch_stream(r + i, l1);
-    }
+    if (j < npf) prefetch_lines(pf[j], pb0, pb1, l1);
     pv::vf xv[C];
     if constexpr (Pairs) {
       for (int c = 0; c < C; c += 2)
@@ -988,7 +985,7 @@ void portable_item(const PortableItem<T>& x, int64_t b, int64_t hk0, int64_t nh,
     hk = nhk;
     for (int64_t j = 0; j < nj; ++j) {
       if (j < nn)
-        prefetch_row(kn[j], rowb, l1);
+        prefetch_lines(kn[j], 0, rowb, l1);
       if constexpr (std::is_same_v<T, bf16>)
         if (pairs) {
           pair_dots(kr[j], qh, g, Dp, s + j);
@@ -1011,7 +1008,7 @@ void portable_item(const PortableItem<T>& x, int64_t b, int64_t hk0, int64_t nh,
     } else {
       for (int64_t j = 0; j < nj; ++j) {
         if (j < nn)
-          prefetch_row(vn[j], rowb, l1);
+          prefetch_lines(vn[j], 0, rowb, l1);
         row_add(padded_row(vr[j], D, Dp, row), s + j, g, Dp, oh);
       }
     }
@@ -1063,12 +1060,15 @@ void run_portable(const DecodeParams& p) {
       [&](int64_t b, int64_t hk, const AlignedBuf& t) { portable_merge<T>(x, b, hk, t.as<float>() + item_floats); });
 }
 
+// Head dims the tiers' own decode kernels take; any other runs the portable decode (decode_isa says so).
+constexpr bool tier_head_dim(int64_t D) { return D == 64 || D == 128; }
+
 template <typename T>
 void dispatch(const DecodeParams& p) {
 #if defined(__x86_64__)
   const Features f = enabled();  // the active ISA tier (cpu.h)
-  if (!f.avx512f && f.avx2_fma && (p.D == 64 || p.D == 128)) return decode_avx2(p);
-  if (f.avx512f && (p.D == 64 || p.D == 128)) {
+  if (!f.avx512f && f.avx2_fma && tier_head_dim(p.D)) return decode_avx2(p);
+  if (f.avx512f && tier_head_dim(p.D)) {
     if constexpr (std::is_same_v<T, float>) {
       return p.D == 64 ? run_avx512<float, Kind::f32, 64>(p) : run_avx512<float, Kind::f32, 128>(p);
     } else {
@@ -1079,12 +1079,14 @@ void dispatch(const DecodeParams& p) {
   }
 #endif
 #if defined(__aarch64__)
-  if (enabled().neon && (p.D == 64 || p.D == 128)) return decode_neon(p);
+  if (enabled().neon && tier_head_dim(p.D)) return decode_neon(p);
 #endif
   run_portable<T>(p);
 }
 
 }  // namespace
+
+Isa decode_isa(int64_t D) { return tier_head_dim(D) ? active_isa() : Isa::portable; }
 
 void decode(const DecodeParams& p) {
   if (p.dtype == DType::f32) return dispatch<float>(p);

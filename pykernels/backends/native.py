@@ -127,10 +127,11 @@ class NativeBackend(Backend):
         (the default's reason, the override, or `pykernels tune`); for a GEMM of one row, the rows of B it reads per
         step (PYKERNELS_CPU_GEMV_STREAMS)."""
         if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in inputs.values()):
-            d = {"cpu_isa": _ext().cpu_isa()}
             q = inputs.get("q")
-            if family == "decode" and isinstance(q, torch.Tensor) and q.shape[-1] not in HEAD_DIMS:
-                d["cpu_isa"] = "portable"  # the tiers' decode kernels take D 64 / 128; any other D runs the portable one
+            if family == "decode" and isinstance(q, torch.Tensor):
+                d = {"cpu_isa": _ext().decode_cpu_isa(q.shape[-1])}  # the portable decode for a D other than 64 / 128
+            else:
+                d = {"cpu_isa": _ext().cpu_isa()}
             a = inputs.get("a")
             if family == "gemm" and isinstance(a, torch.Tensor) and a.dim() == 2 and a.shape[0] == 1:
                 d["cpu_gemv_streams"] = _ext().cpu_features()["gemv_streams"]  # rows of B per step (M = 1)
