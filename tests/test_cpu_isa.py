@@ -90,8 +90,9 @@ def test_tiers_agree_with_each_other(dtype):
 
 @pytest.mark.parametrize("mode", ["on", "off"])
 def test_bf16_dot_override_runs_both_bf16_paths(mode):
-    """PYKERNELS_BF16_DOT picks vdpbf16ps or widening for the compute-bound bf16 paths of the avx512 tier (by
-    default a short calibration decides, cpu.h bf16_dot_pays): both give the right answer, on whichever CPU."""
+    """PYKERNELS_BF16_DOT picks vdpbf16ps or widening for the bf16 paths of the avx512 tier (by default a short
+    calibration decides, cpu.h bf16_dot_pays): both give the right answer, on whichever CPU (GEMM, attention at
+    head dims 64 and 256, decode)."""
     if "avx512" not in _C.cpu_isas():
         pytest.skip("this CPU has no avx512 tier")
     code = """
@@ -108,12 +109,18 @@ for M in (130, 3):  # the packed path, and the direct (GEMV-like) one
     assert float((pk.gemm(a, b).double() - ref).abs().max() / ref.abs().max()) < 2e-2, M
 from pykernels.harness import verify
 from pykernels.kernels import AttentionProblem
-for causal in (False, True):  # 2 x 3 kv heads: more than the packed K/V ring's 4 slots
-    prob = AttentionProblem(2, 3, 3, 97, 64, causal=causal)
+for D in (64, 256):
+    for causal in (False, True):  # 2 x 3 kv heads: more than the packed K/V ring's 4 slots
+        prob = AttentionProblem(2, 3, 3, 97, D, causal=causal)
+        x = prob.make_inputs(torch.bfloat16)
+        exp = verify.expected(prob, x)
+        err = exp.assert_close(pk.attention(**x, causal=causal), what=prob.label())
+        assert err * exp.reference.abs().max().item() < 3e-2, (causal, err)  # the absolute bound it had before
+from pykernels.kernels import DecodeProblem
+for paged in (False, True):  # the decode's bf16 q.K: vdpbf16ps pairs or widened rows
+    prob = DecodeProblem(2, 8, 2, 300, 64, paged=paged, block_size=16, ragged=True)
     x = prob.make_inputs(torch.bfloat16)
-    exp = verify.expected(prob, x)
-    err = exp.assert_close(pk.attention(**x, causal=causal), what=prob.label())
-    assert err * exp.reference.abs().max().item() < 3e-2, (causal, err)  # the absolute bound it had before
+    verify.expected(prob, x).assert_close(pk.decode(**x), what=prob.label())
 print("ok")
 """.replace("MODE", repr(mode))
     out = _child(code, PYKERNELS_BF16_DOT=mode)

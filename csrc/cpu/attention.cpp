@@ -18,7 +18,9 @@
 //   NEON (tier neon)      aarch64: blocked NEON flash attention, fp32 (bf16 widened): attention_neon.cpp.
 //   AVX2 (tier avx2)      attention_avx2.cpp.
 //   portable              the target's vectors through GCC / Clang vector extensions (run_portable: K and V
-//                          packed to fp32 per call, 6-row x 2-vector micro-kernels for both products).
+//                          packed to fp32 per call, R-row x 2-vector micro-kernels for both products); also
+//                          every tier's path for a head dim other than 64 / 128 / 256 (any D: rows padded to whole
+//                          pairs of vectors in the packs).
 // Inputs were checked by csrc/bindings.cpp. All index arithmetic is 64-bit.
 #include <algorithm>
 #include <atomic>
@@ -862,6 +864,7 @@ bool run_portable(const AttentionParams& p) {
 
 template <typename T>
 bool dispatch(const AttentionParams& p) {
+  if (attention_isa(p.D, p.dtype) == Isa::portable) return run_portable<T>(p);  // cpu.h tier_attention_head_dim
   const Features f = enabled();  // the active ISA tier (cpu.h)
   if (!f.avx512f && f.avx2_fma) return attention_avx2(p);
 #if defined(__aarch64__)  // attention_neon.cpp is empty elsewhere
@@ -872,6 +875,7 @@ bool dispatch(const AttentionParams& p) {
     if (f.amx_bf16) return attention_amx(p);  // AMX tiles for both products (attention_amx.cpp)
   const bool dp = std::is_same_v<T, bf16> && use_bf16_dot();
   if (p.D == 64) return run_avx512<T, 64>(p, dp);
+  if (p.D == 256) return run_avx512<T, 256>(p, dp);
   return run_avx512<T, 128>(p, dp);
 }
 
@@ -944,8 +948,6 @@ void exact_causal_rows(const AttentionParams& p) {
 }  // namespace
 
 void attention(const AttentionParams& p) {
-  if (p.D != 64 && p.D != 128)
-    throw std::invalid_argument("native cpu attention supports head dims 64 and 128, got " + std::to_string(p.D));
   if (p.dtype == DType::f32) {
     if (dispatch<float>(p) && p.causal) exact_causal_rows<float>(p);
   } else if (p.dtype == DType::bf16) {

@@ -22,7 +22,7 @@
 // Under a causal mask the tiles (and the 32-key blocks of a tile) entirely in the future of a row
 // block are skipped.
 // Built with -mamx-tile -mamx-bf16 and AVX-512 (CMakeLists.txt); called only when the active tier is
-// "amx" (enabled().amx_bf16). Inputs were checked by csrc/bindings.cpp; D is 64 or 128.
+// "amx" (enabled().amx_bf16). Inputs were checked by csrc/bindings.cpp; D is a multiple of 32 up to 256.
 #include "cpu/cpu.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -34,6 +34,8 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <stdexcept>
+#include <string>
 
 #include "cpu/amx_common.h"
 #include "cpu/attn_common.h"
@@ -360,9 +362,19 @@ bool run(const AttentionParams& p) {
 
 }  // namespace
 
+// Any D that is a whole number of 32-wide tile steps, up to 256 (cpu.h amx_head_dim).
 bool attention_amx(const AttentionParams& p) {
-  if (p.D == 64) return run<64>(p);
-  return run<128>(p);
+  switch (p.D) {
+    case 32: return run<32>(p);
+    case 64: return run<64>(p);
+    case 96: return run<96>(p);
+    case 128: return run<128>(p);
+    case 160: return run<160>(p);
+    case 192: return run<192>(p);
+    case 224: return run<224>(p);
+    case 256: return run<256>(p);
+    default: throw std::invalid_argument("the AMX attention takes head dims 32, 64, .., 256, got " + std::to_string(p.D));
+  }
 }
 
 }  // namespace pk::cpu

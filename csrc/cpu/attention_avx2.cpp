@@ -8,7 +8,7 @@
 //                   broadcast of q, two rows of the transposed tile)
 //   online softmax  base 2 (Q pre-scaled by scale * log2 e), fp32
 //   O = a O + P V   6 rows x 16 columns = 12 ymm accumulators, fp32
-// Accumulation is fp32 throughout. Inputs were checked by csrc/bindings.cpp; head dims 64 and 128.
+// Accumulation is fp32 throughout. Inputs were checked by csrc/bindings.cpp; head dims 64, 128 and 256 (cpu.h tier_attention_head_dim).
 #include "cpu/cpu.h"
 
 #if defined(__x86_64__)
@@ -253,7 +253,8 @@ bool attention_avx2(const AttentionParams& p) {
     throw std::invalid_argument(std::string("native cpu attention does not support dtype ") + dtype_name(p.dtype));
   if (p.D == 64) return bf ? run<u16, 64>(p) : run<float, 64>(p);
   if (p.D == 128) return bf ? run<u16, 128>(p) : run<float, 128>(p);
-  throw std::invalid_argument("native cpu attention supports head dims 64 and 128, got " + std::to_string(p.D));
+  if (p.D == 256) return bf ? run<u16, 256>(p) : run<float, 256>(p);
+  throw std::invalid_argument("native cpu attention supports head dims 64, 128 and 256 here, got " + std::to_string(p.D));
 }
 
 }  // namespace pk::cpu

@@ -373,7 +373,8 @@ bool attention_neon(const AttentionParams& p) {
     throw std::invalid_argument(std::string("native cpu attention does not support dtype ") + dtype_name(p.dtype));
   if (p.D == 64) return bf ? run<u16, 64>(p) : run<float, 64>(p);
   if (p.D == 128) return bf ? run<u16, 128>(p) : run<float, 128>(p);
-  throw std::invalid_argument("native cpu attention supports head dims 64 and 128, got " + std::to_string(p.D));
+  if (p.D == 256) return bf ? run<u16, 256>(p) : run<float, 256>(p);
+  throw std::invalid_argument("native cpu attention supports head dims 64, 128 and 256 here, got " + std::to_string(p.D));
 }
 
 }  // namespace pk::cpu

@@ -1060,15 +1060,12 @@ void run_portable(const DecodeParams& p) {
       [&](int64_t b, int64_t hk, const AlignedBuf& t) { portable_merge<T>(x, b, hk, t.as<float>() + item_floats); });
 }
 
-// Head dims the tiers' own decode kernels take; any other runs the portable decode (decode_isa says so).
-constexpr bool tier_head_dim(int64_t D) { return D == 64 || D == 128; }
-
 template <typename T>
 void dispatch(const DecodeParams& p) {
 #if defined(__x86_64__)
   const Features f = enabled();  // the active ISA tier (cpu.h)
-  if (!f.avx512f && f.avx2_fma && tier_head_dim(p.D)) return decode_avx2(p);
-  if (f.avx512f && tier_head_dim(p.D)) {
+  if (!f.avx512f && f.avx2_fma && tier_decode_head_dim(p.D)) return decode_avx2(p);
+  if (f.avx512f && tier_decode_head_dim(p.D)) {
     if constexpr (std::is_same_v<T, float>) {
       return p.D == 64 ? run_avx512<float, Kind::f32, 64>(p) : run_avx512<float, Kind::f32, 128>(p);
     } else {
@@ -1079,14 +1076,12 @@ void dispatch(const DecodeParams& p) {
   }
 #endif
 #if defined(__aarch64__)
-  if (enabled().neon && tier_head_dim(p.D)) return decode_neon(p);
+  if (enabled().neon && tier_decode_head_dim(p.D)) return decode_neon(p);
 #endif
   run_portable<T>(p);
 }
 
 }  // namespace
-
-Isa decode_isa(int64_t D) { return tier_head_dim(D) ? active_isa() : Isa::portable; }
 
 void decode(const DecodeParams& p) {
   if (p.dtype == DType::f32) return dispatch<float>(p);

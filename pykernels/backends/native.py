@@ -10,7 +10,7 @@ from .registry import Backend
 _DT_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _CPU_DTYPES = (torch.float32, torch.bfloat16)
 _CUDA_DTYPES = (torch.float16, torch.bfloat16)
-HEAD_DIMS = (64, 128)
+HEAD_DIMS = (64, 128)  # the CUDA kernels'; on CPU any D (the tier's kernels or portable code: describe_call)
 
 
 _ext_module = None
@@ -66,11 +66,9 @@ class NativeBackend(Backend):
             return ("backend 'native' implements linear (gemm layout 'nt', b stored [N, K]) on CPU only; the "
                     "CUDA GEMM reads B as [K, N]")
         d = shape.get("D")
-        if family in ("attention", "decode") and d is not None and d not in HEAD_DIMS:
-            if family == "decode" and device_type == "cpu":
-                return None  # any head dim: the portable decode (describe_call records it)
-            where = " on CUDA (any on CPU)" if family == "decode" else ""
-            return f"backend 'native' supports head dims {HEAD_DIMS} for {family}{where}, got D={d}"
+        if family in ("attention", "decode") and d is not None and d not in HEAD_DIMS and device_type != "cpu":
+            # on CPU any head dim: the portable kernel for one the tier's kernels lack (describe_call records it)
+            return f"backend 'native' supports head dims {HEAD_DIMS} for {family} on CUDA (any on CPU), got D={d}"
         return None
 
     def prepare(self, family, **kw):
@@ -120,8 +118,9 @@ class NativeBackend(Backend):
         return run
 
     def describe_call(self, family: str, inputs: dict) -> dict:
-        """The CPU ISA tier (amx, avx512, avx2, neon, portable) that ran the call (PYKERNELS_CPU_ISA; a decode of a
-        head dim other than 64 / 128 runs the portable code on every tier), and for decode where its K/V prefetches
+        """The CPU ISA tier (amx, avx512, avx2, neon, portable) that ran the call (PYKERNELS_CPU_ISA; an attention or
+        decode call of a head dim the tier's kernels lack runs the portable code: the tiers' attention takes 64, 128
+        and 256 (bf16 on the amx tier any multiple of 32 up to 256), their decode 64 and 128), and for decode where its K/V prefetches
         go (l2, l1, l1-ungrouped, l1-grouped: PYKERNELS_CPU_PREFETCH), whether it prefetches each line a second
         time, nearer (PYKERNELS_CPU_PREFETCH_NEAR), how far ahead (bytes, PYKERNELS_CPU_PREFETCH_DISTANCE) and why
         (the default's reason, the override, or `pykernels tune`); for a GEMM of one row, the rows of B it reads per
@@ -129,7 +128,9 @@ class NativeBackend(Backend):
         if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in inputs.values()):
             q = inputs.get("q")
             if family == "decode" and isinstance(q, torch.Tensor):
-                d = {"cpu_isa": _ext().decode_cpu_isa(q.shape[-1])}  # the portable decode for a D other than 64 / 128
+                d = {"cpu_isa": _ext().decode_cpu_isa(q.shape[-1])}  # portable code for a D other than 64 / 128
+            elif family == "attention" and isinstance(q, torch.Tensor) and q.dtype in _DT_CODE:
+                d = {"cpu_isa": _ext().attention_cpu_isa(q.shape[-1], _DT_CODE[q.dtype])}  # 64 / 128 / 256, amx D % 32
             else:
                 d = {"cpu_isa": _ext().cpu_isa()}
             a = inputs.get("a")

@@ -264,19 +264,33 @@ void run_all() {
     check_decode(1, 4, 1, 3001, 64, 16, false, bf);
     check_decode(1, 32, 1, 3000, 128, 16, true, bf);
     check_decode(1, 9, 1, 1029, 64, 7, true, bf);
-    // Head dims other than 64 / 128: the portable decode on every tier (decode.cpp dispatch; the Python API accepts
-    // 64 and 128 only). D = 72: a padded row on 16-lane targets; 80: bf16 not in pairs there (80 % 32), pairs on
-    // 4 lanes; 40 with a split context (merge over Dp + 2 strides); 256: the widest register blocks of tile_add.
+    // Head dims the tiers' own kernels do not take (cpu.h tier_attention_head_dim, tier_decode_head_dim: 256 is
+    // the tiers' attention, bf16 attention on the amx tier takes multiples of 32): the portable code. D = 72: a padded row on 16-lane targets; 80:
+    // bf16 not in pairs there (80 % 32), pairs on 4 lanes; 40 with a split context (merge over Dp + 2 strides);
+    // 256: the widest register blocks of tile_add.
     check_decode(3, 6, 3, 130, 72, 16, false, bf);
     check_decode(2, 8, 2, 300, 80, 16, true, bf);
     check_decode(1, 4, 1, 700, 40, 16, true, bf);
     check_decode(2, 4, 1, 200, 256, 16, true, bf);
+    // D = 256 (the portable decode): g = 1, 2, 4, 8, contiguous and paged, a split context
+    check_decode(3, 8, 8, 300, 256, 16, false, bf);
+    check_decode(1, 4, 2, 700, 256, 16, true, bf);
+    check_decode(2, 32, 4, 129, 256, 7, true, bf);
+    check_decode(1, 8, 1, 1500, 256, 16, false, bf);
+    check_attention(2, 6, 3, 130, 72, true, bf);  // a last key tile of 2
+    check_attention(1, 4, 1, 77, 80, false, bf);
+    check_attention(1, 2, 2, 300, 40, true, bf);
+    check_attention(1, 3, 1, 65, 256, false, bf);
+    check_attention(1, 4, 2, 300, 96, true, bf);    // bf16 on the amx tier: the AMX kernel at D 96 and 256
+    check_attention(2, 2, 1, 130, 256, true, bf);
     // Large logits: the row max must be the max over every key (see large_logit_queries)
     check_attention(1, 2, 1, 65, 64, false, bf, true);
     check_attention(1, 2, 2, 130, 128, true, bf, true);
     // A non-finite value in a later V row reaches no earlier row (causal)
     check_attention(1, 4, 2, 100, 64, true, bf, false, true);
     check_attention(2, 2, 1, 130, 128, true, bf, false, true);
+    check_attention(1, 2, 1, 100, 72, true, bf, false, true);  // the recompute over a padded-row kernel
+    check_attention(1, 2, 1, 100, 96, true, bf, false, true);
     check_decode(2, 4, 1, 300, 128, 16, false, bf, true);
     check_decode(2, 8, 2, 95, 64, 32, true, bf, true);
   }
