@@ -19,7 +19,7 @@
 //   AVX2 (tier avx2)      attention_avx2.cpp.
 //   portable              the target's vectors through GCC / Clang vector extensions (run_portable: K and V
 //                          packed to fp32 per call, R-row x 2-vector micro-kernels for both products); also
-//                          every tier's path for a head dim other than 64 / 128 / 256 (any D: rows padded to whole
+//                          every tier's path for a head dim that is not a multiple of 32 up to 256 (any D: rows padded to whole
 //                          pairs of vectors in the packs).
 // Inputs were checked by csrc/bindings.cpp. All index arithmetic is 64-bit.
 #include <algorithm>
@@ -290,41 +290,47 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void qk_bf16(const uint32_t* q, const uint32_t* k
     for (int v = 0; v < NV; ++v) s[r][v] = _mm512_mul_ps(s[r][v], vc);
 }
 
-// O[4][D] = alpha * O + P[4][0:nj] . V with bf16 pairs: p 4 rows of 64 bf16, vp [32][D][2].
-template <int D>
+// O[4][D] = alpha * O + P[4][0:nj] . V with bf16 pairs: p 4 rows of 64 bf16, vp [32][D][2]; passes of W zmm of
+// columns (4: 64 columns; 2 where D is an odd number of 32-column halves, D = 96, 160, 224).
+template <int D, int W = D % 64 == 0 ? 4 : 2>
 PK_AVX512BF16 PK_ALWAYS_INLINE void pv_bf16(float* o, const uint32_t* p, const uint16_t* vp, int64_t nj,
                                             const float* alpha) {
+  static_assert((W == 2 || W == 4) && D % (16 * W) == 0, "whole passes");
+  constexpr int CW = 16 * W;  // columns per pass
   const int64_t njp = (nj + 1) / 2;
 #pragma GCC unroll 2
-  for (int h = 0; h < D / 64; ++h) {
-    __m512 acc[kMr][4];
+  for (int h = 0; h < D / CW; ++h) {
+    __m512 acc[kMr][W];
 #pragma GCC unroll 4
     for (int r = 0; r < kMr; ++r) {
       const __m512 a = _mm512_set1_ps(alpha[r]);
 #pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_mul_ps(a, _mm512_load_ps(o + r * D + h * 64 + 16 * c));
+      for (int c = 0; c < W; ++c) acc[r][c] = _mm512_mul_ps(a, _mm512_load_ps(o + r * D + h * CW + 16 * c));
     }
 #pragma GCC unroll 2
     for (int64_t jp = 0; jp < njp; ++jp) {
-      const uint16_t* vr = vp + (jp * D + h * 64) * 2;
-      __m512i v0 = _mm512_load_si512(vr), v1 = _mm512_load_si512(vr + 32), v2 = _mm512_load_si512(vr + 64),
-              v3 = _mm512_load_si512(vr + 96);
+      const uint16_t* vr = vp + (jp * D + h * CW) * 2;
+      __m512i v0 = _mm512_load_si512(vr), v1 = _mm512_load_si512(vr + 32), v2 = v0, v3 = v1;
       PK_PIN(v0);
-    PK_PIN(v1);
-    PK_PIN(v2);
-    PK_PIN(v3);
+      PK_PIN(v1);
+      if constexpr (W == 4) {
+        v2 = _mm512_load_si512(vr + 64);
+        v3 = _mm512_load_si512(vr + 96);
+        PK_PIN(v2);
+        PK_PIN(v3);
+      }
       const __m512i vv[4] = {v0, v1, v2, v3};
 #pragma GCC unroll 4
       for (int r = 0; r < kMr; ++r) {
         const __m512i pb = _mm512_set1_epi32(static_cast<int>(p[r * (kBk / 2) + jp]));
 #pragma GCC unroll 4
-        for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)vv[c], (__m512bh)pb);
+        for (int c = 0; c < W; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)vv[c], (__m512bh)pb);
       }
     }
 #pragma GCC unroll 4
     for (int r = 0; r < kMr; ++r)
 #pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) _mm512_store_ps(o + r * D + h * 64 + 16 * c, acc[r][c]);
+      for (int c = 0; c < W; ++c) _mm512_store_ps(o + r * D + h * CW + 16 * c, acc[r][c]);
   }
 }
 
@@ -445,7 +451,7 @@ PK_AVX512 void item_f32(const Ctx& x, int64_t bkv, int64_t q0, const Scratch& sc
         if (pair == 2)
           pv_f32<D, 2 * kMr, 2>(sc.o + r0 * D, sc.p + r0 * kBk, vt, nj, sc.a + r0);
         else
-          pv_f32<D, kMr, 4>(sc.o + r0 * D, sc.p + r0 * kBk, vt, nj, sc.a + r0);
+          pv_f32<D, kMr, D % 64 == 0 ? 4 : 2>(sc.o + r0 * D, sc.p + r0 * kBk, vt, nj, sc.a + r0);
         i0 += pair * kMr;
       }
     }
@@ -864,7 +870,7 @@ bool run_portable(const AttentionParams& p) {
 
 template <typename T>
 bool dispatch(const AttentionParams& p) {
-  if (attention_isa(p.D, p.dtype) == Isa::portable) return run_portable<T>(p);  // cpu.h tier_attention_head_dim
+  if (attention_isa(p.D) == Isa::portable) return run_portable<T>(p);  // cpu.h tier_attention_head_dim
   const Features f = enabled();  // the active ISA tier (cpu.h)
   if (!f.avx512f && f.avx2_fma) return attention_avx2(p);
 #if defined(__aarch64__)  // attention_neon.cpp is empty elsewhere
@@ -874,9 +880,7 @@ bool dispatch(const AttentionParams& p) {
   if constexpr (std::is_same_v<T, bf16>)
     if (f.amx_bf16) return attention_amx(p);  // AMX tiles for both products (attention_amx.cpp)
   const bool dp = std::is_same_v<T, bf16> && use_bf16_dot();
-  if (p.D == 64) return run_avx512<T, 64>(p, dp);
-  if (p.D == 256) return run_avx512<T, 256>(p, dp);
-  return run_avx512<T, 128>(p, dp);
+  return attn::with_head_dim(p.D, [&](auto d) { return run_avx512<T, d.value>(p, dp); });
 }
 
 // A causal call whose kernel stored a NaN (attn::NanSeen): a row whose output holds a NaN in a column where its kv

@@ -34,8 +34,6 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <stdexcept>
-#include <string>
 
 #include "cpu/amx_common.h"
 #include "cpu/attn_common.h"
@@ -362,19 +360,9 @@ bool run(const AttentionParams& p) {
 
 }  // namespace
 
-// Any D that is a whole number of 32-wide tile steps, up to 256 (cpu.h amx_head_dim).
+// Any D that is a whole number of 32-wide tile steps, up to 256 (cpu.h tier_attention_head_dim).
 bool attention_amx(const AttentionParams& p) {
-  switch (p.D) {
-    case 32: return run<32>(p);
-    case 64: return run<64>(p);
-    case 96: return run<96>(p);
-    case 128: return run<128>(p);
-    case 160: return run<160>(p);
-    case 192: return run<192>(p);
-    case 224: return run<224>(p);
-    case 256: return run<256>(p);
-    default: throw std::invalid_argument("the AMX attention takes head dims 32, 64, .., 256, got " + std::to_string(p.D));
-  }
+  return attn::with_head_dim(p.D, [&](auto d) { return run<d.value>(p); });
 }
 
 }  // namespace pk::cpu

@@ -8,7 +8,7 @@
 //                   broadcast of q, two rows of the transposed tile)
 //   online softmax  base 2 (Q pre-scaled by scale * log2 e), fp32
 //   O = a O + P V   6 rows x 16 columns = 12 ymm accumulators, fp32
-// Accumulation is fp32 throughout. Inputs were checked by csrc/bindings.cpp; head dims 64, 128 and 256 (cpu.h tier_attention_head_dim).
+// Accumulation is fp32 throughout. Inputs were checked by csrc/bindings.cpp; head dims 32, 64, .., 256 (cpu.h tier_attention_head_dim).
 #include "cpu/cpu.h"
 
 #if defined(__x86_64__)
@@ -251,10 +251,7 @@ bool attention_avx2(const AttentionParams& p) {
   const bool bf = p.dtype == DType::bf16;
   if (p.dtype != DType::f32 && !bf)
     throw std::invalid_argument(std::string("native cpu attention does not support dtype ") + dtype_name(p.dtype));
-  if (p.D == 64) return bf ? run<u16, 64>(p) : run<float, 64>(p);
-  if (p.D == 128) return bf ? run<u16, 128>(p) : run<float, 128>(p);
-  if (p.D == 256) return bf ? run<u16, 256>(p) : run<float, 256>(p);
-  throw std::invalid_argument("native cpu attention supports head dims 64, 128 and 256 here, got " + std::to_string(p.D));
+  return attn::with_head_dim(p.D, [&](auto d) { return bf ? run<u16, d.value>(p) : run<float, d.value>(p); });
 }
 
 }  // namespace pk::cpu

@@ -11,6 +11,9 @@
 #include <cstring>
 #include <limits>
 #include <new>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "common/params.h"
@@ -316,5 +319,22 @@ PK_AVX512 PK_ALWAYS_INLINE __m512 reduce_rows4(const __m512* a) {
 }
 
 #endif
+
+// f(std::integral_constant<int, D>{}) for the head dims the tiers' attention kernels are built for (cpu.h
+// tier_attention_head_dim: 32, 64, .., 256); any other D is the caller's error (dispatch sends it to the portable
+// attention first).
+template <class F> decltype(auto) with_head_dim(int64_t D, F f) {
+  switch (D) {
+    case 32: return f(std::integral_constant<int, 32>{});
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 96: return f(std::integral_constant<int, 96>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+    case 160: return f(std::integral_constant<int, 160>{});
+    case 192: return f(std::integral_constant<int, 192>{});
+    case 224: return f(std::integral_constant<int, 224>{});
+    case 256: return f(std::integral_constant<int, 256>{});
+    default: throw std::invalid_argument("the tiers' attention kernels take head dims 32, 64, .., 256, got " + std::to_string(D));
+  }
+}
 
 }  // namespace pk::cpu::attn
