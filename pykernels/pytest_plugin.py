@@ -314,6 +314,10 @@ def _journal(config):
             from .harness.device import cache_dir
 
             safe = re.sub(r"[^A-Za-z0-9._-]+", "_", st["sweep"])  # a model sweep may name a file path
+            if len(safe) > 100:  # many --shape options: a file name has at most 255 bytes; the hash keeps it unique
+                import hashlib
+
+                safe = f"{safe[:80]}-{hashlib.sha256(st['sweep'].encode()).hexdigest()[:16]}"
             path = cache_dir() / f"journal-{fp['type']}-{fp['id']}-{safe}.jsonl"
         st["journal"] = results.Journal(path, resume=config.getoption("pk_resume"))
     return st["journal"]

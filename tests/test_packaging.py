@@ -137,6 +137,21 @@ def test_bench_custom_shape(tmp_path):
     assert shapes == {"M33-N17-K65", "B2-Hq4-Hkv2-L40-D64-paged16"}, shapes
 
 
+def test_bench_many_shapes_default_journal(tmp_path, monkeypatch):
+    """The default journal is named after the sweep; with many --shape options that name outgrew a file name (255
+    bytes: OSError on every case). Now it is cut and carries a hash of the whole sweep, so two sweeps that share
+    the first 80 characters keep separate journals."""
+    monkeypatch.setenv("PYKERNELS_CACHE_DIR", str(tmp_path / "cache"))
+    shapes = [f"M={m},N=17,K=65" for m in range(100, 118)]  # a sweep name of ~300 characters
+    args = [a for sh in shapes for a in ("--shape", sh)]
+    for extra in ([], ["--shape", "M=5,N=5,K=5"]):
+        r = _cli("bench", *args, *extra, "--backend", "numpy", "--dtype", "float32", "--time-budget", "0.01",
+                 cwd=tmp_path)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    names = sorted(p.name for p in (tmp_path / "cache").glob("journal-*.jsonl"))
+    assert len(names) == 2 and all(len(n) < 255 for n in names), names
+
+
 def test_tokens_without_the_needed_shapes_is_not_green(tmp_path):
     import json
 
