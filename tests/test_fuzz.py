@@ -47,7 +47,7 @@ def problems(draw):
     if family == "gemm":
         return GemmProblem(M=draw(st.integers(1, 70)), N=draw(st.integers(1, 70)), K=draw(st.integers(1, 140)))
     hkv, group = draw(st.integers(1, 3)), draw(st.sampled_from([1, 2, 3, 4]))
-    D = draw(st.sampled_from([64, 128, 96, 40, 256]))  # the native CPU kernels: tier (64, 128, 96, 256) or portable (40)
+    D = draw(st.sampled_from([64, 128, 96, 40, 256]))  # native CPU: the tiers' attention at 96 / 256, portable at 40
     if family == "attention":
         return AttentionProblem(B=draw(st.integers(1, 2)), Hq=hkv * group, Hkv=hkv, S=draw(st.integers(1, 70)), D=D,
                                 causal=draw(st.booleans()), scale=draw(SCALES))

@@ -19,8 +19,8 @@
 //   AVX2 (tier avx2)      attention_avx2.cpp.
 //   portable              the target's vectors through GCC / Clang vector extensions (run_portable: K and V
 //                          packed to fp32 per call, R-row x 2-vector micro-kernels for both products); also
-//                          every tier's path for a head dim that is not a multiple of 32 up to 256 (any D: rows padded to whole
-//                          pairs of vectors in the packs).
+//                          every tier's path for a head dim that is not a multiple of 32 up to 256 (any D:
+//                          rows padded to whole pairs of vectors in the packs).
 // Inputs were checked by csrc/bindings.cpp. All index arithmetic is 64-bit.
 #include <algorithm>
 #include <atomic>

@@ -8,7 +8,8 @@
 //                   broadcast of q, two rows of the transposed tile)
 //   online softmax  base 2 (Q pre-scaled by scale * log2 e), fp32
 //   O = a O + P V   6 rows x 16 columns = 12 ymm accumulators, fp32
-// Accumulation is fp32 throughout. Inputs were checked by csrc/bindings.cpp; head dims 32, 64, .., 256 (cpu.h tier_attention_head_dim).
+// Accumulation is fp32 throughout. Inputs were checked by csrc/bindings.cpp; head dims 32, 64, .., 256 (cpu.h
+// tier_attention_head_dim).
 #include "cpu/cpu.h"
 
 #if defined(__x86_64__)

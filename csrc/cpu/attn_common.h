@@ -333,7 +333,9 @@ template <class F> decltype(auto) with_head_dim(int64_t D, F f) {
     case 192: return f(std::integral_constant<int, 192>{});
     case 224: return f(std::integral_constant<int, 224>{});
     case 256: return f(std::integral_constant<int, 256>{});
-    default: throw std::invalid_argument("the tiers' attention kernels take head dims 32, 64, .., 256, got " + std::to_string(D));
+    default:
+      throw std::invalid_argument("the tiers' attention kernels take head dims 32, 64, .., 256, got " +
+                                  std::to_string(D));
   }
 }
 

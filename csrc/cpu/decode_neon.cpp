@@ -5,8 +5,9 @@
 //
 // The design is decode_avx2.cpp's, on 4-wide q registers (32 of them). Memory-bound: every K/V row of
 // the context is read once. Work item = (sequence, kv head, context chunk) on a contiguous cache, (sequence,
-// all kv heads, chunk) on a paged one, run over OpenMP threads (dynamic); an item computes all g = Hq/Hkv query heads of the GQA group, so each K/V row comes from
-// memory once and serves the g heads from registers or L1. Contexts are split into chunks only when the
+// all kv heads, chunk) on a paged one, run over OpenMP threads (dynamic); an item computes all g = Hq/Hkv
+// query heads of the GQA group, so each K/V row comes from memory once and serves the g heads from
+// registers or L1. Contexts are split into chunks only when the
 // (sequence, kv head) units alone cannot keep every thread busy; chunks leave partials (m, l, o) merged
 // by a second pass (log-sum-exp, base 2). Per tile of kT = 32 tokens (row pointers resolved page by page
 // through the block table; rows past the tile's end repeat its first, their scores masked):
