@@ -656,8 +656,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_isa", []() { return std::string(pk::cpu::isa_name(pk::cpu::active_isa())); });
   m.def("decode_cpu_isa", [](int64_t D) { return std::string(pk::cpu::isa_name(pk::cpu::decode_isa(D))); },
         py::arg("D"));
-  m.def("attention_cpu_isa", [](int64_t D) { return std::string(pk::cpu::isa_name(pk::cpu::attention_isa(D))); },
-        py::arg("D"));
+  m.def(
+      "attention_cpu_isa",
+      [](int64_t D, int dtype) {
+        return std::string(pk::cpu::isa_name(pk::cpu::attention_isa(D, check_dtype("attention_cpu_isa", dtype))));
+      },
+      py::arg("D"), py::arg("dtype"));
   m.def("cpu_isas", []() {
     py::list l;
     for (auto t : pk::cpu::kIsas)

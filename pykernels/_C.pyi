@@ -57,7 +57,7 @@ def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...
 def cpu_isa() -> str: ...  # active CPU ISA tier: "amx", "avx512", "avx2" or "portable" (PYKERNELS_CPU_ISA at load)
 def decode_cpu_isa(D: int) -> str: ...  # the tier whose code runs a CPU decode of head dim D: cpu_isa() for 64 / 128, else "portable"
-def attention_cpu_isa(D: int) -> str: ...  # likewise for attention: cpu_isa() for 32, 64, .., 256, else "portable"
+def attention_cpu_isa(D: int, dtype: int) -> str: ...  # likewise for attention (dtype code): 32, 64, .., 256; bf16 on amx any D <= 256
 def cpu_isas() -> list[str]: ...  # the tiers this CPU can run, best first
 def set_cpu_isa(name: str) -> None: ...  # ValueError naming `name` for an unknown or unsupported tier
 def set_cpu_prefetch(level: str, source: str | None = None) -> None: ...  # "l1" / "l2" / "l1-ungrouped" / "l1-grouped": where the decode kernels prefetch K/V (PYKERNELS_CPU_PREFETCH); source: the reason cpu_features() reports

@@ -870,7 +870,7 @@ bool run_portable(const AttentionParams& p) {
 
 template <typename T>
 bool dispatch(const AttentionParams& p) {
-  if (attention_isa(p.D) == Isa::portable) return run_portable<T>(p);  // cpu.h tier_attention_head_dim
+  if (attention_isa(p.D, p.dtype) == Isa::portable) return run_portable<T>(p);  // cpu.h tier_attention_head_dim
   const Features f = enabled();  // the active ISA tier (cpu.h)
   if (!f.avx512f && f.avx2_fma) return attention_avx2(p);
 #if defined(__aarch64__)  // attention_neon.cpp is empty elsewhere
@@ -878,7 +878,7 @@ bool dispatch(const AttentionParams& p) {
 #endif
   if (!f.avx512f) return run_portable<T>(p);
   if constexpr (std::is_same_v<T, bf16>)
-    if (f.amx_bf16) return attention_amx(p);  // AMX tiles for both products (attention_amx.cpp)
+    if (f.amx_bf16) return attention_amx(p);  // AMX tiles for both products (attention_amx.cpp), any D <= 256
   const bool dp = std::is_same_v<T, bf16> && use_bf16_dot();
   return attn::with_head_dim(p.D, [&](auto d) { return run_avx512<T, d.value>(p, dp); });
 }

@@ -22,7 +22,8 @@
 // Under a causal mask the tiles (and the 32-key blocks of a tile) entirely in the future of a row
 // block are skipped.
 // Built with -mamx-tile -mamx-bf16 and AVX-512 (CMakeLists.txt); called only when the active tier is
-// "amx" (enabled().amx_bf16). Inputs were checked by csrc/bindings.cpp; D is a multiple of 32 up to 256.
+// "amx" (enabled().amx_bf16). Inputs were checked by csrc/bindings.cpp; D up to 256, rounded up to a multiple of 32
+// inside (zero columns in the packs and the Q copy; the output rows keep D).
 #include "cpu/cpu.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -60,15 +61,17 @@ constexpr int64_t kTileU16 = 512;  // one 16 x 64 B tile, in bf16
 static_assert(kBk % 32 == 0, "a key tile is a whole number of 32-key blocks");
 
 // Packed K of one tile: [kBk/16 key groups][D/32 d steps] tiles, element [r][c] = word r of the
-// step (d = 32 step + 2r, 2r + 1) of key 16 group + c.
+// step (d = 32 step + 2r, 2r + 1) of key 16 group + c. K rows hold dr <= D values (a padded head dim: the
+// columns from dr to D are packed as zeros, so they add nothing to q.K).
 template <int D>
-void pack_k(const u16* k, int64_t nk, u16* dst) {
+void pack_k(const u16* k, int64_t dr, int64_t nk, u16* dst) {
   for (int64_t kg = 0; kg < kBk / 16; ++kg)
     for (int64_t ds = 0; ds < D / 32; ++ds) {
+      const __mmask32 live = vec::mask32(dr - 32 * ds);
       __m512i v[16];
       for (int c = 0; c < 16; ++c) {
         const int64_t j = kg * 16 + c;
-        v[c] = j < nk ? _mm512_loadu_si512(k + j * D + 32 * ds) : _mm512_setzero_si512();
+        v[c] = j < nk ? _mm512_maskz_loadu_epi16(live, k + j * dr + 32 * ds) : _mm512_setzero_si512();
       }
       amx::transpose16(v);
       u16* t = dst + (kg * (D / 32) + ds) * kTileU16;
@@ -77,17 +80,18 @@ void pack_k(const u16* k, int64_t nk, u16* dst) {
 }
 
 // Packed V of one tile: [kBk/32 key chunks][D/16 column groups] tiles, element [r][c] = the pair
-// (V[32 chunk + 2r][16 group + c], V[32 chunk + 2r + 1][16 group + c]), zero past the last key.
+// (V[32 chunk + 2r][16 group + c], V[32 chunk + 2r + 1][16 group + c]), zero past the last key and past
+// column dr (V rows of dr <= D values).
 template <int D>
-void pack_v(const u16* v, int64_t nk, u16* dst) {
+void pack_v(const u16* v, int64_t dr, int64_t nk, u16* dst) {
   const __m256i z = _mm256_setzero_si256();
   for (int64_t kc = 0; kc < kBk / 32; ++kc)
     for (int r = 0; r < 16; ++r) {
       const int64_t j = kc * 32 + 2 * r;
       for (int64_t dg = 0; dg < D / 16; ++dg) {
-        const __m256i lo = j < nk ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j * D + 16 * dg)) : z;
-        const __m256i hi =
-            j + 1 < nk ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + (j + 1) * D + 16 * dg)) : z;
+        const __mmask16 live = vec::mask16(dr - 16 * dg);
+        const __m256i lo = j < nk ? _mm256_maskz_loadu_epi16(live, v + j * dr + 16 * dg) : z;
+        const __m256i hi = j + 1 < nk ? _mm256_maskz_loadu_epi16(live, v + (j + 1) * dr + 16 * dg) : z;
         _mm512_store_si512(dst + ((kc * (D / 16) + dg) * 16 + r) * 32, vec::pair_bf16(lo, hi));
       }
     }
@@ -99,7 +103,8 @@ struct Ctx {
   const u16* kp;  // [B*Hkv][ntiles][kBk * D] packed K tiles
   const u16* vp;  // [B*Hkv][ntiles][kBk * D] packed V tiles
   int64_t Hq, Hkv, S, g, ntiles, npos;
-  float c;  // scale * log2(e)
+  int64_t dr;  // the rows' head dim (<= D: the kernel's D is it rounded up to 32, the rest zero)
+  float c;     // scale * log2(e)
   bool causal;
   attn::NanSeen* nan;  // notes a NaN in a stored row
 };
@@ -241,16 +246,19 @@ template <int D>
 void item(const Ctx& x, int64_t bkv, int64_t q0, const Scratch& sc) {
   const int64_t S = x.S, g = x.g, np = x.npos, nq = std::min(np, S - q0);
   const int64_t b = bkv / x.Hkv, hkv = bkv % x.Hkv;
+  const int64_t dr = x.dr;
+  const auto live = [dr](int e) { return vec::mask32(dr - 32 * e); };  // the values of 32-wide step e in a row
   for (int64_t hh = 0; hh < g; ++hh) {
-    const u16* src = x.q + ((b * x.Hq + hkv * g + hh) * S + q0) * D;
+    const u16* src = x.q + ((b * x.Hq + hkv * g + hh) * S + q0) * dr;
     for (int64_t i = 0; i < np; ++i) {
       const int64_t r = hh * np + i;
-      // Q' = sign(c) Q (exact in bf16: the sign bit), so that the scores scale by |c| (softmax16).
+      // Q' = sign(c) Q (exact in bf16: the sign bit), so that the scores scale by |c| (softmax16); zero past dr.
       const __m512i flip = _mm512_set1_epi16(x.c < 0 ? int16_t(0x8000) : 0);
 #pragma GCC unroll 4
       for (int e = 0; e < D / 32; ++e)
         _mm512_store_si512(sc.q + r * D + 32 * e,
-                           i < nq ? _mm512_xor_si512(_mm512_loadu_si512(src + i * D + 32 * e), flip)
+                           i < nq ? _mm512_xor_si512(_mm512_maskz_loadu_epi16(live(e), src + i * dr + 32 * e),
+                                                     _mm512_maskz_mov_epi16(live(e), flip))
                                   : _mm512_setzero_si512());
       std::memset(sc.o + r * D, 0, D * 4);
       sc.m[r] = -std::numeric_limits<float>::infinity();
@@ -293,15 +301,15 @@ void item(const Ctx& x, int64_t bkv, int64_t q0, const Scratch& sc) {
   }
   __mmask16 nan = 0;
   for (int64_t hh = 0; hh < g; ++hh) {
-    u16* dst = x.o + ((b * x.Hq + hkv * g + hh) * S + q0) * D;
+    u16* dst = x.o + ((b * x.Hq + hkv * g + hh) * S + q0) * dr;
     for (int64_t i = 0; i < nq; ++i) {
       const int64_t r = hh * np + i;
       const __m512 inv = _mm512_set1_ps(1.f / sc.l[r]);
 #pragma GCC unroll 8
-      for (int e = 0; e < D / 16; ++e) {
+      for (int e = 0; e < D / 16; ++e) {  // the columns past dr (zero V columns) are not stored
         const __m512 y = _mm512_mul_ps(_mm512_load_ps(sc.o + r * D + 16 * e), inv);
         nan |= _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
-        vec::store_bf16(dst + i * D + 16 * e, y, 16);
+        vec::store_bf16(dst + i * dr + 16 * e, y, dr - 16 * e);
       }
     }
   }
@@ -325,13 +333,13 @@ bool run(const AttentionParams& p) {
   for (int64_t it = 0; it < nbkv * ntiles; ++it) {
     const int64_t bkv = it / ntiles, t = it % ntiles, kt0 = t * kBk, nk = std::min(kBk, S - kt0);
     const int64_t row0 = bkv * S + kt0;  // first row of the tile in k, v
-    pack_k<D>(K + row0 * D, nk, kpack + it * kBk * D);
-    pack_v<D>(V + row0 * D, nk, vpack + it * kBk * D);
+    pack_k<D>(K + row0 * p.D, p.D, nk, kpack + it * kBk * D);
+    pack_v<D>(V + row0 * p.D, p.D, nk, vpack + it * kBk * D);
   }
 
   attn::NanSeen nan;
   Ctx x{static_cast<const u16*>(p.q), static_cast<u16*>(p.o), kpack, vpack, p.Hq, Hkv, S, g,
-        ntiles, 0, p.scale * attn::kLog2e, p.causal, &nan};
+        ntiles, 0, p.D, p.scale * attn::kLog2e, p.causal, &nan};
   x.npos = std::max<int64_t>(kRb, kRows / g / kRb * kRb);
   const int64_t nqb = (S + x.npos - 1) / x.npos, nitems = nbkv * nqb, rows = g * x.npos;
 #pragma omp parallel if (par)
@@ -360,9 +368,10 @@ bool run(const AttentionParams& p) {
 
 }  // namespace
 
-// Any D that is a whole number of 32-wide tile steps, up to 256 (cpu.h tier_attention_head_dim).
+// Any D up to 256: the kernel for D rounded up to a whole number of 32-wide tile steps, its rows padded with zeros in
+// the packs and the Q copy (cpu.h amx_head_dim).
 bool attention_amx(const AttentionParams& p) {
-  return attn::with_head_dim(p.D, [&](auto d) { return run<d.value>(p); });
+  return attn::with_head_dim((p.D + 31) / 32 * 32, [&](auto d) { return run<d.value>(p); });
 }
 
 }  // namespace pk::cpu

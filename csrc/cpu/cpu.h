@@ -115,15 +115,18 @@ const Caches& caches();
 void gemm(const GemmParams& p);
 void attention(const AttentionParams& p);
 void decode(const DecodeParams& p);
-// Head dims the tiers' own kernels take: attention any multiple of 32 up to 256 (attn::with_head_dim), decode 64 and
-// 128 (at 256 the avx512 tier's bf16 decode measured no faster than the portable one: its query rows no longer fit
-// registers for two heads). A call with any other D runs the portable kernel of its family on every tier
-// (attention.cpp / decode.cpp dispatch).
+// Head dims the tiers' own kernels take: attention any multiple of 32 up to 256 (attn::with_head_dim), and bf16
+// attention on the amx tier any D up to 256 (the AMX kernel pads rows to a multiple of 32); decode 64 and 128 (at 256
+// the avx512 tier's bf16 decode measured no faster than the portable one: its query rows no longer fit registers for
+// two heads). A call with any other D runs the portable kernel of its family on every tier (attention.cpp /
+// decode.cpp dispatch).
 constexpr bool tier_attention_head_dim(int64_t D) { return D % 32 == 0 && D >= 32 && D <= 256; }
+constexpr bool amx_head_dim(int64_t D) { return D >= 1 && D <= 256; }
 constexpr bool tier_decode_head_dim(int64_t D) { return D == 64 || D == 128; }
-// The tier whose code runs a decode / an attention of head dim D: the active tier, or portable (above).
+// The tier whose code runs a decode of head dim D / an attention of head dim D and dtype dt: the active tier, or
+// portable (above).
 Isa decode_isa(int64_t D);
-Isa attention_isa(int64_t D);
+Isa attention_isa(int64_t D, DType dt);
 
 int max_threads();
 

@@ -128,7 +128,11 @@ std::atomic<int>& active_slot() {
 
 Isa active_isa() { return static_cast<Isa>(active_slot().load(std::memory_order_relaxed)); }
 Isa decode_isa(int64_t D) { return tier_decode_head_dim(D) ? active_isa() : Isa::portable; }
-Isa attention_isa(int64_t D) { return tier_attention_head_dim(D) ? active_isa() : Isa::portable; }
+Isa attention_isa(int64_t D, DType dt) {
+  const Isa t = active_isa();
+  if (t == Isa::amx && dt == DType::bf16 && amx_head_dim(D)) return t;
+  return tier_attention_head_dim(D) ? t : Isa::portable;
+}
 
 void set_isa(Isa t) {
   if (!isa_supported(t))

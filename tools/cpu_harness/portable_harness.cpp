@@ -264,10 +264,10 @@ void run_all() {
     check_decode(1, 4, 1, 3001, 64, 16, false, bf);
     check_decode(1, 32, 1, 3000, 128, 16, true, bf);
     check_decode(1, 9, 1, 1029, 64, 7, true, bf);
-    // Head dims the tiers' own kernels do not take (cpu.h: the tiers' attention takes multiples of 32 up to 256,
-    // their decode 64 and 128): the portable code. D = 72: a padded row on 16-lane targets; 80:
-    // bf16 not in pairs there (80 % 32), pairs on 4 lanes; 40 with a split context (merge over Dp + 2 strides);
-    // 256: the widest register blocks of tile_add.
+    // Head dims the tiers' own kernels do not take (cpu.h: the tiers' attention takes multiples of 32 up to 256, bf16
+    // on amx any D up to 256 with rows padded to 32, their decode 64 and 128): the portable code. D = 72: a padded
+    // row on 16-lane targets; 80: bf16 not in pairs there (80 % 32), pairs on 4 lanes; 40 with a split context
+    // (merge over Dp + 2 strides); 256: the widest register blocks of tile_add.
     check_decode(3, 6, 3, 130, 72, 16, false, bf);
     check_decode(2, 8, 2, 300, 80, 16, true, bf);
     check_decode(1, 4, 1, 700, 40, 16, true, bf);
