@@ -194,6 +194,29 @@ PK_AVX512 PK_ALWAYS_INLINE void qk_f32(const float* q, const float* kt, __m512 (
   }
 }
 
+// The W (2 or 4) vectors of a V row's column pass at r into vv[0, W) (vv[W, 4) repeat the first two, unused), through
+// named, pinned registers (as qk_f32): an array loaded in a loop was also kept on the stack, one dead store per V
+// vector and step. fp32 rows (16 floats a vector) or bf16 pair rows (32 u16 a vector: two rows' 16 columns).
+PK_AVX512 PK_ALWAYS_INLINE __m512 load_vec(const float* r) { return _mm512_loadu_ps(r); }
+PK_AVX512 PK_ALWAYS_INLINE __m512i load_vec(const uint16_t* r) { return _mm512_load_si512(r); }
+template <int W, class T, class V>
+PK_AVX512 PK_ALWAYS_INLINE void load_pinned(const T* r, V (&vv)[4]) {
+  constexpr int kStep = 64 / sizeof(T);
+  V v0 = load_vec(r), v1 = load_vec(r + kStep), v2 = v0, v3 = v1;
+  PK_PIN(v0);
+  PK_PIN(v1);
+  if constexpr (W == 4) {
+    v2 = load_vec(r + 2 * kStep);
+    v3 = load_vec(r + 3 * kStep);
+    PK_PIN(v2);
+    PK_PIN(v3);
+  }
+  vv[0] = v0;
+  vv[1] = v1;
+  vv[2] = v2;
+  vv[3] = v3;
+}
+
 // O[R][D] = alpha * O + P[R][0:nj] . V[0:nj][D] (fp32; V rows of stride D), in passes of W zmm of columns.
 // R = 8, W = 2 (two micro-blocks at once, 16 accumulators): each V line feeds 8 rows instead of 4 (half the
 // reads of the V tile, which beside the K tile does not stay in L1d). R = 4, W = 4 for a micro-block alone.
@@ -216,19 +239,8 @@ PK_AVX512 PK_ALWAYS_INLINE void pv_f32(float* o, const float* p, const float* v,
     }
 #pragma GCC unroll 2
     for (int64_t j = 0; j < nj; ++j) {
-      const float* vr = v + j * D + h * 16 * W;
-      // Named, pinned registers (as qk_f32): an array loaded in a loop was also kept on the stack, one
-      // dead store per V vector and step.
-      __m512 v0 = _mm512_loadu_ps(vr), v1 = _mm512_loadu_ps(vr + 16), v2 = v0, v3 = v1;
-      PK_PIN(v0);
-      PK_PIN(v1);
-      if constexpr (W == 4) {
-        v2 = _mm512_loadu_ps(vr + 32);
-        v3 = _mm512_loadu_ps(vr + 48);
-        PK_PIN(v2);
-        PK_PIN(v3);
-      }
-      const __m512 vv[4] = {v0, v1, v2, v3};
+      __m512 vv[4];
+      load_pinned<W>(v + j * D + h * 16 * W, vv);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const __m512 pb = _mm512_set1_ps(p[r * kBk + j]);
@@ -309,17 +321,8 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void pv_bf16(float* o, const uint32_t* p, const u
     }
 #pragma GCC unroll 2
     for (int64_t jp = 0; jp < njp; ++jp) {
-      const uint16_t* vr = vp + (jp * D + h * CW) * 2;
-      __m512i v0 = _mm512_load_si512(vr), v1 = _mm512_load_si512(vr + 32), v2 = v0, v3 = v1;
-      PK_PIN(v0);
-      PK_PIN(v1);
-      if constexpr (W == 4) {
-        v2 = _mm512_load_si512(vr + 64);
-        v3 = _mm512_load_si512(vr + 96);
-        PK_PIN(v2);
-        PK_PIN(v3);
-      }
-      const __m512i vv[4] = {v0, v1, v2, v3};
+      __m512i vv[4];
+      load_pinned<W>(vp + (jp * D + h * CW) * 2, vv);
 #pragma GCC unroll 4
       for (int r = 0; r < kMr; ++r) {
         const __m512i pb = _mm512_set1_epi32(static_cast<int>(p[r * (kBk / 2) + jp]));
