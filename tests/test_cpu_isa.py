@@ -92,7 +92,7 @@ def test_tiers_agree_with_each_other(dtype):
 def test_bf16_dot_override_runs_both_bf16_paths(mode):
     """PYKERNELS_BF16_DOT picks vdpbf16ps or widening for the bf16 paths of the avx512 tier (by default a short
     calibration decides, cpu.h bf16_dot_pays): both give the right answer, on whichever CPU (GEMM, attention at
-    head dims 64, 96 and 256, decode)."""
+    head dims 64, 96 and 256 and the zero-padded 5, 40, 80 and 99, decode)."""
     if "avx512" not in _C.cpu_isas():
         pytest.skip("this CPU has no avx512 tier")
     code = """
@@ -109,7 +109,7 @@ for M in (130, 3):  # the packed path, and the direct (GEMV-like) one
     assert float((pk.gemm(a, b).double() - ref).abs().max() / ref.abs().max()) < 2e-2, M
 from pykernels.harness import verify
 from pykernels.kernels import AttentionProblem
-for D in (64, 96, 256):  # 96: the P.V in 32-column passes
+for D in (64, 96, 256, 5, 40, 80, 99):  # 96: the P.V in 32-column passes; 5-99: rows padded to 16 (80: a 16-col pass)
     for causal in (False, True):  # 2 x 3 kv heads: more than the packed K/V ring's 4 slots
         prob = AttentionProblem(2, 3, 3, 97, D, causal=causal)
         x = prob.make_inputs(torch.bfloat16)

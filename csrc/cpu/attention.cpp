@@ -10,7 +10,8 @@
 //   online softmax  running max m, running sum l (base 2: Q is pre-scaled by scale*log2 e)
 //   O  = alpha O + P V   into fp32 accumulators (the rescale rides on the accumulator load)
 // Paths, chosen at run time from CPUID (cpu_features.cpp):
-//   fp32 (AVX-512F)       K pre-transposed per tile to [D][64]; V read in place.
+//   fp32 (AVX-512F)       K pre-transposed per tile to [D][64]; V read in place (packed to rows of D where the
+//                          head dim is not a multiple of 16, below).
 //   bf16 + AMX (tier amx) tiles for both products: attention_amx.cpp.
 //   bf16 + AVX512_BF16    vdpbf16ps for both products: K packed to [D/2][64] bf16 pairs, V to
 //                          [32][D] row pairs, P rounded to bf16 (as FlashAttention-2 does on GPUs).
@@ -19,8 +20,10 @@
 //   AVX2 (tier avx2)      attention_avx2.cpp.
 //   portable              the target's vectors through GCC / Clang vector extensions (run_portable: K and V
 //                          packed to fp32 per call, R-row x 2-vector micro-kernels for both products); also
-//                          every tier's path for a head dim that is not a multiple of 32 up to 256 (any D:
-//                          rows padded to whole pairs of vectors in the packs).
+//                          the avx2 and neon tiers' path for a head dim that is not a multiple of 32 up to 256
+//                          (any D: rows padded to whole pairs of vectors in the packs).
+// Head dims: the AVX-512 paths run at D rounded up to 16 (1 to 256), the caller's rows zero-padded on the way into
+// the packs and the Q copy and cut back in the output stores; D = 16 (2k + 1) ends its P.V in a 16-column pass.
 // Inputs were checked by csrc/bindings.cpp. All index arithmetic is 64-bit.
 #include <algorithm>
 #include <atomic>
@@ -74,7 +77,8 @@ struct Ctx {
   const void* q;
   void* o;
   int64_t B, Hq, Hkv, S, g, npos;
-  float c;  // scale * log2(e)
+  int64_t dr;  // the caller's head dim: the row stride of Q and O (the kernel's D is dr rounded up to 16)
+  float c;     // scale * log2(e)
   bool causal;
   attn::NanSeen* nan;  // notes a NaN in a stored row
 };
@@ -194,17 +198,21 @@ PK_AVX512 PK_ALWAYS_INLINE void qk_f32(const float* q, const float* kt, __m512 (
   }
 }
 
-// The W (2 or 4) vectors of a V row's column pass at r into vv[0, W) (vv[W, 4) repeat the first two, unused), through
-// named, pinned registers (as qk_f32): an array loaded in a loop was also kept on the stack, one dead store per V
-// vector and step. fp32 rows (16 floats a vector) or bf16 pair rows (32 u16 a vector: two rows' 16 columns).
+// The W (1, 2 or 4) vectors of a V row's column pass at r into vv[0, W) (the others repeat the first ones, unused),
+// through named, pinned registers (as qk_f32): an array loaded in a loop was also kept on the stack, one dead store
+// per V vector and step. fp32 rows (16 floats a vector) or bf16 pair rows (32 u16 a vector: two rows' 16 columns).
 PK_AVX512 PK_ALWAYS_INLINE __m512 load_vec(const float* r) { return _mm512_loadu_ps(r); }
 PK_AVX512 PK_ALWAYS_INLINE __m512i load_vec(const uint16_t* r) { return _mm512_load_si512(r); }
 template <int W, class T, class V>
 PK_AVX512 PK_ALWAYS_INLINE void load_pinned(const T* r, V (&vv)[4]) {
   constexpr int kStep = 64 / sizeof(T);
-  V v0 = load_vec(r), v1 = load_vec(r + kStep), v2 = v0, v3 = v1;
+  V v0 = load_vec(r), v1 = v0, v2 = v0, v3 = v0;
   PK_PIN(v0);
-  PK_PIN(v1);
+  if constexpr (W >= 2) {
+    v1 = load_vec(r + kStep);
+    v3 = v1;
+    PK_PIN(v1);
+  }
   if constexpr (W == 4) {
     v2 = load_vec(r + 2 * kStep);
     v3 = load_vec(r + 3 * kStep);
@@ -217,7 +225,17 @@ PK_AVX512 PK_ALWAYS_INLINE void load_pinned(const T* r, V (&vv)[4]) {
   vv[3] = v3;
 }
 
-// O[R][D] = alpha * O + P[R][0:nj] . V[0:nj][D] (fp32; V rows of stride D), in passes of W zmm of columns.
+// The column passes of a P.V over D columns (a multiple of 16): kFull passes of W zmm (16 W columns), then the rest
+// of D in a pass of 2 zmm (kRest >= 2) and one of 1 (kRest odd). (Spelled out in each P.V: a helper taking the pass
+// as a lambda cannot be inlined into both the AVX-512 and the AVX-512 BF16 functions when the file is built without
+// -march=native: target-specific option mismatch.)
+template <int D, int W> struct ColumnPasses {
+  static_assert(D % 16 == 0 && (W == 1 || W == 2 || W == 4), "whole vectors");
+  static constexpr int kFull = D / (16 * W), kRest = D % (16 * W) / 16;
+};
+
+// O[R][D] = alpha * O + P[R][0:nj] . V[0:nj][D] (fp32; V rows of stride D), in passes of W zmm of columns (the
+// rest of D in passes of 2 and 1, ColumnPasses).
 // R = 8, W = 2 (two micro-blocks at once, 16 accumulators): each V line feeds 8 rows instead of 4 (half the
 // reads of the V tile, which beside the K tile does not stay in L1d). R = 4, W = 4 for a micro-block alone.
 // Sapphire Rapids VM, S2048 D128 fp32, scratch C++ driver alternated: 1 thread H4 64-65 -> 62-63 ms, 2 threads
@@ -226,33 +244,37 @@ PK_AVX512 PK_ALWAYS_INLINE void load_pinned(const T* r, V (&vv)[4]) {
 // further change. R = 12 spilled.)
 template <int D, int R, int W>
 PK_AVX512 PK_ALWAYS_INLINE void pv_f32(float* o, const float* p, const float* v, int64_t nj, const float* alpha) {
-  static_assert((W == 2 || W == 4) && D % (16 * W) == 0 && R * W <= 24,
-                "whole passes; accumulators + V + broadcast fit 32 zmm");
-#pragma GCC unroll 1
-  for (int h = 0; h < D / (16 * W); ++h) {
-    __m512 acc[R][W];
+  static_assert(R * W <= 24, "accumulators + V + broadcast fit 32 zmm");
+  const auto pass = [&](auto w, int c0) PK_AVX512 __attribute__((always_inline)) {
+    constexpr int Wp = decltype(w)::value;
+    __m512 acc[R][Wp];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const __m512 a = _mm512_set1_ps(alpha[r]);
 #pragma GCC unroll 4
-      for (int c = 0; c < W; ++c) acc[r][c] = _mm512_mul_ps(a, _mm512_load_ps(o + r * D + h * 16 * W + 16 * c));
+      for (int c = 0; c < Wp; ++c) acc[r][c] = _mm512_mul_ps(a, _mm512_load_ps(o + r * D + c0 + 16 * c));
     }
 #pragma GCC unroll 2
     for (int64_t j = 0; j < nj; ++j) {
       __m512 vv[4];
-      load_pinned<W>(v + j * D + h * 16 * W, vv);
+      load_pinned<Wp>(v + j * D + c0, vv);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const __m512 pb = _mm512_set1_ps(p[r * kBk + j]);
 #pragma GCC unroll 4
-        for (int c = 0; c < W; ++c) acc[r][c] = _mm512_fmadd_ps(pb, vv[c], acc[r][c]);
+        for (int c = 0; c < Wp; ++c) acc[r][c] = _mm512_fmadd_ps(pb, vv[c], acc[r][c]);
       }
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-      for (int c = 0; c < W; ++c) _mm512_store_ps(o + r * D + h * 16 * W + 16 * c, acc[r][c]);
-  }
+      for (int c = 0; c < Wp; ++c) _mm512_store_ps(o + r * D + c0 + 16 * c, acc[r][c]);
+  };
+  using CP = ColumnPasses<D, W>;
+#pragma GCC unroll 1
+  for (int h = 0; h < CP::kFull; ++h) pass(std::integral_constant<int, W>{}, h * 16 * W);
+  if constexpr (CP::kRest >= 2) pass(std::integral_constant<int, 2>{}, CP::kFull * 16 * W);
+  if constexpr (CP::kRest % 2 == 1) pass(std::integral_constant<int, 1>{}, D - 16);
 }
 
 // S[4][64] = Q[4][D] . K^T with bf16 pairs: q 4 rows of D bf16, kp [D/2][64] pairs; times c.
@@ -303,53 +325,59 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void qk_bf16(const uint32_t* q, const uint32_t* k
 }
 
 // O[4][D] = alpha * O + P[4][0:nj] . V with bf16 pairs: p 4 rows of 64 bf16, vp [32][D][2]; passes of W zmm of
-// columns (4: 64 columns; 2 where D is an odd number of 32-column halves, D = 96, 160, 224).
+// columns (4: 64 columns; 2 where D is not a multiple of 64), the last 16 columns of D = 16 (2k + 1) in a pass of 1.
 template <int D, int W = D % 64 == 0 ? 4 : 2>
 PK_AVX512BF16 PK_ALWAYS_INLINE void pv_bf16(float* o, const uint32_t* p, const uint16_t* vp, int64_t nj,
                                             const float* alpha) {
-  static_assert((W == 2 || W == 4) && D % (16 * W) == 0, "whole passes");
-  constexpr int CW = 16 * W;  // columns per pass
   const int64_t njp = (nj + 1) / 2;
-#pragma GCC unroll 2
-  for (int h = 0; h < D / CW; ++h) {
-    __m512 acc[kMr][W];
+  const auto pass = [&](auto w, int c0) PK_AVX512BF16 __attribute__((always_inline)) {
+    constexpr int Wp = decltype(w)::value;
+    __m512 acc[kMr][Wp];
 #pragma GCC unroll 4
     for (int r = 0; r < kMr; ++r) {
       const __m512 a = _mm512_set1_ps(alpha[r]);
 #pragma GCC unroll 4
-      for (int c = 0; c < W; ++c) acc[r][c] = _mm512_mul_ps(a, _mm512_load_ps(o + r * D + h * CW + 16 * c));
+      for (int c = 0; c < Wp; ++c) acc[r][c] = _mm512_mul_ps(a, _mm512_load_ps(o + r * D + c0 + 16 * c));
     }
 #pragma GCC unroll 2
     for (int64_t jp = 0; jp < njp; ++jp) {
       __m512i vv[4];
-      load_pinned<W>(vp + (jp * D + h * CW) * 2, vv);
+      load_pinned<Wp>(vp + (jp * D + c0) * 2, vv);
 #pragma GCC unroll 4
       for (int r = 0; r < kMr; ++r) {
         const __m512i pb = _mm512_set1_epi32(static_cast<int>(p[r * (kBk / 2) + jp]));
 #pragma GCC unroll 4
-        for (int c = 0; c < W; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)vv[c], (__m512bh)pb);
+        for (int c = 0; c < Wp; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)vv[c], (__m512bh)pb);
       }
     }
 #pragma GCC unroll 4
     for (int r = 0; r < kMr; ++r)
 #pragma GCC unroll 4
-      for (int c = 0; c < W; ++c) _mm512_store_ps(o + r * D + h * CW + 16 * c, acc[r][c]);
-  }
+      for (int c = 0; c < Wp; ++c) _mm512_store_ps(o + r * D + c0 + 16 * c, acc[r][c]);
+  };
+  using CP = ColumnPasses<D, W>;
+#pragma GCC unroll 2
+  for (int h = 0; h < CP::kFull; ++h) pass(std::integral_constant<int, W>{}, h * 16 * W);
+  if constexpr (CP::kRest >= 2) pass(std::integral_constant<int, 2>{}, CP::kFull * 16 * W);
+  if constexpr (CP::kRest % 2 == 1) pass(std::integral_constant<int, 1>{}, D - 16);
 }
 
-// Writes rows [0, nq) of head-row block `ob` (divided by l) to the output, as T; `nan` gains the lanes that hold one.
+// Writes columns [0, dr) of rows [0, nq) of head-row block `ob` (divided by l) to the output rows of stride dr, as T;
+// `nan` gains the lanes that hold one.
 template <typename T, int D>
-PK_AVX512 PK_ALWAYS_INLINE void store_rows(T* dst, const float* ob, const float* l, int64_t nq, __mmask16& nan) {
+PK_AVX512 PK_ALWAYS_INLINE void store_rows(T* dst, int64_t dr, const float* ob, const float* l, int64_t nq,
+                                           __mmask16& nan) {
   for (int64_t i = 0; i < nq; ++i) {
     const __m512 inv = _mm512_set1_ps(1.f / l[i]);
 #pragma GCC unroll 8
     for (int c = 0; c < D / 16; ++c) {
+      const __mmask16 live = vec::mask16(dr - 16 * c);
       const __m512 x = _mm512_mul_ps(_mm512_load_ps(ob + i * D + 16 * c), inv);
-      nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+      nan |= _mm512_mask_cmp_ps_mask(live, x, x, _CMP_UNORD_Q);
       if constexpr (std::is_same_v<T, float>)
-        _mm512_storeu_ps(dst + i * D + 16 * c, x);
+        _mm512_mask_storeu_ps(dst + i * dr + 16 * c, live, x);
       else
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i * D + 16 * c), vec::narrow_bf16(x));
+        _mm256_mask_storeu_epi16(dst + i * dr + 16 * c, live, vec::narrow_bf16(x));
     }
   }
 }
@@ -387,7 +415,7 @@ PK_ALWAYS_INLINE void score_blocks(int64_t g, int64_t np, int64_t nq, int64_t q0
 }
 
 // One work item on the fp32 path (T = float, or bf16 widened by the packing pass).
-// kp: the kv head's packed K, [ntiles][D][kBk] fp32 words; vrows: its V rows, [S][D] fp32.
+// kp: the kv head's packed K, [ntiles][D][kBk] fp32 words; vrows: its V rows, [S][D] fp32 (zero past x.dr).
 template <typename T, int D>
 PK_AVX512 void item_f32(const Ctx& x, int64_t bkv, int64_t q0, const Scratch& sc, const float* kp, const float* vrows) {
   const int64_t S = x.S, g = x.g, np = x.npos, nq = std::min(np, S - q0), nq4 = round_up(nq, kMr);
@@ -395,16 +423,17 @@ PK_AVX512 void item_f32(const Ctx& x, int64_t bkv, int64_t q0, const Scratch& sc
   const T* Q = static_cast<const T*>(x.q);
   const __m512 vc = _mm512_set1_ps(x.c);
   for (int64_t hh = 0; hh < g; ++hh) {
-    const T* src = Q + ((b * x.Hq + hkv * g + hh) * S + q0) * D;
+    const T* src = Q + ((b * x.Hq + hkv * g + hh) * S + q0) * x.dr;
     for (int64_t i = 0; i < nq4; ++i) {
       float* dst = sc.q + (hh * np + i) * D;
       for (int c = 0; c < D / 16; ++c) {
         __m512 v = _mm512_setzero_ps();
         if (i < nq) {
+          const __mmask16 live = vec::mask16(x.dr - 16 * c);
           if constexpr (std::is_same_v<T, float>)
-            v = _mm512_loadu_ps(src + i * D + 16 * c);
+            v = _mm512_maskz_loadu_ps(live, src + i * x.dr + 16 * c);
           else
-            v = vec::widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i * D + 16 * c)));
+            v = vec::widen_bf16(_mm256_maskz_loadu_epi16(live, src + i * x.dr + 16 * c));
         }
         _mm512_store_ps(dst + 16 * c, _mm512_mul_ps(v, vc));
         _mm512_store_ps(sc.o + (hh * np + i) * D + 16 * c, _mm512_setzero_ps());
@@ -462,7 +491,7 @@ PK_AVX512 void item_f32(const Ctx& x, int64_t bkv, int64_t q0, const Scratch& sc
   T* O = static_cast<T*>(x.o);
   __mmask16 nan = 0;
   for (int64_t hh = 0; hh < g; ++hh)
-    store_rows<T, D>(O + ((b * x.Hq + hkv * g + hh) * S + q0) * D, sc.o + hh * np * D, sc.l + hh * np, nq, nan);
+    store_rows<T, D>(O + ((b * x.Hq + hkv * g + hh) * S + q0) * x.dr, x.dr, sc.o + hh * np * D, sc.l + hh * np, nq, nan);
   x.nan->note(nan != 0);
 }
 
@@ -476,12 +505,13 @@ PK_AVX512BF16 void item_bf16(const Ctx& x, int64_t bkv, int64_t q0, const Scratc
   const uint16_t* Q = static_cast<const uint16_t*>(x.q);
   uint16_t* qb = reinterpret_cast<uint16_t*>(sc.q);
   for (int64_t hh = 0; hh < g; ++hh) {
-    const uint16_t* src = Q + ((b * x.Hq + hkv * g + hh) * S + q0) * D;
+    const uint16_t* src = Q + ((b * x.Hq + hkv * g + hh) * S + q0) * x.dr;
     for (int64_t i = 0; i < nq4; ++i) {
       uint16_t* dst = qb + (hh * np + i) * D;
-      for (int c = 0; c < D / 32; ++c) {
-        const __m512i v = i < nq ? _mm512_loadu_si512(src + i * D + 32 * c) : _mm512_setzero_si512();
-        _mm512_store_si512(dst + 32 * c, v);
+      for (int c = 0; c < D / 16; ++c) {
+        const __m256i v = i < nq ? _mm256_maskz_loadu_epi16(vec::mask16(x.dr - 16 * c), src + i * x.dr + 16 * c)
+                                 : _mm256_setzero_si256();
+        _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 16 * c), v);
       }
       for (int c = 0; c < D / 16; ++c) _mm512_store_ps(sc.o + (hh * np + i) * D + 16 * c, _mm512_setzero_ps());
       sc.m[hh * np + i] = -std::numeric_limits<float>::infinity();
@@ -529,7 +559,8 @@ PK_AVX512BF16 void item_bf16(const Ctx& x, int64_t bkv, int64_t q0, const Scratc
   bf16* O = static_cast<bf16*>(x.o);
   __mmask16 nan = 0;
   for (int64_t hh = 0; hh < g; ++hh)
-    store_rows<bf16, D>(O + ((b * x.Hq + hkv * g + hh) * S + q0) * D, sc.o + hh * np * D, sc.l + hh * np, nq, nan);
+    store_rows<bf16, D>(O + ((b * x.Hq + hkv * g + hh) * S + q0) * x.dr, x.dr, sc.o + hh * np * D, sc.l + hh * np, nq,
+                        nan);
   x.nan->note(nan != 0);
 }
 
@@ -538,45 +569,59 @@ PK_AVX512BF16 void item_bf16(const Ctx& x, int64_t bkv, int64_t q0, const Scratc
 // ---- packing (plain C++: runs once per call, O(S*D) next to the O(S*S*D) products) ---------------
 
 // dst[w][j] = src row j, word w (j < nk), 0 for j in [nk, jend): a 32-bit transpose of one K tile, in
-// 16 x 16 blocks of words (nw is D or D/2: a multiple of 16); jend is kBk, or for a reader of only the
-// live score vectors (qk_f32<D, NV>) nk rounded up to 16. Scalar, it cost ~3 us per head at D = 64, most
-// of a call at S = 16 (0.11 ms for 16 heads against 0.02 for torch).
+// 16 x 16 blocks of words (nw words per packed row: D or D/2, a multiple of 8); jend is kBk, or for a reader of
+// only the live score vectors (qk_f32<D, NV>) nk rounded up to 16. The source rows hold dr values each (fp32, or
+// bf16), dr <= D: the words of values past dr are 0. Scalar, it cost ~3 us per head at D = 64, most of a call at
+// S = 16 (0.11 ms for 16 heads against 0.02 for torch).
 #if defined(__x86_64__)
-// kWiden: src rows are bf16 (nw values each), widened to fp32 words on the way.
-template <bool kWiden = false>
-PK_AVX512 void transpose_tile(const void* src, int64_t nw, int64_t nk, uint32_t* dst, int64_t jend = kBk) {
+// The source values of a word: one fp32 (F32), one bf16 widened to fp32 (Widen), a pair of bf16 (Pairs).
+enum class KWords { F32, Widen, Pairs };
+template <KWords kSrc>
+PK_AVX512 void transpose_tile(const void* src, int64_t dr, int64_t nw, int64_t nk, uint32_t* dst, int64_t jend = kBk) {
   for (int64_t j0 = 0; j0 < jend; j0 += 16)
     for (int64_t w0 = 0; w0 < nw; w0 += 16) {
       __m512i v[16];
       for (int r = 0; r < 16; ++r) {
-        if (j0 + r >= nk) {
+        const int64_t j = j0 + r;
+        if (j >= nk) {
           v[r] = _mm512_setzero_si512();
-        } else if constexpr (kWiden) {
-          const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(src) +
-                                                                                (j0 + r) * nw + w0));
-          v[r] = _mm512_castps_si512(vec::widen_bf16(h));
+        } else if constexpr (kSrc == KWords::Widen) {
+          const uint16_t* row = static_cast<const uint16_t*>(src) + j * dr;
+          v[r] = _mm512_castps_si512(vec::widen_bf16(_mm256_maskz_loadu_epi16(vec::mask16(dr - w0), row + w0)));
+        } else if constexpr (kSrc == KWords::Pairs) {
+          const uint16_t* row = static_cast<const uint16_t*>(src) + j * dr;
+          v[r] = _mm512_maskz_loadu_epi16(vec::mask32(dr - 2 * w0), row + 2 * w0);
         } else {
-          v[r] = _mm512_loadu_si512(static_cast<const uint32_t*>(src) + (j0 + r) * nw + w0);
+          v[r] = _mm512_maskz_loadu_epi32(vec::mask16(dr - w0), static_cast<const uint32_t*>(src) + j * dr + w0);
         }
       }
       vec::transpose16(v);
-      for (int c = 0; c < 16; ++c) _mm512_store_si512(dst + (w0 + c) * kBk + j0, v[c]);
+      for (int c = 0; c < std::min<int64_t>(16, nw - w0); ++c) _mm512_store_si512(dst + (w0 + c) * kBk + j0, v[c]);
     }
 }
 
-// n bf16 values (a multiple of 16) -> fp32.
-PK_AVX512 void widen_rows(const uint16_t* v, int64_t n, float* dst) {
-  for (int64_t e = 0; e < n; e += 16) _mm512_store_ps(dst + e, vec::load_bf16(v + e, 16));
+// V rows [nk][dr] (fp32, or bf16 widened) -> [nk][D] fp32, zero past dr.
+template <int D, typename T> PK_AVX512 void pad_rows(const T* v, int64_t dr, int64_t nk, float* dst) {
+  for (int64_t j = 0; j < nk; ++j)
+    for (int64_t c = 0; c < D; c += 16) {
+      const __mmask16 live = vec::mask16(dr - c);
+      if constexpr (std::is_same_v<T, float>)
+        _mm512_store_ps(dst + j * D + c, _mm512_maskz_loadu_ps(live, v + j * dr + c));
+      else
+        _mm512_store_ps(dst + j * D + c, vec::widen_bf16(_mm256_maskz_loadu_epi16(live, v + j * dr + c)));
+    }
 }
 
-// V rows [nk][D] bf16 -> [kBk / 2][D][2]: row pairs interleaved (the vdpbf16ps operand), rows past nk zero.
-template <int D> PK_AVX512 void interleave_v(const uint16_t* v, int64_t nk, uint16_t* dst) {
+// V rows [nk][dr] bf16 -> [kBk / 2][D][2]: row pairs interleaved (the vdpbf16ps operand), rows past nk and values
+// past dr zero.
+template <int D> PK_AVX512 void interleave_v(const uint16_t* v, int64_t dr, int64_t nk, uint16_t* dst) {
   const __m256i z = _mm256_setzero_si256();
   for (int64_t jp = 0; jp < kBk / 2; ++jp)
     for (int64_t c = 0; c < D; c += 16) {
-      const uint16_t* r0 = v + 2 * jp * D + c;
-      const __m256i a = 2 * jp < nk ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0)) : z;
-      const __m256i b = 2 * jp + 1 < nk ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + D)) : z;
+      const __mmask16 live = vec::mask16(dr - c);
+      const uint16_t* r0 = v + 2 * jp * dr + c;
+      const __m256i a = 2 * jp < nk ? _mm256_maskz_loadu_epi16(live, r0) : z;
+      const __m256i b = 2 * jp + 1 < nk ? _mm256_maskz_loadu_epi16(live, r0 + dr) : z;
       _mm512_store_si512(dst + (jp * D + c) * 2, vec::pair_bf16(a, b));
     }
 }
@@ -604,9 +649,13 @@ bool run_avx512(const AttentionParams& p, bool dp) {
   // samples). The buffer is kept by the calling thread between calls (a fresh 17 MB one at S2048 H16 D128 fp32 was
   // ~4K page faults per call).
   const int64_t kwords = dp ? D / 2 : D;
+  // D: the kernel's head dim, the caller's dr rounded up to 16 (the packed rows, the Q copy and the fp32 accumulators
+  // are zero past dr). fp32 V is read in place when the rows are whole (dr = D), packed to rows of D otherwise.
+  const int64_t dr = p.D;
+  const bool v_packed = !dp && (kIsBf16 || dr != D);
   const int64_t slots = std::min<int64_t>(nbkv, kSlots);
   const size_t kslot = static_cast<size_t>(ntiles * kwords * kBk * 4);
-  const size_t vslot = static_cast<size_t>(dp ? ntiles * kBk * D * 2 : kIsBf16 ? S * D * 4 : 0);
+  const size_t vslot = static_cast<size_t>(dp ? ntiles * kBk * D * 2 : v_packed ? S * D * 4 : 0);
   thread_local Keep keep;
   const CallBuffer packs(keep, static_cast<size_t>(slots) * (kslot + vslot));
   char* const kbase = packs.as<char>();
@@ -617,20 +666,20 @@ bool run_avx512(const AttentionParams& p, bool dp) {
     const int64_t kt0 = t * kBk, nk = std::min(kBk, S - kt0), row0 = bkv * S + kt0;  // first row of the tile
     uint32_t* const kd = kslot_of(bkv) + t * kwords * kBk;
     if (dp) {
-      transpose_tile(static_cast<const uint32_t*>(p.k) + row0 * (D / 2), D / 2, nk, kd);
-      interleave_v<D>(static_cast<const uint16_t*>(p.v) + row0 * D, nk,
+      transpose_tile<KWords::Pairs>(static_cast<const uint16_t*>(p.k) + row0 * dr, dr, D / 2, nk, kd);
+      interleave_v<D>(static_cast<const uint16_t*>(p.v) + row0 * dr, dr, nk,
                       reinterpret_cast<uint16_t*>(vslot_of(bkv)) + t * kBk * D);
-    } else if constexpr (kIsBf16) {
-      transpose_tile<true>(static_cast<const uint16_t*>(p.k) + row0 * D, D, nk, kd);
-      widen_rows(static_cast<const uint16_t*>(p.v) + row0 * D, nk * D,
-                 reinterpret_cast<float*>(vslot_of(bkv)) + kt0 * D);
-    } else {  // item_f32 reads only the live score vectors of a short tile
-      transpose_tile(static_cast<const uint32_t*>(p.k) + row0 * D, D, nk, kd, round_up(nk, 16));
+      return;
     }
+    if constexpr (kIsBf16)
+      transpose_tile<KWords::Widen>(static_cast<const uint16_t*>(p.k) + row0 * dr, dr, D, nk, kd);
+    else  // item_f32 reads only the live score vectors of a short tile
+      transpose_tile<KWords::F32>(static_cast<const float*>(p.k) + row0 * dr, dr, D, nk, kd, round_up(nk, 16));
+    if (v_packed) pad_rows<D>(static_cast<const T*>(p.v) + row0 * dr, dr, nk, reinterpret_cast<float*>(vslot_of(bkv)) + kt0 * D);
   };
 
   attn::NanSeen nan;
-  Ctx x{p.q, p.o, B, p.Hq, Hkv, S, g, 0, p.scale * attn::kLog2e, p.causal, &nan};
+  Ctx x{p.q, p.o, B, p.Hq, Hkv, S, g, 0, dr, p.scale * attn::kLog2e, p.causal, &nan};
   x.npos = std::max<int64_t>(kMr, kRows / g / kMr * kMr);
   const int64_t nqb = (S + x.npos - 1) / x.npos;
   const int64_t rows = round_up(g * x.npos, kMr);
@@ -685,8 +734,8 @@ bool run_avx512(const AttentionParams& p, bool dp) {
             item_bf16<D>(x, h, q0, sc, kslot_of(h), reinterpret_cast<const uint16_t*>(vslot_of(h)));
         } else {
           item_f32<T, D>(x, h, q0, sc, reinterpret_cast<const float*>(kslot_of(h)),
-                         kIsBf16 ? reinterpret_cast<const float*>(vslot_of(h))
-                                 : static_cast<const float*>(p.v) + h * S * D);
+                         v_packed ? reinterpret_cast<const float*>(vslot_of(h))
+                                  : static_cast<const float*>(p.v) + h * S * D);
         }
         done[h].n.fetch_add(1, std::memory_order_release);
       }
@@ -882,8 +931,9 @@ bool dispatch(const AttentionParams& p) {
   if (!f.avx512f) return run_portable<T>(p);
   if constexpr (std::is_same_v<T, bf16>)
     if (f.amx_bf16) return attention_amx(p);  // AMX tiles for both products (attention_amx.cpp), any D <= 256
+  // any D <= 256, run at D rounded up to 16 (run_avx512)
   const bool dp = std::is_same_v<T, bf16> && use_bf16_dot();
-  return attn::with_head_dim(p.D, [&](auto d) { return run_avx512<T, d.value>(p, dp); });
+  return attn::with_head_dim16(p.D, [&](auto d) { return run_avx512<T, d.value>(p, dp); });
 }
 
 // A causal call whose kernel stored a NaN (attn::NanSeen): a row whose output holds a NaN in a column where its kv

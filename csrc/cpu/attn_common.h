@@ -339,4 +339,29 @@ template <class F> decltype(auto) with_head_dim(int64_t D, F f) {
   }
 }
 
+// f(std::integral_constant<int, D16>{}) with D16 = D rounded up to a multiple of 16, for D in 1..256 (cpu.h
+// x86_attention_head_dim: the avx512 attention, whose kernels run at D16 on rows zero-padded past D).
+template <class F> decltype(auto) with_head_dim16(int64_t D, F f) {
+  switch ((D + 15) / 16) {
+    case 1: return f(std::integral_constant<int, 16>{});
+    case 2: return f(std::integral_constant<int, 32>{});
+    case 3: return f(std::integral_constant<int, 48>{});
+    case 4: return f(std::integral_constant<int, 64>{});
+    case 5: return f(std::integral_constant<int, 80>{});
+    case 6: return f(std::integral_constant<int, 96>{});
+    case 7: return f(std::integral_constant<int, 112>{});
+    case 8: return f(std::integral_constant<int, 128>{});
+    case 9: return f(std::integral_constant<int, 144>{});
+    case 10: return f(std::integral_constant<int, 160>{});
+    case 11: return f(std::integral_constant<int, 176>{});
+    case 12: return f(std::integral_constant<int, 192>{});
+    case 13: return f(std::integral_constant<int, 208>{});
+    case 14: return f(std::integral_constant<int, 224>{});
+    case 15: return f(std::integral_constant<int, 240>{});
+    case 16: return f(std::integral_constant<int, 256>{});
+    default:
+      throw std::invalid_argument("the avx512 attention kernels take head dims 1 to 256, got " + std::to_string(D));
+  }
+}
+
 }  // namespace pk::cpu::attn

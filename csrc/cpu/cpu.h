@@ -115,13 +115,14 @@ const Caches& caches();
 void gemm(const GemmParams& p);
 void attention(const AttentionParams& p);
 void decode(const DecodeParams& p);
-// Head dims the tiers' own kernels take: attention any multiple of 32 up to 256 (attn::with_head_dim), and bf16
-// attention on the amx tier any D up to 256 (the AMX kernel pads rows to a multiple of 32); decode 64 and 128 (at 256
-// the avx512 tier's bf16 decode measured no faster than the portable one: its query rows no longer fit registers for
-// two heads). A call with any other D runs the portable kernel of its family on every tier (attention.cpp /
+// Head dims the tiers' own kernels take: attention on the avx2 and neon tiers any multiple of 32 up to 256
+// (attn::with_head_dim); on the avx512 and amx tiers any D up to 256 (the avx512 kernels run at D rounded up to 16,
+// attn::with_head_dim16, the AMX bf16 kernel at D rounded up to 32, on rows zero-padded past D); decode 64 and 128 (at
+// 256 the avx512 tier's bf16 decode measured no faster than the portable one: its query rows no longer fit registers
+// for two heads). A call with any other D runs the portable kernel of its family on every tier (attention.cpp /
 // decode.cpp dispatch).
 constexpr bool tier_attention_head_dim(int64_t D) { return D % 32 == 0 && D >= 32 && D <= 256; }
-constexpr bool amx_head_dim(int64_t D) { return D >= 1 && D <= 256; }
+constexpr bool x86_attention_head_dim(int64_t D) { return D >= 1 && D <= 256; }
 constexpr bool tier_decode_head_dim(int64_t D) { return D == 64 || D == 128; }
 // The tier whose code runs a decode of head dim D / an attention of head dim D and dtype dt: the active tier, or
 // portable (above).
@@ -142,6 +143,6 @@ void decode_neon(const DecodeParams& p);        // D 64 or 128, fp32 and bf16
 
 // AMX tier (csrc/cpu/*_amx.cpp); callers check enabled().amx_bf16.
 void gemm_amx(const GemmParams& p);            // bf16 GEMM, either B layout (gemm_amx.cpp)
-bool attention_amx(const AttentionParams& p);  // bf16 flash attention, D 64 or 128; true as attention_avx2
+bool attention_amx(const AttentionParams& p);  // bf16 flash attention, D 1 to 256; true as attention_avx2
 
 }  // namespace pk::cpu

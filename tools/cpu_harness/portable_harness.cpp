@@ -264,10 +264,11 @@ void run_all() {
     check_decode(1, 4, 1, 3001, 64, 16, false, bf);
     check_decode(1, 32, 1, 3000, 128, 16, true, bf);
     check_decode(1, 9, 1, 1029, 64, 7, true, bf);
-    // Head dims the tiers' own kernels do not take (cpu.h: the tiers' attention takes multiples of 32 up to 256, bf16
-    // on amx any D up to 256 with rows padded to 32, their decode 64 and 128): the portable code. D = 72: a padded
-    // row on 16-lane targets; 80: bf16 not in pairs there (80 % 32), pairs on 4 lanes; 40 with a split context
-    // (merge over Dp + 2 strides); 256: the widest register blocks of tile_add.
+    // Head dims the avx2 / neon tiers' own kernels do not take (cpu.h: their attention takes multiples of 32 up to
+    // 256, their decode 64 and 128): the portable code; the avx512 / amx attention runs them at D rounded up to 16
+    // (AMX bf16: 32) on zero-padded rows (80: a 16-column P.V pass; 5 and 17: a short, a barely longer row). D = 72:
+    // a padded row on 16-lane targets; 80: bf16 not in pairs there (80 % 32), pairs on 4 lanes; 40 with a split
+    // context (merge over Dp + 2 strides); 256: the widest register blocks of tile_add.
     check_decode(3, 6, 3, 130, 72, 16, false, bf);
     check_decode(2, 8, 2, 300, 80, 16, true, bf);
     check_decode(1, 4, 1, 700, 40, 16, true, bf);
@@ -281,6 +282,8 @@ void run_all() {
     check_attention(1, 4, 1, 77, 80, false, bf);
     check_attention(1, 2, 2, 300, 40, true, bf);
     check_attention(1, 3, 1, 65, 256, false, bf);
+    check_attention(2, 4, 2, 70, 5, true, bf);
+    check_attention(1, 3, 3, 129, 17, false, bf);
     check_attention(1, 4, 2, 300, 96, true, bf);    // the tiers' kernels at D 96 (32-column P.V passes), 160, 256
     check_attention(2, 3, 3, 97, 160, false, bf);
     check_attention(2, 2, 1, 130, 256, true, bf);
