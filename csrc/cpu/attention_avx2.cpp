@@ -8,8 +8,9 @@
 //                   broadcast of q, two rows of the transposed tile)
 //   online softmax  base 2 (Q pre-scaled by scale * log2 e), fp32
 //   O = a O + P V   6 rows x 16 columns = 12 ymm accumulators, fp32
-// Accumulation is fp32 throughout. Inputs were checked by csrc/bindings.cpp; head dims 32, 64, .., 256 (cpu.h
-// tier_attention_head_dim).
+// Accumulation is fp32 throughout. Inputs were checked by csrc/bindings.cpp. Head dims 1 to 256 (cpu.h
+// x86_attention_head_dim): the kernels run at D, the caller's dr rounded up to 16, on rows zero-padded past dr in the
+// K / V packs and the Q copy (fp32 V is packed then, read in place otherwise), cut back in the output stores.
 #include "cpu/cpu.h"
 
 #if defined(__x86_64__)
@@ -18,6 +19,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -49,14 +51,24 @@ struct Scratch {
   float *q, *o, *s, *m, *l, *alpha;
 };
 
-// K rows [nj][D] (nj <= kBk) -> dst [D][kBk], keys past nj up to the 16-key block that holds them zero
-// (the score blocks the item computes; the rest of a short last tile is never read): 8 x 8 blocks
-// transposed in registers.
-template <class T, int D> void pack_k(const T* k, int64_t nj, float* dst) {
+// The first n (< 8) values at p as 8 floats, the rest 0 (none for n <= 0); all 8 for n >= 8. The row ends of a
+// padded head dim: a copy, so nothing past the row is read.
+template <class T> inline __m256 load8_part(const T* p, int64_t n) {
+  if (n >= 8) return avx2::load8(p);
+  alignas(32) T tmp[8] = {};
+  if (n > 0) std::memcpy(tmp, p, static_cast<size_t>(n) * sizeof(T));
+  return avx2::load8(tmp);
+}
+
+// K rows [nj][dr] (nj <= kBk) -> dst [D][kBk], keys past nj up to the 16-key block that holds them zero
+// (the score blocks the item computes; the rest of a short last tile is never read), and the rows d >= dr: 8 x 8
+// blocks transposed in registers.
+template <class T, int D> void pack_k(const T* k, int64_t dr, int64_t nj, float* dst) {
   for (int64_t j0 = 0; j0 < (nj + 15) / 16 * 16; j0 += 8)
     for (int d0 = 0; d0 < D; d0 += 8) {
       __m256 r[8];
-      for (int u = 0; u < 8; ++u) r[u] = j0 + u < nj ? avx2::load8(k + (j0 + u) * D + d0) : _mm256_setzero_ps();
+      for (int u = 0; u < 8; ++u)
+        r[u] = j0 + u < nj ? load8_part(k + (j0 + u) * dr + d0, dr - d0) : _mm256_setzero_ps();
       avx2::transpose8(r);
       for (int c = 0; c < 8; ++c) _mm256_store_ps(dst + (d0 + c) * kBk + j0, r[c]);
     }
@@ -148,11 +160,12 @@ void item(const AttentionParams& p, int64_t bh, int64_t q0, const float* kp, con
   const int64_t S = p.S;
   const int64_t nq = std::min(kQb, S - q0), nr = (nq + 5) / 6 * 6;  // rows, rounded up to 6-row blocks
   const float c = p.scale * attn::kLog2e, ninf = -std::numeric_limits<float>::infinity();
-  const T* Q = static_cast<const T*>(p.q) + (bh * S + q0) * D;
+  const int64_t dr = p.D;  // the caller's head dim, the row stride of Q and O
+  const T* Q = static_cast<const T*>(p.q) + (bh * S + q0) * dr;
   for (int64_t r = 0; r < nr; ++r) {
     const int64_t rr = std::min(r, nq - 1);  // the pad rows repeat the last one
     for (int d = 0; d < D; d += 8) {
-      _mm256_store_ps(sc.q + r * D + d, _mm256_mul_ps(avx2::load8(Q + rr * D + d), _mm256_set1_ps(c)));
+      _mm256_store_ps(sc.q + r * D + d, _mm256_mul_ps(load8_part(Q + rr * dr + d, dr - d), _mm256_set1_ps(c)));
       _mm256_store_ps(sc.o + r * D + d, _mm256_setzero_ps());
     }
   }
@@ -177,41 +190,47 @@ void item(const AttentionParams& p, int64_t bh, int64_t q0, const float* kp, con
     for (int64_t r = 0; r < nq; r += 6)
       pv_rows<D>(static_cast<int>(std::min<int64_t>(6, nq - r)), sc.o + r * D, sc.s + r * kBk, sc.alpha + r, vt, nj);
   }
-  T* O = static_cast<T*>(p.o) + (bh * S + q0) * D;
+  T* O = static_cast<T*>(p.o) + (bh * S + q0) * dr;
   __m256 nan = _mm256_setzero_ps();
   for (int64_t r = 0; r < nq; ++r) {
     const __m256 inv = _mm256_set1_ps(1.f / sc.l[r]);
-    for (int d = 0; d < D; d += 8) {
+    for (int d = 0; d < dr; d += 8) {
       const __m256 v = _mm256_mul_ps(_mm256_load_ps(sc.o + r * D + d), inv);
-      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));  // the columns past dr hold 0 / l
+      alignas(32) T part[8];
+      T* dst = d + 8 <= dr ? O + r * dr + d : part;  // a row's last values < 8: through `part`
       if constexpr (std::is_same_v<T, float>) {
-        _mm256_storeu_ps(O + r * D + d, v);
+        _mm256_storeu_ps(dst, v);
       } else {
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(O + r * D + d), avx2::narrow_bf16(v));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), avx2::narrow_bf16(v));
       }
+      if (dst == part) std::memcpy(O + r * dr + d, part, static_cast<size_t>(dr - d) * sizeof(T));
     }
   }
   seen.note(_mm256_movemask_ps(nan) != 0);
 }
 
-// Tile t of kv head u: K transposed into kp ([tile][D][kBk] of that head), bf16 V widened into vw ([S][D]).
+// Whether V is packed (bf16 widened, or rows of a head dim dr < D padded to D) rather than read in place.
+template <class T, int D> bool v_packed(const AttentionParams& p) { return std::is_same_v<T, u16> || p.D != D; }
+
+// Tile t of kv head u: K transposed into kp ([tile][D][kBk] of that head), V (if v_packed) into vw ([S][D] fp32).
 template <class T, int D> void pack_tile(const AttentionParams& p, int64_t u, int64_t t, float* kp, float* vw) {
-  const int64_t S = p.S, j0 = t * kBk, nj = std::min(kBk, S - j0);
-  pack_k<T, D>(static_cast<const T*>(p.k) + (u * S + j0) * D, nj, kp + j0 * D);
-  if constexpr (std::is_same_v<T, u16>) {
-    const T* v = static_cast<const T*>(p.v) + (u * S + j0) * D;
-    for (int64_t e = 0; e < nj * D; e += 8) _mm256_store_ps(vw + j0 * D + e, avx2::load8(v + e));
+  const int64_t S = p.S, dr = p.D, j0 = t * kBk, nj = std::min(kBk, S - j0);
+  pack_k<T, D>(static_cast<const T*>(p.k) + (u * S + j0) * dr, dr, nj, kp + j0 * D);
+  if (v_packed<T, D>(p)) {
+    const T* v = static_cast<const T*>(p.v) + (u * S + j0) * dr;
+    for (int64_t j = 0; j < nj; ++j)
+      for (int d = 0; d < D; d += 8) _mm256_store_ps(vw + (j0 + j) * D + d, load8_part(v + j * dr + d, dr - d));
   }
 }
 
 template <class T, int D> bool run(const AttentionParams& p) {
-  constexpr bool kBf16 = std::is_same_v<T, u16>;
   const int64_t S = p.S, g = p.Hq / p.Hkv, nkv = p.B * p.Hkv, ntiles = (S + kBk - 1) / kBk;
   const int64_t nqb = (S + kQb - 1) / kQb, nitems = p.B * p.Hq * nqb;
-  // Packed K of kv head u at kp + u * ktiles ([tile][D][kBk]); widened bf16 V of u at vw + u * S * D.
+  // Packed K of kv head u at kp + u * ktiles ([tile][D][kBk]); packed V of u (v_packed) at vw + u * S * D.
   // With one query block per head (S <= kQb) each item packs its own head (g items alike): no pass over
   // all heads and barrier first (S = 16 / 32, D 64, 16 heads, 2 threads: 17 / 40 us with it, 12 / 35 without).
-  const int64_t ktiles = ntiles * kBk * D, vsize = kBf16 ? S * D : 0;
+  const int64_t ktiles = ntiles * kBk * D, vsize = v_packed<T, D>(p) ? S * D : 0;
   const bool own = nqb == 1;
   attn::NanSeen seen;
   thread_local Keep keep;
@@ -234,11 +253,11 @@ template <class T, int D> bool run(const AttentionParams& p) {
       const int64_t bh = it / nqb, qblk = nqb - 1 - it % nqb;  // heaviest (causal) block first
       const int64_t u = bh / p.Hq * p.Hkv + bh % p.Hq / g;      // its kv head
       const float* K = kp + u * ktiles;
-      const float* V = kBf16 ? vw + u * vsize : static_cast<const float*>(p.v) + u * S * D;
+      const float* V = vsize ? vw + u * vsize : static_cast<const float*>(p.v) + u * S * D;
       if (own) {
         for (int64_t t = 0; t < ntiles; ++t) pack_tile<T, D>(p, u, t, hb.as<float>(), hb.as<float>() + ktiles);
         K = hb.as<float>();
-        if (kBf16) V = hb.as<float>() + ktiles;
+        if (vsize) V = hb.as<float>() + ktiles;
       }
       item<T, D>(p, bh, qblk * kQb, K, V, sc, seen);
     }
@@ -252,7 +271,7 @@ bool attention_avx2(const AttentionParams& p) {
   const bool bf = p.dtype == DType::bf16;
   if (p.dtype != DType::f32 && !bf)
     throw std::invalid_argument(std::string("native cpu attention does not support dtype ") + dtype_name(p.dtype));
-  return attn::with_head_dim(p.D, [&](auto d) { return bf ? run<u16, d.value>(p) : run<float, d.value>(p); });
+  return attn::with_head_dim16(p.D, [&](auto d) { return bf ? run<u16, d.value>(p) : run<float, d.value>(p); });
 }
 
 }  // namespace pk::cpu
