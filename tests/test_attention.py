@@ -31,25 +31,25 @@ def test_attention_matches_reference(shape, causal, backend, dtype, device):
     run_checked(AttentionProblem(*shape, causal=causal), dtype, backend, device)
 
 
-@pytest.mark.parametrize("D", [1, 8, 16, 32, 40, 48, 72, 80, 96, 100, 112, 160, 200, 256])
+@pytest.mark.parametrize("D", [1, 8, 16, 32, 40, 48, 72, 80, 96, 100, 112, 160, 200, 256, 264])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", ["native"])  # every tier (conftest's native_isa)
 def test_native_cpu_attention_any_head_dim(D, causal, dtype, backend, native_isa):
-    """On CPU the native attention takes any head dim: on the x86 tiers (amx, avx512, avx2) any D up to 256 on the
-    tier's kernels (the AVX-512 and AVX2 ones run at D rounded up to 16 on zero-padded rows, the AVX-512 P.V passes of
-    64 columns ending in 32- and 16-column ones: D 16, 48, 80, 96, 112, 160; the AMX bf16 kernel at D rounded up to
-    32), on the neon tier multiples of 32 up to 256, any other D on the portable attention (rows padded to whole
-    pairs of vectors in its K / V packs); a last key tile of 6 live keys; the result records which code ran. CUDA
-    keeps 64 and 128."""
+    """On CPU the native attention takes any head dim: every tier's kernels any D up to 256 (the AVX-512, AVX2 and
+    NEON ones run at D rounded up to 16 on zero-padded rows, the AVX-512 P.V passes of 64 columns ending in 32- and
+    16-column ones: D 16, 48, 80, 96, 112, 160; the AMX bf16 kernel at D rounded up to 32), the portable attention
+    any D (rows padded to whole pairs of vectors in its K / V packs; also every tier's code above 256, below); a last
+    key tile of 6 live keys; the result records which code ran. CUDA keeps 64 and 128."""
     from pykernels.backends import registry
 
     p = AttentionProblem(2, 6, 2, 70, D, causal=causal)  # GQA 3
     run_checked(p, dtype, backend, "cpu")
     native = registry.all_backends()[backend]
-    own = D % 32 == 0 or native_isa in ("amx", "avx512", "avx2")  # x86: rows zero-padded to a multiple of 16
+    own = D <= 256  # every tier up to 256: rows zero-padded to a multiple of 16 (AMX: 32)
     assert native.describe_call("attention", p.make_inputs(dtype))["cpu_isa"] == (native_isa if own else "portable")
     assert native.describe_call("attention", {"q": torch.empty(1, 1, 1, 64)})["cpu_isa"] == native_isa
+    assert native.describe_call("attention", {"q": torch.empty(1, 1, 1, 257)})["cpu_isa"] == "portable"
     assert native.supports("attention", "cpu", dtype, D=D) is None
     assert "head dims" in native.supports("attention", "cuda", torch.float16, D=D)
 

@@ -20,10 +20,11 @@
 //   AVX2 (tier avx2)      attention_avx2.cpp.
 //   portable              the target's vectors through GCC / Clang vector extensions (run_portable: K and V
 //                          packed to fp32 per call, R-row x 2-vector micro-kernels for both products); also
-//                          the avx2 and neon tiers' path for a head dim that is not a multiple of 32 up to 256
-//                          (any D: rows padded to whole pairs of vectors in the packs).
-// Head dims: the AVX-512 paths run at D rounded up to 16 (1 to 256), the caller's rows zero-padded on the way into
-// the packs and the Q copy and cut back in the output stores; D = 16 (2k + 1) ends its P.V in a 16-column pass.
+//                          every tier's path for a head dim above 256 (any D: rows padded to whole pairs of
+//                          vectors in the packs).
+// Head dims: the AVX-512 paths (as the AVX2 and NEON ones) run at D rounded up to 16 (1 to 256), the caller's rows
+// zero-padded on the way into the packs and the Q copy and cut back in the output stores; D = 16 (2k + 1) ends its
+// P.V in a 16-column pass.
 // Inputs were checked by csrc/bindings.cpp. All index arithmetic is 64-bit.
 #include <algorithm>
 #include <atomic>

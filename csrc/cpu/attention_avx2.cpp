@@ -9,7 +9,7 @@
 //   online softmax  base 2 (Q pre-scaled by scale * log2 e), fp32
 //   O = a O + P V   6 rows x 16 columns = 12 ymm accumulators, fp32
 // Accumulation is fp32 throughout. Inputs were checked by csrc/bindings.cpp. Head dims 1 to 256 (cpu.h
-// x86_attention_head_dim): the kernels run at D, the caller's dr rounded up to 16, on rows zero-padded past dr in the
+// tier_attention_head_dim): the kernels run at D, the caller's dr rounded up to 16, on rows zero-padded past dr in the
 // K / V packs and the Q copy (fp32 V is packed then, read in place otherwise), cut back in the output stores.
 #include "cpu/cpu.h"
 

@@ -7,8 +7,11 @@
 // micro-blocks of kMr = 12 rows (3 q registers of 4 rows each), and every per-row quantity lives
 // "vertically", one row per lane:
 //   pack       (once per call, in parallel) K tiles of kBk = 64 keys transposed to [D][64] fp32, padded
-//              with zero keys; bf16 V widened to fp32 rows (fp32 V is read in place). Per item, each
-//              micro-block's Q is transposed to [D][12] fp32 and multiplied by scale * log2 e.
+//              with zero keys; bf16 V widened to fp32 rows (fp32 V is read in place where the rows are
+//              whole, below). Per item, each micro-block's Q is transposed to [D][12] fp32 and multiplied by
+//              scale * log2 e.
+// Head dims 1 to 256: the kernels run at D, the caller's dr rounded up to 16, on rows zero-padded past dr in the
+// packs and the Q copy (fp32 V then packed to rows of D as well), cut back in the output stores.
 //   S = Q K^T  12 rows x 8 keys = 24 accumulators; per head-dim step 3 loads of Q (12 rows) + 2 of K
 //              (8 keys) feed 24 fmla by element (the GEMM micro-kernel's shape, F32Neon in gemm.cpp).
 //              The result is S^T: [key][12 rows], so each key's scores are 3 vectors of rows.
@@ -32,6 +35,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -65,17 +69,27 @@ using neon::narrow_bf16;
 using neon::transpose4;
 
 // ---- packing ---------------------------------------------------------------------------------------
-// dst[d][j] (row stride ld) = scale * src row j, element d, for j < n; zero rows for j in [n, jend)
-// (jend a multiple of 4). src rows have stride D. K tiles (ld = kBk, scale 1) and Q micro-blocks
+// The first n (< 4) values at p as 4 floats, the rest 0 (none for n <= 0); all 4 for n >= 4. The row ends of a
+// padded head dim: a copy, so nothing past the row is read.
+template <class T> inline float32x4_t load4_part(const T* p, int64_t n) {
+  if (n >= 4) return load4(p);
+  alignas(16) T tmp[4] = {};
+  if (n > 0) std::memcpy(tmp, p, static_cast<size_t>(n) * sizeof(T));
+  return load4(tmp);
+}
+
+// dst[d][j] (row stride ld) = scale * src row j, element d, for j < n and d < dr; zero rows for j in [n, jend)
+// (jend a multiple of 4) and d in [dr, D). src rows have stride dr. K tiles (ld = kBk, scale 1) and Q micro-blocks
 // (ld = kMr, scale * log2 e) both go through here.
 template <class T, int D>
-inline void pack_transposed(const T* src, int64_t n, int64_t jend, float scale, float* dst, int64_t ld) {
+inline void pack_transposed(const T* src, int64_t dr, int64_t n, int64_t jend, float scale, float* dst, int64_t ld) {
   const float32x4_t vs = vdupq_n_f32(scale);
   for (int64_t j = 0; j < jend; j += 4)
     for (int d = 0; d < D; d += 4) {
       float32x4_t a[4];
 #pragma GCC unroll 4
-      for (int u = 0; u < 4; ++u) a[u] = j + u < n ? vmulq_f32(load4(src + (j + u) * D + d), vs) : vdupq_n_f32(0.f);
+      for (int u = 0; u < 4; ++u)
+        a[u] = j + u < n ? vmulq_f32(load4_part(src + (j + u) * dr + d, dr - d), vs) : vdupq_n_f32(0.f);
       transpose4(a);
 #pragma GCC unroll 4
       for (int u = 0; u < 4; ++u) vst1q_f32(dst + (d + u) * ld + j, a[u]);
@@ -218,8 +232,9 @@ struct Ctx {
   const void* q;
   void* o;
   const float* kt;  // packed K: [B*Hkv][ntiles][D][kBk] fp32
-  const float* v;   // V rows fp32: [B*Hkv][S][D] (the input, or bf16 widened)
+  const float* v;   // V rows fp32: [B*Hkv][S][D] (the input, or bf16 widened / rows padded past dr)
   int64_t Hq, Hkv, S, g, ntiles, npos;
+  int64_t dr;  // the caller's head dim: the row stride of Q, K, V and O (<= D)
   float c;  // scale * log2(e)
   bool causal;
   attn::NanSeen* nan;  // notes a NaN in a stored row
@@ -240,9 +255,9 @@ void item(const Ctx& x, int64_t bkv, int64_t q0, const Scratch& sc) {
   const int64_t b = bkv / x.Hkv, hkv = bkv % x.Hkv;
   const T* Q = static_cast<const T*>(x.q);
   for (int64_t hh = 0; hh < g; ++hh) {
-    const T* src = Q + ((b * x.Hq + hkv * g + hh) * S + q0) * D;
+    const T* src = Q + ((b * x.Hq + hkv * g + hh) * S + q0) * x.dr;
     for (int64_t i0 = 0; i0 < nq; i0 += kMr)
-      pack_transposed<T, D>(src + i0 * D, std::min(kMr, nq - i0), kMr, x.c, sc.q + (hh * np + i0) * D, kMr);
+      pack_transposed<T, D>(src + i0 * x.dr, x.dr, std::min(kMr, nq - i0), kMr, x.c, sc.q + (hh * np + i0) * D, kMr);
     std::fill(sc.o + hh * np * D, sc.o + (hh * np + nq12) * D, 0.f);
     std::fill(sc.m + hh * np, sc.m + hh * np + nq12, -std::numeric_limits<float>::infinity());
     std::fill(sc.l + hh * np, sc.l + hh * np + nq12, 0.f);
@@ -289,21 +304,24 @@ void item(const Ctx& x, int64_t bkv, int64_t q0, const Scratch& sc) {
   T* O = static_cast<T*>(x.o);
   uint32x4_t same = vdupq_n_u32(~0u);  // lanes of every stored value equal to themselves (not NaN)
   for (int64_t hh = 0; hh < g; ++hh) {
-    T* dst = O + ((b * x.Hq + hkv * g + hh) * S + q0) * D;
+    T* dst = O + ((b * x.Hq + hkv * g + hh) * S + q0) * x.dr;
     for (int64_t i = 0; i < nq; ++i) {
       const int64_t r = hh * np + i;
       const float32x4_t inv = vdupq_n_f32(1.f / sc.l[r]);
 #pragma GCC unroll 4
-      for (int d = 0; d < D; d += 8) {
+      for (int d = 0; d < x.dr; d += 8) {
         const float32x4_t y0 = vmulq_f32(vld1q_f32(sc.o + r * D + d), inv);
         const float32x4_t y1 = vmulq_f32(vld1q_f32(sc.o + r * D + d + 4), inv);
-        same = vandq_u32(same, vandq_u32(vceqq_f32(y0, y0), vceqq_f32(y1, y1)));
+        same = vandq_u32(same, vandq_u32(vceqq_f32(y0, y0), vceqq_f32(y1, y1)));  // columns past dr: 0 / l
+        alignas(16) T part[8];
+        T* to = d + 8 <= x.dr ? dst + i * x.dr + d : part;  // a row's last values < 8: through `part`
         if constexpr (std::is_same_v<T, float>) {
-          vst1q_f32(dst + i * D + d, y0);
-          vst1q_f32(dst + i * D + d + 4, y1);
+          vst1q_f32(to, y0);
+          vst1q_f32(to + 4, y1);
         } else {
-          vst1q_u16(dst + i * D + d, vcombine_u16(narrow_bf16(y0), narrow_bf16(y1)));
+          vst1q_u16(to, vcombine_u16(narrow_bf16(y0), narrow_bf16(y1)));
         }
+        if (to == part) std::memcpy(dst + i * x.dr + d, part, static_cast<size_t>(x.dr - d) * sizeof(T));
       }
     }
   }
@@ -324,7 +342,9 @@ bool run(const AttentionParams& p) {
 
   // All memory before the team starts (an exception must not leave a parallel region): packed K (and
   // widened V for bf16), then each thread's item scratch.
-  const size_t kbytes = size_t(npack) * D * kBk * 4, vbytes = kBf ? size_t(nbkv * S) * D * 4 : 0;
+  const int64_t dr = p.D;
+  const bool v_packed = kBf || dr != D;  // V widened, or its rows padded to D
+  const size_t kbytes = size_t(npack) * D * kBk * 4, vbytes = v_packed ? size_t(nbkv * S) * D * 4 : 0;
   const size_t qo = size_t(rows) * D * 4, so = size_t(rows) * kBk * 4, mo = size_t(rows) * 4;
   const size_t per_thread = round_up(2 * qo + so + 3 * mo, 64);
   thread_local Keep keep;
@@ -337,16 +357,17 @@ bool run(const AttentionParams& p) {
   const T* K = static_cast<const T*>(p.k);
   const T* V = static_cast<const T*>(p.v);
   attn::NanSeen nan;
-  const Ctx x{p.q, p.o, kpack, kBf ? vwide : reinterpret_cast<const float*>(p.v), p.Hq, Hkv, S, g, ntiles, npos,
-              p.scale * attn::kLog2e, p.causal, &nan};
+  const Ctx x{p.q,  p.o,   kpack, v_packed ? vwide : reinterpret_cast<const float*>(p.v), p.Hq, Hkv, S, g, ntiles,
+              npos, dr,    p.scale * attn::kLog2e, p.causal, &nan};
   team::run_team(nt, [&](int t, int, Team& tm) {
     for (int64_t it; (it = tm.grab()) < npack;) {
       const int64_t bkv = it / ntiles, kt0 = it % ntiles * kBk, nk = std::min(kBk, S - kt0);
       const int64_t row0 = bkv * S + kt0;  // first row of the tile in k, v
-      pack_transposed<T, D>(K + row0 * D, nk, round_up(nk, kNk), 1.f, kpack + it * D * kBk, kBk);
-      if constexpr (kBf) {
-        for (int64_t e = 0; e < nk * D; e += 4) vst1q_f32(vwide + row0 * D + e, load4(V + row0 * D + e));
-      }
+      pack_transposed<T, D>(K + row0 * dr, dr, nk, round_up(nk, kNk), 1.f, kpack + it * D * kBk, kBk);
+      if (v_packed)
+        for (int64_t j = 0; j < nk; ++j)
+          for (int d = 0; d < D; d += 4)
+            vst1q_f32(vwide + (row0 + j) * D + d, load4_part(V + (row0 + j) * dr + d, dr - d));
     }
     tm.barrier();
     char* mine = scratch + size_t(t) * per_thread;
@@ -371,7 +392,7 @@ bool attention_neon(const AttentionParams& p) {
   const bool bf = p.dtype == DType::bf16;
   if (p.dtype != DType::f32 && !bf)
     throw std::invalid_argument(std::string("native cpu attention does not support dtype ") + dtype_name(p.dtype));
-  return attn::with_head_dim(p.D, [&](auto d) { return bf ? run<u16, d.value>(p) : run<float, d.value>(p); });
+  return attn::with_head_dim16(p.D, [&](auto d) { return bf ? run<u16, d.value>(p) : run<float, d.value>(p); });
 }
 
 }  // namespace pk::cpu

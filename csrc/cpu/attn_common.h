@@ -320,9 +320,8 @@ PK_AVX512 PK_ALWAYS_INLINE __m512 reduce_rows4(const __m512* a) {
 
 #endif
 
-// f(std::integral_constant<int, D>{}) for the head dims 32, 64, .., 256: those the neon tier's attention kernels are
-// built for (cpu.h tier_attention_head_dim), and the AMX kernel's D rounded up to 32; any other D is the caller's
-// error (dispatch sends it to the portable attention first).
+// f(std::integral_constant<int, D>{}) for the head dims 32, 64, .., 256 (the AMX attention's D rounded up to 32);
+// any other D is the caller's error.
 template <class F> decltype(auto) with_head_dim(int64_t D, F f) {
   switch (D) {
     case 32: return f(std::integral_constant<int, 32>{});
@@ -340,7 +339,7 @@ template <class F> decltype(auto) with_head_dim(int64_t D, F f) {
 }
 
 // f(std::integral_constant<int, D16>{}) with D16 = D rounded up to a multiple of 16, for D in 1..256 (cpu.h
-// x86_attention_head_dim: the AVX-512 and AVX2 attention, whose kernels run at D16 on rows zero-padded past D).
+// tier_attention_head_dim: the AVX-512, AVX2 and NEON attention, whose kernels run at D16 on rows zero-padded past D).
 template <class F> decltype(auto) with_head_dim16(int64_t D, F f) {
   switch ((D + 15) / 16) {
     case 1: return f(std::integral_constant<int, 16>{});
@@ -360,7 +359,7 @@ template <class F> decltype(auto) with_head_dim16(int64_t D, F f) {
     case 15: return f(std::integral_constant<int, 240>{});
     case 16: return f(std::integral_constant<int, 256>{});
     default:
-      throw std::invalid_argument("the x86 attention kernels take head dims 1 to 256, got " + std::to_string(D));
+      throw std::invalid_argument("the tiers' attention kernels take head dims 1 to 256, got " + std::to_string(D));
   }
 }
 

@@ -115,14 +115,12 @@ const Caches& caches();
 void gemm(const GemmParams& p);
 void attention(const AttentionParams& p);
 void decode(const DecodeParams& p);
-// Head dims the tiers' own kernels take: attention on the x86 tiers (amx, avx512, avx2) any D up to 256 (the
-// AVX-512 and AVX2 kernels run at D rounded up to 16, attn::with_head_dim16, the AMX bf16 kernel at D rounded up to
-// 32, on rows zero-padded past D), on the neon tier any multiple of 32 up to 256 (attn::with_head_dim); decode 64 and
-// 128 (at 256 the avx512 tier's bf16 decode measured no faster than the portable one: its query rows no longer fit
-// registers for two heads). A call with any other D runs the portable kernel of its family (attention.cpp /
-// decode.cpp dispatch).
-constexpr bool tier_attention_head_dim(int64_t D) { return D % 32 == 0 && D >= 32 && D <= 256; }
-constexpr bool x86_attention_head_dim(int64_t D) { return D >= 1 && D <= 256; }
+// Head dims the tiers' own kernels take: attention any D up to 256 (the AVX-512, AVX2 and NEON kernels run at D
+// rounded up to 16, attn::with_head_dim16, the AMX bf16 kernel at D rounded up to 32, on rows zero-padded past D);
+// decode 64 and 128 (at 256 the avx512 tier's bf16 decode measured no faster than the portable one: its query rows
+// no longer fit registers for two heads). A call with any other D runs the portable kernel of its family
+// (attention.cpp / decode.cpp dispatch).
+constexpr bool tier_attention_head_dim(int64_t D) { return D >= 1 && D <= 256; }
 constexpr bool tier_decode_head_dim(int64_t D) { return D == 64 || D == 128; }
 // The tier whose code runs a decode of head dim D / an attention of head dim D and dtype dt: the active tier, or
 // portable (above).

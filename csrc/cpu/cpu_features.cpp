@@ -130,8 +130,7 @@ Isa active_isa() { return static_cast<Isa>(active_slot().load(std::memory_order_
 Isa decode_isa(int64_t D) { return tier_decode_head_dim(D) ? active_isa() : Isa::portable; }
 Isa attention_isa(int64_t D, DType dt) {
   const Isa t = active_isa();
-  if ((t == Isa::amx || t == Isa::avx512 || t == Isa::avx2) && x86_attention_head_dim(D)) return t;
-  (void)dt;  // every dtype alike: the AMX bf16 kernel and the AVX-512 / AVX2 ones take the same head dims
+  (void)dt;  // every dtype alike: the AMX bf16 kernel and the AVX-512 / AVX2 / NEON ones take the same head dims
   return tier_attention_head_dim(D) ? t : Isa::portable;
 }
 
