@@ -119,8 +119,8 @@ class NativeBackend(Backend):
 
     def describe_call(self, family: str, inputs: dict) -> dict:
         """The CPU ISA tier (amx, avx512, avx2, neon, portable) that ran the call (PYKERNELS_CPU_ISA; an attention or
-        decode call of a head dim the tier's kernels lack runs the portable code: the tiers' attention takes any
-        multiple of 32 up to 256, bf16 on the amx tier any D up to 256, their decode 64 and 128), and for decode
+        decode call of a head dim the tier's kernels lack runs the portable code: the tiers' attention takes any D up to
+        256, their decode 64 and 128), and for decode
         where its K/V prefetches go (l2, l1, l1-ungrouped, l1-grouped: PYKERNELS_CPU_PREFETCH), whether it
         prefetches each line a second time, nearer (PYKERNELS_CPU_PREFETCH_NEAR), how far ahead (bytes,
         PYKERNELS_CPU_PREFETCH_DISTANCE) and why (the default's reason, the override, or `pykernels tune`); for a
@@ -130,7 +130,7 @@ class NativeBackend(Backend):
             if family == "decode" and isinstance(q, torch.Tensor):
                 d = {"cpu_isa": _ext().decode_cpu_isa(q.shape[-1])}  # portable code for a D other than 64 / 128
             elif family == "attention" and isinstance(q, torch.Tensor) and q.dtype in _DT_CODE:
-                d = {"cpu_isa": _ext().attention_cpu_isa(q.shape[-1], _DT_CODE[q.dtype])}  # 32, 64, ..; amx bf16 any
+                d = {"cpu_isa": _ext().attention_cpu_isa(q.shape[-1], _DT_CODE[q.dtype])}  # portable above 256
             else:
                 d = {"cpu_isa": _ext().cpu_isa()}
             a = inputs.get("a")
