@@ -363,6 +363,16 @@ PK_AVX512BF16 PK_ALWAYS_INLINE void pv_bf16(float* o, const uint32_t* p, const u
   if constexpr (CP::kRest % 2 == 1) pass(std::integral_constant<int, 1>{}, D - 16);
 }
 
+// The first n values of a row at p (16 fp32, or 16 bf16 bits): a plain load where the vector is whole (n >= 16), a
+// masked one (zero past n) at the end of a padded row only.
+PK_AVX512 PK_ALWAYS_INLINE __m512 load_part(const float* p, int64_t n) {
+  return n >= 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(vec::mask16(n), p);
+}
+PK_AVX512 PK_ALWAYS_INLINE __m256i load_part(const uint16_t* p, int64_t n) {
+  return n >= 16 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                 : _mm256_maskz_loadu_epi16(vec::mask16(n), p);
+}
+
 // Writes columns [0, dr) of rows [0, nq) of head-row block `ob` (divided by l) to the output rows of stride dr, as T;
 // `nan` gains the lanes that hold one.
 template <typename T, int D>
@@ -372,13 +382,22 @@ PK_AVX512 PK_ALWAYS_INLINE void store_rows(T* dst, int64_t dr, const float* ob, 
     const __m512 inv = _mm512_set1_ps(1.f / l[i]);
 #pragma GCC unroll 8
     for (int c = 0; c < D / 16; ++c) {
-      const __mmask16 live = vec::mask16(dr - 16 * c);
       const __m512 x = _mm512_mul_ps(_mm512_load_ps(ob + i * D + 16 * c), inv);
-      nan |= _mm512_mask_cmp_ps_mask(live, x, x, _CMP_UNORD_Q);
-      if constexpr (std::is_same_v<T, float>)
-        _mm512_mask_storeu_ps(dst + i * dr + 16 * c, live, x);
-      else
-        _mm256_mask_storeu_epi16(dst + i * dr + 16 * c, live, vec::narrow_bf16(x));
+      T* const to = dst + i * dr + 16 * c;
+      if (16 * c + 16 <= dr) {  // a whole vector (every one where dr = D): plain stores
+        nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+        if constexpr (std::is_same_v<T, float>)
+          _mm512_storeu_ps(to, x);
+        else
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(to), vec::narrow_bf16(x));
+      } else {
+        const __mmask16 live = vec::mask16(dr - 16 * c);
+        nan |= _mm512_mask_cmp_ps_mask(live, x, x, _CMP_UNORD_Q);
+        if constexpr (std::is_same_v<T, float>)
+          _mm512_mask_storeu_ps(to, live, x);
+        else
+          _mm256_mask_storeu_epi16(to, live, vec::narrow_bf16(x));
+      }
     }
   }
 }
@@ -430,11 +449,10 @@ PK_AVX512 void item_f32(const Ctx& x, int64_t bkv, int64_t q0, const Scratch& sc
       for (int c = 0; c < D / 16; ++c) {
         __m512 v = _mm512_setzero_ps();
         if (i < nq) {
-          const __mmask16 live = vec::mask16(x.dr - 16 * c);
           if constexpr (std::is_same_v<T, float>)
-            v = _mm512_maskz_loadu_ps(live, src + i * x.dr + 16 * c);
+            v = load_part(src + i * x.dr + 16 * c, x.dr - 16 * c);
           else
-            v = vec::widen_bf16(_mm256_maskz_loadu_epi16(live, src + i * x.dr + 16 * c));
+            v = vec::widen_bf16(load_part(reinterpret_cast<const uint16_t*>(src) + i * x.dr + 16 * c, x.dr - 16 * c));
         }
         _mm512_store_ps(dst + 16 * c, _mm512_mul_ps(v, vc));
         _mm512_store_ps(sc.o + (hh * np + i) * D + 16 * c, _mm512_setzero_ps());
@@ -492,7 +510,8 @@ PK_AVX512 void item_f32(const Ctx& x, int64_t bkv, int64_t q0, const Scratch& sc
   T* O = static_cast<T*>(x.o);
   __mmask16 nan = 0;
   for (int64_t hh = 0; hh < g; ++hh)
-    store_rows<T, D>(O + ((b * x.Hq + hkv * g + hh) * S + q0) * x.dr, x.dr, sc.o + hh * np * D, sc.l + hh * np, nq, nan);
+    store_rows<T, D>(O + ((b * x.Hq + hkv * g + hh) * S + q0) * x.dr, x.dr, sc.o + hh * np * D, sc.l + hh * np, nq,
+                     nan);
   x.nan->note(nan != 0);
 }
 
@@ -510,8 +529,7 @@ PK_AVX512BF16 void item_bf16(const Ctx& x, int64_t bkv, int64_t q0, const Scratc
     for (int64_t i = 0; i < nq4; ++i) {
       uint16_t* dst = qb + (hh * np + i) * D;
       for (int c = 0; c < D / 16; ++c) {
-        const __m256i v = i < nq ? _mm256_maskz_loadu_epi16(vec::mask16(x.dr - 16 * c), src + i * x.dr + 16 * c)
-                                 : _mm256_setzero_si256();
+        const __m256i v = i < nq ? load_part(src + i * x.dr + 16 * c, x.dr - 16 * c) : _mm256_setzero_si256();
         _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 16 * c), v);
       }
       for (int c = 0; c < D / 16; ++c) _mm512_store_ps(sc.o + (hh * np + i) * D + 16 * c, _mm512_setzero_ps());
@@ -581,6 +599,8 @@ template <KWords kSrc>
 PK_AVX512 void transpose_tile(const void* src, int64_t dr, int64_t nw, int64_t nk, uint32_t* dst, int64_t jend = kBk) {
   for (int64_t j0 = 0; j0 < jend; j0 += 16)
     for (int64_t w0 = 0; w0 < nw; w0 += 16) {
+      // the live values of the block's rows: masked loads only at the end of a padded row (load_part)
+      const int64_t nv = (kSrc == KWords::Pairs ? dr - 2 * w0 : dr - w0);
       __m512i v[16];
       for (int r = 0; r < 16; ++r) {
         const int64_t j = j0 + r;
@@ -588,16 +608,20 @@ PK_AVX512 void transpose_tile(const void* src, int64_t dr, int64_t nw, int64_t n
           v[r] = _mm512_setzero_si512();
         } else if constexpr (kSrc == KWords::Widen) {
           const uint16_t* row = static_cast<const uint16_t*>(src) + j * dr;
-          v[r] = _mm512_castps_si512(vec::widen_bf16(_mm256_maskz_loadu_epi16(vec::mask16(dr - w0), row + w0)));
+          v[r] = _mm512_castps_si512(vec::widen_bf16(load_part(row + w0, nv)));
         } else if constexpr (kSrc == KWords::Pairs) {
-          const uint16_t* row = static_cast<const uint16_t*>(src) + j * dr;
-          v[r] = _mm512_maskz_loadu_epi16(vec::mask32(dr - 2 * w0), row + 2 * w0);
+          const uint16_t* row = static_cast<const uint16_t*>(src) + j * dr + 2 * w0;
+          v[r] = nv >= 32 ? _mm512_loadu_si512(row) : _mm512_maskz_loadu_epi16(vec::mask32(nv), row);
         } else {
-          v[r] = _mm512_maskz_loadu_epi32(vec::mask16(dr - w0), static_cast<const uint32_t*>(src) + j * dr + w0);
+          v[r] = _mm512_castps_si512(load_part(static_cast<const float*>(src) + j * dr + w0, nv));
         }
       }
       vec::transpose16(v);
-      for (int c = 0; c < std::min<int64_t>(16, nw - w0); ++c) _mm512_store_si512(dst + (w0 + c) * kBk + j0, v[c]);
+      // constant indices into v (a loop to a run-time bound could keep v on the stack)
+      const int64_t nc = nw - w0;  // 8 where D / 2 is an odd number of 8-word halves, else >= 16
+#pragma GCC unroll 16
+      for (int c = 0; c < 16; ++c)
+        if (c < nc) _mm512_store_si512(dst + (w0 + c) * kBk + j0, v[c]);
     }
 }
 
@@ -605,11 +629,11 @@ PK_AVX512 void transpose_tile(const void* src, int64_t dr, int64_t nw, int64_t n
 template <int D, typename T> PK_AVX512 void pad_rows(const T* v, int64_t dr, int64_t nk, float* dst) {
   for (int64_t j = 0; j < nk; ++j)
     for (int64_t c = 0; c < D; c += 16) {
-      const __mmask16 live = vec::mask16(dr - c);
       if constexpr (std::is_same_v<T, float>)
-        _mm512_store_ps(dst + j * D + c, _mm512_maskz_loadu_ps(live, v + j * dr + c));
+        _mm512_store_ps(dst + j * D + c, load_part(v + j * dr + c, dr - c));
       else
-        _mm512_store_ps(dst + j * D + c, vec::widen_bf16(_mm256_maskz_loadu_epi16(live, v + j * dr + c)));
+        _mm512_store_ps(dst + j * D + c,
+                        vec::widen_bf16(load_part(reinterpret_cast<const uint16_t*>(v) + j * dr + c, dr - c)));
     }
 }
 
@@ -619,10 +643,9 @@ template <int D> PK_AVX512 void interleave_v(const uint16_t* v, int64_t dr, int6
   const __m256i z = _mm256_setzero_si256();
   for (int64_t jp = 0; jp < kBk / 2; ++jp)
     for (int64_t c = 0; c < D; c += 16) {
-      const __mmask16 live = vec::mask16(dr - c);
       const uint16_t* r0 = v + 2 * jp * dr + c;
-      const __m256i a = 2 * jp < nk ? _mm256_maskz_loadu_epi16(live, r0) : z;
-      const __m256i b = 2 * jp + 1 < nk ? _mm256_maskz_loadu_epi16(live, r0 + dr) : z;
+      const __m256i a = 2 * jp < nk ? load_part(r0, dr - c) : z;
+      const __m256i b = 2 * jp + 1 < nk ? load_part(r0 + dr, dr - c) : z;
       _mm512_store_si512(dst + (jp * D + c) * 2, vec::pair_bf16(a, b));
     }
 }
@@ -676,7 +699,8 @@ bool run_avx512(const AttentionParams& p, bool dp) {
       transpose_tile<KWords::Widen>(static_cast<const uint16_t*>(p.k) + row0 * dr, dr, D, nk, kd);
     else  // item_f32 reads only the live score vectors of a short tile
       transpose_tile<KWords::F32>(static_cast<const float*>(p.k) + row0 * dr, dr, D, nk, kd, round_up(nk, 16));
-    if (v_packed) pad_rows<D>(static_cast<const T*>(p.v) + row0 * dr, dr, nk, reinterpret_cast<float*>(vslot_of(bkv)) + kt0 * D);
+    if (v_packed)
+      pad_rows<D>(static_cast<const T*>(p.v) + row0 * dr, dr, nk, reinterpret_cast<float*>(vslot_of(bkv)) + kt0 * D);
   };
 
   attn::NanSeen nan;
