@@ -12,6 +12,7 @@ SHAPES = [
     (4, 1025, 1023),
     (7, 63, 127),
     (12, 1500, 130),       # direct path in two passes of rows (zmm at full width), two column chunks; AMX M < 16
+    (10, 3000, 333),       # two passes of 5 rows, two even column chunks, the next item prefetched, a short last item
     (15, 129, 1030),
     (16, 256, 1000),
     (64, 64, 64),          # serial: gemm_rows, C written directly

@@ -1102,9 +1102,11 @@ inline __attribute__((always_inline)) void direct_steps(int64_t kn, int64_t row_
   for (; k + U <= kn; k += U) step(k, 1, std::false_type{});
   for (; k < kn; ++k) one(k, std::false_type{});
 }
-// fp32: part[m][j] (+)= sum_u A[m][k + u rs] * B[k + u rs][j]; First: '=' instead of '+='.
+// fp32: part[m][j] (+)= sum_u A[m][k + u rs] * B[k + u rs][j]; First: '=' instead of '+='. pf (non-null): the same
+// rows and columns of the next item, prefetched into L2 as these are read (direct_f32's PF).
 template <int M, int U, bool First> PK_AVX512 inline void direct_f32_step(const float* a, int64_t lda, const float* b, int64_t ldb,
-                                                               int64_t rs, int64_t nv, __mmask16 tail, float* part) {
+                                                               int64_t rs, int64_t nv, __mmask16 tail, float* part,
+                                                               const float* pf = nullptr) {
   __m512 av[M][U];
 #pragma GCC unroll 8
   for (int m = 0; m < M; ++m)
@@ -1118,6 +1120,10 @@ template <int M, int U, bool First> PK_AVX512 inline void direct_f32_step(const 
 #pragma GCC unroll 8
     for (int u = 0; u < U; ++u)
       bv[u] = masked ? _mm512_maskz_loadu_ps(tail, b + u * ldr + v * 16) : _mm512_loadu_ps(b + u * ldr + v * 16);
+    if (pf != nullptr) {
+#pragma GCC unroll 8
+      for (int u = 0; u < U; ++u) _mm_prefetch(reinterpret_cast<const char*>(pf + u * ldr + v * 16), _MM_HINT_T1);
+    }
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
       float* c = part + m * cdiv(nv, 2) * 32 + v * 16;  // rows of the partial are 32-column aligned
@@ -1135,8 +1141,10 @@ template <int M, int U, bool First> PK_AVX512 inline void direct_f32_step(const 
 }
 // Adds rows [0, kn) of B (b = &B[k][j0], a = &A[0][k]) times A to part (M x cdiv(w,32)*32), summed
 // in tmp (same shape) first.
-template <int M, int U = 8> PK_AVX512 void direct_f32(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t kn,
-                                                       int64_t w, float* part, float* tmp) {
+// pf (non-null): the next item's rows at the same place, prefetched into L2 on the way (direct_f32_step).
+template <int M, int U> PK_AVX512 inline __attribute__((always_inline)) void direct_f32_rows(
+    const float* a, int64_t lda, const float* b, int64_t ldb, int64_t kn, int64_t w, float* part, float* tmp,
+    const float* pf) {
   // U = 8 rows of B in flight: each partial load/store (L2) is amortized over 8 FMAs; at M = 4 that beat
   // U = 4 by ~10% although the 32 broadcasts no longer all fit in registers. M = 1 may take U = 4 (cpu.h
   // gemv_streams).
@@ -1145,12 +1153,22 @@ template <int M, int U = 8> PK_AVX512 void direct_f32(const float* a, int64_t ld
   direct_steps<U>(
       kn, w * 4,
       [&](int64_t k, int64_t rs, auto first) PK_AVX512 {
-        direct_f32_step<M, U, decltype(first)::value>(a + k, lda, b + k * ldb, ldb, rs, nv, tail, tmp);
+        direct_f32_step<M, U, decltype(first)::value>(a + k, lda, b + k * ldb, ldb, rs, nv, tail, tmp,
+                                                      pf ? pf + k * ldb : nullptr);
       },
       [&](int64_t k, auto first) PK_AVX512 {
-        direct_f32_step<M, 1, decltype(first)::value>(a + k, lda, b + k * ldb, ldb, 1, nv, tail, tmp);
+        direct_f32_step<M, 1, decltype(first)::value>(a + k, lda, b + k * ldb, ldb, 1, nv, tail, tmp,
+                                                      pf ? pf + k * ldb : nullptr);
       });
   add_to(part, tmp, M * cdiv(w, 32) * 32);
+}
+template <int M, int U = 8> PK_AVX512 void direct_f32(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t kn,
+                                                       int64_t w, float* part, float* tmp) {
+  direct_f32_rows<M, U>(a, lda, b, ldb, kn, w, part, tmp, nullptr);
+}
+template <int M> PK_AVX512 void direct_f32_pf(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t kn,
+                                              int64_t w, float* part, float* tmp, const float* pf) {
+  direct_f32_rows<M, 8>(a, lda, b, ldb, kn, w, part, tmp, pf);
 }
 
 // The even / odd fp32 pair of a bf16 partial at c (32 floats): loaded (zero when First), updated, stored.
@@ -1290,6 +1308,12 @@ template <class T, bool DP, size_t... I> constexpr auto direct_table(std::index_
   }
 }
 
+// The fp32 direct kernels for M = 1..8 with the next item's prefetch (the last pass of a two-pass call).
+template <size_t... I> constexpr auto direct_f32_pf_table(std::index_sequence<I...>) {
+  using Fn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, int64_t, float*, float*, const float*);
+  return std::array<Fn, sizeof...(I)>{&direct_f32_pf<static_cast<int>(I) + 1>...};
+}
+
 // Sums the nt partials (each `stride` floats apart) for 32 columns [32g, 32g+32) of row m and stores.
 PK_AVX512 void direct_reduce(const float* part, int64_t stride, int nt, int64_t wp, int64_t m, int64_t g,
                              int64_t w, float* c) {
@@ -1322,14 +1346,21 @@ template <class T> void gemm_direct_avx512(const GemmParams& p) {
   // 32.5-33.5 -> 33.5-34.2 / 17.0-19.0 -> 24.7-25.6 / 15.4-15.5 -> 18.8-19.2 GB/s of B (2 threads M4 +17%)
   const bool use_dp = std::is_same_v<T, u16> && use_bf16_dot();
   const auto& direct = use_dp ? dp : widen;
+  static constexpr auto direct_pf = direct_f32_pf_table(std::make_index_sequence<kDirectMaxMWide>());
   // M = 1: 4 or 8 rows of B per step (cpu.h gemv_streams: fewer streams per core read faster on Zen 5)
   const auto one = gemv_streams() == 4 ? (use_dp ? direct_one4<T, true>() : direct_one4<T, false>()) : direct[0];
   const int64_t M = p.M, N = p.N, K = p.K;
   const T* A = static_cast<const T*>(p.a);
   const T* B = static_cast<const T*>(p.b);
   T* C = static_cast<T*>(p.c);
-  const int64_t pass = std::min<int64_t>(M, direct_max_m());  // rows per pass over an item of B
-  const int64_t W = std::min(cdiv(N, 32) * 32, std::max<int64_t>(32, kDirectPartialFloats / M / 32 * 32));
+  // rows per pass over an item of B, the passes as even as they can be (M = 10: 5 + 5, not 8 + 2)
+  const int64_t pass = cdiv(M, cdiv(M, direct_max_m()));
+  // Columns per chunk: as many as the partial holds; with two passes, a power of two of even chunks (M = 9 / 10 / 12, N
+  // = 4096: 4 x 1024 rather than 3 x 1792 / 3 x 1632 / 3 x 1344 + 64; the last of those read 256-byte runs of every row)
+  const int64_t wmax = std::max<int64_t>(32, kDirectPartialFloats / M / 32 * 32);
+  int64_t nchunks = 1;
+  while (M > pass && nchunks < cdiv(N, wmax)) nchunks *= 2;
+  const int64_t W = std::min(cdiv(N, 32) * 32, M > pass ? cdiv(cdiv(N, nchunks), 32) * 32 : wmax);
   const int64_t items = cdiv(K, kDirectRows);
   ContentionGuard guard(g_solo_direct, static_cast<int>(std::min<int64_t>(pick_threads(p), items)));
   const int nt = guard.threads();
@@ -1344,13 +1375,25 @@ template <class T> void gemm_direct_avx512(const GemmParams& p) {
     for (int64_t j0 = 0; j0 < N; j0 += W) {
       const int64_t w = std::min(W, N - j0), wp = cdiv(w, 32) * 32, groups = M * (wp / 32);
       std::memset(part, 0, sizeof(float) * M * wp);
-      for (int64_t it; (it = team.grab()) < items;) {
-        const int64_t k = it * kDirectRows;
+      for (int64_t it = team.grab(); it < items;) {
+        const int64_t k = it * kDirectRows, kn = std::min(kDirectRows, K - k);
+        // Two passes (fp32): the next item is claimed now, and its rows are prefetched into L2 while the last pass
+        // computes from L2 (otherwise nothing is read from memory then).
+        const int64_t next = M > pass ? team.grab() : items;
+        const bool pf = std::is_same_v<T, float> && next < items && next * kDirectRows + kn <= K;
         for (int64_t m0 = 0; m0 < M; m0 += pass) {  // later passes find the item's rows of B in L2
           const int64_t mm = std::min(pass, M - m0);
-          (mm == 1 ? one : direct[mm - 1])(A + m0 * K + k, K, B + k * N + j0, N, std::min(kDirectRows, K - k), w,
-                                           part + m0 * wp, tmp + m0 * wp);
+          if constexpr (std::is_same_v<T, float>) {
+            if (pf && m0 + pass >= M) {
+              direct_pf[mm - 1](A + m0 * K + k, K, B + k * N + j0, N, kn, w, part + m0 * wp, tmp + m0 * wp,
+                                B + next * kDirectRows * N + j0);
+              continue;
+            }
+          }
+          (mm == 1 ? one : direct[mm - 1])(A + m0 * K + k, K, B + k * N + j0, N, kn, w, part + m0 * wp,
+                                           tmp + m0 * wp);
         }
+        it = M > pass ? next : team.grab();
       }
       guard.barrier(team, t);
       const bool last = j0 + W >= N;  // as in gemm_slabs: the last sum is thread 0's alone
