@@ -103,7 +103,7 @@ f = _C.cpu_features()
 assert f["bf16_dot_source"] == "PYKERNELS_BF16_DOT", f
 assert f["bf16_dot_used"] == (MODE == "on" and f["avx512_bf16"]), f
 g = torch.Generator().manual_seed(0)
-for M in (130, 3):  # the packed path, and the direct (GEMV-like) one
+for M in (130, 3, 12):  # the packed path, the direct (GEMV-like) one, and that in two passes (zmm at full width)
     a, b = torch.randn(M, 300, generator=g).bfloat16(), torch.randn(300, 70, generator=g).bfloat16()
     ref = a.double() @ b.double()
     assert float((pk.gemm(a, b).double() - ref).abs().max() / ref.abs().max()) < 2e-2, M

@@ -1184,7 +1184,8 @@ template <bool First, class F> PK_AVX512 inline __attribute__((always_inline)) v
 // 16-bit shift, the odd ones by masking off the low half. The partial keeps, per 32 columns,
 // [16 even | 16 odd]; the final narrowing puts them back in order with one OR.
 template <int M, int U, bool First> PK_AVX512 inline void direct_bf16_step(const u16* a, int64_t lda, const u16* b, int64_t ldb,
-                                                                int64_t rs, int64_t ng, __mmask32 tail, float* part) {
+                                                                int64_t rs, int64_t ng, __mmask32 tail, float* part,
+                                                                const u16* pf = nullptr) {
   const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   __m512 av[M][U];
 #pragma GCC unroll 8
@@ -1200,6 +1201,7 @@ template <int M, int U, bool First> PK_AVX512 inline void direct_bf16_step(const
                                  : _mm512_loadu_si512(b + u * ldr + g * 32);
       be[u] = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
       bo[u] = _mm512_castsi512_ps(_mm512_and_si512(raw, hi_mask));
+      if (pf != nullptr) _mm_prefetch(reinterpret_cast<const char*>(pf + u * ldr + g * 32), _MM_HINT_T1);  // as f32
     }
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m)
@@ -1220,7 +1222,7 @@ template <int M, int U, bool First> PK_AVX512 inline void direct_bf16_step(const
 // per two rows and 32 columns 2 permutes and 2M vdpbf16ps instead of 4 widening ops and 4M FMAs.
 template <int M, int U, bool First> PK_AVX512BF16 inline void direct_bf16dp_step(const u16* a, int64_t lda, const u16* b,
                                                                       int64_t ldb, int64_t rs, int64_t ng, __mmask32 tail,
-                                                                      float* part) {
+                                                                      float* part, const u16* pf = nullptr) {
   static_assert(U % 2 == 0, "rows of B go in pairs");
   // even columns: (x0[2i], x1[2i]) for i = 0..15; odd: (x0[2i+1], x1[2i+1]) (x1's words are 32..63)
   const __m512i even_idx = _mm512_set_epi16(62, 30, 60, 28, 58, 26, 56, 24, 54, 22, 52, 20, 50, 18, 48, 16, 46, 14,
@@ -1242,6 +1244,10 @@ template <int M, int U, bool First> PK_AVX512BF16 inline void direct_bf16dp_step
       const __m512i x1 = masked ? _mm512_maskz_loadu_epi16(tail, r0 + ldr) : _mm512_loadu_si512(r0 + ldr);
       pe[u] = _mm512_permutex2var_epi16(x0, even_idx, x1);
       po[u] = _mm512_permutex2var_epi16(x0, odd_idx, x1);
+      if (pf != nullptr) {  // as f32
+        _mm_prefetch(reinterpret_cast<const char*>(pf + 2 * u * ldr + g * 32), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(pf + (2 * u + 1) * ldr + g * 32), _MM_HINT_T1);
+      }
     }
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m)
@@ -1257,36 +1263,58 @@ template <int M, int U, bool First> PK_AVX512BF16 inline void direct_bf16dp_step
   columns(ng - 1, std::true_type{});
 }
 
-template <int M, int U = 8> PK_AVX512 void direct_bf16(const u16* a, int64_t lda, const u16* b, int64_t ldb, int64_t kn,
-                                                        int64_t w, float* part, float* tmp) {
+template <int M, int U> PK_AVX512 inline __attribute__((always_inline)) void direct_bf16_rows(
+    const u16* a, int64_t lda, const u16* b, int64_t ldb, int64_t kn, int64_t w, float* part, float* tmp,
+    const u16* pf) {
   const int64_t ng = cdiv(w, 32);
   const __mmask32 tail = mask32(w - (ng - 1) * 32);
   direct_steps<U>(
       kn, w * 2,
       [&](int64_t k, int64_t rs, auto first) PK_AVX512 {
-        direct_bf16_step<M, U, decltype(first)::value>(a + k, lda, b + k * ldb, ldb, rs, ng, tail, tmp);
+        direct_bf16_step<M, U, decltype(first)::value>(a + k, lda, b + k * ldb, ldb, rs, ng, tail, tmp,
+                                                       pf ? pf + k * ldb : nullptr);
       },
       [&](int64_t k, auto first) PK_AVX512 {
-        direct_bf16_step<M, 1, decltype(first)::value>(a + k, lda, b + k * ldb, ldb, 1, ng, tail, tmp);
+        direct_bf16_step<M, 1, decltype(first)::value>(a + k, lda, b + k * ldb, ldb, 1, ng, tail, tmp,
+                                                       pf ? pf + k * ldb : nullptr);
       });
   add_to(part, tmp, M * ng * 32);
 }
+template <int M, int U = 8> PK_AVX512 void direct_bf16(const u16* a, int64_t lda, const u16* b, int64_t ldb, int64_t kn,
+                                                        int64_t w, float* part, float* tmp) {
+  direct_bf16_rows<M, U>(a, lda, b, ldb, kn, w, part, tmp, nullptr);
+}
+template <int M> PK_AVX512 void direct_bf16_pf(const u16* a, int64_t lda, const u16* b, int64_t ldb, int64_t kn, int64_t w,
+                                               float* part, float* tmp, const u16* pf) {
+  direct_bf16_rows<M, 8>(a, lda, b, ldb, kn, w, part, tmp, pf);
+}
 
 // direct_bf16 with the vdpbf16ps steps (whole groups of U rows; the rest as there).
-template <int M, int U = 8> PK_AVX512BF16 void direct_bf16dp(const u16* a, int64_t lda, const u16* b, int64_t ldb, int64_t kn,
-                                                            int64_t w, float* part, float* tmp) {
-  if (kn < U) return direct_bf16<M>(a, lda, b, ldb, kn, w, part, tmp);
+template <int M, int U> PK_AVX512BF16 inline __attribute__((always_inline)) void direct_bf16dp_rows(
+    const u16* a, int64_t lda, const u16* b, int64_t ldb, int64_t kn, int64_t w, float* part, float* tmp,
+    const u16* pf) {
+  if (kn < U) return direct_bf16_rows<M, 8>(a, lda, b, ldb, kn, w, part, tmp, pf);
   const int64_t ng = cdiv(w, 32);
   const __mmask32 tail = mask32(w - (ng - 1) * 32);
   direct_steps<U>(
       kn, w * 2,
       [&](int64_t k, int64_t rs, auto first) PK_AVX512BF16 {
-        direct_bf16dp_step<M, U, decltype(first)::value>(a + k, lda, b + k * ldb, ldb, rs, ng, tail, tmp);
+        direct_bf16dp_step<M, U, decltype(first)::value>(a + k, lda, b + k * ldb, ldb, rs, ng, tail, tmp,
+                                                         pf ? pf + k * ldb : nullptr);
       },
       [&](int64_t k, auto first) PK_AVX512 {
-        direct_bf16_step<M, 1, decltype(first)::value>(a + k, lda, b + k * ldb, ldb, 1, ng, tail, tmp);
+        direct_bf16_step<M, 1, decltype(first)::value>(a + k, lda, b + k * ldb, ldb, 1, ng, tail, tmp,
+                                                       pf ? pf + k * ldb : nullptr);
       });
   add_to(part, tmp, M * ng * 32);
+}
+template <int M, int U = 8> PK_AVX512BF16 void direct_bf16dp(const u16* a, int64_t lda, const u16* b, int64_t ldb,
+                                                            int64_t kn, int64_t w, float* part, float* tmp) {
+  direct_bf16dp_rows<M, U>(a, lda, b, ldb, kn, w, part, tmp, nullptr);
+}
+template <int M> PK_AVX512BF16 void direct_bf16dp_pf(const u16* a, int64_t lda, const u16* b, int64_t ldb, int64_t kn,
+                                                    int64_t w, float* part, float* tmp, const u16* pf) {
+  direct_bf16dp_rows<M, 8>(a, lda, b, ldb, kn, w, part, tmp, pf);
 }
 
 // M = 1 with 4 rows of B per step (cpu.h gemv_streams).
@@ -1308,10 +1336,16 @@ template <class T, bool DP, size_t... I> constexpr auto direct_table(std::index_
   }
 }
 
-// The fp32 direct kernels for M = 1..8 with the next item's prefetch (the last pass of a two-pass call).
-template <size_t... I> constexpr auto direct_f32_pf_table(std::index_sequence<I...>) {
-  using Fn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, int64_t, float*, float*, const float*);
-  return std::array<Fn, sizeof...(I)>{&direct_f32_pf<static_cast<int>(I) + 1>...};
+// The direct kernels for M = 1..8 with the next item's prefetch (the last pass of a two-pass call).
+template <class T, bool DP, size_t... I> constexpr auto direct_pf_table(std::index_sequence<I...>) {
+  using Fn = void (*)(const T*, int64_t, const T*, int64_t, int64_t, int64_t, float*, float*, const T*);
+  if constexpr (std::is_same_v<T, float>) {
+    return std::array<Fn, sizeof...(I)>{&direct_f32_pf<static_cast<int>(I) + 1>...};
+  } else if constexpr (DP) {
+    return std::array<Fn, sizeof...(I)>{&direct_bf16dp_pf<static_cast<int>(I) + 1>...};
+  } else {
+    return std::array<Fn, sizeof...(I)>{&direct_bf16_pf<static_cast<int>(I) + 1>...};
+  }
 }
 
 // Sums the nt partials (each `stride` floats apart) for 32 columns [32g, 32g+32) of row m and stores.
@@ -1346,7 +1380,9 @@ template <class T> void gemm_direct_avx512(const GemmParams& p) {
   // 32.5-33.5 -> 33.5-34.2 / 17.0-19.0 -> 24.7-25.6 / 15.4-15.5 -> 18.8-19.2 GB/s of B (2 threads M4 +17%)
   const bool use_dp = std::is_same_v<T, u16> && use_bf16_dot();
   const auto& direct = use_dp ? dp : widen;
-  static constexpr auto direct_pf = direct_f32_pf_table(std::make_index_sequence<kDirectMaxMWide>());
+  static constexpr auto widen_pf = direct_pf_table<T, false>(std::make_index_sequence<kDirectMaxMWide>());
+  static constexpr auto dp_pf = direct_pf_table<T, true>(std::make_index_sequence<kDirectMaxMWide>());
+  const auto& direct_pf = use_dp ? dp_pf : widen_pf;
   // M = 1: 4 or 8 rows of B per step (cpu.h gemv_streams: fewer streams per core read faster on Zen 5)
   const auto one = gemv_streams() == 4 ? (use_dp ? direct_one4<T, true>() : direct_one4<T, false>()) : direct[0];
   const int64_t M = p.M, N = p.N, K = p.K;
@@ -1377,18 +1413,16 @@ template <class T> void gemm_direct_avx512(const GemmParams& p) {
       std::memset(part, 0, sizeof(float) * M * wp);
       for (int64_t it = team.grab(); it < items;) {
         const int64_t k = it * kDirectRows, kn = std::min(kDirectRows, K - k);
-        // Two passes (fp32): the next item is claimed now, and its rows are prefetched into L2 while the last pass
-        // computes from L2 (otherwise nothing is read from memory then).
+        // Two passes: the next item is claimed now, and its rows are prefetched into L2 while the last pass computes
+        // from L2 (otherwise nothing is read from memory then).
         const int64_t next = M > pass ? team.grab() : items;
-        const bool pf = std::is_same_v<T, float> && next < items && next * kDirectRows + kn <= K;
+        const bool pf = next < items && next * kDirectRows + kn <= K;
         for (int64_t m0 = 0; m0 < M; m0 += pass) {  // later passes find the item's rows of B in L2
           const int64_t mm = std::min(pass, M - m0);
-          if constexpr (std::is_same_v<T, float>) {
-            if (pf && m0 + pass >= M) {
-              direct_pf[mm - 1](A + m0 * K + k, K, B + k * N + j0, N, kn, w, part + m0 * wp, tmp + m0 * wp,
-                                B + next * kDirectRows * N + j0);
-              continue;
-            }
+          if (pf && m0 + pass >= M) {
+            direct_pf[mm - 1](A + m0 * K + k, K, B + k * N + j0, N, kn, w, part + m0 * wp, tmp + m0 * wp,
+                              B + next * kDirectRows * N + j0);
+            continue;
           }
           (mm == 1 ? one : direct[mm - 1])(A + m0 * K + k, K, B + k * N + j0, N, kn, w, part + m0 * wp,
                                            tmp + m0 * wp);
