@@ -79,7 +79,8 @@ inline int64_t direct_max_m() {
 // With full-width zmm FMA, up to twice that many rows still take the direct path, in passes of
 // direct_max_m() rows over each item of B (64 rows x up to 1024 columns: in L2 for the later passes):
 // fp32, K = N = 4096, Sapphire Rapids: M = 9 / 14 / 16 2.4 / 2.9 / 3.4 ms against 3.1 / 3.6 / 3.8 through
-// the slabs (torch 3.0 / 3.3 / 3.5).
+// the slabs (torch 3.0 / 3.3 / 3.5), B warm; with B from memory the last pass prefetches the next item
+// (gemm_direct_avx512; notes/cpu_gemm.md, twenty-third session).
 inline int64_t direct_two_pass_max_m() {
   static const int64_t m = zmm_fma_full_width() ? 2 * kDirectMaxMWide : kDirectMaxM;
   return m;
