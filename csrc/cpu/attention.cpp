@@ -958,7 +958,7 @@ bool dispatch(const AttentionParams& p) {
     if (f.amx_bf16) return attention_amx(p);  // AMX tiles for both products (attention_amx.cpp), any D <= 256
   // any D <= 256, run at D rounded up to 16 (run_avx512)
   const bool dp = std::is_same_v<T, bf16> && use_bf16_dot();
-  return attn::with_head_dim16(p.D, [&](auto d) { return run_avx512<T, d.value>(p, dp); });
+  return attn::with_head_dim<16>(p.D, [&](auto d) { return run_avx512<T, d.value>(p, dp); });
 }
 
 // A causal call whose kernel stored a NaN (attn::NanSeen): a row whose output holds a NaN in a column where its kv

@@ -371,7 +371,7 @@ bool run(const AttentionParams& p) {
 // Any D up to 256: the kernel for D rounded up to a whole number of 32-wide tile steps, its rows padded with zeros in
 // the packs and the Q copy (cpu.h tier_attention_head_dim).
 bool attention_amx(const AttentionParams& p) {
-  return attn::with_head_dim((p.D + 31) / 32 * 32, [&](auto d) { return run<d.value>(p); });
+  return attn::with_head_dim<32>(p.D, [&](auto d) { return run<d.value>(p); });
 }
 
 }  // namespace pk::cpu

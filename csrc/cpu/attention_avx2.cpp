@@ -271,7 +271,7 @@ bool attention_avx2(const AttentionParams& p) {
   const bool bf = p.dtype == DType::bf16;
   if (p.dtype != DType::f32 && !bf)
     throw std::invalid_argument(std::string("native cpu attention does not support dtype ") + dtype_name(p.dtype));
-  return attn::with_head_dim16(p.D, [&](auto d) { return bf ? run<u16, d.value>(p) : run<float, d.value>(p); });
+  return attn::with_head_dim<16>(p.D, [&](auto d) { return bf ? run<u16, d.value>(p) : run<float, d.value>(p); });
 }
 
 }  // namespace pk::cpu

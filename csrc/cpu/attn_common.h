@@ -320,47 +320,17 @@ PK_AVX512 PK_ALWAYS_INLINE __m512 reduce_rows4(const __m512* a) {
 
 #endif
 
-// f(std::integral_constant<int, D>{}) for the head dims 32, 64, .., 256 (the AMX attention's D rounded up to 32);
-// any other D is the caller's error.
-template <class F> decltype(auto) with_head_dim(int64_t D, F f) {
-  switch (D) {
-    case 32: return f(std::integral_constant<int, 32>{});
-    case 64: return f(std::integral_constant<int, 64>{});
-    case 96: return f(std::integral_constant<int, 96>{});
-    case 128: return f(std::integral_constant<int, 128>{});
-    case 160: return f(std::integral_constant<int, 160>{});
-    case 192: return f(std::integral_constant<int, 192>{});
-    case 224: return f(std::integral_constant<int, 224>{});
-    case 256: return f(std::integral_constant<int, 256>{});
-    default:
-      throw std::invalid_argument("the tiers' attention kernels take head dims 32, 64, .., 256, got " +
-                                  std::to_string(D));
+// f(std::integral_constant<int, Dk>{}) with Dk = D rounded up to a multiple of Step, for D in 1..256: the head dim a
+// tier's attention kernel runs at, its rows zero-padded past D (cpu.h tier_attention_head_dim; the AVX-512, AVX2 and
+// NEON kernels take Step 16, the AMX one 32). Dk = Step, 2 Step, .. 256 are instantiated.
+template <int Step, int Dk = Step, class F> decltype(auto) with_head_dim(int64_t D, F&& f) {
+  static_assert(256 % Step == 0, "head dims up to 256 in whole steps");
+  if constexpr (Dk < 256) {
+    if (D > Dk) return with_head_dim<Step, Dk + Step>(D, std::forward<F>(f));
   }
-}
-
-// f(std::integral_constant<int, D16>{}) with D16 = D rounded up to a multiple of 16, for D in 1..256 (cpu.h
-// tier_attention_head_dim: the AVX-512, AVX2 and NEON attention, whose kernels run at D16 on rows zero-padded past D).
-template <class F> decltype(auto) with_head_dim16(int64_t D, F f) {
-  switch ((D + 15) / 16) {
-    case 1: return f(std::integral_constant<int, 16>{});
-    case 2: return f(std::integral_constant<int, 32>{});
-    case 3: return f(std::integral_constant<int, 48>{});
-    case 4: return f(std::integral_constant<int, 64>{});
-    case 5: return f(std::integral_constant<int, 80>{});
-    case 6: return f(std::integral_constant<int, 96>{});
-    case 7: return f(std::integral_constant<int, 112>{});
-    case 8: return f(std::integral_constant<int, 128>{});
-    case 9: return f(std::integral_constant<int, 144>{});
-    case 10: return f(std::integral_constant<int, 160>{});
-    case 11: return f(std::integral_constant<int, 176>{});
-    case 12: return f(std::integral_constant<int, 192>{});
-    case 13: return f(std::integral_constant<int, 208>{});
-    case 14: return f(std::integral_constant<int, 224>{});
-    case 15: return f(std::integral_constant<int, 240>{});
-    case 16: return f(std::integral_constant<int, 256>{});
-    default:
-      throw std::invalid_argument("the tiers' attention kernels take head dims 1 to 256, got " + std::to_string(D));
-  }
+  if (D < 1 || D > Dk)
+    throw std::invalid_argument("the tiers' attention kernels take head dims 1 to 256, got " + std::to_string(D));
+  return f(std::integral_constant<int, Dk>{});
 }
 
 }  // namespace pk::cpu::attn

@@ -116,7 +116,7 @@ void gemm(const GemmParams& p);
 void attention(const AttentionParams& p);
 void decode(const DecodeParams& p);
 // Head dims the tiers' own kernels take: attention any D up to 256 (the AVX-512, AVX2 and NEON kernels run at D
-// rounded up to 16, attn::with_head_dim16, the AMX bf16 kernel at D rounded up to 32, on rows zero-padded past D);
+// rounded up to 16, the AMX bf16 kernel at D rounded up to 32, attn::with_head_dim, on rows zero-padded past D);
 // decode 64 and 128 (at 256 the avx512 tier's bf16 decode measured no faster than the portable one: its query rows
 // no longer fit registers for two heads). A call with any other D runs the portable kernel of its family
 // (attention.cpp / decode.cpp dispatch).

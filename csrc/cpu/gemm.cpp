@@ -1142,10 +1142,10 @@ template <int M, int U, bool First> PK_AVX512 inline void direct_f32_step(const 
 }
 // Adds rows [0, kn) of B (b = &B[k][j0], a = &A[0][k]) times A to part (M x cdiv(w,32)*32), summed
 // in tmp (same shape) first.
-// pf (non-null): the next item's rows at the same place, prefetched into L2 on the way (direct_f32_step).
-template <int M, int U> PK_AVX512 inline __attribute__((always_inline)) void direct_f32_rows(
-    const float* a, int64_t lda, const float* b, int64_t ldb, int64_t kn, int64_t w, float* part, float* tmp,
-    const float* pf) {
+// PF: pf is the next item's rows at the same place, prefetched into L2 on the way (direct_f32_step); else unused.
+template <int M, int U = 8, bool PF = false> PK_AVX512 void direct_f32(const float* a, int64_t lda, const float* b,
+                                                                       int64_t ldb, int64_t kn, int64_t w, float* part,
+                                                                       float* tmp, const float* pf) {
   // U = 8 rows of B in flight: each partial load/store (L2) is amortized over 8 FMAs; at M = 4 that beat
   // U = 4 by ~10% although the 32 broadcasts no longer all fit in registers. M = 1 may take U = 4 (cpu.h
   // gemv_streams).
@@ -1155,21 +1155,13 @@ template <int M, int U> PK_AVX512 inline __attribute__((always_inline)) void dir
       kn, w * 4,
       [&](int64_t k, int64_t rs, auto first) PK_AVX512 {
         direct_f32_step<M, U, decltype(first)::value>(a + k, lda, b + k * ldb, ldb, rs, nv, tail, tmp,
-                                                      pf ? pf + k * ldb : nullptr);
+                                                      PF ? pf + k * ldb : nullptr);
       },
       [&](int64_t k, auto first) PK_AVX512 {
         direct_f32_step<M, 1, decltype(first)::value>(a + k, lda, b + k * ldb, ldb, 1, nv, tail, tmp,
-                                                      pf ? pf + k * ldb : nullptr);
+                                                      PF ? pf + k * ldb : nullptr);
       });
   add_to(part, tmp, M * cdiv(w, 32) * 32);
-}
-template <int M, int U = 8> PK_AVX512 void direct_f32(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t kn,
-                                                       int64_t w, float* part, float* tmp) {
-  direct_f32_rows<M, U>(a, lda, b, ldb, kn, w, part, tmp, nullptr);
-}
-template <int M> PK_AVX512 void direct_f32_pf(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t kn,
-                                              int64_t w, float* part, float* tmp, const float* pf) {
-  direct_f32_rows<M, 8>(a, lda, b, ldb, kn, w, part, tmp, pf);
 }
 
 // The even / odd fp32 pair of a bf16 partial at c (32 floats): loaded (zero when First), updated, stored.
@@ -1264,88 +1256,64 @@ template <int M, int U, bool First> PK_AVX512BF16 inline void direct_bf16dp_step
   columns(ng - 1, std::true_type{});
 }
 
-template <int M, int U> PK_AVX512 inline __attribute__((always_inline)) void direct_bf16_rows(
-    const u16* a, int64_t lda, const u16* b, int64_t ldb, int64_t kn, int64_t w, float* part, float* tmp,
-    const u16* pf) {
+// PF: as direct_f32.
+template <int M, int U = 8, bool PF = false> PK_AVX512 void direct_bf16(const u16* a, int64_t lda, const u16* b,
+                                                                        int64_t ldb, int64_t kn, int64_t w, float* part,
+                                                                        float* tmp, const u16* pf) {
   const int64_t ng = cdiv(w, 32);
   const __mmask32 tail = mask32(w - (ng - 1) * 32);
   direct_steps<U>(
       kn, w * 2,
       [&](int64_t k, int64_t rs, auto first) PK_AVX512 {
         direct_bf16_step<M, U, decltype(first)::value>(a + k, lda, b + k * ldb, ldb, rs, ng, tail, tmp,
-                                                       pf ? pf + k * ldb : nullptr);
+                                                       PF ? pf + k * ldb : nullptr);
       },
       [&](int64_t k, auto first) PK_AVX512 {
         direct_bf16_step<M, 1, decltype(first)::value>(a + k, lda, b + k * ldb, ldb, 1, ng, tail, tmp,
-                                                       pf ? pf + k * ldb : nullptr);
+                                                       PF ? pf + k * ldb : nullptr);
       });
   add_to(part, tmp, M * ng * 32);
 }
-template <int M, int U = 8> PK_AVX512 void direct_bf16(const u16* a, int64_t lda, const u16* b, int64_t ldb, int64_t kn,
-                                                        int64_t w, float* part, float* tmp) {
-  direct_bf16_rows<M, U>(a, lda, b, ldb, kn, w, part, tmp, nullptr);
-}
-template <int M> PK_AVX512 void direct_bf16_pf(const u16* a, int64_t lda, const u16* b, int64_t ldb, int64_t kn, int64_t w,
-                                               float* part, float* tmp, const u16* pf) {
-  direct_bf16_rows<M, 8>(a, lda, b, ldb, kn, w, part, tmp, pf);
-}
 
 // direct_bf16 with the vdpbf16ps steps (whole groups of U rows; the rest as there).
-template <int M, int U> PK_AVX512BF16 inline __attribute__((always_inline)) void direct_bf16dp_rows(
-    const u16* a, int64_t lda, const u16* b, int64_t ldb, int64_t kn, int64_t w, float* part, float* tmp,
-    const u16* pf) {
-  if (kn < U) return direct_bf16_rows<M, 8>(a, lda, b, ldb, kn, w, part, tmp, pf);
+template <int M, int U = 8, bool PF = false> PK_AVX512BF16 void direct_bf16dp(const u16* a, int64_t lda, const u16* b,
+                                                                            int64_t ldb, int64_t kn, int64_t w,
+                                                                            float* part, float* tmp, const u16* pf) {
+  if (kn < U) return direct_bf16<M, 8, PF>(a, lda, b, ldb, kn, w, part, tmp, pf);
   const int64_t ng = cdiv(w, 32);
   const __mmask32 tail = mask32(w - (ng - 1) * 32);
   direct_steps<U>(
       kn, w * 2,
       [&](int64_t k, int64_t rs, auto first) PK_AVX512BF16 {
         direct_bf16dp_step<M, U, decltype(first)::value>(a + k, lda, b + k * ldb, ldb, rs, ng, tail, tmp,
-                                                         pf ? pf + k * ldb : nullptr);
+                                                         PF ? pf + k * ldb : nullptr);
       },
       [&](int64_t k, auto first) PK_AVX512 {
         direct_bf16_step<M, 1, decltype(first)::value>(a + k, lda, b + k * ldb, ldb, 1, ng, tail, tmp,
-                                                       pf ? pf + k * ldb : nullptr);
+                                                       PF ? pf + k * ldb : nullptr);
       });
   add_to(part, tmp, M * ng * 32);
 }
-template <int M, int U = 8> PK_AVX512BF16 void direct_bf16dp(const u16* a, int64_t lda, const u16* b, int64_t ldb,
-                                                            int64_t kn, int64_t w, float* part, float* tmp) {
-  direct_bf16dp_rows<M, U>(a, lda, b, ldb, kn, w, part, tmp, nullptr);
-}
-template <int M> PK_AVX512BF16 void direct_bf16dp_pf(const u16* a, int64_t lda, const u16* b, int64_t ldb, int64_t kn,
-                                                    int64_t w, float* part, float* tmp, const u16* pf) {
-  direct_bf16dp_rows<M, 8>(a, lda, b, ldb, kn, w, part, tmp, pf);
-}
+
+// Every direct kernel: (A, lda, B, ldb, rows, columns, partial, item buffer, the next item's B for PF kernels).
+template <class T> using DirectFn = void (*)(const T*, int64_t, const T*, int64_t, int64_t, int64_t, float*, float*,
+                                             const T*);
 
 // M = 1 with 4 rows of B per step (cpu.h gemv_streams).
-template <class T, bool DP> constexpr auto direct_one4() {
-  using Fn = void (*)(const T*, int64_t, const T*, int64_t, int64_t, int64_t, float*, float*);
-  if constexpr (std::is_same_v<T, float>) return Fn{&direct_f32<1, 4>};
-  else if constexpr (DP) return Fn{&direct_bf16dp<1, 4>};
-  else return Fn{&direct_bf16<1, 4>};
+template <class T, bool DP> constexpr DirectFn<T> direct_one4() {
+  if constexpr (std::is_same_v<T, float>) return &direct_f32<1, 4>;
+  else if constexpr (DP) return &direct_bf16dp<1, 4>;
+  else return &direct_bf16<1, 4>;
 }
 
-template <class T, bool DP, size_t... I> constexpr auto direct_table(std::index_sequence<I...>) {
-  using Fn = void (*)(const T*, int64_t, const T*, int64_t, int64_t, int64_t, float*, float*);
+// The kernels for M = 1..sizeof...(I); PF: those that prefetch the next item (the last pass of a two-pass call).
+template <class T, bool DP, bool PF, size_t... I> constexpr auto direct_table(std::index_sequence<I...>) {
   if constexpr (std::is_same_v<T, float>) {
-    return std::array<Fn, sizeof...(I)>{&direct_f32<static_cast<int>(I) + 1>...};
+    return std::array<DirectFn<T>, sizeof...(I)>{&direct_f32<static_cast<int>(I) + 1, 8, PF>...};
   } else if constexpr (DP) {
-    return std::array<Fn, sizeof...(I)>{&direct_bf16dp<static_cast<int>(I) + 1>...};
+    return std::array<DirectFn<T>, sizeof...(I)>{&direct_bf16dp<static_cast<int>(I) + 1, 8, PF>...};
   } else {
-    return std::array<Fn, sizeof...(I)>{&direct_bf16<static_cast<int>(I) + 1>...};
-  }
-}
-
-// The direct kernels for M = 1..8 with the next item's prefetch (the last pass of a two-pass call).
-template <class T, bool DP, size_t... I> constexpr auto direct_pf_table(std::index_sequence<I...>) {
-  using Fn = void (*)(const T*, int64_t, const T*, int64_t, int64_t, int64_t, float*, float*, const T*);
-  if constexpr (std::is_same_v<T, float>) {
-    return std::array<Fn, sizeof...(I)>{&direct_f32_pf<static_cast<int>(I) + 1>...};
-  } else if constexpr (DP) {
-    return std::array<Fn, sizeof...(I)>{&direct_bf16dp_pf<static_cast<int>(I) + 1>...};
-  } else {
-    return std::array<Fn, sizeof...(I)>{&direct_bf16_pf<static_cast<int>(I) + 1>...};
+    return std::array<DirectFn<T>, sizeof...(I)>{&direct_bf16<static_cast<int>(I) + 1, 8, PF>...};
   }
 }
 
@@ -1375,14 +1343,14 @@ PK_AVX512 void direct_reduce(const float* part, int64_t stride, int nt, int64_t 
 }
 
 template <class T> void gemm_direct_avx512(const GemmParams& p) {
-  static constexpr auto widen = direct_table<T, false>(std::make_index_sequence<kDirectMaxMWide>());
-  static constexpr auto dp = direct_table<T, true>(std::make_index_sequence<kDirectMaxMWide>());
+  static constexpr auto widen = direct_table<T, false, false>(std::make_index_sequence<kDirectMaxMWide>());
+  static constexpr auto dp = direct_table<T, true, false>(std::make_index_sequence<kDirectMaxMWide>());
+  static constexpr auto widen_pf = direct_table<T, false, true>(std::make_index_sequence<kDirectMaxMWide>());
+  static constexpr auto dp_pf = direct_table<T, true, true>(std::make_index_sequence<kDirectMaxMWide>());
   // bf16 on vdpbf16ps where it pays (Zen 4 / Zen 5): C++ driver on Zen 5, K = N = 4096, 1 thread, M = 1 / 4 / 8
   // 32.5-33.5 -> 33.5-34.2 / 17.0-19.0 -> 24.7-25.6 / 15.4-15.5 -> 18.8-19.2 GB/s of B (2 threads M4 +17%)
   const bool use_dp = std::is_same_v<T, u16> && use_bf16_dot();
   const auto& direct = use_dp ? dp : widen;
-  static constexpr auto widen_pf = direct_pf_table<T, false>(std::make_index_sequence<kDirectMaxMWide>());
-  static constexpr auto dp_pf = direct_pf_table<T, true>(std::make_index_sequence<kDirectMaxMWide>());
   const auto& direct_pf = use_dp ? dp_pf : widen_pf;
   // M = 1: 4 or 8 rows of B per step (cpu.h gemv_streams: fewer streams per core read faster on Zen 5)
   const auto one = gemv_streams() == 4 ? (use_dp ? direct_one4<T, true>() : direct_one4<T, false>()) : direct[0];
@@ -1426,7 +1394,7 @@ template <class T> void gemm_direct_avx512(const GemmParams& p) {
             continue;
           }
           (mm == 1 ? one : direct[mm - 1])(A + m0 * K + k, K, B + k * N + j0, N, kn, w, part + m0 * wp,
-                                           tmp + m0 * wp);
+                                           tmp + m0 * wp, nullptr);
         }
         it = M > pass ? next : team.grab();
       }
