@@ -15,7 +15,12 @@ SHAPES = [
     (10, 3000, 333),       # two passes of 5 rows, two even column chunks, the next item prefetched, a short last item
     (15, 129, 1030),
     (16, 256, 1000),
-    (64, 64, 64),          # serial: gemm_rows, C written directly
+    (64, 64, 64),          # fp32 avx512: in place (A and B read where they are); other tiers and dtypes packed
+    (17, 37, 29),          # in place: 8- and 9-row panels, a full and a 5-column panel
+    (200, 45, 90),         # in place: 15 row panels, a 13-column last panel, threads below kSerialFlops
+    (150, 200, 120),       # in place on two threads: row panels x column groups
+    (24, 48, 1000),        # in place at K near kInPlaceMaxK, two threads
+    (20, 20, 2000),        # serial gemm_rows (K past the in-place path), C written directly
     (40, 300, 2000),       # few row panels on several threads: the slabs (K split, partials summed)
     (65, 127, 63),
     (127, 65, 1025),

@@ -7,6 +7,8 @@
 //           accumulate into private fp32 partials of C, and the partials are summed at the end.
 //   slabs   M <= 112: the same slab scheme, but each slab of B is packed into [k][32] panels (L2) and
 //           run through the register-blocked micro-kernel, since each B element now feeds many FMAs.
+//   in place  small fp32 GEMMs on AVX-512 (A and B within a sixth of L2, K <= 1024, B [K, N]): the micro-kernel reads A and B
+//           where they are, no packing (gemm_in_place).
 //   rows    larger M, BLIS-style: items of up to 8 row panels (112 rows) x all of N, handed out
 //           dynamically; per item and K block (KC) the rows of A are packed into [k][row] panels,
 //           per N block (NC) B is packed into [k][32] panels, and the micro-kernel (up to 14 rows x
@@ -982,6 +984,34 @@ struct F32Avx512 {
     }
     store_tile<R>(acc, o, row, col, nc);
   }
+  // The same tile on A and B where they are (gemm_in_place): R rows of A (row stride lda) broadcast from their
+  // rows, nc <= 32 columns of B's rows (stride ldb; masked past nc unless Full), all K steps.
+  template <int R, bool Full> PK_AVX512 static void tile_in_place(const float* a, int64_t lda, const float* b,
+                                                                  int64_t ldb, int64_t K, const Out& o, int64_t row,
+                                                                  int64_t col, int nc) {
+    __m512 acc[R][2];
+#pragma GCC unroll 14
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    const __mmask16 m0 = mask16(nc), m1 = mask16(nc - 16);
+    for (int64_t k = 0; k < K; ++k) {
+      const float* br = b + k * ldb;
+      __m512 b0, b1;
+      if constexpr (Full) {
+        b0 = _mm512_loadu_ps(br);
+        b1 = _mm512_loadu_ps(br + 16);
+      } else {
+        b0 = _mm512_maskz_loadu_ps(m0, br);
+        b1 = _mm512_maskz_loadu_ps(m1, br + 16);
+      }
+#pragma GCC unroll 14
+      for (int r = 0; r < R; ++r) {
+        const __m512 av = _mm512_set1_ps(a[r * lda + k]);
+        acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
+      }
+    }
+    store_tile<R>(acc, o, row, col, nc);
+  }
 };
 
 // ---- bf16 policy (AVX512_BF16): vdpbf16ps on K-pairs. A Elem is the pair (A[r][k], A[r][k+1]);
@@ -1526,10 +1556,70 @@ template <class T> void gemm_dot_avx512(const GemmParams& p) {
   });
 }
 
+// Small fp32 GEMMs (B [K, N]): the micro-kernel reads A and B where they are (F32Avx512::tile_in_place) instead
+// of packing them first. At these sizes packing is work of the order of the products' (a -g build's profile of 96^3 on
+// one thread: 19% of the samples in gemm_rows' packing, 77% in the tiles), and with 2 threads gemm_rows packs all of
+// B in each thread, gemm_slabs (M <= 98) zeroes and sums partials. Items: row panels x column groups (enough to share
+// out, ~3 per thread), over all of K; the column panels of an item follow each other (A's row panel stays in L1).
+// Taken when A and B together take at most a sixth of L2 and K <= kInPlaceMaxK (the A panel's rows are read as K-long
+// streams). Sapphire Rapids VM (2 MB L2: up to ~208^3), C++ driver, the packed and in-place paths alternated in one
+// process, 5-8 rounds, medians of a round (us): 1 thread 64^3 3.45 -> 2.81, 96^3 11.0 -> 9.9, 128^3 24.6 -> 23.6,
+// 160^3 and 192^3 1-2% faster, 256^3 2% slower (outside); 2 threads 112^3 12.7 -> 11.1, 128^3 16.3 -> 14.3,
+// 160^3 29.2 -> 28.5, 192^3 46.5 -> 45.3, 256^3 103.8 -> 107.9 (outside), 96 x 128 x 128 21.5 -> 13.2,
+// 64 x 256 x 256 53.2 -> 28.6, 32 x 512 x 256 55.2 -> 26.3, 100 x 100 x 1000 89.0 -> 71.7 (notes/cpu_gemm.md).
+// Reading B in place with the column panels outer (B's panel meant to stay in L1) was level: at N = 128 its rows
+// are 512 B apart and a panel maps to 16 of L1d's 64 sets; packing each column panel then (A in place) won on one
+// thread from 128^3 (-7%) but lost at 64^3 (+20%) and on 2 threads (+10-25%).
+constexpr int64_t kInPlaceMaxK = 1024;
+// From this many FLOPs (not kSerialFlops) the in-place path takes threads when each gets >= 3 row panels. C++ driver,
+// 2 threads against 1, alternated (us): 72^3 4.3 / 4.7-5.3, 96^3 7.4-7.7 / 9.7, 128 x 64 x 64 4.6-5.0 / 5.7,
+// 200 x 16 x 64 4.3-4.5 / 4.7, 84 x 48 x 64 3.6-3.8 / 3.8, 84 x 32 x 64 (0.34 MFLOP) 2.5-2.7 / 1.9; with fewer
+// row panels (items sharing a row panel's columns) 64 x 96 x 96 6.5 / 5.8, 32 x 128 x 128 6.5 / 5.6.
+constexpr double kInPlaceThreadFlops = 0.6e6;
+inline bool in_place_gemm(const GemmParams& p) {
+  static const int64_t max_bytes = caches().l2 / 6;
+  return !p.transb && p.K <= kInPlaceMaxK && (p.M * p.K + p.K * p.N) * int64_t(sizeof(float)) <= max_bytes;
+}
+template <bool Full, size_t... I> constexpr auto in_place_table(std::index_sequence<I...>) {
+  return std::array{&F32Avx512::tile_in_place<static_cast<int>(I) + 1, Full>...};
+}
+void gemm_in_place(const GemmParams& p) {
+  constexpr int64_t MR = F32Avx512::MR, NR = F32Avx512::NR;
+  static constexpr auto full = in_place_table<true>(std::make_index_sequence<MR>());
+  static constexpr auto part = in_place_table<false>(std::make_index_sequence<MR>());
+  const int64_t M = p.M, N = p.N, K = p.K;
+  const float* A = static_cast<const float*>(p.a);
+  const float* B = static_cast<const float*>(p.b);
+  const int64_t mp = cdiv(M, MR), np = cdiv(N, NR);
+  auto row0 = [&](int64_t i) { return M * i / mp; };  // panel i: rows [row0(i), row0(i+1)), <= MR rows
+  // Threads from kInPlaceThreadFlops when every thread gets 3 row panels or more (below kSerialFlops, the items
+  // that share a row panel's columns measured slower than one thread).
+  const double flops = 2.0 * double(M) * double(N) * double(K);
+  int nt = pick_threads(p);
+  if (nt == 1 && flops >= kInPlaceThreadFlops && mp >= 3 * int64_t(omp_get_max_threads())) nt = omp_get_max_threads();
+  const int64_t ncg = std::min(np, cdiv(3 * int64_t(nt), mp)), items = mp * ncg;
+  nt = static_cast<int>(std::min<int64_t>(nt, items));
+  const Out o{static_cast<float*>(p.c), N, nullptr, 0, false, false};
+  run_team(nt, [&](int, int, Team& team) {
+    for (int64_t it; (it = team.grab()) < items;) {
+      const int64_t i = it / ncg, cg = it % ncg, r0 = row0(i);
+      const int R = static_cast<int>(row0(i + 1) - r0);
+      for (int64_t j = np * cg / ncg; j < np * (cg + 1) / ncg; ++j) {
+        const int nc = static_cast<int>(std::min(NR, N - j * NR));
+        (nc == NR ? full : part)[R - 1](A + r0 * K, K, B + j * NR, N, K, o, r0, j * NR, nc);
+      }
+    }
+    team.barrier();  // wait here (spin, then sleep), not in the OpenMP join (spin only)
+  });
+}
+
 // The packed avx512 paths for a problem (the policy as gemm_typed picks it).
 template <class Src> void gemm_packed_avx512(const GemmParams& p) {
-  if constexpr (std::is_same_v<Src, u16>)
+  if constexpr (std::is_same_v<Src, u16>) {
     if (use_bf16_dot()) return gemm_packed<Bf16Avx512, u16>(p);
+  } else {
+    if (in_place_gemm(p)) return gemm_in_place(p);
+  }
   gemm_packed<F32Avx512, Src>(p);
 }
 
