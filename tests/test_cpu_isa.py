@@ -107,6 +107,8 @@ for M in (130, 3, 12):  # the packed path, the direct (GEMV-like) one, and that 
     a, b = torch.randn(M, 300, generator=g).bfloat16(), torch.randn(300, 70, generator=g).bfloat16()
     ref = a.double() @ b.double()
     assert float((pk.gemm(a, b).double() - ref).abs().max() / ref.abs().max()) < 2e-2, M
+    w = b.t().contiguous()  # linear (B stored [N, K]): M = 130 transposes B's panels while packing (widened: pack_t)
+    assert float((pk.linear(a, w).double() - ref).abs().max() / ref.abs().max()) < 2e-2, ("linear", M)
 from pykernels.harness import verify
 from pykernels.kernels import AttentionProblem
 for D in (64, 96, 256, 5, 40, 80, 99):  # 96: the P.V in 32-column passes; 5-99: rows padded to 16 (80: a 16-col pass)

@@ -55,7 +55,8 @@ def test_gemm_is_deterministic():
 # dot-product path (M <= 8), the packed drivers and the AMX tiles above it (several K blocks), and K tails that are no multiple of the vector width.
 LINEAR_SHAPES = [(1, 1, 1), (1, 33, 4095), (3, 65, 1000), (5, 7, 129), (8, 130, 17), (9, 64, 64), (65, 127, 63),
                  (40, 300, 777), (16, 33, 32), (2, 67, 70), (4, 5, 9),
-                 (20, 1100, 300),  # computed as C^T = B . A^T (gemm_nt_swapped): several K blocks
+                 (20, 1100, 300),  # fp32 avx512: in place (few row panels, up to L2), B's panels transposed
+                 (20, 1100, 1300),  # computed as C^T = B . A^T (gemm_nt_swapped): several K blocks
                  (13, 45, 1029)]   # the dot path in two passes of rows (8 + 5), a short last block of B rows
 
 

@@ -7,8 +7,8 @@
 //           accumulate into private fp32 partials of C, and the partials are summed at the end.
 //   slabs   M <= 112: the same slab scheme, but each slab of B is packed into [k][32] panels (L2) and
 //           run through the register-blocked micro-kernel, since each B element now feeds many FMAs.
-//   in place  small fp32 GEMMs on AVX-512 (A and B within a sixth of L2, K <= 1024, B [K, N]): the micro-kernel reads A and B
-//           where they are, no packing (gemm_in_place).
+//   in place  small fp32 GEMMs on AVX-512 (K <= 1024, A and B within a sixth of L2): the micro-kernel reads A, and
+//           B stored [K, N], where they are (B [N, K] transposed one panel at a time; gemm_in_place).
 //   rows    larger M, BLIS-style: items of up to 8 row panels (112 rows) x all of N, handed out
 //           dynamically; per item and K block (KC) the rows of A are packed into [k][row] panels,
 //           per N block (NC) B is packed into [k][32] panels, and the micro-kernel (up to 14 rows x
@@ -210,10 +210,18 @@ void pack_bt(const Src* src, int64_t ldb, int64_t kc, int64_t r0, int64_t r1, in
   }
 }
 
-// The B block at (k0, j0) of either layout, packed by the policy's pack_b or by pack_bt.
+// Whether policy P has its own pack_bt (P::pack_t, same arguments).
+template <class P, class Src, class = void> struct HasPackT : std::false_type {};
+template <class P, class Src>
+struct HasPackT<P, Src, std::void_t<decltype(&P::template pack_t<Src>)>> : std::true_type {};
+
+// The B block at (k0, j0) of either layout, packed by the policy's pack_b or by pack_bt (or the policy's pack_t).
 template <class P, class Src>
 inline void pack_b_any(bool transb, const Src* B, int64_t N, int64_t K, int64_t k0, int64_t j0, int64_t kc,
                        int64_t r0, int64_t r1, int64_t nc, typename P::Elem* dst, bool stream = false) {
+  if constexpr (HasPackT<P, Src>::value) {
+    if (transb) return P::template pack_t<Src>(B + j0 * K + k0, K, kc, r0, r1, nc, dst);
+  }
   if (transb) return pack_bt<P, Src>(B + j0 * K + k0, K, kc, r0, r1, nc, dst);
   P::template pack_b<Src>(B + k0 * N + j0, N, kc, r0, r1, nc, dst, stream);
 }
@@ -937,6 +945,34 @@ struct F32Avx512 {
       for (int64_t c = 0; c < n; ++c) _mm512_mask_storeu_ps(dst + (k0 + c) * R, rows, _mm512_castsi512_ps(v[c]));
     }
   }
+  // pack_bt's panels from B stored [N, K] (ldb apart): 16 K values of 16 columns at a time, transposed in registers
+  // as pack_a does (pack_bt's scalar loop took ~1 us per 32 x 128 panel).
+  template <class Src> PK_AVX512 static void pack_t(const Src* src, int64_t ldb, int64_t kc, int64_t r0, int64_t r1,
+                                                    int64_t nc, float* dst) {
+    for (int64_t q = 0; q * NR < nc; ++q) {
+      float* dq = dst + q * kc * NR;
+      const int64_t cols = std::min(NR, nc - q * NR);
+      for (int64_t k0 = r0; k0 < r1; k0 += 16) {
+        const int64_t n = std::min<int64_t>(16, r1 - k0);
+        const __mmask16 m = vec::mask16(n);
+        for (int64_t h = 0; h < NR; h += 16) {
+          __m512i v[16];
+          for (int64_t r = 0; r < 16; ++r) {
+            const Src* s = src + (q * NR + h + r) * ldb + k0;
+            if (h + r >= cols) {
+              v[r] = _mm512_setzero_si512();
+            } else if constexpr (std::is_same_v<Src, float>) {
+              v[r] = _mm512_castps_si512(_mm512_maskz_loadu_ps(m, s));
+            } else {
+              v[r] = _mm512_castps_si512(vec::load_bf16(s, n));
+            }
+          }
+          vec::transpose16(v);
+          for (int64_t c = 0; c < n; ++c) _mm512_store_ps(dq + (k0 + c) * NR + h, _mm512_castsi512_ps(v[c]));
+        }
+      }
+    }
+  }
   template <class Src> PK_AVX512 static void pack_b(const Src* src, int64_t ldb, int64_t kc, int64_t r0, int64_t r1,
                                                     int64_t nc, float* dst, bool stream) {
     for (int64_t q0 = 0; q0 * NR < nc; q0 += kPackPanels) {
@@ -978,6 +1014,23 @@ struct F32Avx512 {
 #pragma GCC unroll 14
       for (int r = 0; r < R; ++r) {
         const __m512 av = _mm512_set1_ps(a[k * R + r]);
+        acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
+      }
+    }
+    store_tile<R>(acc, o, row, col, nc);
+  }
+  // The tile on A where it is (R rows, lda apart) and a packed B panel ([k][32]), all K steps (gemm_in_place, B [N, K]).
+  template <int R> PK_AVX512 static void tile_a_in_place(const float* a, int64_t lda, const float* b, int64_t K,
+                                                         const Out& o, int64_t row, int64_t col, int nc) {
+    __m512 acc[R][2];
+#pragma GCC unroll 14
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+      const __m512 b0 = _mm512_load_ps(b + k * NR), b1 = _mm512_load_ps(b + k * NR + 16);
+#pragma GCC unroll 14
+      for (int r = 0; r < R; ++r) {
+        const __m512 av = _mm512_set1_ps(a[r * lda + k]);
         acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
         acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
       }
@@ -1556,17 +1609,22 @@ template <class T> void gemm_dot_avx512(const GemmParams& p) {
   });
 }
 
-// Small fp32 GEMMs (B [K, N]): the micro-kernel reads A and B where they are (F32Avx512::tile_in_place) instead
-// of packing them first. At these sizes packing is work of the order of the products' (a -g build's profile of 96^3 on
-// one thread: 19% of the samples in gemm_rows' packing, 77% in the tiles), and with 2 threads gemm_rows packs all of
-// B in each thread, gemm_slabs (M <= 98) zeroes and sums partials. Items: row panels x column groups (enough to share
-// out, ~3 per thread), over all of K; the column panels of an item follow each other (A's row panel stays in L1).
-// Taken when A and B together take at most a sixth of L2 and K <= kInPlaceMaxK (the A panel's rows are read as K-long
-// streams). Sapphire Rapids VM (2 MB L2: up to ~208^3), C++ driver, the packed and in-place paths alternated in one
-// process, 5-8 rounds, medians of a round (us): 1 thread 64^3 3.45 -> 2.81, 96^3 11.0 -> 9.9, 128^3 24.6 -> 23.6,
-// 160^3 and 192^3 1-2% faster, 256^3 2% slower (outside); 2 threads 112^3 12.7 -> 11.1, 128^3 16.3 -> 14.3,
-// 160^3 29.2 -> 28.5, 192^3 46.5 -> 45.3, 256^3 103.8 -> 107.9 (outside), 96 x 128 x 128 21.5 -> 13.2,
-// 64 x 256 x 256 53.2 -> 28.6, 32 x 512 x 256 55.2 -> 26.3, 100 x 100 x 1000 89.0 -> 71.7 (notes/cpu_gemm.md).
+// Small fp32 GEMMs: the micro-kernel reads A where it is, and B too when stored [K, N] (F32Avx512::tile_in_place); B
+// stored [N, K] (linear) is transposed one 32-column panel at a time (pack_t) by the item that uses it, column panels
+// outer (tile_a_in_place). At these sizes packing A is work of the order of the products' (a -g build's profile of
+// 96^3 on one thread: 19% of the samples in gemm_rows' packing, 77% in the tiles), and with 2 threads gemm_rows packs
+// all of B in each thread, gemm_slabs (M <= 98) zeroes and sums partials. Items ([K, N]): row panels x column groups
+// (enough to share out, ~3 per thread), over all of K; the column panels of an item follow each other (A's row panel
+// stays in L1). Taken when K <= kInPlaceMaxK (A's rows are read as K-long streams) and A and B together take at most a
+// sixth of L2, or all of it with fewer than kSmallPanels row panels (where gemm_slabs would run). Sapphire Rapids VM
+// (2 MB L2: up to ~208^3), C++ driver, the packed and in-place paths alternated in one process, 5-8 rounds, medians of
+// a round (us): 1 thread 64^3 3.45 -> 2.81, 96^3 11.0 -> 9.9, 128^3 24.6 -> 23.6, 160^3 and 192^3 1-2% faster,
+// 256^3 2% slower; 2 threads 112^3 12.7 -> 11.1, 128^3 16.3 -> 14.3, 160^3 29.2 -> 28.5, 192^3 46.5 -> 45.3,
+// 256^3 103.8 -> 107.9 and 384^3 283-285 -> 304-336 (so not taken there), 96 x 128 x 128 21.5 -> 13.2, 64 x 256 x
+// 256 53.2 -> 28.6,
+// 32 x 512 x 256 55.2 -> 26.3, 100 x 100 x 1000 89.0 -> 71.7; past a sixth of L2 (best-worst of 5 rounds, two runs)
+// 32 x 512 x 512 65-72 -> 48-64, 64 x 512 x 256 95-97 -> 47-50, 40 x 300 x 1000 82-91 -> 65-74, 64 x 640 x 640
+// 192-216 -> 169-186, 96 x 768 x 384 181-185 -> 177-198, 32 x 1024 x 1024 level (notes/cpu_gemm.md).
 // Reading B in place with the column panels outer (B's panel meant to stay in L1) was level: at N = 128 its rows
 // are 512 B apart and a panel maps to 16 of L1d's 64 sets; packing each column panel then (A in place) won on one
 // thread from 128^3 (-7%) but lost at 64^3 (+20%) and on 2 threads (+10-25%).
@@ -1577,11 +1635,14 @@ constexpr int64_t kInPlaceMaxK = 1024;
 // row panels (items sharing a row panel's columns) 64 x 96 x 96 6.5 / 5.8, 32 x 128 x 128 6.5 / 5.6.
 constexpr double kInPlaceThreadFlops = 0.6e6;
 inline bool in_place_gemm(const GemmParams& p) {
-  static const int64_t max_bytes = caches().l2 / 6;
-  return !p.transb && p.K <= kInPlaceMaxK && (p.M * p.K + p.K * p.N) * int64_t(sizeof(float)) <= max_bytes;
+  const int64_t max_bytes = cdiv(p.M, F32Avx512::MR) < kSmallPanels ? caches().l2 : caches().l2 / 6;
+  return p.K <= kInPlaceMaxK && (p.M * p.K + p.K * p.N) * int64_t(sizeof(float)) <= max_bytes;
 }
 template <bool Full, size_t... I> constexpr auto in_place_table(std::index_sequence<I...>) {
   return std::array{&F32Avx512::tile_in_place<static_cast<int>(I) + 1, Full>...};
+}
+template <size_t... I> constexpr auto a_in_place_table(std::index_sequence<I...>) {
+  return std::array{&F32Avx512::tile_a_in_place<static_cast<int>(I) + 1>...};
 }
 void gemm_in_place(const GemmParams& p) {
   constexpr int64_t MR = F32Avx512::MR, NR = F32Avx512::NR;
@@ -1597,9 +1658,29 @@ void gemm_in_place(const GemmParams& p) {
   const double flops = 2.0 * double(M) * double(N) * double(K);
   int nt = pick_threads(p);
   if (nt == 1 && flops >= kInPlaceThreadFlops && mp >= 3 * int64_t(omp_get_max_threads())) nt = omp_get_max_threads();
+  const Out o{static_cast<float*>(p.c), N, nullptr, 0, false, false};
+  if (p.transb) {
+    static constexpr auto tiles = a_in_place_table(std::make_index_sequence<MR>());
+    const int64_t nrg = std::min(mp, cdiv(3 * int64_t(nt), np)), items = np * nrg;
+    nt = static_cast<int>(std::min<int64_t>(nt, items));
+    run_team(nt, [&](int, int, Team& team) {
+      const CallBuffer panel(arena(), size_t(K * NR) * sizeof(float));
+      float* bp = panel.as<float>();
+      for (int64_t it; (it = team.grab()) < items;) {
+        const int64_t j = it / nrg, rg = it % nrg;
+        const int nc = static_cast<int>(std::min(NR, N - j * NR));
+        F32Avx512::pack_t<float>(B + j * NR * K, K, K, 0, K, nc, bp);
+        for (int64_t i = mp * rg / nrg; i < mp * (rg + 1) / nrg; ++i) {
+          const int64_t r0 = row0(i);
+          tiles[row0(i + 1) - r0 - 1](A + r0 * K, K, bp, K, o, r0, j * NR, nc);
+        }
+      }
+      team.barrier();
+    });
+    return;
+  }
   const int64_t ncg = std::min(np, cdiv(3 * int64_t(nt), mp)), items = mp * ncg;
   nt = static_cast<int>(std::min<int64_t>(nt, items));
-  const Out o{static_cast<float*>(p.c), N, nullptr, 0, false, false};
   run_team(nt, [&](int, int, Team& team) {
     for (int64_t it; (it = team.grab()) < items;) {
       const int64_t i = it / ncg, cg = it % ncg, r0 = row0(i);
@@ -1615,11 +1696,8 @@ void gemm_in_place(const GemmParams& p) {
 
 // The packed avx512 paths for a problem (the policy as gemm_typed picks it).
 template <class Src> void gemm_packed_avx512(const GemmParams& p) {
-  if constexpr (std::is_same_v<Src, u16>) {
+  if constexpr (std::is_same_v<Src, u16>)
     if (use_bf16_dot()) return gemm_packed<Bf16Avx512, u16>(p);
-  } else {
-    if (in_place_gemm(p)) return gemm_in_place(p);
-  }
   gemm_packed<F32Avx512, Src>(p);
 }
 
@@ -1668,6 +1746,8 @@ template <class Src> void gemm_typed(const GemmParams& p) {
       if (f.amx_bf16 && tiles && (!p.transb || p.M >= kAmxLinearMinM)) return gemm_amx(p);
     }
     if (p.M <= kDotTwoPassMaxM && p.transb) return gemm_dot_avx512<Src>(p);  // rows of B are contiguous in K
+    if constexpr (std::is_same_v<Src, float>)  // small: read in place (past the direct path's rows)
+      if ((p.transb || p.M > direct_two_pass_max_m()) && in_place_gemm(p)) return gemm_in_place(p);
     if (p.transb && p.M <= kSwapMaxM && p.N >= 4 * p.M) return gemm_nt_swapped<Src>(p);
     // bf16 where vdpbf16ps pays (and no AMX took it): the packed vdpbf16ps path beats the widening
     // two-pass direct one. Zen 5, K = N = 4096, 2 threads (C++ driver): M = 12 / 16 1.60 / 1.68 ms packed
