@@ -6,7 +6,10 @@
 //   direct  M <= 4 (decode batches): B streamed once, never packed (bf16 widened in registers); items
 //           of 64 rows of B go to the threads dynamically, each adds 4 rows of B per pass into a
 //           private fp32 partial of the C rows; the partials are summed at the end.
-//   packed  BLIS-style: work items are (MC rows x NC columns) blocks of C, handed out dynamically;
+//   in place  fp32 with K <= 1024 and A and B within L2 (M > 4): the 6 x 16 micro-kernel on A's rows and B's rows
+//           where they are, no packing (B stored [N, K]: one 16-column panel transposed per item; gemm_in_place).
+//   packed  BLIS-style: work items are (MC rows x NC columns) blocks of C, handed out dynamically (MC smaller
+//           when that leaves fewer than ~3 items per thread);
 //           the rows of A are packed into [k][6] panels and B into [k][16] panels per K block (KC)
 //           (bf16 widened to fp32 while packing; from B^T when B is stored [N, K], transb): once for
 //           the call, shared by the threads, up to kSharedPackBytes, else per item. The 6 x 16
@@ -220,7 +223,11 @@ constexpr int64_t kSharedPackBytes = int64_t(64) << 20;
 
 template <class T> void gemm_packed(const GemmParams& p) {
   const Blocking& bl = blocking();
-  const int64_t M = p.M, N = p.N, K = p.K, KC = bl.kc, MC = bl.mc, NC = bl.nc;
+  const int64_t M = p.M, N = p.N, K = p.K, KC = bl.kc, NC = bl.nc;
+  // Row blocks small enough for ~3 items per thread: with one block of MC x NC (M, N <= 336 with a 2 MB L2) one
+  // thread did all the work.
+  const int64_t want = cdiv(3 * int64_t(pick_threads(p)), cdiv(N, NC));
+  const int64_t MC = std::clamp(cdiv(cdiv(M, want), MR) * MR, int64_t(MR), bl.mc);
   const T* A = static_cast<const T*>(p.a);
   const T* B = static_cast<const T*>(p.b);
   constexpr bool kBf16 = std::is_same_v<T, u16>;
@@ -228,8 +235,9 @@ template <class T> void gemm_packed(const GemmParams& p) {
   // Shared packing: the k block at k0 of row block ib at sa + (ib K + k0) MC ([mc/6 panels][kc][6]), of
   // column block jb at sb + (jb K + k0) NC ([nc/16 panels][kc][16]).
   const bool shared = items > 1 && double(mb * MC + nb * NC) * double(K) * 4 <= double(kSharedPackBytes);
-  float* sa = shared ? scratch(static_cast<size_t>((mb * MC + nb * NC) * K), 1) : nullptr;
-  float* sb = shared ? sa + mb * MC * K : nullptr;
+  const int64_t a_floats = cdiv(mb * MC * K, 8) * 8;  // B's panels start 32-byte aligned (the kernel's aligned loads)
+  float* sa = shared ? scratch(static_cast<size_t>(a_floats + nb * NC * K), 1) : nullptr;
+  float* sb = shared ? sa + a_floats : nullptr;
   const int64_t units = shared ? (mb + nb) * kb : 0;
   auto pack_rows = [&](int64_t i0, int64_t mc, int64_t k0, int64_t kc, float* dst) {
     for (int64_t i = 0; i < mc; i += MR)
@@ -436,7 +444,100 @@ template <int M, class T> void gemm_dot(const GemmParams& p) {
   }
 }
 
+// ---- in place: small fp32 GEMMs (as gemm.cpp's gemm_in_place) ---------------------------------------
+// The 6 x 16 tile on A's rows where they are (lda apart, each value broadcast from its row) and on B's rows where
+// they are (ldb apart; masked loads past nc unless Full) or on a packed panel (ldb = NR, zero-padded: Full), all of
+// K; stored with masks past nc.
+template <int R, bool Full> void tile_in_place(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K,
+                                               float* c, int64_t ldc, int nc) {
+  __m256 acc[R][2];
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(nc), lane);
+  const __m256i m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(nc - 8), lane);
+  for (int64_t k = 0; k < K; ++k) {
+    const float* br = b + k * ldb;
+    const __m256 b0 = Full ? _mm256_loadu_ps(br) : _mm256_maskload_ps(br, m0);
+    const __m256 b1 = Full ? _mm256_loadu_ps(br + 8) : _mm256_maskload_ps(br + 8, m1);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      const __m256 av = _mm256_broadcast_ss(a + r * lda + k);
+      acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+    float* cr = c + r * ldc;
+    if (nc == NR) {
+      _mm256_storeu_ps(cr, acc[r][0]);
+      _mm256_storeu_ps(cr + 8, acc[r][1]);
+    } else {
+      _mm256_maskstore_ps(cr, m0, acc[r][0]);
+      _mm256_maskstore_ps(cr + 8, m1, acc[r][1]);
+    }
+  }
+}
+using InPlaceFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t, int);
+template <bool Full> constexpr InPlaceFn in_place_tiles[MR] = {&tile_in_place<1, Full>, &tile_in_place<2, Full>,
+                                                              &tile_in_place<3, Full>, &tile_in_place<4, Full>,
+                                                              &tile_in_place<5, Full>, &tile_in_place<6, Full>};
+// Taken when K <= kInPlaceMaxK (A's rows are read as K-long streams) and A and B together fit in L2; threads from
+// kInPlaceThreadFlops when each gets 3 row panels or more. Forced tier on the Sapphire Rapids VM, 2 threads, prepared
+// calls against torch capped to AVX2 (as tools/isa_tiers.py caps it) in turns, native / torch fp32 before -> after
+// (with the row blocks of gemm_packed below): 64^3 0.77 -> 1.20, 96^3 0.59 -> 1.01, 128^3 0.51 -> 0.94,
+// 64 x 256 x 256 0.51 -> 1.02, 32 x 128 x 128 -> 1.08, 32 x 512 x 512 0.56 -> 0.87, 256^3 0.52 -> 0.97,
+// 384^3 -> 0.99, 512^3 (2 MB) -> 0.99 (packed 0.91), linear alike (256^3 1.00, 512^3 1.01). The kernel runs at half
+// the AVX-512 rate, so packing costs relatively less and threads pay from fewer FLOPs than in gemm.cpp.
+constexpr int64_t kInPlaceMaxK = 1024;
+constexpr double kInPlaceThreadFlops = 0.2e6;
+inline bool in_place_gemm(const GemmParams& p) {
+  return p.K <= kInPlaceMaxK && (p.M * p.K + p.K * p.N) * int64_t(sizeof(float)) <= caches().l2;
+}
+void gemm_in_place(const GemmParams& p) {
+  const int64_t M = p.M, N = p.N, K = p.K, mp = cdiv(M, MR), np = cdiv(N, NR);
+  const float* A = static_cast<const float*>(p.a);
+  const float* B = static_cast<const float*>(p.b);
+  float* C = static_cast<float*>(p.c);
+  const double flops = 2.0 * double(M) * double(N) * double(K);
+  int nt = pick_threads(p);
+  if (nt == 1 && !omp_in_parallel() && flops >= kInPlaceThreadFlops && mp >= 3 * int64_t(omp_get_max_threads()))
+    nt = omp_get_max_threads();
+  if (p.transb) {  // column panels outer: each item transposes its panel of B, then runs its row panels
+    const int64_t nrg = std::min(mp, cdiv(3 * int64_t(nt), np)), items = np * nrg;
+    nt = static_cast<int>(std::min<int64_t>(nt, items));
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+      float* bp = scratch(static_cast<size_t>(K * NR));
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t it = 0; it < items; ++it) {
+        const int64_t j = it / nrg, rg = it % nrg;
+        const int nc = static_cast<int>(std::min<int64_t>(NR, N - j * NR));
+        pack_bt(B + j * NR * K, K, K, nc, bp);
+        for (int64_t i = mp * rg / nrg; i < mp * (rg + 1) / nrg; ++i)
+          in_place_tiles<true>[std::min<int64_t>(MR, M - i * MR) - 1](A + i * MR * K, K, bp, NR, K, C + i * MR * N + j * NR, N, nc);
+      }
+    }
+    return;
+  }
+  const int64_t ncg = std::min(np, cdiv(3 * int64_t(nt), mp)), items = mp * ncg;
+  nt = static_cast<int>(std::min<int64_t>(nt, items));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t i = it / ncg, cg = it % ncg;
+    const int64_t R = std::min<int64_t>(MR, M - i * MR);
+    for (int64_t j = np * cg / ncg; j < np * (cg + 1) / ncg; ++j) {
+      const int nc = static_cast<int>(std::min<int64_t>(NR, N - j * NR));
+      (nc == NR ? in_place_tiles<true> : in_place_tiles<false>)[R - 1](A + i * MR * K, K, B + j * NR, N, K,
+                                                                       C + i * MR * N + j * NR, N, nc);
+    }
+  }
+}
+
 template <class T> void gemm_typed(const GemmParams& p) {
+  if constexpr (std::is_same_v<T, float>)
+    if (p.M > (p.transb ? 4 : kDirectMaxM) && in_place_gemm(p)) return gemm_in_place(p);
   if (p.transb) {
     switch (p.M) {
       case 1: return gemm_dot<1, T>(p);
