@@ -7,7 +7,7 @@
 //           accumulate into private fp32 partials of C, and the partials are summed at the end.
 //   slabs   M <= 112: the same slab scheme, but each slab of B is packed into [k][32] panels (L2) and
 //           run through the register-blocked micro-kernel, since each B element now feeds many FMAs.
-//   in place  small fp32 GEMMs on AVX-512 (K <= 1024, A and B within a sixth of L2): the micro-kernel reads A, and
+//   in place  small fp32 GEMMs, AVX-512 and portable tiers (K <= 1024, A and B within a sixth of L2): the micro-kernel reads A, and
 //           B stored [K, N], where they are (B [N, K] transposed one panel at a time; gemm_in_place).
 //   rows    larger M, BLIS-style: items of up to 8 row panels (112 rows) x all of N, handed out
 //           dynamically; per item and K block (KC) the rows of A are packed into [k][row] panels,
@@ -532,6 +532,9 @@ struct Portable : PlainPack<2 * pv::kLanes> {
         acc[r][1] += b1 * av;
       }
     }
+    store_acc<R>(acc, o, row, col, nc);
+  }
+  template <int R> static void store_acc(const pv::vf (&acc)[R][2], const Out& o, int64_t row, int64_t col, int nc) {
     if (nc == NR && !o.to_bf16) {  // full fp32 tile: vector loads and stores of C
 #pragma GCC unroll 6
       for (int r = 0; r < R; ++r) {
@@ -546,7 +549,132 @@ struct Portable : PlainPack<2 * pv::kLanes> {
       for (int v = 0; v < 2; ++v) pv::store(&t[r][v * pv::kLanes], acc[r][v]);
     store_tile<R, NR>(t, o, row, col, nc);
   }
+  // gemm_in_place's tiles: A's R rows where they are (lda apart), B's rows where they are (ldb apart; whole panels
+  // only: no masked loads here, the last narrower panel is packed and goes to tile_a_in_place) or a packed panel.
+  static constexpr bool kInPlaceMasked = false;
+  template <int R, bool Full> static void tile_in_place(const float* a, int64_t lda, const float* b, int64_t ldb,
+                                                        int64_t K, const Out& o, int64_t row, int64_t col, int nc) {
+    static_assert(Full, "whole column panels only");
+    pv::vf acc[R][2];
+#pragma GCC unroll 14
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = pv::vf{};
+    for (int64_t k = 0; k < K; ++k) {
+      const pv::vf b0 = pv::load(b + k * ldb), b1 = pv::load(b + k * ldb + pv::kLanes);
+#pragma GCC unroll 14
+      for (int r = 0; r < R; ++r) {
+        const float av = a[r * lda + k];
+        acc[r][0] += b0 * av;
+        acc[r][1] += b1 * av;
+      }
+    }
+    store_acc<R>(acc, o, row, col, nc);
+  }
+  template <int R> static void tile_a_in_place(const float* a, int64_t lda, const float* b, int64_t K, const Out& o,
+                                               int64_t row, int64_t col, int nc) {
+    tile_in_place<R, true>(a, lda, b, NR, K, o, row, col, nc);
+  }
 };
+
+// Small fp32 GEMMs: the micro-kernel reads A where it is, and B too when stored [K, N] (F32Avx512::tile_in_place); B
+// stored [N, K] (linear) is transposed one 32-column panel at a time (pack_t) by the item that uses it, column panels
+// outer (tile_a_in_place). At these sizes packing A is work of the order of the products' (a -g build's profile of
+// 96^3 on one thread: 19% of the samples in gemm_rows' packing, 77% in the tiles), and with 2 threads gemm_rows packs
+// all of B in each thread, gemm_slabs (M <= 98) zeroes and sums partials. Items ([K, N]): row panels x column groups
+// (enough to share out, ~3 per thread), over all of K; the column panels of an item follow each other (A's row panel
+// stays in L1). Taken when K <= kInPlaceMaxK (A's rows are read as K-long streams) and A and B together take at most a
+// sixth of L2, or all of it with fewer than kSmallPanels row panels (where gemm_slabs would run). Sapphire Rapids VM
+// (2 MB L2: up to ~208^3), C++ driver, the packed and in-place paths alternated in one process, 5-8 rounds, medians of
+// a round (us): 1 thread 64^3 3.45 -> 2.81, 96^3 11.0 -> 9.9, 128^3 24.6 -> 23.6, 160^3 and 192^3 1-2% faster,
+// 256^3 2% slower; 2 threads 112^3 12.7 -> 11.1, 128^3 16.3 -> 14.3, 160^3 29.2 -> 28.5, 192^3 46.5 -> 45.3,
+// 256^3 103.8 -> 107.9 and 384^3 283-285 -> 304-336 (so not taken there), 96 x 128 x 128 21.5 -> 13.2, 64 x 256 x
+// 256 53.2 -> 28.6,
+// 32 x 512 x 256 55.2 -> 26.3, 100 x 100 x 1000 89.0 -> 71.7; past a sixth of L2 (best-worst of 5 rounds, two runs)
+// 32 x 512 x 512 65-72 -> 48-64, 64 x 512 x 256 95-97 -> 47-50, 40 x 300 x 1000 82-91 -> 65-74, 64 x 640 x 640
+// 192-216 -> 169-186, 96 x 768 x 384 181-185 -> 177-198, 32 x 1024 x 1024 level (notes/cpu_gemm.md).
+// Reading B in place with the column panels outer (B's panel meant to stay in L1) was level: at N = 128 its rows
+// are 512 B apart and a panel maps to 16 of L1d's 64 sets; packing each column panel then (A in place) won on one
+// thread from 128^3 (-7%) but lost at 64^3 (+20%) and on 2 threads (+10-25%).
+// Generic over the policy: the portable tier's tiles (Portable) read whole panels of B in place and pack the narrower
+// last one (no masked loads in plain C++). Portable tier forced here (its vectors are this build's 64 bytes), 2
+// threads, native / torch fp32: 96^3 0.59 -> 1.20, 128^3 0.80 -> 1.14, 64 x 256 x 256 0.47 -> 1.11, 24 x 1024 x 128
+// 0.38 -> 1.08; linear 96^3 0.57 -> 0.90, 64 x 256 x 256 0.41 -> 0.82 (pack_bt's scalar transposes left).
+constexpr int64_t kInPlaceMaxK = 1024;
+// From this many FLOPs (not kSerialFlops) the in-place path takes threads when each gets >= 3 row panels. C++ driver,
+// 2 threads against 1, alternated (us): 72^3 4.3 / 4.7-5.3, 96^3 7.4-7.7 / 9.7, 128 x 64 x 64 4.6-5.0 / 5.7,
+// 200 x 16 x 64 4.3-4.5 / 4.7, 84 x 48 x 64 3.6-3.8 / 3.8, 84 x 32 x 64 (0.34 MFLOP) 2.5-2.7 / 1.9; with fewer
+// row panels (items sharing a row panel's columns) 64 x 96 x 96 6.5 / 5.8, 32 x 128 x 128 6.5 / 5.6.
+constexpr double kInPlaceThreadFlops = 0.6e6;
+template <class P> bool in_place_gemm(const GemmParams& p) {
+  const int64_t max_bytes = cdiv(p.M, P::MR) < kSmallPanels ? caches().l2 : caches().l2 / 6;
+  return p.K <= kInPlaceMaxK && (p.M * p.K + p.K * p.N) * int64_t(sizeof(float)) <= max_bytes;
+}
+template <class P, bool Full, size_t... I> constexpr auto in_place_table(std::index_sequence<I...>) {
+  return std::array{&P::template tile_in_place<static_cast<int>(I) + 1, Full>...};
+}
+template <class P, size_t... I> constexpr auto a_in_place_table(std::index_sequence<I...>) {
+  return std::array{&P::template tile_a_in_place<static_cast<int>(I) + 1>...};
+}
+template <class P> void gemm_in_place(const GemmParams& p) {
+  constexpr int64_t MR = P::MR, NR = P::NR;
+  static constexpr auto full = in_place_table<P, true>(std::make_index_sequence<MR>());
+  static constexpr auto packed = a_in_place_table<P>(std::make_index_sequence<MR>());
+  const int64_t M = p.M, N = p.N, K = p.K;
+  const float* A = static_cast<const float*>(p.a);
+  const float* B = static_cast<const float*>(p.b);
+  const int64_t mp = cdiv(M, MR), np = cdiv(N, NR);
+  auto row0 = [&](int64_t i) { return M * i / mp; };  // panel i: rows [row0(i), row0(i+1)), <= MR rows
+  // Threads from kInPlaceThreadFlops when every thread gets 3 row panels or more (below kSerialFlops, the items
+  // that share a row panel's columns measured slower than one thread).
+  const double flops = 2.0 * double(M) * double(N) * double(K);
+  int nt = pick_threads(p);
+  if (nt == 1 && flops >= kInPlaceThreadFlops && mp >= 3 * int64_t(omp_get_max_threads())) nt = omp_get_max_threads();
+  const Out o{static_cast<float*>(p.c), N, nullptr, 0, false, false};
+  // A panel of B packed [k][NR]: B [N, K] transposed, or (without masked loads) the narrower last panel of B [K, N].
+  auto pack_panel = [&](int64_t j, int nc, float* bp) {
+    pack_b_any<P, float>(p.transb, B, N, K, 0, j * NR, K, 0, K, nc, bp);
+  };
+  if (p.transb) {  // column panels outer: each item transposes its panel of B, then runs its row panels
+    const int64_t nrg = std::min(mp, cdiv(3 * int64_t(nt), np)), items = np * nrg;
+    nt = static_cast<int>(std::min<int64_t>(nt, items));
+    run_team(nt, [&](int, int, Team& team) {
+      const CallBuffer panel(arena(), size_t(K * NR) * sizeof(float));
+      float* bp = panel.as<float>();
+      for (int64_t it; (it = team.grab()) < items;) {
+        const int64_t j = it / nrg, rg = it % nrg;
+        const int nc = static_cast<int>(std::min(NR, N - j * NR));
+        pack_panel(j, nc, bp);
+        for (int64_t i = mp * rg / nrg; i < mp * (rg + 1) / nrg; ++i) {
+          const int64_t r0 = row0(i);
+          packed[row0(i + 1) - r0 - 1](A + r0 * K, K, bp, K, o, r0, j * NR, nc);
+        }
+      }
+      team.barrier();
+    });
+    return;
+  }
+  const int64_t ncg = std::min(np, cdiv(3 * int64_t(nt), mp)), items = mp * ncg;
+  nt = static_cast<int>(std::min<int64_t>(nt, items));
+  run_team(nt, [&](int, int, Team& team) {
+    const CallBuffer panel(arena(), P::kInPlaceMasked ? 0 : size_t(K * NR) * sizeof(float));
+    for (int64_t it; (it = team.grab()) < items;) {
+      const int64_t i = it / ncg, cg = it % ncg, r0 = row0(i);
+      const int R = static_cast<int>(row0(i + 1) - r0);
+      for (int64_t j = np * cg / ncg; j < np * (cg + 1) / ncg; ++j) {
+        const int nc = static_cast<int>(std::min(NR, N - j * NR));
+        if (nc == NR) {
+          full[R - 1](A + r0 * K, K, B + j * NR, N, K, o, r0, j * NR, nc);
+        } else if constexpr (P::kInPlaceMasked) {
+          static constexpr auto part = in_place_table<P, false>(std::make_index_sequence<MR>());
+          part[R - 1](A + r0 * K, K, B + j * NR, N, K, o, r0, j * NR, nc);
+        } else {
+          pack_panel(j, nc, panel.as<float>());
+          packed[R - 1](A + r0 * K, K, panel.as<float>(), K, o, r0, j * NR, nc);
+        }
+      }
+    }
+    team.barrier();  // wait here (spin, then sleep), not in the OpenMP join (spin only)
+  });
+}
 
 #if defined(__aarch64__)
 // ---- NEON policy (tier "neon", aarch64) ------------------------------------------------------------
@@ -1020,6 +1148,7 @@ struct F32Avx512 {
     }
     store_tile<R>(acc, o, row, col, nc);
   }
+  static constexpr bool kInPlaceMasked = true;  // tile_in_place<R, false> reads a narrower last panel of B in place
   // The tile on A where it is (R rows, lda apart) and a packed B panel ([k][32]), all K steps (gemm_in_place, B [N, K]).
   template <int R> PK_AVX512 static void tile_a_in_place(const float* a, int64_t lda, const float* b, int64_t K,
                                                          const Out& o, int64_t row, int64_t col, int nc) {
@@ -1609,91 +1738,6 @@ template <class T> void gemm_dot_avx512(const GemmParams& p) {
   });
 }
 
-// Small fp32 GEMMs: the micro-kernel reads A where it is, and B too when stored [K, N] (F32Avx512::tile_in_place); B
-// stored [N, K] (linear) is transposed one 32-column panel at a time (pack_t) by the item that uses it, column panels
-// outer (tile_a_in_place). At these sizes packing A is work of the order of the products' (a -g build's profile of
-// 96^3 on one thread: 19% of the samples in gemm_rows' packing, 77% in the tiles), and with 2 threads gemm_rows packs
-// all of B in each thread, gemm_slabs (M <= 98) zeroes and sums partials. Items ([K, N]): row panels x column groups
-// (enough to share out, ~3 per thread), over all of K; the column panels of an item follow each other (A's row panel
-// stays in L1). Taken when K <= kInPlaceMaxK (A's rows are read as K-long streams) and A and B together take at most a
-// sixth of L2, or all of it with fewer than kSmallPanels row panels (where gemm_slabs would run). Sapphire Rapids VM
-// (2 MB L2: up to ~208^3), C++ driver, the packed and in-place paths alternated in one process, 5-8 rounds, medians of
-// a round (us): 1 thread 64^3 3.45 -> 2.81, 96^3 11.0 -> 9.9, 128^3 24.6 -> 23.6, 160^3 and 192^3 1-2% faster,
-// 256^3 2% slower; 2 threads 112^3 12.7 -> 11.1, 128^3 16.3 -> 14.3, 160^3 29.2 -> 28.5, 192^3 46.5 -> 45.3,
-// 256^3 103.8 -> 107.9 and 384^3 283-285 -> 304-336 (so not taken there), 96 x 128 x 128 21.5 -> 13.2, 64 x 256 x
-// 256 53.2 -> 28.6,
-// 32 x 512 x 256 55.2 -> 26.3, 100 x 100 x 1000 89.0 -> 71.7; past a sixth of L2 (best-worst of 5 rounds, two runs)
-// 32 x 512 x 512 65-72 -> 48-64, 64 x 512 x 256 95-97 -> 47-50, 40 x 300 x 1000 82-91 -> 65-74, 64 x 640 x 640
-// 192-216 -> 169-186, 96 x 768 x 384 181-185 -> 177-198, 32 x 1024 x 1024 level (notes/cpu_gemm.md).
-// Reading B in place with the column panels outer (B's panel meant to stay in L1) was level: at N = 128 its rows
-// are 512 B apart and a panel maps to 16 of L1d's 64 sets; packing each column panel then (A in place) won on one
-// thread from 128^3 (-7%) but lost at 64^3 (+20%) and on 2 threads (+10-25%).
-constexpr int64_t kInPlaceMaxK = 1024;
-// From this many FLOPs (not kSerialFlops) the in-place path takes threads when each gets >= 3 row panels. C++ driver,
-// 2 threads against 1, alternated (us): 72^3 4.3 / 4.7-5.3, 96^3 7.4-7.7 / 9.7, 128 x 64 x 64 4.6-5.0 / 5.7,
-// 200 x 16 x 64 4.3-4.5 / 4.7, 84 x 48 x 64 3.6-3.8 / 3.8, 84 x 32 x 64 (0.34 MFLOP) 2.5-2.7 / 1.9; with fewer
-// row panels (items sharing a row panel's columns) 64 x 96 x 96 6.5 / 5.8, 32 x 128 x 128 6.5 / 5.6.
-constexpr double kInPlaceThreadFlops = 0.6e6;
-inline bool in_place_gemm(const GemmParams& p) {
-  const int64_t max_bytes = cdiv(p.M, F32Avx512::MR) < kSmallPanels ? caches().l2 : caches().l2 / 6;
-  return p.K <= kInPlaceMaxK && (p.M * p.K + p.K * p.N) * int64_t(sizeof(float)) <= max_bytes;
-}
-template <bool Full, size_t... I> constexpr auto in_place_table(std::index_sequence<I...>) {
-  return std::array{&F32Avx512::tile_in_place<static_cast<int>(I) + 1, Full>...};
-}
-template <size_t... I> constexpr auto a_in_place_table(std::index_sequence<I...>) {
-  return std::array{&F32Avx512::tile_a_in_place<static_cast<int>(I) + 1>...};
-}
-void gemm_in_place(const GemmParams& p) {
-  constexpr int64_t MR = F32Avx512::MR, NR = F32Avx512::NR;
-  static constexpr auto full = in_place_table<true>(std::make_index_sequence<MR>());
-  static constexpr auto part = in_place_table<false>(std::make_index_sequence<MR>());
-  const int64_t M = p.M, N = p.N, K = p.K;
-  const float* A = static_cast<const float*>(p.a);
-  const float* B = static_cast<const float*>(p.b);
-  const int64_t mp = cdiv(M, MR), np = cdiv(N, NR);
-  auto row0 = [&](int64_t i) { return M * i / mp; };  // panel i: rows [row0(i), row0(i+1)), <= MR rows
-  // Threads from kInPlaceThreadFlops when every thread gets 3 row panels or more (below kSerialFlops, the items
-  // that share a row panel's columns measured slower than one thread).
-  const double flops = 2.0 * double(M) * double(N) * double(K);
-  int nt = pick_threads(p);
-  if (nt == 1 && flops >= kInPlaceThreadFlops && mp >= 3 * int64_t(omp_get_max_threads())) nt = omp_get_max_threads();
-  const Out o{static_cast<float*>(p.c), N, nullptr, 0, false, false};
-  if (p.transb) {
-    static constexpr auto tiles = a_in_place_table(std::make_index_sequence<MR>());
-    const int64_t nrg = std::min(mp, cdiv(3 * int64_t(nt), np)), items = np * nrg;
-    nt = static_cast<int>(std::min<int64_t>(nt, items));
-    run_team(nt, [&](int, int, Team& team) {
-      const CallBuffer panel(arena(), size_t(K * NR) * sizeof(float));
-      float* bp = panel.as<float>();
-      for (int64_t it; (it = team.grab()) < items;) {
-        const int64_t j = it / nrg, rg = it % nrg;
-        const int nc = static_cast<int>(std::min(NR, N - j * NR));
-        F32Avx512::pack_t<float>(B + j * NR * K, K, K, 0, K, nc, bp);
-        for (int64_t i = mp * rg / nrg; i < mp * (rg + 1) / nrg; ++i) {
-          const int64_t r0 = row0(i);
-          tiles[row0(i + 1) - r0 - 1](A + r0 * K, K, bp, K, o, r0, j * NR, nc);
-        }
-      }
-      team.barrier();
-    });
-    return;
-  }
-  const int64_t ncg = std::min(np, cdiv(3 * int64_t(nt), mp)), items = mp * ncg;
-  nt = static_cast<int>(std::min<int64_t>(nt, items));
-  run_team(nt, [&](int, int, Team& team) {
-    for (int64_t it; (it = team.grab()) < items;) {
-      const int64_t i = it / ncg, cg = it % ncg, r0 = row0(i);
-      const int R = static_cast<int>(row0(i + 1) - r0);
-      for (int64_t j = np * cg / ncg; j < np * (cg + 1) / ncg; ++j) {
-        const int nc = static_cast<int>(std::min(NR, N - j * NR));
-        (nc == NR ? full : part)[R - 1](A + r0 * K, K, B + j * NR, N, K, o, r0, j * NR, nc);
-      }
-    }
-    team.barrier();  // wait here (spin, then sleep), not in the OpenMP join (spin only)
-  });
-}
-
 // The packed avx512 paths for a problem (the policy as gemm_typed picks it).
 template <class Src> void gemm_packed_avx512(const GemmParams& p) {
   if constexpr (std::is_same_v<Src, u16>)
@@ -1747,7 +1791,7 @@ template <class Src> void gemm_typed(const GemmParams& p) {
     }
     if (p.M <= kDotTwoPassMaxM && p.transb) return gemm_dot_avx512<Src>(p);  // rows of B are contiguous in K
     if constexpr (std::is_same_v<Src, float>)  // small: read in place (past the direct path's rows)
-      if ((p.transb || p.M > direct_two_pass_max_m()) && in_place_gemm(p)) return gemm_in_place(p);
+      if ((p.transb || p.M > direct_two_pass_max_m()) && in_place_gemm<F32Avx512>(p)) return gemm_in_place<F32Avx512>(p);
     if (p.transb && p.M <= kSwapMaxM && p.N >= 4 * p.M) return gemm_nt_swapped<Src>(p);
     // bf16 where vdpbf16ps pays (and no AMX took it): the packed vdpbf16ps path beats the widening
     // two-pass direct one. Zen 5, K = N = 4096, 2 threads (C++ driver): M = 12 / 16 1.60 / 1.68 ms packed
@@ -1765,6 +1809,8 @@ template <class Src> void gemm_typed(const GemmParams& p) {
 #if defined(__aarch64__)
   if (f.neon) return gemm_packed<F32Neon, Src>(p);
 #endif
+  if constexpr (std::is_same_v<Src, float>)
+    if (p.M > kDirectMaxM && in_place_gemm<Portable>(p)) return gemm_in_place<Portable>(p);
   return gemm_packed<Portable, Src>(p);
 }
 
