@@ -582,7 +582,7 @@ struct Portable : PlainPack<2 * pv::kLanes> {
 // all of B in each thread, gemm_slabs (M <= 98) zeroes and sums partials. Items ([K, N]): row panels x column groups
 // (enough to share out, ~3 per thread), over all of K; the column panels of an item follow each other (A's row panel
 // stays in L1). Taken when K <= kInPlaceMaxK (A's rows are read as K-long streams) and A and B together take at most a
-// sixth of L2, or all of it with fewer than kSmallPanels row panels (where gemm_slabs would run). Sapphire Rapids VM
+// sixth of L2, or all of it with at most kInPlaceL2Panels row panels. Sapphire Rapids VM
 // (2 MB L2: up to ~208^3), C++ driver, the packed and in-place paths alternated in one process, 5-8 rounds, medians of
 // a round (us): 1 thread 64^3 3.45 -> 2.81, 96^3 11.0 -> 9.9, 128^3 24.6 -> 23.6, 160^3 and 192^3 1-2% faster,
 // 256^3 2% slower; 2 threads 112^3 12.7 -> 11.1, 128^3 16.3 -> 14.3, 160^3 29.2 -> 28.5, 192^3 46.5 -> 45.3,
@@ -599,13 +599,18 @@ struct Portable : PlainPack<2 * pv::kLanes> {
 // threads, native / torch fp32: 96^3 0.59 -> 1.20, 128^3 0.80 -> 1.14, 64 x 256 x 256 0.47 -> 1.11, 24 x 1024 x 128
 // 0.38 -> 1.08; linear 96^3 0.57 -> 0.90, 64 x 256 x 256 0.41 -> 0.82 (pack_bt's scalar transposes left).
 constexpr int64_t kInPlaceMaxK = 1024;
+// Up to this many row panels A and B may take all of L2 (more: a sixth). C++ driver, 2 threads, limits of 16 and 7
+// panels alternated (best-worst of 5 rounds, two runs, us): 100 x 100 x 1000 (8 panels) 66-74 / 78-82, linear
+// 128 x 512 x 512 181-189 / 204-206 and 200 x 300 x 800 250-259 / 290-293; gemm 128 x 512 x 512, 160 x 400 x 600,
+// 112 x 1024 x 256 and 200 x 300 x 800 level within the noise.
+constexpr int64_t kInPlaceL2Panels = 16;
 // From this many FLOPs (not kSerialFlops) the in-place path takes threads when each gets >= 3 row panels. C++ driver,
 // 2 threads against 1, alternated (us): 72^3 4.3 / 4.7-5.3, 96^3 7.4-7.7 / 9.7, 128 x 64 x 64 4.6-5.0 / 5.7,
 // 200 x 16 x 64 4.3-4.5 / 4.7, 84 x 48 x 64 3.6-3.8 / 3.8, 84 x 32 x 64 (0.34 MFLOP) 2.5-2.7 / 1.9; with fewer
 // row panels (items sharing a row panel's columns) 64 x 96 x 96 6.5 / 5.8, 32 x 128 x 128 6.5 / 5.6.
 constexpr double kInPlaceThreadFlops = 0.6e6;
 template <class P> bool in_place_gemm(const GemmParams& p) {
-  const int64_t max_bytes = cdiv(p.M, P::MR) < kSmallPanels ? caches().l2 : caches().l2 / 6;
+  const int64_t max_bytes = cdiv(p.M, P::MR) <= kInPlaceL2Panels ? caches().l2 : caches().l2 / 6;
   return p.K <= kInPlaceMaxK && (p.M * p.K + p.K * p.N) * int64_t(sizeof(float)) <= max_bytes;
 }
 template <class P, bool Full, size_t... I> constexpr auto in_place_table(std::index_sequence<I...>) {
