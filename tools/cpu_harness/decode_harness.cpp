@@ -3,7 +3,7 @@
 //   OMP_NUM_THREADS=2 ./decode_hb                     correctness: 13 shapes x fp32/bf16 x kernel/scalar x
 //                                                      clean/NaN-padded caches against a float64 reference
 //   BFW=1 ...                                          bf16 through the path without AVX512_BF16 (D 64 / 128)
-//   ./decode_hb perf HKV PAGED BF16 REPS [B L HQ]     time one case (default B=8 L=4096 HQ=32 D=128) with a
+//   [D=96] ./decode_hb perf HKV PAGED BF16 REPS [B L HQ]  time one case (default B=8 L=4096 HQ=32 D=128) with a
 //                                                      parallel memcpy of the same bytes between calls;
 //                                                      %copy = kernel bytes/s over memcpy read+write bytes/s
 //   NOCOPY=1 ...                                       no memcpy between calls: the data stays in cache
@@ -108,9 +108,10 @@ int main(int argc,char**argv){
   if(argc>1 && std::string(argv[1])=="perf"){
     int64_t hkv=atoi(argv[2]); bool paged=atoi(argv[3]); bool bf=atoi(argv[4]); int reps=argc>5?atoi(argv[5]):20;
     int64_t B=argc>6?atoi(argv[6]):8, L=argc>7?atoi(argv[7]):4096, Hq=argc>8?atoi(argv[8]):32;
-    Case c{B,Hq,hkv,L,128,paged,16,false}; double s[2];
+    const int64_t D=getenv("D")?atoi(getenv("D")):128;
+    Case c{B,Hq,hkv,L,D,paged,16,false}; double s[2];
     double e = bf? run_case<uint16_t>(c,0,false,s,reps) : run_case<float>(c,0,false,s,reps);
-    double bytes = (bf?2:4)*(2.0*hkv*128*L*B + 2.0*B*Hq*128);
+    double bytes = (bf?2:4)*(2.0*hkv*D*L*B + 2.0*B*Hq*D);
     printf("hkv%ld paged%d bf%d err %.2e  %.3f ms  %.1f GB/s  %%copy %.0f\n",(long)hkv,paged,bf,e,s[0]*1e3,bytes/s[0]/1e9,100*s[1]); return 0;}
   std::vector<Case> cs={{1,1,1,1,64,false,16,false},{3,8,8,100,128,false,16,true},{4,32,8,1000,128,true,16,true},{2,8,1,65,64,true,7,true},
    {5,16,2,513,128,true,32,true},{1,32,4,4096,128,false,16,false},{2,4,4,3,64,true,1,true},{8,32,32,257,128,true,16,false},{1,32,1,3000,128,true,16,false},
