@@ -595,7 +595,8 @@ struct Portable : PlainPack<2 * pv::kLanes> {
 // are 512 B apart and a panel maps to 16 of L1d's 64 sets; packing each column panel then (A in place) won on one
 // thread from 128^3 (-7%) but lost at 64^3 (+20%) and on 2 threads (+10-25%).
 // Generic over the policy: the portable tier's tiles (Portable) read whole panels of B in place and pack the narrower
-// last one (no masked loads in plain C++). Portable tier forced here (its vectors are this build's 64 bytes), 2
+// last one, once per thread (no masked loads in plain C++; packed per item first: 80^3 / 112^3 / 100 x 100 x 1000
+// 0.93 / 0.81 / 0.76x torch, once per thread 1.04 / 0.95 / 0.96x). Portable tier forced here (its vectors are this build's 64 bytes), 2
 // threads, native / torch fp32: 96^3 0.59 -> 1.20, 128^3 0.80 -> 1.14, 64 x 256 x 256 0.47 -> 1.11, 24 x 1024 x 128
 // 0.38 -> 1.08; linear 96^3 0.57 -> 0.90, 64 x 256 x 256 0.41 -> 0.82 (pack_bt's scalar transposes left).
 constexpr int64_t kInPlaceMaxK = 1024;
@@ -661,6 +662,7 @@ template <class P> void gemm_in_place(const GemmParams& p) {
   nt = static_cast<int>(std::min<int64_t>(nt, items));
   run_team(nt, [&](int, int, Team& team) {
     const CallBuffer panel(arena(), P::kInPlaceMasked ? 0 : size_t(K * NR) * sizeof(float));
+    bool tail_packed = false;  // the narrower last panel, packed once per thread (only panel np - 1 is narrower)
     for (int64_t it; (it = team.grab()) < items;) {
       const int64_t i = it / ncg, cg = it % ncg, r0 = row0(i);
       const int R = static_cast<int>(row0(i + 1) - r0);
@@ -672,7 +674,8 @@ template <class P> void gemm_in_place(const GemmParams& p) {
           static constexpr auto part = in_place_table<P, false>(std::make_index_sequence<MR>());
           part[R - 1](A + r0 * K, K, B + j * NR, N, K, o, r0, j * NR, nc);
         } else {
-          pack_panel(j, nc, panel.as<float>());
+          if (!tail_packed) pack_panel(j, nc, panel.as<float>());
+          tail_packed = true;
           packed[R - 1](A + r0 * K, K, panel.as<float>(), K, o, r0, j * NR, nc);
         }
       }
