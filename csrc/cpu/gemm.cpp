@@ -515,24 +515,33 @@ struct Portable : PlainPack<2 * pv::kLanes> {
   using TileFn = void (*)(const float*, const float*, int64_t, const Out&, int64_t, int64_t, int);
   static constexpr int64_t MR = PK_PV_BYTES == 64 ? 14 : 6, NR = 2 * pv::kLanes, KG = 1, KC = 256, NC = 512;
 
-  template <int R> static void tile_r(const float* a, const float* b, int64_t kcu, const Out& o, int64_t row,
-                                      int64_t col, int nc) {
+  // The tile over K steps: row r's value of A at step k is a[r * ar + k * ak] (packed [k][R]: ar = 1, ak = R; in
+  // place: ar = lda, ak = 1), B's row k at b + k * ldb (a packed panel: ldb = NR); Pf: prefetch B's row
+  // kBPrefetchSteps ahead, into L1 (as the AVX-512 micro-kernel does: a packed micro-panel streams from L2).
+  template <int R, bool Pf> static inline __attribute__((always_inline)) void tile_k(
+      const float* a, int64_t ar, int64_t ak, const float* b, int64_t ldb, int64_t K, const Out& o, int64_t row,
+      int64_t col, int nc) {
     pv::vf acc[R][2];
 #pragma GCC unroll 14
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = pv::vf{};
-    for (int64_t k = 0; k < kcu; ++k) {
-      // B's row kBPrefetchSteps ahead, into L1 (as the AVX-512 micro-kernel does): the micro-panel streams from L2.
-      __builtin_prefetch(b + (k + kBPrefetchSteps) * NR, 0, 3);
-      if constexpr (NR * 4 > 64) __builtin_prefetch(b + (k + kBPrefetchSteps) * NR + 16, 0, 3);
-      const pv::vf b0 = pv::load(b + k * NR), b1 = pv::load(b + k * NR + pv::kLanes);
+    for (int64_t k = 0; k < K; ++k) {
+      if constexpr (Pf) {
+        __builtin_prefetch(b + (k + kBPrefetchSteps) * ldb, 0, 3);
+        if constexpr (NR * 4 > 64) __builtin_prefetch(b + (k + kBPrefetchSteps) * ldb + 16, 0, 3);
+      }
+      const pv::vf b0 = pv::load(b + k * ldb), b1 = pv::load(b + k * ldb + pv::kLanes);
 #pragma GCC unroll 14
       for (int r = 0; r < R; ++r) {
-        const float av = a[k * R + r];
+        const float av = a[r * ar + k * ak];
         acc[r][0] += b0 * av;
         acc[r][1] += b1 * av;
       }
     }
     store_acc<R>(acc, o, row, col, nc);
+  }
+  template <int R> static void tile_r(const float* a, const float* b, int64_t kcu, const Out& o, int64_t row,
+                                      int64_t col, int nc) {
+    tile_k<R, true>(a, 1, R, b, NR, kcu, o, row, col, nc);
   }
   template <int R> static void store_acc(const pv::vf (&acc)[R][2], const Out& o, int64_t row, int64_t col, int nc) {
     if (nc == NR && !o.to_bf16) {  // full fp32 tile: vector loads and stores of C
@@ -555,23 +564,11 @@ struct Portable : PlainPack<2 * pv::kLanes> {
   template <int R, bool Full> static void tile_in_place(const float* a, int64_t lda, const float* b, int64_t ldb,
                                                         int64_t K, const Out& o, int64_t row, int64_t col, int nc) {
     static_assert(Full, "whole column panels only");
-    pv::vf acc[R][2];
-#pragma GCC unroll 14
-    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = pv::vf{};
-    for (int64_t k = 0; k < K; ++k) {
-      const pv::vf b0 = pv::load(b + k * ldb), b1 = pv::load(b + k * ldb + pv::kLanes);
-#pragma GCC unroll 14
-      for (int r = 0; r < R; ++r) {
-        const float av = a[r * lda + k];
-        acc[r][0] += b0 * av;
-        acc[r][1] += b1 * av;
-      }
-    }
-    store_acc<R>(acc, o, row, col, nc);
+    tile_k<R, false>(a, lda, 1, b, ldb, K, o, row, col, nc);
   }
   template <int R> static void tile_a_in_place(const float* a, int64_t lda, const float* b, int64_t K, const Out& o,
                                                int64_t row, int64_t col, int nc) {
-    tile_in_place<R, true>(a, lda, b, NR, K, o, row, col, nc);
+    tile_k<R, false>(a, lda, 1, b, NR, K, o, row, col, nc);
   }
 };
 
@@ -1136,57 +1133,30 @@ struct F32Avx512 {
   template <class Src> static void reduce_row(const float* parts, int64_t stride, int nt, int64_t n, Src* c) {
     reduce_row_avx512<Src>(parts, stride, nt, n, c);
   }
-  template <int R> PK_AVX512 static void tile_r(const float* a, const float* b, int64_t kcu, const Out& o,
-                                                  int64_t row, int64_t col, int nc) {
-    __m512 acc[R][2];
-#pragma GCC unroll 14
-    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < kcu; ++k) {
-      // Both lines of B's row kBPrefetchSteps steps ahead (past the panel's end: the next tile's panel;
-      // a prefetch never faults).
-      _mm_prefetch(reinterpret_cast<const char*>(b + (k + kBPrefetchSteps) * NR), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(b + (k + kBPrefetchSteps) * NR + 16), _MM_HINT_T0);
-      const __m512 b0 = _mm512_load_ps(b + k * NR), b1 = _mm512_load_ps(b + k * NR + 16);
-#pragma GCC unroll 14
-      for (int r = 0; r < R; ++r) {
-        const __m512 av = _mm512_set1_ps(a[k * R + r]);
-        acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
-        acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
-      }
-    }
-    store_tile<R>(acc, o, row, col, nc);
-  }
-  static constexpr bool kInPlaceMasked = true;  // tile_in_place<R, false> reads a narrower last panel of B in place
-  // The tile on A where it is (R rows, lda apart) and a packed B panel ([k][32]), all K steps (gemm_in_place, B [N, K]).
-  template <int R> PK_AVX512 static void tile_a_in_place(const float* a, int64_t lda, const float* b, int64_t K,
-                                                         const Out& o, int64_t row, int64_t col, int nc) {
-    __m512 acc[R][2];
-#pragma GCC unroll 14
-    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; ++k) {
-      const __m512 b0 = _mm512_load_ps(b + k * NR), b1 = _mm512_load_ps(b + k * NR + 16);
-#pragma GCC unroll 14
-      for (int r = 0; r < R; ++r) {
-        const __m512 av = _mm512_set1_ps(a[r * lda + k]);
-        acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
-        acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
-      }
-    }
-    store_tile<R>(acc, o, row, col, nc);
-  }
-  // The same tile on A and B where they are (gemm_in_place): R rows of A (row stride lda) broadcast from their
-  // rows, nc <= 32 columns of B's rows (stride ldb; masked past nc unless Full), all K steps.
-  template <int R, bool Full> PK_AVX512 static void tile_in_place(const float* a, int64_t lda, const float* b,
-                                                                  int64_t ldb, int64_t K, const Out& o, int64_t row,
-                                                                  int64_t col, int nc) {
+  // How a tile reads B's row k: a packed panel (b + k * NR, aligned), or B's rows where they are (b + k * ldb), whole
+  // or masked past nc.
+  enum class BRow { packed, whole, masked };
+  // The tile over K steps: row r's value of A at step k is a[r * ar + k * ak] (packed [k][R]: ar = 1, ak = R; in
+  // place: ar = lda, ak = 1); Pf: both lines of B's row kBPrefetchSteps steps ahead (past the panel's end: the next
+  // tile's panel; a prefetch never faults).
+  template <int R, bool Pf, BRow BR> PK_AVX512 static inline __attribute__((always_inline)) void tile_k(
+      const float* a, int64_t ar, int64_t ak, const float* b, int64_t ldb, int64_t K, const Out& o, int64_t row,
+      int64_t col, int nc) {
     __m512 acc[R][2];
 #pragma GCC unroll 14
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     const __mmask16 m0 = mask16(nc), m1 = mask16(nc - 16);
     for (int64_t k = 0; k < K; ++k) {
+      if constexpr (Pf) {
+        _mm_prefetch(reinterpret_cast<const char*>(b + (k + kBPrefetchSteps) * ldb), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(b + (k + kBPrefetchSteps) * ldb + 16), _MM_HINT_T0);
+      }
       const float* br = b + k * ldb;
       __m512 b0, b1;
-      if constexpr (Full) {
+      if constexpr (BR == BRow::packed) {
+        b0 = _mm512_load_ps(br);
+        b1 = _mm512_load_ps(br + 16);
+      } else if constexpr (BR == BRow::whole) {
         b0 = _mm512_loadu_ps(br);
         b1 = _mm512_loadu_ps(br + 16);
       } else {
@@ -1195,12 +1165,28 @@ struct F32Avx512 {
       }
 #pragma GCC unroll 14
       for (int r = 0; r < R; ++r) {
-        const __m512 av = _mm512_set1_ps(a[r * lda + k]);
+        const __m512 av = _mm512_set1_ps(a[r * ar + k * ak]);
         acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
         acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
       }
     }
     store_tile<R>(acc, o, row, col, nc);
+  }
+  template <int R> PK_AVX512 static void tile_r(const float* a, const float* b, int64_t kcu, const Out& o,
+                                                  int64_t row, int64_t col, int nc) {
+    tile_k<R, true, BRow::packed>(a, 1, R, b, NR, kcu, o, row, col, nc);
+  }
+  static constexpr bool kInPlaceMasked = true;  // tile_in_place<R, false> reads a narrower last panel of B in place
+  // gemm_in_place's tiles, all K steps: A where it is (R rows, lda apart) and a packed B panel (B [N, K] transposed, or
+  // B's rows where they are (ldb apart; masked past nc unless Full).
+  template <int R> PK_AVX512 static void tile_a_in_place(const float* a, int64_t lda, const float* b, int64_t K,
+                                                         const Out& o, int64_t row, int64_t col, int nc) {
+    tile_k<R, false, BRow::packed>(a, lda, 1, b, NR, K, o, row, col, nc);
+  }
+  template <int R, bool Full> PK_AVX512 static void tile_in_place(const float* a, int64_t lda, const float* b,
+                                                                  int64_t ldb, int64_t K, const Out& o, int64_t row,
+                                                                  int64_t col, int nc) {
+    tile_k<R, false, Full ? BRow::whole : BRow::masked>(a, lda, 1, b, ldb, K, o, row, col, nc);
   }
 };
 
