@@ -6,8 +6,9 @@
 //   direct  M <= 4 (decode batches): B streamed once, never packed (bf16 widened in registers); items
 //           of 64 rows of B go to the threads dynamically, each adds 4 rows of B per pass into a
 //           private fp32 partial of the C rows; the partials are summed at the end.
-//   in place  fp32 with K <= 1024 and A and B within L2 (M > 4): the 6 x 16 micro-kernel on A's rows and B's rows
-//           where they are, no packing (B stored [N, K]: one 16-column panel transposed per item; gemm_in_place).
+//   in place  fp32 with K <= 1024 and A and B within L2 (M > 4; up to 96 rows, else a quarter of L2): the 6 x 16
+//           micro-kernel on A's rows and B's rows where they are, no packing (B stored [N, K]: one 16-column panel
+//           transposed per item; gemm_in_place).
 //   packed  BLIS-style: work items are (MC rows x NC columns) blocks of C, handed out dynamically (MC smaller
 //           when that leaves fewer than ~3 items per thread);
 //           the rows of A are packed into [k][6] panels and B into [k][16] panels per K block (KC)
@@ -483,17 +484,24 @@ using InPlaceFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t
 template <bool Full> constexpr InPlaceFn in_place_tiles[MR] = {&tile_in_place<1, Full>, &tile_in_place<2, Full>,
                                                               &tile_in_place<3, Full>, &tile_in_place<4, Full>,
                                                               &tile_in_place<5, Full>, &tile_in_place<6, Full>};
-// Taken when K <= kInPlaceMaxK (A's rows are read as K-long streams) and A and B together fit in L2; threads from
+// Taken when K <= kInPlaceMaxK (A's rows are read as K-long streams) and A and B together fit in L2 (a quarter of
+// it past kInPlaceL2Panels row panels); threads from
 // kInPlaceThreadFlops when each gets 3 row panels or more. Forced tier on the Sapphire Rapids VM, 2 threads, prepared
 // calls against torch capped to AVX2 (as tools/isa_tiers.py caps it) in turns, native / torch fp32 before -> after
 // (with the row blocks of gemm_packed below): 64^3 0.77 -> 1.20, 96^3 0.59 -> 1.01, 128^3 0.51 -> 0.94,
 // 64 x 256 x 256 0.51 -> 1.02, 32 x 128 x 128 -> 1.08, 32 x 512 x 512 0.56 -> 0.87, 256^3 0.52 -> 0.97,
-// 384^3 -> 0.99, 512^3 (2 MB) -> 0.99 (packed 0.91), linear alike (256^3 1.00, 512^3 1.01). The kernel runs at half
-// the AVX-512 rate, so packing costs relatively less and threads pay from fewer FLOPs than in gemm.cpp.
+// linear alike (256^3 1.00). The kernel runs at half the AVX-512 rate, so threads pay from fewer FLOPs than in
+// gemm.cpp.
+// Up to L2 only with at most kInPlaceL2Panels row panels; more rows, a quarter of it: C++ driver, 2 threads, limits of
+// L2 / 2 and L2 alternated (best-worst of 5 rounds, two runs, us): 384^3 556-577 packed / 572-631 in place, 448^3
+// 790-811 / 914-965, 512^3 1286-1328 / 1451-1756, 256 x 1024 x 256 623-640 / 726-842, 320^3 303-312 (L2 / 4) /
+// 311-332; 256^3 in place 160-165 against 178-186 packed, 64 x 512 x 256 91-103 against 107-115.
 constexpr int64_t kInPlaceMaxK = 1024;
+constexpr int64_t kInPlaceL2Panels = 16;
 constexpr double kInPlaceThreadFlops = 0.2e6;
 inline bool in_place_gemm(const GemmParams& p) {
-  return p.K <= kInPlaceMaxK && (p.M * p.K + p.K * p.N) * int64_t(sizeof(float)) <= caches().l2;
+  const int64_t max_bytes = cdiv(p.M, MR) <= kInPlaceL2Panels ? caches().l2 : caches().l2 / 4;
+  return p.K <= kInPlaceMaxK && (p.M * p.K + p.K * p.N) * int64_t(sizeof(float)) <= max_bytes;
 }
 void gemm_in_place(const GemmParams& p) {
   const int64_t M = p.M, N = p.N, K = p.K, mp = cdiv(M, MR), np = cdiv(N, NR);
