@@ -56,7 +56,7 @@ def _add_bench(sub):
                    help="shape sweep (default quick): smoke (tiny), small (fixed costs: GEMM 16^3-128^3, ...), "
                         "quick (< 5 min on 2 cores), full (+ ref-7b-2k)")
     p.add_argument("--shape", action="append", default=[], metavar="K=V,...",
-                   help="instead of --sweep, this shape (repeatable): 'M=4096,N=4096,K=4096' (gemm), "
+                   help="instead of --sweep, this shape (repeatable): 'M=4096,N=4096,K=4096' (gemm; ',layout=nt': pk.linear), "
                         "'B=1,Hq=32,Hkv=8,S=2048,D=128,causal=1' (attention), "
                         "'B=8,Hq=32,Hkv=8,L=4096,D=128,paged=1,block_size=16' (decode)")
     p.add_argument("--model", default=None, metavar="NAME|FILE",

@@ -79,6 +79,7 @@ def _one_line_usage_error(r, needle):
     (("bench", "--backend", "nope"), "unknown backend(s) nope"),
     (("bench", "--shape", "M=4,N=0,K=3"), "N=0 must be >= 1"),
     (("bench", "--shape", "X=1"), "name no family"),
+    (("bench", "--shape", "M=4,N=4,K=3,layout=tn"), "layout=tn is not one of nn, nt"),
 ])
 def test_usage_errors_exit_2_with_one_line(args, needle, tmp_path):
     if args[:3] == ("validate", "--backend", "triton"):
@@ -129,12 +130,13 @@ def test_bench_from_any_directory_with_journal_and_model_paths(tmp_path):
 def test_bench_custom_shape(tmp_path):
     import json
 
-    r = _cli("bench", "--shape", "M=33,N=17,K=65", "--shape", "B=2,Hq=4,Hkv=2,L=40,D=64,paged=1,block_size=16",
+    r = _cli("bench", "--shape", "M=33,N=17,K=65", "--shape", "M=33,N=17,K=65,layout=nt",
+             "--shape", "B=2,Hq=4,Hkv=2,L=40,D=64,paged=1,block_size=16",
              "--backend", "torch", "--dtype", "float32", "--time-budget", "0.01", "--journal", str(tmp_path / "j"),
              "--json", str(tmp_path / "o.json"), cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     shapes = {b["extra_info"]["shape"] for b in json.loads((tmp_path / "o.json").read_text())["benchmarks"]}
-    assert shapes == {"M33-N17-K65", "B2-Hq4-Hkv2-L40-D64-paged16"}, shapes
+    assert shapes == {"M33-N17-K65", "M33-N17-K65-nt", "B2-Hq4-Hkv2-L40-D64-paged16"}, shapes
 
 
 def test_bench_many_shapes_default_journal(tmp_path, monkeypatch):

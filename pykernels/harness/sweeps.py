@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..kernels import AttentionProblem, DecodeProblem, GemmProblem
+from ..kernels.gemm import LAYOUTS
 
 FP32, BF16 = "float32", "bfloat16"
 
@@ -128,7 +129,7 @@ def _model(name: str) -> list[SweepCase]:
 
 # --shape: the keys of each family (the first key set that a spec's keys fall into decides the family).
 _SHAPE_KEYS = {
-    "gemm": ({"M", "N", "K"}, set()),
+    "gemm": ({"M", "N", "K"}, {"layout"}),
     "attention": ({"B", "Hq", "Hkv", "S", "D"}, {"causal"}),
     "decode": ({"B", "Hq", "Hkv", "L", "D"}, {"paged", "block_size", "ragged"}),
 }
@@ -136,7 +137,8 @@ _BOOL = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no":
 
 
 def parse_shape(spec: str):
-    """A problem from `KEY=VALUE,...`: `M=4096,N=4096,K=4096` (gemm), `B=1,Hq=32,Hkv=8,S=2048,D=128[,causal=1]`
+    """A problem from `KEY=VALUE,...`: `M=4096,N=4096,K=4096[,layout=nt]` (gemm; nt: pk.linear, B stored [N, K]),
+    `B=1,Hq=32,Hkv=8,S=2048,D=128[,causal=1]`
     (attention), `B=8,Hq=32,Hkv=8,L=4096,D=128[,paged=1,block_size=16,ragged=0]` (decode). Raises ValueError
     naming what is wrong."""
     kv = {}
@@ -157,6 +159,11 @@ def parse_shape(spec: str):
                                  f"(keys: {', '.join(sorted(required))}; optional: {', '.join(sorted(optional)) or '-'})")
             args = {}
             for key, val in kv.items():
+                if key == "layout":
+                    if val not in LAYOUTS:
+                        raise ValueError(f"shape {spec!r}: layout={val} is not one of {', '.join(LAYOUTS)}")
+                    args[key] = val
+                    continue
                 if key in ("causal", "paged", "ragged"):
                     if val.lower() not in _BOOL:
                         raise ValueError(f"shape {spec!r}: {key}={val} is not a boolean (1/0, true/false)")
