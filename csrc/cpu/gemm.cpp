@@ -607,6 +607,13 @@ constexpr int64_t kInPlaceL2Panels = 16;
 // 200 x 16 x 64 4.3-4.5 / 4.7, 84 x 48 x 64 3.6-3.8 / 3.8, 84 x 32 x 64 (0.34 MFLOP) 2.5-2.7 / 1.9; with fewer
 // row panels (items sharing a row panel's columns) 64 x 96 x 96 6.5 / 5.8, 32 x 128 x 128 6.5 / 5.6.
 constexpr double kInPlaceThreadFlops = 0.6e6;
+// Linear with N at least this many times M, on a policy without pack_t: C^T = B . A^T (see gemm_in_place). C++
+// driver, forced portable tier, 2 threads, not swapped / swapped (best-worst of 5 rounds, us): 24 x 1024 x 128
+// 49.7-50.5 / 39.9-42.4, 64 x 512 x 256 77.0-78.8 / 59.9-64.6, 32 x 512 x 512 95.2-96.7 / 60.6-62.8; at N = 4 M
+// (100 x 400 x 300) 96.0-96.9 / 100.8-104.7. The AVX-512 tier's fast pack_t keeps B transposed: swapped there, Python
+// ratios against torch in turns, 24 x 1024 x 128 1.01 -> 0.88-0.93, 64 x 512 x 256 1.00 -> 0.93-0.95, 32 x 512 x 512
+// 1.40 -> 1.63.
+constexpr int64_t kInPlaceSwapN = 8;
 template <class P> bool in_place_gemm(const GemmParams& p) {
   const int64_t max_bytes = cdiv(p.M, P::MR) <= kInPlaceL2Panels ? caches().l2 : caches().l2 / 6;
   return p.K <= kInPlaceMaxK && (p.M * p.K + p.K * p.N) * int64_t(sizeof(float)) <= max_bytes;
@@ -632,23 +639,43 @@ template <class P> void gemm_in_place(const GemmParams& p) {
   int nt = pick_threads(p);
   if (nt == 1 && flops >= kInPlaceThreadFlops && mp >= 3 * int64_t(omp_get_max_threads())) nt = omp_get_max_threads();
   const Out o{static_cast<float*>(p.c), N, nullptr, 0, false, false};
-  // A panel of B packed [k][NR]: B [N, K] transposed, or (without masked loads) the narrower last panel of B [K, N].
-  auto pack_panel = [&](int64_t j, int nc, float* bp) {
-    pack_b_any<P, float>(p.transb, B, N, K, 0, j * NR, K, 0, K, nc, bp);
-  };
-  if (p.transb) {  // column panels outer: each item transposes its panel of B, then runs its row panels
-    const int64_t nrg = std::min(mp, cdiv(3 * int64_t(nt), np)), items = np * nrg;
+  // The narrower last panel of B [K, N] packed [k][NR] (for a policy without masked loads).
+  auto pack_panel = [&](int64_t j, int nc, float* bp) { P::template pack_b<float>(B + j * NR, N, K, 0, K, nc, bp, false); };
+  if (p.transb) {
+    // Column panels outer: each item transposes its panel of B [N, K] (kept while the thread's next item shares it),
+    // then runs its row panels with A in place. Where the policy transposes element by element (pack_bt: no pack_t)
+    // and N >= kInPlaceSwapN M, the roles swap, C^T = B . A^T: B's rows are read in place and A (M x K) is transposed
+    // instead of B (N x K); each tile of C^T goes through a small buffer into C.
+    const bool swap = !HasPackT<P, float>::value && N >= kInPlaceSwapN * M;
+    const float* X = swap ? B : A;  // read in place
+    const float* Y = swap ? A : B;  // transposed into panels
+    const int64_t XM = swap ? N : M, YN = swap ? M : N, xp = cdiv(XM, MR), yp = cdiv(YN, NR);
+    auto xrow0 = [&](int64_t i) { return XM * i / xp; };
+    if (swap && nt == 1 && flops >= kInPlaceThreadFlops && xp >= 3 * int64_t(omp_get_max_threads()))
+      nt = omp_get_max_threads();
+    const int64_t nrg = std::min(xp, cdiv(3 * int64_t(nt), yp)), items = yp * nrg;
     nt = static_cast<int>(std::min<int64_t>(nt, items));
+    float* C = static_cast<float*>(p.c);
     run_team(nt, [&](int, int, Team& team) {
-      const CallBuffer panel(arena(), size_t(K * NR) * sizeof(float));
+      const CallBuffer panel(arena(), size_t(K * NR + MR * NR) * sizeof(float));
       float* bp = panel.as<float>();
+      float* t = bp + K * NR;  // a tile of C^T
+      const Out ot{t, NR, nullptr, 0, false, false};
+      int64_t have = -1;  // the panel in bp
       for (int64_t it; (it = team.grab()) < items;) {
         const int64_t j = it / nrg, rg = it % nrg;
-        const int nc = static_cast<int>(std::min(NR, N - j * NR));
-        pack_panel(j, nc, bp);
-        for (int64_t i = mp * rg / nrg; i < mp * (rg + 1) / nrg; ++i) {
-          const int64_t r0 = row0(i);
-          packed[row0(i + 1) - r0 - 1](A + r0 * K, K, bp, K, o, r0, j * NR, nc);
+        const int nc = static_cast<int>(std::min(NR, YN - j * NR));
+        if (j != have) pack_b_any<P, float>(true, Y, YN, K, 0, j * NR, K, 0, K, nc, bp);
+        have = j;
+        for (int64_t i = xp * rg / nrg; i < xp * (rg + 1) / nrg; ++i) {
+          const int64_t r0 = xrow0(i), R = xrow0(i + 1) - r0;
+          if (!swap) {
+            packed[R - 1](X + r0 * K, K, bp, K, o, r0, j * NR, nc);
+            continue;
+          }
+          packed[R - 1](X + r0 * K, K, bp, K, ot, 0, 0, nc);
+          for (int64_t c = 0; c < nc; ++c)  // column c of the tile of C^T = R consecutive values of C's row j NR + c
+            for (int64_t r = 0; r < R; ++r) C[(j * NR + c) * N + r0 + r] = t[r * NR + c];
         }
       }
       team.barrier();
