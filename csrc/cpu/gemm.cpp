@@ -7,8 +7,9 @@
 //           accumulate into private fp32 partials of C, and the partials are summed at the end.
 //   slabs   M <= 112: the same slab scheme, but each slab of B is packed into [k][32] panels (L2) and
 //           run through the register-blocked micro-kernel, since each B element now feeds many FMAs.
-//   in place  small fp32 GEMMs, AVX-512 and portable tiers (K <= 1024, A and B within a sixth of L2): the micro-kernel reads A, and
-//           B stored [K, N], where they are (B [N, K] transposed one panel at a time; gemm_in_place).
+//   in place  small fp32 GEMMs on the AVX-512 and portable tiers (K <= 1024; A and B within L2 up to 16 row panels,
+//           else within a sixth of it): the micro-kernel reads A, and B stored [K, N], where they are (B [N, K]
+//           transposed one panel at a time; gemm_in_place).
 //   rows    larger M, BLIS-style: items of up to 8 row panels (112 rows) x all of N, handed out
 //           dynamically; per item and K block (KC) the rows of A are packed into [k][row] panels,
 //           per N block (NC) B is packed into [k][32] panels, and the micro-kernel (up to 14 rows x
@@ -579,23 +580,22 @@ struct Portable : PlainPack<2 * pv::kLanes> {
 // all of B in each thread, gemm_slabs (M <= 98) zeroes and sums partials. Items ([K, N]): row panels x column groups
 // (enough to share out, ~3 per thread), over all of K; the column panels of an item follow each other (A's row panel
 // stays in L1). Taken when K <= kInPlaceMaxK (A's rows are read as K-long streams) and A and B together take at most a
-// sixth of L2, or all of it with at most kInPlaceL2Panels row panels. Sapphire Rapids VM
-// (2 MB L2: up to ~208^3), C++ driver, the packed and in-place paths alternated in one process, 5-8 rounds, medians of
-// a round (us): 1 thread 64^3 3.45 -> 2.81, 96^3 11.0 -> 9.9, 128^3 24.6 -> 23.6, 160^3 and 192^3 1-2% faster,
-// 256^3 2% slower; 2 threads 112^3 12.7 -> 11.1, 128^3 16.3 -> 14.3, 160^3 29.2 -> 28.5, 192^3 46.5 -> 45.3,
-// 256^3 103.8 -> 107.9 and 384^3 283-285 -> 304-336 (so not taken there), 96 x 128 x 128 21.5 -> 13.2, 64 x 256 x
-// 256 53.2 -> 28.6,
-// 32 x 512 x 256 55.2 -> 26.3, 100 x 100 x 1000 89.0 -> 71.7; past a sixth of L2 (best-worst of 5 rounds, two runs)
-// 32 x 512 x 512 65-72 -> 48-64, 64 x 512 x 256 95-97 -> 47-50, 40 x 300 x 1000 82-91 -> 65-74, 64 x 640 x 640
-// 192-216 -> 169-186, 96 x 768 x 384 181-185 -> 177-198, 32 x 1024 x 1024 level (notes/cpu_gemm.md).
+// sixth of L2, or all of it with at most kInPlaceL2Panels row panels. Sapphire Rapids VM (2 MB L2), C++ driver, the
+// packed and in-place paths alternated in one process, 5-8 rounds, medians of a round (us): 1 thread 64^3 3.45 ->
+// 2.81, 96^3 11.0 -> 9.9, 128^3 24.6 -> 23.6, 160^3 and 192^3 1-2% faster, 256^3 2% slower; 2 threads 112^3 12.7 ->
+// 11.1, 128^3 16.3 -> 14.3, 160^3 29.2 -> 28.5, 192^3 46.5 -> 45.3, 256^3 103.8 -> 107.9 and 384^3 283-285 -> 304-336
+// (so not taken there), 96 x 128 x 128 21.5 -> 13.2, 64 x 256 x 256 53.2 -> 28.6, 32 x 512 x 256 55.2 -> 26.3, 100 x
+// 100 x 1000 89.0 -> 71.7; past a sixth of L2 (best-worst of 5 rounds, two runs) 32 x 512 x 512 65-72 -> 48-64, 64 x
+// 512 x 256 95-97 -> 47-50, 40 x 300 x 1000 82-91 -> 65-74, 64 x 640 x 640 192-216 -> 169-186, 96 x 768 x 384 181-185
+// -> 177-198, 32 x 1024 x 1024 level (notes/cpu_gemm.md). Not verified on a CPU with a 1 MB L2 (Zen 4 / Zen 5).
 // Reading B in place with the column panels outer (B's panel meant to stay in L1) was level: at N = 128 its rows
 // are 512 B apart and a panel maps to 16 of L1d's 64 sets; packing each column panel then (A in place) won on one
 // thread from 128^3 (-7%) but lost at 64^3 (+20%) and on 2 threads (+10-25%).
 // Generic over the policy: the portable tier's tiles (Portable) read whole panels of B in place and pack the narrower
 // last one, once per thread (no masked loads in plain C++; packed per item first: 80^3 / 112^3 / 100 x 100 x 1000
-// 0.93 / 0.81 / 0.76x torch, once per thread 1.04 / 0.95 / 0.96x). Portable tier forced here (its vectors are this build's 64 bytes), 2
-// threads, native / torch fp32: 96^3 0.59 -> 1.20, 128^3 0.80 -> 1.14, 64 x 256 x 256 0.47 -> 1.11, 24 x 1024 x 128
-// 0.38 -> 1.08; linear 96^3 0.57 -> 0.90, 64 x 256 x 256 0.41 -> 0.82 (pack_bt's scalar transposes left).
+// 0.93 / 0.81 / 0.76x torch, once per thread 1.04 / 0.95 / 0.96x). Portable tier forced here (its vectors are this
+// build's 64 bytes), 2 threads, native / torch fp32: 96^3 0.59 -> 1.20, 128^3 0.80 -> 1.14, 64 x 256 x 256 0.47 ->
+// 1.11, 24 x 1024 x 128 0.38 -> 1.08; linear 96^3 0.57 -> 0.90, 64 x 256 x 256 0.41 -> 0.82 (before the swap below).
 constexpr int64_t kInPlaceMaxK = 1024;
 // Up to this many row panels A and B may take all of L2 (more: a sixth). C++ driver, 2 threads, limits of 16 and 7
 // panels alternated (best-worst of 5 rounds, two runs, us): 100 x 100 x 1000 (8 panels) 66-74 / 78-82, linear
@@ -640,7 +640,9 @@ template <class P> void gemm_in_place(const GemmParams& p) {
   if (nt == 1 && flops >= kInPlaceThreadFlops && mp >= 3 * int64_t(omp_get_max_threads())) nt = omp_get_max_threads();
   const Out o{static_cast<float*>(p.c), N, nullptr, 0, false, false};
   // The narrower last panel of B [K, N] packed [k][NR] (for a policy without masked loads).
-  auto pack_panel = [&](int64_t j, int nc, float* bp) { P::template pack_b<float>(B + j * NR, N, K, 0, K, nc, bp, false); };
+  auto pack_panel = [&](int64_t j, int nc, float* bp) {
+    P::template pack_b<float>(B + j * NR, N, K, 0, K, nc, bp, false);
+  };
   if (p.transb) {
     // Column panels outer: each item transposes its panel of B [N, K] (kept while the thread's next item shares it),
     // then runs its row panels with A in place. Where the policy transposes element by element (pack_bt: no pack_t)

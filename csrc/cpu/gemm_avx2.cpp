@@ -525,7 +525,8 @@ void gemm_in_place(const GemmParams& p) {
         const int nc = static_cast<int>(std::min<int64_t>(NR, N - j * NR));
         pack_bt(B + j * NR * K, K, K, nc, bp);
         for (int64_t i = mp * rg / nrg; i < mp * (rg + 1) / nrg; ++i)
-          in_place_tiles<true>[std::min<int64_t>(MR, M - i * MR) - 1](A + i * MR * K, K, bp, NR, K, C + i * MR * N + j * NR, N, nc);
+          in_place_tiles<true>[std::min<int64_t>(MR, M - i * MR) - 1](A + i * MR * K, K, bp, NR, K,
+                                                                       C + i * MR * N + j * NR, N, nc);
       }
     }
     return;
