@@ -631,30 +631,25 @@ template <class P> void gemm_in_place(const GemmParams& p) {
   const int64_t M = p.M, N = p.N, K = p.K;
   const float* A = static_cast<const float*>(p.a);
   const float* B = static_cast<const float*>(p.b);
-  const int64_t mp = cdiv(M, MR), np = cdiv(N, NR);
+  // B [N, K] on a policy that transposes element by element (pack_bt: no pack_t) with N >= kInPlaceSwapN M: the roles
+  // swap, C^T = B . A^T (below).
+  const bool swap = p.transb && !HasPackT<P, float>::value && N >= kInPlaceSwapN * M;
+  const int64_t mp = cdiv(M, MR), np = cdiv(N, NR), xp = swap ? cdiv(N, MR) : mp;  // xp: row panels of the tiles
   auto row0 = [&](int64_t i) { return M * i / mp; };  // panel i: rows [row0(i), row0(i+1)), <= MR rows
   // Threads from kInPlaceThreadFlops when every thread gets 3 row panels or more (below kSerialFlops, the items
   // that share a row panel's columns measured slower than one thread).
   const double flops = 2.0 * double(M) * double(N) * double(K);
   int nt = pick_threads(p);
-  if (nt == 1 && flops >= kInPlaceThreadFlops && mp >= 3 * int64_t(omp_get_max_threads())) nt = omp_get_max_threads();
+  if (nt == 1 && flops >= kInPlaceThreadFlops && xp >= 3 * int64_t(omp_get_max_threads())) nt = omp_get_max_threads();
   const Out o{static_cast<float*>(p.c), N, nullptr, 0, false, false};
-  // The narrower last panel of B [K, N] packed [k][NR] (for a policy without masked loads).
-  auto pack_panel = [&](int64_t j, int nc, float* bp) {
-    P::template pack_b<float>(B + j * NR, N, K, 0, K, nc, bp, false);
-  };
   if (p.transb) {
     // Column panels outer: each item transposes its panel of B [N, K] (kept while the thread's next item shares it),
-    // then runs its row panels with A in place. Where the policy transposes element by element (pack_bt: no pack_t)
-    // and N >= kInPlaceSwapN M, the roles swap, C^T = B . A^T: B's rows are read in place and A (M x K) is transposed
-    // instead of B (N x K); each tile of C^T goes through a small buffer into C.
-    const bool swap = !HasPackT<P, float>::value && N >= kInPlaceSwapN * M;
+    // then runs its row panels with A in place; swapped, B's rows are read in place and A (M x K) is transposed instead
+    // of B (N x K), each tile of C^T going through a small buffer into C.
     const float* X = swap ? B : A;  // read in place
     const float* Y = swap ? A : B;  // transposed into panels
-    const int64_t XM = swap ? N : M, YN = swap ? M : N, xp = cdiv(XM, MR), yp = cdiv(YN, NR);
+    const int64_t XM = swap ? N : M, YN = swap ? M : N, yp = cdiv(YN, NR);
     auto xrow0 = [&](int64_t i) { return XM * i / xp; };
-    if (swap && nt == 1 && flops >= kInPlaceThreadFlops && xp >= 3 * int64_t(omp_get_max_threads()))
-      nt = omp_get_max_threads();
     const int64_t nrg = std::min(xp, cdiv(3 * int64_t(nt), yp)), items = yp * nrg;
     nt = static_cast<int>(std::min<int64_t>(nt, items));
     float* C = static_cast<float*>(p.c);
@@ -688,7 +683,7 @@ template <class P> void gemm_in_place(const GemmParams& p) {
   nt = static_cast<int>(std::min<int64_t>(nt, items));
   run_team(nt, [&](int, int, Team& team) {
     const CallBuffer panel(arena(), P::kInPlaceMasked ? 0 : size_t(K * NR) * sizeof(float));
-    bool tail_packed = false;  // the narrower last panel, packed once per thread (only panel np - 1 is narrower)
+    bool tail_packed = false;  // the narrower last panel of B (np - 1), packed [k][NR] once per thread
     for (int64_t it; (it = team.grab()) < items;) {
       const int64_t i = it / ncg, cg = it % ncg, r0 = row0(i);
       const int R = static_cast<int>(row0(i + 1) - r0);
@@ -700,7 +695,7 @@ template <class P> void gemm_in_place(const GemmParams& p) {
           static constexpr auto part = in_place_table<P, false>(std::make_index_sequence<MR>());
           part[R - 1](A + r0 * K, K, B + j * NR, N, K, o, r0, j * NR, nc);
         } else {
-          if (!tail_packed) pack_panel(j, nc, panel.as<float>());
+          if (!tail_packed) pack_b_any<P, float>(false, B, N, K, 0, j * NR, K, 0, K, nc, panel.as<float>());
           tail_packed = true;
           packed[R - 1](A + r0 * K, K, panel.as<float>(), K, o, r0, j * NR, nc);
         }

@@ -519,11 +519,13 @@ void gemm_in_place(const GemmParams& p) {
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
       float* bp = scratch(static_cast<size_t>(K * NR));
+      int64_t have = -1;  // the panel in bp (kept while the thread's next item shares it)
 #pragma omp for schedule(dynamic, 1)
       for (int64_t it = 0; it < items; ++it) {
         const int64_t j = it / nrg, rg = it % nrg;
         const int nc = static_cast<int>(std::min<int64_t>(NR, N - j * NR));
-        pack_bt(B + j * NR * K, K, K, nc, bp);
+        if (j != have) pack_bt(B + j * NR * K, K, K, nc, bp);
+        have = j;
         for (int64_t i = mp * rg / nrg; i < mp * (rg + 1) / nrg; ++i)
           in_place_tiles<true>[std::min<int64_t>(MR, M - i * MR) - 1](A + i * MR * K, K, bp, NR, K,
                                                                        C + i * MR * N + j * NR, N, nc);
