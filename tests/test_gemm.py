@@ -15,6 +15,7 @@ SHAPES = [
     (10, 3000, 333),       # two passes of 5 rows, two even column chunks, the next item prefetched, a short last item
     (15, 129, 1030),
     (16, 256, 1000),
+    (13, 200, 300),        # fp32 avx512: in place from 4 rows on a small B (7 + 6 rows, an 8-column last panel)
     (64, 64, 64),          # fp32 avx512: in place (A and B read where they are); other tiers and dtypes packed
     (17, 37, 29),          # in place: 8- and 9-row panels, a full and a 5-column panel
     (200, 45, 90),         # in place: 15 row panels, a 13-column last panel, threads below kSerialFlops

@@ -8,8 +8,9 @@
 //   slabs   M <= 112: the same slab scheme, but each slab of B is packed into [k][32] panels (L2) and
 //           run through the register-blocked micro-kernel, since each B element now feeds many FMAs.
 //   in place  small fp32 GEMMs on the AVX-512 and portable tiers (K <= 1024; A and B within L2 up to 16 row panels,
-//           else within a sixth of it): the micro-kernel reads A, and B stored [K, N], where they are (B [N, K]
-//           transposed one panel at a time; gemm_in_place).
+//           else within a sixth of it; from 4 rows when B takes at most a quarter of L2): the micro-kernel reads A,
+//           and B stored [K, N], where they are, prefetching B's rows (B [N, K] transposed one panel at a time;
+//           gemm_in_place).
 //   rows    larger M, BLIS-style: items of up to 8 row panels (112 rows) x all of N, handed out
 //           dynamically; per item and K block (KC) the rows of A are packed into [k][row] panels,
 //           per N block (NC) B is packed into [k][32] panels, and the micro-kernel (up to 14 rows x
@@ -84,6 +85,7 @@ inline int64_t direct_max_m() {
 // fp32, K = N = 4096, Sapphire Rapids: M = 9 / 14 / 16 2.4 / 2.9 / 3.4 ms against 3.1 / 3.6 / 3.8 through
 // the slabs (torch 3.0 / 3.3 / 3.5), B warm; with B from memory the last pass prefetches the next item
 // (gemm_direct_avx512; notes/cpu_gemm.md, twenty-third session).
+// fp32 with a B of at most a quarter of L2 runs in place from 4 rows instead (kInPlaceMinM).
 inline int64_t direct_two_pass_max_m() {
   static const int64_t m = zmm_fma_full_width() ? 2 * kDirectMaxMWide : kDirectMaxM;
   return m;
@@ -510,6 +512,13 @@ template <int64_t NR> struct PlainPack {
 // k steps ahead at which the micro-kernels prefetch B's row (the measurement is at F32Avx512, the policy it
 // was tuned for; the portable one took it over: notes/isa_tiers.md).
 constexpr int64_t kBPrefetchSteps = 16;
+// k steps ahead at which gemm_in_place's tiles prefetch B's row when they read B where it is: from memory on a first
+// call (a packed panel is in L2 and needs none). Sapphire Rapids VM, 2 threads, prepared calls on inputs rotating
+// through copies of 512 MB (B cold), AVX-512 tier, us: 20 x 512 x 512 215 -> 117, 28 x 256 x 256 65 -> 34, 64 x 256 x
+// 256 82 -> 57, 128^3 36 -> 29; forced portable tier 206 / 63 / 84 / 34 -> 122 / 33 / 57 / 32; 16 steps ahead ~20%
+// slower than 32 or 64; with B warm level or 5-10% faster (64 x 512 x 256 65 -> 58-61 us). The AVX2 tier's 6 x 16 tile
+// (one line of B a row) measured no change at 8, 32 or 96 steps and has none (notes/cpu_gemm.md, twenty-fifth session).
+constexpr int64_t kInPlacePrefetchSteps = 32;
 
 struct Portable : PlainPack<2 * pv::kLanes> {
   using Elem = float;
@@ -519,16 +528,16 @@ struct Portable : PlainPack<2 * pv::kLanes> {
   // The tile over K steps: row r's value of A at step k is a[r * ar + k * ak] (packed [k][R]: ar = 1, ak = R; in
   // place: ar = lda, ak = 1), B's row k at b + k * ldb (a packed panel: ldb = NR); Pf: prefetch B's row
   // kBPrefetchSteps ahead, into L1 (as the AVX-512 micro-kernel does: a packed micro-panel streams from L2).
-  template <int R, bool Pf> static inline __attribute__((always_inline)) void tile_k(
+  template <int R, int64_t Pf> static inline __attribute__((always_inline)) void tile_k(
       const float* a, int64_t ar, int64_t ak, const float* b, int64_t ldb, int64_t K, const Out& o, int64_t row,
       int64_t col, int nc) {
     pv::vf acc[R][2];
 #pragma GCC unroll 14
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = pv::vf{};
     for (int64_t k = 0; k < K; ++k) {
-      if constexpr (Pf) {
-        __builtin_prefetch(b + (k + kBPrefetchSteps) * ldb, 0, 3);
-        if constexpr (NR * 4 > 64) __builtin_prefetch(b + (k + kBPrefetchSteps) * ldb + 16, 0, 3);
+      if constexpr (Pf > 0) {
+        __builtin_prefetch(b + (k + Pf) * ldb, 0, 3);
+        if constexpr (NR * 4 > 64) __builtin_prefetch(b + (k + Pf) * ldb + 16, 0, 3);
       }
       const pv::vf b0 = pv::load(b + k * ldb), b1 = pv::load(b + k * ldb + pv::kLanes);
 #pragma GCC unroll 14
@@ -542,7 +551,7 @@ struct Portable : PlainPack<2 * pv::kLanes> {
   }
   template <int R> static void tile_r(const float* a, const float* b, int64_t kcu, const Out& o, int64_t row,
                                       int64_t col, int nc) {
-    tile_k<R, true>(a, 1, R, b, NR, kcu, o, row, col, nc);
+    tile_k<R, kBPrefetchSteps>(a, 1, R, b, NR, kcu, o, row, col, nc);
   }
   template <int R> static void store_acc(const pv::vf (&acc)[R][2], const Out& o, int64_t row, int64_t col, int nc) {
     if (nc == NR && !o.to_bf16) {  // full fp32 tile: vector loads and stores of C
@@ -565,11 +574,11 @@ struct Portable : PlainPack<2 * pv::kLanes> {
   template <int R, bool Full> static void tile_in_place(const float* a, int64_t lda, const float* b, int64_t ldb,
                                                         int64_t K, const Out& o, int64_t row, int64_t col, int nc) {
     static_assert(Full, "whole column panels only");
-    tile_k<R, false>(a, lda, 1, b, ldb, K, o, row, col, nc);
+    tile_k<R, kInPlacePrefetchSteps>(a, lda, 1, b, ldb, K, o, row, col, nc);
   }
   template <int R> static void tile_a_in_place(const float* a, int64_t lda, const float* b, int64_t K, const Out& o,
                                                int64_t row, int64_t col, int nc) {
-    tile_k<R, false>(a, lda, 1, b, NR, K, o, row, col, nc);
+    tile_k<R, 0>(a, lda, 1, b, NR, K, o, row, col, nc);
   }
 };
 
@@ -617,6 +626,19 @@ constexpr int64_t kInPlaceSwapN = 8;
 template <class P> bool in_place_gemm(const GemmParams& p) {
   const int64_t max_bytes = cdiv(p.M, P::MR) <= kInPlaceL2Panels ? caches().l2 : caches().l2 / 6;
   return p.K <= kInPlaceMaxK && (p.M * p.K + p.K * p.N) * int64_t(sizeof(float)) <= max_bytes;
+}
+// From this many rows up to direct_two_pass_max_m() a GEMM (B [K, N]) whose B takes at most a quarter of L2 runs in
+// place instead of on the direct path, whose partials (loaded and stored every 8 rows of B) and M x 8 broadcasts
+// make it load-bound once B is in cache. Sapphire Rapids VM, 2 threads, prepared calls, direct -> in place (us), B
+// warm: 4 x 256 x 256 5.3-6.4 -> 4.1-4.3, 6 x 256 x 256 7.7 -> 5.0, 8 x 128 x 128 2.8 -> 1.7, 16 x 256 x 256 15.2 ->
+// 8.3, 8 x 256 x 512 15 -> 9.4, 8 x 128 x 1024 16 -> 8, 12 x 100 x 1000 18.4 -> 11.5; B cold (copies rotating
+// through 512 MB) 4 / 6 / 8 / 16 x 256 x 256 22.0 / 24.1 / 25.8 / 23.4 -> 22.7 / 24.3 / 26.9 / 25.6, 8 x 256 x 512
+// 32 -> 37, 8 x 128 x 1024 33 -> 35, 12 x 100 x 1000 33-36 -> 36-39. Past a quarter of L2 in place is still 1.3-1.8x
+// faster warm but 25-45% slower cold (8 x 512 x 512 56 -> 71-75, 16 x 384 x 384 46 -> 62: the direct path streams
+// whole rows of B), so the direct path keeps those; M = 2 / 3 gain nothing warm and lose cold.
+constexpr int64_t kInPlaceMinM = 4;
+inline bool in_place_small_b(const GemmParams& p) {  // A (<= 16 rows of K <= 1024) fits beside B: in_place_gemm holds
+  return p.K <= kInPlaceMaxK && p.K * p.N * int64_t(sizeof(float)) <= caches().l2 / 4;
 }
 template <class P, bool Full, size_t... I> constexpr auto in_place_table(std::index_sequence<I...>) {
   return std::array{&P::template tile_in_place<static_cast<int>(I) + 1, Full>...};
@@ -1163,7 +1185,7 @@ struct F32Avx512 {
   // The tile over K steps: row r's value of A at step k is a[r * ar + k * ak] (packed [k][R]: ar = 1, ak = R; in
   // place: ar = lda, ak = 1); Pf: both lines of B's row kBPrefetchSteps steps ahead (past the panel's end: the next
   // tile's panel; a prefetch never faults).
-  template <int R, bool Pf, BRow BR> PK_AVX512 static inline __attribute__((always_inline)) void tile_k(
+  template <int R, int64_t Pf, BRow BR> PK_AVX512 static inline __attribute__((always_inline)) void tile_k(
       const float* a, int64_t ar, int64_t ak, const float* b, int64_t ldb, int64_t K, const Out& o, int64_t row,
       int64_t col, int nc) {
     __m512 acc[R][2];
@@ -1171,9 +1193,9 @@ struct F32Avx512 {
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     const __mmask16 m0 = mask16(nc), m1 = mask16(nc - 16);
     for (int64_t k = 0; k < K; ++k) {
-      if constexpr (Pf) {
-        _mm_prefetch(reinterpret_cast<const char*>(b + (k + kBPrefetchSteps) * ldb), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(b + (k + kBPrefetchSteps) * ldb + 16), _MM_HINT_T0);
+      if constexpr (Pf > 0) {
+        _mm_prefetch(reinterpret_cast<const char*>(b + (k + Pf) * ldb), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(b + (k + Pf) * ldb + 16), _MM_HINT_T0);
       }
       const float* br = b + k * ldb;
       __m512 b0, b1;
@@ -1198,19 +1220,19 @@ struct F32Avx512 {
   }
   template <int R> PK_AVX512 static void tile_r(const float* a, const float* b, int64_t kcu, const Out& o,
                                                   int64_t row, int64_t col, int nc) {
-    tile_k<R, true, BRow::packed>(a, 1, R, b, NR, kcu, o, row, col, nc);
+    tile_k<R, kBPrefetchSteps, BRow::packed>(a, 1, R, b, NR, kcu, o, row, col, nc);
   }
   static constexpr bool kInPlaceMasked = true;  // tile_in_place<R, false> reads a narrower last panel of B in place
   // gemm_in_place's tiles, all K steps: A where it is (R rows, lda apart) and a packed B panel (B [N, K] transposed, or
   // B's rows where they are (ldb apart; masked past nc unless Full).
   template <int R> PK_AVX512 static void tile_a_in_place(const float* a, int64_t lda, const float* b, int64_t K,
                                                          const Out& o, int64_t row, int64_t col, int nc) {
-    tile_k<R, false, BRow::packed>(a, lda, 1, b, NR, K, o, row, col, nc);
+    tile_k<R, 0, BRow::packed>(a, lda, 1, b, NR, K, o, row, col, nc);
   }
   template <int R, bool Full> PK_AVX512 static void tile_in_place(const float* a, int64_t lda, const float* b,
                                                                   int64_t ldb, int64_t K, const Out& o, int64_t row,
                                                                   int64_t col, int nc) {
-    tile_k<R, false, Full ? BRow::whole : BRow::masked>(a, lda, 1, b, ldb, K, o, row, col, nc);
+    tile_k<R, kInPlacePrefetchSteps, Full ? BRow::whole : BRow::masked>(a, lda, 1, b, ldb, K, o, row, col, nc);
   }
 };
 
@@ -1802,6 +1824,9 @@ template <class Src> void gemm_typed(const GemmParams& p) {
 #if defined(PK_X86)
   if (!f.avx512f && f.avx2_fma) return gemm_avx2(p);
   if (f.avx512f) {
+    if constexpr (std::is_same_v<Src, float>)  // a few rows on a small B: in place rather than direct (kInPlaceMinM)
+      if (!p.transb && p.M >= kInPlaceMinM && p.M <= direct_two_pass_max_m() && in_place_small_b(p))
+        return gemm_in_place<F32Avx512>(p);
     if (p.M <= direct_max_m() && !p.transb) return gemm_direct_avx512<Src>(p);  // direct reads B as [K, N]
     if constexpr (std::is_same_v<Src, u16>) {  // bf16 past the direct path (linear: from kAmxLinearMinM)
       const bool tiles = double(p.M) * double(p.N) * double(p.K) >= kAmxMinMnk;
