@@ -58,7 +58,8 @@ LINEAR_SHAPES = [(1, 1, 1), (1, 33, 4095), (3, 65, 1000), (5, 7, 129), (8, 130, 
                  (40, 300, 777), (16, 33, 32), (2, 67, 70), (4, 5, 9),
                  (20, 1100, 300),  # fp32 avx512: in place (few row panels, up to L2), B's panels transposed
                  (20, 1100, 1300),  # computed as C^T = B . A^T (gemm_nt_swapped): several K blocks
-                 (13, 45, 1029)]   # the dot path in two passes of rows (8 + 5), a short last block of B rows
+                 (13, 45, 1029),   # the dot path in two passes of rows (8 + 5), a short last block of B rows
+                 (8, 70, 200)]     # the dot path at 8 rows (fp32 avx512: shorter K, 8 x 130 x 17, runs in place)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -637,6 +637,14 @@ template <class P> bool in_place_gemm(const GemmParams& p) {
 // faster warm but 25-45% slower cold (8 x 512 x 512 56 -> 71-75, 16 x 384 x 384 46 -> 62: the direct path streams
 // whole rows of B), so the direct path keeps those; M = 2 / 3 gain nothing warm and lose cold.
 constexpr int64_t kInPlaceMinM = 4;
+// Linear (B [N, K]) from kDotMaxM / 2 + 1 rows with K at most this many times M runs in place (B's panels
+// transposed) rather than on the dot path, whose horizontal sums (one per output, R = 2 from 5 rows) outweigh the
+// K / 16 FMAs of an output at short K. Sapphire Rapids VM, 2 threads, prepared calls, dot -> in place (us): 6 x 1024
+// x 64 15.3 -> 11.5-11.8, 8 x 1024 x 64 18-22 -> 13.1-13.5, 8 x 1024 x 96 26 -> 20-21, 16 x 1024 x 64 24 -> 16, 12 x
+// 2048 x 64 40-44 -> 30-31, 16 x 64 x 64 2.5 -> 1.4, 12 x 256 x 128 10.9 -> 7.8-8.2, 16 x 1024 x 128 36-37 -> 28-32;
+// past it the transposes cost more than the sums save: 8 x 1024 x 128 18.9 -> 19.6-20.2, 8 x 512 x 192 18.5 ->
+// 19.6-22.9, 8 x 256 x 256 10.5 -> 14.2, 12 x 100 x 1000 19 -> 20-21.
+constexpr int64_t kInPlaceLinearKPerRow = 12;
 inline bool in_place_small_b(const GemmParams& p) {  // A (<= 16 rows of K <= 1024) fits beside B: in_place_gemm holds
   return p.K <= kInPlaceMaxK && p.K * p.N * int64_t(sizeof(float)) <= caches().l2 / 4;
 }
@@ -1692,6 +1700,10 @@ template <class T> PK_AVX512 inline __m512 load16(const T* p, __mmask16 m) {
 // the direct path does (kSplitRowBytes). C++ driver (TRANSB), Zen 5, K = N = 4096, alternated 3x: 1 thread
 // M1 bf16 38.2-40.3 -> 44.6-47.1 GB/s, fp32 39.3-40.4 -> 43.8-44.2, M4 +6-8%; 2 threads M1 bf16 58.2-73.8 ->
 // 61.5-87.2, M4 +1-12%; level or better at K = 11008 (rows of 22 / 44 KB) and N = 11008.
+// With R = 4 (M = 2-4) the sums of a step go through one transposed reduction (vec::hsum16) instead of one
+// horizontal sum each: at short K they are most of the work. Sapphire Rapids VM, fp32, 2 threads, prepared calls
+// (us): 4 x 1024 x 64 13.3-13.9 -> 10.6-10.7, 2 x 1024 x 64 7.2-7.3 -> 5.8-5.9, 4 x 256 x 256 level; with R = 2 (M = 8,
+// 16 sums) it was slower (8 x 1024 x 64 18-21 -> 22.5-23), so not there.
 template <class T, int M, int R>
 PK_AVX512 void dot_rows(const T* A, const T* B, int64_t K, int64_t N, int64_t n0, int64_t n1, T* C) {
   const bool split = (n1 - n0) % R == 0;  // R streams of consecutive rows (see dot_rows)
@@ -1716,6 +1728,15 @@ PK_AVX512 void dot_rows(const T* A, const T* B, int64_t K, int64_t N, int64_t n0
     int64_t k = 0;
     for (; k + 16 <= K; k += 16) step(k, __mmask16(0xFFFF));
     if (k < K) step(k, mask16(K - k));
+    if constexpr (R == 4 && M >= 2) {  // the M x 4 sums in one transposed reduction (see dot_rows)
+      __m512 v[16];
+      for (int i = 0; i < 16; ++i) v[i] = i < M * R ? acc[i / R][i % R] : _mm512_setzero_ps();
+      alignas(64) float sums[16];
+      _mm512_store_ps(sums, vec::hsum16(v));
+      for (int m = 0; m < M; ++m)
+        for (int j = 0; j < r; ++j) store_out(C + m * N + n + j * rs, sums[m * R + j]);
+      continue;
+    }
     for (int m = 0; m < M; ++m)
       for (int j = 0; j < r; ++j) store_out(C + m * N + n + j * rs, _mm512_reduce_add_ps(acc[m][j]));
   }
@@ -1832,6 +1853,9 @@ template <class Src> void gemm_typed(const GemmParams& p) {
       const bool tiles = double(p.M) * double(p.N) * double(p.K) >= kAmxMinMnk;
       if (f.amx_bf16 && tiles && (!p.transb || p.M >= kAmxLinearMinM)) return gemm_amx(p);
     }
+    if constexpr (std::is_same_v<Src, float>)  // linear, short K: in place rather than dot (kInPlaceLinearKPerRow)
+      if (p.transb && p.M > kDotMaxM / 2 && p.K <= kInPlaceLinearKPerRow * p.M && in_place_gemm<F32Avx512>(p))
+        return gemm_in_place<F32Avx512>(p);
     if (p.M <= kDotTwoPassMaxM && p.transb) return gemm_dot_avx512<Src>(p);  // rows of B are contiguous in K
     if constexpr (std::is_same_v<Src, float>)  // small: read in place (past the direct path's rows)
       if ((p.transb || p.M > direct_two_pass_max_m()) && in_place_gemm<F32Avx512>(p)) return gemm_in_place<F32Avx512>(p);

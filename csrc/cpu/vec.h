@@ -1,4 +1,5 @@
-// Small AVX-512 helpers for the CPU kernels: tail masks and bf16 <-> fp32 in registers.
+// Small AVX-512 helpers for the CPU kernels: tail masks, bf16 <-> fp32 in registers, transposes and transposed
+// reductions.
 // Every function carries its own target attribute, so this header is safe in a file built without
 // -mavx512f; call the helpers only from functions with the same (or a wider) target attribute, and
 // only after checking pk::cpu::features().avx512f at run time.
@@ -79,6 +80,63 @@ PK_AVX512 inline void transpose16(__m512i v[16]) {
     v[j + 4] = _mm512_shuffle_i32x4(d, f, 0x88);
     v[j + 12] = _mm512_shuffle_i32x4(d, f, 0xDD);
   }
+}
+
+// Returns the vector whose lane i is the sum of the 16 lanes of a[i] (a transposed reduction:
+// 15 combine steps of 2 permutes + 1 add, i.e. ~3 ops per sum instead of ~8 for a separate
+// horizontal reduction per vector).
+// Lane tables of the combine step: x holds m vectors with c = 16/m partial sums each (lane v*c + k),
+// y the next m; the result holds 2m vectors with c/2 partial sums each.
+struct HsumPerm { int32_t a[16], b[16]; };
+constexpr HsumPerm make_hsum_perm(int m) {
+  HsumPerm p{};
+  const int c = 16 / m, h = c / 2;
+  for (int L = 0; L < 16; ++L) {
+    const int v = L / h, k = L % h;
+    const int src = v < m ? v * c + k : 16 + (v - m) * c + k;
+    p.a[L] = src;
+    p.b[L] = src + h;
+  }
+  return p;
+}
+alignas(64) inline constexpr HsumPerm kHsumPerm[4] = {make_hsum_perm(1), make_hsum_perm(2), make_hsum_perm(4),
+                                                      make_hsum_perm(8)};
+struct AddOp {
+  PK_AVX512 inline __attribute__((always_inline)) __m512 operator()(__m512 x, __m512 y) const {
+    return _mm512_add_ps(x, y);
+  }
+};
+struct MaxOp {
+  PK_AVX512 inline __attribute__((always_inline)) __m512 operator()(__m512 x, __m512 y) const {
+    return _mm512_max_ps(x, y);
+  }
+};
+template <class Op, int I>
+PK_AVX512 inline __attribute__((always_inline)) __m512 combine_(__m512 x, __m512 y) {
+  return Op{}(_mm512_permutex2var_ps(x, _mm512_load_si512(kHsumPerm[I].a), y),
+              _mm512_permutex2var_ps(x, _mm512_load_si512(kHsumPerm[I].b), y));
+}
+// The transposed reduction with any associative Op (AddOp: sums, MaxOp: maxima).
+template <class Op>
+PK_AVX512 inline __attribute__((always_inline)) __m512 reduce16(const __m512* a) {
+  __m512 l1[8], l2[4], l3[2];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) l1[i] = combine_<Op, 0>(a[2 * i], a[2 * i + 1]);
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) l2[i] = combine_<Op, 1>(l1[2 * i], l1[2 * i + 1]);
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i) l3[i] = combine_<Op, 2>(l2[2 * i], l2[2 * i + 1]);
+  return combine_<Op, 3>(l3[0], l3[1]);
+}
+PK_AVX512 inline __attribute__((always_inline)) __m512 hsum16(const __m512* a) { return reduce16<AddOp>(a); }
+// The first two combine steps of reduce16 for 4 vectors, then the 4 partials of each row within its
+// 128-bit lane: lanes 4r..4r+3 of the result all hold Op over the 16 lanes of a[r] (attention.cpp's 4-row
+// softmax).
+template <class Op>
+PK_AVX512 inline __attribute__((always_inline)) __m512 reduce_rows4(const __m512* a) {
+  __m512 z = combine_<Op, 1>(combine_<Op, 0>(a[0], a[1]), combine_<Op, 0>(a[2], a[3]));
+  z = Op{}(z, _mm512_permute_ps(z, _MM_SHUFFLE(2, 3, 0, 1)));
+  return Op{}(z, _mm512_permute_ps(z, _MM_SHUFFLE(1, 0, 3, 2)));
 }
 
 }  // namespace pk::cpu::vec
