@@ -126,19 +126,25 @@ template <class T> void pack_b(const T* b, int64_t ldb, int64_t kc, int64_t nc, 
 }
 
 // B stored [N, K] (a linear layer's weight, GemmParams::transb; row stride ldb = K): the same panels as
-// pack_b from B^T. Per panel, 8 K values of each of its 16 rows are loaded (contiguous) and scattered
-// into the panel's [k][16] order.
+// pack_b from B^T. Per panel, 8 K values of each of its 16 rows are loaded (contiguous) and transposed in
+// registers (two 8 x 8 transposes) into 8 rows of the panel's [k][16] order. The element-by-element scatter this
+// replaced took half of a short-K linear's time: forced avx2 tier on the Sapphire Rapids VM, 1 thread, prepared
+// calls, 6 / 8 / 16 x 1024 x 64 31.5 / 35.8 / 45.3 -> 14.7 / 19.2 / 32.2 us, 8 x 1024 x 256 131 -> 75.
 template <class T> void pack_bt(const T* w, int64_t ldb, int64_t kc, int64_t nc, float* dst) {
   for (int64_t q = 0; q * NR < nc; ++q) {
     const int64_t nr = std::min<int64_t>(NR, nc - q * NR);
     float* d = dst + q * kc * NR;
     int64_t k = 0;
     for (; k + 8 <= kc; k += 8) {
-      alignas(32) float t[NR][8];
+      __m256 t[2][8];
       for (int j = 0; j < NR; ++j)
-        _mm256_store_ps(t[j], j < nr ? avx2::load8(w + (q * NR + j) * ldb + k) : _mm256_setzero_ps());
-      for (int kk = 0; kk < 8; ++kk)
-        for (int j = 0; j < NR; ++j) d[(k + kk) * NR + j] = t[j][kk];
+        t[j / 8][j % 8] = j < nr ? avx2::load8(w + (q * NR + j) * ldb + k) : _mm256_setzero_ps();
+      avx2::transpose8(t[0]);
+      avx2::transpose8(t[1]);
+      for (int kk = 0; kk < 8; ++kk) {
+        _mm256_store_ps(d + (k + kk) * NR, t[0][kk]);
+        _mm256_store_ps(d + (k + kk) * NR + 8, t[1][kk]);
+      }
     }
     for (; k < kc; ++k)
       for (int j = 0; j < NR; ++j) d[k * NR + j] = j < nr ? ldf(w, (q * NR + j) * ldb + k) : 0.f;
