@@ -911,6 +911,73 @@ template <class T, class Kernel> void run_dot(const GemmParams& p, Kernel kernel
   });
 }
 
+// Portable dot path (plain C++ on the build's vectors, vec_portable.h): the tier's linear up to kDotPortableMaxM rows,
+// which otherwise packed (transposed) all of B per call, GEMV-like shapes included (aarch64 has its NEON one). kLanes K values (bf16: 2 kLanes)
+// of R rows of B per step; the lanes are summed once per output, the last K % step values added in scalar. R = 4 / 2 / 1 up to M =
+// 2 / 4 / 8 keeps the M x R accumulators, R of B and one of A within 16 vector registers (SSE / AVX2 builds).
+template <class T, int M, int R>
+void dot_rows_portable(const T* A, const T* B, int64_t K, int64_t N, int64_t n0, int64_t n1, T* C) {
+  constexpr int64_t step = std::is_same_v<T, float> ? pv::kLanes : 2 * pv::kLanes;
+  const int64_t KV = K / step * step;
+  for (int64_t n = n0; n < n1; n += R) {
+    const int r = static_cast<int>(std::min<int64_t>(R, n1 - n));
+    const T* b[R];
+    for (int j = 0; j < R; ++j) b[j] = B + (n + std::min(j, r - 1)) * K;  // a short block repeats its last row
+    pv::vf acc[M][R];
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+      for (int j = 0; j < R; ++j) acc[m][j] = pv::vf{};
+    if constexpr (std::is_same_v<T, float>) {
+      for (int64_t k = 0; k < KV; k += pv::kLanes) {
+        pv::vf bv[R];
+#pragma GCC unroll 8
+        for (int j = 0; j < R; ++j) bv[j] = pv::load(b[j] + k);
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) {
+          const pv::vf av = pv::load(A + m * K + k);
+#pragma GCC unroll 8
+          for (int j = 0; j < R; ++j) acc[m][j] += av * bv[j];
+        }
+      }
+    } else {  // bf16: 2 kLanes values a step, split into even and odd ones by a shift and a mask (the lane sums of a
+              // dot product do not care which K lands in which lane)
+      for (int64_t k = 0; k < KV; k += 2 * pv::kLanes) {
+        pv::vf be[R], bo[R];
+#pragma GCC unroll 8
+        for (int j = 0; j < R; ++j) pv::load_bf16_pairs(b[j] + k, be[j], bo[j]);
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) {
+          pv::vf ae, ao;
+          pv::load_bf16_pairs(A + m * K + k, ae, ao);
+#pragma GCC unroll 8
+          for (int j = 0; j < R; ++j) acc[m][j] += ae * be[j] + ao * bo[j];
+        }
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      for (int j = 0; j < r; ++j) {
+        float v = pv::hsum(acc[m][j]);
+        for (int64_t k = KV; k < K; ++k) v += PlainPack<1>::ld(A, m * K + k) * PlainPack<1>::ld(b[j], k);
+        store_out(C + m * N + n + j, v);
+      }
+  }
+}
+// Up to this many rows (run_dot: passes of kDotMaxM). Forced portable tier on the Sapphire Rapids VM (64-byte
+// vectors), 2 threads, prepared calls, the packed / in-place paths -> dot (us): fp32 M = 1 / 4 / 5 / 8 / 12 / 16 x 4096
+// x 4096 7123 / 6954 / 7768 / 7844 / 9018 / 10673 -> 1296 / 1525 / 2516 / 2805 / 4078 / 6233 (torch 1393-1470 at M =
+// 1), 8 x 256 x 256 26.2 -> 13.6, 16 x 256 x 256 26.4 -> 16.6, 12 x 1024 x 256 75 -> 48; bf16 M = 1 / 4 / 8 / 16 x 4096
+// x 4096 4315 / 4619 / 5754 / 6860 -> 696 / 1157 / 2536 / 4989. At M = 24-32 mixed (24 x 4096 x 4096 11.4 -> 8.8 ms,
+// but 32 x 1024 x 64 32 -> 58 us, 32 x 512 x 512 74 -> 102).
+constexpr int64_t kDotPortableMaxM = 2 * kDotMaxM;
+template <class T, size_t... I> constexpr auto dot_table_portable(std::index_sequence<I...>) {
+  return std::array<DotFn<T>, sizeof...(I)>{&dot_rows_portable<T, static_cast<int>(I) + 1, (I < 2 ? 4 : I < 4 ? 2 : 1)>...};
+}
+template <class T> void gemm_dot_portable(const GemmParams& p) {
+  static constexpr auto dot = dot_table_portable<T>(std::make_index_sequence<kDotMaxM>());
+  run_dot<T>(p, [](int64_t m) { return dot[m - 1]; });
+}
+
 #if defined(__aarch64__)
 // NEON dot path: 4 K values per q register; the lanes are summed once per output at the end, and the
 // last K % 4 values are added in scalar.
@@ -1873,6 +1940,7 @@ template <class Src> void gemm_typed(const GemmParams& p) {
   if (f.neon && p.transb && p.M <= kDotMaxM) return gemm_dot_neon<Src>(p);  // rows of B are contiguous in K
 #endif
   if (p.M <= kDirectMaxM && !p.transb) return gemm_direct_portable<Src>(p);
+  if (p.transb && p.M <= kDotPortableMaxM) return gemm_dot_portable<Src>(p);  // rows of B are contiguous in K
 #if defined(__aarch64__)
   if (f.neon) return gemm_packed<F32Neon, Src>(p);
 #endif
