@@ -401,8 +401,17 @@ template <int M, class T> void gemm_direct(const GemmParams& p) {
 // handed out dynamically; each row of W is read once. NU streams of consecutive rows per item: tier forced on
 // Zen 5, N = K = 4096, alternated 3x: 1 thread M1 bf16 22.1-22.5 -> 36.2-37.7 GB/s, fp32 34.9-37.5 ->
 // 42.9-45.6, M4 +15-25%; 2 threads M1 bf16 38.6-41.1 -> 68.8-71.8, fp32 66.7-69.2 -> 79.3-86.3.
+// Linear (B [N, K]) up to kDotMaxM rows: each output the dot product of a row of A and a row of B, both contiguous in
+// K; NU rows of B a step (4 / 2 / 1 up to M = 2 / 4 / 8). From 5 rows, a B within L2 and K <= kInPlaceLinearKPerRow
+// M run in place instead (B's panels transposed: at short K the dot path's horizontal sums outweigh the FMAs). Forced
+// avx2 tier on the Sapphire Rapids VM, 2 threads, prepared calls (us), rows 5-8 before (in place within L2, else
+// gemm_packed, which transposes all of B per call) -> dot: 5 / 8 x 4096 x 4096 3108 / 3974 -> 2494-2578 / 3397-3498, 8
+// x 1024 x 1024 503 -> 137, 8 x 1024 x 256 48 -> 40, 8 x 256 x 256 19.4 -> 16.9, 6 x 512 x 512 38.8 -> 31.3; but 6 /
+// 8 x 1024 x 64 15.6 / 21.2 -> 19.9 / 25.0 (those stay in place).
+constexpr int64_t kDotMaxM = 8;
+constexpr int64_t kInPlaceLinearKPerRow = 12;
 template <int M, class T> void gemm_dot(const GemmParams& p) {
-  constexpr int NU = M <= 2 ? 4 : 2;
+  constexpr int NU = M <= 2 ? 4 : M <= 4 ? 2 : 1;
   constexpr int64_t kRows = 64;
   const int64_t N = p.N, K = p.K, K8 = K / 8 * 8, items = cdiv(N, kRows);
   const T* A = static_cast<const T*>(p.a);
@@ -555,13 +564,18 @@ void gemm_in_place(const GemmParams& p) {
 
 template <class T> void gemm_typed(const GemmParams& p) {
   if constexpr (std::is_same_v<T, float>)
-    if (p.M > (p.transb ? 4 : kDirectMaxM) && in_place_gemm(p)) return gemm_in_place(p);
+    if (p.M > kDirectMaxM && in_place_gemm(p) && (!p.transb || p.M > kDotMaxM || p.K <= kInPlaceLinearKPerRow * p.M))
+      return gemm_in_place(p);
   if (p.transb) {
     switch (p.M) {
       case 1: return gemm_dot<1, T>(p);
       case 2: return gemm_dot<2, T>(p);
       case 3: return gemm_dot<3, T>(p);
       case 4: return gemm_dot<4, T>(p);
+      case 5: return gemm_dot<5, T>(p);
+      case 6: return gemm_dot<6, T>(p);
+      case 7: return gemm_dot<7, T>(p);
+      case 8: return gemm_dot<8, T>(p);
       default: return gemm_packed<T>(p);
     }
   }
