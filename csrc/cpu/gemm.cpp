@@ -526,8 +526,8 @@ struct Portable : PlainPack<2 * pv::kLanes> {
   static constexpr int64_t MR = PK_PV_BYTES == 64 ? 14 : 6, NR = 2 * pv::kLanes, KG = 1, KC = 256, NC = 512;
 
   // The tile over K steps: row r's value of A at step k is a[r * ar + k * ak] (packed [k][R]: ar = 1, ak = R; in
-  // place: ar = lda, ak = 1), B's row k at b + k * ldb (a packed panel: ldb = NR); Pf: prefetch B's row
-  // kBPrefetchSteps ahead, into L1 (as the AVX-512 micro-kernel does: a packed micro-panel streams from L2).
+  // place: ar = lda, ak = 1), B's row k at b + k * ldb (a packed panel: ldb = NR); Pf > 0: prefetch B's row Pf steps
+  // ahead, into L1 (as the AVX-512 micro-kernel does: a packed micro-panel streams from L2, B in place from memory).
   template <int R, int64_t Pf> static inline __attribute__((always_inline)) void tile_k(
       const float* a, int64_t ar, int64_t ak, const float* b, int64_t ldb, int64_t K, const Out& o, int64_t row,
       int64_t col, int nc) {
@@ -911,10 +911,11 @@ template <class T, class Kernel> void run_dot(const GemmParams& p, Kernel kernel
   });
 }
 
-// Portable dot path (plain C++ on the build's vectors, vec_portable.h): the tier's linear up to kDotPortableMaxM rows,
-// which otherwise packed (transposed) all of B per call, GEMV-like shapes included (aarch64 has its NEON one). kLanes K values (bf16: 2 kLanes)
-// of R rows of B per step; the lanes are summed once per output, the last K % step values added in scalar. R = 4 / 2 / 1 up to M =
-// 2 / 4 / 8 keeps the M x R accumulators, R of B and one of A within 16 vector registers (SSE / AVX2 builds).
+// Portable dot path (plain C++ on the build's vectors, vec_portable.h): the tier's linear up to kDotPortableMaxM
+// rows, which otherwise packed (transposed) all of B per call, GEMV-like shapes included (aarch64 has its NEON one).
+// kLanes K values (bf16: 2 kLanes) of R rows of B per step; the lanes are summed once per output, the last K % step
+// values added in scalar. R = 4 / 2 / 1 up to M = 2 / 4 / 8 keeps the M x R accumulators, R of B and one of A within
+// 16 vector registers (SSE / AVX2 builds).
 template <class T, int M, int R>
 void dot_rows_portable(const T* A, const T* B, int64_t K, int64_t N, int64_t n0, int64_t n1, T* C) {
   constexpr int64_t step = std::is_same_v<T, float> ? pv::kLanes : 2 * pv::kLanes;
@@ -971,7 +972,8 @@ void dot_rows_portable(const T* A, const T* B, int64_t K, int64_t N, int64_t n0,
 // but 32 x 1024 x 64 32 -> 58 us, 32 x 512 x 512 74 -> 102).
 constexpr int64_t kDotPortableMaxM = 2 * kDotMaxM;
 template <class T, size_t... I> constexpr auto dot_table_portable(std::index_sequence<I...>) {
-  return std::array<DotFn<T>, sizeof...(I)>{&dot_rows_portable<T, static_cast<int>(I) + 1, (I < 2 ? 4 : I < 4 ? 2 : 1)>...};
+  return std::array<DotFn<T>, sizeof...(I)>{
+      &dot_rows_portable<T, static_cast<int>(I) + 1, (I < 2 ? 4 : I < 4 ? 2 : 1)>...};
 }
 template <class T> void gemm_dot_portable(const GemmParams& p) {
   static constexpr auto dot = dot_table_portable<T>(std::make_index_sequence<kDotMaxM>());
@@ -1258,8 +1260,8 @@ struct F32Avx512 {
   // or masked past nc.
   enum class BRow { packed, whole, masked };
   // The tile over K steps: row r's value of A at step k is a[r * ar + k * ak] (packed [k][R]: ar = 1, ak = R; in
-  // place: ar = lda, ak = 1); Pf: both lines of B's row kBPrefetchSteps steps ahead (past the panel's end: the next
-  // tile's panel; a prefetch never faults).
+  // place: ar = lda, ak = 1); Pf > 0: both lines of B's row Pf steps ahead (past the panel's end: the next tile's
+  // panel; a prefetch never faults).
   template <int R, int64_t Pf, BRow BR> PK_AVX512 static inline __attribute__((always_inline)) void tile_k(
       const float* a, int64_t ar, int64_t ak, const float* b, int64_t ldb, int64_t K, const Out& o, int64_t row,
       int64_t col, int nc) {
@@ -1795,7 +1797,7 @@ PK_AVX512 void dot_rows(const T* A, const T* B, int64_t K, int64_t N, int64_t n0
     int64_t k = 0;
     for (; k + 16 <= K; k += 16) step(k, __mmask16(0xFFFF));
     if (k < K) step(k, mask16(K - k));
-    if constexpr (R == 4 && M >= 2) {  // the M x 4 sums in one transposed reduction (see dot_rows)
+    if constexpr (R == 4 && M >= 2) {  // the M x 4 sums in one transposed reduction (see above)
       __m512 v[16];
       for (int i = 0; i < 16; ++i) v[i] = i < M * R ? acc[i / R][i % R] : _mm512_setzero_ps();
       alignas(64) float sums[16];
