@@ -79,7 +79,7 @@ def _one_line_usage_error(r, needle):
     (("bench", "--backend", "nope"), "unknown backend(s) nope"),
     (("bench", "--shape", "M=4,N=0,K=3"), "N=0 must be >= 1"),
     (("bench", "--shape", "X=1"), "name no family"),
-    (("bench", "--shape", "M=4,N=4,K=3,layout=tn"), "layout=tn is not one of nn, nt"),
+    (("bench", "--shape", "M=4,N=4,K=3,layout=tn"), "'layout' must be one of nn, nt, got 'tn'"),
 ])
 def test_usage_errors_exit_2_with_one_line(args, needle, tmp_path):
     if args[:3] == ("validate", "--backend", "triton"):

@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..kernels import AttentionProblem, DecodeProblem, GemmProblem
-from ..kernels.gemm import LAYOUTS
 
 FP32, BF16 = "float32", "bfloat16"
 
@@ -159,9 +158,7 @@ def parse_shape(spec: str):
                                  f"(keys: {', '.join(sorted(required))}; optional: {', '.join(sorted(optional)) or '-'})")
             args = {}
             for key, val in kv.items():
-                if key == "layout":
-                    if val not in LAYOUTS:
-                        raise ValueError(f"shape {spec!r}: layout={val} is not one of {', '.join(LAYOUTS)}")
+                if key == "layout":  # checked by GemmProblem
                     args[key] = val
                     continue
                 if key in ("causal", "paged", "ragged"):
@@ -179,7 +176,10 @@ def parse_shape(spec: str):
             if family in ("attention", "decode") and args["Hq"] % args["Hkv"]:
                 raise ValueError(f"shape {spec!r}: Hq={args['Hq']} is not a multiple of Hkv={args['Hkv']}")
             if family == "gemm":
-                return GemmProblem(**args)
+                try:
+                    return GemmProblem(**args)
+                except ValueError as e:  # the layout
+                    raise ValueError(f"shape {spec!r}: {e}") from None
             if family == "attention":
                 return AttentionProblem(**args)
             args["context"] = args.pop("L")
