@@ -575,7 +575,7 @@ def _measure(request, family, case, name, backend, device, key, group) -> None:
         machine_id=fp["id"], dtype=case.dtype, stats=stats.as_dict(), max_error=err, tolerance=exp.tolerance,
         ok=ok and ok2, peak_flops=devmod.peak_flops(pk_, case.dtype), peak_bw=devmod.peak_bandwidth(pk_),
         sweep=st["sweep"], vendor_ceiling_flops=devmod.vendor_ceiling(pk_, case.dtype),
-        describe=describe, checked=f"{checked}+fresh")
+        describe=describe, checked=f"{checked}+fresh", caches=fp.get("caches"))
     ex["recheck_max_error"] = results._finite_or_none(err2)
     ex["recheck_ok"] = ok2
     ex["copy_bytes_per_s_this_run"] = st["copy"]["copy_bytes_per_s"]

@@ -51,6 +51,44 @@ def test_throughput_and_roofline():
     assert results.roofline_fraction(1, 1, 1.0, None, None)["pct_roofline"] is None
 
 
+def test_warm_inputs_in_cache_are_not_judged_by_the_dram_bound():
+    # M4 x 256 x 256 fp32: 0.52 MFLOP over 270 KB (~1.9 FLOP/B). Timed warm on a CPU whose L2 holds it at
+    # 100 GFLOP/s, it is ~520% of the DRAM bound (1.9 FLOP/B x 1e10 B/s) but 50% of the 2e11 compute peak.
+    from pykernels import report
+
+    p = GemmProblem(4, 256, 256)
+    nbytes = p.bytes(__import__("torch").float32)
+    t = p.flops() / 1e11
+    spr = {"l1d": 48 << 10, "l2": 2 << 20, "l3": 480 << 20}
+
+    def rec(caches, **kw):
+        ex = results.make_record(problem=p, backend_name="native", tier="native", device=kw.pop("device", "cpu"),
+                                 device_name="cpu: X", machine_id="abc", dtype="float32",
+                                 stats=stats(median=t, p20=t, p80=t, **kw), max_error=0.0, tolerance=1e-5,
+                                 ok=True, peak_flops=2e11, peak_bw=1e10, sweep="test", caches=caches)
+        return ex, report.pct_text(results.record_from(ex, None, "test"))
+
+    warm, text = rec(spr)
+    assert warm["cache"] == "l2" and warm["bound"] == "compute (in cache)"
+    assert warm["pct_roofline"] == pytest.approx(50.0) and not warm["probe_error"] and text == "50%"
+    assert warm["pct_peak_bw"] > 100  # informational: the caches beat the DRAM probe
+    assert results.warm_cache_level("cpu", nbytes, stats(), {"l2": nbytes, "l3": 4 * nbytes}) == "l2"
+    # past one core's L2 but within the last-level cache: the DRAM roofline, its excess labelled as the cache's
+    llc, text = rec({"l2": nbytes - 1, "l3": nbytes})
+    assert llc["cache"] == "llc" and llc["bound"] == "memory" and llc["pct_roofline"] > 103
+    assert not llc["probe_error"] and text.endswith("% (in cache)")
+    # from memory (flushed, larger than every cache, caches unknown, a GPU): above the DRAM bound is a probe error
+    for kw in ({"caches": spr, "flush": True}, {"caches": {"l2": nbytes - 1, "l3": nbytes - 1}}, {"caches": None},
+               {"caches": spr, "device": "cuda"}):
+        cold, text = rec(kw.pop("caches"), **kw)
+        assert cold["cache"] is None and cold["bound"] == "memory"
+        assert cold["pct_roofline"] > 103 and cold["probe_error"] and text.endswith("% PROBE ERROR")
+    # above the compute peak stays a probe error wherever the inputs were
+    for cache in ("l2", "llc", None):
+        fast = results.roofline_fraction(p.flops(), nbytes, t / 4, 2e11, 1e2, cache=cache)
+        assert fast["pct_peak_flops"] == pytest.approx(200.0) and fast["probe_error"]
+
+
 def test_make_record_fields():
     p = DecodeProblem(B=2, Hq=4, Hkv=2, context=65, D=64, paged=True)
     ex = record(problem=p, dtype="bfloat16")

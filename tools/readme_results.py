@@ -33,9 +33,7 @@ def pct_cell(r: results.Record) -> str:
         return "wrong"
     if r.pct_roofline is None:
         return "—"
-    if r.pct_roofline > results.PROBE_ERROR_PCT:
-        return f"{r.pct_roofline:.0f}% PROBE ERROR"
-    return f"{r.pct_roofline:.0f}%" + (" (!)" if r.warning else "")
+    return report.pct_text(r) + (" (!)" if r.warning and r.pct_roofline <= results.PROBE_ERROR_PCT else "")
 
 
 def to_markdown(recs: list[results.Record], source: str) -> str:

@@ -10,7 +10,7 @@ from .. import ops
 from ..kernels import dtype_name, dtype_of
 from . import device as devmod
 from . import results
-from .timing import CPU_SETTLE_S, TimingOptions, time_callable
+from .timing import CPU_SETTLE_S, TimingOptions, cpu_caches, time_callable
 
 
 def measure_case(problem, dtype: str, backend: str, device: str = "cpu", *, inputs: dict,
@@ -28,8 +28,9 @@ def measure_case(problem, dtype: str, backend: str, device: str = "cpu", *, inpu
     flops, nbytes = problem.flops(), problem.bytes(dtype_of(dtype))
     pk = devmod.peaks(device, [dtype])
     rates = results.throughput(flops, nbytes, stats.median_s)
+    cache = results.warm_cache_level(device, nbytes, stats.as_dict(), cpu_caches() if device == "cpu" else None)
     frac = results.roofline_fraction(flops, nbytes, stats.median_s, devmod.peak_flops(pk, dtype),
-                                     devmod.peak_bandwidth(pk))
+                                     devmod.peak_bandwidth(pk), cache=cache)
     return {"median_s": stats.median_s, "p20_s": stats.p20_s, "p80_s": stats.p80_s, "cv": stats.cv,
             "rounds": stats.rounds, "tflops": rates["tflops"], "gbps": rates["gbps"],
             "pct_of_peak": frac["pct_roofline"], "bound": frac["bound"], "prepare_s": prepare_s}
