@@ -894,13 +894,21 @@ template <class T> inline void store_out(T* c, float v) {
 // The dot path's threads: blocks of kDotRows rows of B handed out dynamically. Each block is multiplied by
 // the rows of A in passes of at most kDotMaxM rows, kernel(m) computing m rows of A against rows [n0, n1) of
 // B into those columns of C; the later passes read the block from L2 (32 rows: 512 KB at K = 4096 fp32).
+// From this many FLOPs (not kSerialFlops) the dot paths take threads, when there are 4 items or more. Sapphire
+// Rapids VM, 2 threads, prepared linear calls, one thread -> two (us, builds alternated twice): avx512 tier 1 x 1024 x
+// 256 12.0-12.2 -> 8.7-9.3, 2 x 1024 x 128 8.1-8.4 -> 7.1-7.7, 4 x 512 x 256 10.8-11.4 -> 7.8-8.5, 8 x 256 x 256
+// 10.4-10.5 -> 7.1-7.2; portable tier 8 x 1024 x 64 22.8-22.9 -> 16.2-19.8, 4 x 512 x 256 12.1-12.3 -> 8.0-10.3.
+// From 0.25 MFLOP the avx512 tier was level or slower (2 x 512 x 128 4.1 -> 4.1-4.6, 1 x 512 x 256 5.0 -> 5.2-5.4).
+constexpr double kDotThreadFlops = 0.5e6;
 template <class T, class Kernel> void run_dot(const GemmParams& p, Kernel kernel) {
   const T* A = static_cast<const T*>(p.a);
   const T* B = static_cast<const T*>(p.b);
   T* C = static_cast<T*>(p.c);
   const int64_t M = p.M, N = p.N, K = p.K, items = cdiv(N, kDotRows);
   const DotFn<T> full = kernel(std::min(M, kDotMaxM)), last = kernel(M - (cdiv(M, kDotMaxM) - 1) * kDotMaxM);
-  ContentionGuard guard(g_solo_direct, static_cast<int>(std::min<int64_t>(pick_threads(p), items)));
+  const double flops = 2.0 * double(M) * double(N) * double(K);
+  const int nt = flops >= kDotThreadFlops && items >= 4 ? std::max(1, omp_get_max_threads()) : pick_threads(p);
+  ContentionGuard guard(g_solo_direct, static_cast<int>(std::min<int64_t>(nt, items)));
   run_team(guard.threads(), [&](int t, int, Team& team) {
     for (int64_t it; (it = team.grab()) < items;) {
       const int64_t n0 = it * kDotRows, n1 = std::min(N, (it + 1) * kDotRows);

@@ -410,13 +410,23 @@ template <int M, class T> void gemm_direct(const GemmParams& p) {
 // 8 x 1024 x 64 15.6 / 21.2 -> 19.9 / 25.0 (those stay in place).
 constexpr int64_t kDotMaxM = 8;
 constexpr int64_t kInPlaceLinearKPerRow = 12;
+// From this many FLOPs (not kSerialFlops) the dot path takes threads, when there are 4 items or more (gemm.cpp's
+// rule, from fewer FLOPs: a row costs more here). Forced avx2 tier, Sapphire Rapids VM, 2 threads, prepared linear
+// calls, one thread -> two (us, builds alternated twice): 1 x 512 x 512 14.0-15.9 -> 7.8-9.3, 4 x 1024 x 64
+// 14.6-15.0 -> 9.4-10.0, 8 x 256 x 256 18.0-18.2 -> 10.4-10.6, 1 x 1024 x 128 7.9 -> 6.3-6.4, 2 x 512 x 128 5.4-5.5
+// -> 4.6-4.8, 4 x 256 x 128 5.4 -> 4.6-5.7.
+constexpr double kDotThreadFlops = 0.25e6;
 template <int M, class T> void gemm_dot(const GemmParams& p) {
   constexpr int NU = M <= 2 ? 4 : M <= 4 ? 2 : 1;
   constexpr int64_t kRows = 64;
   const int64_t N = p.N, K = p.K, K8 = K / 8 * 8, items = cdiv(N, kRows);
   const T* A = static_cast<const T*>(p.a);
   const T* W = static_cast<const T*>(p.b);
-  const int nt = static_cast<int>(std::min<int64_t>(pick_threads(p), items));
+  const double flops = 2.0 * double(p.M) * double(N) * double(K);
+  const int nt = static_cast<int>(std::min<int64_t>(
+      flops >= kDotThreadFlops && items >= 4 && !omp_in_parallel() ? std::max(1, omp_get_max_threads())
+                                                                   : pick_threads(p),
+      items));
   auto store = [&](int64_t m, int64_t n, float v) {
     if constexpr (std::is_same_v<T, float>) static_cast<float*>(p.c)[m * N + n] = v;
     else static_cast<u16*>(p.c)[m * N + n] = float_to_bf16(v);
