@@ -10,6 +10,7 @@ SHAPES = [
     (1, 1000, 65),
     (1, 4096, 4096),       # GEMV path
     (4, 1025, 1023),
+    (3, 200, 500),         # direct path on 2 threads below kSerialFlops (few_rows_threads): 8 items of K, partials
     (7, 63, 127),
     (12, 1500, 130),       # direct path in two passes of rows (zmm at full width), two column chunks; AMX M < 16
     (10, 3000, 333),       # two passes of 5 rows, two even column chunks, the next item prefetched, a short last item

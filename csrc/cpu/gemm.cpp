@@ -142,6 +142,21 @@ int pick_threads(const GemmParams& p) {
   return flops < kSerialFlops ? 1 : std::max(1, omp_get_max_threads());
 }
 
+// The direct and dot paths (GEMMs and linears of a few rows) take threads from this many FLOPs (not kSerialFlops)
+// when they have 4 items or more. Sapphire Rapids VM, 2 threads, prepared calls, one thread -> two (us, builds
+// alternated twice), avx512 tier: linear 1 x 1024 x 256 12.0-12.2 -> 8.7-9.3, 2 x 1024 x 128 8.1-8.4 -> 7.1-7.7,
+// 4 x 512 x 256 10.8-11.4 -> 7.8-8.5, 8 x 256 x 256 10.4-10.5 -> 7.1-7.2; GEMM fp32 / bf16 1 x 1024 x 256 10.4-10.8
+// -> 8.5-9.4 / 12.0-12.7 -> 10.6-11.5, 1 x 2048 x 256 (B = L2) 41-44 -> 19-25 / 26-27 -> 17.6-17.7, 3 x 256 x 512
+// 8.1-9.0 -> 7.8-8.0 / 9.8-10.2 -> 9.1-9.8, but 2 x 512 x 256 5.9-6.3 -> 6.5-6.8 / level; portable tier linear
+// 8 x 1024 x 64 22.8-22.9 -> 16.2-19.8, 4 x 512 x 256 12.1-12.3 -> 8.0-10.3, GEMM fp32 / bf16 1 x 1024 x 256
+// 11.4-11.9 -> 6.6-6.9 / 13.4-13.6 -> 8.4-8.5, 1 x 2048 x 256 41-44 -> 14-15 / 29-31 -> 16-17. From 0.25 MFLOP linear
+// on the avx512 tier was level or slower (2 x 512 x 128 4.1 -> 4.1-4.6, 1 x 512 x 256 5.0 -> 5.2-5.4).
+constexpr double kFewRowsThreadFlops = 0.5e6;
+int few_rows_threads(const GemmParams& p, int64_t items) {
+  const double flops = 2.0 * double(p.M) * double(p.N) * double(p.K);
+  return flops >= kFewRowsThreadFlops && items >= 4 ? std::max(1, omp_get_max_threads()) : pick_threads(p);
+}
+
 // Micro-kernels are templates on the tile's row count R; this maps a runtime R in 1..P::MR to them.
 template <class P, size_t... I>
 constexpr std::array<typename P::TileFn, sizeof...(I)> tile_table(std::index_sequence<I...>) {
@@ -810,7 +825,7 @@ template <class Src> void gemm_direct_portable(const GemmParams& p) {
   const Src* A = static_cast<const Src*>(p.a);
   const Src* B = static_cast<const Src*>(p.b);
   const int64_t groups = cdiv(N, 16);
-  const int nt = static_cast<int>(std::min<int64_t>(pick_threads(p), groups));
+  const int nt = static_cast<int>(std::min<int64_t>(few_rows_threads(p, groups), groups));
   run_team(nt, [&](int t, int nt, Team& team) {
     const int64_t n0 = std::min(N, groups * t / nt * 16), n1 = std::min(N, groups * (t + 1) / nt * 16);
     constexpr int64_t kChunk = 2048;  // M x chunk floats of C, twice: 16 KB, half of a typical L1
@@ -894,21 +909,13 @@ template <class T> inline void store_out(T* c, float v) {
 // The dot path's threads: blocks of kDotRows rows of B handed out dynamically. Each block is multiplied by
 // the rows of A in passes of at most kDotMaxM rows, kernel(m) computing m rows of A against rows [n0, n1) of
 // B into those columns of C; the later passes read the block from L2 (32 rows: 512 KB at K = 4096 fp32).
-// From this many FLOPs (not kSerialFlops) the dot paths take threads, when there are 4 items or more. Sapphire
-// Rapids VM, 2 threads, prepared linear calls, one thread -> two (us, builds alternated twice): avx512 tier 1 x 1024 x
-// 256 12.0-12.2 -> 8.7-9.3, 2 x 1024 x 128 8.1-8.4 -> 7.1-7.7, 4 x 512 x 256 10.8-11.4 -> 7.8-8.5, 8 x 256 x 256
-// 10.4-10.5 -> 7.1-7.2; portable tier 8 x 1024 x 64 22.8-22.9 -> 16.2-19.8, 4 x 512 x 256 12.1-12.3 -> 8.0-10.3.
-// From 0.25 MFLOP the avx512 tier was level or slower (2 x 512 x 128 4.1 -> 4.1-4.6, 1 x 512 x 256 5.0 -> 5.2-5.4).
-constexpr double kDotThreadFlops = 0.5e6;
 template <class T, class Kernel> void run_dot(const GemmParams& p, Kernel kernel) {
   const T* A = static_cast<const T*>(p.a);
   const T* B = static_cast<const T*>(p.b);
   T* C = static_cast<T*>(p.c);
   const int64_t M = p.M, N = p.N, K = p.K, items = cdiv(N, kDotRows);
   const DotFn<T> full = kernel(std::min(M, kDotMaxM)), last = kernel(M - (cdiv(M, kDotMaxM) - 1) * kDotMaxM);
-  const double flops = 2.0 * double(M) * double(N) * double(K);
-  const int nt = flops >= kDotThreadFlops && items >= 4 ? std::max(1, omp_get_max_threads()) : pick_threads(p);
-  ContentionGuard guard(g_solo_direct, static_cast<int>(std::min<int64_t>(nt, items)));
+  ContentionGuard guard(g_solo_direct, static_cast<int>(std::min<int64_t>(few_rows_threads(p, items), items)));
   run_team(guard.threads(), [&](int t, int, Team& team) {
     for (int64_t it; (it = team.grab()) < items;) {
       const int64_t n0 = it * kDotRows, n1 = std::min(N, (it + 1) * kDotRows);
@@ -1704,7 +1711,7 @@ template <class T> void gemm_direct_avx512(const GemmParams& p) {
   while (M > pass && nchunks < cdiv(N, wmax)) nchunks *= 2;
   const int64_t W = std::min(cdiv(N, 32) * 32, M > pass ? cdiv(cdiv(N, nchunks), 32) * 32 : wmax);
   const int64_t items = cdiv(K, kDirectRows);
-  ContentionGuard guard(g_solo_direct, static_cast<int>(std::min<int64_t>(pick_threads(p), items)));
+  ContentionGuard guard(g_solo_direct, static_cast<int>(std::min<int64_t>(few_rows_threads(p, items), items)));
   const int nt = guard.threads();
   const int64_t stride = M * W;  // floats per thread partial
   Carver cv;

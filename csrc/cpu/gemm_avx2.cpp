@@ -77,6 +77,19 @@ int pick_threads(const GemmParams& p) {
   const double flops = 2.0 * double(p.M) * double(p.N) * double(p.K);
   return flops < kSerialFlops || omp_in_parallel() ? 1 : std::max(1, omp_get_max_threads());
 }
+// The direct and dot paths take threads from this many FLOPs (not kSerialFlops) when they have 4 items or more
+// (gemm.cpp's rule, from fewer FLOPs: a row costs more here). Forced avx2 tier, Sapphire Rapids VM, 2 threads,
+// prepared linear calls, one thread -> two (us, builds alternated twice): 1 x 512 x 512 14.0-15.9 -> 7.8-9.3,
+// 4 x 1024 x 64 14.6-15.0 -> 9.4-10.0, 8 x 256 x 256 18.0-18.2 -> 10.4-10.6, 1 x 1024 x 128 7.9 -> 6.3-6.4,
+// 2 x 512 x 128 5.4-5.5 -> 4.6-4.8, 4 x 256 x 128 5.4 -> 4.6-5.7; GEMM fp32 / bf16 1 x 1024 x 256 17.5-17.6 ->
+// 12.0-12.4 / 20.9-21.7 -> 14.4-14.5, 1 x 2048 x 256 48-52 -> 25 / 44-46 -> 26-27, 3 x 256 x 512 14.0-14.1 -> 11.1-11.2
+// / 18.4-18.9 -> 13.6-13.8, but 2 x 256 x 256 fp32 5.3-5.7 -> 5.9-6.0.
+constexpr double kFewRowsThreadFlops = 0.25e6;
+int few_rows_threads(const GemmParams& p, int64_t items) {
+  const double flops = 2.0 * double(p.M) * double(p.N) * double(p.K);
+  return flops >= kFewRowsThreadFlops && items >= 4 && !omp_in_parallel() ? std::max(1, omp_get_max_threads())
+                                                                         : pick_threads(p);
+}
 
 // Per-thread scratch kept between calls (scratch.h: no page faults per call), contents undefined. Slot 0:
 // a thread's own blocks; slot 1: the calling thread's packed operands shared by the team.
@@ -364,7 +377,7 @@ template <int M, class T> void gemm_direct(const GemmParams& p) {
   const T* A = static_cast<const T*>(p.a);
   const T* B = static_cast<const T*>(p.b);
   const int64_t W = std::min<int64_t>(cdiv(N, 8) * 8, 16384 / M / 8 * 8), items = cdiv(K, kRows);
-  const int nt = static_cast<int>(std::min<int64_t>(pick_threads(p), items));
+  const int nt = static_cast<int>(std::min<int64_t>(few_rows_threads(p, items), items));
   // The calling thread's arena (thread 0 of the team) holds every partial, then thread 0's item buffer.
   float* parts = scratch(static_cast<size_t>((nt + 1) * M * W));
 #pragma omp parallel num_threads(nt) if (nt > 1)
@@ -410,23 +423,13 @@ template <int M, class T> void gemm_direct(const GemmParams& p) {
 // 8 x 1024 x 64 15.6 / 21.2 -> 19.9 / 25.0 (those stay in place).
 constexpr int64_t kDotMaxM = 8;
 constexpr int64_t kInPlaceLinearKPerRow = 12;
-// From this many FLOPs (not kSerialFlops) the dot path takes threads, when there are 4 items or more (gemm.cpp's
-// rule, from fewer FLOPs: a row costs more here). Forced avx2 tier, Sapphire Rapids VM, 2 threads, prepared linear
-// calls, one thread -> two (us, builds alternated twice): 1 x 512 x 512 14.0-15.9 -> 7.8-9.3, 4 x 1024 x 64
-// 14.6-15.0 -> 9.4-10.0, 8 x 256 x 256 18.0-18.2 -> 10.4-10.6, 1 x 1024 x 128 7.9 -> 6.3-6.4, 2 x 512 x 128 5.4-5.5
-// -> 4.6-4.8, 4 x 256 x 128 5.4 -> 4.6-5.7.
-constexpr double kDotThreadFlops = 0.25e6;
 template <int M, class T> void gemm_dot(const GemmParams& p) {
   constexpr int NU = M <= 2 ? 4 : M <= 4 ? 2 : 1;
   constexpr int64_t kRows = 64;
   const int64_t N = p.N, K = p.K, K8 = K / 8 * 8, items = cdiv(N, kRows);
   const T* A = static_cast<const T*>(p.a);
   const T* W = static_cast<const T*>(p.b);
-  const double flops = 2.0 * double(p.M) * double(N) * double(K);
-  const int nt = static_cast<int>(std::min<int64_t>(
-      flops >= kDotThreadFlops && items >= 4 && !omp_in_parallel() ? std::max(1, omp_get_max_threads())
-                                                                   : pick_threads(p),
-      items));
+  const int nt = static_cast<int>(std::min<int64_t>(few_rows_threads(p, items), items));
   auto store = [&](int64_t m, int64_t n, float v) {
     if constexpr (std::is_same_v<T, float>) static_cast<float*>(p.c)[m * N + n] = v;
     else static_cast<u16*>(p.c)[m * N + n] = float_to_bf16(v);
