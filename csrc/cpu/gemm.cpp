@@ -629,7 +629,10 @@ constexpr int64_t kInPlaceL2Panels = 16;
 // From this many FLOPs (not kSerialFlops) the in-place path takes threads when each gets >= 3 row panels. C++ driver,
 // 2 threads against 1, alternated (us): 72^3 4.3 / 4.7-5.3, 96^3 7.4-7.7 / 9.7, 128 x 64 x 64 4.6-5.0 / 5.7,
 // 200 x 16 x 64 4.3-4.5 / 4.7, 84 x 48 x 64 3.6-3.8 / 3.8, 84 x 32 x 64 (0.34 MFLOP) 2.5-2.7 / 1.9; with fewer
-// row panels (items sharing a row panel's columns) 64 x 96 x 96 6.5 / 5.8, 32 x 128 x 128 6.5 / 5.6.
+// row panels (items sharing a row panel's columns) 64 x 96 x 96 6.5 / 5.8, 32 x 128 x 128 6.5 / 5.6. Measured again
+// in Python (prepared calls, 2 threads, the builds alternated three times; twenty-sixth session) those take threads
+// from kFewRowsThreadFlops: 64 x 96 x 96 7.4-7.8 -> 6.4-7.0 us, 32 x 128 x 128 6.4-6.7 -> 5.6-6.1, 8 x 256 x 256
+// 6.8-7.2 -> 5.8-6.4, 12 x 256 x 256 9.9-10.5 -> 8.1-8.2, 8 x 1024 x 64 7.9-8.3 -> 6.3-6.5 (portable tier alike).
 constexpr double kInPlaceThreadFlops = 0.6e6;
 // Linear with N at least this many times M, on a policy without pack_t: C^T = B . A^T (see gemm_in_place). C++
 // driver, forced portable tier, 2 threads, not swapped / swapped (best-worst of 5 rounds, us): 24 x 1024 x 128
@@ -681,11 +684,12 @@ template <class P> void gemm_in_place(const GemmParams& p) {
   const bool swap = p.transb && !HasPackT<P, float>::value && N >= kInPlaceSwapN * M;
   const int64_t mp = cdiv(M, MR), np = cdiv(N, NR), xp = swap ? cdiv(N, MR) : mp;  // xp: row panels of the tiles
   auto row0 = [&](int64_t i) { return M * i / mp; };  // panel i: rows [row0(i), row0(i+1)), <= MR rows
-  // Threads from kInPlaceThreadFlops when every thread gets 3 row panels or more (below kSerialFlops, the items
-  // that share a row panel's columns measured slower than one thread).
+  // Threads from kInPlaceThreadFlops when every thread gets 3 row panels or more; with fewer, from
+  // kFewRowsThreadFlops (items that share a row panel's columns; see kInPlaceThreadFlops).
   const double flops = 2.0 * double(M) * double(N) * double(K);
   int nt = pick_threads(p);
   if (nt == 1 && flops >= kInPlaceThreadFlops && xp >= 3 * int64_t(omp_get_max_threads())) nt = omp_get_max_threads();
+  if (nt == 1 && xp < 3 * int64_t(omp_get_max_threads())) nt = few_rows_threads(p, mp * np);
   const Out o{static_cast<float*>(p.c), N, nullptr, 0, false, false};
   if (p.transb) {
     // Column panels outer: each item transposes its panel of B [N, K] (kept while the thread's next item shares it),

@@ -541,6 +541,11 @@ void gemm_in_place(const GemmParams& p) {
   int nt = pick_threads(p);
   if (nt == 1 && !omp_in_parallel() && flops >= kInPlaceThreadFlops && mp >= 3 * int64_t(omp_get_max_threads()))
     nt = omp_get_max_threads();
+  // Fewer row panels: items that share a row panel's columns, from kFewRowsThreadFlops. Forced avx2 tier, 2 threads,
+  // prepared calls, builds alternated twice (us): 8 x 256 x 256 14.0-14.5 -> 8.7, 12 x 256 x 256 18.7-19.5 ->
+  // 10.8-11.2, 6 x 256 x 256 8.8-9.0 -> 5.6-5.7, 16 x 128 x 256 12.3-12.4 -> 7.3-7.4, linear 8 x 1024 x 64 20.0-21.5
+  // -> 14.5-15.4, 12 x 256 x 256 23.0-23.8 -> 14.1-14.4.
+  if (nt == 1 && mp < 3 * int64_t(omp_get_max_threads())) nt = few_rows_threads(p, mp * np);
   if (p.transb) {  // column panels outer: each item transposes its panel of B, then runs its row panels
     const int64_t nrg = std::min(mp, cdiv(3 * int64_t(nt), np)), items = np * nrg;
     nt = static_cast<int>(std::min<int64_t>(nt, items));
