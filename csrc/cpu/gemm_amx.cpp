@@ -390,16 +390,38 @@ void gemm_amx_ksplit(const GemmParams& p, int nt) {
 
 }  // namespace
 
+// Threads from these many FLOPs. On two threads the items read tiles of A (and of B when it is packed once for all
+// items) that the other thread packed, written in its core's caches; below these sizes that cost more than the
+// second thread saved. Sapphire Rapids VM, prepared calls in a loop, 1 / 2 threads (us):
+// - one row block (B [K, N] packed by each item as it goes, or M <= 32 split along K, gemm_amx_ksplit): 128^3 6.9 /
+//   12.3, 128 x 256 x 256 19.4 / 27.1, 32 x 512 x 512 35.4 / 40.2, 16 x 1024 x 512 68.9 / 90.3, 64 x 512 x 256 23.9 /
+//   23.0, 96 x 512 x 128 17.3 / 16.9; but 48 x 512 x 512 (25 MFLOP) 46.9 / 38.3, 64 x 1024 x 256 57.3 / 33.5;
+// - linear (B [N, K]) of up to 32 rows (each item packs its own weight rows): 16 x 1024 x 512 59.2 / 38.9, 32 x 512
+//   x 512 33.7 / 29.3 (from 4 MFLOP, as before); linear of more rows as the GEMMs: 128^3 6.6 / 11.8, 128 x 256 x 256
+//   20.5 / 27.9, 64 x 512 x 256 22.9 / 24.1;
+// - several row blocks (A and B packed once for all items, kAmxSharedThreadFlops): 160^3 11.5 / 21.3, 192^3 18.8 /
+//   30.7, 224^3 30.2 / 39.0, 256 x 256 x 128 25.4 / 30.2, 256^3 43.8 / 47.9; 288^3 65.9 / 58.5, 320^3 93 / 84, 384^3
+//   125 / 103, 192 x 192 x 2048 245 / 209; between them 200 x 300 x 400 (48 MFLOP) 63.2 / 73.6.
+constexpr double kAmxThreadFlops = 20.0e6;
+constexpr double kAmxLinearThreadFlops = 4.0e6;
+constexpr double kAmxSharedThreadFlops = 40.0e6;
+
 void gemm_amx(const GemmParams& p) {
   const int64_t M = p.M, N = p.N, K = p.K, Kt = cdiv(K, 32), Np = cdiv(N, 32), Ms = cdiv(M, 32);
   const double flops = 2.0 * double(M) * double(N) * double(K);
-  const int nt = flops < 4.0e6 ? 1 : std::max(1, omp_get_max_threads());
+  // linear of up to 32 rows: each item packs its own block of weight rows, read once (see blocking())
+  const bool small_linear = p.transb && M <= 32;
+  int nt = flops < (small_linear ? kAmxLinearThreadFlops : kAmxThreadFlops) ? 1 : std::max(1, omp_get_max_threads());
   Shared s;
   s.A = static_cast<const u16*>(p.a);
   s.C = static_cast<u16*>(p.c);
   s.M = M, s.N = N, s.K = K, s.Kt = Kt, s.Np = Np;
   if (!p.transb && M <= 32 && nt > 1) return gemm_amx_ksplit(p, nt);
   s.blk = blocking(M, N, Kt, nt, p.transb);
+  if (nt > 1 && cdiv(M, s.blk.mb) > 1 && flops < kAmxSharedThreadFlops) {  // see kAmxThreadFlops
+    nt = 1;
+    s.blk = blocking(M, N, Kt, nt, p.transb);
+  }
   s.B = static_cast<const u16*>(p.b);
   s.transb = p.transb;
   // With one row block, each B block has one reader: the items pack their own into L2 as they go (B read
