@@ -22,6 +22,7 @@ SHAPES = [
     (200, 45, 90),         # in place: 15 row panels, a 13-column last panel, threads below kSerialFlops
     (150, 200, 120),       # in place on two threads: row panels x column groups
     (24, 48, 1000),        # in place at K near kInPlaceMaxK, two threads
+    (300, 130, 260),       # in place past 16 row panels (22; A and B within L2), a 2-column last panel
     (20, 20, 2000),        # serial gemm_rows (K past the in-place path), C written directly
     (40, 300, 2000),       # few row panels on several threads: the slabs (K split, partials summed)
     (65, 127, 63),

@@ -624,8 +624,13 @@ constexpr int64_t kInPlaceMaxK = 1024;
 // Up to this many row panels A and B may take all of L2 (more: a sixth). C++ driver, 2 threads, limits of 16 and 7
 // panels alternated (best-worst of 5 rounds, two runs, us): 100 x 100 x 1000 (8 panels) 66-74 / 78-82, linear
 // 128 x 512 x 512 181-189 / 204-206 and 200 x 300 x 800 250-259 / 290-293; gemm 128 x 512 x 512, 160 x 400 x 600,
-// 112 x 1024 x 256 and 200 x 300 x 800 level within the noise.
-constexpr int64_t kInPlaceL2Panels = 16;
+// 112 x 1024 x 256 and 200 x 300 x 800 level within the noise. Raised from 16 (twenty-sixth session; Python, prepared
+// calls against torch in turns, 2 threads, builds alternated twice, us, avx512 / portable tier): to 19, 256^3 122-125 /
+// 142-143 -> 125-126 / 120-122, linear 256 x 1024 x 256 580-608 / 608-614 -> 460-470 / 485-503, 256 x 256 x 512
+// 251-254 / 280-296 -> 226-234 / 229-241; to 28, 320^3 238-249 / 270-280 -> 220-230 / 225-232, 384^3 396-419 /
+// 442-455 -> 365-384 / 371-387 (linear level on avx512); to 40, 448^3 619-648 / 700-701 -> 573-585 / 598-619, 512^3
+// 954-958 / 1043-1057 -> 945-951 / 983-993, linear 448^3 633-646 / 724-733 -> 619-630 / 665-675.
+constexpr int64_t kInPlaceL2Panels = 40;
 // From this many FLOPs (not kSerialFlops) the in-place path takes threads when each gets >= 3 row panels. C++ driver,
 // 2 threads against 1, alternated (us): 72^3 4.3 / 4.7-5.3, 96^3 7.4-7.7 / 9.7, 128 x 64 x 64 4.6-5.0 / 5.7,
 // 200 x 16 x 64 4.3-4.5 / 4.7, 84 x 48 x 64 3.6-3.8 / 3.8, 84 x 32 x 64 (0.34 MFLOP) 2.5-2.7 / 1.9; with fewer
