@@ -137,9 +137,9 @@ struct Out {
   bool to_bf16;
 };
 
-int pick_threads(const GemmParams& p) {
+int pick_threads(const GemmParams& p, double from_flops = kSerialFlops) {
   const double flops = 2.0 * double(p.M) * double(p.N) * double(p.K);
-  return flops < kSerialFlops ? 1 : std::max(1, omp_get_max_threads());
+  return flops < from_flops ? 1 : std::max(1, omp_get_max_threads());
 }
 
 // The direct and dot paths (GEMMs and linears of a few rows) take threads from this many FLOPs (not kSerialFlops)
@@ -153,8 +153,7 @@ int pick_threads(const GemmParams& p) {
 // on the avx512 tier was level or slower (2 x 512 x 128 4.1 -> 4.1-4.6, 1 x 512 x 256 5.0 -> 5.2-5.4).
 constexpr double kFewRowsThreadFlops = 0.5e6;
 int few_rows_threads(const GemmParams& p, int64_t items) {
-  const double flops = 2.0 * double(p.M) * double(p.N) * double(p.K);
-  return flops >= kFewRowsThreadFlops && items >= 4 ? std::max(1, omp_get_max_threads()) : pick_threads(p);
+  return pick_threads(p, items >= 4 ? kFewRowsThreadFlops : kSerialFlops);
 }
 
 // Micro-kernels are templates on the tile's row count R; this maps a runtime R in 1..P::MR to them.
@@ -691,10 +690,8 @@ template <class P> void gemm_in_place(const GemmParams& p) {
   auto row0 = [&](int64_t i) { return M * i / mp; };  // panel i: rows [row0(i), row0(i+1)), <= MR rows
   // Threads from kInPlaceThreadFlops when every thread gets 3 row panels or more; with fewer, from
   // kFewRowsThreadFlops (items that share a row panel's columns; see kInPlaceThreadFlops).
-  const double flops = 2.0 * double(M) * double(N) * double(K);
-  int nt = pick_threads(p);
-  if (nt == 1 && flops >= kInPlaceThreadFlops && xp >= 3 * int64_t(omp_get_max_threads())) nt = omp_get_max_threads();
-  if (nt == 1 && xp < 3 * int64_t(omp_get_max_threads())) nt = few_rows_threads(p, mp * np);
+  int nt = xp >= 3 * int64_t(omp_get_max_threads()) ? pick_threads(p, kInPlaceThreadFlops)
+                                                       : few_rows_threads(p, mp * np);
   const Out o{static_cast<float*>(p.c), N, nullptr, 0, false, false};
   if (p.transb) {
     // Column panels outer: each item transposes its panel of B [N, K] (kept while the thread's next item shares it),

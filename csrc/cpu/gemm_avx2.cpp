@@ -73,9 +73,9 @@ const Blocking& blocking() {
   return b;
 }
 
-int pick_threads(const GemmParams& p) {
+int pick_threads(const GemmParams& p, double from_flops = kSerialFlops) {
   const double flops = 2.0 * double(p.M) * double(p.N) * double(p.K);
-  return flops < kSerialFlops || omp_in_parallel() ? 1 : std::max(1, omp_get_max_threads());
+  return flops < from_flops || omp_in_parallel() ? 1 : std::max(1, omp_get_max_threads());
 }
 // The direct and dot paths take threads from this many FLOPs (not kSerialFlops) when they have 4 items or more
 // (gemm.cpp's rule, from fewer FLOPs: a row costs more here). Forced avx2 tier, Sapphire Rapids VM, 2 threads,
@@ -86,9 +86,7 @@ int pick_threads(const GemmParams& p) {
 // / 18.4-18.9 -> 13.6-13.8, but 2 x 256 x 256 fp32 5.3-5.7 -> 5.9-6.0.
 constexpr double kFewRowsThreadFlops = 0.25e6;
 int few_rows_threads(const GemmParams& p, int64_t items) {
-  const double flops = 2.0 * double(p.M) * double(p.N) * double(p.K);
-  return flops >= kFewRowsThreadFlops && items >= 4 && !omp_in_parallel() ? std::max(1, omp_get_max_threads())
-                                                                         : pick_threads(p);
+  return pick_threads(p, items >= 4 ? kFewRowsThreadFlops : kSerialFlops);
 }
 
 // Per-thread scratch kept between calls (scratch.h: no page faults per call), contents undefined. Slot 0:
@@ -537,15 +535,13 @@ void gemm_in_place(const GemmParams& p) {
   const float* A = static_cast<const float*>(p.a);
   const float* B = static_cast<const float*>(p.b);
   float* C = static_cast<float*>(p.c);
-  const double flops = 2.0 * double(M) * double(N) * double(K);
-  int nt = pick_threads(p);
-  if (nt == 1 && !omp_in_parallel() && flops >= kInPlaceThreadFlops && mp >= 3 * int64_t(omp_get_max_threads()))
-    nt = omp_get_max_threads();
-  // Fewer row panels: items that share a row panel's columns, from kFewRowsThreadFlops. Forced avx2 tier, 2 threads,
+  // Threads from kInPlaceThreadFlops with 3 row panels per thread or more. Fewer row panels: items that share a row
+  // panel's columns, from kFewRowsThreadFlops. Forced avx2 tier, 2 threads,
   // prepared calls, builds alternated twice (us): 8 x 256 x 256 14.0-14.5 -> 8.7, 12 x 256 x 256 18.7-19.5 ->
   // 10.8-11.2, 6 x 256 x 256 8.8-9.0 -> 5.6-5.7, 16 x 128 x 256 12.3-12.4 -> 7.3-7.4, linear 8 x 1024 x 64 20.0-21.5
   // -> 14.5-15.4, 12 x 256 x 256 23.0-23.8 -> 14.1-14.4.
-  if (nt == 1 && mp < 3 * int64_t(omp_get_max_threads())) nt = few_rows_threads(p, mp * np);
+  int nt = mp >= 3 * int64_t(omp_get_max_threads()) ? pick_threads(p, kInPlaceThreadFlops)
+                                                       : few_rows_threads(p, mp * np);
   if (p.transb) {  // column panels outer: each item transposes its panel of B, then runs its row panels
     const int64_t nrg = std::min(mp, cdiv(3 * int64_t(nt), np)), items = np * nrg;
     nt = static_cast<int>(std::min<int64_t>(nt, items));
