@@ -24,7 +24,8 @@ SHAPES = [
     (24, 48, 1000),        # in place at K near kInPlaceMaxK, two threads
     (300, 130, 260),       # in place past 16 row panels (22; A and B within L2), a 2-column last panel
     (20, 20, 2000),        # serial gemm_rows (K past the in-place path), C written directly
-    (40, 300, 2000),       # few row panels on several threads: the slabs (K split, partials summed)
+    (40, 300, 2000),       # few row panels on several threads, N split (gemm_cols): 5 column items, 8 K blocks
+    (40, 150, 3000),       # few row panels and few column panels: the slabs (K split, partials summed)
     (65, 127, 63),
     (127, 65, 1025),
     (256, 512, 128),

@@ -461,11 +461,79 @@ template <class P, class Src> void gemm_slabs(const GemmParams& p) {
   });
 }
 
+// Small M with N of at least kColsPanelsPerThread column panels per thread: the threads split N, not K. A is
+// packed once (each thread a share of its row panels x K blocks, then one barrier); the items are blocks of
+// column panels, about a third of a thread's share of N (at most the cache blocking's NC), and each packs its
+// block of B per K block into a private L2-sized buffer and runs every row panel against it. B is read once in
+// all and C written once, with no partial sums to zero, add and reduce (gemm_slabs' cost: it splits K) and no
+// single item when K is one slab. Zen 4 VM (family 25), 2 threads, prepared calls, slabs -> columns, two
+// alternations: bf16 (vdpbf16ps) 64 x 512 x 256 90 -> 50 us (torch 60), 32 x 512 x 512 63 -> 52 (torch 64),
+// 24 x 1024 x 128 44 -> 22 (torch 36-46), 64 x 4096 x 512 841 -> 727-743 (torch 730-737), 16 x 4096 x 4096
+// 2.75-2.92 -> 2.53-2.65 ms (torch 3.4-3.6); fp32 avx512 32 x 4096 x 4096 8.6-8.7 -> 8.1-8.3 ms, 64 x 4096 x
+// 4096 13.6-13.7 -> 12.8-13.2, 48 x 8192 x 1024 5.5 -> 5.1-5.2; portable tier 32 x 512 x 512 141-147 ->
+// 118 us, 64 x 4096 x 512 1.92-1.95 -> 1.64-1.84 ms. (A first version packed A again in every item: 96 x 1024
+// x 4096 fp32 4.4 -> 4.9-5.3 ms, A as large as a third of B packed six times.)
+constexpr int64_t kColsPanelsPerThread = 3;
+template <class P, class Src> void gemm_cols(const GemmParams& p) {
+  using E = typename P::Elem;
+  constexpr int64_t MR = P::MR, NR = P::NR, KG = P::KG;
+  const int64_t KC = cache_blocks<P>().KC, KCU = KC / KG;
+  const int64_t M = p.M, N = p.N, K = p.K;
+  const Src* A = static_cast<const Src*>(p.a);
+  const Src* B = static_cast<const Src*>(p.b);
+  const bool bf16_out = p.dtype == DType::bf16, multi_k = K > KC;
+  const int64_t mp = cdiv(M, MR), np = cdiv(N, NR), kblocks = cdiv(K, KC);
+  auto row0 = [&](int64_t i) { return M * i / mp; };  // panel i: rows [row0(i), row0(i+1)), <= MR rows
+  auto rows = [&](int64_t i) { return static_cast<int>(row0(i + 1) - row0(i)); };
+  auto cols = [&](int64_t j) { return static_cast<int>(std::min(NR, N - j * NR)); };
+  int nt = pick_threads(p);
+  const int64_t ncp = std::min(cache_blocks<P>().NC / NR, cdiv(np, kColsPanelsPerThread * int64_t(nt)));
+  const int64_t items = cdiv(np, ncp), a_block = mp * MR * KCU;  // packed A: K block kb at kb * a_block
+  nt = static_cast<int>(std::min<int64_t>(nt, items));
+
+  Carver cv;
+  const size_t a_off = cv.take<E>(kblocks * a_block);
+  const size_t b_off = cv.take<E>(nt * ncp * KCU * NR);
+  const size_t w_off = cv.take<float>(bf16_out && multi_k ? M * N : 0);
+  const CallBuffer scratch(arena(), cv.off);
+  char* base = scratch.as<char>();
+  E* ap = reinterpret_cast<E*>(base + a_off);
+  float* ws = reinterpret_cast<float*>(base + w_off);
+
+  run_team(nt, [&](int t, int nt, Team& team) {
+    const int64_t units = kblocks * mp;  // (K block, row panel)
+    for (int64_t u = units * t / nt; u < units * (t + 1) / nt; ++u) {
+      const int64_t kb = u / mp, i = u % mp, k0 = kb * KC, kc = std::min(KC, K - k0);
+      P::template pack_a<Src>(A + row0(i) * K + k0, K, rows(i), kc, ap + kb * a_block + row0(i) * cdiv(kc, KG));
+    }
+    team.barrier();
+    E* bp = reinterpret_cast<E*>(base + b_off) + t * ncp * KCU * NR;
+    for (int64_t it; (it = team.grab()) < items;) {
+      const int64_t jb = it * ncp, je = std::min(np, jb + ncp);
+      for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        const int64_t kc = std::min(KC, K - k0), kcu = cdiv(kc, KG);
+        Out o{static_cast<float*>(p.c), N, nullptr, 0, k0 > 0, false};
+        if (bf16_out) o = Out{multi_k ? ws : nullptr, N, static_cast<u16*>(p.c), N, k0 > 0, k0 + KC >= K};
+        pack_b_any<P, Src>(p.transb, B, N, K, k0, jb * NR, kc, 0, kc, std::min(N, je * NR) - jb * NR, bp);
+        const E* a = ap + (k0 / KC) * a_block;
+        for (int64_t i = 0; i < mp; ++i)
+          for (int64_t j = jb; j < je; ++j)
+            tile<P>(rows(i), a + row0(i) * kcu, bp + (j - jb) * kcu * NR, kcu, o, row0(i), j * NR, cols(j));
+      }
+    }
+    team.barrier();  // wait here (spin, then sleep), not in the OpenMP join (spin only)
+  });
+}
+
 // On one thread the slabs' partial (zeroed, then added into C) only costs: a small GEMM run serially goes
 // to gemm_rows, which writes C directly. fp32 prepared calls, Sapphire Rapids VM: 48^3 / 64^3 2.9 / 5.0 ->
 // 2.4 / 4.0 us (torch 2.6 / 4.9-5.2); 16^3-32^3 and bf16 unchanged.
 template <class P, class Src> void gemm_packed(const GemmParams& p) {
-  if (cdiv(p.M, P::MR) < kSmallPanels && pick_threads(p) > 1) return gemm_slabs<P, Src>(p);
+  const int nt = pick_threads(p);
+  if (cdiv(p.M, P::MR) < kSmallPanels && nt > 1) {
+    if (cdiv(p.N, P::NR) >= kColsPanelsPerThread * nt) return gemm_cols<P, Src>(p);
+    return gemm_slabs<P, Src>(p);
+  }
   gemm_rows<P, Src>(p);
 }
 
@@ -1359,6 +1427,33 @@ struct Bf16Avx512 {
         v[r] = r < R ? _mm512_maskz_loadu_epi16(m, src + r * lda + 2 * p0) : _mm512_setzero_si512();
       vec::transpose16(v);
       for (int64_t c = 0; c < n; ++c) _mm512_mask_storeu_epi32(dst + (p0 + c) * R, rows, v[c]);
+    }
+  }
+  // pack_b's panels from B stored [N, K] (linear; pack_b_any): a K-pair of one column is already one u32 there,
+  // so 16 pairs of 16 columns at a time are transposed as 32-bit elements, as pack_a does; an odd kc's last
+  // pair is (B[n][kc-1], 0) from the masked load. pack_bt's scalar loop, which this replaced, made linear slower
+  // than GEMM (Zen 4 VM, 1 thread: 256^3 189 against 159 us, 512^3 1.34 against 1.22 ms). Zen 4 VM, 2 threads,
+  // prepared linears, pack_bt -> pack_t, two alternations: 128^3 20-25 -> 12.5 us, 256^3 117-121 -> 86 (GEMM
+  // 87, torch 95-96), 512^3 744-769 -> 628-634 (torch 622), 300 x 4096 x 4096 31.0-34.4 -> 27.6-29.6 ms.
+  template <class Src> PK_AVX512BF16 static void pack_t(const Src* src, int64_t ldb, int64_t kc, int64_t r0, int64_t r1,
+                                                        int64_t nc, u32* dst) {
+    static_assert(std::is_same_v<Src, u16>, "bf16 policy packs bf16 only");
+    const int64_t kcu = cdiv(kc, KG), p1 = cdiv(r1, KG);
+    for (int64_t q = 0; q * NR < nc; ++q) {
+      u32* dq = dst + q * kcu * NR;
+      const int64_t cols = std::min(NR, nc - q * NR);
+      for (int64_t p0 = r0 / KG; p0 < p1; p0 += 16) {
+        const int64_t n = std::min<int64_t>(16, p1 - p0);
+        const __mmask32 m = vec::mask32(kc - 2 * p0);
+        for (int64_t h = 0; h < NR; h += 16) {
+          __m512i v[16];
+          for (int64_t r = 0; r < 16; ++r)
+            v[r] = h + r < cols ? _mm512_maskz_loadu_epi16(m, src + (q * NR + h + r) * ldb + 2 * p0)
+                                : _mm512_setzero_si512();
+          vec::transpose16(v);
+          for (int64_t c = 0; c < n; ++c) _mm512_store_si512(dq + (p0 + c) * NR + h, v[c]);
+        }
+      }
     }
   }
   template <class Src> PK_AVX512BF16 static void pack_b(const Src* src, int64_t ldb, int64_t kc, int64_t r0, int64_t r1,
