@@ -531,9 +531,9 @@ template <class P, class Src> void gemm_cols(const GemmParams& p) {
   });
 }
 
-// On one thread the slabs' partial (zeroed, then added into C) and gemm_cols' barrier only cost: a small GEMM run
-// serially goes to gemm_rows, which writes C directly. fp32 prepared calls, Sapphire Rapids VM: 48^3 / 64^3 2.9 / 5.0 ->
-// 2.4 / 4.0 us (torch 2.6 / 4.9-5.2); 16^3-32^3 and bf16 unchanged.
+// On one thread the slabs' partial (zeroed, then added into C) and gemm_cols' barrier only cost: a small GEMM
+// run serially goes to gemm_rows, which writes C directly. fp32 prepared calls, Sapphire Rapids VM: 48^3 / 64^3
+// 2.9 / 5.0 -> 2.4 / 4.0 us (torch 2.6 / 4.9-5.2); 16^3-32^3 and bf16 unchanged.
 template <class P, class Src> void gemm_packed(const GemmParams& p) {
   const int nt = pick_threads(p);
   if (cdiv(p.M, P::MR) < kSmallPanels && nt > 1) {

@@ -6,7 +6,7 @@
 //   direct  M <= 4 (decode batches): B streamed once, never packed (bf16 widened in registers); items
 //           of 64 rows of B go to the threads dynamically, each adds 4 rows of B per pass into a
 //           private fp32 partial of the C rows; the partials are summed at the end.
-//   in place  fp32 with K <= 1024 and A and B within L2 (M > 4; up to ~200 rows, else a quarter of L2): the 6 x 16
+//   in place  fp32 with K <= 1024 and A and B within L2 (M > 4; up to ~200 rows, else up to 512 KB of L2): the 6 x 16
 //           micro-kernel on A's rows and B's rows where they are, no packing (B stored [N, K]: one 16-column panel
 //           transposed per item; gemm_in_place).
 //   packed  BLIS-style: work items are (MC rows x NC columns) blocks of C, handed out dynamically (MC smaller
@@ -510,24 +510,31 @@ using InPlaceFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t
 template <bool Full> constexpr InPlaceFn in_place_tiles[MR] = {&tile_in_place<1, Full>, &tile_in_place<2, Full>,
                                                               &tile_in_place<3, Full>, &tile_in_place<4, Full>,
                                                               &tile_in_place<5, Full>, &tile_in_place<6, Full>};
-// Taken when K <= kInPlaceMaxK (A's rows are read as K-long streams) and A and B together fit in L2 (a quarter of
-// it past kInPlaceL2Panels row panels); threads from
+// Taken when K <= kInPlaceMaxK (A's rows are read as K-long streams) and A and B together fit in L2 (at most
+// kInPlaceManyRowsBytes of it past kInPlaceL2Panels row panels); threads from
 // kInPlaceThreadFlops when each gets 3 row panels or more. Forced tier on the Sapphire Rapids VM, 2 threads, prepared
 // calls against torch capped to AVX2 (as tools/isa_tiers.py caps it) in turns, native / torch fp32 before -> after
 // (with the row blocks of gemm_packed below): 64^3 0.77 -> 1.20, 96^3 0.59 -> 1.01, 128^3 0.51 -> 0.94,
 // 64 x 256 x 256 0.51 -> 1.02, 32 x 128 x 128 -> 1.08, 32 x 512 x 512 0.56 -> 0.87, 256^3 0.52 -> 0.97,
 // linear alike (256^3 1.00). The kernel runs at half the AVX-512 rate, so threads pay from fewer FLOPs than in
 // gemm.cpp.
-// Up to L2 only with at most kInPlaceL2Panels row panels (~200 rows); more rows, a quarter of it: C++ driver, 2
-// threads, the two paths alternated (best-worst of 5 rounds, two runs, us, packed / in place): 384^3 556-577 /
+// Up to L2 only with at most kInPlaceL2Panels row panels (~200 rows); more rows, a quarter of it on the Sapphire
+// Rapids VM: C++ driver, 2 threads, the two paths alternated (best-worst of 5 rounds, two runs, us, packed / in place): 384^3 556-577 /
 // 572-631, 448^3 790-811 / 914-965, 512^3 1286-1328 / 1451-1756, 256 x 1024 x 256 623-640 / 726-842, 320^3 303-312 /
 // 311-332; but 256^3 178-186 / 160-165, 64 x 512 x 256 107-115 / 91-103, 100 x 100 x 1000 133-138 / 104-110,
 // 150 x 200 x 1000 360-365 / 311-338, 200 x 300 x 800 491-499 / 438-479, 128 x 512 x 512 351-353 / 333-457.
+// Past kInPlaceL2Panels the bound is kInPlaceManyRowsBytes or L2 if smaller: a quarter of the Sapphire Rapids VM's
+// 2 MB L2 (above), half of the Zen 4 VM's 1 MB, where in place still won at 512 KB (Zen 4 VM, family 25, 2 threads,
+// prepared calls against torch capped to AVX2, two rounds, L2 / 4 -> 512 KB: 256^3 196-197 -> 155-156 us, torch
+// 173-176; linear 256^3 191 -> 152; 320^3, 800 KB, in place there 304 against 340 packed, but on the Sapphire
+// Rapids VM 311-332 against 303-312, so it stays packed).
 constexpr int64_t kInPlaceMaxK = 1024;
 constexpr int64_t kInPlaceL2Panels = 34;
+constexpr int64_t kInPlaceManyRowsBytes = int64_t(512) << 10;
 constexpr double kInPlaceThreadFlops = 0.2e6;
 inline bool in_place_gemm(const GemmParams& p) {
-  const int64_t max_bytes = cdiv(p.M, MR) <= kInPlaceL2Panels ? caches().l2 : caches().l2 / 4;
+  const int64_t max_bytes =
+      cdiv(p.M, MR) <= kInPlaceL2Panels ? caches().l2 : std::min(caches().l2, kInPlaceManyRowsBytes);
   return p.K <= kInPlaceMaxK && (p.M * p.K + p.K * p.N) * int64_t(sizeof(float)) <= max_bytes;
 }
 void gemm_in_place(const GemmParams& p) {
