@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Re-creates results/cpu-zen4-2c/ except issue6.* (tools/issue6.py, see README.md here): the quick sweep
-# on the 2-core CPU with fresh peaks, its report and plots, and the native backend's conformance report.
-# About 10 minutes. Run on a machine that is otherwise idle; the load average is recorded in each file.
+# Re-creates the quick sweep of results/cpu-zen4-2c/ on the 2-core CPU with fresh peaks, its report and plots,
+# and the conformance reports (about 10 minutes). The issue-21 files (info, tune, issue6, overhead, the tier
+# and small-GEMM tables, validate with its performance section) come from
+# `bash tools/cpu_targets.sh results/cpu-zen4-2c` (see README.md here). Run on a machine that is otherwise idle;
+# the load average is recorded in each file.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 R=results/cpu-zen4-2c
