@@ -237,7 +237,7 @@ template <class P, class Src>
 inline void pack_b_any(bool transb, const Src* B, int64_t N, int64_t K, int64_t k0, int64_t j0, int64_t kc,
                        int64_t r0, int64_t r1, int64_t nc, typename P::Elem* dst, bool stream = false) {
   if constexpr (HasPackT<P, Src>::value) {
-    if (transb) return P::template pack_t<Src>(B + j0 * K + k0, K, kc, r0, r1, nc, dst);
+    if (transb) return P::template pack_t<Src>(B + j0 * K + k0, K, kc, r0, r1, nc, dst, stream);
   }
   if (transb) return pack_bt<P, Src>(B + j0 * K + k0, K, kc, r0, r1, nc, dst);
   P::template pack_b<Src>(B + k0 * N + j0, N, kc, r0, r1, nc, dst, stream);
@@ -1299,7 +1299,7 @@ struct F32Avx512 {
   // pack_bt's panels from B stored [N, K] (ldb apart): 16 K values of 16 columns at a time, transposed in registers
   // as pack_a does (pack_bt's scalar loop took ~1 us per 32 x 128 panel).
   template <class Src> PK_AVX512 static void pack_t(const Src* src, int64_t ldb, int64_t kc, int64_t r0, int64_t r1,
-                                                    int64_t nc, float* dst) {
+                                                    int64_t nc, float* dst, bool stream) {
     for (int64_t q = 0; q * NR < nc; ++q) {
       float* dq = dst + q * kc * NR;
       const int64_t cols = std::min(NR, nc - q * NR);
@@ -1319,10 +1319,14 @@ struct F32Avx512 {
             }
           }
           vec::transpose16(v);
-          for (int64_t c = 0; c < n; ++c) _mm512_store_ps(dq + (k0 + c) * NR + h, _mm512_castsi512_ps(v[c]));
+          for (int64_t c = 0; c < n; ++c) {
+            if (stream) _mm512_stream_ps(dq + (k0 + c) * NR + h, _mm512_castsi512_ps(v[c]));
+            else _mm512_store_ps(dq + (k0 + c) * NR + h, _mm512_castsi512_ps(v[c]));
+          }
         }
       }
     }
+    if (stream) _mm_sfence();  // seen by the other threads after the barrier
   }
   template <class Src> PK_AVX512 static void pack_b(const Src* src, int64_t ldb, int64_t kc, int64_t r0, int64_t r1,
                                                     int64_t nc, float* dst, bool stream) {
@@ -1440,9 +1444,12 @@ struct Bf16Avx512 {
   // pair is (B[n][kc-1], 0) from the masked load. pack_bt's scalar loop, which this replaced, made linear slower
   // than GEMM (Zen 4 VM, 1 thread: 256^3 189 against 159 us, 512^3 1.34 against 1.22 ms). Zen 4 VM, 2 threads,
   // prepared linears, pack_bt -> pack_t, two alternations: 128^3 20-25 -> 12.5 us, 256^3 117-121 -> 86 (GEMM
-  // 87, torch 95-96), 512^3 744-769 -> 628-634 (torch 622), 300 x 4096 x 4096 31.0-34.4 -> 27.6-29.6 ms.
+  // 87, torch 95-96), 512^3 744-769 -> 628-634 (torch 622), 300 x 4096 x 4096 31.0-34.4 -> 27.6-29.6 ms. A B packed
+  // once past the private copies goes out with non-temporal stores, as pack_b's (`stream`): C++ driver, 2 threads,
+  // alternated 3x, 300 x 4096 x 4096 29.5-33.4 -> 27.5-29.4 ms, 512 x 4096 x 4096 47.2-52.9 -> 46.3-47.1 (fp32's
+  // pack_t, which does the same, level: 300 x 4096 x 4096 fp32 53-70 / 57-63 ms on a noisy VM).
   template <class Src> PK_AVX512BF16 static void pack_t(const Src* src, int64_t ldb, int64_t kc, int64_t r0, int64_t r1,
-                                                        int64_t nc, u32* dst) {
+                                                        int64_t nc, u32* dst, bool stream) {
     static_assert(std::is_same_v<Src, u16>, "bf16 policy packs bf16 only");
     const int64_t kcu = cdiv(kc, KG), p1 = cdiv(r1, KG);
     for (int64_t q = 0; q * NR < nc; ++q) {
@@ -1457,10 +1464,14 @@ struct Bf16Avx512 {
             v[r] = h + r < cols ? _mm512_maskz_loadu_epi16(m, src + (q * NR + h + r) * ldb + 2 * p0)
                                 : _mm512_setzero_si512();
           vec::transpose16(v);
-          for (int64_t c = 0; c < n; ++c) _mm512_store_si512(dq + (p0 + c) * NR + h, v[c]);
+          for (int64_t c = 0; c < n; ++c) {
+            if (stream) _mm512_stream_si512(reinterpret_cast<__m512i*>(dq + (p0 + c) * NR + h), v[c]);
+            else _mm512_store_si512(dq + (p0 + c) * NR + h, v[c]);
+          }
         }
       }
     }
+    if (stream) _mm_sfence();  // seen by the other threads after the barrier
   }
   template <class Src> PK_AVX512BF16 static void pack_b(const Src* src, int64_t ldb, int64_t kc, int64_t r0, int64_t r1,
                                                         int64_t nc, u32* dst, bool stream) {
