@@ -64,7 +64,8 @@ LINEAR_SHAPES = [(1, 1, 1), (1, 33, 4095), (3, 65, 1000), (5, 7, 129), (8, 130, 
                  (13, 45, 1029),   # the dot path in two passes of rows (8 + 5), a short last block of B rows
                  (8, 70, 200),     # the dot path at 8 rows (fp32 avx512: shorter K, 8 x 130 x 17, runs in place)
                  (7, 41, 300),     # the dot path at 7 rows, one B row a step on the avx2 tier
-                 (3, 200, 500)]    # the dot path on 2 threads below kSerialFlops (kDotThreadFlops), a short last item
+                 (3, 200, 500),    # the dot path on 2 threads below kSerialFlops (kDotThreadFlops), a short last item
+                 (260, 1100, 1901)]  # B packed once past the private copies (> 4 MB): pack_t's streaming stores, odd K
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
