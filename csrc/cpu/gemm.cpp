@@ -330,9 +330,14 @@ template <class P, class Src> void gemm_rows(const GemmParams& p) {
   // 6x: 2048^3 bf16 964-1008 -> 1024-1039 GFLOP/s, fp32 490-505 -> 512-518 (equal groups with A packed once:
   // 989-998 / 481-503); 1024^3 fp32 4.27-4.32 -> 4.17 ms. With fewer groups (M = 256, N = 4096: one group per
   // thread and a half) the column blocks stay items: whole rows there were 2-3% slower (small groups re-read
-  // all of B).
+  // all of B). Whole rows only while the packed B takes at most half of L3: every whole-row item streams all of
+  // it, from memory once it outgrows L3, while the threads on column-block items read each block of B together.
+  // Zen 4 VM (32 MB L3), C++ driver, 2 threads, alternated twice: bf16 2048 x 4096 x 4096 (32 MB packed) 188-190
+  // -> 184-186 ms, linear 1024 x 4096 x 4096 88-89 -> 82-83; 2048 x 2048 x 4096 bf16 (16 MB) as before. (The
+  // Sapphire Rapids VM reports a 480 MB L3: nothing changes there.)
   const int64_t groups = std::min(mp, std::max(cdiv(mp, rip), cdiv(int64_t(nt), ncb)));
-  const bool whole_rows = ncb == 1 || (shared_b && groups >= 3 * int64_t(nt));
+  const bool whole_rows =
+      ncb == 1 || (shared_b && groups >= 3 * int64_t(nt) && b_all * int64_t(sizeof(E)) <= caches().l3 / 2);
   std::vector<int64_t> bounds{0};  // row group g = row panels [bounds[g], bounds[g+1])
   if (whole_rows) {
     while (bounds.back() < mp) {
