@@ -225,6 +225,8 @@ void run_all() {
   for (bool bf : {false, true}) {
     for (auto s : {std::vector<int64_t>{1, 1, 1}, {1, 1000, 65}, {2, 37, 6}, {3, 127, 1025}, {4, 1023, 129}, {7, 63, 127}, {8, 45, 203},
                    {65, 127, 63}, {127, 65, 300}, {200, 300, 513},
+                   // few row panels: N split (gemm_cols, and {40, 1100, 600} below), K split (gemm_slabs)
+                   {40, 300, 2000}, {40, 150, 3000},
                    // AMX paths (gemm_amx.cpp): the K split (M <= 32; M <= 16 skips the padding tiles),
                    // one row block with several K blocks, row and column blocks
                    {20, 900, 700}, {12, 2048, 1500}, {40, 1100, 600}, {300, 700, 900}})
