@@ -20,7 +20,8 @@ for S in 32,32,32 64,64,64 80,80,80 96,96,96 112,112,112 128,128,128 192,192,192
     IFS=, read -r M N K L <<< "$S"
     SHAPES="$SHAPES --shape M=$M,N=$N,K=$K${L:+,layout=$L}"
 done
-CPU=$(python -c "from pykernels.harness import device as d; f = d.cpu_fingerprint(); print(f\"{d.device_label(f)}, family/model {f.get('family_model', '?')}\")")
+CPU=$(python -c "from pykernels.harness import device as d; f = d.cpu_fingerprint()
+print(f\"{d.device_label(f)}, family/model {f.get('family_model', '?')}\")")
 TORCH=$(python -c "import torch; print(torch.__version__)")
 ISA=$(python -c "import pykernels._C as C; print(' '.join(C.cpu_isas()))")
 section() {  # title, environment (may be empty), dtype

@@ -519,9 +519,9 @@ template <bool Full> constexpr InPlaceFn in_place_tiles[MR] = {&tile_in_place<1,
 // linear alike (256^3 1.00). The kernel runs at half the AVX-512 rate, so threads pay from fewer FLOPs than in
 // gemm.cpp.
 // Up to L2 only with at most kInPlaceL2Panels row panels (~200 rows); more rows, a quarter of it on the Sapphire
-// Rapids VM: C++ driver, 2 threads, the two paths alternated (best-worst of 5 rounds, two runs, us, packed / in place): 384^3 556-577 /
-// 572-631, 448^3 790-811 / 914-965, 512^3 1286-1328 / 1451-1756, 256 x 1024 x 256 623-640 / 726-842, 320^3 303-312 /
-// 311-332; but 256^3 178-186 / 160-165, 64 x 512 x 256 107-115 / 91-103, 100 x 100 x 1000 133-138 / 104-110,
+// Rapids VM: C++ driver, 2 threads, the two paths alternated (best-worst of 5 rounds, two runs, us, packed / in
+// place): 384^3 556-577 / 572-631, 448^3 790-811 / 914-965, 512^3 1286-1328 / 1451-1756, 256 x 1024 x 256 623-640 /
+// 726-842, 320^3 303-312 / 311-332; but 256^3 178-186 / 160-165, 64 x 512 x 256 107-115 / 91-103, 100 x 100 x 1000 133-138 / 104-110,
 // 150 x 200 x 1000 360-365 / 311-338, 200 x 300 x 800 491-499 / 438-479, 128 x 512 x 512 351-353 / 333-457.
 // Past kInPlaceL2Panels the bound is kInPlaceManyRowsBytes or L2 if smaller: a quarter of the Sapphire Rapids VM's
 // 2 MB L2 (above), half of the Zen 4 VM's 1 MB, where in place still won at 512 KB (Zen 4 VM, family 25, 2 threads,
