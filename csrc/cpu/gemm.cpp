@@ -137,6 +137,14 @@ struct Out {
   bool to_bf16;
 };
 
+// The Out of the K block at k0 of a packed GEMM (KC per block) writing C of p: fp32 C accumulates from the second
+// block on; a bf16 C gets its fp32 partials in ws (M x N, when K takes several blocks) and the sum rounded on the
+// last block.
+inline Out k_block_out(const GemmParams& p, float* ws, int64_t k0, int64_t KC) {
+  if (p.dtype != DType::bf16) return Out{static_cast<float*>(p.c), p.N, nullptr, 0, k0 > 0, false};
+  return Out{p.K > KC ? ws : nullptr, p.N, static_cast<u16*>(p.c), p.N, k0 > 0, k0 + KC >= p.K};
+}
+
 int pick_threads(const GemmParams& p, double from_flops = kSerialFlops) {
   const double flops = 2.0 * double(p.M) * double(p.N) * double(p.K);
   return flops < from_flops ? 1 : std::max(1, omp_get_max_threads());
@@ -386,8 +394,7 @@ template <class P, class Src> void gemm_rows(const GemmParams& p) {
       const int64_t i0 = bounds[g], i1 = bounds[g + 1];
       for (int64_t k0 = 0; k0 < K; k0 += KC) {
         const int64_t kc = std::min(KC, K - k0), kcu = cdiv(kc, KG);
-        Out o{static_cast<float*>(p.c), N, nullptr, 0, k0 > 0, false};
-        if (bf16_out) o = Out{multi_k ? ws : nullptr, N, static_cast<u16*>(p.c), N, k0 > 0, k0 + KC >= K};
+        const Out o = k_block_out(p, ws, k0, KC);
         for (int64_t i = i0; i < i1; ++i)
           P::template pack_a<Src>(A + row0(i) * K + k0, K, rows(i), kc, ap + (row0(i) - row0(i0)) * kcu);
         for (int64_t jb = cb * NCP; jb < std::min(np, cb1 * NCP); jb += NCP) {
@@ -480,7 +487,7 @@ template <class P, class Src> void gemm_slabs(const GemmParams& p) {
 // 118 us, 64 x 4096 x 512 1.92-1.95 -> 1.64-1.84 ms. (A first version packed A again in every item: 96 x 1024
 // x 4096 fp32 4.4 -> 4.9-5.3 ms, A as large as a third of B packed six times.)
 constexpr int64_t kColsPanelsPerThread = 3;
-template <class P, class Src> void gemm_cols(const GemmParams& p) {
+template <class P, class Src> void gemm_cols(const GemmParams& p, int nt) {
   using E = typename P::Elem;
   constexpr int64_t MR = P::MR, NR = P::NR, KG = P::KG;
   const int64_t KC = cache_blocks<P>().KC, KCU = KC / KG;
@@ -492,7 +499,6 @@ template <class P, class Src> void gemm_cols(const GemmParams& p) {
   auto row0 = [&](int64_t i) { return M * i / mp; };  // panel i: rows [row0(i), row0(i+1)), <= MR rows
   auto rows = [&](int64_t i) { return static_cast<int>(row0(i + 1) - row0(i)); };
   auto cols = [&](int64_t j) { return static_cast<int>(std::min(NR, N - j * NR)); };
-  int nt = pick_threads(p);
   // Items of equal size to a panel (item it: column panels [col0(it), col0(it + 1))). Items of 6 panels left 14 of
   // 32 panels to one thread and 18 to the other: Zen 4 VM, 2 threads, bf16, alternated 3x, 96 x 1024 x 4096
   // 2.34-2.41 -> 2.16-2.18 ms (torch 2.06-2.25), 80 x 1024 x 1024 455-457 -> 431-433 us (torch 426-437), 64 x 512
@@ -523,8 +529,7 @@ template <class P, class Src> void gemm_cols(const GemmParams& p) {
       const int64_t jb = col0(it), je = col0(it + 1);
       for (int64_t k0 = 0; k0 < K; k0 += KC) {
         const int64_t kc = std::min(KC, K - k0), kcu = cdiv(kc, KG);
-        Out o{static_cast<float*>(p.c), N, nullptr, 0, k0 > 0, false};
-        if (bf16_out) o = Out{multi_k ? ws : nullptr, N, static_cast<u16*>(p.c), N, k0 > 0, k0 + KC >= K};
+        const Out o = k_block_out(p, ws, k0, KC);
         pack_b_any<P, Src>(p.transb, B, N, K, k0, jb * NR, kc, 0, kc, std::min(N, je * NR) - jb * NR, bp);
         const E* a = ap + (k0 / KC) * a_block;
         for (int64_t i = 0; i < mp; ++i)
@@ -542,7 +547,7 @@ template <class P, class Src> void gemm_cols(const GemmParams& p) {
 template <class P, class Src> void gemm_packed(const GemmParams& p) {
   const int nt = pick_threads(p);
   if (cdiv(p.M, P::MR) < kSmallPanels && nt > 1) {
-    if (cdiv(p.N, P::NR) >= kColsPanelsPerThread * nt) return gemm_cols<P, Src>(p);
+    if (cdiv(p.N, P::NR) >= kColsPanelsPerThread * nt) return gemm_cols<P, Src>(p, nt);
     return gemm_slabs<P, Src>(p);
   }
   gemm_rows<P, Src>(p);
@@ -1246,6 +1251,15 @@ PK_AVX512 inline void load32_f32(const u16* s, int64_t nc, __m512& lo, __m512& h
   lo = load_bf16(s, nc);
   hi = load_bf16(s + 16, nc - 16);
 }
+// One 64-byte line of a packed panel (64-byte aligned): a non-temporal store when the packing streams (a B packed
+// once past the private copies; the packer's _mm_sfence makes the lines visible before its barrier).
+PK_AVX512 inline void put_line(void* d, __m512i v, bool stream) {
+  if (stream) _mm512_stream_si512(static_cast<__m512i*>(d), v);
+  else _mm512_store_si512(d, v);
+}
+PK_AVX512 inline void put_line(float* d, __m512 v, bool stream) {
+  put_line(static_cast<void*>(d), _mm512_castps_si512(v), stream);
+}
 
 template <class Src> PK_AVX512 void reduce_row_avx512(const float* parts, int64_t stride, int nt, int64_t n, Src* c) {
   for (int64_t j = 0; j < n; j += 16) {
@@ -1324,10 +1338,7 @@ struct F32Avx512 {
             }
           }
           vec::transpose16(v);
-          for (int64_t c = 0; c < n; ++c) {
-            if (stream) _mm512_stream_ps(dq + (k0 + c) * NR + h, _mm512_castsi512_ps(v[c]));
-            else _mm512_store_ps(dq + (k0 + c) * NR + h, _mm512_castsi512_ps(v[c]));
-          }
+          for (int64_t c = 0; c < n; ++c) put_line(dq + (k0 + c) * NR + h, v[c], stream);
         }
       }
     }
@@ -1345,13 +1356,8 @@ struct F32Avx512 {
           __m512 lo, hi;
           load32_f32(src + k * ldb + q * NR, nc - q * NR, lo, hi);
           float* d = dst + (q * kc + k) * NR;
-          if (stream) {
-            _mm512_stream_ps(d, lo);
-            _mm512_stream_ps(d + 16, hi);
-          } else {
-            _mm512_store_ps(d, lo);
-            _mm512_store_ps(d + 16, hi);
-          }
+          put_line(d, lo, stream);
+          put_line(d + 16, hi, stream);
         }
       }
     }
@@ -1430,23 +1436,27 @@ struct Bf16Avx512 {
   // R (<= 14) rows x kc of A -> dst[pair][R]: 16 K-pairs (32 bf16) of every row at a time, transposed as
   // 32-bit elements in registers (vec::transpose16). An odd K's last pair is (A[r][kc-1], 0) from the
   // masked load. The scalar loop this replaced was ~10% of a 2048^3 bf16 GEMM on Zen 5 (perf, 2 threads).
+  // v[c] = the K-pairs c of rows 0..R-1 (lanes; the rest zero): 16 pairs (32 bf16, the first `valid` of them read,
+  // the rest zero) of R <= 16 rows ld apart, transposed as 32-bit elements. Shared by pack_a and pack_t.
+  PK_AVX512BF16 static void pair_columns(const u16* src, int64_t ld, int64_t R, int64_t valid, __m512i (&v)[16]) {
+    const __mmask32 m = vec::mask32(valid);
+    for (int64_t r = 0; r < 16; ++r) v[r] = r < R ? _mm512_maskz_loadu_epi16(m, src + r * ld) : _mm512_setzero_si512();
+    vec::transpose16(v);
+  }
   template <class Src> PK_AVX512BF16 static void pack_a(const Src* src, int64_t lda, int R, int64_t kc, u32* dst) {
     static_assert(std::is_same_v<Src, u16>, "bf16 policy packs bf16 only");
     const int64_t kp = cdiv(kc, 2);
     const __mmask16 rows = vec::mask16(R);
     for (int64_t p0 = 0; p0 < kp; p0 += 16) {
       const int64_t n = std::min<int64_t>(16, kp - p0);
-      const __mmask32 m = vec::mask32(kc - 2 * p0);
       __m512i v[16];
-      for (int r = 0; r < 16; ++r)
-        v[r] = r < R ? _mm512_maskz_loadu_epi16(m, src + r * lda + 2 * p0) : _mm512_setzero_si512();
-      vec::transpose16(v);
+      pair_columns(src + 2 * p0, lda, R, kc - 2 * p0, v);
       for (int64_t c = 0; c < n; ++c) _mm512_mask_storeu_epi32(dst + (p0 + c) * R, rows, v[c]);
     }
   }
   // pack_b's panels from B stored [N, K] (linear; pack_b_any): a K-pair of one column is already one u32 there,
-  // so 16 pairs of 16 columns at a time are transposed as 32-bit elements, as pack_a does; an odd kc's last
-  // pair is (B[n][kc-1], 0) from the masked load. pack_bt's scalar loop, which this replaced, made linear slower
+  // so 16 pairs of 16 columns at a time are transposed as 32-bit elements (pair_columns, as pack_a); an odd kc's
+  // last pair is (B[n][kc-1], 0) from the masked load. pack_bt's scalar loop, which this replaced, made linear slower
   // than GEMM (Zen 4 VM, 1 thread: 256^3 189 against 159 us, 512^3 1.34 against 1.22 ms). Zen 4 VM, 2 threads,
   // prepared linears, pack_bt -> pack_t, two alternations: 128^3 20-25 -> 12.5 us, 256^3 117-121 -> 86 (GEMM
   // 87, torch 95-96), 512^3 744-769 -> 628-634 (torch 622), 300 x 4096 x 4096 31.0-34.4 -> 27.6-29.6 ms. A B packed
@@ -1462,17 +1472,10 @@ struct Bf16Avx512 {
       const int64_t cols = std::min(NR, nc - q * NR);
       for (int64_t p0 = r0 / KG; p0 < p1; p0 += 16) {
         const int64_t n = std::min<int64_t>(16, p1 - p0);
-        const __mmask32 m = vec::mask32(kc - 2 * p0);
         for (int64_t h = 0; h < NR; h += 16) {
           __m512i v[16];
-          for (int64_t r = 0; r < 16; ++r)
-            v[r] = h + r < cols ? _mm512_maskz_loadu_epi16(m, src + (q * NR + h + r) * ldb + 2 * p0)
-                                : _mm512_setzero_si512();
-          vec::transpose16(v);
-          for (int64_t c = 0; c < n; ++c) {
-            if (stream) _mm512_stream_si512(reinterpret_cast<__m512i*>(dq + (p0 + c) * NR + h), v[c]);
-            else _mm512_store_si512(dq + (p0 + c) * NR + h, v[c]);
-          }
+          pair_columns(src + (q * NR + h) * ldb + 2 * p0, ldb, cols - h, kc - 2 * p0, v);
+          for (int64_t c = 0; c < n; ++c) put_line(dq + (p0 + c) * NR + h, v[c], stream);
         }
       }
     }
@@ -1496,14 +1499,8 @@ struct Bf16Avx512 {
           const __m512i x0 = _mm512_maskz_loadu_epi16(m, s);
           const __m512i x1 = k + 1 < kc ? _mm512_maskz_loadu_epi16(m, s + ldb) : _mm512_setzero_si512();
           u32* d = dst + (q * kcu + k / 2) * NR;
-          const __m512i y0 = _mm512_permutex2var_epi16(x0, lo_idx, x1), y1 = _mm512_permutex2var_epi16(x0, hi_idx, x1);
-          if (stream) {
-            _mm512_stream_si512(reinterpret_cast<__m512i*>(d), y0);
-            _mm512_stream_si512(reinterpret_cast<__m512i*>(d + 16), y1);
-          } else {
-            _mm512_store_si512(d, y0);
-            _mm512_store_si512(d + 16, y1);
-          }
+          put_line(d, _mm512_permutex2var_epi16(x0, lo_idx, x1), stream);
+          put_line(d + 16, _mm512_permutex2var_epi16(x0, hi_idx, x1), stream);
         }
       }
     }
