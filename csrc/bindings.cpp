@@ -647,6 +647,9 @@ PYBIND11_MODULE(_C, m) {
     // rows of B per step of a GEMV-like product (M = 1, B [K, N]: cpu.h gemv_streams)
     d["gemv_streams"] = pk::cpu::gemv_streams();
     d["gemv_streams_source"] = pk::cpu::gemv_streams_source();
+    // tokens per step of one kv head of the AVX-512 decode on a paged cache (cpu.h paged_step)
+    d["paged_step"] = pk::cpu::paged_step();
+    d["paged_step_source"] = pk::cpu::paged_step_source();
     return d;
   });
   // ISA tiers (csrc/cpu/cpu.h). PYKERNELS_CPU_ISA=amx|avx512|avx2|neon|portable, read here once, picks the tier
@@ -687,6 +690,7 @@ PYBIND11_MODULE(_C, m) {
   if (const char* env = std::getenv("PYKERNELS_CPU_PREFETCH_NEAR"); env && *env) (void)pk::cpu::stream_prefetch_near();
   if (const char* env = std::getenv("PYKERNELS_CPU_PREFETCH_DISTANCE"); env && *env) (void)pk::cpu::stream_prefetch_distance();
   if (const char* env = std::getenv("PYKERNELS_CPU_GEMV_STREAMS"); env && *env) (void)pk::cpu::gemv_streams();
+  if (const char* env = std::getenv("PYKERNELS_CPU_PAGED_STEP"); env && *env) (void)pk::cpu::paged_step();
   // The setters take an optional source: the reason cpu_features() reports (default: the setter's name).
   const auto source_of = [](const py::object& source, const char* fallback) {
     if (source.is_none()) return std::string(fallback);
@@ -718,6 +722,12 @@ PYBIND11_MODULE(_C, m) {
     if (v != 4 && v != 8) fail("set_cpu_gemv_streams", "argument 'rows' must be 4 or 8, got " + std::string(py::str(rows)));
     pk::cpu::set_gemv_streams(static_cast<int>(v), source_of(source, "set_gemv_streams").c_str());
   }, py::arg("rows"), py::arg("source") = py::none());
+  m.def("set_cpu_paged_step", [source_of](const py::object& tokens, const py::object& source) {
+    const int64_t v = int_arg("set_cpu_paged_step", "tokens", tokens);
+    if (!pk::cpu::paged_step_ok(v))
+      fail("set_cpu_paged_step", "argument 'tokens' must be 16, 32, 64 or 128, got " + std::string(py::str(tokens)));
+    pk::cpu::set_paged_step(v, source_of(source, "set_paged_step").c_str());
+  }, py::arg("tokens"), py::arg("source") = py::none());
   m.def("build_info", []() {
     py::dict d;
 #if defined(PK_WITH_CUDA)

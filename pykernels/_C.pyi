@@ -27,7 +27,7 @@ def prepare_attention(q: int, k: int, v: int, o: int, B: int, Hq: int, Hkv: int,
 def prepare_decode(q: int, k_cache: int, v_cache: int, o: int, context_lens: int, block_table: int, B: int,
                    Hq: int, Hkv: int, D: int, num_blocks: int, block_size: int, max_blocks: int, scale: float,
                    dtype: int, out: object, keep: object) -> Callable[[], Any]: ...
-def cpu_features() -> dict[str, bool | str]: ...  # ISA flags; bf16_dot_used / bf16_dot_source (PYKERNELS_BF16_DOT); stream_prefetch / _source; stream_prefetch_near / _source; stream_prefetch_distance / _source; gemv_streams / _source
+def cpu_features() -> dict[str, bool | str]: ...  # ISA flags; bf16_dot_used / bf16_dot_source (PYKERNELS_BF16_DOT); stream_prefetch / _source; stream_prefetch_near / _source; stream_prefetch_distance / _source; gemv_streams / _source; paged_step / _source
 def evict_cpu(ptr: int, nbytes: int) -> bool: ...  # clflush [ptr, ptr + nbytes); False off x86-64 (timing.evict)
 def build_info() -> dict[str, object]: ...
 
@@ -63,5 +63,6 @@ def set_cpu_isa(name: str) -> None: ...  # ValueError naming `name` for an unkno
 def set_cpu_prefetch(level: str, source: str | None = None) -> None: ...  # "l1" / "l2" / "l1-ungrouped" / "l1-grouped": where the decode kernels prefetch K/V (PYKERNELS_CPU_PREFETCH); source: the reason cpu_features() reports
 def set_cpu_prefetch_near(on: bool, source: str | None = None) -> None: ...  # a second, nearer L1 prefetch of each K/V line (PYKERNELS_CPU_PREFETCH_NEAR)
 def set_cpu_gemv_streams(rows: int, source: str | None = None) -> None: ...  # rows of B per step of a one-row GEMM, 4 or 8 (PYKERNELS_CPU_GEMV_STREAMS)
+def set_cpu_paged_step(tokens: int, source: str | None = None) -> None: ...  # tokens per step of one kv head, AVX-512 decode on a paged cache: 16, 32, 64 or 128 (PYKERNELS_CPU_PAGED_STEP)
 def set_cpu_prefetch_distance(nbytes: int, source: str | None = None) -> None: ...  # how far ahead decode prefetches K/V, a multiple of 1024 in 1024..65536 (PYKERNELS_CPU_PREFETCH_DISTANCE)
 def cpu_caches() -> dict[str, int]: ...  # l1d, l2 (per core), l3 bytes, l3_sharing: what the blocking uses

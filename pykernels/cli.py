@@ -183,8 +183,8 @@ def cmd_info(args) -> int:
     f = fp.get("cpu_features") or {}
     if fp.get("type") == "cpu" and "stream_prefetch" in f:  # what `pykernels tune` sets, and where it came from
         print(f"  {'native tuning':14s} decode prefetch {f['stream_prefetch']}, near "
-              f"{'on' if f['stream_prefetch_near'] else 'off'}, {f['stream_prefetch_distance'] // 1024} KB; GEMV rows per "
-              f"step {f['gemv_streams']}  [{f['stream_prefetch_source']}]")
+              f"{'on' if f['stream_prefetch_near'] else 'off'}, {f['stream_prefetch_distance'] // 1024} KB; paged step "
+              f"{f.get('paged_step', '?')} tokens; GEMV rows per step {f['gemv_streams']}  [{f['stream_prefetch_source']}]")
     print("hardware peaks (measured on this machine by the probes; the % of peak of every result):")
     bwd = pk.get("bandwidth") or {}
     bw = device.peak_bandwidth(pk)
@@ -367,15 +367,16 @@ def cmd_compare(args) -> int:
 def _add_tune(sub):
     p = sub.add_parser("tune", help="measure the native CPU kernels' run-time settings on this machine and cache the best",
                        description="Time decode's K/V software-prefetch settings (L1/L2 per query-head grouping, a second "
-                                   "near prefetch, the distance) and the GEMV's rows of B per step (M = 1) on this "
+                                   "near prefetch, the distance), its tokens per step on a paged cache, and the GEMV's "
+                                   "rows of B per step (M = 1) on this "
                                    "machine, in turns with the native read probe, "
                                    "and cache the best per machine and thread count beside the peaks; the native "
-                                   "backend applies it when it loads (PYKERNELS_CPU_PREFETCH* and _GEMV_STREAMS win; "
+                                   "backend applies it when it loads (PYKERNELS_CPU_PREFETCH*, _PAGED_STEP and _GEMV_STREAMS win; "
                                    "PYKERNELS_CPU_TUNING=off ignores the cache). docs/harness.md, \"Tuning\".")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="pin torch, the BLAS/OpenMP pools and the native kernels to N threads (the tuning is kept per "
                         "thread count)")
-    p.add_argument("--budget", type=float, default=1.5, metavar="S", help="seconds of timing per row and stage (20 in all)")
+    p.add_argument("--budget", type=float, default=1.5, metavar="S", help="seconds of timing per row and stage (24 in all)")
     p.add_argument("--rounds", type=int, default=6, metavar="N", help="rounds per row and stage, at least")
     p.add_argument("--show", action="store_true", help="print this machine's cached tuning and what is in force; measure nothing")
     p.add_argument("--clear", action="store_true", help="delete this machine's cached tuning (the defaults apply again)")
@@ -415,7 +416,9 @@ def cmd_tune(args) -> int:
     print(f"chosen: decode prefetch level {c['level']}, near {'on' if c['near'] else 'off'}, distance "
           f"{c['distance'] // 1024} KB (before: {b['level']}, near {'on' if b['near'] else 'off'}, "
           f"{b['distance'] // 1024} KB, from {b['sources']['level']!r}): {100 * (rec['gain']['decode'] - 1):+.1f}% of the read "
-          f"bandwidth, geometric mean over {len(rec['rows'])} rows; GEMV rows per step {c['gemv_streams']} (before: "
+          f"bandwidth, geometric mean over {len(rec['rows'])} rows; paged step {c['paged_step']} tokens (before: "
+          f"{b['paged_step']}, from {b['sources']['paged_step']!r}): {100 * (rec['gain']['paged_step'] - 1):+.1f}% over the "
+          f"paged rows; GEMV rows per step {c['gemv_streams']} (before: "
           f"{b['gemv_streams']}, from {b['sources']['gemv_streams']!r}): {100 * (rec['gain']['gemv'] - 1):+.1f}% over "
           f"{len(rec['gemv_rows'])} rows; a change needs +{100 * rec['margin']:.0f}%")
     rec["command"] = (f"pykernels tune --budget {args.budget} --rounds {args.rounds}"

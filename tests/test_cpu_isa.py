@@ -137,6 +137,7 @@ print("ok")
     ("PYKERNELS_CPU_PREFETCH_DISTANCE", "1000", "PYKERNELS_CPU_PREFETCH_DISTANCE: expected bytes, a multiple of 1024"),
     ("PYKERNELS_CPU_PREFETCH_DISTANCE", "131072", "PYKERNELS_CPU_PREFETCH_DISTANCE: expected bytes, a multiple of 1024"),
     ("PYKERNELS_CPU_GEMV_STREAMS", "6", "PYKERNELS_CPU_GEMV_STREAMS: expected 4, 8 or auto"),
+    ("PYKERNELS_CPU_PAGED_STEP", "48", "PYKERNELS_CPU_PAGED_STEP: expected 16, 32, 64, 128 or auto"),
 ])
 def test_bad_override_fails_the_import(var, value, message):
     bad = _child("import pykernels._C", **{var: value})
@@ -243,6 +244,18 @@ def test_set_cpu_gemv_streams_takes_4_or_8():
         assert (f["gemv_streams"], f["gemv_streams_source"]) == (12 - before["gemv_streams"], "a test")
     finally:
         _C.set_cpu_gemv_streams(before["gemv_streams"], source=before["gemv_streams_source"])
+
+
+def test_set_cpu_paged_step_takes_16_to_128():
+    before = _C.cpu_features()
+    for bad in (32.0, "32", True, None):
+        with pytest.raises(TypeError, match="argument 'tokens'"):
+            _C.set_cpu_paged_step(bad)
+    for bad in (0, 8, 48, 256, -32, 2**70):
+        with pytest.raises(ValueError, match="argument 'tokens' must be 16, 32, 64 or 128"):
+            _C.set_cpu_paged_step(bad)
+    assert (_C.cpu_features()["paged_step"], _C.cpu_features()["paged_step_source"]) == (
+        before["paged_step"], before["paged_step_source"])
 
 
 def test_set_cpu_prefetch_distance_refuses_what_is_not_a_distance():

@@ -87,6 +87,43 @@ def test_decode_ignores_cache_rows_past_the_length(backend):
     assert torch.equal(out1, out2)
 
 
+@pytest.mark.parametrize("step", [16, 32, 64, 128])
+def test_native_decode_every_paged_step(step):
+    """The AVX-512 decode reads a paged cache in steps of cpu.h paged_step() tokens of one kv head (16..128,
+    raised to a whole block; `pykernels tune` picks it per machine): every step matches the float64 reference on
+    blocks shorter and longer than a step and not a divisor of it, GQA groups of 1, 3 and 4, a split context and
+    ragged ones, and reads no row past a context nor a block the sequence does not own (NaN V there)."""
+    import pykernels as pk
+    from pykernels import _C
+    from pykernels.harness import verify
+
+    if not {"avx512", "amx"} & set(_C.cpu_isas()):
+        pytest.skip("the paged step belongs to the AVX-512 decode; this CPU has no AVX-512")
+    before = _C.cpu_features()
+    try:
+        _C.set_cpu_paged_step(step, source="a test")
+        f = _C.cpu_features()
+        assert (f["paged_step"], f["paged_step_source"]) == (step, "a test")
+        for B, Hq, Hkv, L, D, bs, ragged in ((3, 8, 2, 300, 128, 16, True), (2, 9, 3, 333, 64, 8, True),
+                                             (2, 8, 8, 200, 128, 48, True), (1, 8, 2, 1000, 128, 16, False),
+                                             (2, 4, 4, 150, 64, 256, True), (3, 8, 2, 77, 128, 32, True)):
+            p = DecodeProblem(B, Hq, Hkv, L, D, paged=True, block_size=bs, ragged=ragged)
+            for dt in (torch.float32, torch.bfloat16):
+                x = p.make_inputs(dt, seed=1)
+                exp = verify.expected(p, x)
+                lens, table, used = x["context_lens"], x["block_table"], set()
+                for b in range(B):
+                    n = int(lens[b])
+                    used.update(int(t) for t in table[b, : (n + bs - 1) // bs])
+                    x["v_cache"][int(table[b, (n - 1) // bs]), :, (n - 1) % bs + 1:] = float("nan")
+                for blk in set(range(x["k_cache"].shape[0])) - used:
+                    x["k_cache"][blk] = float("nan")
+                    x["v_cache"][blk] = float("nan")
+                exp.assert_close(pk.decode(**x, backend="native"), f"step {step} {p.label()} {dt}")
+    finally:
+        _C.set_cpu_paged_step(before["paged_step"], source=before["paged_step_source"])
+
+
 def test_decode_paged_equals_contiguous():
     import pykernels as pk
     from pykernels.kernels.decode import gather_cache

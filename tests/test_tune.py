@@ -31,12 +31,12 @@ from pykernels.kernels import DecodeProblem, GemmProblem
 # a run's fingerprint, taken before any kernel ran, records the settings the kernels will run with
 fpf = device.fingerprint("cpu")["cpu_features"]
 nat = registry.all_backends()["native"]
-x = DecodeProblem(1, 4, 1, 40, 64).make_inputs(torch.float32, seed=0)
+x = DecodeProblem(1, 4, 1, 40, 64, paged=True).make_inputs(torch.float32, seed=0)
 pk.decode(**x, backend="native")
 g = GemmProblem(1, 40, 70).make_inputs(torch.float32, seed=0)
 info = {**nat.describe_call("decode", x), **nat.describe_call("gemm", g)}
-assert (fpf["stream_prefetch"], fpf["stream_prefetch_distance"], fpf["gemv_streams"]) == (
-    info["cpu_prefetch"], info["cpu_prefetch_distance"], info["cpu_gemv_streams"]), (fpf, info)
+assert (fpf["stream_prefetch"], fpf["stream_prefetch_distance"], fpf["paged_step"], fpf["gemv_streams"]) == (
+    info["cpu_prefetch"], info["cpu_prefetch_distance"], info["cpu_paged_step"], info["cpu_gemv_streams"]), (fpf, info)
 print(json.dumps(info))
 """
 
@@ -53,25 +53,28 @@ def _defaults(cache):
 
 def test_cached_tuning_is_applied_by_the_native_backend_and_overrides_win(tmp_path, monkeypatch):
     monkeypatch.setenv("PYKERNELS_CACHE_DIR", str(tmp_path))
-    path = tune.save(_record({"level": "l1-grouped", "near": False, "distance": 8192, "gemv_streams": 8}))
+    path = tune.save(_record({"level": "l1-grouped", "near": False, "distance": 8192, "paged_step": 64, "gemv_streams": 8}))
     assert path.parent == tmp_path and path.name.startswith("tune-cpu-")
     out = _child(SHOW, tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     info = json.loads(out.stdout.strip().splitlines()[-1])
     assert (info["cpu_prefetch"], info["cpu_prefetch_near"], info["cpu_prefetch_distance"]) == ("l1-grouped", False, 8192)
-    assert info["cpu_gemv_streams"] == 8
+    assert (info["cpu_gemv_streams"], info["cpu_paged_step"]) == (8, 64)
+    assert info["cpu_paged_step_source"].startswith("pykernels tune (2026-12-06")
     assert info["cpu_prefetch_source"].startswith("pykernels tune (2026-12-06") and str(path) in info["cpu_prefetch_source"]
     # an environment variable beats the cache for its own setting only
     out = _child(SHOW, tmp_path, PYKERNELS_CPU_PREFETCH="l2", PYKERNELS_CPU_PREFETCH_DISTANCE="32768",
-                 PYKERNELS_CPU_GEMV_STREAMS="4")
+                 PYKERNELS_CPU_GEMV_STREAMS="4", PYKERNELS_CPU_PAGED_STEP="16")
     info = json.loads(out.stdout.strip().splitlines()[-1])
     assert (info["cpu_prefetch"], info["cpu_prefetch_near"], info["cpu_prefetch_distance"]) == ("l2", False, 32768)
-    assert info["cpu_gemv_streams"] == 4
+    assert (info["cpu_gemv_streams"], info["cpu_paged_step"], info["cpu_paged_step_source"]) == (
+        4, 16, "PYKERNELS_CPU_PAGED_STEP")
     assert info["cpu_prefetch_source"] == "PYKERNELS_CPU_PREFETCH"
     # auto is no override: the cache applies
-    out = _child(SHOW, tmp_path, PYKERNELS_CPU_PREFETCH="auto", PYKERNELS_CPU_GEMV_STREAMS="auto")
+    out = _child(SHOW, tmp_path, PYKERNELS_CPU_PREFETCH="auto", PYKERNELS_CPU_GEMV_STREAMS="auto",
+                 PYKERNELS_CPU_PAGED_STEP="auto")
     info = json.loads(out.stdout.strip().splitlines()[-1])
-    assert (info["cpu_prefetch"], info["cpu_gemv_streams"]) == ("l1-grouped", 8)
+    assert (info["cpu_prefetch"], info["cpu_gemv_streams"], info["cpu_paged_step"]) == ("l1-grouped", 8, 64)
     # PYKERNELS_CPU_TUNING=off: the CPU's defaults
     d = _defaults(tmp_path)
     assert not d["cpu_prefetch_source"].startswith("pykernels tune") and d["cpu_prefetch_distance"] == 16384
@@ -79,10 +82,12 @@ def test_cached_tuning_is_applied_by_the_native_backend_and_overrides_win(tmp_pa
 
 @pytest.mark.parametrize("content", [
     "not json", "[1, 2]", json.dumps({"version": 999, "settings": {"level": "l1"}}),
-    json.dumps(_record({"level": "l3", "near": True, "distance": 8192, "gemv_streams": 8})),
-    json.dumps(_record({"level": "l1", "near": True, "distance": 1000, "gemv_streams": 8})),
-    json.dumps(_record({"level": "l1", "near": "yes", "distance": 8192, "gemv_streams": 8})),
-    json.dumps(_record({"level": "l1", "near": True, "distance": 8192, "gemv_streams": 6})),
+    json.dumps(_record({"level": "l3", "near": True, "distance": 8192, "paged_step": 32, "gemv_streams": 8})),
+    json.dumps(_record({"level": "l1", "near": True, "distance": 1000, "paged_step": 32, "gemv_streams": 8})),
+    json.dumps(_record({"level": "l1", "near": "yes", "distance": 8192, "paged_step": 32, "gemv_streams": 8})),
+    json.dumps(_record({"level": "l1", "near": True, "distance": 8192, "paged_step": 32, "gemv_streams": 6})),
+    json.dumps(_record({"level": "l1", "near": True, "distance": 8192, "paged_step": 48, "gemv_streams": 8})),
+    json.dumps(_record({"level": "l1", "near": True, "distance": 8192, "gemv_streams": 8})),
     json.dumps(_record({"level": "l1", "near": True, "distance": 8192})),
     json.dumps(_record("l1")),
 ])
@@ -101,7 +106,7 @@ def test_tune_show_and_clear(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PYKERNELS_CACHE_DIR", str(tmp_path))
     assert cli.main(["tune", "--show"]) == 0
     assert "no cached tuning" in capsys.readouterr().out
-    tune.save(_record({"level": "l2", "near": True, "distance": 16384, "gemv_streams": 4}))
+    tune.save(_record({"level": "l2", "near": True, "distance": 16384, "paged_step": 32, "gemv_streams": 4}))
     assert cli.main(["tune", "--show"]) == 0
     out = capsys.readouterr().out
     assert '"level": "l2"' in out and "in force:" in out
@@ -121,29 +126,34 @@ def _fake_rows(prefs):
 def test_the_choice_follows_the_measurements_and_needs_the_margin(monkeypatch):
     _ext()  # the backend's extension, a cached tuning applied: measure() starts from it
     before = tune.current(_C)
-    # grouped rows read 10% more with L1, ungrouped 5% more with L2, near costs 1%, 32 KB gains 4%; the GEMV
-    # reads 5% more with the rows per step that are not in force
+    # grouped rows read 10% more with L1, ungrouped 5% more with L2, near costs 1%, 32 KB gains 4%, a paged step
+    # other than the one in force 3%; the GEMV reads 5% more with the rows per step that are not in force
     other = 12 - before["gemv_streams"]
+    step = 16 if before["paged_step"] != 16 else 64
 
     def prefs(grouped, s):
         if "gemv_streams" in s:
             return 0.6 * (1.05 if s["gemv_streams"] == other else 1.0)
         v = 0.5 * (1.10 if grouped and s["level"] == "l1" else 1.0) * (1.05 if not grouped and s["level"] == "l2" else 1.0)
-        return v * (0.99 if s["near"] else 1.0) * (1.04 if s["distance"] == 32768 else 1.0)
+        return (v * (0.99 if s["near"] else 1.0) * (1.04 if s["distance"] == 32768 else 1.0)
+                * (1.03 if s.get("paged_step") == step else 1.0))
     monkeypatch.setattr(tune, "_time_row", _fake_rows(prefs))
     rec = tune.measure(budget_s=0.01, rounds=1, log=lambda *a: None)
-    assert rec["settings"] == {"level": "l1-grouped", "near": False, "distance": 32768, "gemv_streams": other}, rec["scores"]
-    assert rec["gain"]["decode"] > 1.02 and rec["gain"]["gemv"] == 1.05
-    assert set(rec["stages"]) == {"levels_near", "distance", "gemv_streams"} and len(rec["rows"]) == 8
+    assert rec["settings"] == {"level": "l1-grouped", "near": False, "distance": 32768, "paged_step": step,
+                               "gemv_streams": other}, rec["scores"]
+    assert rec["gain"]["decode"] > 1.02 and rec["gain"]["gemv"] == 1.05 and rec["gain"]["paged_step"] == 1.03
+    assert set(rec["stages"]) == {"levels_near", "distance", "paged_step", "gemv_streams"} and len(rec["rows"]) == 8
+    assert len(rec["stages"]["paged_step"]) == 4  # the paged rows
     assert len(rec["gemv_rows"]) == 4 and set(rec["settings"]) == set(tune.SETTINGS)
     assert tune.current(_C) == before  # measuring leaves the settings as they were
     # gains below the margin keep what is in force
     monkeypatch.setattr(tune, "_time_row", _fake_rows(
         lambda g, s: 0.5 * (1.01 if s.get("level", before["level"]) != before["level"] else 1.0)
         * (1.01 if s.get("distance", before["distance"]) != before["distance"] else 1.0)
+        * (1.01 if s.get("paged_step", before["paged_step"]) != before["paged_step"] else 1.0)
         * (1.01 if s.get("gemv_streams", before["gemv_streams"]) != before["gemv_streams"] else 1.0)))
     rec = tune.measure(budget_s=0.01, rounds=1, log=lambda *a: None)
-    assert rec["settings"] == {k: before[k] for k in ("level", "near", "distance", "gemv_streams")}, rec["scores"]
+    assert rec["settings"] == {k: before[k] for k in tune.SETTINGS}, rec["scores"]
 
 
 @pytest.mark.skipif(not AVX512, reason="the prefetch settings belong to the AVX-512 decode kernel")
@@ -156,9 +166,12 @@ def test_tune_quick_times_every_setting_on_every_row(tmp_path, monkeypatch, caps
     out = tmp_path / "rec.json"
     assert cli.main(["tune", "--quick", "--budget", "0.05", "--rounds", "2", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "chosen: decode prefetch level" in text and "GEMV rows per step" in text and not tune.cache_path().exists()
+    assert "chosen: decode prefetch level" in text and "paged step" in text and "GEMV rows per step" in text
+    assert not tune.cache_path().exists()
     rec = json.loads(out.read_text())
     assert len(rec["stages"]["levels_near"]) == 8 and len(rec["stages"]["distance"]) == 8
+    assert len(rec["stages"]["paged_step"]) == 4 and all(
+        {"16", "32", "64", "128"} <= set(r) for r in rec["stages"]["paged_step"].values())
     assert len(rec["stages"]["gemv_streams"]) == 2 and all(set(r) == {"4", "8"} for r in rec["stages"]["gemv_streams"].values())
     for row in rec["stages"]["levels_near"].values():
         assert set(row) == {"l2/one", "l2/near", "l1/one", "l1/near"} and all(0 < v < 5 for v in row.values())

@@ -101,6 +101,21 @@ int gemv_streams();
 constexpr int64_t kSplitRowBytes = 16 * 1024;
 std::string gemv_streams_source();
 void set_gemv_streams(int rows, const char* source = nullptr);  // 4 or 8, else std::invalid_argument
+// Tokens per step of one kv head of the AVX-512 decode on a paged cache (decode.cpp item: steps of this many
+// tokens, kv heads inner, so a step reads step / block_size blocks of one head and then the same blocks of the
+// next head): 16, 32, 64 or 128, raised to a whole block (up to 128) where a block holds more rows. Shorter steps
+// read each block's heads as fewer, longer runs (fewer streams at once: 2 x step / block_size per head, K and V)
+// at a higher fixed cost per step (softmax reductions, P.V accumulators loaded and stored). Zen 4 (family 25,
+// notes/cpu_decode.md, twenty-eighth session; B8 Hq32 L4096 D128 paged16, 2 threads, in turns in one process,
+// three runs): 32 read the Hkv 8 rows 5-11% faster than 128 (fp32 and bf16) and bf16 Hkv 32 6-9%, fp32 Hkv 32
+// level. Zen 5 (twelfth session, an earlier kernel) read 32-row steps no faster than 64 or 128. Default 32 on AMD
+// family 25, 128 elsewhere; `pykernels tune` measures it per machine; PYKERNELS_CPU_PAGED_STEP=16|32|64|128|auto
+// (read once; anything else throws std::invalid_argument) or set_paged_step() overrides it. The AVX2 and
+// portable tiers step 32 tokens on every cache.
+bool paged_step_ok(int64_t tokens);  // 16, 32, 64 or 128
+int64_t paged_step();
+std::string paged_step_source();
+void set_paged_step(int64_t tokens, const char* source = nullptr);  // else std::invalid_argument
 // Whether a decode with g query heads per kv head prefetches into L1 under stream_prefetch().
 bool stream_prefetch_l1(int64_t g);
 

@@ -281,6 +281,20 @@ Setting& gemv_setting() {
       amd_26_or_later() ? "default: AMD family >= 26 (measured on Zen 5)" : "default: 8 (measured on Sapphire Rapids and Zen 4)");
   return s;
 }
+Setting& paged_step_setting() {
+  static const bool zen4 = cpu_is_amd() && cpu_family() == 25;  // CPUID once (a VM exit each time)
+  static Setting s = from_env(
+      "PYKERNELS_CPU_PAGED_STEP", "16, 32, 64, 128",
+      [](const char* e, int64_t* v) {
+        char* end = nullptr;
+        errno = 0;
+        *v = std::strtoll(e, &end, 10);
+        return errno == 0 && end != e && *end == '\0' && paged_step_ok(*v);
+      },
+      zen4 ? 32 : 128,
+      zen4 ? "default: AMD family 25 (measured on Zen 4)" : "default: 128 (not measured on this CPU with this kernel)");
+  return s;
+}
 }  // namespace
 
 PrefetchLevel stream_prefetch() { return static_cast<PrefetchLevel>(level_setting().value.load(std::memory_order_relaxed)); }
@@ -325,6 +339,14 @@ std::string gemv_streams_source() { return gemv_setting().get_source(); }
 void set_gemv_streams(int rows, const char* source) {
   if (rows != 4 && rows != 8) throw std::invalid_argument("GEMV streams must be 4 or 8");
   gemv_setting().set(rows, source ? source : "set_gemv_streams");
+}
+
+bool paged_step_ok(int64_t tokens) { return tokens == 16 || tokens == 32 || tokens == 64 || tokens == 128; }
+int64_t paged_step() { return paged_step_setting().value.load(std::memory_order_relaxed); }
+std::string paged_step_source() { return paged_step_setting().get_source(); }
+void set_paged_step(int64_t tokens, const char* source) {
+  if (!paged_step_ok(tokens)) throw std::invalid_argument("paged step must be 16, 32, 64 or 128 tokens");
+  paged_step_setting().set(tokens, source ? source : "set_paged_step");
 }
 
 bool stream_prefetch_l1(int64_t g) {

@@ -8,7 +8,8 @@
 // from memory once and reused g times from L1. Items run over OpenMP threads (dynamic). When the items
 // alone cannot keep every thread busy (fewer than 2 per thread), each sequence's context is split into
 // chunks; every chunk leaves a partial (running max m, sum l, unnormalized o) and a second pass merges
-// them (log-sum-exp, base 2). Per item, steps of kT = 128 tokens of one kv head:
+// them (log-sum-exp, base 2). Per item, steps of kT = 128 tokens of one kv head (on a paged cache cpu.h
+// paged_step(), 16..128, kv heads inner):
 //   row offsets    one per token, this step's and the next step's (page by page through the table);
 //                  the loops below prefetch the row ~16 KB ahead of the one they read (see pf_rows)
 //   S = q K^T      g a multiple of 4: four heads in the lanes of one vector, each 16-byte piece of a
@@ -75,6 +76,7 @@ struct Ctx {
   float c;           // scale * log2(e)
   float* part;       // partials [B*Hkv][nchunk][g][D + 16] (o[D], m, l), or null
   int64_t nchunk;
+  int64_t st;  // tokens per step (kT, or cpu.h paged_step() on a paged cache)
 };
 
 // Element pointer of row (token t, kv head hk) of sequence b in cache `base`.
@@ -667,11 +669,10 @@ PK_AVX512BF16 void item(const Ctx& x, int64_t b, int64_t hk0, int64_t nh, int64_
   }
   const char* kb = static_cast<const char*>(p.k);
   const char* vb = static_cast<const char*>(p.v);
-  // Steps: kT tokens of one kv head, heads inner, on paged caches too (a step then spans kT / block
-  // blocks of each head; the rows are found page by page). Steps of one block (16 rows) or two, so that
-  // the heads of a block follow each other, read no faster on Zen 5 (B=8 Hq=32 L=4096 D=128 paged16, 2
-  // threads, % of the native read of the same rounds: 64-row steps 52-71%, 32-row ones 44-67%; the 128-row
-  // steps of kT now level with 64; notes/cpu_decode.md).
+  // Steps: x.st tokens of one kv head, heads inner (kT on a contiguous cache; on a paged one cpu.h paged_step(),
+  // so a step reads x.st / block_size blocks of one head and then the same blocks of the next head; the rows are
+  // found page by page). Zen 4 paged16 read 5-11% faster in 32-token steps than in 128 (fewer streams at once);
+  // on Zen 5, with an earlier kernel, 32- and 64-row steps were no faster (notes/cpu_decode.md).
   const Pf pf = item_pf<D, es>();
   // Row offsets of the current step and of the steps after it, at least pf.far rows past the current
   // step's end (so the loops can prefetch pf.far rows ahead across step boundaries): off[0, have).
@@ -679,17 +680,17 @@ PK_AVX512BF16 void item(const Ctx& x, int64_t b, int64_t hk0, int64_t nh, int64_
   int64_t have = 0, gts = t0, ghk = hk0;  // the next step to append
   auto fill = [&](int64_t need) {
     while (have < need && gts < t1) {
-      const int64_t c = std::min(kT, t1 - gts);
+      const int64_t c = std::min(x.st, t1 - gts);
       tile_rows(p, b, ghk, gts, c, es, off + have);
       have += c;
       if (++ghk == hk0 + nh) {
         ghk = hk0;
-        gts += kT;
+        gts += x.st;
       }
     }
   };
-  for (int64_t ts = t0; ts < t1; ts += kT) {
-    const int64_t nt = std::min(kT, t1 - ts), nv = (nt + 15) / 16;
+  for (int64_t ts = t0; ts < t1; ts += x.st) {
+    const int64_t nt = std::min(x.st, t1 - ts), nv = (nt + 15) / 16;
     for (int64_t hk = hk0; hk < hk0 + nh; ++hk) {
       fill(nt + pf.far);
       const int64_t h0 = (hk - hk0) * g;
@@ -771,7 +772,12 @@ void run_avx512(const DecodeParams& p) {
   const attn::DecodeSplit w = attn::split_decode(p, sizeof(T), kT, omp_in_parallel() ? 1 : omp_get_max_threads(),
                                                  kMinChunk, kMinParallelBytes, nh);
   AlignedBuf part(w.nchunk > 1 ? static_cast<size_t>(p.B * Hkv * w.nchunk * g * (D + 16) * 4) : 0);
-  const Ctx x{&p, g, w.chunk, p.scale * attn::kLog2e, w.nchunk > 1 ? part.as<float>() : nullptr, w.nchunk};
+  // Tokens per step: kT on a contiguous cache (one kv head per item); on a paged one cpu.h paged_step() (16..kT,
+  // read once per call), raised to a whole block where a block holds more rows (a step then reads whole runs).
+  int64_t st = kT;
+  if (p.block_table)
+    for (st = paged_step(); st < std::min(p.block_size, kT);) st *= 2;
+  const Ctx x{&p, g, w.chunk, p.scale * attn::kLog2e, w.nchunk > 1 ? part.as<float>() : nullptr, w.nchunk, st};
   attn::run_decode_split(
       w, Hkv, [&] { return ThreadScratch<KD, D>(g, nh); },
       [&](int64_t b, int64_t hk, int64_t c, const ThreadScratch<KD, D>& t) { item<T, KD, D>(x, b, hk, nh, c, t.sc); },

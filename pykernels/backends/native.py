@@ -124,7 +124,8 @@ class NativeBackend(Backend):
         where its K/V prefetches go (l2, l1, l1-ungrouped, l1-grouped: PYKERNELS_CPU_PREFETCH), whether it
         prefetches each line a second time, nearer (PYKERNELS_CPU_PREFETCH_NEAR), how far ahead (bytes,
         PYKERNELS_CPU_PREFETCH_DISTANCE) and why (the default's reason, the override, or `pykernels tune`); for a
-        GEMM of one row, the rows of B it reads per step (PYKERNELS_CPU_GEMV_STREAMS)."""
+        GEMM of one row, the rows of B it reads per step (PYKERNELS_CPU_GEMV_STREAMS); for decode on a paged cache,
+        the tokens of one kv head per step and why (PYKERNELS_CPU_PAGED_STEP; the AVX-512 tier's, see cpu.h)."""
         if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in inputs.values()):
             q = inputs.get("q")
             if family == "decode" and isinstance(q, torch.Tensor):
@@ -142,6 +143,9 @@ class NativeBackend(Backend):
                 d["cpu_prefetch_near"] = bool(f.get("stream_prefetch_near"))
                 d["cpu_prefetch_distance"] = f.get("stream_prefetch_distance")
                 d["cpu_prefetch_source"] = f.get("stream_prefetch_source")
+                if inputs.get("block_table") is not None:
+                    d["cpu_paged_step"] = f.get("paged_step")
+                    d["cpu_paged_step_source"] = f.get("paged_step_source")
             return d
         return {}
 

@@ -1,21 +1,23 @@
 """Per-machine tuning of the native CPU kernels' run-time settings: where and how far ahead the AVX-512
 decode kernel prefetches its K/V rows (csrc/cpu/cpu.h: the level L1 / L2 per query-head grouping, a second
-"near" L1 prefetch, the distance) and how many rows of B a GEMV-like product (M = 1) reads per step
+"near" L1 prefetch, the distance), how many tokens of one kv head it reads per step on a paged cache
+(paged_step: 16, 32, 64 or 128) and how many rows of B a GEMV-like product (M = 1) reads per step
 (gemv_streams: 4 or 8). Each CPU model ships with a default (measured on the CPUs the project ran
 on); `pykernels tune` measures the choices on this machine instead, caches the best beside the peaks
 (~/.cache/pykernels/tune-cpu-<machine id>.json, PYKERNELS_CACHE_DIR overrides) and the native backend applies
 it when it first loads the extension (apply_cached), unless PYKERNELS_CPU_PREFETCH / _NEAR / _DISTANCE or
-PYKERNELS_CPU_GEMV_STREAMS set a value (those win) or PYKERNELS_CPU_TUNING=off. Every decode result records
-the settings and their source (backend_info cpu_prefetch, cpu_prefetch_near, cpu_prefetch_distance,
-cpu_prefetch_source), every M = 1 GEMM result cpu_gemv_streams.
+PYKERNELS_CPU_PAGED_STEP or PYKERNELS_CPU_GEMV_STREAMS set a value (those win) or PYKERNELS_CPU_TUNING=off.
+Every decode result records the settings and their source (backend_info cpu_prefetch, cpu_prefetch_near,
+cpu_prefetch_distance, cpu_prefetch_source; cpu_paged_step on a paged cache), every M = 1 GEMM result
+cpu_gemv_streams.
 
 How it measures (docs/harness.md "Tuning"): the issue-21 decode rows (B8 Hq32 L4096 D128; Hkv 8 and 32,
 contiguous and paged 16, fp32 and bf16), their KV caches rotating through copies of 2x the last-level cache so
 that every call streams them from memory, timed in turns with the native read probe (`_C.ReadPass`) in every
 round; each call first switches to its setting (a few stores). A setting's figure for a row is the median over
-rounds of its bytes/s over the read's of the same round. Three stages: the level per grouping (g = 1 and
+rounds of its bytes/s over the read's of the same round. Four stages: the level per grouping (g = 1 and
 g > 1) and the near prefetch, at the current distance; then the distance (8 / 16 / 32 KB) under the winners;
-then, on GEMV-like rows (M = 1, N = 4096, K = 4096 and 11008, fp32 and bf16, the weights rotating likewise),
+then, on the paged rows, the tokens per step (16 / 32 / 64 / 128) under those; then, on GEMV-like rows (M = 1, N = 4096, K = 4096 and 11008, fp32 and bf16, the weights rotating likewise),
 4 or 8 rows of B per step. A choice replaces the current one only when it reads at least MARGIN more
 (geometric mean over all the rows of its stage): on a shared machine a change must beat the noise to be kept.
 """
@@ -31,15 +33,17 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-TUNE_VERSION = 2  # 2: the GEMV rows per step (gemv_streams) joined the decode prefetch settings
+TUNE_VERSION = 3  # 2: the GEMV rows per step (gemv_streams) joined; 3: decode's tokens per step on a paged cache
 MARGIN = 0.02  # a setting must read >= 2% more than the current one (geometric mean over its rows)
 LEVELS = ("l2", "l1")
 DISTANCES = (8192, 16384, 32768)
 GEMV_STREAMS = (4, 8)
+PAGED_STEPS = (16, 32, 64, 128)
 # setting -> (its environment variable, its _C setter, its _C.cpu_features() key; the source: key + "_source")
 SETTINGS = {"level": ("PYKERNELS_CPU_PREFETCH", "set_cpu_prefetch", "stream_prefetch"),
             "near": ("PYKERNELS_CPU_PREFETCH_NEAR", "set_cpu_prefetch_near", "stream_prefetch_near"),
             "distance": ("PYKERNELS_CPU_PREFETCH_DISTANCE", "set_cpu_prefetch_distance", "stream_prefetch_distance"),
+            "paged_step": ("PYKERNELS_CPU_PAGED_STEP", "set_cpu_paged_step", "paged_step"),
             "gemv_streams": ("PYKERNELS_CPU_GEMV_STREAMS", "set_cpu_gemv_streams", "gemv_streams")}
 
 
@@ -78,7 +82,8 @@ def load(fp: dict | None = None) -> dict | None:
 
 
 def current(ext) -> dict:
-    """The extension's tunable settings now ({'level', 'near', 'distance', 'gemv_streams'}) and, under 'sources',
+    """The extension's tunable settings now ({'level', 'near', 'distance', 'paged_step', 'gemv_streams'}) and,
+    under 'sources',
     where each came from."""
     f = ext.cpu_features()
     d = {key: f[feat] for key, (_, _, feat) in SETTINGS.items()}
@@ -147,7 +152,7 @@ def _gemv_rows(ks, dtypes) -> list:
 
 def _time_row(ext, dt: str, prob, settings: list[dict], reader, opts) -> list[float]:
     """% of the read of the same round (median over rounds) of each setting on one row (a decode or GEMM
-    problem); a setting is {'level', 'near', 'distance'} (decode) or {'gemv_streams'} (GEMM)."""
+    problem); a setting is {'level', 'near', 'distance'[, 'paged_step']} (decode) or {'gemv_streams'} (GEMM)."""
     from ..kernels import dtype_of
     from ..tokens import measure
     from . import timing
@@ -173,9 +178,9 @@ def _geomean(xs) -> float:
 def measure(*, budget_s: float = 1.5, rounds: int = 6, B: int = 8, L: int = 4096,
             gemv_k: tuple = (4096, 11008), dtypes=("float32", "bfloat16"), log=print) -> dict:
     """Time the settings on this machine (module docstring) and return the tuning record: {'settings': the
-    chosen {'level', 'near', 'distance', 'gemv_streams'}, 'baseline': the settings before, 'stages': every row's
-    % of the read per setting, 'gain': the chosen over the baseline (geometric mean over the rows) for decode and
-    the GEMV, ...}.
+    chosen {'level', 'near', 'distance', 'paged_step', 'gemv_streams'}, 'baseline': the settings before, 'stages':
+    every row's % of the read per setting, 'gain': the chosen over the baseline (geometric mean over the rows) for
+    decode (all rows; the paged step over the paged rows) and the GEMV, ...}.
     The extension's settings are restored before it returns (apply the result to keep it)."""
     import torch
 
@@ -231,7 +236,14 @@ def measure(*, budget_s: float = 1.5, rounds: int = 6, B: int = 8, L: int = 4096
                      lambda d: f"{d // 1024} KB")
         dscore = {d: _geomean(x[d] for x in pct2.values()) for d in distances}
         distance = pick(dscore, base["distance"])
-        # stage 3: rows of B per step of a GEMV-like product (M = 1, B [K, N])
+        # stage 3: tokens per step of one kv head on a paged cache, under the chosen prefetch settings
+        paged_rows = [(dt, p) for dt, p in rows if p.paged]
+        steps = sorted(set(PAGED_STEPS) | {base["paged_step"]})
+        pct_s = stage(paged_rows, steps, [{"level": level, "near": near, "distance": distance, "paged_step": u}
+                                          for u in steps], lambda u: f"step {u}")
+        sscore = {u: _geomean(x[u] for x in pct_s.values()) for u in steps}
+        paged_step = pick(sscore, base["paged_step"])
+        # stage 4: rows of B per step of a GEMV-like product (M = 1, B [K, N])
         pct3 = stage(gemv_rows, GEMV_STREAMS, [{"gemv_streams": u} for u in GEMV_STREAMS], lambda u: f"{u} rows")
         gscore = {u: _geomean(x[u] for x in pct3.values()) for u in GEMV_STREAMS}
         gemv_streams = pick(gscore, base["gemv_streams"])
@@ -239,11 +251,12 @@ def measure(*, budget_s: float = 1.5, rounds: int = 6, B: int = 8, L: int = 4096
             "levels_near": {r: {f"{lv}/{'near' if nr else 'one'}": round(v, 4) for (lv, nr), v in d.items()}
                             for r, d in pct1.items()},
             "distance": {r: {str(k): round(v, 4) for k, v in d.items()} for r, d in pct2.items()},
+            "paged_step": {r: {str(k): round(v, 4) for k, v in d.items()} for r, d in pct_s.items()},
             "gemv_streams": {r: {str(k): round(v, 4) for k, v in d.items()} for r, d in pct3.items()},
         }
     finally:  # the settings as they were, sources included (whatever set them: default, override, cache)
         _set(ext, {k: base[k] for k in SETTINGS}, sources=base["sources"])
-    chosen = {"level": level, "near": near, "distance": distance, "gemv_streams": gemv_streams}
+    chosen = {"level": level, "near": near, "distance": distance, "paged_step": paged_step, "gemv_streams": gemv_streams}
     # stage 2 ran under the chosen level and near: its ratio at the old distance is stage 1's gain's base
     gain1 = options[(level, near)] / options[(base["level"], base["near"])]
     gain2 = dscore[distance] / dscore[base["distance"]]
@@ -256,9 +269,11 @@ def measure(*, budget_s: float = 1.5, rounds: int = 6, B: int = 8, L: int = 4096
                     "threads": torch.get_num_threads()},
         "settings": chosen,
         "baseline": base,
-        "gain": {"decode": round(gain1 * gain2, 4), "gemv": round(gscore[gemv_streams] / gscore[base["gemv_streams"]], 4)},
+        "gain": {"decode": round(gain1 * gain2, 4), "paged_step": round(sscore[paged_step] / sscore[base["paged_step"]], 4),
+                 "gemv": round(gscore[gemv_streams] / gscore[base["gemv_streams"]], 4)},
         "scores": {"levels_near": {f"{lv}/{'near' if nr else 'one'}": round(v, 4) for (lv, nr), v in options.items()},
                    "distance": {str(d): round(v, 4) for d, v in dscore.items()},
+                   "paged_step": {str(u): round(v, 4) for u, v in sscore.items()},
                    "gemv_streams": {str(u): round(v, 4) for u, v in gscore.items()}},
         "margin": MARGIN,
         "rows": [f"{dt} {p.label()}" for dt, p in rows],
