@@ -17,8 +17,8 @@ that every call streams them from memory, timed in turns with the native read pr
 round; each call first switches to its setting (a few stores). A setting's figure for a row is the median over
 rounds of its bytes/s over the read's of the same round. Four stages: the level per grouping (g = 1 and
 g > 1) and the near prefetch, at the current distance; then the distance (8 / 16 / 32 KB) under the winners;
-then, on the paged rows, the tokens per step (16 / 32 / 64 / 128) under those; then, on GEMV-like rows (M = 1, N = 4096, K = 4096 and 11008, fp32 and bf16, the weights rotating likewise),
-4 or 8 rows of B per step. A choice replaces the current one only when it reads at least MARGIN more
+then, on the paged rows, the tokens per step (16 / 32 / 64 / 128) under those; then, on GEMV-like rows (M = 1,
+N = 4096, K = 4096 and 11008, fp32 and bf16, the weights rotating likewise), 4 or 8 rows of B per step. A choice replaces the current one only when it reads at least MARGIN more
 (geometric mean over all the rows of its stage): on a shared machine a change must beat the noise to be kept.
 """
 
@@ -82,9 +82,8 @@ def load(fp: dict | None = None) -> dict | None:
 
 
 def current(ext) -> dict:
-    """The extension's tunable settings now ({'level', 'near', 'distance', 'paged_step', 'gemv_streams'}) and,
-    under 'sources',
-    where each came from."""
+    """The extension's tunable settings now ({'level', 'near', 'distance', 'paged_step', 'gemv_streams'}) and, under
+    'sources', where each came from."""
     f = ext.cpu_features()
     d = {key: f[feat] for key, (_, _, feat) in SETTINGS.items()}
     d["sources"] = {key: f[feat + "_source"] for key, (_, _, feat) in SETTINGS.items()}
