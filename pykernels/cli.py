@@ -184,7 +184,7 @@ def cmd_info(args) -> int:
     if fp.get("type") == "cpu" and "stream_prefetch" in f:  # what `pykernels tune` sets, and where it came from
         print(f"  {'native tuning':14s} decode prefetch {f['stream_prefetch']}, near "
               f"{'on' if f['stream_prefetch_near'] else 'off'}, {f['stream_prefetch_distance'] // 1024} KB; paged step "
-              f"{f.get('paged_step', '?')} tokens; GEMV rows per step {f['gemv_streams']}  [{f['stream_prefetch_source']}]")
+              f"{f['paged_step']} tokens; GEMV rows per step {f['gemv_streams']}  [{f['stream_prefetch_source']}]")
     print("hardware peaks (measured on this machine by the probes; the % of peak of every result):")
     bwd = pk.get("bandwidth") or {}
     bw = device.peak_bandwidth(pk)

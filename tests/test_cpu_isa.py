@@ -229,33 +229,31 @@ print("ok")
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
-def test_set_cpu_gemv_streams_takes_4_or_8():
+@pytest.mark.parametrize("setter, key, arg, other, bad_types, bad_values, message", [
+    ("set_cpu_gemv_streams", "gemv_streams", "rows", lambda v: 12 - v, (4.0, "4", True, None),
+     (0, 2, 6, 16, -4, 2**70), "must be 4 or 8"),
+    ("set_cpu_paged_step", "paged_step", "tokens", lambda v: 16 if v != 16 else 64, (32.0, "32", True, None),
+     (0, 8, 48, 256, -32, 2**70), "must be 16, 32, 64 or 128"),
+])
+def test_integer_setters_take_their_values_only(setter, key, arg, other, bad_types, bad_values, message):
+    """`_C.set_cpu_gemv_streams` / `set_cpu_paged_step`: a TypeError or ValueError naming the argument for anything
+    else, the setting and its source unchanged; a good value is set with the given source."""
+    set_ = getattr(_C, setter)
     before = _C.cpu_features()
-    for bad in (4.0, "4", True, None):
-        with pytest.raises(TypeError, match="argument 'rows'"):
-            _C.set_cpu_gemv_streams(bad)
-    for bad in (0, 2, 6, 16, -4, 2**70):
-        with pytest.raises(ValueError, match="argument 'rows' must be 4 or 8"):
-            _C.set_cpu_gemv_streams(bad)
-    assert _C.cpu_features()["gemv_streams"] == before["gemv_streams"]
+    for bad in bad_types:
+        with pytest.raises(TypeError, match=f"argument '{arg}'"):
+            set_(bad)
+    for bad in bad_values:
+        with pytest.raises(ValueError, match=f"argument '{arg}' {message}"):
+            set_(bad)
+    f = _C.cpu_features()
+    assert (f[key], f[key + "_source"]) == (before[key], before[key + "_source"])
     try:
-        _C.set_cpu_gemv_streams(12 - before["gemv_streams"], source="a test")
+        set_(other(before[key]), source="a test")
         f = _C.cpu_features()
-        assert (f["gemv_streams"], f["gemv_streams_source"]) == (12 - before["gemv_streams"], "a test")
+        assert (f[key], f[key + "_source"]) == (other(before[key]), "a test")
     finally:
-        _C.set_cpu_gemv_streams(before["gemv_streams"], source=before["gemv_streams_source"])
-
-
-def test_set_cpu_paged_step_takes_16_to_128():
-    before = _C.cpu_features()
-    for bad in (32.0, "32", True, None):
-        with pytest.raises(TypeError, match="argument 'tokens'"):
-            _C.set_cpu_paged_step(bad)
-    for bad in (0, 8, 48, 256, -32, 2**70):
-        with pytest.raises(ValueError, match="argument 'tokens' must be 16, 32, 64 or 128"):
-            _C.set_cpu_paged_step(bad)
-    assert (_C.cpu_features()["paged_step"], _C.cpu_features()["paged_step_source"]) == (
-        before["paged_step"], before["paged_step_source"])
+        set_(before[key], source=before[key + "_source"])
 
 
 def test_set_cpu_prefetch_distance_refuses_what_is_not_a_distance():

@@ -59,6 +59,21 @@ def test_decode_torch_compile(paged):
                 "torch_compile", "cpu")
 
 
+def _poison_unread(x, bs):
+    """Paged inputs x (blocks of bs rows): rows past each context in its last block and the blocks no sequence owns
+    get K = 1e4 and V = NaN, so a kernel that reads any of them changes its answer."""
+    lens, table, used = x["context_lens"], x["block_table"], set()
+    for b in range(len(lens)):
+        n = int(lens[b])
+        used.update(int(t) for t in table[b, : (n + bs - 1) // bs])
+        last = int(table[b, (n - 1) // bs])
+        x["k_cache"][last, :, (n - 1) % bs + 1:] = 1e4
+        x["v_cache"][last, :, (n - 1) % bs + 1:] = float("nan")
+    for blk in set(range(x["k_cache"].shape[0])) - used:
+        x["k_cache"][blk] = 1e4
+        x["v_cache"][blk] = float("nan")
+
+
 @pytest.mark.parametrize("backend", ["native", "torch", "jax", "opencl"])
 def test_decode_ignores_cache_rows_past_the_length(backend):
     """Rows beyond context_lens[b] (and unused blocks) must not change the answer, even if they hold NaN."""
@@ -71,18 +86,7 @@ def test_decode_ignores_cache_rows_past_the_length(backend):
     p = DecodeProblem(3, 8, 2, 64, 64, paged=True, block_size=16, ragged=True)
     x = p.make_inputs(torch.float32)
     out1 = pk.decode(**x, backend=backend)
-    lens, table = x["context_lens"], x["block_table"]
-    used = set()
-    for b in range(3):
-        n = int(lens[b])
-        used.update(int(t) for t in table[b, : (n + 15) // 16])
-        last = int(table[b, (n - 1) // 16])
-        x["k_cache"][last, :, (n - 1) % 16 + 1:] = 1e4
-        x["v_cache"][last, :, (n - 1) % 16 + 1:] = float("nan")
-    for blk in range(x["k_cache"].shape[0]):
-        if blk not in used:
-            x["k_cache"][blk] = 1e4
-            x["v_cache"][blk] = float("nan")
+    _poison_unread(x, 16)
     out2 = pk.decode(**x, backend=backend)
     assert torch.equal(out1, out2)
 
@@ -92,7 +96,7 @@ def test_native_decode_every_paged_step(step):
     """The AVX-512 decode reads a paged cache in steps of cpu.h paged_step() tokens of one kv head (16..128,
     raised to a whole block; `pykernels tune` picks it per machine): every step matches the float64 reference on
     blocks shorter and longer than a step and not a divisor of it, GQA groups of 1, 3 and 4, a split context and
-    ragged ones, and reads no row past a context nor a block the sequence does not own (NaN V there)."""
+    ragged ones, and reads no row past a context nor a block the sequence does not own (_poison_unread)."""
     import pykernels as pk
     from pykernels import _C
     from pykernels.harness import verify
@@ -111,14 +115,7 @@ def test_native_decode_every_paged_step(step):
             for dt in (torch.float32, torch.bfloat16):
                 x = p.make_inputs(dt, seed=1)
                 exp = verify.expected(p, x)
-                lens, table, used = x["context_lens"], x["block_table"], set()
-                for b in range(B):
-                    n = int(lens[b])
-                    used.update(int(t) for t in table[b, : (n + bs - 1) // bs])
-                    x["v_cache"][int(table[b, (n - 1) // bs]), :, (n - 1) % bs + 1:] = float("nan")
-                for blk in set(range(x["k_cache"].shape[0])) - used:
-                    x["k_cache"][blk] = float("nan")
-                    x["v_cache"][blk] = float("nan")
+                _poison_unread(x, bs)
                 exp.assert_close(pk.decode(**x, backend="native"), f"step {step} {p.label()} {dt}")
     finally:
         _C.set_cpu_paged_step(before["paged_step"], source=before["paged_step_source"])

@@ -236,6 +236,13 @@ Setting from_env(const char* var, const char* expected, Parse parse, int64_t def
     throw std::invalid_argument(std::string(var) + ": expected " + expected + " or auto, got '" + e + "'");
   return Setting(v, var);
 }
+// A whole decimal number, nothing after it (the numeric settings' environment variables).
+bool parse_int(const char* e, int64_t* v) {
+  char* end = nullptr;
+  errno = 0;
+  *v = std::strtoll(e, &end, 10);
+  return errno == 0 && end != e && *end == '\0';
+}
 Setting& level_setting() {
   static Setting s = from_env(
       "PYKERNELS_CPU_PREFETCH", "l1, l2, l1-ungrouped, l1-grouped",
@@ -261,12 +268,7 @@ Setting& distance_setting() {
   static Setting s = from_env(
       "PYKERNELS_CPU_PREFETCH_DISTANCE",
       ("bytes, a multiple of 1024 in " + std::to_string(kPrefetchDistanceMin) + ".." + std::to_string(kPrefetchDistanceMax) + ",").c_str(),
-      [](const char* e, int64_t* v) {
-        char* end = nullptr;
-        errno = 0;
-        *v = std::strtoll(e, &end, 10);
-        return errno == 0 && end != e && *end == '\0' && prefetch_distance_ok(*v);
-      },
+      [](const char* e, int64_t* v) { return parse_int(e, v) && prefetch_distance_ok(*v); },
       kPrefetchDistanceDefault, "default: 16 KB (measured on Zen 4 and Zen 5)");
   return s;
 }
@@ -285,12 +287,7 @@ Setting& paged_step_setting() {
   static const bool zen4 = cpu_is_amd() && cpu_family() == 25;  // CPUID once (a VM exit each time)
   static Setting s = from_env(
       "PYKERNELS_CPU_PAGED_STEP", "16, 32, 64, 128",
-      [](const char* e, int64_t* v) {
-        char* end = nullptr;
-        errno = 0;
-        *v = std::strtoll(e, &end, 10);
-        return errno == 0 && end != e && *end == '\0' && paged_step_ok(*v);
-      },
+      [](const char* e, int64_t* v) { return parse_int(e, v) && paged_step_ok(*v); },
       zen4 ? 32 : 128,
       zen4 ? "default: AMD family 25 (measured on Zen 4)" : "default: 128 (not measured on this CPU with this kernel)");
   return s;

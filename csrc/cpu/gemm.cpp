@@ -140,11 +140,12 @@ struct Out {
 };
 
 // The Out of the K block at k0 of a packed GEMM (KC per block) writing C of p: fp32 C accumulates from the second
-// block on; a bf16 C gets its fp32 partials in ws (M x N, when K takes several blocks; gemm_rows then sets ldf, fr
-// and fc to an item's own block) and the sum rounded on the last block.
-inline Out k_block_out(const GemmParams& p, float* ws, int64_t k0, int64_t KC) {
+// block on; a bf16 C gets its fp32 partials in ws (when K takes several blocks) and the sum rounded on the last
+// block. ws holds the block of C from row wr, column wc, ldw floats a row (all of C by default).
+inline Out k_block_out(const GemmParams& p, float* ws, int64_t k0, int64_t KC, int64_t ldw = -1, int64_t wr = 0,
+                       int64_t wc = 0) {
   if (p.dtype != DType::bf16) return Out{static_cast<float*>(p.c), p.N, nullptr, 0, k0 > 0, false};
-  return Out{p.K > KC ? ws : nullptr, p.N, static_cast<u16*>(p.c), p.N, k0 > 0, k0 + KC >= p.K};
+  return Out{p.K > KC ? ws : nullptr, ldw < 0 ? p.N : ldw, static_cast<u16*>(p.c), p.N, k0 > 0, k0 + KC >= p.K, wr, wc};
 }
 
 int pick_threads(const GemmParams& p, double from_flops = kSerialFlops) {
@@ -402,12 +403,8 @@ template <class P, class Src> void gemm_rows(const GemmParams& p) {
       const int64_t i0 = bounds[g], i1 = bounds[g + 1];
       for (int64_t k0 = 0; k0 < K; k0 += KC) {
         const int64_t kc = std::min(KC, K - k0), kcu = cdiv(kc, KG);
-        Out o = k_block_out(p, wt, k0, KC);
-        if (wsz) {  // this item's block of C: rows from row0(i0), columns from its first column panel
-          o.ldf = wcols;
-          o.fr = row0(i0);
-          o.fc = cb * NCP * NR;
-        }
+        // the thread's partials: this item's block of C, from row row0(i0) and its first column panel
+        const Out o = k_block_out(p, wt, k0, KC, wcols, row0(i0), cb * NCP * NR);
         for (int64_t i = i0; i < i1; ++i)
           P::template pack_a<Src>(A + row0(i) * K + k0, K, rows(i), kc, ap + (row0(i) - row0(i0)) * kcu);
         for (int64_t jb = cb * NCP; jb < std::min(np, cb1 * NCP); jb += NCP) {
