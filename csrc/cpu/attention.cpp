@@ -790,10 +790,11 @@ struct PortableCtx {
   const AttentionParams* p;
   int64_t g, Dp, nt;
   float c;            // scale * log2(e)
-  const float* kt;    // [B*Hkv][nt][D][kPk]: K transposed per tile, zero from key S to a whole pair of vectors
-  const float* vf;    // [B*Hkv][vrows][Dp]: V rows (up to S), zero past D; fp32 V with D = Dp: V itself
+  const float* kt;    // [kv heads from h0][nt][D][kPk]: K transposed per tile, zero from key S to a whole pair of vectors
+  const float* vf;    // [kv heads from vh0][vrows][Dp]: V rows (up to S), zero past D; fp32 V with D = Dp: V itself
   int64_t vrows;      // rows per kv head in vf
   attn::NanSeen* nan;  // notes a NaN in a stored row
+  int64_t h0 = 0, vh0 = 0;  // the kv heads whose rows kt[0] and vf[0] hold
 };
 
 // s[r][0, nkc) = q rows r0.. (scaled) . keys of tile kt (transposed), R rows; nkc: the tile's live keys
@@ -848,7 +849,7 @@ void portable_block(const PortableCtx& x, int64_t bkv, int64_t t, int64_t pos0, 
                     float* l, float* s) {
   const AttentionParams& p = *x.p;
   const int64_t S = p.S, D = p.D, kt0 = t * kPk, nk = std::min(kPk, S - kt0), nkc = round_up(nk, 2 * pv::kLanes);
-  portable_scores<R>(q, D, x.kt + (bkv * x.nt + t) * D * kPk, nkc, s);
+  portable_scores<R>(q, D, x.kt + ((bkv - x.h0) * x.nt + t) * D * kPk, nkc, s);
   const float ninf = -std::numeric_limits<float>::infinity();
   int64_t nj = nk;  // keys any row of the block sees
   if (p.causal) nj = std::min(nk, pos0 + R - 1 - kt0 + 1);
@@ -858,7 +859,7 @@ void portable_block(const PortableCtx& x, int64_t bkv, int64_t t, int64_t pos0, 
     for (int64_t j = lim; j < nkc; ++j) sr[j] = ninf;
     pv::softmax_step(sr, nkc, m[r], l[r], o + r * x.Dp, x.Dp);
   }
-  portable_pv<R>(s, x.vf + (bkv * x.vrows + kt0) * x.Dp, nj, x.Dp, o);
+  portable_pv<R>(s, x.vf + ((bkv - x.vh0) * x.vrows + kt0) * x.Dp, nj, x.Dp, o);
 }
 
 // portable_block<R> for a run-time R in 1..N.
@@ -900,6 +901,24 @@ void portable_item(const PortableCtx& x, int64_t bh, int64_t q0, float* sc) {
   x.nan->note(nan);
 }
 
+// Tile kt0 of kv head bkv: K transposed into kd ([D][kPk], zero from the tile's last key to a whole pair of vectors),
+// V (unless vd is null) into vd ([kPk][Dp], zero past D).
+template <typename T>
+void pack_portable_tile(const AttentionParams& p, int64_t bkv, int64_t kt0, float* kd, float* vd, int64_t Dp) {
+  const int64_t S = p.S, D = p.D, nk = std::min(kPk, S - kt0);
+  const T* ks = static_cast<const T*>(p.k) + (bkv * S + kt0) * D;
+  const T* vs = static_cast<const T*>(p.v) + (bkv * S + kt0) * D;
+  const int64_t nkc = round_up(nk, 2 * pv::kLanes);  // the columns portable_scores reads
+  for (int64_t j = 0; j < nk; ++j)
+    for (int64_t d = 0; d < D; ++d) kd[d * kPk + j] = load_f(ks, j * D + d);
+  if (nk < nkc)
+    for (int64_t d = 0; d < D; ++d) std::fill(kd + d * kPk + nk, kd + d * kPk + nkc, 0.f);
+  for (int64_t j = 0; j < nk && vd != nullptr; ++j) {  // P.V reads rows j < nk only
+    for (int64_t d = 0; d < D; ++d) vd[j * Dp + d] = load_f(vs, j * D + d);
+    std::fill(vd + j * Dp + D, vd + (j + 1) * Dp, 0.f);
+  }
+}
+
 template <typename T>
 bool run_portable(const AttentionParams& p) {
   const int64_t S = p.S, D = p.D, nbkv = p.B * p.Hkv, nt = (S + kPk - 1) / kPk;
@@ -907,40 +926,35 @@ bool run_portable(const AttentionParams& p) {
   // Short fp32 calls read V rows where they are (S16 D64 H16, 2 threads: 20.5 -> 18.8 us); long ones read a packed
   // copy (S2048 D128 H16: 96-97 ms against 99 in place, alternated twice).
   const bool v_in_place = std::is_same_v<T, float> && D == Dp && S <= 256;
+  // The kv heads are packed (K transposed, V) and run a chunk of `chunk` heads at a time (attn::heads_per_pack).
+  const int64_t head_floats = nt * kPk * (D + (v_in_place ? 0 : Dp)), g = p.Hq / p.Hkv;
+  const int64_t chunk = attn::heads_per_pack(head_floats * 4, nbkv);
   thread_local Keep keep;
-  const CallBuffer packs(keep, static_cast<size_t>(nbkv * nt * kPk * (D + (v_in_place ? 0 : Dp)) * 4));
+  const CallBuffer packs(keep, static_cast<size_t>(chunk * head_floats * 4));
   float* const kt = packs.as<float>();
-  float* const vf = v_in_place ? nullptr : kt + nbkv * nt * kPk * D;
-  const T* K = static_cast<const T*>(p.k);
-  const T* V = static_cast<const T*>(p.v);
+  float* const vf = v_in_place ? nullptr : kt + chunk * nt * kPk * D;
   attn::NanSeen nan;
-  const PortableCtx x{&p, p.Hq / p.Hkv, Dp, nt, p.scale * attn::kLog2e, kt,
-                      v_in_place ? reinterpret_cast<const float*>(V) : vf, v_in_place ? S : nt * kPk, &nan};
-  const int64_t nitems = p.B * p.Hq * nqb;
+  const PortableCtx x0{&p, g, Dp, nt, p.scale * attn::kLog2e, kt,
+                       v_in_place ? static_cast<const float*>(p.v) : vf, v_in_place ? S : nt * kPk, &nan};
   const bool par = p.B * p.Hq * S * S * D >= attn::kAttnParallelSteps;
 #pragma omp parallel if (par)
   {
-#pragma omp for schedule(static)
-    for (int64_t u = 0; u < nbkv * nt; ++u) {  // pack K (transposed) and V of one tile
-      const int64_t bkv = u / nt, kt0 = u % nt * kPk, nk = std::min(kPk, S - kt0);
-      float* kd = kt + u * D * kPk;
-      float* vd = v_in_place ? nullptr : vf + u * kPk * Dp;
-      const T* ks = K + (bkv * S + kt0) * D;
-      const T* vs = V + (bkv * S + kt0) * D;
-      const int64_t nkc = round_up(nk, 2 * pv::kLanes);  // the columns portable_scores reads
-      for (int64_t j = 0; j < nk; ++j)
-        for (int64_t d = 0; d < D; ++d) kd[d * kPk + j] = load_f(ks, j * D + d);
-      if (nk < nkc)
-        for (int64_t d = 0; d < D; ++d) std::fill(kd + d * kPk + nk, kd + d * kPk + nkc, 0.f);
-      for (int64_t j = 0; j < nk && !v_in_place; ++j) {  // P.V reads rows j < nk only
-        for (int64_t d = 0; d < D; ++d) vd[j * Dp + d] = load_f(vs, j * D + d);
-        std::fill(vd + j * Dp + D, vd + (j + 1) * Dp, 0.f);
-      }
-    }
     AlignedBuf sc(static_cast<size_t>((kPq * D + kPq * Dp + 2 * kPq + kPr * kPk) * 4));
+    for (int64_t h0 = 0; h0 < nbkv; h0 += chunk) {
+      const int64_t h1 = std::min(nbkv, h0 + chunk);
+      PortableCtx x = x0;
+      x.h0 = h0;
+      x.vh0 = v_in_place ? 0 : h0;
+#pragma omp for schedule(static)
+      for (int64_t u = h0 * nt; u < h1 * nt; ++u)  // (implicit barrier) pack K (transposed) and V of one tile
+        pack_portable_tile<T>(p, u / nt, u % nt * kPk, kt + (u - h0 * nt) * D * kPk,
+                              v_in_place ? nullptr : vf + (u - h0 * nt) * kPk * Dp, Dp);
+      // The chunk's query heads (kv head u has heads u g .. u g + g - 1) by query block, the last (heaviest if causal)
+      // first; the implicit barrier keeps the next chunk's packing off these packs until every item is done.
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < nitems; ++i)  // a head's query blocks, the last (heaviest if causal) first
-      portable_item<T>(x, i / nqb, (nqb - 1 - i % nqb) * kPq, sc.as<float>());
+      for (int64_t i = 0; i < (h1 - h0) * g * nqb; ++i)
+        portable_item<T>(x, h0 * g + i / nqb, (nqb - 1 - i % nqb) * kPq, sc.as<float>());
+    }
   }
   return nan.any.load();
 }

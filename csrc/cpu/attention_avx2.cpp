@@ -232,34 +232,41 @@ template <class T, int D> bool run(const AttentionParams& p) {
   // all heads and barrier first (S = 16 / 32, D 64, 16 heads, 2 threads: 17 / 40 us with it, 12 / 35 without).
   const int64_t ktiles = ntiles * kBk * D, vsize = v_packed<T, D>(p) ? S * D : 0;
   const bool own = nqb == 1;
+  // Otherwise the kv heads are packed and run a chunk of `chunk` heads at a time (attn::heads_per_pack).
+  const int64_t chunk = own ? nkv : attn::heads_per_pack((ktiles + vsize) * 4, nkv);
   attn::NanSeen seen;
   thread_local Keep keep;
-  const CallBuffer buf(keep, size_t(own ? 0 : nkv * (ktiles + vsize)) * sizeof(float));
+  const CallBuffer buf(keep, size_t(own ? 0 : chunk * (ktiles + vsize)) * sizeof(float));
   float* kp = buf.as<float>();
-  float* vw = kp + nkv * ktiles;
+  float* vw = kp + chunk * ktiles;
 #pragma omp parallel if (!omp_in_parallel() && nitems > 1)
   {
     constexpr int64_t R = kQb;
     AlignedBuf qb(R * D * 4), ob(R * D * 4), sb(R * kBk * 4, true), ml(3 * R * 4), hb(own ? (ktiles + vsize) * 4 : 0);
     const Scratch sc{qb.as<float>(), ob.as<float>(), sb.as<float>(), ml.as<float>(), ml.as<float>() + R,
                      ml.as<float>() + 2 * R};
-    if (!own) {
+    for (int64_t h0 = 0; h0 < nkv; h0 += chunk) {
+      const int64_t h1 = std::min(nkv, h0 + chunk);
+      if (!own) {
 #pragma omp for schedule(dynamic, 4)
-      for (int64_t t = 0; t < nkv * ntiles; ++t)  // (implicit barrier) every tile packed
-        pack_tile<T, D>(p, t / ntiles, t % ntiles, kp + t / ntiles * ktiles, vw + t / ntiles * vsize);
-    }
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t it = 0; it < nitems; ++it) {
-      const int64_t bh = it / nqb, qblk = nqb - 1 - it % nqb;  // heaviest (causal) block first
-      const int64_t u = bh / p.Hq * p.Hkv + bh % p.Hq / g;      // its kv head
-      const float* K = kp + u * ktiles;
-      const float* V = vsize ? vw + u * vsize : static_cast<const float*>(p.v) + u * S * D;
-      if (own) {
-        for (int64_t t = 0; t < ntiles; ++t) pack_tile<T, D>(p, u, t, hb.as<float>(), hb.as<float>() + ktiles);
-        K = hb.as<float>();
-        if (vsize) V = hb.as<float>() + ktiles;
+        for (int64_t t = h0 * ntiles; t < h1 * ntiles; ++t)  // (implicit barrier) every tile of the chunk packed
+          pack_tile<T, D>(p, t / ntiles, t % ntiles, kp + (t / ntiles - h0) * ktiles, vw + (t / ntiles - h0) * vsize);
       }
-      item<T, D>(p, bh, qblk * kQb, K, V, sc, seen);
+      // The chunk's query heads (kv head u has heads u g .. u g + g - 1); the implicit barrier keeps the next chunk's
+      // packing off these packs until every item is done.
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t it = 0; it < (h1 - h0) * g * nqb; ++it) {
+        const int64_t bh = h0 * g + it / nqb, qblk = nqb - 1 - it % nqb;  // heaviest (causal) block first
+        const int64_t u = bh / g;                                          // its kv head
+        const float* K = kp + (u - h0) * ktiles;
+        const float* V = vsize ? vw + (u - h0) * vsize : static_cast<const float*>(p.v) + u * S * D;
+        if (own) {
+          for (int64_t t = 0; t < ntiles; ++t) pack_tile<T, D>(p, u, t, hb.as<float>(), hb.as<float>() + ktiles);
+          K = hb.as<float>();
+          if (vsize) V = hb.as<float>() + ktiles;
+        }
+        item<T, D>(p, bh, qblk * kQb, K, V, sc, seen);
+      }
     }
   }
   return seen.any.load();

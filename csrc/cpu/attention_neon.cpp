@@ -231,13 +231,14 @@ inline void softmax_12(float* st, int64_t nj, float* m, float* l, float* alpha, 
 struct Ctx {
   const void* q;
   void* o;
-  const float* kt;  // packed K: [B*Hkv][ntiles][D][kBk] fp32
-  const float* v;   // V rows fp32: [B*Hkv][S][D] (the input, or bf16 widened / rows padded past dr)
+  const float* kt;  // packed K: [kv heads from h0][ntiles][D][kBk] fp32
+  const float* v;   // V rows fp32: [kv heads from vh0][S][D] (the input, or bf16 widened / rows padded past dr)
   int64_t Hq, Hkv, S, g, ntiles, npos;
   int64_t dr;  // the caller's head dim: the row stride of Q, K, V and O (<= D)
   float c;  // scale * log2(e)
   bool causal;
   attn::NanSeen* nan;  // notes a NaN in a stored row
+  int64_t h0 = 0, vh0 = 0;  // the kv heads whose rows kt[0] and v[0] hold
 };
 
 struct Scratch {
@@ -263,8 +264,8 @@ void item(const Ctx& x, int64_t bkv, int64_t q0, const Scratch& sc) {
     std::fill(sc.l + hh * np, sc.l + hh * np + nq12, 0.f);
   }
   const int64_t kend = x.causal ? q0 + nq : S, nt = (kend + kBk - 1) / kBk;
-  const float* kp = x.kt + bkv * x.ntiles * D * kBk;
-  const float* vrows = x.v + bkv * S * D;
+  const float* kp = x.kt + (bkv - x.h0) * x.ntiles * D * kBk;
+  const float* vrows = x.v + (bkv - x.vh0) * S * D;
   for (int64_t t = 0; t < nt; ++t) {
     const int64_t kt0 = t * kBk, nk = std::min(kBk, S - kt0);
     const float* kt = kp + t * D * kBk;
@@ -331,7 +332,7 @@ void item(const Ctx& x, int64_t bkv, int64_t q0, const Scratch& sc) {
 template <class T, int D>
 bool run(const AttentionParams& p) {
   const int64_t Hkv = p.Hkv, S = p.S, g = p.Hq / p.Hkv;
-  const int64_t ntiles = (S + kBk - 1) / kBk, nbkv = p.B * Hkv, npack = nbkv * ntiles;
+  const int64_t ntiles = (S + kBk - 1) / kBk, nbkv = p.B * Hkv;
   constexpr bool kBf = std::is_same_v<T, u16>;
   const int64_t npos = std::max<int64_t>(kMr, kRows / g / kMr * kMr);
   const int64_t nqb = (S + npos - 1) / npos, nitems = nbkv * nqb, rows = g * npos;
@@ -344,7 +345,9 @@ bool run(const AttentionParams& p) {
   // widened V for bf16), then each thread's item scratch.
   const int64_t dr = p.D;
   const bool v_packed = kBf || dr != D;  // V widened, or its rows padded to D
-  const size_t kbytes = size_t(npack) * D * kBk * 4, vbytes = v_packed ? size_t(nbkv * S) * D * 4 : 0;
+  // The kv heads are packed and run a chunk of `chunk` heads at a time (attn::heads_per_pack).
+  const int64_t chunk = attn::heads_per_pack((ntiles * kBk + (v_packed ? S : 0)) * D * 4, nbkv);
+  const size_t kbytes = size_t(chunk * ntiles) * D * kBk * 4, vbytes = v_packed ? size_t(chunk * S) * D * 4 : 0;
   const size_t qo = size_t(rows) * D * 4, so = size_t(rows) * kBk * 4, mo = size_t(rows) * 4;
   const size_t per_thread = round_up(2 * qo + so + 3 * mo, 64);
   thread_local Keep keep;
@@ -357,31 +360,37 @@ bool run(const AttentionParams& p) {
   const T* K = static_cast<const T*>(p.k);
   const T* V = static_cast<const T*>(p.v);
   attn::NanSeen nan;
-  const Ctx x{p.q,  p.o,   kpack, v_packed ? vwide : reinterpret_cast<const float*>(p.v), p.Hq, Hkv, S, g, ntiles,
-              npos, dr,    p.scale * attn::kLog2e, p.causal, &nan};
+  const Ctx x0{p.q,  p.o,   kpack, v_packed ? vwide : reinterpret_cast<const float*>(p.v), p.Hq, Hkv, S, g, ntiles,
+               npos, dr,    p.scale * attn::kLog2e, p.causal, &nan};
   team::run_team(nt, [&](int t, int, Team& tm) {
-    for (int64_t it; (it = tm.grab()) < npack;) {
-      const int64_t bkv = it / ntiles, kt0 = it % ntiles * kBk, nk = std::min(kBk, S - kt0);
-      const int64_t row0 = bkv * S + kt0;  // first row of the tile in k, v
-      pack_transposed<T, D>(K + row0 * dr, dr, nk, round_up(nk, kNk), 1.f, kpack + it * D * kBk, kBk);
-      if (v_packed)
-        for (int64_t j = 0; j < nk; ++j)
-          for (int d = 0; d < D; d += 4)
-            vst1q_f32(vwide + (row0 + j) * D + d, load4_part(V + (row0 + j) * dr + d, dr - d));
-    }
-    tm.barrier();
     char* mine = scratch + size_t(t) * per_thread;
     const Scratch sc{reinterpret_cast<float*>(mine), reinterpret_cast<float*>(mine + qo),
                      reinterpret_cast<float*>(mine + 2 * qo), reinterpret_cast<float*>(mine + 2 * qo + so),
                      reinterpret_cast<float*>(mine + 2 * qo + so + mo),
                      reinterpret_cast<float*>(mine + 2 * qo + so + 2 * mo)};
-    // Items of one kv head are consecutive (the threads share its packed K/V in the caches); within a
-    // head the heaviest (last, under a causal mask) query block goes first.
-    for (int64_t it; (it = tm.grab()) < nitems;) {
-      const int64_t bkv = it / nqb, qblk = nqb - 1 - it % nqb;
-      item<T, D>(x, bkv, qblk * npos, sc);
+    for (int64_t h0 = 0; h0 < nbkv; h0 += chunk) {
+      const int64_t h1 = std::min(nbkv, h0 + chunk);
+      Ctx x = x0;
+      x.h0 = h0;
+      x.vh0 = v_packed ? h0 : 0;
+      for (int64_t it; (it = tm.grab()) < (h1 - h0) * ntiles;) {
+        const int64_t bkv = h0 + it / ntiles, kt0 = it % ntiles * kBk, nk = std::min(kBk, S - kt0);
+        const int64_t row0 = bkv * S + kt0, prow0 = row0 - h0 * S;  // first row of the tile in k, v and in vwide
+        pack_transposed<T, D>(K + row0 * dr, dr, nk, round_up(nk, kNk), 1.f, kpack + it * D * kBk, kBk);
+        if (v_packed)
+          for (int64_t j = 0; j < nk; ++j)
+            for (int d = 0; d < D; d += 4)
+              vst1q_f32(vwide + (prow0 + j) * D + d, load4_part(V + (row0 + j) * dr + d, dr - d));
+      }
+      tm.barrier();
+      // Items of one kv head are consecutive (the threads share its packed K/V in the caches); within a
+      // head the heaviest (last, under a causal mask) query block goes first.
+      for (int64_t it; (it = tm.grab()) < (h1 - h0) * nqb;) {
+        const int64_t bkv = h0 + it / nqb, qblk = nqb - 1 - it % nqb;
+        item<T, D>(x, bkv, qblk * npos, sc);
+      }
+      tm.barrier();  // the next chunk's packing overwrites these packs
     }
-    tm.barrier();
   });
   return nan.any.load();
 }

@@ -31,6 +31,21 @@ constexpr int64_t kAttnParallelSteps = int64_t(1) << 20;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// KV heads whose packed K / V (head_bytes each) a call holds at a time, when it packs every head's before running
+// their items (the portable and AVX2 tiers): as many as fit in half of the calling thread's kept scratch
+// (scratch.h kKeepMax), at least one. Past the kept size the packs were a fresh allocation per call (its page
+// faults at every call) and grew with the context without bound (1 GB at S 32768 H 32 D 128 fp32).
+// The C++ harness (tools/cpu_harness/portable_harness.cpp) sets it to 1 byte to run every shape a head at a time.
+constexpr int64_t kPackedHeadsBytes = int64_t(32) << 20;
+inline std::atomic<int64_t>& packed_heads_bytes() {
+  static std::atomic<int64_t> bytes{kPackedHeadsBytes};
+  return bytes;
+}
+inline int64_t heads_per_pack(int64_t head_bytes, int64_t heads) {
+  const int64_t budget = packed_heads_bytes().load(std::memory_order_relaxed);
+  return std::clamp<int64_t>(budget / std::max<int64_t>(head_bytes, 1), 1, std::max<int64_t>(heads, 1));
+}
+
 // Under a causal mask every tier multiplies the V rows of a diagonal tile by the P of rows that must not see them,
 // where P is exactly 0; a non-finite value in such a V row reaches those rows as 0 * inf or 0 * NaN. The kernels note
 // a NaN in the rows they store, and attention() then recomputes the rows it may have reached with their own keys

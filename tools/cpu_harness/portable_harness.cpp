@@ -288,6 +288,16 @@ void run_all() {
     check_attention(1, 3, 3, 129, 17, false, bf);
     check_attention(1, 4, 2, 300, 96, true, bf);    // the tiers' kernels at D 96 (32-column P.V passes), 160, 256
     check_attention(2, 3, 3, 97, 160, false, bf);
+    // The portable, avx2 and neon attention pack and run the kv heads a chunk at a time (attn::heads_per_pack; one
+    // chunk at these sizes): one head per chunk here, GQA and not, causal and not, bf16 V widened and fp32 V in place
+    // or packed (D 72).
+    attn::packed_heads_bytes().store(1);
+    check_attention(2, 6, 3, 130, 72, true, bf);
+    check_attention(2, 4, 2, 97, 64, false, bf);
+    check_attention(1, 8, 2, 600, 64, true, bf);
+    check_attention(2, 2, 1, 600, 128, false, bf);
+    check_attention(1, 3, 3, 17, 128, true, bf);
+    attn::packed_heads_bytes().store(attn::kPackedHeadsBytes);
     check_attention(2, 2, 1, 130, 256, true, bf);
     // Large logits: the row max must be the max over every key (see large_logit_queries)
     check_attention(1, 2, 1, 65, 64, false, bf, true);
