@@ -173,7 +173,7 @@ def _state(config) -> dict:
         st = config.stash[_STATE] = {
             "timing": timing, "sweep": sweep, "records": [],
             "journal": None, "peaks": None, "fingerprint": None, "cases": {}, "expected": None, "skips": {},
-            "started": time.time(), "failures": []}
+            "started": time.time(), "failures": [], "reprobes": 0}
     return st
 
 
@@ -330,6 +330,25 @@ def _fingerprint(config) -> dict:
 
         st["fingerprint"] = device.fingerprint(_device(config))
     return st["fingerprint"]
+
+
+# At most this many bandwidth probes again in one run (_past_bandwidth_peak).
+_MAX_REPROBES = 4
+
+
+def _past_bandwidth_peak(st: dict, ex: dict, pk: dict, fp: dict, device: str, remake) -> dict:
+    """The record `ex`, or `remake()` after the bandwidth peak was raised. A memory-bound figure above the peak
+    (a probe error) on a shared VM is most often a faster spell of its memory, whose bandwidth moves by up to 2x
+    within minutes, than the one the peak was probed in: the probe runs again now, and a higher figure raises the
+    peak (in `pk` and the machine's cache; never lowered) for this record and the rest of the run. A lower one
+    leaves the record flagged."""
+    if not (ex.get("probe_error") and ex.get("bound") == "memory") or st["reprobes"] >= _MAX_REPROBES:
+        return ex
+    from .harness import device as devmod
+
+    st["reprobes"] += 1
+    probe = devmod.hardware_bandwidth_probe(device, fp, reps=3) or devmod.bandwidth_probe(device, budget_s=1.0)
+    return remake() if devmod.raise_bandwidth_peak(pk, fp, probe) else ex
 
 
 def _peaks(config) -> dict:
@@ -570,12 +589,16 @@ def _measure(request, family, case, name, backend, device, key, group) -> None:
         describe = backend.describe_call(family, inputs)
     except Exception as e:  # noqa: BLE001 - a describe failure must not lose the measurement
         describe = {"error": f"{type(e).__name__}: {e}"}
-    ex = results.make_record(
-        problem=case.problem, backend_name=name, tier=backend.tier, device=device, device_name=devmod.device_label(fp),
-        machine_id=fp["id"], dtype=case.dtype, stats=stats.as_dict(), max_error=err, tolerance=exp.tolerance,
-        ok=ok and ok2, peak_flops=devmod.peak_flops(pk_, case.dtype), peak_bw=devmod.peak_bandwidth(pk_),
-        sweep=st["sweep"], vendor_ceiling_flops=devmod.vendor_ceiling(pk_, case.dtype),
-        describe=describe, checked=f"{checked}+fresh", caches=fp.get("caches"))
+    def record() -> dict:
+        return results.make_record(
+            problem=case.problem, backend_name=name, tier=backend.tier, device=device,
+            device_name=devmod.device_label(fp), machine_id=fp["id"], dtype=case.dtype, stats=stats.as_dict(),
+            max_error=err, tolerance=exp.tolerance, ok=ok and ok2, peak_flops=devmod.peak_flops(pk_, case.dtype),
+            peak_bw=devmod.peak_bandwidth(pk_), sweep=st["sweep"],
+            vendor_ceiling_flops=devmod.vendor_ceiling(pk_, case.dtype), describe=describe,
+            checked=f"{checked}+fresh", caches=fp.get("caches"))
+
+    ex = _past_bandwidth_peak(st, record(), pk_, fp, device, record)
     ex["recheck_max_error"] = results._finite_or_none(err2)
     ex["recheck_ok"] = ok2
     ex["copy_bytes_per_s_this_run"] = st["copy"]["copy_bytes_per_s"]

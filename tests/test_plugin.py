@@ -188,3 +188,37 @@ def test_model_sweep_bad_model_is_a_usage_error(project):
     assert "--pk-model" in r.stderr.str() + r.stdout.str()
     r = run(project, "--pk-bench", "--pk-model", "tiny", "--pk-sweep", "quick")
     assert r.ret == pytest.ExitCode.USAGE_ERROR
+
+
+def test_a_record_past_the_bandwidth_peak_probes_again_and_raises_it(tmp_path, monkeypatch):
+    from pykernels import pytest_plugin as plugin
+    from pykernels.harness import results as hres
+
+    monkeypatch.setenv("PYKERNELS_CACHE_DIR", str(tmp_path))
+    fp = {"type": "cpu", "id": "abc123", "name": "x"}
+    probes, probes_bps = [], [50e9, 40e9] + [60e9] * 10  # the reps asked for; what each probe finds
+    monkeypatch.setattr(device, "hardware_bandwidth_probe",
+                        lambda dev, fp, reps=5: probes.append(reps) or {"bytes_per_s": probes_bps[len(probes) - 1]})
+    pk = {"version": device.PEAKS_VERSION, "flops": {}, "bandwidth": {"bytes_per_s": 40e9}}
+    st = {"reprobes": 0}
+
+    def record(bps=45e9):  # a memory-bound call that read 45 GB/s: past 103% of 40 GB/s, within 50
+        return {"bound": "memory", **hres.roofline_fraction(1.0, bps, 1.0, 1e15, device.peak_bandwidth(pk))}
+
+    ex = record()
+    assert ex["probe_error"] and ex["bound"] == "memory"
+    ex = plugin._past_bandwidth_peak(st, ex, pk, fp, "cpu", record)
+    assert probes == [3] and device.peak_bandwidth(pk) == 50e9 and not ex["probe_error"]  # judged against 50 GB/s
+    assert device.peak_bandwidth(device.peaks("cpu", [], measure=False, fp=fp)) == 50e9  # and cached for the machine
+    # a probe that finds less leaves the peak and the flag as they were
+    ex = plugin._past_bandwidth_peak(st, record(55e9), pk, fp, "cpu", record)
+    assert len(probes) == 2 and device.peak_bandwidth(pk) == 50e9 and ex["probe_error"]
+    # records within the peak, and compute-bound ones, probe nothing
+    assert not plugin._past_bandwidth_peak(st, record(), pk, fp, "cpu", record)["probe_error"]
+    flops_past = {"bound": "compute", "probe_error": True}
+    assert plugin._past_bandwidth_peak(st, flops_past, pk, fp, "cpu", record) is flops_past
+    assert len(probes) == 2
+    # at most _MAX_REPROBES probes in a run
+    for _ in range(2 * plugin._MAX_REPROBES):
+        plugin._past_bandwidth_peak(st, record(1e12), pk, fp, "cpu", record)
+    assert len(probes) == plugin._MAX_REPROBES and st["reprobes"] == plugin._MAX_REPROBES
