@@ -31,9 +31,9 @@ constexpr int64_t kAttnParallelSteps = int64_t(1) << 20;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// KV heads whose packed K / V (head_bytes each) a call holds at a time, when it packs every head's before running
-// their items (the portable and AVX2 tiers): as many as fit in half of the calling thread's kept scratch
-// (scratch.h kKeepMax), at least one. Past the kept size the packs were a fresh allocation per call (its page
+// KV heads whose packed K / V (head_bytes each) a call holds at a time, where it packs them before running their
+// items (the portable, avx2 and neon attention; the avx512 tier packs into a ring of a few heads): as many as fit in
+// half of the calling thread's kept scratch (scratch.h kKeepMax), at least one. Past the kept size the packs were a fresh allocation per call (its page
 // faults at every call) and grew with the context without bound (1 GB at S 32768 H 32 D 128 fp32).
 // The C++ harness (tools/cpu_harness/portable_harness.cpp) sets it to 1 byte to run every shape a head at a time.
 constexpr int64_t kPackedHeadsBytes = int64_t(32) << 20;
