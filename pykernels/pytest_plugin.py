@@ -347,7 +347,7 @@ def _past_bandwidth_peak(st: dict, ex: dict, pk: dict, fp: dict, device: str, re
     from .harness import device as devmod
 
     st["reprobes"] += 1
-    probe = devmod.hardware_bandwidth_probe(device, fp, reps=3) or devmod.bandwidth_probe(device, budget_s=1.0)
+    probe = devmod.peak_bandwidth_probe(device, fp, reps=3, budget_s=1.0)
     return remake() if devmod.raise_bandwidth_peak(pk, fp, probe) else ex
 
 

@@ -387,6 +387,13 @@ def hardware_bandwidth_probe(device: str, fp: dict, reps: int = 5) -> dict | Non
                      + (" (CUDA, unverified on a GPU)" if cuda else "")}
 
 
+def peak_bandwidth_probe(device: str, fp: dict, reps: int = 5, budget_s: float = 1.5) -> dict:
+    """The probe behind the peak bandwidth: the native STREAM-style probes (best of `reps`), or where the extension has
+    none, torch's copy and sum (`budget_s`), marked so in 'probe'."""
+    return hardware_bandwidth_probe(device, fp, reps=reps) or dict(
+        bandwidth_probe(device, budget_s), probe="torch copy and sum (no native probe here)")
+
+
 def compute_probe(device: str, dtype_name: str, budget_s: float = 2.0, max_n: int | None = None) -> dict:
     """The vendor ceiling: the largest square torch.matmul (vendor GEMM) that fits the budget: n doubles from 256 while one call
     stays under ~budget/20; the best FLOP/s seen is the peak. Returns {'flops_per_s', 'n', 'median_s'}."""
@@ -446,8 +453,7 @@ def peaks(device: str = "cpu", dtypes=("float32",), *, refresh: bool = False, me
     data.setdefault("vendor_ceiling", {})
     changed = False
     if measure and not data.get("bandwidth"):
-        data["bandwidth"] = hardware_bandwidth_probe(device, fp) or dict(
-            bandwidth_probe(device, budget_s), probe="torch copy and sum (no native probe here)")
+        data["bandwidth"] = peak_bandwidth_probe(device, fp, budget_s=budget_s)
         changed = True
     for dt in dtypes:
         if measure and dt not in data["vendor_ceiling"]:
